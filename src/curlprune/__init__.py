@@ -1,0 +1,41 @@
+"""curlprune: residual-aware channel pruning (CURL) and limited-data accuracy recovery.
+
+Public API (imported lazily so that ``import curlprune`` stays cheap):
+
+    groups = curlprune.trace(model, example_input)        # list[ChannelGroup]
+    with curlprune.mask(model, groups, plan): ...         # zero removed channels in place
+    small = curlprune.apply(model, groups, plan)          # physically smaller copy
+    macs, params = curlprune.count(model, example_input)  # paper's convention
+    curlprune.save(path, model_ref, plan, state_dict); model = curlprune.load(path)
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    "trace": "curlprune.graph",
+    "ChannelGroup": "curlprune.graph",
+    "Member": "curlprune.graph",
+    "Plan": "curlprune.graph",
+    "mask": "curlprune.surgery",
+    "apply": "curlprune.surgery",
+    "validate_plan": "curlprune.surgery",
+    "count": "curlprune.cost",
+    "plan_cost": "curlprune.cost",
+    "save": "curlprune.checkpoint",
+    "load": "curlprune.checkpoint",
+    "export_onnx": "curlprune.checkpoint",
+    "CurlpruneError": "curlprune.errors",
+}
+
+__all__ = sorted(_API) + ["models", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "models":
+        return importlib.import_module("curlprune.models")
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'curlprune' has no attribute {name!r}")
