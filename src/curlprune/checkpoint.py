@@ -1,0 +1,165 @@
+"""Pickle-free checkpoints (architecture reference + Plan + weights) and ONNX export.
+
+A checkpoint is ONE safetensors file. Its header metadata holds JSON strings:
+
+    curlprune_format   "1"
+    model_ref          {"name": "cifar:resnet56", "kwargs": {...}}
+    plan               {"layer1.0.conv1": [0, 2, 5, ...], ...}
+    input_shape        [1, 3, 32, 32]   (the example input used to trace the model)
+    extra              free-form JSON (scores summary, accuracies, ...)
+
+Loading rebuilds the architecture by name, traces it, applies the Plan and loads the weights
+strictly, so no Python code is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from curlprune.errors import CurlpruneError
+
+FORMAT_VERSION = "1"
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then move the file into place, so ``path`` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _ref_dict(model_ref: Any) -> dict:
+    if isinstance(model_ref, str):
+        return {"name": model_ref, "kwargs": {}}
+    if isinstance(model_ref, dict):
+        return {"name": model_ref["name"], "kwargs": dict(model_ref.get("kwargs", {}))}
+    return {"name": model_ref.name, "kwargs": dict(model_ref.kwargs)}
+
+
+def default_input_shape(model_name: str) -> list[int]:
+    """The example input shape ``[1, C, S, S]`` a model of this registry name is traced with."""
+    from curlprune.models import input_spec
+
+    spec = input_spec(model_name)
+    return [1, spec.channels, spec.size, spec.size]
+
+
+def save(
+    path: str | os.PathLike,
+    model_ref: Any,
+    plan: dict[str, list[int]],
+    state_dict: dict[str, torch.Tensor],
+    *,
+    input_shape: list[int] | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Save a (pruned) model as architecture reference + Plan + weights, atomically."""
+    from safetensors.torch import save_file
+
+    ref = _ref_dict(model_ref)
+    shape = list(input_shape) if input_shape is not None else default_input_shape(ref["name"])
+    metadata = {
+        "curlprune_format": FORMAT_VERSION,
+        "model_ref": json.dumps(ref),
+        "plan": json.dumps({k: [int(i) for i in v] for k, v in plan.items()}),
+        "input_shape": json.dumps(shape),
+        "extra": json.dumps(extra or {}),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The decoded header of a curlprune checkpoint (model_ref, plan, input_shape, extra)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CurlpruneError(f"checkpoint {path} does not exist: check the path (a run writes it as <out>/model.safetensors)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises several types for damaged headers
+        raise CurlpruneError(f"checkpoint {path} is not a readable safetensors file ({exc}): re-create it with `curlprune prune` or curlprune.save") from None
+    if meta.get("curlprune_format") != FORMAT_VERSION:
+        raise CurlpruneError(f"{path} is not a curlprune checkpoint (no curlprune_format header): save it with curlprune.save")
+    return {
+        "model_ref": json.loads(meta["model_ref"]),
+        "plan": json.loads(meta["plan"]),
+        "input_shape": json.loads(meta["input_shape"]),
+        "extra": json.loads(meta.get("extra", "{}")),
+    }
+
+
+def build_pruned(model_ref: Any, plan: dict[str, list[int]], input_shape: list[int]) -> nn.Module:
+    """Rebuild the pruned architecture (random weights) from its reference and Plan."""
+    from curlprune.graph import trace
+    from curlprune.models import build
+    from curlprune.surgery import apply
+
+    ref = _ref_dict(model_ref)
+    model = build(ref["name"], **ref["kwargs"]).eval()
+    if not plan:
+        return model
+    example = torch.zeros(input_shape)
+    groups = trace(model, example)
+    return apply(model, groups, plan)
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """Load a checkpoint written by :func:`save` into a ready-to-use module (eval mode)."""
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    model = build_pruned(meta["model_ref"], meta["plan"], meta["input_shape"])
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CurlpruneError(
+            f"weights in {path} do not fit its architecture ({len(missing)} missing, {len(unexpected)} unexpected keys, "
+            f"e.g. {(list(missing) + list(unexpected))[:3]}): the file is damaged or was edited; re-create it"
+        )
+    return model.eval()
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *, opset: int = 18) -> Path:
+    """Export ``model`` to ONNX with a dynamic batch dimension; written atomically."""
+    model = model.eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if example_input.shape[0] == 1:  # a batch of 1 would be specialised as a constant by torch.export
+        example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
+
+    def write(tmp: str) -> None:
+        program = torch.onnx.export(
+            model,
+            (example_input,),
+            dynamo=True,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            opset_version=opset,
+            verbose=False,
+        )
+        program.save(tmp)
+
+    atomic_write(path, write)
+    return Path(path)

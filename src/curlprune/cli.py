@@ -1,0 +1,78 @@
+"""The ``curlprune`` command.
+
+Each sub-command lives next to the code it drives and registers itself through a
+``register(subparsers)`` function; this module only builds the parser and turns user mistakes
+(:class:`CurlpruneError`) into one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from curlprune.errors import CurlpruneError
+
+# Modules that contribute sub-commands, in the order they appear in --help.
+COMMAND_MODULES = [
+    "curlprune.commands",  # demo, groups, count, export
+    "curlprune.prune",  # prune
+    "curlprune.pipeline",  # run, finetune, distill, refine
+]
+
+DESCRIPTION = """\
+Make a trained CNN smaller and faster by removing whole channels (also those on residual
+connections), ranked by how much the output distribution changes when each is removed (CURL's
+KL criterion), then recover its accuracy, also from a small dataset.
+
+typical use:
+  curlprune groups --model cifar:resnet56                  see which channels go together
+  curlprune prune --model cifar:resnet56 --weights W.th --data cifar10-jpeg.zip \\
+                  --target-macs 0.5 --out runs/r56        score, select, slice, save
+  curlprune run config.yaml                                prune -> distill -> refine, resumable
+  curlprune export runs/r56/model.safetensors model.onnx   deploy
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's layout and shows every option's default."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curlprune", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"curlprune {_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that command family is not part of this build
+                continue
+            raise
+        module.register(subparsers, HelpFormatter)
+    return parser
+
+
+def _version() -> str:
+    from curlprune import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CurlpruneError as exc:
+        print(f"curlprune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("curlprune: interrupted; finished work is kept, re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
