@@ -1,0 +1,404 @@
+"""Global channel selection: turn per-channel scores into a Plan that meets a MACs/params target.
+
+CURL's rule (docs/curl-method.md §3), made automatic:
+
+1. Rank every unit (one channel, or ``unit`` channels of a grouped conv) of every prunable,
+   unprotected group by its raw score, ascending, across all groups (optionally normalised per
+   group first).
+2. Walk the first ``top_k`` ranked units; remove a unit unless its group's kept fraction is already
+   below ``floor`` (checked *before* the removal, as in the authors' code, so a group of width n can
+   end at ceil(floor*n) - 1 channels) or it is the group's last unit.
+3. Choose ``top_k`` automatically: cost (MACs or params of the sliced network) never increases with
+   ``top_k``, so a bisection finds the smallest ``top_k`` whose cost is at or below the target. When
+   that last removal overshoots by more than ``tolerance``, the next-ranked units whose removal
+   lands inside ``[target * (1 - tolerance), target]`` are tried in rank order (a "fill" step), so
+   the result sits just below the target.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from curlprune.errors import CurlpruneError
+from curlprune.graph import ChannelGroup, Plan
+
+CostFn = Callable[[Plan], tuple[float, float]]
+"""``plan -> (macs, params)`` of the model sliced by ``plan``."""
+
+NORMALIZATIONS = ("none", "mean", "max", "l2")
+METRICS = ("macs", "params")
+DEFAULT_FLOOR = 0.3
+DEFAULT_TOLERANCE = 0.01
+_SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_PROTECT_CLASSIFIER_INPUT = ("torchvision:resnet", "torchvision:wide_resnet", "torchvision:resnext")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A compression target: ``metric`` ("macs" or "params") at ``value``.
+
+    ``value <= 1`` is a fraction of the unpruned model, larger values are absolute counts.
+    """
+
+    metric: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise CurlpruneError(f"unknown target metric {self.metric!r}: use one of {', '.join(METRICS)}")
+        if not (self.value > 0 and math.isfinite(self.value)):
+            raise CurlpruneError(f"target {self.metric} must be a positive number (a fraction like 0.5 or a count like 62.5M), got {self.value}")
+
+    @classmethod
+    def parse(cls, metric: str, text: str | float) -> Target:
+        """``"0.5"`` (fraction), ``"62.5M"``, ``"1.11G"``, ``"6e7"`` (absolute) -> Target."""
+        if isinstance(text, (int, float)):
+            return cls(metric, float(text))
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]?)\s*", str(text))
+        if not match:
+            raise CurlpruneError(f"target {metric} {text!r} is not a number: write a fraction (0.5) or a count (62.5M, 1.11G)")
+        return cls(metric, float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
+
+    @property
+    def is_fraction(self) -> bool:
+        return self.value <= 1.0
+
+    def absolute(self, full_macs: float, full_params: float) -> float:
+        """The target as an absolute count, given the unpruned model's cost."""
+        full = full_macs if self.metric == "macs" else full_params
+        return self.value * full if self.is_fraction else self.value
+
+    def describe(self) -> str:
+        return f"{self.value:g} of the {self.metric}" if self.is_fraction else f"{self.value:,.0f} {self.metric}"
+
+
+@dataclass(frozen=True)
+class RankedUnit:
+    """One removable unit in the global ranking."""
+
+    score: float
+    group: str
+    unit: int  # unit index inside the group (channels unit*size ... unit*size + size - 1)
+
+
+@dataclass
+class Selection:
+    """The chosen Plan and what it costs."""
+
+    plan: Plan
+    target: Target
+    target_value: float  # absolute
+    top_k: int  # ranked units walked (skipped ones included, as the authors count)
+    removed_channels: int
+    macs: float
+    params: float
+    full_macs: float
+    full_params: float
+    protected: list[str] = field(default_factory=list)
+    floor: float = DEFAULT_FLOOR
+    filled: int = 0  # units removed by the fill step beyond the bisection's prefix
+    note: str = ""
+
+    @property
+    def achieved(self) -> float:
+        return self.macs if self.target.metric == "macs" else self.params
+
+    def as_dict(self) -> dict:
+        return {
+            "target": {"metric": self.target.metric, "value": self.target.value, "absolute": self.target_value},
+            "top_k": self.top_k,
+            "removed_channels": self.removed_channels,
+            "macs": self.macs,
+            "params": self.params,
+            "full_macs": self.full_macs,
+            "full_params": self.full_params,
+            "macs_ratio": self.macs / self.full_macs,
+            "params_ratio": self.params / self.full_params,
+            "protected": list(self.protected),
+            "floor": self.floor,
+            "filled": self.filled,
+            "note": self.note,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# protection
+
+
+def resolve_protect(groups: Sequence[ChannelGroup], patterns: Iterable[str]) -> list[str]:
+    """Names of the prunable groups matched by ``patterns`` (exact names or shell globs).
+
+    A pattern that matches no prunable group is an error: a typo must not silently protect nothing.
+    """
+    names = [g.name for g in groups if g.prunable]
+    protected: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            example = ", ".join(names[:4])
+            raise CurlpruneError(
+                f"--protect {pattern!r} matches no prunable group: use a group name or glob "
+                f"(e.g. {example}); `curlprune groups --model ...` lists them"
+            )
+        protected.extend(n for n in hits if n not in protected)
+    return protected
+
+
+def default_protect(model_name: str, model: nn.Module, groups: Sequence[ChannelGroup]) -> list[str]:
+    """The groups a model family protects by default.
+
+    For torchvision ResNets (and wide/ResNeXt variants) this is the residual stream that feeds the
+    classifier, as CURL keeps ResNet-50's last stage (2048 channels) whole; nothing otherwise.
+    """
+    if not model_name.startswith(_PROTECT_CLASSIFIER_INPUT):
+        return []
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        return []
+    classifier = linears[-1]
+    return [g.name for g in groups if g.prunable and any(m.module == classifier and m.role == "in" for m in g.members)]
+
+
+# ----------------------------------------------------------------------------------------------
+# ranking and the walk
+
+
+def rank_units(
+    groups: Sequence[ChannelGroup],
+    scores: Mapping[str, np.ndarray],
+    *,
+    protect: Iterable[str] = (),
+    normalize: str = "none",
+) -> list[RankedUnit]:
+    """All removable units, ascending by (optionally per-group normalised) score.
+
+    A unit's score is the mean of its channels' scores (criteria give every channel of a unit the
+    same value). Ties are broken by group order, then unit index, so the ranking is deterministic.
+    """
+    if normalize not in NORMALIZATIONS:
+        raise CurlpruneError(f"unknown normalisation {normalize!r}: use one of {', '.join(NORMALIZATIONS)}")
+    protected = set(protect)
+    entries: list[tuple[float, int, int, str]] = []
+    for order, g in enumerate(groups):
+        if not g.prunable or g.name in protected:
+            continue
+        if g.name not in scores:
+            raise CurlpruneError(f"no scores for prunable group {g.name!r}: the scores were computed for another model; score again")
+        s = np.asarray(scores[g.name], dtype=np.float64)
+        if s.shape != (g.width,):
+            raise CurlpruneError(f"scores for group {g.name!r} have shape {s.shape}, expected ({g.width},): score the same model again")
+        if np.isnan(s).any():
+            raise CurlpruneError(f"scores for group {g.name!r} contain NaN: the criterion failed on this model; try another criterion")
+        per_unit = s.reshape(g.width // g.unit, g.unit).mean(axis=1)
+        per_unit = _normalized(per_unit, normalize)
+        entries.extend((float(v), order, u, g.name) for u, v in enumerate(per_unit))
+    entries.sort()
+    return [RankedUnit(score, name, unit) for score, _, unit, name in entries]
+
+
+def _normalized(values: np.ndarray, how: str) -> np.ndarray:
+    """Per-group score scaling; ``none`` keeps CURL's raw global ranking."""
+    if how == "none":
+        return values
+    finite = values[np.isfinite(values)]
+    if how == "mean":
+        denom = np.abs(finite).mean() if finite.size else 0.0
+    elif how == "max":
+        denom = np.abs(finite).max() if finite.size else 0.0
+    else:
+        denom = float(np.sqrt((finite**2).sum())) if finite.size else 0.0
+    return values / denom if denom > 0 else values
+
+
+class _Walk:
+    """The state of walking the ranking: which units are removed, in which order."""
+
+    def __init__(self, groups: Sequence[ChannelGroup], floor: float) -> None:
+        self.groups = {g.name: g for g in groups}
+        self.units_total = {g.name: g.width // g.unit for g in groups}
+        self.removed: dict[str, list[int]] = {}
+        self.floor = floor
+
+    def allows(self, entry: RankedUnit) -> bool:
+        """CURL's rule: skip when the group's kept fraction is already below the floor."""
+        total = self.units_total[entry.group]
+        kept = total - len(self.removed.get(entry.group, ()))
+        return kept > 1 and kept / total >= self.floor
+
+    def remove(self, entry: RankedUnit) -> None:
+        self.removed.setdefault(entry.group, []).append(entry.unit)
+
+    def undo(self, entry: RankedUnit) -> None:
+        self.removed[entry.group].pop()
+        if not self.removed[entry.group]:
+            del self.removed[entry.group]
+
+    def plan(self, round_to: int | None = None) -> Plan:
+        """Kept channel indices of every group with removals (optionally rounded up in width)."""
+        plan: Plan = {}
+        for name, removed in self.removed.items():
+            g = self.groups[name]
+            removed = list(removed)
+            if round_to:
+                removed = _round_removed(removed, self.units_total[name], g.unit, round_to)
+            if not removed:
+                continue
+            gone = set(removed)
+            plan[name] = [c for u in range(self.units_total[name]) if u not in gone for c in range(u * g.unit, (u + 1) * g.unit)]
+        return plan
+
+    def removed_channels(self, round_to: int | None = None) -> int:
+        return sum(self.groups[n].width - len(kept) for n, kept in self.plan(round_to).items())
+
+
+def _round_removed(removed: list[int], units_total: int, unit: int, round_to: int) -> list[int]:
+    """Give back the last-removed (highest-scoring) units until the kept width is a multiple of round_to."""
+    step = math.lcm(round_to, unit) // unit  # in units
+    kept = units_total - len(removed)
+    rounded = min(units_total, math.ceil(kept / step) * step)
+    return removed[: len(removed) - (rounded - kept)] if rounded > kept else removed
+
+
+def walk(ranked: Sequence[RankedUnit], groups: Sequence[ChannelGroup], top_k: int, floor: float) -> _Walk:
+    """Walk the first ``top_k`` ranked units, removing those the floor allows."""
+    state = _Walk(groups, floor)
+    for entry in ranked[:top_k]:
+        if state.allows(entry):
+            state.remove(entry)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# the target search
+
+
+def select(
+    groups: Sequence[ChannelGroup],
+    scores: Mapping[str, np.ndarray],
+    cost_fn: CostFn,
+    target: Target,
+    *,
+    floor: float = DEFAULT_FLOOR,
+    protect: Iterable[str] = (),
+    normalize: str = "none",
+    round_to: int | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> Selection:
+    """The Plan that removes the lowest-ranked units until ``target`` is met (at or just below it)."""
+    if not 0.0 <= floor < 1.0:
+        raise CurlpruneError(f"floor must be in [0, 1) (the smallest kept fraction of a group), got {floor}")
+    if round_to is not None and round_to < 1:
+        raise CurlpruneError(f"round_to must be a positive channel count, got {round_to}")
+    protected = list(protect)
+    ranked = rank_units(groups, scores, protect=protected, normalize=normalize)
+    full_macs, full_params = cost_fn({})
+    goal = target.absolute(full_macs, full_params)
+    metric = 0 if target.metric == "macs" else 1
+
+    def cost_of(state: _Walk) -> tuple[float, float]:
+        return cost_fn(state.plan(round_to))
+
+    def finish(state: _Walk, top_k: int, filled: int = 0, note: str = "") -> Selection:
+        macs, params = cost_of(state)
+        return Selection(
+            plan=state.plan(round_to), target=target, target_value=goal, top_k=top_k,
+            removed_channels=state.removed_channels(round_to), macs=macs, params=params,
+            full_macs=full_macs, full_params=full_params, protected=protected, floor=floor, filled=filled, note=note,
+        )
+
+    if (full_macs, full_params)[metric] <= goal:
+        return finish(_Walk(groups, floor), 0, note="the unpruned model already meets the target")
+    smallest = cost_of(walk(ranked, groups, len(ranked), floor))[metric]
+    if smallest > goal:
+        raise CurlpruneError(
+            f"target {target.describe()} ({_fmt(goal)}) is not reachable: with floor {floor:g}"
+            f"{' and ' + str(len(protected)) + ' protected group(s)' if protected else ''} the smallest reachable "
+            f"{target.metric} is {_fmt(smallest)} ({smallest / (full_macs, full_params)[metric]:.4f} of {_fmt((full_macs, full_params)[metric])}); "
+            f"raise the target, lower --floor or protect fewer groups"
+        )
+    lo, hi = 0, len(ranked)  # cost(lo) > goal >= cost(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cost_of(walk(ranked, groups, mid, floor))[metric] <= goal:
+            hi = mid
+        else:
+            lo = mid
+    state = walk(ranked, groups, hi, floor)
+    if cost_of(state)[metric] >= goal * (1.0 - tolerance):
+        return finish(state, hi)
+    filled = _fill(ranked, groups, lo, floor, goal, tolerance, metric, cost_of)
+    if filled is None:
+        return finish(state, hi, note=f"no ranked removal lands within {tolerance:.0%} below the target; the closest below is used")
+    fill_state, top_k, count = filled
+    return finish(fill_state, top_k, filled=count)
+
+
+def _fill(
+    ranked: Sequence[RankedUnit],
+    groups: Sequence[ChannelGroup],
+    start: int,
+    floor: float,
+    goal: float,
+    tolerance: float,
+    metric: int,
+    cost_of: Callable[[_Walk], tuple[float, float]],
+    max_tries: int = 4096,
+) -> tuple[_Walk, int, int] | None:
+    """From the prefix just above the goal, remove further ranked units in order, skipping those
+    whose removal would undershoot the band ``[goal * (1 - tolerance), goal]``."""
+    state = walk(ranked, groups, start, floor)
+    count = 0
+    for position in range(start, min(len(ranked), start + max_tries)):
+        entry = ranked[position]
+        if not state.allows(entry):
+            continue
+        state.remove(entry)
+        value = cost_of(state)[metric]
+        if value > goal:
+            count += 1
+            continue
+        if value >= goal * (1.0 - tolerance):
+            return state, position + 1, count + 1
+        state.undo(entry)
+    return None
+
+
+def _fmt(n: float) -> str:
+    from curlprune.report import human
+
+    return human(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# cost from the model
+
+
+def model_cost_fn(model: nn.Module, example_input: torch.Tensor, groups: Sequence[ChannelGroup]) -> CostFn:
+    """``plan -> (macs, params)`` of ``model`` sliced by the plan (analytic, no slicing)."""
+    plan_cost = _plan_cost()
+    cache: dict[tuple, tuple[float, float]] = {}
+
+    def cost(plan: Plan) -> tuple[float, float]:
+        key = tuple(sorted((k, tuple(v)) for k, v in plan.items()))
+        if key not in cache:
+            macs, params = plan_cost(model, example_input, list(groups), plan)
+            cache[key] = (float(macs), float(params))
+        return cache[key]
+
+    return cost
+
+
+def _plan_cost():
+    """The analytic plan cost function of the cost module."""
+    try:
+        from curlprune.cost_plan import plan_cost
+    except ModuleNotFoundError:
+        from curlprune.cost import plan_cost
+    return plan_cost
