@@ -1,0 +1,260 @@
+"""Datasets held in memory as uint8 tensors: ImageFolder folders or zips, sklearn digits,
+seeded calibration subsets, batching with the model's transforms, and top-1 evaluation.
+
+Images are decoded once and kept as uint8 (CIFAR-10 train: 50k x 3 x 32 x 32 = 154 MB), so
+epochs never decode again and whole batches are transformed with a few tensor ops.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.io import ImageReadMode, decode_image
+
+from curlprune.errors import CurlpruneError
+from curlprune.transforms import build_transform, transforms_batches
+
+if TYPE_CHECKING:
+    from curlprune.models.registry import InputSpec
+
+LAYOUT = "<split>/<class>/<image> or <class>/<image>"
+SINGLE_SPLIT = "all"
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Labelled uint8 images in memory; ``ds[i] -> (uint8 [C, H, W], int label)``.
+
+    images:  uint8 ``[N, C, H, W]`` when all images share a size, else a list of ``[C, H, W]``.
+    labels:  int64 ``[N]``, indices into ``classes``.
+    classes: class names; label ``k`` is ``classes[k]``.
+    """
+
+    def __init__(self, images: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor | Sequence[int], classes: Sequence[str]) -> None:
+        if not isinstance(images, torch.Tensor):
+            images = list(images)
+            if images and all(img.shape == images[0].shape for img in images):
+                images = torch.stack(images)
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.classes = list(classes)
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    @property
+    def uniform(self) -> bool:
+        """True when all images share one size (``images`` is one tensor)."""
+        return isinstance(self.images, torch.Tensor)
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> ImageDataset:
+        """A new dataset with the images at ``indices``, in that order."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        images = self.images[indices] if self.uniform else [self.images[i] for i in indices.tolist()]
+        return ImageDataset(images, self.labels[indices], self.classes)
+
+    def __repr__(self) -> str:
+        shape = list(self.images.shape[1:]) if self.uniform else "mixed sizes"
+        return f"ImageDataset({len(self)} images, {shape}, {len(self.classes)} classes)"
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def load_image_folder(path: str | Path, splits: Sequence[str] | None = None) -> dict[str, ImageDataset]:
+    """Load an ImageFolder tree (a folder or a .zip) into memory, one ImageDataset per split.
+
+    Layout ``<split>/<class>/<image>`` gives one dataset per split; ``<class>/<image>`` gives the
+    single split ``"all"``. Classes are the sorted class folder names and must be the same in every
+    split. ``splits`` decodes only the named splits (e.g. ``["test"]``). Images become RGB.
+    """
+    path = Path(path)
+    files, reader = _open_tree(path)
+    tree = _parse_layout(path, files)
+    classes = _common_classes(path, tree)
+    wanted = list(tree) if splits is None else list(splits)
+    for split in wanted:
+        if split not in tree:
+            raise CurlpruneError(f"{path} has no split {split!r}: it has {sorted(tree)}")
+    return {split: _decode_split(path, tree[split], classes, reader) for split in wanted}
+
+
+def _open_tree(path: Path) -> tuple[list[str], Callable[[str], bytes]]:
+    """All file paths (POSIX, relative) of a folder or zip, and a function reading one of them."""
+    if not path.exists():
+        raise CurlpruneError(f"data path {path} does not exist: pass a folder or .zip laid out as {LAYOUT}")
+    if path.is_dir():
+        files = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+        return _visible(files), lambda name: (path / name).read_bytes()
+    if zipfile.is_zipfile(path):
+        archive = zipfile.ZipFile(path)
+        files = [info.filename for info in archive.infolist() if not info.is_dir()]
+        return _visible(files), archive.read
+    raise CurlpruneError(f"data path {path} is neither a folder nor a zip file: pass a folder or .zip laid out as {LAYOUT}")
+
+
+def _visible(files: list[str]) -> list[str]:
+    """Drop hidden files and macOS resource forks (``.DS_Store``, ``__MACOSX/``)."""
+    return sorted(f for f in files if not any(part.startswith((".", "__MACOSX")) for part in PurePosixPath(f).parts))
+
+
+def _parse_layout(path: Path, files: list[str]) -> dict[str, dict[str, list[str]]]:
+    """Group file paths into ``{split: {class: [files]}}``."""
+    if not files:
+        raise CurlpruneError(f"{path} contains no files: expected images laid out as {LAYOUT}")
+    depths = [len(PurePosixPath(f).parts) for f in files]
+    usual = max(set(depths), key=depths.count)
+    if usual not in (2, 3) or any(d != usual for d in depths):
+        odd = next((f for f, d in zip(files, depths) if d != usual), files[0])
+        raise CurlpruneError(f"{path} is not laid out as {LAYOUT} (found {odd!r}): move the images into class folders")
+    tree: dict[str, dict[str, list[str]]] = {}
+    for f in files:
+        parts = PurePosixPath(f).parts
+        split, cls = (SINGLE_SPLIT, parts[0]) if len(parts) == 2 else parts[:2]
+        tree.setdefault(split, {}).setdefault(cls, []).append(f)
+    return tree
+
+
+def _common_classes(path: Path, tree: dict[str, dict[str, list[str]]]) -> list[str]:
+    """The sorted class names, which every split must share."""
+    per_split = {split: sorted(classes) for split, classes in tree.items()}
+    first, classes = next(iter(per_split.items()))
+    for split, other in per_split.items():
+        if other != classes:
+            differ = sorted(set(classes) ^ set(other))
+            raise CurlpruneError(
+                f"{path}: splits {first!r} and {split!r} have different class folders (differing: {differ}): "
+                "every split needs the same class folders"
+            )
+    return classes
+
+
+def _decode_split(path: Path, by_class: dict[str, list[str]], classes: list[str], reader: Callable[[str], bytes]) -> ImageDataset:
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for name in by_class[cls]:
+            images.append(decode_rgb(reader(name), f"{path}:{name}"))
+            labels.append(label)
+    return ImageDataset(images, labels, classes)
+
+
+def decode_rgb(data: bytes, where: str) -> torch.Tensor:
+    """Decode image bytes to uint8 RGB ``[3, H, W]``; ``where`` names the file in the error."""
+    try:  # libjpeg/libpng/libwebp through torchvision: fast
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        pass
+    from PIL import Image, UnidentifiedImageError
+
+    try:  # other formats (BMP, TIFF, ...) through Pillow
+        with Image.open(io.BytesIO(data)) as img:
+            array = torch.from_numpy(np.array(img.convert("RGB")))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise CurlpruneError(f"cannot decode image {where} ({exc}): the file is damaged or not an image; replace or remove it") from None
+    return array.permute(2, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def load_digits_dataset(seed: int = 0, test_fraction: float = 0.2) -> dict[str, ImageDataset]:
+    """The 1,797 real 8x8 handwritten digits of scikit-learn, split stratified by class.
+
+    Pixel values 0..16 become uint8 0..255 with one channel; returns ``{"train", "test"}``.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.from_numpy((digits.images * (255 / 16)).round()).to(torch.uint8).unsqueeze(1)
+    labels = torch.from_numpy(digits.target).to(torch.int64)
+    train_idx, test_idx = train_test_split(
+        torch.arange(len(labels)).numpy(), test_size=test_fraction, random_state=seed, stratify=digits.target
+    )
+    full = ImageDataset(images, labels, [str(d) for d in range(10)])
+    return {"train": full.subset(sorted(train_idx)), "test": full.subset(sorted(test_idx))}
+
+
+# ----------------------------------------------------------------------------- subsets
+
+
+def calibration_subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
+    """``n`` images drawn at random without replacement (the same ``n`` for the same ``seed``)."""
+    if not 1 <= n <= len(ds):
+        raise CurlpruneError(f"cannot draw {n} calibration images from a dataset of {len(ds)}: choose 1..{len(ds)}")
+    generator = torch.Generator().manual_seed(seed)
+    return ds.subset(torch.randperm(len(ds), generator=generator)[:n])
+
+
+def class_balanced_subset(ds: ImageDataset, per_class: int, seed: int) -> ImageDataset:
+    """Exactly ``per_class`` random images of every class, grouped by class."""
+    generator = torch.Generator().manual_seed(seed)
+    picked = []
+    for label, name in enumerate(ds.classes):
+        members = torch.nonzero(ds.labels == label).flatten()
+        if len(members) < per_class:
+            raise CurlpruneError(
+                f"class {name!r} has only {len(members)} images, fewer than the {per_class} per class asked for: "
+                f"ask for at most {len(members)} per class"
+            )
+        picked.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return ds.subset(torch.cat(picked))
+
+
+# ----------------------------------------------------------------------------- batches, evaluation
+
+
+def batches(
+    ds: ImageDataset,
+    spec: InputSpec,
+    batch_size: int,
+    *,
+    train: bool = False,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(float images [B, C, S, S], int64 labels [B])`` with the model's train/eval transform.
+
+    Uniformly sized data is transformed a whole batch at a time where the transform allows it;
+    otherwise image by image. Augmentation draws from the global torch RNG, order from ``generator``.
+    """
+    transform = build_transform(spec, train)
+    order = torch.randperm(len(ds), generator=generator) if shuffle else torch.arange(len(ds))
+    whole_batches = ds.uniform and transforms_batches(spec, train)
+    stop = len(ds) - len(ds) % batch_size if drop_last else len(ds)
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        if whole_batches:
+            images = transform(ds.images[idx])
+        else:
+            images = torch.stack([transform(ds.images[i]) for i in idx.tolist()])
+        yield images, ds.labels[idx]
+
+
+def evaluate(model: nn.Module, ds: ImageDataset, spec: InputSpec, batch_size: int = 256) -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of ``model`` on ``ds`` with the eval transform.
+
+    Runs in eval mode under inference_mode with channels_last tensors; restores the mode after.
+    """
+    was_training = model.training
+    model.eval().to(memory_format=torch.channels_last)
+    correct = 0
+    try:
+        with torch.inference_mode():
+            for images, labels in batches(ds, spec, batch_size):
+                logits = model(images.contiguous(memory_format=torch.channels_last))
+                correct += int((logits.argmax(1) == labels).sum())
+    finally:
+        model.train(was_training)
+    return correct / max(1, len(ds))
