@@ -1,0 +1,247 @@
+"""Plans on models: check them, mask them (same shapes, zeros) and apply them (smaller model).
+
+The invariant that holds the project together: for every supported model and plan,
+
+    with mask(model, groups, plan):
+        y_masked = model(x)
+    y_sliced = apply(model, groups, plan)(x)
+
+agree up to float round-off. ``mask`` zeroes the removed channels at the input of every module that
+mixes channels (convs with ``groups == 1``, linears): a removed channel reaches kept channels only
+through such modules, because every other op the groups run through is per channel (BN,
+activations, pooling, residual adds) or ties whole conv groups (depthwise/grouped convs), and
+anything else makes the group unprunable in ``trace``.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from curlprune.errors import CurlpruneError
+from curlprune.graph import ChannelGroup, CurlTracer, Plan, SliceKey
+
+_MODULE_ROLES = ("out", "in", "channel")
+
+
+def validate_plan(groups: Sequence[ChannelGroup], plan: Plan) -> None:
+    """Raise CurlpruneError unless ``plan`` is a valid plan for ``groups``."""
+    if not isinstance(plan, Mapping):
+        raise CurlpruneError(f"a plan must be a dict of group name -> kept channel indices, got {type(plan).__name__}")
+    by_name = {g.name: g for g in groups}
+    for name, kept in plan.items():
+        group = by_name.get(name)
+        if group is None:
+            valid = [g.name for g in groups if g.prunable][:5] or [g.name for g in groups][:5]
+            raise CurlpruneError(
+                f"plan names unknown group {name!r}; valid names include {', '.join(map(repr, valid))} "
+                "(list them with curlprune.trace(model, x) or `curlprune groups`)"
+            )
+        _validate_kept(group, kept)
+
+
+def _validate_kept(group: ChannelGroup, kept: object) -> None:
+    name, width = group.name, group.width
+    if not isinstance(kept, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in kept):
+        raise CurlpruneError(f"plan entry for group {name!r} must be a list of channel indices (ints)")
+    if not kept:
+        raise CurlpruneError(f"plan keeps 0 channels of group {name!r}; keep at least {group.unit}")
+    if any(b <= a for a, b in zip(kept, kept[1:])):
+        raise CurlpruneError(f"kept indices of group {name!r} must be sorted and without duplicates")
+    if kept[0] < 0 or kept[-1] >= width:
+        raise CurlpruneError(f"kept index {kept[0] if kept[0] < 0 else kept[-1]} of group {name!r} is out of range 0..{width - 1}")
+    if len(kept) < width and not group.prunable:
+        raise CurlpruneError(f"group {name!r} is not prunable ({group.reason}); keep all its channels or leave it out of the plan")
+    if group.unit > 1:
+        per_unit: dict[int, int] = {}
+        for i in kept:
+            per_unit[i // group.unit] = per_unit.get(i // group.unit, 0) + 1
+        cut = [u for u, n in per_unit.items() if n != group.unit]
+        if cut:
+            u = cut[0]
+            raise CurlpruneError(
+                f"plan cuts unit {u} (channels {u * group.unit}..{u * group.unit + group.unit - 1}) of group {name!r}: "
+                f"it is pruned in whole units of {group.unit} channels (conv groups); keep all or none of them"
+            )
+
+
+def removed_positions(groups: Sequence[ChannelGroup], plan: Plan) -> dict[SliceKey, list[int]]:
+    """Sorted positions ``plan`` removes from each member slice, module members and node members."""
+    by_name = {g.name: g for g in groups}
+    removed: dict[SliceKey, list[int]] = {}
+    for name, kept in plan.items():
+        group = by_name[name]
+        keep = set(kept)
+        gone = [i for i in range(group.width) if i not in keep]
+        if not gone:
+            continue
+        for m in list(group.members) + list(group.node_members):
+            removed.setdefault((m.module, m.role), []).extend(p for i in gone for p in m.index[i])
+    return {key: sorted(ps) for key, ps in removed.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# mask
+
+
+class _ZeroInputChannels:
+    """Forward pre-hook: zero some positions of the first input along one dim."""
+
+    def __init__(self, dim: int, positions: list[int]) -> None:
+        self.dim = dim
+        self.positions = torch.tensor(positions, dtype=torch.long)
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        index = self._on.get(x.device)
+        if index is None:
+            index = self._on[x.device] = self.positions.to(x.device)
+        dim = self.dim % x.dim()
+        return (x.index_fill(dim, index, 0),) + tuple(args[1:])
+
+
+def mask_points(groups: Sequence[ChannelGroup], plan: Plan) -> dict[str, list[int]]:
+    """Module name -> input positions to zero so that the model computes as if ``plan`` was applied.
+
+    These are the channel-mixing consumers (role ``"in"``: convs with groups == 1, linears); their
+    input dim is 1 for convs and the last dim for linears.
+    """
+    validate_plan(groups, plan)
+    return {module: ps for (module, role), ps in removed_positions(groups, plan).items() if role == "in"}
+
+
+@contextmanager
+def mask(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> Iterator[nn.Module]:
+    """Zero the channels ``plan`` removes, in place and without changing shapes, while inside.
+
+    Installs forward pre-hooks on ``model``'s modules (looked up by name, so this works on the
+    traced model, on an fx GraphModule of it, or on a copy with the same module names) and removes
+    them on exit, also on exceptions.
+    """
+    handles = []
+    try:
+        for name, positions in mask_points(groups, plan).items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise CurlpruneError(f"model has no module {name!r}: the groups were traced from a different model") from None
+            dim = -1 if isinstance(module, nn.Linear) else 1
+            handles.append(module.register_forward_pre_hook(_ZeroInputChannels(dim, positions)))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# apply
+
+
+def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.GraphModule:
+    """A new, physically smaller model with the channels ``plan`` removes sliced away.
+
+    Returns a ``torch.fx.GraphModule``: an ordinary nn.Module (trains, switches train/eval, deep
+    copies, keeps the original submodule names so state_dict keys match the original's). ``model``
+    itself is not changed. The plan is validated first (CurlpruneError if invalid).
+    """
+    validate_plan(groups, plan)
+    removed = removed_positions(groups, plan)
+    graph = CurlTracer().trace(model)
+    gm = fx.GraphModule(copy.deepcopy(model), graph, class_name=type(model).__name__)
+    for sub_name, sub in gm.named_modules():  # containers fx re-creates start in train mode
+        sub.training = model.get_submodule(sub_name).training
+    by_module: dict[str, dict[str, list[int]]] = {}
+    for (name, role), positions in removed.items():
+        by_module.setdefault(name, {})[role] = positions
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, roles in by_module.items():
+        if "param" in roles:
+            _slice_parameter(gm, name, roles["param"], groups)
+        elif any(r in roles for r in _MODULE_ROLES):
+            _slice_module(gm.get_submodule(name), roles)
+        else:
+            dim = next(m.dim for g in groups for m in g.node_members if m.module == name)
+            _shrink_pad(nodes[name], roles, dim)
+    gm.recompile()
+    return gm
+
+
+def _kept(size: int, removed: list[int] | None) -> torch.Tensor:
+    gone = set(removed or ())
+    return torch.tensor([i for i in range(size) if i not in gone], dtype=torch.long)
+
+
+def _new_param(old: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+
+
+def _slice_module(mod: nn.Module, roles: dict[str, list[int]]) -> None:
+    """Slice a conv / linear / per-channel module in place (it is already a private copy)."""
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        out_keep = _kept(mod.out_channels, roles.get("out"))
+        weight = mod.weight.index_select(0, out_keep)
+        if mod.groups == 1:
+            in_keep = _kept(mod.in_channels, roles.get("in"))
+            weight = weight.index_select(1, in_keep)
+            mod.in_channels = len(in_keep)
+        else:  # tied depthwise/grouped conv: whole conv groups go
+            per_group = mod.in_channels // mod.groups
+            mod.in_channels = len(out_keep)
+            mod.groups = len(out_keep) // per_group
+        mod.out_channels = len(out_keep)
+        mod.weight = _new_param(mod.weight, weight)
+        if mod.bias is not None:
+            mod.bias = _new_param(mod.bias, mod.bias.index_select(0, out_keep))
+    elif isinstance(mod, nn.Linear):
+        out_keep = _kept(mod.out_features, roles.get("out"))
+        in_keep = _kept(mod.in_features, roles.get("in"))
+        mod.weight = _new_param(mod.weight, mod.weight.index_select(0, out_keep).index_select(1, in_keep))
+        if mod.bias is not None:
+            mod.bias = _new_param(mod.bias, mod.bias.index_select(0, out_keep))
+        mod.in_features, mod.out_features = len(in_keep), len(out_keep)
+    elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        keep = _kept(mod.num_features, roles["channel"])
+        for pname in ("weight", "bias"):
+            if getattr(mod, pname) is not None:
+                setattr(mod, pname, _new_param(getattr(mod, pname), getattr(mod, pname).index_select(0, keep)))
+        for bname in ("running_mean", "running_var"):
+            if getattr(mod, bname) is not None:
+                setattr(mod, bname, getattr(mod, bname).index_select(0, keep).clone())
+        mod.num_features = len(keep)
+    elif isinstance(mod, nn.PReLU):
+        keep = _kept(mod.num_parameters, roles["channel"])
+        mod.weight = _new_param(mod.weight, mod.weight.index_select(0, keep))
+        mod.num_parameters = len(keep)
+    else:
+        raise CurlpruneError(f"cannot slice module {type(mod).__name__}: the groups were traced from a different model")
+
+
+def _slice_parameter(gm: fx.GraphModule, name: str, positions: list[int], groups: Sequence[ChannelGroup]) -> None:
+    """Slice a get_attr parameter/buffer along its member dim."""
+    dim = next(m.dim for g in groups for m in g.members if m.module == name and m.role == "param")
+    owner_name, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    old = getattr(owner, attr)
+    value = old.index_select(dim, _kept(old.shape[dim], positions))
+    setattr(owner, attr, _new_param(old, value) if isinstance(old, nn.Parameter) else value.clone())
+
+
+def _shrink_pad(node: fx.Node, roles: dict[str, list[int]], dim: int) -> None:
+    """Channel zero-pad: pad by as many zero channels as the plan keeps of each pad region.
+
+    ``dim`` is the channel dim counted from the end (negative), so its pad pair is ``-dim - 1``.
+    """
+    in_args = len(node.args) > 1
+    amounts = list(node.args[1] if in_args else node.kwargs["pad"])
+    k = 2 * (-dim - 1)
+    amounts[k] -= len(roles.get("pad_front", ()))
+    amounts[k + 1] -= len(roles.get("pad_back", ()))
+    if in_args:
+        node.args = (node.args[0], tuple(amounts)) + tuple(node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "pad": tuple(amounts)}
