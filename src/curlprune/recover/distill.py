@@ -1,0 +1,127 @@
+"""Stage 2 of CURL on small data: knowledge distillation with mixup (curl-method.md §4).
+
+Per batch: one lambda ~ Beta(a, a) (a = 1), a random pairing ``perm`` of the batch, and
+``x_mix = lambda * x + (1 - lambda) * x[perm]``; the frozen teacher (eval mode, no gradient)
+and the student both see ``x_mix``. The loss is
+
+    alpha * T^2 * KL(softmax(t / T) || softmax(s / T))   (batch mean, teacher first)
+    + (1 - alpha) * (lambda * CE(s, y) + (1 - lambda) * CE(s, y[perm]))
+
+with T = 2 and alpha = 0.7. The "train_top1" of the metrics compares the student's argmax on
+the mixed images with the label of the unpermuted image, so it is only a rough signal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from curlprune.recover.dist import DistContext
+from curlprune.recover.loop import Result, Stage, Trainer, TrainConfig, check_classes, place_model
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """Distillation settings; defaults are the authors' CUB recipe (150 epochs for ResNet-50,
+    200 for MobileNetV2).
+
+    temperature: T of the KD term (2).   alpha: weight of the KD term (0.7; CE gets 1 - alpha).
+    mixup_alpha: lambda ~ Beta(mixup_alpha, mixup_alpha); 0 turns mixup off (lambda = 1).
+    """
+
+    epochs: int = 150
+    batch_size: int = 32
+    lr: float = 0.01
+    warmup_epochs: float = 5.0
+    temperature: float = 2.0
+    alpha: float = 0.7
+    mixup_alpha: float = 1.0
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    paired_labels: torch.Tensor,
+    lam: float,
+    temperature: float = 2.0,
+    alpha: float = 0.7,
+) -> torch.Tensor:
+    """The mixup-KD loss above (``paired_labels`` = ``labels[perm]``)."""
+    t = temperature
+    kd = F.kl_div(
+        F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="batchmean", log_target=True
+    )
+    ce = lam * F.cross_entropy(student_logits, labels) + (1.0 - lam) * F.cross_entropy(student_logits, paired_labels)
+    return alpha * t * t * kd + (1.0 - alpha) * ce
+
+
+class DistillStage(Stage):
+    """Mixup + KD from a frozen teacher on the original training set."""
+
+    name = "distill"
+
+    def __init__(self, cfg: DistillConfig, teacher: nn.Module) -> None:
+        super().__init__(cfg)
+        self.teacher = teacher
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: Any) -> None:
+        place_model(self.teacher, ctx.device, self.cfg.channels_last).eval()
+        check_classes("teacher", self.teacher, data, spec, ctx.device, self.cfg.channels_last)
+        super().prepare(ctx, model, data, spec)
+
+    def seed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def rng_state(self) -> Any:
+        return self.rng.bit_generator.state
+
+    def load_rng_state(self, state: Any) -> None:
+        self.rng.bit_generator.state = state
+
+    def mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(x_mix, perm, lambda)`` for one batch."""
+        a = self.cfg.mixup_alpha
+        lam = float(self.rng.beta(a, a)) if a > 0 else 1.0
+        perm = torch.from_numpy(self.rng.permutation(x.shape[0])).to(x.device)
+        mixed = lam * x + (1.0 - lam) * x[perm]
+        if self.cfg.channels_last and mixed.dim() == 4:
+            mixed = mixed.contiguous(memory_format=torch.channels_last)
+        return mixed, perm, lam
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mixed, perm, lam = self.mix(x)
+        self.teacher.eval()
+        with torch.no_grad():
+            teacher_logits = self.teacher(mixed)
+        logits = model(mixed)
+        cfg = self.cfg
+        return distill_loss(logits, teacher_logits, y, y[perm], lam, cfg.temperature, cfg.alpha), logits
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Mapping[str, Dataset],
+    spec: Any,
+    cfg: DistillConfig | None = None,
+    run_dir: str | Path = "runs/recover",
+    *,
+    stage: str = "distill",
+) -> Result:
+    """Train ``student`` in place by mixup-KD from ``teacher``; resumable, skipped when done.
+
+    teacher: the unpruned model, same classes as the data (checked); it is moved to the
+             training device and put in eval mode, never updated.
+    Other parameters as in :func:`curlprune.recover.finetune.finetune`.
+    """
+    stage_impl = DistillStage(cfg or DistillConfig(), teacher)
+    stage_impl.name = stage
+    return Trainer(stage_impl, student, data, spec, run_dir).run()

@@ -1,0 +1,67 @@
+"""Recovery by plain fine-tuning: cross-entropy on hard labels (the paper's ImageNet recipe)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from curlprune.recover.loop import Result, Stage, Trainer, TrainConfig
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Fine-tuning settings (see :class:`TrainConfig` for every field).
+
+    The defaults suit small datasets (the spec's "stage-2 recipe without KD", §7 note 6): 30
+    epochs, global batch 32, lr 0.01, 1 warm-up epoch, weight decay 4e-5, cosine to 0. The
+    paper's ImageNet recipe (100 epochs, batch 512, lr 0.1, 5 warm-up epochs) is
+    :meth:`imagenet`.
+    """
+
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 0.01
+    warmup_epochs: float = 1.0
+
+    @classmethod
+    def imagenet(cls, **overrides: Any) -> "FinetuneConfig":
+        """The authors' ImageNet settings (curl-method.md §3), with optional overrides."""
+        return cls(**{"epochs": 100, "batch_size": 512, "lr": 0.1, "warmup_epochs": 5.0, **overrides})
+
+
+class FinetuneStage(Stage):
+    """Cross-entropy with hard labels on the training set, train transform."""
+
+    name = "finetune"
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+
+
+def finetune(
+    student: nn.Module,
+    data: Mapping[str, Dataset],
+    spec: Any,
+    cfg: FinetuneConfig | None = None,
+    run_dir: str | Path = "runs/recover",
+    *,
+    stage: str = "finetune",
+) -> Result:
+    """Fine-tune ``student`` in place with cross-entropy; resumable, skipped when already done.
+
+    student: the (pruned) model; its weights are updated in place and returned in the Result.
+    data:    ``{"train": ImageDataset, "test": ImageDataset}`` of uint8 images.
+    spec:    the model's ``InputSpec`` (curlprune.models.input_spec), for its transforms.
+    cfg:     :class:`FinetuneConfig` (defaults for small data).
+    run_dir: outputs go to ``<run_dir>/<stage>/`` (metrics.jsonl, state.safetensors,
+             model.safetensors, done.json).
+    """
+    stage_impl = FinetuneStage(cfg or FinetuneConfig())
+    stage_impl.name = stage
+    return Trainer(stage_impl, student, data, spec, run_dir).run()

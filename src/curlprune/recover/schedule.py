@@ -1,0 +1,29 @@
+"""The per-iteration learning-rate schedule of CURL: linear warm-up from 0, then cosine to 0.
+
+From the authors' training scripts (curl-method.md §3): with ``it`` counted in iterations,
+
+    lr = base * it / warm                                        for it < warm
+    lr = base * (1 + cos(pi * (it - warm) / (max - warm))) / 2   afterwards
+
+The schedule is a pure function of the iteration counter, so resuming only needs that counter.
+"""
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+
+
+def warmup_cosine_lr(iteration: int, total_iterations: int, warmup_iterations: int, base_lr: float) -> float:
+    """Learning rate at ``iteration`` (0-based) of ``total_iterations``."""
+    if warmup_iterations > 0 and iteration < warmup_iterations:
+        return base_lr * iteration / warmup_iterations
+    span = max(total_iterations - warmup_iterations, 1)
+    progress = min(max(iteration - warmup_iterations, 0) / span, 1.0)
+    return base_lr * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+def set_lr(optimizer: Optimizer, lr: float) -> None:
+    """Put ``lr`` into every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

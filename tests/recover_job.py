@@ -1,0 +1,94 @@
+"""A tiny real recovery run (digits, small ResNet) that tests start as a separate process.
+
+    python tests/recover_job.py RUN_DIR [--stages finetune,distill,refine] [--trip STAGE]
+    torchrun --standalone --nproc_per_node=2 tests/recover_job.py RUN_DIR --dump-ranks
+
+--trip STAGE: in STAGE's second epoch (its first epoch's state exists, the stage is not done),
+after a few training samples have been read, write RUN_DIR/tripped and sleep, so the test can
+SIGKILL the process in the middle of an epoch.
+--dump-ranks: every rank writes its final weights and label store to RUN_DIR/rank<r>.safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from curlprune.data import ImageDataset, class_balanced_subset, load_digits_dataset
+from curlprune.models import build, input_spec
+from curlprune.recover import DistillConfig, FinetuneConfig, RefineConfig, distill, finetune, refine
+from curlprune.recover.loop import DONE_FILE, STATE_FILE
+
+MODEL = "small:resnet-digits"
+TRIP_AFTER_SAMPLES = 8
+
+
+class Tripwire(ImageDataset):
+    """The same images; reading them mid-way through a stage's second epoch stops the process."""
+
+    run_dir: Path
+    stage: str
+    count = 0
+
+    def __getitem__(self, index: int):
+        stage_dir = self.run_dir / self.stage
+        if (stage_dir / STATE_FILE).exists() and not (stage_dir / DONE_FILE).exists():
+            self.count += 1
+            if self.count == TRIP_AFTER_SAMPLES:
+                (self.run_dir / "tripped").write_text(str(os.getpid()))
+                while True:  # the test kills us here, in the middle of the epoch
+                    time.sleep(1)
+        return super().__getitem__(index)
+
+
+def tiny_data(trip: str | None, run_dir: Path) -> dict:
+    """20 training images per class, 100 test images, real digits."""
+    data = load_digits_dataset(0)
+    train = class_balanced_subset(data["train"], 20, seed=0)
+    test = class_balanced_subset(data["test"], 10, seed=0)
+    if trip:
+        train = Tripwire(train.images, train.labels, train.classes)
+        train.run_dir, train.stage = run_dir, trip
+    return {"train": train, "test": test}
+
+
+def seeded_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build(MODEL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--stages", default="finetune,distill,refine")
+    parser.add_argument("--trip", default=None)
+    parser.add_argument("--dump-ranks", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    spec = input_spec(MODEL)
+    data = tiny_data(args.trip, args.run_dir)
+    teacher = seeded_model(1)
+    student = seeded_model(2)
+    common = dict(epochs=2, batch_size=32, seed=3, progress=False, device="cpu")
+    stages = args.stages.split(",")
+    if "finetune" in stages:
+        finetune(student, data, spec, FinetuneConfig(lr=0.05, warmup_epochs=0.5, **common), args.run_dir)
+    if "distill" in stages:
+        distill(student, teacher, data, spec, DistillConfig(lr=0.05, warmup_epochs=0.5, **common), args.run_dir)
+    result = None
+    if "refine" in stages:
+        result = refine(student, teacher, data, spec, RefineConfig(lr=0.01, **common), args.run_dir)
+    if args.dump_ranks:
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in student.state_dict().items()}
+        if result is not None:
+            tensors["labels"] = result.tensors["labels"]
+        save_file(tensors, str(args.run_dir / f"rank{os.environ.get('RANK', '0')}.safetensors"))
+
+if __name__ == "__main__":
+    main()
