@@ -152,7 +152,10 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.Gr
     validate_plan(groups, plan)
     removed = removed_positions(groups, plan)
     graph = CurlTracer().trace(model)
-    gm = fx.GraphModule(copy.deepcopy(model), graph, class_name=type(model).__name__)
+    root = copy.deepcopy(model)
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    for child_name, child in root.named_children():  # keep the containers (``small.layer1[0]``)
+        setattr(gm, child_name, child)
     for sub_name, sub in gm.named_modules():  # containers fx re-creates start in train mode
         sub.training = model.get_submodule(sub_name).training
     by_module: dict[str, dict[str, list[int]]] = {}
