@@ -7,6 +7,7 @@ epochs never decode again and whole batches are transformed with a few tensor op
 from __future__ import annotations
 
 import io
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
@@ -141,10 +142,12 @@ def _common_classes(path: Path, tree: dict[str, dict[str, list[str]]]) -> list[s
 
 def _decode_split(path: Path, by_class: dict[str, list[str]], classes: list[str], reader: Callable[[str], bytes]) -> ImageDataset:
     images, labels = [], []
-    for label, cls in enumerate(classes):
-        for name in by_class[cls]:
-            images.append(decode_rgb(reader(name), f"{path}:{name}"))
-            labels.append(label)
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders on every call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for label, cls in enumerate(classes):
+            for name in by_class[cls]:
+                images.append(decode_rgb(reader(name), f"{path}:{name}"))
+                labels.append(label)
     return ImageDataset(images, labels, classes)
 
 
