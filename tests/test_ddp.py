@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from curlprune.recover import ExpandedDataset, load_label_store
-from curlprune.recover.loop import build_transform, predict
+from curlprune.recover.loop import predict
+from curlprune.transforms import build_transform
 
 sys.path.insert(0, str(Path(__file__).parent))
 from recover_job import MODEL, seeded_model, tiny_data  # noqa: E402

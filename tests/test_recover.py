@@ -166,3 +166,25 @@ def test_bad_input_is_refused_with_a_clear_message(tmp_path, tiny):
     wider.linear = torch.nn.Linear(32, 10, bias=False)  # another architecture than the one trained
     with pytest.raises(CurlpruneError, match="do not fit the given model"):
         finetune(wider, tiny, SPEC, quick(), tmp_path / "done")
+
+
+def test_pruned_graph_module_student_distills_and_reloads(tmp_path, tiny):
+    """The intended flow: a pruned torch.fx student learns from its unpruned teacher; its stage
+    weights load into the same pruned architecture rebuilt from the plan."""
+    from curlprune import apply, trace
+
+    teacher = model(0).eval()
+    groups = trace(teacher, torch.zeros(1, 1, 8, 8))
+    plan = {g.name: list(range(0, g.width, 2)) for g in groups if g.prunable}
+    student = apply(teacher, groups, plan)
+    assert isinstance(student, torch.fx.GraphModule)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    result = distill(student, teacher, tiny, SPEC, quick(DistillConfig, epochs=2), tmp_path)
+    assert result.model is student and not torch.equal(before["linear.weight"], student.linear.weight)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in model(0).state_dict().items())  # teacher untouched
+
+    rebuilt = load_stage_model(apply(model(0), groups, plan), tmp_path, "distill")
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(rebuilt.eval()(x), student.eval()(x))
+    with pytest.raises(CurlpruneError, match="same module"):
+        distill(teacher, teacher, tiny, SPEC, quick(DistillConfig), tmp_path / "self")

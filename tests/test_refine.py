@@ -10,7 +10,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
 from curlprune.recover import ExpandedDataset, RefineConfig, refine, refine_loss
 from curlprune.recover.dist import DistContext
-from curlprune.recover.loop import build_transform
+from curlprune.transforms import build_transform
 from curlprune.recover.refine import RefineStage
 
 SPEC = input_spec("small:resnet-digits")

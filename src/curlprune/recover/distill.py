@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from curlprune.recover.dist import DistContext
-from curlprune.recover.loop import Result, Stage, Trainer, TrainConfig, check_classes, place_model
+from curlprune.recover.loop import Result, Stage, Trainer, TrainConfig, prepare_teacher, require
 
 
 @dataclass
@@ -42,6 +42,12 @@ class DistillConfig(TrainConfig):
     temperature: float = 2.0
     alpha: float = 0.7
     mixup_alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.temperature > 0, f"temperature must be positive (got {self.temperature})")
+        require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1] (got {self.alpha})")
+        require(self.mixup_alpha >= 0, f"mixup_alpha must be non-negative (got {self.mixup_alpha}); 0 turns mixup off")
 
 
 def distill_loss(
@@ -73,8 +79,7 @@ class DistillStage(Stage):
         self.rng = np.random.default_rng(cfg.seed)
 
     def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: Any) -> None:
-        place_model(self.teacher, ctx.device, self.cfg.channels_last).eval()
-        check_classes("teacher", self.teacher, data, spec, ctx.device, self.cfg.channels_last)
+        prepare_teacher(self.teacher, model, data, spec, ctx, self.cfg.channels_last)
         super().prepare(ctx, model, data, spec)
 
     def seed(self, seed: int) -> None:

@@ -57,6 +57,7 @@ from curlprune.recover.state import (
     set_generator_state,
     unprefixed,
 )
+from curlprune.transforms import build_transform
 
 STATE_FILE = "state.safetensors"
 MODEL_FILE = "model.safetensors"
@@ -92,6 +93,19 @@ class TrainConfig:
     device: str = field(default="auto", metadata=RUNTIME)
     channels_last: bool = field(default=True, metadata=RUNTIME)
     progress: bool = field(default=True, metadata=RUNTIME)
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, f"epochs must be at least 1 (got {self.epochs})")
+        require(self.batch_size >= 1, f"batch_size must be at least 1 (got {self.batch_size})")
+        for name in ("lr", "warmup_epochs", "momentum", "weight_decay"):
+            require(getattr(self, name) >= 0, f"{name} must be non-negative (got {getattr(self, name)})")
+        require(self.eval_batch_size >= 1 and self.num_workers >= 0, "eval_batch_size must be >= 1 and num_workers >= 0")
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a :class:`CurlpruneError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise CurlpruneError(message)
 
 
 def settings(cfg: TrainConfig) -> dict[str, Any]:
@@ -171,13 +185,6 @@ class TransformedDataset(Dataset):
         return self.transform(item[0]), int(item[1]), index
 
 
-def build_transform(spec: Any, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The model's preprocessing (curlprune.transforms), imported late to keep imports light."""
-    from curlprune.transforms import build_transform as build
-
-    return build(spec, train=train)
-
-
 def to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     """Move a batch to ``device``, in channels_last layout for images when asked."""
     x = x.to(device, non_blocking=True)
@@ -221,7 +228,7 @@ def predict(
 
 
 @torch.no_grad()
-def test_top1(
+def top1_accuracy(
     model: nn.Module,
     dataset: Any,
     spec: Any,
@@ -269,6 +276,13 @@ def check_classes(role: str, model: nn.Module, data: Mapping[str, Dataset], spec
         )
 
 
+def prepare_teacher(teacher: nn.Module, student: nn.Module, data: Mapping[str, Dataset], spec: Any, ctx: DistContext, channels_last: bool) -> None:
+    """Put the frozen teacher on the device in eval mode and check that it fits the data."""
+    require(teacher is not student, "teacher and student are the same module: pass a copy of the model as the student (copy.deepcopy)")
+    place_model(teacher, ctx.device, channels_last).eval()
+    check_classes("teacher", teacher, data, spec, ctx.device, channels_last)
+
+
 def check_data(data: Mapping[str, Dataset]) -> None:
     """The stages need ``{"train": ..., "test": ...}`` with a non-empty training set."""
     if not isinstance(data, Mapping) or "train" not in data or "test" not in data:
@@ -278,16 +292,12 @@ def check_data(data: Mapping[str, Dataset]) -> None:
 
 
 def check_config(cfg: TrainConfig, ctx: DistContext) -> None:
-    """Reject settings the loop cannot honour, with what to change."""
-    if cfg.epochs < 1:
-        raise CurlpruneError(f"epochs must be at least 1 (got {cfg.epochs})")
-    if cfg.batch_size < 1 or cfg.batch_size % ctx.world_size:
-        raise CurlpruneError(
-            f"batch_size {cfg.batch_size} must be a positive multiple of the number of processes ({ctx.world_size}): "
-            "it is the global batch, split evenly over the processes"
-        )
-    if cfg.lr < 0 or cfg.warmup_epochs < 0 or cfg.weight_decay < 0:
-        raise CurlpruneError("lr, warmup_epochs and weight_decay must be non-negative")
+    """The global batch must split evenly over the processes."""
+    require(
+        cfg.batch_size % ctx.world_size == 0,
+        f"batch_size {cfg.batch_size} must be a multiple of the number of processes ({ctx.world_size}): "
+        "it is the global batch, split evenly over the processes",
+    )
 
 
 def rank_seed(seed: int, rank: int, stream: int = 0) -> int:
@@ -450,7 +460,7 @@ class Trainer:
             started = time.perf_counter()
             loss, train_top1, lr = self.train_epoch(train_model, epoch, progress, transform, local_batch, total, warmup)
             dist.broadcast_buffers(ctx, self.model)
-            top1 = test_top1(self.model, self.data["test"], self.spec, ctx=ctx, batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last)
+            top1 = top1_accuracy(self.model, self.data["test"], self.spec, ctx=ctx, batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last)
             record = {
                 "epoch": epoch + 1,
                 "loss": loss,

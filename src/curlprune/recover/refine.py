@@ -38,12 +38,12 @@ from curlprune.recover.loop import (
     Stage,
     Trainer,
     TrainConfig,
-    build_transform,
-    check_classes,
-    place_model,
     predict,
+    prepare_teacher,
+    require,
     stage_tensors,
 )
+from curlprune.transforms import build_transform
 
 
 @dataclass
@@ -66,6 +66,13 @@ class RefineConfig(TrainConfig):
     label_lr: float = 1.0
     label_reference_batch: int = 32
     expand: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.temperature > 0, f"temperature must be positive (got {self.temperature})")
+        require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1] (got {self.alpha})")
+        require(self.label_lr >= 0, f"label_lr must be non-negative (got {self.label_lr}); 0 keeps the teacher's logits")
+        require(self.label_reference_batch >= 1, f"label_reference_batch must be at least 1 (got {self.label_reference_batch})")
 
 
 def refine_loss(
@@ -128,8 +135,7 @@ class RefineStage(Stage):
         return ExpandedDataset(train, seed=self.cfg.seed) if self.cfg.expand else train
 
     def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: Any) -> None:
-        place_model(self.teacher, ctx.device, self.cfg.channels_last).eval()
-        check_classes("teacher", self.teacher, data, spec, ctx.device, self.cfg.channels_last)
+        prepare_teacher(self.teacher, model, data, spec, ctx, self.cfg.channels_last)
         super().prepare(ctx, model, data, spec)
 
     def init_fresh(self, ctx: DistContext, model: nn.Module, train_set: Dataset, spec: Any) -> None:
