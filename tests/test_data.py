@@ -111,6 +111,16 @@ def test_corrupt_jpeg_inside_zip_is_named(tmp_path, digits):
         load_image_folder(_write_zip(tmp_path / "d.zip", files))
 
 
+def test_damaged_zip_member_is_named(tmp_path, digits):
+    files = _digit_files(digits)
+    blob = bytearray(_write_zip(tmp_path / "d.zip", files).read_bytes())
+    start = bytes(blob).index(files["test/digit1/000.png"])
+    blob[start + 40] ^= 0xFF  # the stored bytes no longer match the CRC in the zip
+    (tmp_path / "d.zip").write_bytes(bytes(blob))
+    with pytest.raises(CurlpruneError, match=r"cannot read .*d.zip:test/digit1/000.png .*Bad CRC-32"):
+        load_image_folder(tmp_path / "d.zip")
+
+
 def test_non_image_file_is_named(tmp_path, digits):
     files = _digit_files(digits)
     files["test/digit2/notes.txt"] = b"these are not pixels"
@@ -134,6 +144,9 @@ def test_missing_empty_and_flat_paths(tmp_path):
     (tmp_path / "flat" / "a.png").write_bytes(b"x")
     with pytest.raises(CurlpruneError, match=r"not laid out as .*found 'a.png'"):
         load_image_folder(tmp_path / "flat")
+    (tmp_path / "cut.zip").write_bytes(_write_zip(tmp_path / "whole.zip", {"a/b.png": b"x" * 100}).read_bytes()[:80])
+    with pytest.raises(CurlpruneError, match="cut.zip is not a readable zip file"):
+        load_image_folder(tmp_path / "cut.zip")
     (tmp_path / "file.txt").write_text("hi")
     with pytest.raises(CurlpruneError, match="neither a folder nor a zip"):
         load_image_folder(tmp_path / "file.txt")

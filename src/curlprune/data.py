@@ -6,6 +6,7 @@ epochs never decode again and whole batches are transformed with a few tensor op
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 import zipfile
@@ -80,17 +81,18 @@ def load_image_folder(path: str | Path, splits: Sequence[str] | None = None) -> 
     split. ``splits`` decodes only the named splits (e.g. ``["test"]``). Images become RGB.
     """
     path = Path(path)
-    files, reader = _open_tree(path)
-    tree = _parse_layout(path, files)
-    classes = _common_classes(path, tree)
-    wanted = list(tree) if splits is None else list(splits)
-    for split in wanted:
-        if split not in tree:
-            raise CurlpruneError(f"{path} has no split {split!r}: it has {sorted(tree)}")
-    return {split: _decode_split(path, tree[split], classes, reader) for split in wanted}
+    with contextlib.ExitStack() as stack:
+        files, reader = _open_tree(path, stack)
+        tree = _parse_layout(path, files)
+        classes = _common_classes(path, tree)
+        wanted = list(tree) if splits is None else list(splits)
+        for split in wanted:
+            if split not in tree:
+                raise CurlpruneError(f"{path} has no split {split!r}: it has {sorted(tree)}")
+        return {split: _decode_split(path, tree[split], classes, reader) for split in wanted}
 
 
-def _open_tree(path: Path) -> tuple[list[str], Callable[[str], bytes]]:
+def _open_tree(path: Path, stack: contextlib.ExitStack) -> tuple[list[str], Callable[[str], bytes]]:
     """All file paths (POSIX, relative) of a folder or zip, and a function reading one of them."""
     if not path.exists():
         raise CurlpruneError(f"data path {path} does not exist: pass a folder or .zip laid out as {LAYOUT}")
@@ -98,9 +100,11 @@ def _open_tree(path: Path) -> tuple[list[str], Callable[[str], bytes]]:
         files = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
         return _visible(files), lambda name: (path / name).read_bytes()
     if zipfile.is_zipfile(path):
-        archive = zipfile.ZipFile(path)
+        archive = stack.enter_context(zipfile.ZipFile(path))
         files = [info.filename for info in archive.infolist() if not info.is_dir()]
         return _visible(files), archive.read
+    if path.suffix.lower() == ".zip":
+        raise CurlpruneError(f"{path} is not a readable zip file (damaged or incomplete): download or copy it again")
     raise CurlpruneError(f"data path {path} is neither a folder nor a zip file: pass a folder or .zip laid out as {LAYOUT}")
 
 
@@ -146,9 +150,16 @@ def _decode_split(path: Path, by_class: dict[str, list[str]], classes: list[str]
         warnings.simplefilter("ignore", DeprecationWarning)
         for label, cls in enumerate(classes):
             for name in by_class[cls]:
-                images.append(decode_rgb(reader(name), f"{path}:{name}"))
+                images.append(decode_rgb(_read(reader, name, f"{path}:{name}"), f"{path}:{name}"))
                 labels.append(label)
     return ImageDataset(images, labels, classes)
+
+
+def _read(reader: Callable[[str], bytes], name: str, where: str) -> bytes:
+    try:
+        return reader(name)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CurlpruneError(f"cannot read {where} ({exc}): the archive or disk is damaged; copy or download the data again") from None
 
 
 def decode_rgb(data: bytes, where: str) -> torch.Tensor:
