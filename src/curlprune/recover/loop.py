@@ -7,7 +7,8 @@ does the rest, identically for all of them:
 * SGD (momentum 0.9, weight decay 4e-5 on every parameter, BN included, as in the paper) with
   the per-iteration warm-up + cosine schedule of :mod:`curlprune.recover.schedule`;
 * channels_last, a rich progress bar (loss, lr, ETA), and one JSON line per epoch in
-  ``<run_dir>/<stage>/metrics.jsonl`` (epoch, loss, lr, train_top1, test_top1, seconds);
+  ``<run_dir>/<stage>/metrics.jsonl`` (epoch, mean training loss, lr of the epoch's last step,
+  train_top1, test_top1, seconds; accuracies in %, test_top1 with the eval transform);
 * after every epoch, ``<run_dir>/<stage>/state.safetensors`` (written atomically): weights,
   optimizer, iteration, every RNG state and the stage's own tensors. A rerun resumes after the
   last completed epoch and then behaves exactly as the uninterrupted run would have;
