@@ -190,3 +190,61 @@ def test_apply_keeps_frozen_submodule_modes():
     groups = trace(model, torch.randn(1, 3, 32, 32))
     small = apply(model, groups, resnet20_plan())
     assert small.training and small.layer1[0].bn1.training and not small.layer2[0].bn1.training
+
+
+class Zoo(nn.Module):
+    """Many traced paths in one small net: PReLU, affine InstanceNorm, a conv used twice, a get_attr
+    scale, depthwise and grouped (units of 4) convs, a cat along a spatial dim, channels-last
+    linears, a mean over a spatial dim and a dynamic reshape into the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.prelu = nn.PReLU(12)
+        self.inorm = nn.InstanceNorm2d(12, affine=True)
+        self.shared = nn.Conv2d(12, 12, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(12, 1, 1) + 0.5)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.grouped = nn.Conv2d(12, 12, 1, groups=3)
+        self.expand = nn.Conv2d(12, 8, 1)
+        self.tokens = nn.Linear(8, 16)
+        self.back = nn.Linear(16, 8)
+        self.head = nn.Linear(8 * 4, 5)
+
+    def forward(self, x):
+        a = self.inorm(self.prelu(self.stem(x)))
+        c = self.shared(torch.relu(self.shared(a)))
+        s = nn.functional.max_pool2d(a + c * self.scale, 2)
+        s = self.grouped(self.dw(s)) + s
+        t = self.expand(s)
+        t = torch.cat([t, 2 * t], dim=2)
+        u = self.back(nn.functional.gelu(self.tokens(t.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+        v = u.contiguous().mean(2)
+        return self.head(v.reshape(v.size(0), -1))
+
+
+def test_zoo_of_traced_ops():
+    from curlprune.cost import count
+    from curlprune.cost_plan import plan_cost
+
+    torch.manual_seed(0)
+    model = Zoo().eval()
+    x = torch.randn(2, 3, 8, 8)
+    groups = trace(model, x)
+    g = {grp.name: grp for grp in groups}
+    stream = g["stem"]
+    assert stream.width == 12 and stream.unit == 4 and stream.kind == "outside" and stream.prunable
+    assert {("shared", "in"), ("shared", "out"), ("scale", "param"), ("dw", "out"), ("grouped", "out"),
+            ("prelu", "channel"), ("inorm", "channel"), ("expand", "in")} <= {(m.module, m.role) for m in stream.members}
+    assert [m.index[1] for m in g["back"].members if m.module == "head"] == [(4, 5, 6, 7)]
+    assert [grp.name for grp in groups if grp.prunable] == ["stem", "expand", "tokens", "back"]
+    rng = random.Random(0)
+    for share in (0.0, 0.5, 1.0):
+        plan = random_plan(groups, rng, share)
+        with torch.no_grad():
+            with mask(model, groups, plan):
+                masked = model(x)
+            small = apply(model, groups, plan)
+            assert relative_error(small(x), masked) < 1e-4
+        assert plan_cost(model, x, groups, plan) == count(small, x)
+    assert tuple(small.scale.shape) == (4, 1, 1) and small.grouped.groups == 1 and small.dw.groups == 4

@@ -256,3 +256,11 @@ def test_trace_rejects_bad_input():
 
 def test_public_api_exports_trace():
     assert curlprune.trace is trace
+
+
+def test_trace_sees_a_replaced_module():
+    model = build("cifar:resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert by_name(trace(model, x))["linear"].width == 10
+    model.linear = nn.Linear(64, 200)
+    assert by_name(trace(model, x))["linear"].width == 200

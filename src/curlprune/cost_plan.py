@@ -13,7 +13,7 @@ positions a plan removes from one member slice ``(module, role)``. ``plan_cost``
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -169,21 +169,6 @@ def _fetch(gm: nn.Module, target: str) -> Any:
     return obj
 
 
-def removed_counts(groups: Iterable["ChannelGroup"], plan: "Plan") -> dict["SliceKey", int]:
-    """How many positions ``plan`` removes from each member slice ``(module, role)``."""
-    counts: dict[SliceKey, int] = {}
-    by_name = {g.name: g for g in groups}
-    for name, kept in plan.items():
-        group = by_name[name]
-        keep = set(kept)
-        gone = [i for i in range(group.width) if i not in keep]
-        if not gone:
-            continue
-        for m in group.members:
-            counts[(m.module, m.role)] = counts.get((m.module, m.role), 0) + sum(len(m.index[i]) for i in gone)
-    return counts
-
-
 def plan_cost(model: nn.Module, example_input: Any, groups: Sequence["ChannelGroup"], plan: "Plan") -> tuple[int, int]:
     """(MACs per sample, params) of ``apply(model, groups, plan)`` at ``example_input``'s size.
 
@@ -191,7 +176,8 @@ def plan_cost(model: nn.Module, example_input: Any, groups: Sequence["ChannelGro
     this many times (a MACs-target search) is cheap. Raises CurlpruneError for an invalid plan.
     """
     from curlprune.graph import analyse
-    from curlprune.surgery import validate_plan
+    from curlprune.surgery import removed_positions, validate_plan
 
     validate_plan(groups, plan)
-    return analyse(model, example_input).cost.total(removed_counts(groups, plan))
+    removed = {key: len(positions) for key, positions in removed_positions(groups, plan).items()}
+    return analyse(model, example_input).cost.total(removed)

@@ -27,7 +27,7 @@ import operator
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -35,6 +35,9 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from curlprune.errors import CurlpruneError
+
+if TYPE_CHECKING:
+    from curlprune.cost_plan import CostTable
 
 
 @dataclass(frozen=True)
@@ -741,11 +744,17 @@ def _fmt_index(item: Any) -> str:
 
 @dataclass
 class Analysis:
-    """Everything one trace knows: the graph, its shapes, the groups and the cost table."""
+    """Everything one trace knows.
+
+    gm:     the traced GraphModule; it shares the model's modules and its node names are the ones
+            in ``ChannelGroup.nodes`` (for partial evaluation, e.g. by the KL criterion).
+    groups: the channel groups (do not modify; ``trace`` returns copies).
+    cost:   the cost table behind ``plan_cost`` and the per-channel savings.
+    """
 
     gm: fx.GraphModule
     groups: list[ChannelGroup]
-    cost: Any  # curlprune.cost_plan.CostTable
+    cost: CostTable
 
 
 def _build_groups(an: _ChannelAnalysis) -> list[ChannelGroup]:
@@ -847,17 +856,17 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Analysis]]" = weakref.
 
 
 def analyse(model: nn.Module, example_input: Any) -> Analysis:
-    """Trace ``model`` and find its channel groups and cost table (cached per model and input shape).
+    """Trace ``model`` and find its channel groups and cost table.
 
-    The cache is keyed by the model object and the input shape; the analysis depends only on the
-    architecture, so retraining weights does not invalidate it (changing modules in place does).
+    Cached per model object, input shape and architecture fingerprint (module names, types and
+    settings), so new weights reuse the analysis and a replaced/resized module triggers a new one.
     """
     if not isinstance(model, nn.Module):
         raise CurlpruneError(f"expected a torch.nn.Module to trace, got {type(model).__name__}")
     from curlprune.cost_plan import build_cost_table
 
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    key = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
+    key = (tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in inputs), _fingerprint(model))
     cached = _CACHE.get(model, {})
     if key in cached:
         return cached[key]
@@ -873,6 +882,11 @@ def analyse(model: nn.Module, example_input: Any) -> Analysis:
     result = Analysis(gm, groups, cost)
     _CACHE.setdefault(model, {})[key] = result
     return result
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """What the analysis depends on besides the code: every module's name, type and settings."""
+    return tuple((name, type(m).__qualname__, m.extra_repr()) for name, m in model.named_modules())
 
 
 def trace(model: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:

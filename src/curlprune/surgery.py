@@ -162,14 +162,20 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.Gr
     for (name, role), positions in removed.items():
         by_module.setdefault(name, {})[role] = positions
     nodes = {n.name: n for n in gm.graph.nodes}
-    for name, roles in by_module.items():
-        if "param" in roles:
-            _slice_parameter(gm, name, roles["param"], groups)
-        elif any(r in roles for r in _MODULE_ROLES):
-            _slice_module(gm.get_submodule(name), roles)
-        else:
-            dim = next(m.dim for g in groups for m in g.node_members if m.module == name)
-            _shrink_pad(nodes[name], roles, dim)
+    try:
+        for name, roles in by_module.items():
+            if "param" in roles:
+                _slice_parameter(gm, name, roles["param"], groups)
+            elif any(r in roles for r in _MODULE_ROLES):
+                _slice_module(gm.get_submodule(name), roles)
+            else:
+                dim = next(m.dim for g in groups for m in g.node_members if m.module == name)
+                _shrink_pad(nodes[name], roles, dim)
+    except (AttributeError, KeyError, IndexError, RuntimeError) as exc:
+        raise CurlpruneError(
+            f"the groups do not fit this {type(model).__name__} ({type(exc).__name__}: {exc}); "
+            "trace this model and build the plan from its groups"
+        ) from None
     gm.recompile()
     return gm
 
