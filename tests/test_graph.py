@@ -264,3 +264,33 @@ def test_trace_sees_a_replaced_module():
     assert by_name(trace(model, x))["linear"].width == 10
     model.linear = nn.Linear(64, 200)
     assert by_name(trace(model, x))["linear"].width == 200
+
+
+class Blocked(nn.Module):
+    """conv -> ``op`` -> conv/linear: ``op`` decides whether the first conv's channels can go."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.head = nn.Linear(8 * 16, 4) if op == "constant_view" else nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.op == "constant_view":
+            return self.head(y.view(1, 8 * 16))
+        y = self.norm(y) if self.op == "group_norm" else F.softmax(y, dim=1) if self.op == "softmax" else F.softmax(y, dim=-1)
+        return self.head(y).flatten(1)
+
+
+@pytest.mark.parametrize("op,reason", [
+    ("constant_view", "reshape to a constant size 128 over channels at node view"),
+    ("group_norm", "normalised across channels by GroupNorm at norm"),
+    ("softmax", "normalised across channels by softmax at node softmax"),
+    ("spatial_softmax", ""),
+])
+def test_ops_that_block_pruning(op, reason):
+    groups = by_name(trace(Blocked(op).eval(), torch.randn(1, 3, 4, 4)))
+    assert groups["conv"].reason == reason
+    assert groups["conv"].prunable == (not reason)
