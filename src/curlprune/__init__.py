@@ -23,7 +23,7 @@ _API = {
     "apply": "curlprune.surgery",
     "validate_plan": "curlprune.surgery",
     "count": "curlprune.cost",
-    "plan_cost": "curlprune.cost",
+    "plan_cost": "curlprune.cost_plan",
     "save": "curlprune.checkpoint",
     "load": "curlprune.checkpoint",
     "export_onnx": "curlprune.checkpoint",
