@@ -15,19 +15,34 @@ a misspelt key is an error, not a silent default::
     distill: {epochs: 30}
     refine:  {epochs: 16}
 
-Each stage writes into ``<run_dir>/<stage>/`` and is skipped when its outputs are complete; a
-killed run resumes from the last completed epoch. The final model is ``<run_dir>/model.safetensors``
-and ``<run_dir>/summary.json`` states last and best test top-1, MACs and params.
+Run directory::
+
+    config.json          the resolved config (every setting of every stage)
+    log.jsonl            one line per stage that did work (stage, seconds)
+    prune/               the prune stage's outputs (scores, plan, checkpoint, report)
+    <train stage>/       metrics.jsonl (one line per epoch), state.safetensors (resumable state),
+                         model.safetensors + done.json (when finished), checkpoint.safetensors
+                         (architecture + plan + weights), student.json (what it started from)
+    model.safetensors    the final model (a curlprune checkpoint: ``curlprune.load`` / ``export``)
+    summary.json         accuracies (test top-1 in %), MACs and params, per stage and final
+
+Each stage is skipped when its outputs are complete; a killed run resumes from the last completed
+epoch. Under ``torchrun`` the training stages run on every process (DistributedDataParallel) and
+rank 0 alone prunes and writes the shared files while the other ranks wait.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import filecmp
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import yaml
 
@@ -36,14 +51,28 @@ from curlprune.errors import CurlpruneError
 TRAIN_STAGES = ("finetune", "distill", "refine")
 ALL_STAGES = ("prune",) + TRAIN_STAGES
 CHECKPOINT = "checkpoint.safetensors"
+STUDENT_RECORD = "student.json"
+IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed")
+# Rank 0 may prune for a long time while the other ranks wait in a collective.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
+
+T = TypeVar("T")
 
 
 @dataclass
 class RunConfig:
-    """The top level of a run config (stage sections are parsed into their own dataclasses)."""
+    """The top level of a run config (stage sections are parsed into their own dataclasses).
+
+    model:           registry name of the unpruned model (also the teacher), e.g. cifar:resnet56.
+    weights:         its weights (state-dict file or torchvision weight name).
+    num_classes:     classifier outputs when they differ from the model's default.
+    data:            "digits", or an ImageFolder directory / zip with train/ and test/.
+    train_per_class: train on a seeded class-balanced subset of this many images per class.
+    """
 
     model: str
     weights: str | None = None
+    num_classes: int | None = None
     data: str = "digits"
     run_dir: str = "runs/run"
     seed: int = 0
@@ -52,7 +81,8 @@ class RunConfig:
     sections: dict[str, Any] = field(default_factory=dict)
 
 
-def _stage_config_class(stage: str):
+# ----- config ---------------------------------------------------------------------------------
+def _stage_config_class(stage: str) -> type:
     if stage == "prune":
         from curlprune.prune import PruneConfig
 
@@ -70,8 +100,11 @@ def _stage_config_class(stage: str):
     return RefineConfig
 
 
-def _build_section(stage: str, values: dict[str, Any] | None, where: str, defaults: dict[str, Any]):
+def _build_section(stage: str, values: Any, where: str, defaults: dict[str, Any]) -> Any:
+    """The stage's config dataclass from its section; unknown keys are errors that list the valid ones."""
     cls = _stage_config_class(stage)
+    if values is not None and not isinstance(values, dict):
+        raise CurlpruneError(f"{where}: section '{stage}' must be a mapping of settings, e.g. {stage}: {{epochs: 10}}")
     values = dict(values or {})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -86,19 +119,47 @@ def _build_section(stage: str, values: dict[str, Any] | None, where: str, defaul
         raise CurlpruneError(f"{where}: bad value in section '{stage}': {exc}") from None
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Parse and check a YAML run config; ``overrides`` replace top-level keys (e.g. from the CLI)."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; a missing or malformed file is a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise CurlpruneError(f"config {path} does not exist: write one (see `curlprune run --help` for an example)")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise CurlpruneError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise CurlpruneError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
-        raise CurlpruneError(f"config {path} must be a mapping of keys to values")
+        raise CurlpruneError(f"config {path} must be a mapping of keys to values (model: ..., data: ..., stages: [...])")
+    return raw
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Parse and check a YAML run config; ``overrides`` replace top-level keys (e.g. from the CLI)."""
+    raw = read_config_file(path)
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return parse_config(raw, str(path))
+
+
+def _check_stages(stages: Any, where: str) -> list[str]:
+    if isinstance(stages, str) or not isinstance(stages, list) or not stages:
+        raise CurlpruneError(f"{where}: 'stages' must be a non-empty list, e.g. stages: [prune, distill, refine]")
+    bad = [s for s in stages if s not in ALL_STAGES]
+    if bad:
+        raise CurlpruneError(f"{where}: unknown stage '{bad[0]}'; stages are {', '.join(ALL_STAGES)}")
+    if len(set(stages)) != len(stages):
+        raise CurlpruneError(f"{where}: a stage is listed twice in {stages}: list each stage once")
+    if "prune" in stages[1:]:
+        raise CurlpruneError(f"{where}: 'prune' must be the first stage (got {stages})")
+    return [str(s) for s in stages]
+
+
+def _optional_int(raw: dict[str, Any], key: str, where: str) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CurlpruneError(f"{where}: '{key}' must be a positive whole number (got {value!r})")
+    return value
 
 
 def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
@@ -107,26 +168,49 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     unknown = sorted(set(raw) - top - set(ALL_STAGES))
     if unknown:
         raise CurlpruneError(f"{where}: unknown key '{unknown[0]}'; valid keys: {', '.join(sorted(top | set(ALL_STAGES)))}")
-    if "model" not in raw:
+    if not raw.get("model"):
         raise CurlpruneError(f"{where}: 'model' is missing (e.g. model: cifar:resnet56)")
-    stages = list(raw.get("stages", ["prune", "distill", "refine"]))
-    bad = [s for s in stages if s not in ALL_STAGES]
-    if bad:
-        raise CurlpruneError(f"{where}: unknown stage '{bad[0]}'; stages are {', '.join(ALL_STAGES)}")
-    seed = int(raw.get("seed", 0))
+    stages = _check_stages(raw.get("stages", ["prune", "distill", "refine"]), where)
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CurlpruneError(f"{where}: 'seed' must be a whole number (got {seed!r})")
     sections = {s: _build_section(s, raw.get(s), where, {"seed": seed}) for s in ALL_STAGES if s in stages or s in raw}
     return RunConfig(
         model=str(raw["model"]),
-        weights=raw.get("weights"),
+        weights=None if raw.get("weights") is None else str(raw["weights"]),
+        num_classes=_optional_int(raw, "num_classes", where),
         data=str(raw.get("data", "digits")),
         run_dir=str(raw.get("run_dir", "runs/run")),
         seed=seed,
-        train_per_class=raw.get("train_per_class"),
+        train_per_class=_optional_int(raw, "train_per_class", where),
         stages=stages,
         sections=sections,
     )
 
 
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain JSON-able values (what ``config.json`` holds)."""
+    top = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "sections"}
+    top.update({name: dataclasses.asdict(section) for name, section in cfg.sections.items()})
+    return top
+
+
+def check_same_run(previous: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
+    """A run directory belongs to one model, data and seed; its stage list may only grow or shrink at the end."""
+    differ = [f"{k}={previous.get(k)!r} (now {current.get(k)!r})" for k in IDENTITY_KEYS if previous.get(k) != current.get(k)]
+    if differ:
+        raise CurlpruneError(
+            f"{run_dir} holds a run with different settings: {', '.join(differ)}; use another run_dir (--out) or delete {run_dir}"
+        )
+    old, new = list(previous.get("stages", [])), list(current["stages"])
+    shared = min(len(old), len(new))
+    if old[:shared] != new[:shared]:
+        raise CurlpruneError(
+            f"{run_dir} holds a run with stages {old}, not a prefix or extension of {new}: use another run_dir (--out) or delete {run_dir}"
+        )
+
+
+# ----- data -----------------------------------------------------------------------------------
 def load_data(source: str, train_per_class: int | None, seed: int) -> dict[str, Any]:
     """``{"train", "test"}`` uint8 datasets from "digits", an ImageFolder directory or a zip."""
     from curlprune import data
@@ -135,22 +219,106 @@ def load_data(source: str, train_per_class: int | None, seed: int) -> dict[str, 
         splits = data.load_digits_dataset(seed=seed)
     else:
         splits = data.load_image_folder(source)
-    if "train" not in splits:
-        raise CurlpruneError(f"data {source} has no 'train' split: lay it out as train/<class>/<image> (and test/<class>/<image>)")
+    missing = [split for split in ("train", "test") if split not in splits]
+    if missing:
+        raise CurlpruneError(f"data {source} has no '{missing[0]}' split: lay it out as train/<class>/<image> and test/<class>/<image>")
     if train_per_class:
         splits = dict(splits)
         splits["train"] = data.class_balanced_subset(splits["train"], int(train_per_class), seed)
     return splits
 
 
-class Run:
-    """Executes the stages of a :class:`RunConfig` in order, skipping finished ones."""
+# ----- several processes ----------------------------------------------------------------------
+def on_main(ctx: Any, work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 only while the other ranks wait; every rank gets its (JSON-like)
+    result, or raises its error, so a failure on rank 0 never leaves the others waiting."""
+    if not ctx.enabled:
+        return work()
+    from curlprune.recover import dist
 
-    def __init__(self, cfg: RunConfig) -> None:
+    outcome: dict[str, Any] = {}
+    failure: BaseException | None = None
+    if ctx.is_main:
+        try:
+            outcome = {"value": work()}
+        except CurlpruneError as exc:
+            outcome, failure = {"error": str(exc)}, exc
+        except BaseException as exc:  # tell the others, then fail loudly here
+            outcome, failure = {"error": f"rank 0 failed ({type(exc).__name__}: {exc}); see its traceback"}, exc
+    shared = dist.all_gather_object(ctx, outcome)[0]
+    if failure is not None:
+        raise failure
+    if "error" in shared:
+        raise CurlpruneError(shared["error"])
+    return shared["value"]
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Write a text file atomically unless it already holds exactly ``text`` (reruns rewrite nothing)."""
+    from curlprune.checkpoint import atomic_write_text
+
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_text(path, text)
+
+
+def copy_if_changed(source: Path, target: Path) -> None:
+    """Copy a file atomically unless ``target`` already has the same bytes."""
+    from curlprune.checkpoint import atomic_write
+
+    if not target.is_file() or not filecmp.cmp(source, target, shallow=False):
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def log_event(run_dir: Path, event: dict[str, Any]) -> None:
+    """Append one JSON line to ``<run_dir>/log.jsonl``."""
+    with open(run_dir / "log.jsonl", "a") as fh:
+        fh.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+
+
+# ----- the run --------------------------------------------------------------------------------
+@dataclass
+class Student:
+    """The model a stage starts from, with what is needed to save it as a curlprune checkpoint."""
+
+    model: Any
+    model_ref: dict[str, Any]
+    plan: dict[str, list[int]]
+    input_shape: list[int]
+    extra: dict[str, Any]
+    source: str  # "unpruned" or the checkpoint it was loaded from
+    digest: str | None  # SHA-256 of that checkpoint
+
+    @classmethod
+    def from_checkpoint(cls, path: Path) -> "Student":
+        from curlprune import checkpoint
+
+        meta = checkpoint.read_metadata(path)
+        return cls(checkpoint.load(path), meta["model_ref"], meta["plan"], meta["input_shape"], meta["extra"], str(path), file_digest(path))
+
+
+class Run:
+    """Executes the stages of a :class:`RunConfig` in order, skipping finished ones.
+
+    ``student``: a curlprune checkpoint the first training stage starts from (for runs without a
+    prune stage); by default such runs start from the unpruned model.
+    """
+
+    def __init__(self, cfg: RunConfig, student: str | Path | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        self.student_path = Path(student) if student else None
         self._data: dict[str, Any] | None = None
         self._teacher = None
+        self.ctx = None
 
     # ----- shared inputs -------------------------------------------------------------------
     @property
@@ -163,120 +331,208 @@ class Run:
     def spec(self):
         from curlprune.models import input_spec
 
-        return input_spec(self.cfg.model)
+        return input_spec(self.cfg.model, self.cfg.weights, self.cfg.num_classes)
+
+    @property
+    def model_ref(self) -> dict[str, Any]:
+        kwargs = {"num_classes": self.cfg.num_classes} if self.cfg.num_classes else {}
+        return {"name": self.cfg.model, "kwargs": kwargs}
+
+    def build_unpruned(self):
+        from curlprune.models import build
+
+        return build(self.cfg.model, weights=self.cfg.weights, num_classes=self.cfg.num_classes).eval()
 
     @property
     def teacher(self):
         if self._teacher is None:
-            from curlprune.models import build
-
-            self._teacher = build(self.cfg.model, weights=self.cfg.weights).eval()
+            self._teacher = self.build_unpruned()
         return self._teacher
+
+    @property
+    def example_input(self):
+        import torch
+
+        spec = self.spec
+        return torch.zeros(1, spec.channels, spec.size, spec.size)
 
     def checkpoint_of(self, stage: str) -> Path:
         return self.run_dir / stage / CHECKPOINT
 
+    def _process_device(self) -> str:
+        """The device setting of the first training stage decides the process group's backend."""
+        for stage in self.cfg.stages:
+            if stage in TRAIN_STAGES:
+                return self.cfg.sections[stage].device
+        return "auto"
+
     # ----- stages --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from curlprune.checkpoint import atomic_write_text
+        """Run (or skip, or resume) every stage; return the summary (also in ``summary.json``)."""
+        from curlprune.cost import count
+        from curlprune.recover.dist import init_distributed
+        from curlprune.recover.loop import check_classes
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.json", json.dumps(config_to_dict(self.cfg), indent=2))
-        student_ckpt: Path | None = None
+        import torch
+
+        if self.student_path is not None and "prune" in self.cfg.stages:
+            raise CurlpruneError("a starting student cannot be combined with a prune stage: drop --student or the prune stage")
+        if self.student_path is not None and not self.student_path.is_file():
+            raise CurlpruneError(f"student checkpoint {self.student_path} does not exist: pass a curlprune checkpoint (e.g. <run_dir>/model.safetensors)")
+        self.ctx = init_distributed(self._process_device(), timeout=PROCESS_GROUP_TIMEOUT)
+        check_classes("teacher", self.teacher, self.data, self.spec, torch.device("cpu"), channels_last=False)
+        self.base_cost = count(self.teacher, self.example_input)
+        on_main(self.ctx, self._claim_run_dir)
+        student = self.initial_student()
         results: dict[str, Any] = {}
         for stage in self.cfg.stages:
-            started = time.time()
             if stage == "prune":
-                student_ckpt = self.prune()
+                student, results[stage] = self.prune()
             else:
-                student_ckpt, results[stage] = self.train(stage, student_ckpt)
-            log_event(self.run_dir, {"stage": stage, "seconds": round(time.time() - started, 2)})
-        return self.summarize(student_ckpt, results)
+                student, results[stage] = self.train(stage, student)
+        return self.summarize(results)
 
-    def prune(self) -> Path:
+    def _claim_run_dir(self) -> None:
+        current = config_to_dict(self.cfg)
+        config_file = self.run_dir / "config.json"
+        if config_file.is_file():
+            try:
+                previous = json.loads(config_file.read_text())
+            except json.JSONDecodeError:
+                raise CurlpruneError(f"{config_file} is damaged: delete it (the stages check their own settings)") from None
+            check_same_run(previous, current, self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_if_changed(config_file, json.dumps(current, indent=2) + "\n")
+
+    def initial_student(self) -> Student | None:
+        """What the first training stage starts from when there is no prune stage before it."""
+        if "prune" in self.cfg.stages:
+            return None
+        if self.student_path is not None:
+            return Student.from_checkpoint(self.student_path)
+        return Student(self.build_unpruned(), self.model_ref, {}, list(self.example_input.shape), {}, "unpruned", None)
+
+    def prune(self) -> tuple[Student, dict[str, Any]]:
+        """Rank 0 prunes (or finds the finished prune stage); every rank then loads its checkpoint."""
+        path = on_main(self.ctx, self._run_prune)
+        student = Student.from_checkpoint(Path(path))
+        return student, {"checkpoint": path}
+
+    def _run_prune(self) -> str:
         from curlprune.prune import run_prune
 
         out = self.run_dir / "prune"
+        started = time.time()
         result = run_prune(self.cfg.sections["prune"], out, resume=True, model_name=self.cfg.model,
                            weights=self.cfg.weights, data=self.data)
-        return Path(result.checkpoint)
+        log_event(self.run_dir, {"stage": "prune", "seconds": round(time.time() - started, 2)})
+        return str(result.checkpoint)
 
-    def train(self, stage: str, student_ckpt: Path | None) -> tuple[Path, dict[str, Any]]:
+    def train(self, stage: str, student: Student) -> tuple[Student, dict[str, Any]]:
+        """Run one training stage on every rank; rank 0 saves its checkpoint."""
         from curlprune import checkpoint
         from curlprune.recover.distill import distill
         from curlprune.recover.finetune import finetune
         from curlprune.recover.refine import refine
 
-        if student_ckpt is None:  # no prune stage in this run: start from the unpruned weights
-            checkpoint.save(self.run_dir / "start" / CHECKPOINT, {"name": self.cfg.model, "kwargs": {}}, {},
-                            self.teacher.state_dict())
-            student_ckpt = self.run_dir / "start" / CHECKPOINT
-        meta = checkpoint.read_metadata(student_ckpt)
-        student = checkpoint.load(student_ckpt)
+        stage_dir = self.run_dir / stage
+        on_main(self.ctx, lambda: self._check_student_record(stage_dir, student))
+        was_done = (stage_dir / "done.json").is_file()
         cfg = self.cfg.sections[stage]
         if stage == "finetune":
-            result = finetune(student, self.data, self.spec, cfg, self.run_dir, stage=stage)
+            result = finetune(student.model, self.data, self.spec, cfg, self.run_dir, stage=stage)
         elif stage == "distill":
-            result = distill(student, self.teacher, self.data, self.spec, cfg, self.run_dir, stage=stage)
+            result = distill(student.model, self.teacher, self.data, self.spec, cfg, self.run_dir, stage=stage)
         else:
-            result = refine(student, self.teacher, self.data, self.spec, cfg, self.run_dir, stage=stage)
+            result = refine(student.model, self.teacher, self.data, self.spec, cfg, self.run_dir, stage=stage)
+        extra = {**student.extra, f"{stage}_last_top1": result.last_top1, f"{stage}_best_top1": result.best_top1}
         out = self.checkpoint_of(stage)
-        extra = {**meta["extra"], f"{stage}_last_top1": result.last_top1, f"{stage}_best_top1": result.best_top1}
-        checkpoint.save(out, meta["model_ref"], meta["plan"], result.model.state_dict(), input_shape=meta["input_shape"], extra=extra)
-        return out, {"last_top1": result.last_top1, "best_top1": result.best_top1, "epochs": result.epochs,
-                     "seconds": round(result.seconds, 1)}
 
-    def summarize(self, final_ckpt: Path | None, results: dict[str, Any]) -> dict[str, Any]:
-        import shutil
+        def save() -> str:
+            if not out.is_file():
+                checkpoint.save(out, student.model_ref, student.plan, result.model.state_dict(),
+                                input_shape=student.input_shape, extra=extra)
+            if not was_done:
+                log_event(self.run_dir, {"stage": stage, "seconds": round(result.seconds, 2)})
+            return file_digest(out)
 
-        import torch
+        digest = on_main(self.ctx, save)
+        trained = Student(result.model, student.model_ref, student.plan, student.input_shape, extra, str(out), digest)
+        record = {"epochs": result.epochs, "last_top1": result.last_top1, "best_top1": result.best_top1,
+                  "seconds": round(result.seconds, 1), "checkpoint": str(out)}
+        return trained, record
 
+    def _check_student_record(self, stage_dir: Path, student: Student) -> None:
+        """A stage resumes or is skipped only if it started from the same student as now."""
+        record = {"source": student.source, "sha256": student.digest}
+        path = stage_dir / STUDENT_RECORD
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            if previous.get("sha256") != record["sha256"]:
+                raise CurlpruneError(
+                    f"{stage_dir} was started from another student ({previous.get('source')}, now {student.source}): "
+                    f"delete {stage_dir} to run the stage again from the new one"
+                )
+            return
+        write_if_changed(path, json.dumps(record, indent=2) + "\n")
+
+    def summarize(self, results: dict[str, Any]) -> dict[str, Any]:
+        """Final accuracies, MACs and params; rank 0 writes ``model.safetensors`` and ``summary.json``."""
         from curlprune import checkpoint
-        from curlprune.checkpoint import atomic_write, atomic_write_text
         from curlprune.cost import count
 
-        summary: dict[str, Any] = {"model": self.cfg.model, "stages": results}
-        if final_ckpt is not None:
-            meta = checkpoint.read_metadata(final_ckpt)
-            x = torch.zeros(meta["input_shape"])
-            macs, params = count(checkpoint.load(final_ckpt), x)
-            base_macs, base_params = count(self.teacher, x)
-            summary.update(macs=macs, params=params, macs_ratio=macs / base_macs, params_ratio=params / base_params)
-            atomic_write(self.run_dir / "model.safetensors", lambda tmp: shutil.copyfile(final_ckpt, tmp))
-            summary["checkpoint"] = str(self.run_dir / "model.safetensors")
-            if results:
-                last = results[list(results)[-1]]
-                summary.update(last_top1=last["last_top1"], best_top1=max(r["best_top1"] for r in results.values()))
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        final = Path(results[self.cfg.stages[-1]]["checkpoint"])
+        macs, params = count(checkpoint.load(final), self.example_input)
+        base_macs, base_params = self.base_cost
+        summary: dict[str, Any] = {
+            "model": self.cfg.model,
+            "stages": results,
+            "macs": macs,
+            "params": params,
+            "base_macs": base_macs,
+            "base_params": base_params,
+            "macs_ratio": macs / base_macs,
+            "params_ratio": params / base_params,
+            "checkpoint": str(self.run_dir / "model.safetensors"),
+        }
+        trained = [r for r in results.values() if "last_top1" in r]
+        if trained:
+            summary.update(last_top1=trained[-1]["last_top1"], best_top1=max(r["best_top1"] for r in trained))
+
+        def write() -> None:
+            copy_if_changed(final, self.run_dir / "model.safetensors")
+            write_if_changed(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+        on_main(self.ctx, write)
         return summary
 
 
-def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    top = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "sections"}
-    top.update({name: dataclasses.asdict(section) for name, section in cfg.sections.items()})
-    return top
-
-
-def log_event(run_dir: Path, event: dict[str, Any]) -> None:
-    """Append one JSON line to ``<run_dir>/log.jsonl``."""
-    with open(run_dir / "log.jsonl", "a") as fh:
-        fh.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
-
-
 def print_summary(summary: dict[str, Any]) -> None:
+    """The per-stage table and the final model's cost, on the console."""
     from rich.table import Table
 
     from curlprune.report import console, human
 
-    table = Table(title=f"run summary: {summary['model']}")
+    table = Table(title=f"run summary: {summary['model']} (test top-1)")
     for col in ("stage", "epochs", "last top-1", "best top-1", "seconds"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for stage, r in summary["stages"].items():
-        table.add_row(stage, str(r["epochs"]), f"{r['last_top1']:.2f}%", f"{r['best_top1']:.2f}%", f"{r['seconds']:.0f}")
+        if "last_top1" in r:
+            table.add_row(stage, str(r["epochs"]), f"{r['last_top1']:.2f}%", f"{r['best_top1']:.2f}%", f"{r['seconds']:.0f}")
     console.print(table)
-    if "macs" in summary:
-        console.print(f"final model: {human(summary['macs'])} MACs ({100 * summary['macs_ratio']:.1f}%), "
-                      f"{human(summary['params'])} params ({100 * summary['params_ratio']:.1f}%) -> {summary['checkpoint']}")
+    console.print(f"final model: {human(summary['macs'])} MACs ({100 * summary['macs_ratio']:.1f}%), "
+                  f"{human(summary['params'])} params ({100 * summary['params_ratio']:.1f}%) -> {summary['checkpoint']}")
+
+
+def is_main_process() -> bool:
+    """True in a plain process and on rank 0 under torchrun (the one that prints)."""
+    import os
+
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 # ----- CLI ------------------------------------------------------------------------------------
@@ -302,39 +558,27 @@ Several processes: torchrun --nproc_per_node=2 -m curlprune.cli run config.yaml
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, {"run_dir": args.out})
     summary = Run(cfg).run()
-    print_summary(summary)
+    if is_main_process():
+        print_summary(summary)
     return 0
 
 
-def _single_stage(stage: str):
+def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        raw: dict[str, Any] = {"model": args.model, "weights": args.weights, "data": args.data, "run_dir": args.out,
-                               "seed": args.seed, "train_per_class": args.train_per_class, "stages": [stage]}
-        if args.config:
-            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-            raw = {**loaded, **{k: v for k, v in raw.items() if v is not None}}
-            raw["stages"] = [stage]
+        given = {"model": args.model, "weights": args.weights, "data": args.data, "run_dir": args.out,
+                 "seed": args.seed, "train_per_class": args.train_per_class}
+        raw = read_config_file(args.config) if args.config else {}
+        raw.update({k: v for k, v in given.items() if v is not None})
+        raw["stages"] = [stage]
         section = dict(raw.get(stage) or {})
-        for key in ("epochs", "lr", "batch_size"):
-            if getattr(args, key) is not None:
-                section[key] = getattr(args, key)
+        section.update({key: getattr(args, key) for key in ("epochs", "lr", "batch_size") if getattr(args, key) is not None})
         raw[stage] = section
-        cfg = parse_config({k: v for k, v in raw.items() if v is not None}, args.config or "command line")
-        runner = Run(cfg)
-        if args.student:
-            summary = runner.summarize(*_train_from(runner, stage, Path(args.student)))
-        else:
-            summary = runner.run()
-        print_summary(summary)
+        summary = Run(parse_config(raw, args.config or "command line"), student=args.student).run()
+        if is_main_process():
+            print_summary(summary)
         return 0
 
     return command
-
-
-def _train_from(runner: Run, stage: str, student: Path):
-    runner.run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt, result = runner.train(stage, student)
-    return ckpt, {stage: result}
 
 
 def register(subparsers, formatter) -> None:
@@ -351,7 +595,7 @@ def register(subparsers, formatter) -> None:
     for stage, text in helps.items():
         p = subparsers.add_parser(stage, help=text, formatter_class=formatter,
                                   description=f"{text[0].upper()}{text[1:]}. Settings come from --config (section '{stage}') "
-                                              "and the options below (options win).")
+                                              "and the options below (options win). Resumable like `curlprune run`.")
         p.add_argument("--config", default=None, help="YAML run config to take model, data and the stage section from")
         p.add_argument("--student", default=None, help="curlprune checkpoint to train (e.g. runs/r56/model.safetensors); default: the unpruned model")
         p.add_argument("--model", default=None, help="registry name of the unpruned model (the teacher), e.g. cifar:resnet56")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
@@ -60,8 +61,11 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return resolved
 
 
-def init_distributed(device: str = "auto") -> DistContext:
-    """Join the torchrun process group when there is one (idempotent), and pick the device."""
+def init_distributed(device: str = "auto", timeout: timedelta | None = None) -> DistContext:
+    """Join the torchrun process group when there is one (idempotent), and pick the device.
+
+    ``timeout`` bounds every collective (torch's default when None); the first call sets it.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
@@ -71,7 +75,7 @@ def init_distributed(device: str = "auto") -> DistContext:
         torch.cuda.set_device(resolved)
     if not torch_dist.is_initialized():
         backend = "nccl" if resolved.type == "cuda" else "gloo"
-        torch_dist.init_process_group(backend=backend, init_method="env://")
+        torch_dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     return DistContext(
         rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), local_rank=local_rank, device=resolved
     )
