@@ -26,6 +26,17 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 needs_shared = pytest.mark.skipif(not (SHARED / "models").is_dir(), reason=f"{SHARED} (published checkpoints, CIFAR-10 JPEG) is absent")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: when other processes share the two cores, OpenMP spin-waits make two
+    threads 2-7x slower on these small convs (ResNet-56 on 10k images here: 45-65 s on one thread,
+    80-130 s on two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def cifar_test_split():
     zip_path = SHARED / "data" / "cifar10-jpeg.zip"
@@ -186,17 +197,7 @@ def test_model_ref_round_trip_builds_the_same_architecture():
 # ----------------------------------------------------------------------------- digits demo model
 
 
-@pytest.fixture
-def one_thread():
-    """Batches of 64 8x8 images gain nothing from a second intra-op thread, and lose a lot
-    (OpenMP spin-waits) when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_digits_model_trains_to_95_percent(one_thread):
+def test_digits_model_trains_to_95_percent():
     start = time.perf_counter()
     model = train_digits_model(seed=0)
     seconds = time.perf_counter() - start
