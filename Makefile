@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean coverage-table
+.PHONY: install test demo clean docs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/curlprune demo
 
-coverage-table: $(STAMP)
+docs: $(STAMP)  ## regenerate the generated tables in docs/
 	$(PY) scripts/coverage_table.py > docs/coverage.md
+	$(PY) scripts/macs_table.py > docs/macs.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
