@@ -1,0 +1,82 @@
+"""First-order Taylor importance (Molchanov et al., ICLR 2017) on the same channel groups.
+
+For every producing activation ``a`` of a group (the output of each member with role ``"out"``)
+and every image n: ``t_n = |sum_{h,w} a * dL/da|`` at the channel, with L the cross-entropy of
+that image's own label. The score is ``mean_n sum_producers t_n``: the first-order estimate of
+the loss change when the producer's output channel is zeroed.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curlprune.criteria import Scores, per_channel, prunable, submodule
+from curlprune.graph import ChannelGroup
+
+
+def taylor_scores(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 64,
+) -> Scores:
+    """Mean over images of |sum a * dL/da| per channel, summed over each group's producers."""
+    producers = _producers(model, groups)
+    totals = {name: torch.zeros(module_width, dtype=torch.float64) for name, (_, module_width) in producers.items()}
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(_capture(name, captured))
+        for name, (module, _) in producers.items()
+    ]
+    try:
+        for start in range(0, len(images), batch_size):
+            captured.clear()
+            x = images[start : start + batch_size].detach().requires_grad_(True)  # also when weights are frozen
+            y = labels[start : start + batch_size]
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(x), y, reduction="sum")  # per-image gradients stay separate
+                names = list(captured)
+                grads = torch.autograd.grad(loss, [captured[n] for n in names], allow_unused=True)
+            for name, grad in zip(names, grads):
+                if grad is None:
+                    continue
+                act = captured[name]
+                contribution = (act * grad).flatten(2).sum(2) if act.dim() > 2 else act * grad
+                totals[name] += contribution.abs().sum(0).double()
+    finally:
+        for handle in handles:
+            handle.remove()
+    scores: Scores = {}
+    for g in prunable(groups):
+        total = np.zeros(g.width, dtype=np.float64)
+        for member in g.members:
+            if member.role == "out" and member.module in totals:
+                total += per_channel(totals[member.module], g, member.index)
+        scores[g.name] = total / len(images)
+    return scores
+
+
+def _producers(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, tuple[nn.Module, int]]:
+    """Modules producing channels of a prunable group -> (module, output channels)."""
+    found: dict[str, tuple[nn.Module, int]] = {}
+    for g in prunable(groups):
+        for member in g.members:
+            module = submodule(model, member.module)
+            if member.role == "out" and module is not None and getattr(module, "weight", None) is not None:
+                found[member.module] = (module, module.weight.shape[member.dim])
+    return found
+
+
+def _capture(name: str, store: dict[str, torch.Tensor]):
+    """A forward hook keeping the module's output (which requires grad) under ``name``."""
+
+    def hook(module: nn.Module, args, output: torch.Tensor) -> None:
+        if output.requires_grad:
+            store[name] = output
+
+    return hook
