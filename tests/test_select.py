@@ -167,3 +167,51 @@ def test_default_protect_is_the_classifier_stream_of_torchvision_resnets():
     assert default_protect("torchvision:resnet18", model, [inner, stream]) == ["layer4.0.conv2"]
     assert default_protect("torchvision:mobilenet_v2", model, [inner, stream]) == []
     assert default_protect("cifar:resnet56", model, [inner, stream]) == []
+
+
+# ---------------------------------------------------------------------------------- real models
+
+
+def _model_selection(name: str, weights: str | None, fraction: float, criterion: str):
+    from curlprune.criteria import compute_scores
+    from curlprune.graph import trace
+    from curlprune.models import build, input_spec
+    from curlprune.select import model_cost_fn
+
+    model = build(name, weights=weights).eval()
+    spec = input_spec(name)
+    x = torch.zeros(1, spec.channels, spec.size, spec.size)
+    groups = trace(model, x)
+    scores = compute_scores(criterion, model, groups, seed=0)
+    protect = default_protect(name, model, groups)
+    sel = select(groups, scores, model_cost_fn(model, x, groups), Target("macs", fraction), protect=protect)
+    return model, groups, x, sel, protect
+
+
+def _check_selection(model, groups, x, sel, fraction):
+    from curlprune.cost import count
+    from curlprune.surgery import apply
+
+    assert fraction * 0.99 * sel.full_macs <= sel.macs <= fraction * sel.full_macs
+    macs, params = count(apply(model, groups, sel.plan), x)
+    assert (macs, params) == (sel.macs, sel.params)  # the analytic cost is the sliced model's
+    for g in groups:
+        kept = len(sel.plan.get(g.name, range(g.width)))
+        assert kept >= math.ceil(0.3 * g.width) - 1  # CURL's floor, checked before each removal
+
+
+@pytest.mark.skipif(not (SHARED / "models" / "resnet56-4bfd9763.th").exists(), reason="needs ../shared (published ResNet-56)")
+def test_resnet56_published_to_half_the_macs():
+    model, groups, x, sel, protect = _model_selection("cifar:resnet56", str(SHARED / "models" / "resnet56-4bfd9763.th"), 0.5, "l1")
+    assert protect == []
+    _check_selection(model, groups, x, sel, 0.5)
+    assert sel.full_macs == pytest.approx(125e6, rel=0.01)
+
+
+def test_resnet50_to_27_percent_keeps_the_classifier_stream():
+    model, groups, x, sel, protect = _model_selection("torchvision:resnet50", None, 0.27, "random")
+    stream = next(g for g in groups if any(m.module == "fc" and m.role == "in" for m in g.members))
+    assert protect == [stream.name] and stream.width == 2048
+    assert stream.name not in sel.plan
+    _check_selection(model, groups, x, sel, 0.27)
+    assert sel.full_macs == pytest.approx(4.09e9, rel=0.01)

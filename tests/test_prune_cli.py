@@ -1,0 +1,196 @@
+"""`curlprune prune` end to end: real digits (and the published ResNet-20 on CIFAR-10 when
+../shared is there); outputs, a loadable checkpoint equal to the sliced model, --resume reusing
+scores, and one-line errors that leave --out untouched."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from curlprune import checkpoint
+from curlprune.cli import main
+from curlprune.graph import trace
+from curlprune.models import build
+from curlprune.prune import PruneConfig, read_scores, run_prune
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MODEL = "small:resnet-digits"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads are very slow here
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """The digits ResNet trained on the real digits for a few seconds, as a state-dict file."""
+    from curlprune.models.small import train_digits_model
+
+    path = tmp_path_factory.mktemp("digits") / "digits.pt"
+    torch.save(train_digits_model(seed=0, epochs=15).state_dict(), path)
+    return path
+
+
+def _prune(out: Path, weights: Path, *extra: str) -> int:
+    return main(["prune", "--model", MODEL, "--weights", str(weights), "--data", "digits", "--target-macs", "0.5",
+                 "--calib", "64", "--out", str(out), *extra])
+
+
+def _events(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def kl_run(tmp_path_factory, weights) -> Path:
+    out = tmp_path_factory.mktemp("kl") / "run"
+    assert _prune(out, weights, "--criterion", "kl") == 0
+    return out
+
+
+def test_kl_prune_writes_every_output_and_a_faithful_checkpoint(kl_run, weights, capsys):
+    out = kl_run
+    for name in ("scores.npz", "plan.json", "model.safetensors", "report.json", "log.jsonl", "done.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    sel = report["selection"]
+    assert 0.99 * 0.5 <= sel["macs_ratio"] <= 0.5
+    assert report["accuracy"]["test_images"] == 360
+    assert report["accuracy"]["top1_before"] > 80.0  # the trained digits model on the real test digits
+    assert report["accuracy"]["top1_after"] is not None
+    plan = json.loads((out / "plan.json").read_text())
+    assert checkpoint.read_metadata(out / "model.safetensors")["plan"] == plan
+    # the saved model is the original sliced by the plan: same outputs as apply() and as mask()
+    from curlprune.surgery import apply, mask
+
+    model = build(MODEL, weights=str(weights)).eval()
+    groups = trace(model, torch.zeros(1, 1, 8, 8))
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    loaded = checkpoint.load(out / "model.safetensors")
+    with torch.no_grad():
+        expected = apply(model, groups, plan)(x)
+        assert torch.allclose(loaded(x), expected, atol=1e-5)
+        with mask(model, groups, plan):
+            assert torch.allclose(model(x), expected, atol=1e-4)
+    scores, fingerprint = read_scores(out / "scores.npz")
+    assert set(scores) == {g.name for g in groups if g.prunable}
+    assert fingerprint["criterion"] == "kl" and fingerprint["calib"] == 64
+    assert [e["event"] for e in _events(out)] == ["scores", "selection", "eval", "done"]
+    assert _events(out)[0]["source"] == "computed"
+
+
+def test_resume_reuses_scores_and_a_finished_run_is_left_alone(kl_run, weights, tmp_path, capsys):
+    out = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(kl_run, out)
+    before = _snapshot(out)
+    assert _prune(out, weights, "--criterion", "kl", "--resume") == 0  # same settings: nothing to do
+    assert "already holds this finished run" in " ".join(capsys.readouterr().out.split())
+    assert _snapshot(out) == before
+    # a new target reuses the scores (no recomputation: the file is untouched, the log says so)
+    assert main(["prune", "--model", MODEL, "--weights", str(weights), "--data", "digits", "--target-macs", "0.7",
+                 "--calib", "64", "--criterion", "kl", "--out", str(out), "--resume"]) == 0
+    assert _snapshot(out)["scores.npz"] == before["scores.npz"]
+    assert _events(out)[-4]["event"] == "scores" and _events(out)[-4]["source"] == "reused"
+    assert 0.69 <= json.loads((out / "report.json").read_text())["selection"]["macs_ratio"] <= 0.7
+
+
+def test_resume_with_other_settings_is_an_error(kl_run, weights, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(kl_run, out)
+    assert _prune(out, weights, "--criterion", "kl", "--calib", "32", "--resume") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calib" in err[0] and "delete it" in err[0]
+
+
+def test_data_free_criterion_and_random_weights(tmp_path):
+    out = tmp_path / "l1"
+    assert main(["prune", "--model", MODEL, "--target-params", "0.6", "--criterion", "l1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy"]["test_images"] == 0
+    assert 0.99 * 0.6 <= report["selection"]["params_ratio"] <= 0.6
+    kept = json.loads((out / "plan.json").read_text())
+    assert all(len(v) >= 1 for v in kept.values())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--target-macs", "0.01", "--criterion", "l1"], "smallest reachable macs is"),
+        (["--target-macs", "0.5", "--criterion", "entropy"], "unknown criterion 'entropy'"),
+        (["--target-macs", "0.5", "--criterion", "kl"], "needs data"),
+        (["--target-macs", "half", "--criterion", "l1"], "is not a number"),
+        (["--target-macs", "0.5", "--criterion", "l1", "--protect", "layer9*"], "matches no prunable group"),
+        (["--target-macs", "0.5", "--criterion", "kl", "--data", "no/such/folder"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main(["prune", "--model", MODEL, "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("curlprune: error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_existing_run_without_resume_is_an_error(kl_run, weights, capsys):
+    before = _snapshot(kl_run)
+    assert _prune(kl_run, weights, "--criterion", "l1") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert _snapshot(kl_run) == before
+
+
+def test_help_explains_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--model", "--weights", "--data", "--target-macs", "--target-params", "--criterion", "--calib", "--seed",
+                   "--floor", "--protect", "--round-to", "--eval-limit", "--out", "--resume", "--normalize"):
+        assert option in text
+    for default in ("(default: 256)", "(default: 0.3)", "(default: kl)", "(default: all)", "(default: random init)"):
+        assert default in text
+    assert "None" not in text
+
+
+def test_run_prune_api_for_the_pipeline(weights, tmp_path):
+    """The pipeline's call: a config dataclass, loaded splits, resume=True; a rerun returns at once."""
+    from curlprune.data import load_digits_dataset
+
+    splits = load_digits_dataset(seed=0)
+    config = PruneConfig(criterion="kl-approx", target_macs=0.5, calib=64)
+    first = run_prune(config, tmp_path / "p", resume=True, model_name=MODEL, weights=str(weights), data=splits, show=False)
+    assert first.checkpoint == tmp_path / "p" / "model.safetensors" and not first.already_done
+    again = run_prune(config, tmp_path / "p", resume=True, model_name=MODEL, weights=str(weights), data=splits, show=False)
+    assert again.already_done and again.plan == first.plan
+
+
+@pytest.mark.skipif(not (SHARED / "models" / "resnet20-12fca82f.th").exists(), reason="needs ../shared (CIFAR-10 JPEG zip, published ResNet-20)")
+def test_published_resnet20_on_cifar10(tmp_path, capsys):
+    out = tmp_path / "r20"
+    argv = ["prune", "--model", "cifar:resnet20", "--weights", str(SHARED / "models" / "resnet20-12fca82f.th"),
+            "--data", str(SHARED / "data" / "cifar10-jpeg.zip"), "--target-macs", "0.5", "--criterion", "kl",
+            "--calib", "64", "--eval-limit", "500", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert 0.495 <= report["selection"]["macs_ratio"] <= 0.5
+    assert 70.0 < report["accuracy"]["top1_before"] < 90.0  # published 81.03% on the JPEG test split
+    assert report["accuracy"]["top1_after"] < report["accuracy"]["top1_before"]
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "layer3.0.conv2" in printed and "test top-1 on 500 images" in printed
+    loaded = checkpoint.load(out / "model.safetensors")
+    scores, _ = read_scores(out / "scores.npz")
+    assert sum(len(v) for v in scores.values()) == 400
+    assert np.all(np.concatenate(list(scores.values())) >= 0)
+    assert sum(p.numel() for p in loaded.parameters()) == report["selection"]["params"]
