@@ -414,19 +414,21 @@ class Run:
 
     def prune(self) -> tuple[Student, dict[str, Any]]:
         """Rank 0 prunes (or finds the finished prune stage); every rank then loads its checkpoint."""
-        path = on_main(self.ctx, self._run_prune)
-        student = Student.from_checkpoint(Path(path))
-        return student, {"checkpoint": path}
+        record = on_main(self.ctx, self._run_prune)
+        return Student.from_checkpoint(Path(record["checkpoint"])), record
 
-    def _run_prune(self) -> str:
+    def _run_prune(self) -> dict[str, Any]:
         from curlprune.prune import run_prune
 
-        out = self.run_dir / "prune"
         started = time.time()
-        result = run_prune(self.cfg.sections["prune"], out, resume=True, model_name=self.cfg.model,
-                           weights=self.cfg.weights, data=self.data)
-        log_event(self.run_dir, {"stage": "prune", "seconds": round(time.time() - started, 2)})
-        return str(result.checkpoint)
+        result = run_prune(self.cfg.sections["prune"], self.run_dir / "prune", resume=True, model_name=self.cfg.model,
+                           weights=self.cfg.weights, data=self.data, num_classes=self.cfg.num_classes)
+        if not result.already_done:
+            log_event(self.run_dir, {"stage": "prune", "seconds": round(time.time() - started, 2)})
+        accuracy, selection = result.report["accuracy"], result.report["selection"]
+        return {"criterion": result.report["criterion"], "macs_ratio": selection["macs_ratio"],
+                "params_ratio": selection["params_ratio"], "top1_before": accuracy["top1_before"],
+                "top1_after": accuracy["top1_after"], "checkpoint": str(result.checkpoint)}
 
     def train(self, stage: str, student: Student) -> tuple[Student, dict[str, Any]]:
         """Run one training stage on every rank; rank 0 saves its checkpoint."""
@@ -495,6 +497,8 @@ class Run:
             "params_ratio": params / base_params,
             "checkpoint": str(self.run_dir / "model.safetensors"),
         }
+        if "prune" in results:  # test top-1 (%) before any recovery
+            summary.update(unpruned_top1=results["prune"]["top1_before"], pruned_top1=results["prune"]["top1_after"])
         trained = [r for r in results.values() if "last_top1" in r]
         if trained:
             summary.update(last_top1=trained[-1]["last_top1"], best_top1=max(r["best_top1"] for r in trained))
@@ -508,17 +512,23 @@ class Run:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    """The per-stage table and the final model's cost, on the console."""
+    """Test top-1 after every stage (unpruned and pruned without recovery too) and the final cost."""
     from rich.table import Table
 
     from curlprune.report import console, human
 
-    table = Table(title=f"run summary: {summary['model']} (test top-1)")
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}%"
+
+    table = Table(title=f"run summary: {summary['model']}, test top-1")
     for col in ("stage", "epochs", "last top-1", "best top-1", "seconds"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for stage, r in summary["stages"].items():
-        if "last_top1" in r:
-            table.add_row(stage, str(r["epochs"]), f"{r['last_top1']:.2f}%", f"{r['best_top1']:.2f}%", f"{r['seconds']:.0f}")
+        if stage == "prune":
+            table.add_row("unpruned", "", percent(r["top1_before"]), "", "")
+            table.add_row(f"pruned ({r['criterion']}, {100 * r['macs_ratio']:.1f}% MACs)", "", percent(r["top1_after"]), "", "")
+        else:
+            table.add_row(stage, str(r["epochs"]), percent(r["last_top1"]), percent(r["best_top1"]), f"{r['seconds']:.1f}")
     console.print(table)
     console.print(f"final model: {human(summary['macs'])} MACs ({100 * summary['macs_ratio']:.1f}%), "
                   f"{human(summary['params'])} params ({100 * summary['params_ratio']:.1f}%) -> {summary['checkpoint']}")
