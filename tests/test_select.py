@@ -15,6 +15,14 @@ from curlprune.select import Target, default_protect, rank_units, resolve_protec
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads are very slow here
+    yield
+    torch.set_num_threads(threads)
+
+
 def _group(name: str, width: int, unit: int = 1, kind: str = "inside", prunable: bool = True, members=()) -> ChannelGroup:
     return ChannelGroup(name, width, kind, prunable, "" if prunable else "test", unit, list(members), [1.0] * width, [1.0] * width)
 

@@ -21,11 +21,15 @@ Two implementations that compute the same numbers:
   * inactive rows: if the unit's channels are exactly zero at every cut for an image, removing
     them changes nothing for that image (KL = 0), so the row is not run at all (dead ReLU
     channels are common);
-  * inference mode, channels_last tensors, bounded memory (``budget_mb``) for the stacked rows.
+  * inference mode, BN folded into the conv before it, channels_last tensors; stacked rows come in cache-sized chunks (``chunk_mb``
+    of live activations, at least 8 rows: on a CPU, 64 CIFAR images per call run ~1.3x faster per
+    image than 256 and ~1.8x faster than 1024, while ResNet-50 at 224 runs ~1.3x faster with 8
+    rows than with 1), image blocks are bounded by ``budget_mb``.
 """
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -39,6 +43,8 @@ from curlprune.criteria.partial import Cut, Env, GraphRunner, gather, is_gathera
 from curlprune.graph import ChannelGroup
 
 DEFAULT_BUDGET_MB = 512
+DEFAULT_CHUNK_MB = 16
+MIN_CHUNK_ROWS = 8  # big inputs: batch at least this many rows so each conv's weights are read once per 8 rows
 
 
 @dataclass
@@ -51,6 +57,7 @@ class KLStats:
     fallback_groups: list[str] = field(default_factory=list)  # scored with the naive loop
     blocks: int = 0
     chunk_rows: int = 0
+    group_seconds: dict[str, float] = field(default_factory=dict)  # ablation time per group
 
 
 def kl_scores(
@@ -59,10 +66,12 @@ def kl_scores(
     images: torch.Tensor,
     *,
     budget_mb: float = DEFAULT_BUDGET_MB,
+    chunk_mb: float = DEFAULT_CHUNK_MB,
     progress: Progress | None = None,
     rank1: bool = True,
     skip_inactive: bool = True,
     channels_last: bool = True,
+    fold_bn: bool = True,
     stats: KLStats | None = None,
     only: dict[str, Sequence[int]] | None = None,
 ) -> Scores:
@@ -71,7 +80,7 @@ def kl_scores(
     ``only`` restricts scoring to some units per group (others stay 0), for spot checks.
     """
     stats = stats if stats is not None else KLStats()
-    runner = GraphRunner(model, channels_last=channels_last)
+    runner = GraphRunner(model, channels_last=channels_last, fold_bn=fold_bn)
     works = [_Work(g, runner.cuts(g), runner) for g in prunable(groups)]
     if only is not None:
         works = [w for w in works if w.group.name in only]
@@ -86,7 +95,7 @@ def kl_scores(
         peak = _peak_live_bytes(runner, images[:1])
         budget = budget_mb * 2**20
         block = max(1, min(n, int(budget // (2 * peak))))
-        chunk = max(1, int(budget // (3 * peak)))
+        chunk = max(1, min(int(budget // peak), max(MIN_CHUNK_ROWS, int(chunk_mb * 2**20 // peak))))
         stats.blocks, stats.chunk_rows = math.ceil(n / block), chunk
         for start in range(0, n, block):
             x = runner.prepare(images[start : start + block])
@@ -220,6 +229,17 @@ def _ablate(runner: GraphRunner, w: _Work, env: Env, i: int, x: torch.Tensor, no
             reference: torch.Tensor, n_total: int, chunk: int, scores: Scores, stats: KLStats,
             rank1: bool, skip_inactive: bool, progress) -> None:
     """Score ``w``'s units on this block, from the frontier ``env`` right after node ``i`` ran."""
+    started = time.perf_counter()
+    try:
+        _ablate_units(runner, w, env, i, x, nonzero, reference, n_total, chunk, scores, stats, rank1, skip_inactive, progress)
+    finally:
+        name = w.group.name
+        stats.group_seconds[name] = stats.group_seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def _ablate_units(runner: GraphRunner, w: _Work, env: Env, i: int, x: torch.Tensor, nonzero: dict[str, torch.Tensor],
+                  reference: torch.Tensor, n_total: int, chunk: int, scores: Scores, stats: KLStats,
+                  rank1: bool, skip_inactive: bool, progress) -> None:
     node = runner.nodes[i]
     batch = x.shape[0]
     use_rank1 = rank1 and w.rank1_module is not None
