@@ -183,13 +183,51 @@ def test_torchrun_two_processes_runs_the_pipeline(tmp_path, teacher):
     checkpoint.load(run_dir / "model.safetensors")
 
 
-def test_torchrun_error_on_rank_0_stops_every_rank_with_one_line(tmp_path, teacher):
-    """An unreachable target fails inside the prune stage, which only rank 0 runs: rank 1 must not wait for it."""
-    done = torchrun(tiny_config(tmp_path, teacher, prune={"criterion": "kl", "target_macs": 0.01, "calib": 64}))
-    assert done.returncode != 0
-    errors = [line for line in done.stderr.splitlines() if line.startswith("curlprune: error:")]
-    assert len(errors) == 2 and "not reachable" in errors[0] and errors[0] == errors[1]  # one line per rank
-    assert "curlprune/" not in done.stderr  # no traceback through our code (torchrun prints its own)
+def on_main_worker(rank: int, port: int, results) -> None:
+    """One of two gloo processes: rank 0's work succeeds once, then fails; both ranks report what they got."""
+    import torch.distributed as torch_dist
+
+    from curlprune.errors import CurlpruneError
+    from curlprune.pipeline import on_main
+    from curlprune.recover.dist import init_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    ctx = init_distributed("cpu")
+    ran = []
+
+    def work(value):
+        ran.append(value)
+        if value == "fail":
+            raise CurlpruneError("target not reachable")
+        return {"checkpoint": f"written by rank {ctx.rank}"}
+
+    got = [on_main(ctx, lambda: work("ok"))]
+    try:
+        on_main(ctx, lambda: work("fail"))
+    except CurlpruneError as exc:
+        got.append(str(exc))
+    results.put((rank, got, ran))
+    torch_dist.destroy_process_group()
+
+
+def test_on_main_runs_work_on_rank_0_only_and_shares_its_result_or_error():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spawn = mp.get_context("spawn")
+    results = spawn.Queue()
+    workers = [spawn.Process(target=on_main_worker, args=(rank, port, results)) for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    reports = dict((rank, (got, ran)) for rank, got, ran in (results.get(timeout=120) for _ in workers))
+    for worker in workers:
+        worker.join(timeout=60)
+    expected = [{"checkpoint": "written by rank 0"}, "target not reachable"]
+    assert reports == {0: (expected, ["ok", "fail"]), 1: (expected, [])}
 
 
 # ----- bad input -------------------------------------------------------------------------------
@@ -231,9 +269,18 @@ def test_missing_student_checkpoint_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_rerun_with_other_settings_in_the_same_run_dir_is_one_line(full_run, capsys):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"seed": 1}, "holds a run with different settings: seed=0 (now 1)"),
+        ({"stages": ["distill"]}, "not a prefix or extension"),
+        ({"prune": {**TINY["prune"], "target_macs": 0.4}}, "holds a finished prune stage with other settings: target_macs=0.5 (now 0.4)"),
+        ({"distill": {**TINY["distill"], "epochs": 5}}, "written with different settings: epochs=4 (now 5)"),
+    ],
+)
+def test_rerun_with_other_settings_in_the_same_run_dir_is_one_line_and_changes_nothing(full_run, capsys, change, message):
     before = snapshot(full_run)
     raw = yaml.safe_load((full_run.parent / "config.yaml").read_text())
-    config = write_config(full_run.parent / "other.yaml", **{**raw, "seed": 1})
-    assert "holds a run with different settings: seed=0 (now 1)" in one_line_error(capsys, ["run", str(config)])
+    config = write_config(full_run.parent / "other.yaml", **{**raw, **change})
+    assert message in one_line_error(capsys, ["run", str(config)])
     assert snapshot(full_run) == before

@@ -210,6 +210,21 @@ def check_same_run(previous: dict[str, Any], current: dict[str, Any], run_dir: P
         )
 
 
+def check_finished_prune(prune_dir: Path, cfg: Any) -> None:
+    """A finished prune stage is never redone with other settings: the stages after it started from its model."""
+    try:
+        previous = json.loads((prune_dir / "done.json").read_text())["settings"]["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not finished (or not readable): the prune stage itself decides
+    current = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    differ = [f"{k}={previous.get(k)!r} (now {v!r})" for k, v in current.items() if previous.get(k) != v]
+    if differ:
+        raise CurlpruneError(
+            f"{prune_dir} holds a finished prune stage with other settings: {', '.join(differ)}; "
+            f"use another run_dir (--out), or delete {prune_dir} and the stages after it"
+        )
+
+
 # ----- data -----------------------------------------------------------------------------------
 def load_data(source: str, train_per_class: int | None, seed: int) -> dict[str, Any]:
     """``{"train", "test"}`` uint8 datasets from "digits", an ImageFolder directory or a zip."""
@@ -393,6 +408,8 @@ class Run:
         return self.summarize(results)
 
     def _claim_run_dir(self) -> None:
+        """Check that the run directory holds this run (or none); a new one gets ``config.json`` now,
+        an existing one when the run completes, so a rerun that fails changes nothing."""
         current = config_to_dict(self.cfg)
         config_file = self.run_dir / "config.json"
         if config_file.is_file():
@@ -401,6 +418,7 @@ class Run:
             except json.JSONDecodeError:
                 raise CurlpruneError(f"{config_file} is damaged: delete it (the stages check their own settings)") from None
             check_same_run(previous, current, self.run_dir)
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_if_changed(config_file, json.dumps(current, indent=2) + "\n")
 
@@ -420,6 +438,7 @@ class Run:
     def _run_prune(self) -> dict[str, Any]:
         from curlprune.prune import run_prune
 
+        check_finished_prune(self.run_dir / "prune", self.cfg.sections["prune"])
         started = time.time()
         result = run_prune(self.cfg.sections["prune"], self.run_dir / "prune", resume=True, model_name=self.cfg.model,
                            weights=self.cfg.weights, data=self.data, num_classes=self.cfg.num_classes)
@@ -504,6 +523,7 @@ class Run:
             summary.update(last_top1=trained[-1]["last_top1"], best_top1=max(r["best_top1"] for r in trained))
 
         def write() -> None:
+            write_if_changed(self.run_dir / "config.json", json.dumps(config_to_dict(self.cfg), indent=2) + "\n")
             copy_if_changed(final, self.run_dir / "model.safetensors")
             write_if_changed(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
@@ -575,8 +595,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        given = {"model": args.model, "weights": args.weights, "data": args.data, "run_dir": args.out,
-                 "seed": args.seed, "train_per_class": args.train_per_class}
+        given = {"model": args.model, "weights": args.weights, "num_classes": args.num_classes, "data": args.data,
+                 "run_dir": args.out, "seed": args.seed, "train_per_class": args.train_per_class}
         raw = read_config_file(args.config) if args.config else {}
         raw.update({k: v for k, v in given.items() if v is not None})
         raw["stages"] = [stage]
@@ -592,12 +612,14 @@ def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
 
 
 def register(subparsers, formatter) -> None:
+    from curlprune.prune import NO_DEFAULT
+
     p = subparsers.add_parser("run", help="run a whole pipeline from a YAML config (prune -> distill -> refine)",
                               formatter_class=formatter, epilog=EXAMPLE,
                               description="Run the stages named in the config in order. Each stage writes into "
                                           "<run_dir>/<stage>/ and is skipped when complete; an interrupted run resumes.")
     p.add_argument("config", help="YAML config file")
-    p.add_argument("--out", default=None, help="run directory (overrides run_dir in the config)")
+    p.add_argument("--out", default=None, help="run directory (overrides run_dir in the config)" + NO_DEFAULT)
     p.set_defaults(func=cmd_run)
     helps = {"finetune": "recover accuracy with plain cross-entropy fine-tuning",
              "distill": "recover accuracy by mixup knowledge distillation from the unpruned model",
@@ -606,15 +628,17 @@ def register(subparsers, formatter) -> None:
         p = subparsers.add_parser(stage, help=text, formatter_class=formatter,
                                   description=f"{text[0].upper()}{text[1:]}. Settings come from --config (section '{stage}') "
                                               "and the options below (options win). Resumable like `curlprune run`.")
-        p.add_argument("--config", default=None, help="YAML run config to take model, data and the stage section from")
-        p.add_argument("--student", default=None, help="curlprune checkpoint to train (e.g. runs/r56/model.safetensors); default: the unpruned model")
-        p.add_argument("--model", default=None, help="registry name of the unpruned model (the teacher), e.g. cifar:resnet56")
-        p.add_argument("--weights", default=None, help="weights of the unpruned model")
-        p.add_argument("--data", default=None, help="ImageFolder directory or zip with train/ and test/, or 'digits'")
-        p.add_argument("--train-per-class", type=int, default=None, help="use a seeded class-balanced subset of the train split")
-        p.add_argument("--epochs", type=int, default=None, help="epochs (default: the stage's own)")
-        p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the stage's own)")
-        p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the stage's own)")
-        p.add_argument("--seed", type=int, default=None, help="seed for data order, augmentation and mixup (default 0)")
-        p.add_argument("--out", default=None, help="run directory")
+        p.add_argument("--config", default=None, help="YAML run config to take model, data and the stage section from" + NO_DEFAULT)
+        p.add_argument("--student", default=None, help="curlprune checkpoint to train, e.g. runs/r56/prune/model.safetensors "
+                                                        "(default: the unpruned model)" + NO_DEFAULT)
+        p.add_argument("--model", default=None, help="registry name of the unpruned model (the teacher), e.g. cifar:resnet56" + NO_DEFAULT)
+        p.add_argument("--weights", default=None, help="weights of the unpruned model" + NO_DEFAULT)
+        p.add_argument("--num-classes", type=int, default=None, help="classifier outputs, when not the model's default" + NO_DEFAULT)
+        p.add_argument("--data", default=None, help="ImageFolder directory or zip with train/ and test/, or 'digits' (default: digits)" + NO_DEFAULT)
+        p.add_argument("--train-per-class", type=int, default=None, help="use a seeded class-balanced subset of the train split" + NO_DEFAULT)
+        p.add_argument("--epochs", type=int, default=None, help="epochs (default: the stage's own)" + NO_DEFAULT)
+        p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the stage's own)" + NO_DEFAULT)
+        p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the stage's own)" + NO_DEFAULT)
+        p.add_argument("--seed", type=int, default=None, help="seed for data order, augmentation and mixup (default: 0)" + NO_DEFAULT)
+        p.add_argument("--out", default=None, help="run directory (default: runs/run)" + NO_DEFAULT)
         p.set_defaults(func=_single_stage(stage))
