@@ -106,9 +106,10 @@ def test_kl_matches_physically_sliced_model(digits):
                 assert scores[g.name][channel] == pytest.approx(kl, abs=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18", "efficientnet_b0", "regnet_x_400mf"])
 def test_fast_kl_equals_naive_on_torchvision(arch):
-    """Seeded sample of units of every group (depthwise ties, projections, streams) at 32x32."""
+    """Seeded sample of units of every group at 32x32: depthwise ties, projection shortcuts,
+    residual streams, squeeze-excitation, grouped convs pruned in units."""
     import torchvision
 
     torch.manual_seed(0)
@@ -120,7 +121,8 @@ def test_fast_kl_equals_naive_on_torchvision(arch):
     fast = kl_scores(model, groups, images, only=only)
     naive = kl_scores_naive(model, groups, images, only=only)
     assert _max_diff(fast, naive) < 1e-5
-    sampled = np.concatenate([naive[k][np.array(v)] for k, v in only.items()])
+    unit = {g.name: g.unit for g in groups}
+    sampled = np.concatenate([naive[k][np.array(v) * unit[k]] for k, v in only.items()])
     assert (sampled > 0).mean() > 0.5
 
 
