@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curlprune.criteria import Progress, Scores, prunable
+from curlprune.criteria import Progress, Scores, eval_mode, prunable
 from curlprune.criteria.partial import Cut, Env, GraphRunner, gather, is_gatherable, kl_to_reference, unit_positions
 from curlprune.graph import ChannelGroup
 
@@ -120,7 +120,7 @@ def kl_scores_naive(
         return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
     scores = {g.name: np.zeros(g.width, dtype=np.float64) for g in prunable(groups)}
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         reference = torch.log_softmax(forward().double(), dim=-1)
         for g in prunable(groups):
             if only is not None and g.name not in only:
