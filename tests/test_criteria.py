@@ -1,7 +1,6 @@
 """Criteria: the fast exact KL equals the authors' loop; baselines equal independent computations."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,15 +14,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.graph import trace
 from curlprune.models import build
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads are very slow here
-    yield
-    torch.set_num_threads(threads)
+from conftest import SHARED  # noqa: E402
 
 
 def _randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -22,7 +22,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.models import IMAGENET_MEAN, IMAGENET_STD, build, input_spec
 from curlprune.transforms import PadCropFlip, build_transform, normalize_batch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from conftest import SHARED  # noqa: E402
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

@@ -22,14 +22,6 @@ from recover_job import MODEL, seeded_model, tiny_data  # noqa: E402
 JOB = Path(__file__).with_name("recover_job.py")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads are very slow here
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ddp")

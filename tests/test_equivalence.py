@@ -37,15 +37,6 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Intra-op threads spin badly on the shared 2-core machine; one thread is 10-100x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(name: str, seed: int = 0) -> nn.Module:
     """The architecture with random weights and randomised norm statistics/affine/layer scales."""
     torch.manual_seed(seed)

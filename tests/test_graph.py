@@ -15,15 +15,6 @@ from curlprune.models import build
 from curlprune.surgery import apply, validate_plan
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Intra-op threads spin badly on the shared 2-core machine; one thread is 10-100x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def by_name(groups: list[ChannelGroup]) -> dict[str, ChannelGroup]:
     return {g.name: g for g in groups}
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,19 +21,8 @@ from curlprune.models import (
     train_digits_model,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from conftest import SHARED  # noqa: E402
 needs_shared = pytest.mark.skipif(not (SHARED / "models").is_dir(), reason=f"{SHARED} (published checkpoints, CIFAR-10 JPEG) is absent")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: when other processes share the two cores, OpenMP spin-waits make two
-    threads 2-7x slower on these small convs (ResNet-56 on 10k images here: 45-65 s on one thread,
-    80-130 s on two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -36,14 +36,6 @@ TINY = {  # real digits, 50 training images per class; a budget that runs in sec
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads are very slow here
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
     """Weights of the digits ResNet trained on the real digits, saved as a plain state dict."""

@@ -15,15 +15,6 @@ from curlprune.models import build
 from curlprune.surgery import apply
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Intra-op threads spin badly on the shared 2-core machine; one thread is 10-100x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_plan(groups, rng: random.Random) -> dict[str, list[int]]:
     plan = {}
     for g in groups:

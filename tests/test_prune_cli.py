@@ -16,16 +16,8 @@ from curlprune.graph import trace
 from curlprune.models import build
 from curlprune.prune import PruneConfig, read_scores, run_prune
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from conftest import SHARED  # noqa: E402
 MODEL = "small:resnet-digits"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads are very slow here
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

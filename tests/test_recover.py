@@ -25,14 +25,6 @@ from curlprune.recover.schedule import warmup_cosine_lr
 SPEC = input_spec("small:resnet-digits")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads are very slow here
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_digits_dataset(0)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,15 +11,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.graph import ChannelGroup, Member
 from curlprune.select import Target, default_protect, rank_units, resolve_protect, select, walk
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads are very slow here
-    yield
-    torch.set_num_threads(threads)
+from conftest import SHARED  # noqa: E402
 
 
 def _group(name: str, width: int, unit: int = 1, kind: str = "inside", prunable: bool = True, members=()) -> ChannelGroup:
