@@ -17,9 +17,9 @@ import torch
 import torchvision
 from torch import nn
 
-from curlprune.graph import ChannelGroup, Plan, trace
+from curlprune.graph import trace
 from curlprune.models import build
-from curlprune.surgery import apply, mask
+from curlprune.surgery import apply, mask, random_plan
 
 MODELS = [
     ("cifar:resnet20", (1, 3, 32, 32)),
@@ -54,17 +54,6 @@ def make_model(name: str, seed: int = 0) -> nn.Module:
             if pname.endswith("bias") or pname.endswith("layer_scale"):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
     return model.eval()
-
-
-def random_plan(groups: list[ChannelGroup], rng: random.Random) -> Plan:
-    """A random number of random whole units kept in every prunable group."""
-    plan: Plan = {}
-    for g in groups:
-        if g.prunable:
-            units = g.width // g.unit
-            kept = sorted(rng.sample(range(units), rng.randint(1, units)))
-            plan[g.name] = [u * g.unit + j for u in kept for j in range(g.unit)]
-    return plan
 
 
 def row(name: str, shape: tuple[int, ...]) -> str:

@@ -13,17 +13,7 @@ import curlprune
 from curlprune.checkpoint import export_onnx, load, read_metadata, save
 from curlprune.errors import CurlpruneError
 from curlprune.models import build
-
-
-def random_plan(groups, seed: int) -> dict[str, list[int]]:
-    rng = random.Random(seed)
-    plan = {}
-    for g in groups:
-        if g.prunable:
-            units = g.width // g.unit
-            kept_units = sorted(rng.sample(range(units), rng.randint(1, units)))
-            plan[g.name] = [u * g.unit + i for u in kept_units for i in range(g.unit)]
-    return plan
+from curlprune.surgery import random_plan
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +22,7 @@ def pruned_resnet20():
     model = build("cifar:resnet20").eval()
     x = torch.randn(2, 3, 32, 32)
     groups = curlprune.trace(model, x)
-    plan = random_plan(groups, seed=1)
+    plan = random_plan(groups, random.Random(1))
     small = curlprune.apply(model, groups, plan).eval()
     return model, small, plan, x
 

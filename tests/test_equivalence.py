@@ -16,9 +16,9 @@ import torchvision
 from torch import nn
 
 from curlprune.errors import CurlpruneError
-from curlprune.graph import ChannelGroup, Plan, trace
+from curlprune.graph import Plan, trace
 from curlprune.models import build
-from curlprune.surgery import apply, mask
+from curlprune.surgery import apply, mask, random_plan
 
 MODELS = {
     "cifar:resnet20": (2, 3, 32, 32),
@@ -58,19 +58,6 @@ def make_model(name: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def random_plan(groups: list[ChannelGroup], rng: random.Random, single_unit_share: float) -> Plan:
-    """Random kept units per prunable group; some groups keep exactly one unit."""
-    plan: Plan = {}
-    for g in groups:
-        if not g.prunable:
-            continue
-        units = g.width // g.unit
-        keep = 1 if rng.random() < single_unit_share else rng.randint(1, units)
-        kept_units = sorted(rng.sample(range(units), keep))
-        plan[g.name] = [u * g.unit + j for u in kept_units for j in range(g.unit)]
-    return plan
-
-
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -88,7 +75,7 @@ def test_apply_equals_mask(name):
         assert torch.isfinite(full).all()
         assert relative_error(apply(model, groups, {})(x), full) < 1e-5
         for share in (0.0, 0.3):
-            plan = random_plan(groups, rng, share)
+            plan = random_plan(groups, rng, single_unit_share=share)
             with mask(model, groups, plan):
                 masked = model(x)
             sliced = apply(model, groups, plan)(x)
@@ -231,7 +218,7 @@ def test_zoo_of_traced_ops():
     assert [grp.name for grp in groups if grp.prunable] == ["stem", "expand", "tokens", "back"]
     rng = random.Random(0)
     for share in (0.0, 0.5, 1.0):
-        plan = random_plan(groups, rng, share)
+        plan = random_plan(groups, rng, single_unit_share=share)
         with torch.no_grad():
             with mask(model, groups, plan):
                 masked = model(x)

@@ -12,17 +12,7 @@ from curlprune.cost_plan import plan_cost
 from curlprune.errors import CurlpruneError
 from curlprune.graph import trace
 from curlprune.models import build
-from curlprune.surgery import apply
-
-
-def random_plan(groups, rng: random.Random) -> dict[str, list[int]]:
-    plan = {}
-    for g in groups:
-        if g.prunable and rng.random() < 0.8:
-            units = g.width // g.unit
-            kept = sorted(rng.sample(range(units), rng.randint(1, units)))
-            plan[g.name] = [u * g.unit + j for u in kept for j in range(g.unit)]
-    return plan
+from curlprune.surgery import apply, random_plan
 
 
 # each brings something of its own: zero-pad shortcuts, depthwise, grouped units, concat offsets,
@@ -39,7 +29,7 @@ def test_plan_cost_equals_count_of_applied_model(name):
     assert plan_cost(model, x, groups, {}) == count(model, x)
     rng = random.Random(name)
     for _ in range(2):
-        plan = random_plan(groups, rng)
+        plan = random_plan(groups, rng, group_share=0.8)
         macs, params = plan_cost(model, x, groups, plan)
         assert (macs, params) == count(apply(model, groups, plan), x)
         assert macs < count(model, x)[0]

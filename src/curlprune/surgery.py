@@ -15,6 +15,7 @@ anything else makes the group unprunable in ``trace``.
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -67,6 +68,25 @@ def _validate_kept(group: ChannelGroup, kept: object) -> None:
                 f"plan cuts unit {u} (channels {u * group.unit}..{u * group.unit + group.unit - 1}) of group {name!r}: "
                 f"it is pruned in whole units of {group.unit} channels (conv groups); keep all or none of them"
             )
+
+
+def random_plan(
+    groups: Sequence[ChannelGroup], rng: random.Random, *, group_share: float = 1.0, single_unit_share: float = 0.0
+) -> Plan:
+    """A random Plan of whole units, for checking the engine on arbitrary prunings.
+
+    Each prunable group is pruned with probability ``group_share``; a pruned group keeps a random
+    number of random units, exactly one unit with probability ``single_unit_share``.
+    """
+    plan: Plan = {}
+    for g in groups:
+        if not g.prunable or (group_share < 1.0 and rng.random() >= group_share):
+            continue
+        units = g.width // g.unit
+        keep = 1 if single_unit_share and rng.random() < single_unit_share else rng.randint(1, units)
+        kept = sorted(rng.sample(range(units), keep))
+        plan[g.name] = [u * g.unit + j for u in kept for j in range(g.unit)]
+    return plan
 
 
 def removed_positions(groups: Sequence[ChannelGroup], plan: Plan) -> dict[SliceKey, list[int]]:
