@@ -239,8 +239,10 @@ def test_trace_keeps_modes_and_statistics():
 
 
 def test_trace_rejects_bad_input():
-    with pytest.raises(CurlpruneError, match="example input"):
-        trace(build("cifar:resnet20"), torch.randn(1, 5, 32, 32))
+    for wrong in (torch.randn(1, 5, 32, 32), torch.randn(3, 32, 32)):
+        with pytest.raises(CurlpruneError, match="example input") as err:
+            trace(build("cifar:resnet20"), wrong)
+        assert "\n" not in str(err.value)  # one line for the user
     with pytest.raises(CurlpruneError, match="nn.Module"):
         trace("resnet", torch.randn(1, 3, 32, 32))
 

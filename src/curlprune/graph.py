@@ -174,8 +174,9 @@ def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_input: Any) 
         raise
     except Exception as exc:
         shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+        first_line = (str(exc).strip().splitlines() or [""])[0]  # fx appends the failing node on more lines
         raise CurlpruneError(
-            f"{type(model).__name__} failed on the example input of shape {shapes} ({type(exc).__name__}: {exc}); "
+            f"{type(model).__name__} failed on the example input of shape {shapes} ({type(exc).__name__}: {first_line}); "
             "pass an input the model accepts, e.g. torch.zeros(1, 3, 224, 224)"
         ) from None
     finally:
