@@ -11,6 +11,7 @@ Rows (same epoch budget for every row that trains, see BUDGETS and the results f
   d0 the small pretrained ResNet-20 (resnet20-cifar10jpeg.pt) as it is
   d1 that ResNet-20 fine-tuned with CE on the small set
   e  CURL without refine (row a after its distill stage)
+  t  the unpruned ResNet-56 teacher, for reference
 
 Rows b and d1 train E + 6 R epochs, so they see as many images as the distill (E epochs) +
 refine (R epochs of the 6x set) rows. Per-epoch monitoring uses a fixed 1,000-image slice of the
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="override E (smoke runs)")
     parser.add_argument("--refine-epochs", type=int, default=None, help="override R (smoke runs)")
-    parser.add_argument("--rows", default="a,b,c,d0,d1,e")
+    parser.add_argument("--rows", default="t,a,b,c,d0,d1,e")
     parser.add_argument("--results", default=str(RESULTS), help="folder for limited_data.json/.md")
     args = parser.parse_args()
     rows_wanted = args.rows.split(",")
@@ -76,10 +77,14 @@ def main() -> None:
     results_path = results_dir / "limited_data.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
     results.update(
-        command=" ".join(["python", "benchmarks/limited_data.py", *sys.argv[1:]]),
         target_macs=target_macs, teacher_macs=teacher_macs, teacher_params=teacher_params,
         torch=torch.__version__, threads=torch.get_num_threads(),
     )
+
+    command = " ".join(["python", "benchmarks/limited_data.py", *sys.argv[1:]])
+    earlier = results.pop("command", None)  # results written before commands were kept as a list
+    commands = results.get("commands", [earlier] if earlier else [])
+    results["commands"] = [c for c in commands if c != command] + [command]
 
     def final_eval(model) -> float:
         return 100 * data.evaluate(model.eval(), test, spec)
@@ -124,6 +129,8 @@ def main() -> None:
                 pruned[criterion] = (Path(summary["stages"]["prune"]["checkpoint"]), seconds)
             return pruned[criterion]
 
+        if "t" in rows_wanted:
+            record(per_class, "t", build("cifar:resnet56", weights=str(teacher_w)), 0.0, {"note": "the unpruned teacher, no training"})
         if "d0" in rows_wanted:
             record(per_class, "d0", build("cifar:resnet20", weights=str(small_w)), 0.0, {"note": "no training"})
         plan_rows = {"a": ("kl", ["distill", "refine"]), "b": ("kl", ["finetune"]), "c": ("l1", ["distill", "refine"])}
@@ -148,10 +155,10 @@ def main() -> None:
 def write_markdown(results: dict, results_dir: Path) -> None:
     from curlprune.checkpoint import atomic_write_text
 
-    names = {"a": "CURL: kl prune + distill + refine", "b": "kl prune + CE fine-tune", "c": "l1 prune + distill + refine",
+    names = {"t": "ResNet-56 teacher (unpruned)", "a": "CURL: kl prune + distill + refine", "b": "kl prune + CE fine-tune", "c": "l1 prune + distill + refine",
              "d0": "ResNet-20 pretrained, as is", "d1": "ResNet-20 pretrained + CE fine-tune", "e": "CURL without refine"}
     lines = ["# Limited-data benchmark (CIFAR-10 JPEG, ResNet-56 teacher -> ResNet-20 MACs)", "",
-             f"Command: `{results['command']}`", "",
+             "Commands (in order; each adds or replaces rows):", "", *[f"    {c}" for c in results["commands"]], "",
              f"Target MACs {results['target_macs'] / 1e6:.2f} M (ResNet-20); teacher {results['teacher_macs'] / 1e6:.2f} M MACs, "
              f"{results['teacher_params'] / 1e6:.3f} M params. torch {results['torch']}, {results['threads']} threads.", ""]
     for per_class, rows in results["rows"].items():
@@ -160,7 +167,7 @@ def write_markdown(results: dict, results_dir: Path) -> None:
                   f"Budget: distill E = {budget.get('E')} epochs, refine R = {budget.get('R')} epochs of the 6x set; "
                   f"CE rows {budget.get('ce_epochs')} epochs.", "",
                   "| row | method | top-1 (10k test) | MACs | params | wall s |", "|---|---|---|---|---|---|"]
-        for row in ("a", "b", "c", "d0", "d1", "e"):
+        for row in ("t", "a", "b", "c", "d0", "d1", "e"):
             if row in rows:
                 r = rows[row]
                 lines.append(f"| {row} | {names[row]} | {r['top1']:.2f}% | {r['macs'] / 1e6:.2f} M | {r['params'] / 1e6:.3f} M | {r['seconds']:.0f} |")
