@@ -382,23 +382,17 @@ def _fmt(n: float) -> str:
 
 def model_cost_fn(model: nn.Module, example_input: torch.Tensor, groups: Sequence[ChannelGroup]) -> CostFn:
     """``plan -> (macs, params)`` of ``model`` sliced by the plan (analytic, no slicing)."""
-    plan_cost = _plan_cost()
+    from curlprune.cost_plan import plan_cost
+
+    groups = list(groups)
     cache: dict[tuple, tuple[float, float]] = {}
 
     def cost(plan: Plan) -> tuple[float, float]:
         key = tuple(sorted((k, tuple(v)) for k, v in plan.items()))
         if key not in cache:
-            macs, params = plan_cost(model, example_input, list(groups), plan)
+            macs, params = plan_cost(model, example_input, groups, plan)
             cache[key] = (float(macs), float(params))
         return cache[key]
 
     return cost
 
-
-def _plan_cost():
-    """The analytic plan cost function of the cost module."""
-    try:
-        from curlprune.cost_plan import plan_cost
-    except ModuleNotFoundError:
-        from curlprune.cost import plan_cost
-    return plan_cost
