@@ -342,7 +342,7 @@ def _compute(config: PruneConfig, model, groups, images, labels, show: bool) -> 
         options["budget_mb"] = config.budget_mb
     if config.criterion == "kl-approx":
         options["classes"] = config.approx_classes
-    total = work_items("kl", groups) if config.criterion in ("kl", "kl-approx") else 0
+    total = work_items(config.criterion, groups)
     if not show or not total:
         return compute_scores(config.criterion, model, groups, images=images, labels=labels, seed=config.seed, **options)
     from rich.console import Console

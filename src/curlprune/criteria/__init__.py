@@ -58,6 +58,9 @@ CRITERIA: dict[str, Criterion] = {
     )
 }
 
+_PROGRESS_CRITERIA = ("kl", "kl-approx")
+"""Criteria that report progress, one step per unit of every prunable group."""
+
 
 def get(name: str) -> Criterion:
     """The criterion called ``name``, or a CurlpruneError listing the valid names."""
@@ -94,15 +97,15 @@ def compute_scores(
         kwargs["labels"] = labels
     if name == "random":
         kwargs["seed"] = seed
-    if name in ("kl", "kl-approx"):
+    if name in _PROGRESS_CRITERIA:
         kwargs["progress"] = progress
     with eval_mode(model):
         return criterion.load()(model, groups, **kwargs)
 
 
 def work_items(name: str, groups: Sequence[ChannelGroup]) -> int:
-    """How many progress steps ``compute_scores(name, ...)`` reports (kl: one per ablated unit)."""
-    return sum(g.width // g.unit for g in prunable(groups)) if name == "kl" else 0
+    """How many progress steps ``compute_scores(name, ...)`` reports (kl, kl-approx: one per unit)."""
+    return sum(g.width // g.unit for g in prunable(groups)) if name in _PROGRESS_CRITERIA else 0
 
 
 # ------------------------------------------------------------------------------------- helpers
