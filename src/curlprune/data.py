@@ -256,19 +256,40 @@ def batches(
         yield images, ds.labels[idx]
 
 
-def evaluate(model: nn.Module, ds: ImageDataset, spec: InputSpec, batch_size: int = 256) -> float:
-    """Top-1 accuracy (fraction in [0, 1]) of ``model`` on ``ds`` with the eval transform.
+def count_correct(
+    model: nn.Module,
+    ds: ImageDataset,
+    spec: InputSpec,
+    batch_size: int = 256,
+    *,
+    device: torch.device | None = None,
+    channels_last: bool = True,
+) -> int:
+    """How many images of ``ds`` ``model`` classifies correctly (top-1) with the eval transform.
 
-    Runs in eval mode under inference_mode with channels_last tensors; restores the mode after.
+    Runs in eval mode under inference_mode on ``device`` (default: the model's), in channels_last
+    layout when asked; restores the mode after. The one evaluation loop of the package.
     """
+    device = device or next(model.parameters()).device
     was_training = model.training
-    model.eval().to(memory_format=torch.channels_last)
+    model.eval()
     correct = 0
     try:
         with torch.inference_mode():
             for images, labels in batches(ds, spec, batch_size):
-                logits = model(images.contiguous(memory_format=torch.channels_last))
-                correct += int((logits.argmax(1) == labels).sum())
+                images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                correct += int((model(images).argmax(1).cpu() == labels).sum())
     finally:
         model.train(was_training)
-    return correct / max(1, len(ds))
+    return correct
+
+
+def evaluate(model: nn.Module, ds: ImageDataset, spec: InputSpec, batch_size: int = 256) -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of ``model`` on ``ds`` with the eval transform.
+
+    The model is put in channels_last layout (and stays so); see :func:`count_correct`.
+    """
+    model.to(memory_format=torch.channels_last)
+    return count_correct(model, ds, spec, batch_size) / max(1, len(ds))

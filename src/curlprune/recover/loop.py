@@ -228,7 +228,6 @@ def predict(
     return torch.cat(logits), torch.cat(labels)
 
 
-@torch.no_grad()
 def top1_accuracy(
     model: nn.Module,
     dataset: Any,
@@ -240,19 +239,13 @@ def top1_accuracy(
 ) -> float:
     """Top-1 accuracy (in %) on an ImageDataset with the eval transform, on ``ctx.device``.
 
-    ``curlprune.data.evaluate`` plus devices and processes: under torchrun each rank evaluates a
-    contiguous share (batched by ``curlprune.data.batches``) and the counts are summed.
+    ``curlprune.data.count_correct`` over processes: under torchrun each rank counts a
+    contiguous share and the counts are summed.
     """
-    from curlprune.data import batches
+    from curlprune.data import count_correct
 
     share = dataset.subset(list(dist.chunk_range(ctx, len(dataset))))
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for images, labels in batches(share, spec, batch_size):
-        logits = model(to_input(images, ctx.device, channels_last))
-        correct += int((logits.argmax(1).cpu() == labels).sum())
-    model.train(was_training)
+    correct = count_correct(model, share, spec, batch_size, device=ctx.device, channels_last=channels_last)
     correct_total, seen_total = dist.all_reduce_sum(ctx, [float(correct), float(len(share))])
     return 100.0 * correct_total / max(seen_total, 1.0)
 
