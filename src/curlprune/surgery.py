@@ -135,6 +135,11 @@ def mask_points(groups: Sequence[ChannelGroup], plan: Plan) -> dict[str, list[in
     return {module: ps for (module, role), ps in removed_positions(groups, plan).items() if role == "in"}
 
 
+def consumer_input_dim(module: nn.Module | None) -> int:
+    """The dim of a channel-mixing consumer's input that holds the channels: last for linears, 1 for convs."""
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
 @contextmanager
 def mask(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> Iterator[nn.Module]:
     """Zero the channels ``plan`` removes, in place and without changing shapes, while inside.
@@ -150,8 +155,7 @@ def mask(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> Iterat
                 module = model.get_submodule(name)
             except AttributeError:
                 raise CurlpruneError(f"model has no module {name!r}: the groups were traced from a different model") from None
-            dim = -1 if isinstance(module, nn.Linear) else 1
-            handles.append(module.register_forward_pre_hook(_ZeroInputChannels(dim, positions)))
+            handles.append(module.register_forward_pre_hook(_ZeroInputChannels(consumer_input_dim(module), positions)))
         yield model
     finally:
         for h in handles:

@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from curlprune.graph import ChannelGroup, symbolic_trace
+from curlprune.surgery import consumer_input_dim
 
 Env = dict[str, Any]
 
@@ -94,8 +95,7 @@ class GraphRunner:
         for member in group.members:
             if member.role != "in":
                 continue
-            module = self.modules.get(member.module)
-            dim = -1 if isinstance(module, nn.Linear) else 1
+            dim = consumer_input_dim(self.modules.get(member.module))
             for node_name in self.callers.get(member.module, ()):
                 found.append(Cut(node_name, dim, member.index))
         found.sort(key=lambda c: self.index[c.node])
