@@ -138,14 +138,24 @@ def load(path: str | os.PathLike) -> nn.Module:
 
     meta = read_metadata(path)
     model = build_pruned(meta["model_ref"], meta["plan"], meta["input_shape"])
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CurlpruneError(
-            f"weights in {path} do not fit its architecture ({len(missing)} missing, {len(unexpected)} unexpected keys, "
-            f"e.g. {(list(missing) + list(unexpected))[:3]}): the file is damaged or was edited; re-create it"
-        )
+    load_state_strict(model, load_file(str(path)), f"weights in {path} do not fit its architecture",
+                      "the file is damaged or was edited; re-create it")
     return model.eval()
+
+
+def load_state_strict(model: nn.Module, tensors: dict[str, torch.Tensor], what: str, fix: str) -> None:
+    """Load a state dict into ``model`` strictly; missing, unexpected or wrong-shape tensors are one
+    :class:`CurlpruneError` line: ``what`` (counts, examples): ``fix``."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        raise CurlpruneError(
+            f"{what} ({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrong-shape tensors, "
+            f"e.g. {(missing + unexpected + wrong)[:3]}): {fix}"
+        )
+    model.load_state_dict(tensors)
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *, opset: int = 18) -> Path:

@@ -40,7 +40,7 @@ from rich.progress import Progress as RichProgress
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from curlprune.checkpoint import atomic_write, atomic_write_text
+from curlprune.checkpoint import atomic_write, atomic_write_text, load_state_strict
 from curlprune.errors import CurlpruneError
 from curlprune.recover import dist
 from curlprune.recover.dist import DistContext
@@ -308,19 +308,11 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Load a state dict into ``model`` strictly; a mismatch is a user mistake, said plainly."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        example = (missing + unexpected + wrong)[:3]
-        raise CurlpruneError(
-            f"weights in {source} do not fit the given model ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(wrong)} wrong-shape tensors, e.g. {example}): pass the same architecture (and pruning plan) "
-            f"the stage was run with, or delete {source.parent} to start the stage again"
-        )
-    model.load_state_dict(tensors)
+    """Load a stage's state dict into ``model`` strictly; a mismatch is a user mistake, said plainly."""
+    load_state_strict(
+        model, tensors, f"weights in {source} do not fit the given model",
+        f"pass the same architecture (and pruning plan) the stage was run with, or delete {source.parent} to start the stage again",
+    )
 
 
 def load_stage_model(model: nn.Module, run_dir: str | Path, stage: str) -> nn.Module:
