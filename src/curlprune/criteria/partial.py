@@ -15,7 +15,7 @@ This is what makes the exact KL criterion fast and the Fisher approximation poss
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,19 +164,6 @@ def logits_of(output: Any) -> torch.Tensor:
 def unit_positions(cut: Cut, u: int, unit: int) -> list[int]:
     """Positions along ``cut.dim`` of every channel of unit ``u``."""
     return [p for c in range(u * unit, (u + 1) * unit) for p in cut.positions[c]]
-
-
-def keep_mask(cut: Cut, units: Sequence[int], unit: int, size: int, ndim: int, dtype: torch.dtype) -> torch.Tensor:
-    """0/1 multiplier for ``len(units)`` stacked rows: row k zeroes the positions of unit ``units[k]``.
-
-    Shaped to broadcast against the consumer input (``size`` positions along ``cut.dim``).
-    """
-    keep = torch.ones(len(units), size, dtype=dtype)
-    for row, u in enumerate(units):
-        keep[row, unit_positions(cut, u, unit)] = 0
-    shape = [len(units)] + [1] * (ndim - 1)
-    shape[cut.dim % ndim] = size
-    return keep.view(shape)
 
 
 def gather(value: Any, rows: torch.Tensor, channels_last: bool) -> Any:
