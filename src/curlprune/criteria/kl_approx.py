@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from curlprune.criteria import Progress, Scores, prunable
+from curlprune.criteria import Progress, Scores, prunable, unit_broadcast
 from curlprune.criteria.partial import Cut, Env, GraphRunner, logits_of
 from curlprune.graph import ChannelGroup
 
@@ -87,7 +87,7 @@ def kl_approx_scores(
                     sums[g.name] += (0.5 * weight[:, None] * delta**2).sum(0).numpy()
         if progress:
             progress(sum(g.width // g.unit for g, _ in work) * x.shape[0] / n)
-    return {g.name: np.repeat(sums[g.name] / n, g.unit) for g, _ in work}
+    return {g.name: unit_broadcast(sums[g.name] / n, g.unit) for g, _ in work}
 
 
 def _contribution(activation: torch.Tensor, grad: torch.Tensor, dim: int) -> torch.Tensor:
