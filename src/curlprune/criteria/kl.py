@@ -40,7 +40,7 @@ from torch import nn
 
 from curlprune.criteria import Progress, Scores, eval_mode, prunable
 from curlprune.criteria.partial import Cut, Env, GraphRunner, gather, is_gatherable, kl_to_reference, unit_positions
-from curlprune.graph import ChannelGroup
+from curlprune.graph import ChannelGroup, Plan
 
 DEFAULT_BUDGET_MB = 512
 DEFAULT_CHUNK_MB = 16
@@ -127,13 +127,17 @@ def kl_scores_naive(
                 continue
             units = range(g.width // g.unit) if only is None else sorted(set(only[g.name]))
             for u in units:
-                removed = set(range(u * g.unit, (u + 1) * g.unit))
-                with mask(model, groups, {g.name: [c for c in range(g.width) if c not in removed]}):
+                with mask(model, groups, _without_unit(g, u)):
                     value = float(kl_to_reference(forward(), reference).mean())
                 scores[g.name][u * g.unit : (u + 1) * g.unit] = value
                 if progress:
                     progress(1)
     return scores
+
+
+def _without_unit(group: ChannelGroup, u: int) -> Plan:
+    """The plan that removes unit ``u`` of ``group`` and nothing else."""
+    return {group.name: [c for c in range(group.width) if c // group.unit != u]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,8 +368,7 @@ def _ablate_with_mask(runner: GraphRunner, w: _Work, x: torch.Tensor, reference:
     g = w.group
     per_unit = np.zeros(len(w.units))
     for slot, u in enumerate(w.units):
-        removed = set(range(u * g.unit, (u + 1) * g.unit))
-        with mask(runner.gm, [g], {g.name: [c for c in range(g.width) if c not in removed]}):
+        with mask(runner.gm, [g], _without_unit(g, u)):
             per_unit[slot] = float(kl_to_reference(runner.forward(x), reference).sum())
         if progress:
             progress(1)
