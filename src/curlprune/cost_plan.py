@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch.fx as fx
 from torch import nn
 
+from curlprune.graph import CHANNEL_NORMS
+
 if TYPE_CHECKING:
     from curlprune.graph import ChannelGroup, Plan, SliceKey
 
@@ -154,7 +156,7 @@ def _structured_terms(name: str, mod: nn.Module, out_shape: Sequence[int] | None
         if mod.bias is not None:
             params.append(CostTerm(False, 1, ((mod.out_features, out_key),)))
         return [CostTerm(True, math.prod(out_shape[1:-1]), sizes)], params
-    per_channel = isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)) or (
+    per_channel = isinstance(mod, CHANNEL_NORMS) or (
         isinstance(mod, nn.PReLU) and mod.num_parameters > 1
     )
     if per_channel:

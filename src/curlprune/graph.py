@@ -266,7 +266,8 @@ _SPATIAL_MODULES = (
     nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
     nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd, nn.Upsample,
 )
-_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+"""Per-channel norms: their weight, bias and running statistics are a ``"channel"`` member (surgery and cost follow)."""
 _CROSS_CHANNEL_MODULES = (nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Softmax2d)
 _SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 
@@ -431,7 +432,7 @@ class _ChannelAnalysis:
             return self.conv(node, name, mod, lay)
         if isinstance(mod, nn.Linear):
             return self.linear(node, name, lay)
-        if isinstance(mod, _CHANNEL_NORMS) and lay.dim == 1:
+        if isinstance(mod, CHANNEL_NORMS) and lay.dim == 1:
             if mod.weight is not None or mod.running_mean is not None:
                 self.add_source(self.sources, (name, "channel"), 0, lay.slots)
             self.layouts[node] = lay

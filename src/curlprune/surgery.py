@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from curlprune.errors import CurlpruneError
-from curlprune.graph import ChannelGroup, CurlTracer, Plan, SliceKey
+from curlprune.graph import CHANNEL_NORMS, ChannelGroup, CurlTracer, Plan, SliceKey
 
 _MODULE_ROLES = ("out", "in", "channel")
 
@@ -237,7 +237,7 @@ def _slice_module(mod: nn.Module, roles: dict[str, list[int]]) -> None:
         if mod.bias is not None:
             mod.bias = _new_param(mod.bias, mod.bias.index_select(0, out_keep))
         mod.in_features, mod.out_features = len(in_keep), len(out_keep)
-    elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+    elif isinstance(mod, CHANNEL_NORMS):
         keep = _kept(mod.num_features, roles["channel"])
         for pname in ("weight", "bias"):
             if getattr(mod, pname) is not None:
