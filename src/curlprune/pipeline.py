@@ -197,7 +197,9 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def check_same_run(previous: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
     """A run directory belongs to one model, data and seed; its stage list may only grow or shrink at the end."""
-    differ = [f"{k}={previous.get(k)!r} (now {current.get(k)!r})" for k in IDENTITY_KEYS if previous.get(k) != current.get(k)]
+    from curlprune.recover.loop import changed_settings
+
+    differ = changed_settings(previous, {k: current.get(k) for k in IDENTITY_KEYS})
     if differ:
         raise CurlpruneError(
             f"{run_dir} holds a run with different settings: {', '.join(differ)}; use another run_dir (--out) or delete {run_dir}"
@@ -216,8 +218,9 @@ def check_finished_prune(prune_dir: Path, cfg: Any) -> None:
         previous = json.loads((prune_dir / "done.json").read_text())["settings"]["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # not finished (or not readable): the prune stage itself decides
-    current = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    differ = [f"{k}={previous.get(k)!r} (now {v!r})" for k, v in current.items() if previous.get(k) != v]
+    from curlprune.recover.loop import changed_settings
+
+    differ = changed_settings(previous, dataclasses.asdict(cfg))
     if differ:
         raise CurlpruneError(
             f"{prune_dir} holds a finished prune stage with other settings: {', '.join(differ)}; "
@@ -485,10 +488,12 @@ class Run:
 
     def _check_student_record(self, stage_dir: Path, student: Student) -> None:
         """A stage resumes or is skipped only if it started from the same student as now."""
+        from curlprune.recover.loop import read_json
+
         record = {"source": student.source, "sha256": student.digest}
         path = stage_dir / STUDENT_RECORD
         if path.is_file():
-            previous = json.loads(path.read_text())
+            previous = read_json(path)
             if previous.get("sha256") != record["sha256"]:
                 raise CurlpruneError(
                     f"{stage_dir} was started from another student ({previous.get('source')}, now {student.source}): "

@@ -330,10 +330,15 @@ def load_stage_model(model: nn.Module, run_dir: str | Path, stage: str) -> nn.Mo
     return model
 
 
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"key=saved (now current)"`` for every current setting whose JSON value differs from the saved one."""
+    current = json.loads(json.dumps(current))  # tuples -> lists, like the saved copy
+    return [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in current.items() if saved.get(k) != v]
+
+
 def check_same_settings(cfg: TrainConfig, saved: Mapping[str, Any], where: Path) -> None:
     """A resumed or skipped stage must have been run with the same result-defining settings."""
-    current = json.loads(json.dumps(settings(cfg)))  # tuples -> lists, like the saved copy
-    differ = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in current.items() if saved.get(k) != v]
+    differ = changed_settings(saved, settings(cfg))
     if differ:
         raise CurlpruneError(
             f"{where} was written with different settings: {', '.join(differ)}; "
