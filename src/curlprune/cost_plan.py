@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch.fx as fx
 from torch import nn
 
-from curlprune.graph import CHANNEL_NORMS
+from curlprune.graph import CHANNEL_NORMS, fetch_attr
 
 if TYPE_CHECKING:
     from curlprune.graph import ChannelGroup, Plan, SliceKey
@@ -110,7 +110,7 @@ def build_cost_table(gm: fx.GraphModule, values: Mapping[fx.Node, Any], param_di
             shape = getattr(values.get(node), "shape", None)
             terms.extend(_module_terms(str(node.target), mod, shape, counted))
         elif node.op == "get_attr":
-            param = _fetch(gm, str(node.target))
+            param = fetch_attr(gm, str(node.target))
             if isinstance(param, nn.Parameter) and id(param) not in counted:
                 counted.add(id(param))
                 name = str(node.target)
@@ -162,13 +162,6 @@ def _structured_terms(name: str, mod: nn.Module, out_shape: Sequence[int] | None
     if per_channel:
         return [], [CostTerm(False, 1, ((p.shape[0], ch_key),)) for p in mod.parameters(recurse=False)]
     return [], None
-
-
-def _fetch(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def plan_cost(model: nn.Module, example_input: Any, groups: Sequence["ChannelGroup"], plan: "Plan") -> tuple[int, int]:

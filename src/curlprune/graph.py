@@ -132,6 +132,14 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    """The object a ``get_attr`` node's dotted ``target`` names under ``root``."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """What shape propagation keeps of a tensor value: its shape and whether it is a Parameter."""

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from curlprune.graph import ChannelGroup, symbolic_trace
+from curlprune.graph import ChannelGroup, fetch_attr, symbolic_trace
 from curlprune.surgery import consumer_input_dim
 
 Env = dict[str, Any]
@@ -116,10 +116,7 @@ class GraphRunner:
         if node.op == "call_method":
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         if node.op == "get_attr":
-            value: Any = self.gm
-            for part in str(node.target).split("."):
-                value = getattr(value, part)
-            return value
+            return fetch_attr(self.gm, str(node.target))
         if node.op == "output":
             return args[0]
         raise ValueError(f"cannot execute node {node.name} ({node.op})")
