@@ -10,11 +10,12 @@ import torch
 from curlprune.errors import CurlpruneError
 
 
-def example_input_for(model_name: str, input_size: int | None = None, batch: int = 1) -> torch.Tensor:
-    """A zero tensor shaped like one input batch of the named model."""
+def example_input_for(model_name: str, input_size: int | None = None, batch: int = 1, weights: str | None = None) -> torch.Tensor:
+    """A zero tensor shaped like one input batch of the named model (with these weights: torchvision
+    weights may set the input size, e.g. vit_b_16's SWAG weights take 384x384)."""
     from curlprune.models import input_spec
 
-    spec = input_spec(model_name)
+    spec = input_spec(model_name, weights)
     size = input_size or spec.size
     return torch.zeros(batch, spec.channels, size, size)
 
@@ -29,7 +30,7 @@ def load_model_arg(model: str | None, weights: str | None, checkpoint: str | Non
         return ckpt.load(checkpoint), meta["model_ref"]["name"], meta["input_shape"]
     if not model:
         raise CurlpruneError("no model given: pass --model NAME (e.g. cifar:resnet56) or a checkpoint file")
-    return build(model, weights=weights).eval(), model, list(example_input_for(model).shape)
+    return build(model, weights=weights).eval(), model, list(example_input_for(model, weights=weights).shape)
 
 
 def cmd_groups(args: argparse.Namespace) -> int:
@@ -37,7 +38,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
     from curlprune.report import console, groups_table
 
     model, name, _ = load_model_arg(args.model, args.weights)
-    groups = trace(model, example_input_for(name, args.input_size))
+    groups = trace(model, example_input_for(name, args.input_size, weights=args.weights))
     console.print(groups_table(groups, title=f"channel groups of {name}"))
     prunable = [g for g in groups if g.prunable]
     console.print(f"{len(groups)} groups, {len(prunable)} prunable, {sum(g.width for g in prunable)} prunable channels")
