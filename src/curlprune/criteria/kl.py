@@ -261,36 +261,26 @@ def _ablate_units(runner: GraphRunner, w: _Work, env: Env, i: int, x: torch.Tens
         progress(finished)
     items = [(slot, u, r) for slot, (u, r) in enumerate(unit_rows) if len(r)]
     pending: list[tuple[int, int, torch.Tensor]] = []
-    size = 0
+    size = completing = 0  # rows queued; units whose last rows are queued
+
+    def flush() -> None:
+        _run_chunk(runner, w, env, i, needed, pending, use_rank1, reference, per_unit)
+        if progress and completing:
+            progress(completing)
+
     for slot, u, r in items:
         while len(r):
             take = r[: chunk - size]
             pending.append((slot, u, take))
             size += len(take)
             r = r[len(take):]
+            completing += not len(r)
             if size >= chunk:
-                _run_chunk(runner, w, env, i, needed, pending, use_rank1, reference, per_unit)
-                done = _finished_units(pending, items)
-                if progress and done:
-                    progress(done)
-                pending, size = [], 0
+                flush()
+                pending, size, completing = [], 0, 0
     if pending:
-        _run_chunk(runner, w, env, i, needed, pending, use_rank1, reference, per_unit)
-        done = _finished_units(pending, items)
-        if progress and done:
-            progress(done)
+        flush()
     _add_unit_scores(w, per_unit / n_total, scores)
-
-
-def _finished_units(pending, items) -> int:
-    """How many units had their last rows in this chunk."""
-    last_slot = {slot: r for slot, _, r in items}
-    count = 0
-    for slot, _, rows in pending:
-        total = last_slot[slot]
-        if len(rows) and int(rows[-1]) == int(total[-1]):
-            count += 1
-    return count
 
 
 def _run_chunk(runner: GraphRunner, w: _Work, env: Env, i: int, needed: list[str],
