@@ -254,9 +254,6 @@ class _Walk:
             plan[name] = [c for u in range(self.units_total[name]) if u not in gone for c in range(u * g.unit, (u + 1) * g.unit)]
         return plan
 
-    def removed_channels(self, round_to: int | None = None) -> int:
-        return sum(self.groups[n].width - len(kept) for n, kept in self.plan(round_to).items())
-
 
 def _round_removed(removed: list[int], units_total: int, unit: int, round_to: int) -> list[int]:
     """Give back the last-removed (highest-scoring) units until the kept width is a multiple of round_to."""
@@ -306,10 +303,12 @@ def select(
         return cost_fn(state.plan(round_to))
 
     def finish(state: _Walk, top_k: int, filled: int = 0, note: str = "") -> Selection:
-        macs, params = cost_of(state)
+        plan = state.plan(round_to)
+        macs, params = cost_fn(plan)
+        removed = sum(state.groups[name].width - len(kept) for name, kept in plan.items())
         return Selection(
-            plan=state.plan(round_to), target=target, target_value=goal, top_k=top_k,
-            removed_channels=state.removed_channels(round_to), macs=macs, params=params,
+            plan=plan, target=target, target_value=goal, top_k=top_k,
+            removed_channels=removed, macs=macs, params=params,
             full_macs=full_macs, full_params=full_params, protected=protected, floor=floor, filled=filled, note=note,
         )
 
