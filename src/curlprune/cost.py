@@ -30,6 +30,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from curlprune.graph import eval_mode
+
 CONVS = {F.conv1d, F.conv2d, F.conv3d}
 TRANSPOSED_CONVS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -88,13 +90,9 @@ def count(model: nn.Module, example_input: Any) -> tuple[int, int]:
     """
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     batch = inputs[0].shape[0]
-    was_training = model.training
     mode = _CostMode()
-    try:
-        with torch.no_grad(), mode:
-            model.eval()(*inputs)
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), eval_mode(model), mode:
+        model(*inputs)
     params = sum(p.numel() for p in mode.used.values())
     return round(mode.macs / batch), params
 
@@ -107,21 +105,17 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, warmup: int =
     """
     if repeats < 1 or warmup < 0:
         raise ValueError("measure_latency needs repeats >= 1 and warmup >= 0")
-    was_training = model.training
-    model.eval().to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)
     x = example_input.contiguous(memory_format=torch.channels_last) if example_input.dim() == 4 else example_input
     times = []
-    try:
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                start = time.perf_counter()
-                model(x)
-                if x.is_cuda:
-                    torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append((time.perf_counter() - start) * 1e3)
-    finally:
-        model.train(was_training)
+    with torch.inference_mode(), eval_mode(model):
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            model(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
     return {
         "median_ms": statistics.median(times),
         "mean_ms": statistics.fmean(times),

@@ -21,11 +21,12 @@ unprunable with a reason, so a plan can never silently build a wrong model.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import math
 import operator
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -169,14 +170,28 @@ def _static(value: Any) -> Any:
     return value
 
 
-def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_input: Any) -> dict[fx.Node, Any]:
-    """Shape/value of every node for ``example_input`` (eval mode, no grad; modes restored)."""
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode while inside; then give every submodule back its own mode.
+
+    Restoring per module (not ``model.train(was_training)``) keeps mixed modes, e.g. frozen
+    batch norms in eval inside a model that trains.
+    """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_input: Any) -> dict[fx.Node, Any]:
+    """Shape/value of every node for ``example_input`` (eval mode, no grad; modes restored)."""
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
         recorder = _ShapeRecorder(gm)
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             recorder.run(*inputs)
     except CurlpruneError:
         raise
@@ -187,9 +202,6 @@ def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_input: Any) 
             f"{type(model).__name__} failed on the example input of shape {shapes} ({type(exc).__name__}: {first_line}); "
             "pass an input the model accepts, e.g. torch.zeros(1, 3, 224, 224)"
         ) from None
-    finally:
-        for m, training in modes:
-            m.training = training
     return recorder.values
 
 

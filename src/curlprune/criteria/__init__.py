@@ -13,9 +13,8 @@ gets the unit's score where the criterion is defined per unit (``kl``, ``kl-appr
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from curlprune.errors import CurlpruneError
-from curlprune.graph import ChannelGroup
+from curlprune.graph import ChannelGroup, eval_mode
 
 Scores = dict[str, np.ndarray]
 Progress = Callable[[int], None]
@@ -114,17 +113,6 @@ def work_items(name: str, groups: Sequence[ChannelGroup]) -> int:
 def prunable(groups: Sequence[ChannelGroup]) -> list[ChannelGroup]:
     """The groups that get scores."""
     return [g for g in groups if g.prunable]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode (BN uses running statistics, as CURL scores) and restore it."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def per_channel(values: torch.Tensor, group: ChannelGroup, member_index: tuple[tuple[int, ...], ...]) -> np.ndarray:
