@@ -408,7 +408,7 @@ class Run:
                 student, results[stage] = self.prune()
             else:
                 student, results[stage] = self.train(stage, student)
-        return self.summarize(results)
+        return self.summarize(results, student)
 
     def _claim_run_dir(self) -> None:
         """Check that the run directory holds this run (or none); a new one gets ``config.json`` now,
@@ -502,13 +502,16 @@ class Run:
             return
         write_if_changed(path, json.dumps(record, indent=2) + "\n")
 
-    def summarize(self, results: dict[str, Any]) -> dict[str, Any]:
-        """Final accuracies, MACs and params; rank 0 writes ``model.safetensors`` and ``summary.json``."""
-        from curlprune import checkpoint
+    def summarize(self, results: dict[str, Any], final_student: Student) -> dict[str, Any]:
+        """Final accuracies, MACs and params; rank 0 writes ``model.safetensors`` and ``summary.json``.
+
+        The cost is counted on the last stage's model in memory (it is what its checkpoint holds).
+        """
         from curlprune.cost import count
 
         final = Path(results[self.cfg.stages[-1]]["checkpoint"])
-        macs, params = count(checkpoint.load(final), self.example_input)
+        model = final_student.model
+        macs, params = count(model, self.example_input.to(next(model.parameters()).device))
         base_macs, base_params = self.base_cost
         summary: dict[str, Any] = {
             "model": self.cfg.model,
