@@ -98,7 +98,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from curlprune.data import evaluate, load_digits_dataset
     from curlprune.models import input_spec
     from curlprune.models.small import train_digits_model
-    from curlprune.pipeline import Run, parse_config, print_summary
+    from curlprune.pipeline import parse_config, run_and_print
     from curlprune.report import console
 
     out = Path(args.out)
@@ -115,9 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"    unpruned model: {top1:.2f}% test top-1")
         atomic_write(out / "teacher.pt", lambda tmp: torch.save(model.state_dict(), tmp))
     console.print("[bold]2/4[/] prune to 50% of the MACs with the KL criterion, then [bold]3/4[/] distill and [bold]4/4[/] refine")
-    summary = Run(parse_config(demo_config(out, args.cifar), "demo")).run()
-    print_summary(summary)
-    return 0
+    return run_and_print(parse_config(demo_config(out, args.cifar), "demo"))
 
 
 def register(subparsers, formatter) -> None:

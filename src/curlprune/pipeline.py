@@ -562,15 +562,13 @@ def print_summary(summary: dict[str, Any]) -> None:
                   f"{human(summary['params'])} params ({100 * summary['params_ratio']:.1f}%) -> {summary['checkpoint']}")
 
 
-def is_main_process() -> bool:
-    """True in a plain process and on rank 0 under torchrun (the one that prints)."""
-    import os
-
-    import torch.distributed as torch_dist
-
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        return torch_dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
+def run_and_print(cfg: RunConfig, student: str | Path | None = None) -> int:
+    """Run a config and print its summary on the process that prints (rank 0 under torchrun)."""
+    runner = Run(cfg, student=student)
+    summary = runner.run()
+    if runner.ctx.is_main:
+        print_summary(summary)
+    return 0
 
 
 # ----- CLI ------------------------------------------------------------------------------------
@@ -594,11 +592,7 @@ Several processes: torchrun --nproc_per_node=2 -m curlprune.cli run config.yaml
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, {"run_dir": args.out})
-    summary = Run(cfg).run()
-    if is_main_process():
-        print_summary(summary)
-    return 0
+    return run_and_print(load_config(args.config, {"run_dir": args.out}))
 
 
 def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
@@ -611,10 +605,7 @@ def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
         section = dict(raw.get(stage) or {})
         section.update({key: getattr(args, key) for key in ("epochs", "lr", "batch_size") if getattr(args, key) is not None})
         raw[stage] = section
-        summary = Run(parse_config(raw, args.config or "command line"), student=args.student).run()
-        if is_main_process():
-            print_summary(summary)
-        return 0
+        return run_and_print(parse_config(raw, args.config or "command line"), student=args.student)
 
     return command
 
