@@ -88,7 +88,7 @@ def load_image_folder(path: str | Path, splits: Sequence[str] | None = None) -> 
         wanted = list(tree) if splits is None else list(splits)
         for split in wanted:
             if split not in tree:
-                raise CurlpruneError(f"{path} has no split {split!r}: it has {sorted(tree)}")
+                raise CurlpruneError(f"{path} has no split {split!r}: it has {sorted(tree)}; lay the images out as {split}/<class>/<image>")
         return {split: _decode_split(path, tree[split], classes, reader) for split in wanted}
 
 
