@@ -21,6 +21,7 @@ from curlprune.data import ImageDataset, class_balanced_subset, load_digits_data
 from curlprune.models import build, input_spec
 from curlprune.recover import DistillConfig, FinetuneConfig, RefineConfig, distill, finetune, refine
 from curlprune.recover.loop import DONE_FILE, STATE_FILE
+from curlprune.recover.dist import shutdown
 
 MODEL = "small:resnet-digits"
 TRIP_AFTER_SAMPLES = 8
@@ -89,6 +90,8 @@ def main() -> None:
         if result is not None:
             tensors["labels"] = result.tensors["labels"]
         save_file(tensors, str(args.run_dir / f"rank{os.environ.get('RANK', '0')}.safetensors"))
+    shutdown()  # leave the process group cleanly before exiting
+
 
 if __name__ == "__main__":
     main()

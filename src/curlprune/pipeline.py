@@ -561,10 +561,17 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def run_and_print(cfg: RunConfig, student: str | Path | None = None) -> int:
     """Run a config and print its summary on the process that prints (rank 0 under torchrun)."""
+    from curlprune.recover.dist import shutdown
+
     runner = Run(cfg, student=student)
-    summary = runner.run()
+    try:
+        summary = runner.run()
+    except BaseException:
+        shutdown(wait=False)
+        raise
     if runner.ctx.is_main:
         print_summary(summary)
+    shutdown()
     return 0
 
 

@@ -81,6 +81,19 @@ def init_distributed(device: str = "auto", timeout: timedelta | None = None) -> 
     )
 
 
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy it.
+
+    A rank that exits while the group's background threads still run aborts ("terminate called
+    without an active exception"), failing the torchrun job after all work is done. After an
+    error, ``wait=False`` skips the barrier, which the failed ranks might never reach.
+    """
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        if wait:
+            torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def barrier(ctx: DistContext) -> None:
     """Wait for every process (no-op in one process)."""
     if ctx.enabled:
