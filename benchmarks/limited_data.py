@@ -160,7 +160,8 @@ def write_markdown(results: dict, results_dir: Path) -> None:
     lines = ["# Limited-data benchmark (CIFAR-10 JPEG, ResNet-56 teacher -> ResNet-20 MACs)", "",
              "Commands (in order; each adds or replaces rows):", "", *[f"    {c}" for c in results["commands"]], "",
              f"Target MACs {results['target_macs'] / 1e6:.2f} M (ResNet-20); teacher {results['teacher_macs'] / 1e6:.2f} M MACs, "
-             f"{results['teacher_params'] / 1e6:.3f} M params. torch {results['torch']}, {results['threads']} threads.", ""]
+             f"{results['teacher_params'] / 1e6:.3f} M params. torch {results['torch']}, {results['threads']} intra-op thread(s) "
+             "on 2 CPU cores shared with other jobs: wall times are indicative only.", ""]
     for per_class, rows in results["rows"].items():
         budget = results.get("budgets", {}).get(per_class, {})
         lines += [f"## {per_class} images per class ({int(per_class) * 10} images)", "",
