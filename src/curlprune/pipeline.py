@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import filecmp
-import hashlib
 import json
 import shutil
 import time
@@ -46,6 +45,7 @@ from typing import Any, Callable, TypeVar
 
 import yaml
 
+from curlprune.checkpoint import file_digest
 from curlprune.errors import CurlpruneError
 
 TRAIN_STAGES = ("finetune", "distill", "refine")
@@ -266,15 +266,6 @@ def on_main(ctx: Any, work: Callable[[], T]) -> T:
     if "error" in shared:
         raise CurlpruneError(shared["error"])
     return shared["value"]
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_if_changed(path: Path, text: str) -> None:

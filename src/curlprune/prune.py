@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from curlprune.checkpoint import file_digest
 from curlprune.errors import CurlpruneError
 from curlprune.graph import ChannelGroup, Plan
 
@@ -208,13 +209,8 @@ def _finished(out: Path, settings: dict[str, Any]) -> PruneResult | None:
 
 
 def _file_digest(path: str | None) -> str | None:
-    if path is None or not Path(path).is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a weights file; None for no file (e.g. a torchvision weight name)."""
+    return file_digest(path) if path is not None and Path(path).is_file() else None
 
 
 def _splits_digest(splits: dict) -> str:
