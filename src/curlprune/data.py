@@ -23,7 +23,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.transforms import build_transform, transforms_batches
 
 if TYPE_CHECKING:
-    from curlprune.models.registry import InputSpec
+    from curlprune.models.spec import InputSpec
 
 LAYOUT = "<split>/<class>/<image> or <class>/<image>"
 SINGLE_SPLIT = "all"

@@ -13,7 +13,7 @@ import torch
 from torchvision.transforms import v2
 
 if TYPE_CHECKING:
-    from curlprune.models.registry import InputSpec
+    from curlprune.models.spec import InputSpec
 
 SMALL_INPUT = 64  # inputs up to this side are trained with pad-crop instead of resized crops
 

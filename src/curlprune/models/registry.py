@@ -23,37 +23,13 @@ from torch import nn
 from curlprune.errors import CurlpruneError
 from curlprune.models.cifar import CIFAR_DEPTHS, cifar_resnet
 from curlprune.models.small import DIGITS_MEAN, DIGITS_STD, digits_resnet
+from curlprune.models.spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_MODELS = {"resnet-digits": digits_resnet}
 KNOWN_NAMES = (
     f"cifar:resnet{{{','.join(map(str, CIFAR_DEPTHS))}}}, torchvision:<classification model, e.g. resnet50>, "
     + ", ".join(f"small:{name}" for name in SMALL_MODELS)
 )
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a model expects as input, and how its training images are augmented.
-
-    size:         side of the square input.
-    channels:     input channels.
-    mean, std:    per-channel normalisation of [0, 1] pixels.
-    resize:       eval-time resize before the centre crop (ImageNet-style models); None: no resize.
-    num_classes:  outputs of the classifier.
-    flip:         random horizontal flips when training (off for digits, where they change meaning).
-    crop_padding: zero padding of the random crop used to train small-input models.
-    """
-
-    size: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize: int | None
-    num_classes: int
-    flip: bool = True
-    crop_padding: int = 4
 
 
 @dataclass(frozen=True)
