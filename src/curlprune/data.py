@@ -10,9 +10,8 @@ import contextlib
 import io
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,10 +19,8 @@ from torch import nn
 from torchvision.io import ImageReadMode, decode_image
 
 from curlprune.errors import CurlpruneError
+from curlprune.models.spec import InputSpec
 from curlprune.transforms import build_transform, transforms_batches
-
-if TYPE_CHECKING:
-    from curlprune.models.spec import InputSpec
 
 LAYOUT = "<split>/<class>/<image> or <class>/<image>"
 SINGLE_SPLIT = "all"
@@ -256,6 +253,42 @@ def batches(
         yield images, ds.labels[idx]
 
 
+def to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """Move a batch to ``device``, in channels_last layout for images ``[B, C, H, W]`` when asked."""
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def model_outputs(
+    model: nn.Module,
+    batch_iter: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device | None = None,
+    channels_last: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The one evaluation loop of the package: ``(logits [B, classes], labels [B])`` per batch.
+
+    Args:
+        model: run in eval mode under ``torch.no_grad`` (its mode is restored when the loop ends).
+        batch_iter: ``(inputs [B, C, H, W] float, labels [B])`` batches, already transformed.
+        device: where the inputs go; default: the model's.
+        channels_last: feed images in channels_last layout.
+    Returns:
+        An iterator of the model's logits (on ``device``, its dtype) and the labels as given.
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for images, labels in batch_iter:
+                yield model(to_input(images, device, channels_last)), labels
+    finally:
+        model.train(was_training)
+
+
 def count_correct(
     model: nn.Module,
     ds: ImageDataset,
@@ -267,23 +300,18 @@ def count_correct(
 ) -> int:
     """How many images of ``ds`` ``model`` classifies correctly (top-1) with the eval transform.
 
-    Runs in eval mode under inference_mode on ``device`` (default: the model's), in channels_last
-    layout when asked; restores the mode after. The one evaluation loop of the package.
+    Args:
+        model: the classifier (run through :func:`model_outputs`: eval mode, restored after).
+        ds: uint8 images and labels.
+        spec: the model's input recipe (eval transform).
+        batch_size: images per forward pass.
+        device: default: the model's.
+        channels_last: feed images in channels_last layout.
+    Returns:
+        The number of correct top-1 predictions (0 .. ``len(ds)``).
     """
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        with torch.inference_mode():
-            for images, labels in batches(ds, spec, batch_size):
-                images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                correct += int((model(images).argmax(1).cpu() == labels).sum())
-    finally:
-        model.train(was_training)
-    return correct
+    outputs = model_outputs(model, batches(ds, spec, batch_size), device=device, channels_last=channels_last)
+    return sum(int((logits.argmax(1).cpu() == labels).sum()) for logits, labels in outputs)
 
 
 def evaluate(model: nn.Module, ds: ImageDataset, spec: InputSpec, batch_size: int = 256) -> float:

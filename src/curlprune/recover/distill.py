@@ -23,7 +23,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from curlprune.recover.dist import DistContext
-from curlprune.recover.loop import Result, Stage, Trainer, TrainConfig, prepare_teacher, require
+from curlprune.recover.evaluate import prepare_teacher
+from curlprune.recover.loop import Trainer
+from curlprune.recover.stage import Result, Stage, TrainConfig, require
 
 
 @dataclass

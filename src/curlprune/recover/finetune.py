@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from curlprune.recover.loop import Result, Stage, Trainer, TrainConfig
+from curlprune.recover.loop import Trainer
+from curlprune.recover.stage import Result, Stage, TrainConfig
 
 
 @dataclass

@@ -32,17 +32,10 @@ from curlprune.errors import CurlpruneError
 from curlprune.recover import dist
 from curlprune.recover.dist import DistContext
 from curlprune.recover.expand import ExpandedDataset
-from curlprune.recover.loop import (
-    STATE_FILE,
-    Result,
-    Stage,
-    Trainer,
-    TrainConfig,
-    predict,
-    prepare_teacher,
-    require,
-    stage_tensors,
-)
+from curlprune.recover.evaluate import predict, prepare_teacher
+from curlprune.recover.loop import Trainer
+from curlprune.recover.stage import Result, Stage, TrainConfig, require, stage_tensors
+from curlprune.rundir import STATE_FILE
 from curlprune.transforms import build_transform
 
 
