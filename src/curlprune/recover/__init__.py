@@ -1,4 +1,4 @@
-"""Accuracy recovery after pruning, as resumable training stages (curl-method.md §3-§5).
+"""Accuracy recovery after pruning, as resumable training stages (docs/method.md §4-§7).
 
     finetune(student, data, spec, FinetuneConfig(), run_dir)          # CE on hard labels
     distill(student, teacher, data, spec, DistillConfig(), run_dir)   # mixup + KD (stage 2)

@@ -1,4 +1,4 @@
-"""Stage 2 of CURL on small data: knowledge distillation with mixup (curl-method.md §4).
+"""Stage 2 of CURL on small data: knowledge distillation with mixup (docs/method.md §5).
 
 Per batch: one lambda ~ Beta(a, a) (a = 1), a random pairing ``perm`` of the batch, and
 ``x_mix = lambda * x + (1 - lambda) * x[perm]``; the frozen teacher (eval mode, no gradient)
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from curlprune.models.spec import InputSpec
 from curlprune.recover.dist import DistContext
 from curlprune.recover.evaluate import prepare_teacher
 from curlprune.recover.loop import Trainer
@@ -80,7 +81,7 @@ class DistillStage(Stage):
         self.teacher = teacher
         self.rng = np.random.default_rng(cfg.seed)
 
-    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: Any) -> None:
+    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: InputSpec) -> None:
         prepare_teacher(self.teacher, model, data, spec, ctx, self.cfg.channels_last)
         super().prepare(ctx, model, data, spec)
 
@@ -117,7 +118,7 @@ def distill(
     student: nn.Module,
     teacher: nn.Module,
     data: Mapping[str, Dataset],
-    spec: Any,
+    spec: InputSpec,
     cfg: DistillConfig | None = None,
     run_dir: str | Path = "runs/recover",
     *,

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from curlprune.models.spec import InputSpec
 from curlprune.recover.loop import Trainer
 from curlprune.recover.stage import Result, Stage, TrainConfig
 
@@ -18,7 +19,7 @@ from curlprune.recover.stage import Result, Stage, TrainConfig
 class FinetuneConfig(TrainConfig):
     """Fine-tuning settings (see :class:`TrainConfig` for every field).
 
-    The defaults suit small datasets (the spec's "stage-2 recipe without KD", §7 note 6): 30
+    The defaults suit small datasets (the distillation recipe without the teacher, docs/method.md §4 and §8): 30
     epochs, global batch 32, lr 0.01, 1 warm-up epoch, weight decay 4e-5, cosine to 0. The
     paper's ImageNet recipe (100 epochs, batch 512, lr 0.1, 5 warm-up epochs) is
     :meth:`imagenet`.
@@ -31,7 +32,7 @@ class FinetuneConfig(TrainConfig):
 
     @classmethod
     def imagenet(cls, **overrides: Any) -> "FinetuneConfig":
-        """The authors' ImageNet settings (curl-method.md §3), with optional overrides."""
+        """The authors' ImageNet settings (docs/method.md §4), with optional overrides."""
         return cls(**{"epochs": 100, "batch_size": 512, "lr": 0.1, "warmup_epochs": 5.0, **overrides})
 
 
@@ -48,7 +49,7 @@ class FinetuneStage(Stage):
 def finetune(
     student: nn.Module,
     data: Mapping[str, Dataset],
-    spec: Any,
+    spec: InputSpec,
     cfg: FinetuneConfig | None = None,
     run_dir: str | Path = "runs/recover",
     *,

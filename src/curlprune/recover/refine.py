@@ -1,4 +1,4 @@
-"""Stage 3 of CURL on small data: label refinement on the 6x expanded set (curl-method.md §5).
+"""Stage 3 of CURL on small data: label refinement on the 6x expanded set (docs/method.md §7).
 
 A label store ``Z`` (N x C float32, one row per expanded image, kept on the CPU and saved
 with the resumable state) starts as the teacher's raw logits on the expanded images under the
@@ -8,7 +8,7 @@ EVAL transform. Per batch, with ``z = Z[idx]`` made a leaf that requires grad:
 
 (T = 1, alpha = 0.7, student first as in PENCIL). After ``L.backward()`` the rows move by
 gradient descent, ``Z[idx] = z - step * z.grad``, with ``dL/dz_i = (alpha / B)(q_i - p_i)``
-(q = softmax(z), p = softmax(s)). The step follows spec note 9:
+(q = softmax(z), p = softmax(s)). The step is scaled with the batch size (docs/method.md §7):
 
     step = label_lr * B / label_reference_batch   (B = this process's batch, reference 32)
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +29,11 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from curlprune.errors import CurlpruneError
+from curlprune.models.spec import InputSpec
 from curlprune.recover import dist
 from curlprune.recover.dist import DistContext
-from curlprune.recover.expand import ExpandedDataset
 from curlprune.recover.evaluate import predict, prepare_teacher
+from curlprune.recover.expand import ExpandedDataset
 from curlprune.recover.loop import Trainer
 from curlprune.recover.stage import Result, Stage, TrainConfig, require, stage_tensors
 from curlprune.rundir import STATE_FILE
@@ -84,7 +85,7 @@ def refine_loss(
 
 
 def label_step(cfg: RefineConfig, batch: int) -> float:
-    """Step size applied to the gradient of the batch-mean loss (spec note 9)."""
+    """Step size applied to the gradient of the batch-mean loss (docs/method.md §7: scaled with the batch size)."""
     return cfg.label_lr * batch / cfg.label_reference_batch
 
 
@@ -94,7 +95,7 @@ def write_rows(ctx: DistContext, store: torch.Tensor, index: torch.Tensor, rows:
         store[part_index.cpu()] = part_rows.cpu()
 
 
-def teacher_logits(ctx: DistContext, teacher: nn.Module, dataset: Dataset, spec: Any, cfg: TrainConfig) -> torch.Tensor:
+def teacher_logits(ctx: DistContext, teacher: nn.Module, dataset: Dataset, spec: InputSpec, cfg: TrainConfig) -> torch.Tensor:
     """Raw teacher logits (N x C, float32, CPU) on ``dataset`` with the eval transform.
 
     Each rank computes a contiguous share; the shares are all-gathered.
@@ -127,11 +128,11 @@ class RefineStage(Stage):
     def train_set(self, train: Dataset) -> Dataset:
         return ExpandedDataset(train, seed=self.cfg.seed) if self.cfg.expand else train
 
-    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: Any) -> None:
+    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: InputSpec) -> None:
         prepare_teacher(self.teacher, model, data, spec, ctx, self.cfg.channels_last)
         super().prepare(ctx, model, data, spec)
 
-    def init_fresh(self, ctx: DistContext, model: nn.Module, train_set: Dataset, spec: Any) -> None:
+    def init_fresh(self, ctx: DistContext, model: nn.Module, train_set: Dataset, spec: InputSpec) -> None:
         self.labels = teacher_logits(ctx, self.teacher, train_set, spec, self.cfg)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +174,7 @@ def refine(
     student: nn.Module,
     teacher: nn.Module,
     data: Mapping[str, Dataset],
-    spec: Any,
+    spec: InputSpec,
     cfg: RefineConfig | None = None,
     run_dir: str | Path = "runs/recover",
     *,
