@@ -75,7 +75,15 @@ def load_image_folder(path: str | Path, splits: Sequence[str] | None = None) -> 
 
     Layout ``<split>/<class>/<image>`` gives one dataset per split; ``<class>/<image>`` gives the
     single split ``"all"``. Classes are the sorted class folder names and must be the same in every
-    split. ``splits`` decodes only the named splits (e.g. ``["test"]``). Images become RGB.
+    split. Images become RGB.
+
+    Args:
+        path: a folder or a ``.zip`` with that layout.
+        splits: decode only these splits (e.g. ``["test"]``); None = all.
+    Returns:
+        split name -> :class:`ImageDataset` of uint8 ``[3, H, W]`` images.
+    Raises:
+        CurlpruneError: a missing path or split, a bad layout, differing classes, an unreadable image.
     """
     path = Path(path)
     with contextlib.ExitStack() as stack:
@@ -181,7 +189,11 @@ def decode_rgb(data: bytes, where: str) -> torch.Tensor:
 def load_digits_dataset(seed: int = 0, test_fraction: float = 0.2) -> dict[str, ImageDataset]:
     """The 1,797 real 8x8 handwritten digits of scikit-learn, split stratified by class.
 
-    Pixel values 0..16 become uint8 0..255 with one channel; returns ``{"train", "test"}``.
+    Args:
+        seed: seed of the stratified split.
+        test_fraction: share of the images in the test split.
+    Returns:
+        ``{"train", "test"}`` :class:`ImageDataset` s of uint8 ``[1, 8, 8]`` images (0..16 scaled to 0..255).
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -200,7 +212,11 @@ def load_digits_dataset(seed: int = 0, test_fraction: float = 0.2) -> dict[str, 
 
 
 def calibration_subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
-    """``n`` images drawn at random without replacement (the same ``n`` for the same ``seed``)."""
+    """``n`` images drawn at random without replacement (the same ``n`` for the same ``seed``).
+
+    Raises:
+        CurlpruneError: ``n`` is not in 1..len(ds).
+    """
     if not 1 <= n <= len(ds):
         raise CurlpruneError(f"cannot draw {n} calibration images from a dataset of {len(ds)}: choose 1..{len(ds)}")
     generator = torch.Generator().manual_seed(seed)
@@ -208,7 +224,11 @@ def calibration_subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
 
 
 def class_balanced_subset(ds: ImageDataset, per_class: int, seed: int) -> ImageDataset:
-    """Exactly ``per_class`` random images of every class, grouped by class."""
+    """Exactly ``per_class`` random images of every class (seeded), grouped by class.
+
+    Raises:
+        CurlpruneError: a class has fewer than ``per_class`` images.
+    """
     generator = torch.Generator().manual_seed(seed)
     picked = []
     for label, name in enumerate(ds.classes):
@@ -315,9 +335,12 @@ def count_correct(
 
 
 def evaluate(model: nn.Module, ds: ImageDataset, spec: InputSpec, batch_size: int = 256) -> float:
-    """Top-1 accuracy (fraction in [0, 1]) of ``model`` on ``ds`` with the eval transform.
+    """Top-1 accuracy of ``model`` on ``ds`` with the eval transform.
 
     The model is put in channels_last layout (and stays so); see :func:`count_correct`.
+
+    Returns:
+        A fraction in [0, 1] (not %).
     """
     model.to(memory_format=torch.channels_last)
     return count_correct(model, ds, spec, batch_size) / max(1, len(ds))

@@ -85,7 +85,13 @@ def _build_section(stage: str, values: Any, where: str, defaults: dict[str, Any]
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML config file; a missing or malformed file is a one-line error."""
+    """The mapping in a YAML config file.
+
+    Returns:
+        The raw mapping (unchecked; see :func:`parse_config`).
+    Raises:
+        CurlpruneError: the file is missing, not YAML, or not a mapping.
+    """
     path = Path(path)
     if not path.is_file():
         raise CurlpruneError(f"config {path} does not exist: write one (see `curlprune run --help` for an example)")
@@ -99,7 +105,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Parse and check a YAML run config; ``overrides`` replace top-level keys (e.g. from the CLI)."""
+    """Parse and check a YAML run config.
+
+    Args:
+        path: the YAML file.
+        overrides: top-level keys that replace the file's (e.g. ``run_dir`` from ``--out``); None values are ignored.
+    Returns:
+        The checked :class:`RunConfig`.
+    Raises:
+        CurlpruneError: see :func:`read_config_file` and :func:`parse_config`.
+    """
     raw = read_config_file(path)
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return parse_config(raw, str(path))
@@ -128,7 +143,17 @@ def _optional_int(raw: dict[str, Any], key: str, where: str) -> int | None:
 
 
 def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
-    """Check a config mapping and turn it into a :class:`RunConfig` with typed stage sections."""
+    """Check a config mapping and turn it into a :class:`RunConfig` with typed stage sections.
+
+    Args:
+        raw: the mapping (top-level keys and one section per stage).
+        where: names the source in error messages (a file name, "command line").
+    Returns:
+        The :class:`RunConfig`; ``sections`` holds a config dataclass per stage listed or given.
+    Raises:
+        CurlpruneError: an unknown key (the message lists the valid ones), a missing model, bad
+            stages, seed or counts, or a bad value in a stage section.
+    """
     top = {f.name for f in dataclasses.fields(RunConfig)} - {"sections"}
     unknown = sorted(set(raw) - top - set(ALL_STAGES))
     if unknown:
@@ -154,7 +179,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """The config as plain JSON-able values (what ``config.json`` holds)."""
+    """The config as plain JSON-able values (what ``config.json`` holds): the top-level keys and one mapping per stage section."""
     top = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "sections"}
     top.update({name: dataclasses.asdict(section) for name, section in cfg.sections.items()})
     return top

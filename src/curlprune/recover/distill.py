@@ -126,9 +126,17 @@ def distill(
 ) -> Result:
     """Train ``student`` in place by mixup-KD from ``teacher``; resumable, skipped when done.
 
-    teacher: the unpruned model, same classes as the data (checked); it is moved to the
-             training device and put in eval mode, never updated.
-    Other parameters as in :func:`curlprune.recover.finetune.finetune`.
+    Args:
+        teacher: the unpruned model, same classes as the data (checked); it is moved to the
+            training device and put in eval mode, never updated.
+        student, data, spec, cfg, run_dir, stage: as in :func:`curlprune.recover.finetune.finetune`
+            (``cfg``: :class:`DistillConfig`).
+    Returns:
+        The :class:`~curlprune.recover.stage.Result` (test top-1 in %).
+    Raises:
+        CurlpruneError: as :func:`~curlprune.recover.finetune.finetune`, or teacher is student.
+
+    Source: docs/method.md §5.
     """
     stage_impl = DistillStage(cfg or DistillConfig(), teacher)
     stage_impl.name = stage

@@ -57,12 +57,21 @@ def finetune(
 ) -> Result:
     """Fine-tune ``student`` in place with cross-entropy; resumable, skipped when already done.
 
-    student: the (pruned) model; its weights are updated in place and returned in the Result.
-    data:    ``{"train": ImageDataset, "test": ImageDataset}`` of uint8 images.
-    spec:    the model's ``InputSpec`` (curlprune.models.input_spec), for its transforms.
-    cfg:     :class:`FinetuneConfig` (defaults for small data).
-    run_dir: outputs go to ``<run_dir>/<stage>/`` (metrics.jsonl, state.safetensors,
-             model.safetensors, done.json).
+    Args:
+        student: the (pruned) model; its weights are updated in place and returned in the Result.
+        data: ``{"train": ImageDataset, "test": ImageDataset}`` of uint8 images ``[C, H, W]``.
+        spec: the model's input recipe (:func:`curlprune.models.input_spec`), for its transforms.
+        cfg: :class:`FinetuneConfig` (defaults for small data); None = the defaults.
+        run_dir: outputs go to ``<run_dir>/<stage>/`` (metrics.jsonl, state.safetensors,
+            model.safetensors: plain weights, done.json; see :mod:`curlprune.rundir`).
+        stage: the stage folder's name.
+    Returns:
+        The :class:`~curlprune.recover.stage.Result` (test top-1 in %, epochs, seconds).
+    Raises:
+        CurlpruneError: bad data or settings, a model that does not fit the data, or a stage
+            folder written with other settings or another architecture.
+
+    Source: docs/method.md §4.
     """
     stage_impl = FinetuneStage(cfg or FinetuneConfig())
     stage_impl.name = stage

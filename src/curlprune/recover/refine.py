@@ -160,7 +160,16 @@ class RefineStage(Stage):
 
 
 def load_label_store(run_dir: str | Path, stage: str = "refine") -> torch.Tensor:
-    """The label store (N x C logits, rows in ExpandedDataset order) of a refine run's last epoch."""
+    """The label store of a refine stage's last completed epoch.
+
+    Args:
+        run_dir: the run directory.
+        stage: the refine stage's folder name.
+    Returns:
+        float32 logits ``[N, classes]``, rows in :class:`ExpandedDataset` order.
+    Raises:
+        CurlpruneError: no state file, or it holds no label store.
+    """
     path = Path(run_dir) / stage / STATE_FILE
     if not path.is_file():
         raise CurlpruneError(f"no label store in {path.parent} ({path.name} is missing): run the refine stage first")
@@ -180,11 +189,20 @@ def refine(
     *,
     stage: str = "refine",
 ) -> Result:
-    """Train ``student`` in place with label refinement; resumable, skipped when done.
+    """Train ``student`` in place with label refinement on the 6x expanded data; resumable, skipped when done.
 
-    teacher: the unpruned model whose logits initialise the label store (eval mode, no grad).
-    The refined store is ``result.tensors["labels"]`` (also in ``<run_dir>/<stage>/state.safetensors``,
-    :func:`load_label_store`). Other parameters as in :func:`curlprune.recover.finetune.finetune`.
+    Args:
+        teacher: the unpruned model whose logits initialise the label store (eval mode, no grad).
+        student, data, spec, cfg, run_dir, stage: as in :func:`curlprune.recover.finetune.finetune`
+            (``cfg``: :class:`RefineConfig`).
+    Returns:
+        The :class:`~curlprune.recover.stage.Result`; the refined store is
+        ``result.tensors["labels"]`` (``[6 N, classes]`` logits; also in
+        ``<run_dir>/<stage>/state.safetensors``, :func:`load_label_store`).
+    Raises:
+        CurlpruneError: as :func:`~curlprune.recover.finetune.finetune`, or teacher is student.
+
+    Source: docs/method.md §6 (expansion) and §7 (refinement, the step's batch-size scaling).
     """
     stage_impl = RefineStage(cfg or RefineConfig(), teacher)
     stage_impl.name = stage
