@@ -49,6 +49,7 @@ from curlprune.rundir import (
     SCORES_FILE,
     append_jsonl,
     atomic_write_text,
+    changed_settings,
     optional_file_digest,
     write_done,
     write_json,
@@ -229,7 +230,7 @@ def _finished(out: Path, settings: dict[str, Any]) -> PruneResult | None:
         plan = json.loads((out / PLAN_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if previous.get("settings") != json.loads(json.dumps(settings)):
+    if not isinstance(previous.get("settings"), dict) or changed_settings(previous["settings"], settings):
         return None
     return PruneResult(out, out / MODEL_FILE, plan, report, scores_reused=True, already_done=True)
 

@@ -12,7 +12,7 @@ console = Console(stderr=False)
 
 
 def human(n: float) -> str:
-    """1234567 -> '1.23M'."""
+    """A count with a k/M/G suffix and 2 decimals: 1234567 -> '1.23M' (below 1000: the integer)."""
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
