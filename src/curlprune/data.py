@@ -173,7 +173,7 @@ def decode_rgb(data: bytes, where: str) -> torch.Tensor:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):
         pass
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # only for the rare image torchvision cannot decode
 
     try:  # other formats (BMP, TIFF, ...) through Pillow
         with Image.open(io.BytesIO(data)) as img:
@@ -195,7 +195,7 @@ def load_digits_dataset(seed: int = 0, test_fraction: float = 0.2) -> dict[str, 
     Returns:
         ``{"train", "test"}`` :class:`ImageDataset` s of uint8 ``[1, 8, 8]`` images (0..16 scaled to 0..255).
     """
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn is slow to import; only the digits need it
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
