@@ -14,7 +14,8 @@ from curlprune import checkpoint
 from curlprune.cli import main
 from curlprune.analysis import trace
 from curlprune.models import build
-from curlprune.prune import PruneConfig, read_scores, run_prune
+from curlprune.prune import PruneConfig, run_prune
+from curlprune.scores_io import read_scores
 
 from conftest import SHARED  # noqa: E402
 MODEL = "small:resnet-digits"

@@ -40,7 +40,6 @@ __all__ = [
     "export_onnx",
     "file_digest",
     "load",
-    "load_state_strict",  # re-exported for recover/loop.py until it imports curlprune.models.weights
     "read_metadata",
     "save",
 ]
