@@ -69,10 +69,16 @@ def main() -> None:
     state["command"] = "python benchmarks/latency.py " + " ".join(sys.argv[1:])
     state["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs shared with other processes, torch {torch.__version__}"
     threads = [int(t) for t in args.threads.split(",")]
-    for name in args.models.split(","):
-        _bench_model(name, state, out, results, args.runtimes.split(","), threads, args.max_rounds)
-    for name in filter(None, args.targets.split(",")):
-        _target_row(name, state, out, results)
+    names = args.models.split(",")
+    # most informative first: the big batch on 1 thread for every model, then the latency targets,
+    # then all cores, then batch 1
+    phases = [("big", threads[0])] + [("big", t) for t in threads[1:]] + [("one", t) for t in threads]
+    for i, (batch, n_threads) in enumerate(phases):
+        for name in names:
+            _bench_model(name, state, out, results, args.runtimes.split(","), batch, n_threads, args.max_rounds)
+        if i == 0:
+            for name in filter(None, args.targets.split(",")):
+                _target_row(name, state, out, results)
     _write(state, results)
 
 
@@ -141,13 +147,17 @@ def _pruned(name: str, model, example, groups, scores, round_to):
     return apply(model, groups, sel.plan).eval(), sel
 
 
-def _bench_model(name, state, out, results, runtimes, threads, max_rounds) -> None:
+def _bench_model(name, state, out, results, runtimes, batch_kind, n_threads, max_rounds) -> None:
     from curlprune.latency import compare_latency, example_batch, prepare
 
     if name not in MODELS:
         raise SystemExit(f"unknown model {name}: use {', '.join(MODELS)}")
-    _, _, _, criterion, _, big = MODELS[name]
-    batches = (big, 1)
+    _, _, _, criterion, size, big = MODELS[name]
+    batches = (big,) if batch_kind == "big" else (1,)
+    threads = (n_threads,)
+    # a forward of batch 8 at 224 takes seconds here: fewer warm-up calls and rounds
+    slow = size >= 224 and batches[0] > 1
+    timing = {"warmup": 1, "min_rounds": 5, "max_rounds": min(max_rounds, 9)} if slow else {"max_rounds": max_rounds}
     keys = [_key(name, rt, b, t, r) for b in batches for t in threads for rt in runtimes for r in ROUND_TO]
     if all(k in state["rows"] for k in keys):
         return
@@ -167,11 +177,11 @@ def _bench_model(name, state, out, results, runtimes, threads, max_rounds) -> No
                     started = time.time()
                     if runtime == "torch":
                         c = compare_latency(prepare(small), reference, example, batch=batch, threads=n_threads,
-                                            max_rounds=max_rounds, prepared=True)
+                                            prepared=True, **timing)
                         ratio, ms_small, ms_full, noise, rounds = c.ratio, c.candidate_ms, c.reference_ms, c.noise, c.rounds
                     else:
                         ratio, ms_small, ms_full, noise, rounds = _ort_compare(
-                            name, r, model, small, example_batch(example, batch), n_threads, out, max_rounds)
+                            name, r, model, small, example_batch(example, batch), n_threads, out, timing)
                     state["rows"][key] = {
                         "model": name, "runtime": runtime, "batch": batch, "threads": n_threads, "round_to": r,
                         "criterion": criterion, "macs_ratio": sel.macs / sel.full_macs,
@@ -185,7 +195,7 @@ def _bench_model(name, state, out, results, runtimes, threads, max_rounds) -> No
                     _write(state, results)
 
 
-def _ort_compare(name, round_to, model, small, x, threads, out, max_rounds):
+def _ort_compare(name, round_to, model, small, x, threads, out, timing):
     import onnxruntime as ort
 
     from curlprune.checkpoint import export_onnx
@@ -202,10 +212,10 @@ def _ort_compare(name, round_to, model, small, x, threads, out, max_rounds):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         sessions[label] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {"input": x.contiguous().numpy()}
-    timing = time_interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()},
-                              reference="reference", max_rounds=max_rounds)
-    return (timing.ratio("candidate", "reference"), timing.median_ms("candidate"), timing.median_ms("reference"),
-            timing.noise("candidate", "reference"), len(timing.seconds["reference"]))
+    t = time_interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()},
+                         reference="reference", **timing)
+    return (t.ratio("candidate", "reference"), t.median_ms("candidate"), t.median_ms("reference"),
+            t.noise("candidate", "reference"), len(t.seconds["reference"]))
 
 
 def _target_row(name, state, out, results) -> None:
@@ -221,11 +231,12 @@ def _target_row(name, state, out, results) -> None:
     model, example, groups = _build(name)
     scores, _ = _scores(name, model, groups, out)
     started = time.time()
-    measured = measured_cost_fn(model, groups, example, batch=batch, threads=1, max_rounds=15)
+    timing = {"warmup": 1, "min_rounds": 5, "max_rounds": 9} if batch > 1 and MODELS[name][4] >= 224 else {"max_rounds": 15}
+    measured = measured_cost_fn(model, groups, example, batch=batch, threads=1, **timing)
     chosen = select_latency(groups, scores, measured, model_cost_fn(model, example, groups), LatencyTarget.parse("0.5"),
                             protect=default_protect(model_name, model, groups))
     search_seconds = time.time() - started
-    again = compare_latency(apply(model, groups, chosen.plan), model, example, batch=batch, threads=1, max_rounds=15)
+    again = compare_latency(apply(model, groups, chosen.plan), model, example, batch=batch, threads=1, **timing)
     sel = chosen.selection
     state["targets"][key] = {
         "model": name, "batch": batch, "threads": 1, "criterion": MODELS[name][3], "goal": chosen.goal,
@@ -251,8 +262,13 @@ def _load(path: Path) -> dict:
 
 
 def _write(state: dict, results: Path) -> None:
+    """Write the results, first taking in rows another process of this benchmark wrote meanwhile."""
     from curlprune.checkpoint import atomic_write_text
 
+    disk = _load(results / "latency.json")
+    for section in ("rows", "targets", "scores_seconds"):
+        for key, value in disk.get(section, {}).items():
+            state.setdefault(section, {}).setdefault(key, value)
     atomic_write_text(results / "latency.json", json.dumps(state, indent=1) + "\n")
     atomic_write_text(results / "latency.md", _markdown(state))
     _plot(state, results / "latency.png")

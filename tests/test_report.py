@@ -115,6 +115,23 @@ def test_damaged_run_gives_notes_not_a_traceback(demo_run, tmp_path):
     assert (run / "report" / "summary.png").is_file()  # from summary.json
 
 
+def test_measured_latency_appears_in_the_summary(demo_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    report = json.loads((run / "prune" / "report.json").read_text())
+    # the keys curlprune.latency.LatencySelection.latency_dict() writes (checked in test_latency)
+    report["selection"]["latency"] = {"achieved_fraction": 0.62, "achieved_ms": 3.1, "reference_ms": 5.0, "batch": 64, "threads": 1}
+    (run / "prune" / "report.json").write_text(json.dumps(report))
+    built = build_figures(run)
+    try:
+        cost_ax = built.figures["summary"].axes[1]
+        assert [t.get_text() for t in cost_ax.get_xticklabels()] == ["MACs", "params", "latency"]
+        assert cost_ax.patches[2].get_height() == pytest.approx(0.62)
+    finally:
+        built.close()
+    assert "| latency, batch 64, 1 thread(s) | 3.1 ms (unpruned 5 ms) |" in write_report(run).read_text()
+
+
 def test_prune_only_and_empty_run_dirs(demo_run, tmp_path):
     prune_only = tmp_path / "p"
     shutil.copytree(demo_run / "prune", prune_only)  # `curlprune prune --out p` puts its files at the top
