@@ -65,13 +65,23 @@ def main() -> None:
     parser.add_argument("--max-rounds", type=int, default=15)
     parser.add_argument("--ort-kernels-only", action="store_true",
                         help="only count the convs ONNX Runtime runs in its blocked NCHWc layout, for the ONNX files in --out")
+    parser.add_argument("--profile", default=None, metavar="MODEL",
+                        help="only profile MODEL's operators (torch eager, big batch, 1 thread): unpruned vs round_to none / 8")
     args = parser.parse_args()
     out, results = Path(args.out), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
     state = _load(results / "latency.json")
-    if args.ort_kernels_only:
-        state["ort_kernels"] = _ort_kernels(out)
+    if args.profile or args.ort_kernels_only:  # analyses live in their own file (rows are written by other runs)
+        analysis_path = results / "latency_analysis.json"
+        analysis = json.loads(analysis_path.read_text()) if analysis_path.is_file() else {}
+        if args.profile:
+            analysis.setdefault("profiles", {})[args.profile] = _profile(args.profile, out)
+        if args.ort_kernels_only:
+            analysis["ort_kernels"] = _ort_kernels(out)
+        from curlprune.checkpoint import atomic_write_text
+
+        atomic_write_text(analysis_path, json.dumps(analysis, indent=1) + "\n")
         _write(state, results)
         return
     command = "python benchmarks/latency.py " + " ".join(sys.argv[1:])
@@ -236,6 +246,34 @@ def _ort_compare(name, round_to, model, small, x, threads, out, timing):
             t.noise("candidate", "reference"), len(t.seconds["reference"]))
 
 
+def _profile(name: str, out: Path) -> dict:
+    """Milliseconds per batch by operator (torch profiler, self time, 3 passes) of the unpruned model
+    and its plans without and with round_to 8: where the time goes that the MACs do not show."""
+    from curlprune.latency import example_batch, prepare
+
+    model, example, groups = _build(name)
+    scores, _ = _scores(name, model, groups, out)
+    x = example_batch(example, MODELS[name][5])
+    result = {}
+    torch.set_num_threads(1)
+    for label, r in (("unpruned", "full"), ("round_to none", None), ("round_to 8", 8)):
+        m = prepare(model) if r == "full" else prepare(_pruned(name, model, example, groups, scores, r)[0])
+        with torch.inference_mode():
+            for _ in range(2):
+                m(x)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    m(x)
+        ms = {e.key: e.self_cpu_time_total / 3e3 for e in prof.key_averages()}
+        conv = sum(v for k, v in ms.items() if "conv" in k)
+        result[label] = {"total_ms": sum(ms.values()), "conv_ms": conv,
+                         "batch_norm_ms": sum(v for k, v in ms.items() if "batch_norm" in k),
+                         "add_relu_ms": sum(v for k, v in ms.items() if k in ("aten::add", "aten::add_", "aten::relu", "aten::relu_", "aten::clamp_min", "aten::clamp_min_"))}
+        if r != "full":
+            result[label]["kept_widths"] = sorted(len(v) for v in _pruned(name, model, example, groups, scores, r)[1].plan.values())
+    return result
+
+
 def _ort_kernels(out: Path) -> dict:
     """Per exported model: convs ONNX Runtime (all optimisations, this CPU) puts in its blocked NCHWc
     layout vs left on the plain path, and the layout reorders it inserts between them."""
@@ -311,11 +349,13 @@ def _write(state: dict, results: Path) -> None:
     from curlprune.checkpoint import atomic_write_text
 
     disk = _load(results / "latency.json")
-    for section in ("rows", "targets", "scores_seconds", "ort_kernels"):
+    for section in ("rows", "targets", "scores_seconds"):
         for key, value in disk.get(section, {}).items():
             state.setdefault(section, {}).setdefault(key, value)
     atomic_write_text(results / "latency.json", json.dumps(state, indent=1) + "\n")
-    atomic_write_text(results / "latency.md", _markdown(state))
+    analysis_path = results / "latency_analysis.json"
+    analysis = json.loads(analysis_path.read_text()) if analysis_path.is_file() else {}
+    atomic_write_text(results / "latency.md", _markdown({**state, **analysis}))
     _plot(state, results / "latency.png")
 
 
@@ -324,7 +364,8 @@ def _markdown(state: dict) -> str:
     lines = [
         "# Measured CPU latency of pruned models vs their MACs ratio",
         "",
-        "Commands (run as parallel processes, each resumable): " + "; ".join(f"`{c}`" for c in state.get("commands", ["python benchmarks/latency.py"])) + ".",
+        "Command: `python benchmarks/latency.py` (every row; resumable: finished rows are kept). This run was split into",
+        "parallel processes: " + "; ".join(f"`{c}`" for c in state.get("commands", [])) + ".",
         f"Machine: {state.get('machine', '')}; the load average was 12-15 on its 2 cores while this ran.",
         "",
         "Speed-up = unpruned latency / pruned latency, the median over interleaved rounds of one run; ideal = unpruned MACs /",
@@ -383,6 +424,19 @@ def _markdown(state: dict) -> str:
         ]
         for stem, c in kernels.items():
             lines.append(f"| {stem} | {c['nchwc_convs']} | {c['plain_convs']} | {c['reorders']} |")
+    for name, prof in state.get("profiles", {}).items():
+        lines += [
+            "",
+            f"## Where the time goes: {name}, PyTorch eager, batch {MODELS[name][5]}, 1 thread (`--profile {name}`)",
+            "",
+            "| model | total ms | conv ms | batch-norm ms | add + ReLU ms | conv share |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, p in prof.items():
+            lines.append(f"| {label} | {p['total_ms']:.0f} | {p['conv_ms']:.0f} | {p['batch_norm_ms']:.0f} | {p['add_relu_ms']:.0f} | {p['conv_ms'] / p['total_ms']:.2f} |")
+        for label, p in prof.items():
+            if "kept_widths" in p:
+                lines.append(f"\nKept widths of the pruned groups, {label}: {', '.join(map(str, p['kept_widths']))}.")
     scores = state.get("scores_seconds", {})
     lines += ["", "noise: relative uncertainty of the speed-up (IQR of the per-round ratios / sqrt(rounds) / median).",
               "Scoring seconds (cached after the first run): " + ", ".join(f"{k} {v:.0f}s" for k, v in scores.items()), ""]
