@@ -1,0 +1,70 @@
+"""Guards that keep a diverging run from being reported (or saved) as a success.
+
+* :func:`check_hyperparameters`: finite values in sane ranges, before anything trains.
+* :func:`check_finite_loss`: a NaN or infinite loss stops the stage at once, naming epoch and step.
+* :func:`check_finite_state`: weights with NaN/inf are never written as a final model.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from curlprune.errors import CurlpruneError
+
+MAX_LR = 10.0  # far above any SGD learning rate that trains a CNN; larger is a typo or an inf
+
+
+def check_hyperparameters(cfg: Any) -> None:
+    """Check a training config's numbers: every float finite, lr in (0, MAX_LR], epochs and
+    batch_size positive whole numbers, warmup_epochs in [0, epochs], momentum in [0, 1),
+    weight_decay in [0, 1).
+
+    Raises :class:`CurlpruneError` naming the setting, its value and the accepted range.
+    """
+    for name, value in vars(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CurlpruneError(f"{name} must be a finite number (got {value})")
+    for name in ("epochs", "batch_size"):
+        value = getattr(cfg, name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CurlpruneError(f"{name} must be a positive whole number (got {value!r})")
+    lr = getattr(cfg, "lr", None)
+    if lr is not None and not 0.0 < lr <= MAX_LR:
+        raise CurlpruneError(f"lr must be in (0, {MAX_LR:g}] (got {lr}): typical SGD learning rates are 1e-4 .. 0.1")
+    warmup = getattr(cfg, "warmup_epochs", 0.0)
+    if not 0.0 <= warmup <= cfg.epochs:
+        raise CurlpruneError(f"warmup_epochs must be in [0, epochs = {cfg.epochs}] (got {warmup})")
+    for name in ("momentum", "weight_decay"):
+        value = getattr(cfg, name, 0.0)
+        if not 0.0 <= value < 1.0:
+            raise CurlpruneError(f"{name} must be in [0, 1) (got {value})")
+
+
+def check_finite_loss(loss: torch.Tensor, epoch: int, step: int, lr: float | None = None) -> None:
+    """Raise a one-line :class:`CurlpruneError` when ``loss`` is NaN or infinite.
+
+    ``epoch`` and ``step`` are 0-based (reported 1-based); ``lr`` is the step's learning rate.
+    Nothing of the epoch is saved: a rerun resumes after the last completed (finite) epoch.
+    """
+    if bool(torch.isfinite(loss.detach()).all()):
+        return
+    at = f" at lr {lr:.3g}" if lr is not None else ""
+    raise CurlpruneError(
+        f"the training loss became {float(loss.detach().float().flatten()[0])} in epoch {epoch + 1}, step {step + 1}{at}: "
+        "the run diverged, most likely because the learning rate is too high; lower lr (or add warmup_epochs) "
+        "and delete the stage's folder to start it again"
+    )
+
+
+def check_finite_state(state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise a one-line :class:`CurlpruneError` when a floating-point tensor of ``state`` holds NaN
+    or inf; ``what`` names the file that would have been written."""
+    bad = [name for name, t in state.items() if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CurlpruneError(
+            f"refusing to write {what}: {len(bad)} of {len(state)} tensors hold NaN or inf (e.g. {bad[0]}); "
+            "the training diverged: lower the learning rate and run the stage again"
+        )
