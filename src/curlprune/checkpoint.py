@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curlprune.errors import CurlpruneError
+from curlprune.errors import CurlpruneError, exception_summary
 
 FORMAT_VERSION = "1"
 
@@ -45,7 +45,8 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    """SHA-256 of a file's bytes (read in 1 MiB blocks). For "is this the same model" use
+    :func:`curlprune.canonical.content_digest` (tensors + metadata, independent of header layout)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -89,8 +90,13 @@ def save(
     input_shape: list[int] | None = None,
     extra: dict | None = None,
 ) -> None:
-    """Save a (pruned) model as architecture reference + Plan + weights, atomically."""
-    from safetensors.torch import save_file
+    """Save a (pruned) model as architecture reference + Plan + weights, atomically.
+
+    The bytes are canonical (the same model saved twice gives the same file); weights holding
+    NaN or inf are refused (:class:`CurlpruneError`), so a diverged model is never saved.
+    """
+    from curlprune.canonical import save_safetensors
+    from curlprune.recover.guards import check_finite_state
 
     ref = _ref_dict(model_ref)
     shape = list(input_shape) if input_shape is not None else default_input_shape(ref["name"])
@@ -102,7 +108,8 @@ def save(
         "extra": json.dumps(extra or {}),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    check_finite_state(tensors, str(path))
+    save_safetensors(path, tensors, metadata)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -112,11 +119,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CurlpruneError(f"checkpoint {path} does not exist: check the path (a run writes it as <out>/model.safetensors)")
+    if path.stat().st_size == 0:
+        raise CurlpruneError(f"checkpoint {path} is empty (0 bytes): the copy or the run that wrote it did not finish; re-create it")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:  # safetensors raises several types for damaged headers
-        raise CurlpruneError(f"checkpoint {path} is not a readable safetensors file ({exc}): re-create it with `curlprune prune` or curlprune.save") from None
+        raise CurlpruneError(f"checkpoint {path} is not a readable safetensors file, truncated or damaged ({exception_summary(exc)}): re-create it with `curlprune prune` or curlprune.save") from None
     if meta.get("curlprune_format") != FORMAT_VERSION:
         raise CurlpruneError(f"{path} is not a curlprune checkpoint (no curlprune_format header): save it with curlprune.save")
     return {

@@ -60,7 +60,9 @@ def cmd_count(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from curlprune.checkpoint import export_onnx
     from curlprune.report import console
+    from curlprune.runlock import check_writable_file
 
+    check_writable_file(args.output, "output")  # before loading anything (issue 12)
     model, _, shape = load_model_arg(None, None, args.checkpoint)
     out = Path(args.output)
     if out.suffix != ".onnx":

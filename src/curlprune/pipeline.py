@@ -45,8 +45,11 @@ from typing import Any, Callable, TypeVar
 
 import yaml
 
+from curlprune.canonical import content_digest
 from curlprune.checkpoint import file_digest
 from curlprune.errors import CurlpruneError
+from curlprune.runlock import RunLock
+from curlprune.validate import check_types
 
 TRAIN_STAGES = ("finetune", "distill", "refine")
 ALL_STAGES = ("prune",) + TRAIN_STAGES
@@ -113,6 +116,7 @@ def _build_section(stage: str, values: Any, where: str, defaults: dict[str, Any]
     for key, value in defaults.items():
         if key in names:
             values.setdefault(key, value)
+    values = check_types(cls, values, f"{where}: section '{stage}'")  # 2.5 epochs, "1e-4" (issue 12)
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
@@ -308,7 +312,7 @@ class Student:
         from curlprune import checkpoint
 
         meta = checkpoint.read_metadata(path)
-        return cls(checkpoint.load(path), meta["model_ref"], meta["plan"], meta["input_shape"], meta["extra"], str(path), file_digest(path))
+        return cls(checkpoint.load(path), meta["model_ref"], meta["plan"], meta["input_shape"], meta["extra"], str(path), content_digest(path))
 
 
 class Run:
@@ -325,6 +329,7 @@ class Run:
         self._data: dict[str, Any] | None = None
         self._teacher = None
         self.ctx = None
+        self.lock = RunLock(self.run_dir)
 
     # ----- shared inputs -------------------------------------------------------------------
     @property
@@ -374,18 +379,29 @@ class Run:
 
     # ----- stages --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Run (or skip, or resume) every stage; return the summary (also in ``summary.json``)."""
-        from curlprune.cost import count
-        from curlprune.recover.dist import init_distributed
-        from curlprune.recover.loop import check_classes
+        """Run (or skip, or resume) every stage; return the summary (also in ``summary.json``).
 
-        import torch
+        The run directory is locked for the whole run (:class:`curlprune.runlock.RunLock`).
+        """
+        from curlprune.recover.dist import init_distributed
 
         if self.student_path is not None and "prune" in self.cfg.stages:
             raise CurlpruneError("a starting student cannot be combined with a prune stage: drop --student or the prune stage")
         if self.student_path is not None and not self.student_path.is_file():
             raise CurlpruneError(f"student checkpoint {self.student_path} does not exist: pass a curlprune checkpoint (e.g. <run_dir>/model.safetensors)")
         self.ctx = init_distributed(self._process_device(), timeout=PROCESS_GROUP_TIMEOUT)
+        on_main(self.ctx, lambda: self.lock.acquire() and None)  # --out checked and locked before any slow work
+        try:
+            return self._run_stages()
+        finally:
+            self.lock.release()
+
+    def _run_stages(self) -> dict[str, Any]:
+        from curlprune.cost import count
+        from curlprune.recover.loop import check_classes
+
+        import torch
+
         check_classes("teacher", self.teacher, self.data, self.spec, torch.device("cpu"), channels_last=False)
         self.base_cost = count(self.teacher, self.example_input)
         on_main(self.ctx, self._claim_run_dir)
@@ -466,7 +482,7 @@ class Run:
                                 input_shape=student.input_shape, extra=extra)
             if not was_done:
                 log_event(self.run_dir, {"stage": stage, "seconds": round(result.seconds, 2)})
-            return file_digest(out)
+            return content_digest(out)
 
         digest = on_main(self.ctx, save)
         trained = Student(result.model, student.model_ref, student.plan, student.input_shape, extra, str(out), digest)
@@ -482,7 +498,10 @@ class Run:
         path = stage_dir / STUDENT_RECORD
         if path.is_file():
             previous = read_json(path)
-            if previous.get("sha256") != record["sha256"]:
+            same = previous.get("sha256") == record["sha256"]  # tensors + metadata, not file bytes (issue 12)
+            if not same and Path(student.source).is_file():  # a record written before: the file's own SHA-256
+                same = previous.get("sha256") == file_digest(student.source)
+            if not same:
                 raise CurlpruneError(
                     f"{stage_dir} was started from another student ({previous.get('source')}, now {student.source}): "
                     f"delete {stage_dir} to run the stage again from the new one"

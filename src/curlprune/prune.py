@@ -464,6 +464,7 @@ def _show(groups, selection, accuracy: dict, model_name: str) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from curlprune.report import console
+    from curlprune.runlock import RunLock
 
     protect = None if args.protect is None else [p for p in args.protect if p.lower() != "none"]
     config = PruneConfig(
@@ -471,8 +472,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         seed=args.seed, floor=args.floor, protect=protect, normalize=args.normalize, round_to=args.round_to,
         eval_limit=args.eval_limit, budget_mb=args.budget_mb, approx_classes=args.approx_classes,
     )
-    result = run_prune(config, args.out, resume=args.resume, model_name=args.model, weights=args.weights,
-                       data=args.data, num_classes=args.num_classes)
+    with RunLock(args.out):  # --out checked before any slow work; one run per folder (issue 12)
+        result = run_prune(config, args.out, resume=args.resume, model_name=args.model, weights=args.weights,
+                           data=args.data, num_classes=args.num_classes)
     if result.already_done:
         console.print(f"{args.out} already holds this finished run; nothing to do")
     console.print(f"wrote {result.checkpoint} (load with curlprune.load), {SCORES}, {PLAN}, {REPORT}, {LOG} in {args.out}")

@@ -70,28 +70,43 @@ def check_writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         raise CurlpruneError(f"{what} {path} lies under {existing}, which is a file, not a folder: choose another path")
-    try:
-        with tempfile.TemporaryFile(dir=existing, prefix=".curlprune-probe-"):
-            pass
-    except OSError as exc:
-        reason = OUTPUT_ERRNOS.get(exc.errno, exc.strerror or type(exc).__name__)
-        raise CurlpruneError(f"{what} {path} cannot be written ({existing}: {reason})") from None
+    reason = _probe(existing)
+    if reason:
+        raise CurlpruneError(f"{what} {path} cannot be written ({existing}: {reason})")
     return path
 
 
 def check_writable_file(path: str | os.PathLike, what: str = "output") -> Path:
-    """Check that the file ``path`` can be written: not a folder, and its folder writable."""
+    """Check that the file ``path`` can be written: not a folder, its folder (or the nearest
+    existing one) a writable folder. Raises :class:`CurlpruneError` naming ``path``."""
     path = Path(path)
     if path.is_dir():
         raise CurlpruneError(f"{what} {path} is a folder, not a file: name the file to write")
-    check_writable_dir(path.parent, f"the folder of {what}")
+    existing = path.parent
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CurlpruneError(f"{what} {path} lies under {existing}, which is a file, not a folder: choose another path")
+    reason = _probe(existing)
+    if reason:
+        raise CurlpruneError(f"{what} {path} cannot be written ({existing}: {reason})")
     return path
+
+
+def _probe(folder: Path) -> str | None:
+    """Why a file cannot be created in ``folder`` (None: it can); the probe file is removed."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".curlprune-probe-"):
+            pass
+    except OSError as exc:
+        return OUTPUT_ERRNOS.get(exc.errno, exc.strerror or type(exc).__name__)
+    return None
 
 
 class RunLock:
     """An exclusive lock on a run directory (``<run_dir>/.lock``) for one process.
 
-    ``acquire()`` creates the folder if needed, takes the lock without waiting and writes the
+    ``acquire()`` checks the folder (:func:`check_writable_dir`), creates it if needed, takes the lock without waiting and writes the
     holder's details; a held lock is a :class:`CurlpruneError` naming its holder. ``release()``
     removes the lock file (and the folder when the lock created it and nothing else was written).
     Usable as a context manager.
@@ -106,6 +121,7 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self._fd is not None:
             return self
+        check_writable_dir(self.run_dir)
         self._created_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         while True:

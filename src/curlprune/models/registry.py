@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curlprune.errors import CurlpruneError
+from curlprune.errors import CurlpruneError, exception_summary
 from curlprune.models.cifar import CIFAR_DEPTHS, cifar_resnet
 from curlprune.models.small import DIGITS_MEAN, DIGITS_STD, digits_resnet
 from curlprune.models.spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
@@ -194,6 +194,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CurlpruneError(f"weights file {path} does not exist: check the path")
+    if path.stat().st_size == 0:
+        raise CurlpruneError(f"weights file {path} is empty (0 bytes): the download or copy did not finish; fetch or save it again")
     if path.suffix == ".safetensors":
         obj = _read_safetensors(path)
     else:
@@ -201,8 +203,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch.load raises many types for damaged or foreign files
             raise CurlpruneError(
-                f"weights file {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}): "
-                "it is damaged or not a PyTorch state-dict file; download or save it again"
+                f"weights file {path} cannot be read ({exception_summary(exc)}): "
+                "it is truncated, damaged or not a PyTorch state-dict file; download or save it again"
             ) from None
     if isinstance(obj, Mapping):
         obj = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), obj)
@@ -232,5 +234,5 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as exc:  # safetensors raises several types for damaged headers
         raise CurlpruneError(
-            f"weights file {path} cannot be read ({exc}): it is damaged or not a safetensors file; save it again"
+            f"weights file {path} cannot be read ({exception_summary(exc)}): it is truncated, damaged or not a safetensors file; save it again"
         ) from None

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from curlprune.checkpoint import atomic_write, atomic_write_text, load_state_strict
 from curlprune.errors import CurlpruneError
-from curlprune.recover import dist
+from curlprune.recover import dist, guards
 from curlprune.recover.dist import DistContext
 from curlprune.recover.schedule import set_lr, warmup_cosine_lr
 from curlprune.recover.state import (
@@ -101,6 +101,7 @@ class TrainConfig:
         for name in ("lr", "warmup_epochs", "momentum", "weight_decay"):
             require(getattr(self, name) >= 0, f"{name} must be non-negative (got {getattr(self, name)})")
         require(self.eval_batch_size >= 1 and self.num_workers >= 0, "eval_batch_size must be >= 1 and num_workers >= 0")
+        guards.check_hyperparameters(self)  # finite, sane ranges (issue 12)
 
 
 def require(condition: bool, message: str) -> None:
@@ -501,6 +502,7 @@ class Trainer:
                 x = to_input(x, ctx.device, cfg.channels_last)
                 y = y.to(ctx.device, non_blocking=True)
                 loss, logits = self.stage.loss(train_model, x, y, index)
+                guards.check_finite_loss(loss, epoch, step, lr)  # a diverged run stops here, nothing of the epoch saved
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.stage.after_backward(ctx)
@@ -586,6 +588,7 @@ class Trainer:
             "seconds": seconds,
             "config": settings(self.cfg),
         }
+        guards.check_finite_state(self.model.state_dict(), str(self.stage_dir / MODEL_FILE))  # every rank: same weights
         if self.ctx.is_main:
             weights = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
             atomic_write(self.stage_dir / MODEL_FILE, lambda tmp: save_file(weights, tmp, metadata={"summary": json.dumps(summary)}))
