@@ -110,17 +110,15 @@ def test_out_naming_an_existing_file_is_one_line_before_any_work(tmp_path, teach
     assert time.perf_counter() - started < 60
 
 
-@pytest.mark.parametrize("command", ["run", "prune", "finetune"])
+@pytest.mark.parametrize("command", ["run", "prune"])
 def test_out_under_a_file_is_one_line(tmp_path, teacher, command):
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
     out = blocker / "sub" / "run"
     if command == "run":
         proc = curlprune("run", tiny_config(tmp_path, teacher), "--out", out)
-    elif command == "prune":
-        proc = curlprune(*PRUNE_L1, "--weights", teacher, "--out", out)
     else:
-        proc = curlprune("finetune", "--model", MODEL, "--weights", teacher, "--epochs", "1", "--out", out)
+        proc = curlprune(*PRUNE_L1, "--weights", teacher, "--out", out)
     assert_one_line_error(proc, str(blocker))
 
 
@@ -190,16 +188,18 @@ def test_truncated_weights_files_are_one_line(tmp_path, teacher):
     cut = tmp_path / "cut.pt"
     cut.write_bytes(whole[: len(whole) // 2])
     assert_one_line_error(curlprune(*PRUNE_L1, "--weights", cut, "--out", tmp_path / "p"), str(cut), "cannot be read")
+    assert not (tmp_path / "p").exists()
     from safetensors.torch import save_file
+
+    from curlprune.models.registry import read_state_dict
 
     st = tmp_path / "w.safetensors"
     save_file(torch.load(teacher, weights_only=True), st)
     data = st.read_bytes()
-    for size in (0, 5, len(data) // 2):
+    for size, message in ((0, "is empty"), (5, "truncated"), (len(data) // 2, "truncated")):
         st.write_bytes(data[:size])
-        proc = curlprune(*PRUNE_L1, "--weights", st, "--out", tmp_path / "p")
-        assert_one_line_error(proc, str(st))
-    assert not (tmp_path / "p").exists()
+        with pytest.raises(CurlpruneError, match=message):
+            read_state_dict(st)
 
 
 def test_empty_checkpoint_is_one_line_for_export(tmp_path):
@@ -287,14 +287,24 @@ def test_infinite_lr_is_refused_before_anything_runs(tmp_path, teacher):
 
 
 def test_diverging_run_stops_with_one_line_and_writes_no_final_model(tmp_path, teacher):
+    # a temperature of 1e-38 makes the distillation loss NaN at the first step: a real divergence
+    config = tmp_path / "c.yaml"
     out = tmp_path / "run"
-    proc = curlprune("finetune", "--model", MODEL, "--weights", teacher, "--train-per-class", "50",
-                     "--epochs", "2", "--lr", "9", "--out", out)
-    line = assert_one_line_error(proc, "epoch 1", "step", "learning rate")
-    assert "nan" in line or "inf" in line
-    assert not (out / "finetune" / "model.safetensors").exists()
-    assert not (out / "finetune" / "done.json").exists()
+    config.write_text(f"model: {MODEL}\nweights: {teacher}\nrun_dir: {out}\ntrain_per_class: 20\nstages: [distill]\n"
+                      "distill: {epochs: 2, warmup_epochs: 0, temperature: 1.0e-38, progress: false}\n")
+    line = assert_one_line_error(curlprune("run", config), "epoch 1, step 1", "nan", "learning rate")
+    assert "diverged" in line
+    assert not (out / "distill" / "model.safetensors").exists() and not (out / "distill" / "done.json").exists()
+    assert not (out / "distill" / "state.safetensors").exists()
     assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+
+
+def test_finite_loss_guard_names_epoch_and_step():
+    from curlprune.recover.guards import check_finite_loss
+
+    check_finite_loss(torch.tensor(2.5), 0, 0)
+    with pytest.raises(CurlpruneError, match=r"inf in epoch 3, step 8 \(learning rate 0.5\)"):
+        check_finite_loss(torch.tensor(float("inf")), 2, 7, 0.5)
 
 
 def test_non_finite_weights_are_never_saved_as_a_checkpoint(tmp_path):
@@ -308,24 +318,37 @@ def test_non_finite_weights_are_never_saved_as_a_checkpoint(tmp_path):
 def test_hyperparameters_are_checked_for_range():
     from curlprune.recover.distill import DistillConfig
 
-    for bad in ({"lr": float("nan")}, {"lr": 0.0}, {"lr": 1e6}, {"momentum": 1.5}, {"warmup_epochs": 99.0, "epochs": 2}):
+    for bad in ({"lr": float("nan")}, {"lr": 0.0}, {"lr": 1e6}, {"momentum": 1.5}, {"epochs": 2.5}, {"epochs": True}):
         with pytest.raises(CurlpruneError):
             DistillConfig(**bad)
     DistillConfig(lr=0.1, epochs=3, warmup_epochs=1.0)  # fine
 
 
 # ================================================================ 5. config types
+def test_config_value_of_the_wrong_type_is_one_line_before_anything_runs(tmp_path, teacher):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {MODEL}\nweights: {teacher}\nrun_dir: {tmp_path / 'run'}\nstages: [finetune]\nfinetune: {{epochs: 2.5}}\n")
+    assert_one_line_error(curlprune("run", config), "section 'finetune'", "'epochs'", "2.5", "whole number")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("text, fragments", [
     ("epochs: 2.5", ("'epochs'", "2.5", "whole number")),
     ("epochs: true", ("'epochs'", "True", "whole number")),
     ("lr: fast", ("'lr'", "'fast'", "a number")),
     ("progress: 'yes'", ("'progress'", "'yes'", "true or false")),
+    ("batch_size: [32]", ("'batch_size'", "[32]", "whole number")),
 ])
-def test_config_values_are_type_checked_before_anything_runs(tmp_path, teacher, text, fragments):
+def test_config_values_are_type_checked(tmp_path, text, fragments):
+    from curlprune.pipeline import load_config
+
     config = tmp_path / "c.yaml"
-    config.write_text(f"model: {MODEL}\nweights: {teacher}\nrun_dir: {tmp_path / 'run'}\nstages: [finetune]\nfinetune: {{{text}}}\n")
-    assert_one_line_error(curlprune("run", config), "finetune", *fragments)
-    assert not (tmp_path / "run").exists()
+    config.write_text(f"model: {MODEL}\nstages: [distill]\ndistill: {{{text}}}\n")
+    with pytest.raises(CurlpruneError) as info:
+        load_config(config)
+    assert "section 'distill'" in str(info.value)
+    for fragment in fragments:
+        assert fragment in str(info.value)
 
 
 def test_numbers_written_like_1e_4_are_numbers(tmp_path):
@@ -402,27 +425,28 @@ def test_rerun_accepts_a_student_resaved_with_another_header_order(tmp_path, tea
     assert again.returncode == 0, again.stderr[-2000:]
 
 
-def test_second_run_into_the_same_folder_is_refused_naming_the_holder(tmp_path, teacher):
+def test_two_runs_into_the_same_folder_one_is_refused_naming_the_holder(tmp_path, teacher):
     out = tmp_path / "run"
-    config = tiny_config(tmp_path, teacher, run_dir=out, distill={"epochs": 3, "batch_size": 32, "progress": False})
-    first = subprocess.Popen([sys.executable, "-m", "curlprune.cli", "run", str(config)], env=ONE_THREAD,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    config = tiny_config(tmp_path, teacher, run_dir=out)
+    command = [sys.executable, "-m", "curlprune.cli", "run", str(config)]
+    runs = [subprocess.Popen(command, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not ((out / ".lock").is_file() and (out / ".lock").read_text().strip()):
-            time.sleep(0.05)
-        assert (out / ".lock").is_file(), "the first run never took the lock"
-        second = curlprune("run", config)
-        assert_one_line_error(second, str(out), "in use", f"pid {first.pid}")
-        _, err = first.communicate(timeout=300)
-        assert first.returncode == 0, err[-2000:]
+        results = [(p.pid, p.returncode, *p.communicate(timeout=300)) for p in runs]
+        results = [(pid, p.returncode, out_text, err) for p, (pid, _, out_text, err) in zip(runs, results)]
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+        for p in runs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    codes = sorted(code for _, code, _, _ in results)
+    assert codes == [0, 2], [(code, err[-1500:]) for _, code, _, err in results]
+    winner = next(pid for pid, code, _, _ in results if code == 0)
+    refused = next(subprocess.CompletedProcess(command, code, o, e) for _, code, o, e in results if code == 2)
+    assert_one_line_error(refused, str(out), "in use", f"pid {winner}")
     assert not (out / ".lock").exists()  # released at the end
     rerun = curlprune("run", config)  # the finished run is intact: a rerun skips every stage
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "already holds" not in rerun.stderr and "another student" not in rerun.stderr
 
 
 def test_lock_of_a_killed_process_does_not_block(tmp_path):

@@ -38,9 +38,11 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # e.g. a full disk: say which file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 

@@ -48,7 +48,7 @@ import yaml
 from curlprune.canonical import content_digest
 from curlprune.checkpoint import file_digest
 from curlprune.errors import CurlpruneError
-from curlprune.runlock import RunLock
+from curlprune.runlock import RunLock, append_line
 from curlprune.validate import check_types
 
 TRAIN_STAGES = ("finetune", "distill", "refine")
@@ -290,8 +290,7 @@ def copy_if_changed(source: Path, target: Path) -> None:
 
 def log_event(run_dir: Path, event: dict[str, Any]) -> None:
     """Append one JSON line to ``<run_dir>/log.jsonl``."""
-    with open(run_dir / "log.jsonl", "a") as fh:
-        fh.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+    append_line(run_dir / "log.jsonl", json.dumps({"time": round(time.time(), 3), **event}))
 
 
 # ----- the run --------------------------------------------------------------------------------

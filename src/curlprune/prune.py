@@ -34,6 +34,7 @@ from torch import nn
 from curlprune.checkpoint import file_digest
 from curlprune.errors import CurlpruneError
 from curlprune.graph import ChannelGroup, Plan
+from curlprune.runlock import append_line
 
 SCORES = "scores.npz"
 PLAN = "plan.json"
@@ -437,8 +438,7 @@ def _write_outputs(out: Path, model_name: str, num_classes: int | None, example:
 def _log(out: Path, record: dict) -> None:
     """Append one JSON line to the run's log."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOG, "a") as fh:
-        fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+    append_line(out / LOG, json.dumps({"time": round(time.time(), 3), **record}))  # a full disk names the file
 
 
 def _show(groups, selection, accuracy: dict, model_name: str) -> None:

@@ -19,7 +19,7 @@ MAX_LR = 10.0  # far above any SGD learning rate that trains a CNN; larger is a 
 
 def check_hyperparameters(cfg: Any) -> None:
     """Check a training config's numbers: every float finite, lr in (0, MAX_LR], epochs and
-    batch_size positive whole numbers, warmup_epochs in [0, epochs], momentum in [0, 1),
+    batch_size positive whole numbers, momentum in [0, 1),
     weight_decay in [0, 1).
 
     Raises :class:`CurlpruneError` naming the setting, its value and the accepted range.
@@ -34,9 +34,6 @@ def check_hyperparameters(cfg: Any) -> None:
     lr = getattr(cfg, "lr", None)
     if lr is not None and not 0.0 < lr <= MAX_LR:
         raise CurlpruneError(f"lr must be in (0, {MAX_LR:g}] (got {lr}): typical SGD learning rates are 1e-4 .. 0.1")
-    warmup = getattr(cfg, "warmup_epochs", 0.0)
-    if not 0.0 <= warmup <= cfg.epochs:
-        raise CurlpruneError(f"warmup_epochs must be in [0, epochs = {cfg.epochs}] (got {warmup})")
     for name in ("momentum", "weight_decay"):
         value = getattr(cfg, name, 0.0)
         if not 0.0 <= value < 1.0:
@@ -51,11 +48,12 @@ def check_finite_loss(loss: torch.Tensor, epoch: int, step: int, lr: float | Non
     """
     if bool(torch.isfinite(loss.detach()).all()):
         return
-    at = f" at lr {lr:.3g}" if lr is not None else ""
+    at = f" (learning rate {lr:.3g})" if lr is not None else ""
     raise CurlpruneError(
         f"the training loss became {float(loss.detach().float().flatten()[0])} in epoch {epoch + 1}, step {step + 1}{at}: "
-        "the run diverged, most likely because the learning rate is too high; lower lr (or add warmup_epochs) "
-        "and delete the stage's folder to start it again"
+        "the run diverged; most likely the learning rate is too high (lower lr or add warmup_epochs), else a "
+        "setting such as a tiny temperature or NaN in the weights or data; nothing of this epoch was saved, "
+        "rerun to resume from the last finished epoch or delete the stage's folder to start it again"
     )
 
 

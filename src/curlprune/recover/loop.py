@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from curlprune.checkpoint import atomic_write, atomic_write_text, load_state_strict
 from curlprune.errors import CurlpruneError
 from curlprune.recover import dist, guards
+from curlprune.runlock import append_line
 from curlprune.recover.dist import DistContext
 from curlprune.recover.schedule import set_lr, warmup_cosine_lr
 from curlprune.recover.state import (
@@ -540,8 +541,7 @@ class Trainer:
                 "rank_rng": rank_states,
             }
             save_state(self.stage_dir / STATE_FILE, tensors, meta)
-            with open(self.stage_dir / METRICS_FILE, "a") as log:
-                log.write(json.dumps(progress.history[-1]) + "\n")
+            append_line(self.stage_dir / METRICS_FILE, json.dumps(progress.history[-1]))  # a full disk names the file
         dist.barrier(ctx)
 
     def resume(self) -> TrainProgress:
