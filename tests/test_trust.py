@@ -4,7 +4,9 @@ directory is used by one run at a time and survives being written twice.
 
 Real inputs throughout: PNGs written with Pillow into a real zip, real empty and truncated files,
 a real full and a real read-only filesystem (tmpfs in a private mount namespace, skipped where
-``unshare`` is not allowed), real concurrent processes.
+``unshare`` is not allowed), real concurrent processes. CLI cases run ``curlprune.cli.main`` in
+this process (what the command runs, minus the interpreter start-up) unless they need a process of
+their own (a private mount namespace, concurrency).
 """
 from __future__ import annotations
 
@@ -46,6 +48,21 @@ PRUNE_L1 = ["prune", "--model", MODEL, "--criterion", "l1", "--target-macs", "0.
 def curlprune(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "curlprune.cli", *map(str, args)], env=ONE_THREAD,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture
+def cli(capsys):
+    """``curlprune ARGS`` in this process (no interpreter start-up): a CompletedProcess-like result."""
+
+    def call(*args) -> subprocess.CompletedProcess:
+        from curlprune.cli import main
+
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+    return call
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -99,26 +116,26 @@ def in_tmpfs(mount_point: Path, options: str, *args: str, setup: str = "") -> su
 
 
 # ================================================================ 1. write failures
-def test_out_naming_an_existing_file_is_one_line_before_any_work(tmp_path, teacher):
+def test_out_naming_an_existing_file_is_one_line_before_any_work(cli, tmp_path, teacher):
     target = tmp_path / "taken"
     target.write_text("not a folder")
     config = tiny_config(tmp_path, teacher)
     started = time.perf_counter()
-    proc = curlprune("run", config, "--out", target)
+    proc = cli("run", config, "--out", target)
     assert_one_line_error(proc, str(target), "file")
     assert target.read_text() == "not a folder"
     assert time.perf_counter() - started < 60
 
 
 @pytest.mark.parametrize("command", ["run", "prune"])
-def test_out_under_a_file_is_one_line(tmp_path, teacher, command):
+def test_out_under_a_file_is_one_line(cli, tmp_path, teacher, command):
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
     out = blocker / "sub" / "run"
     if command == "run":
-        proc = curlprune("run", tiny_config(tmp_path, teacher), "--out", out)
+        proc = cli("run", tiny_config(tmp_path, teacher), "--out", out)
     else:
-        proc = curlprune(*PRUNE_L1, "--weights", teacher, "--out", out)
+        proc = cli(*PRUNE_L1, "--weights", teacher, "--out", out)
     assert_one_line_error(proc, str(blocker))
 
 
@@ -175,19 +192,19 @@ def test_os_error_message_names_the_path_and_what_to_do():
 
 
 # ================================================================ 2. empty and truncated files
-def test_empty_weights_file_is_named_as_empty(tmp_path):
+def test_empty_weights_file_is_named_as_empty(cli, tmp_path):
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    proc = curlprune(*PRUNE_L1, "--weights", empty, "--out", tmp_path / "p")
+    proc = cli(*PRUNE_L1, "--weights", empty, "--out", tmp_path / "p")
     assert_one_line_error(proc, str(empty), "empty")
     assert not (tmp_path / "p").exists()
 
 
-def test_truncated_weights_files_are_one_line(tmp_path, teacher):
+def test_truncated_weights_files_are_one_line(cli, tmp_path, teacher):
     whole = teacher.read_bytes()
     cut = tmp_path / "cut.pt"
     cut.write_bytes(whole[: len(whole) // 2])
-    assert_one_line_error(curlprune(*PRUNE_L1, "--weights", cut, "--out", tmp_path / "p"), str(cut), "cannot be read")
+    assert_one_line_error(cli(*PRUNE_L1, "--weights", cut, "--out", tmp_path / "p"), str(cut), "cannot be read")
     assert not (tmp_path / "p").exists()
     from safetensors.torch import save_file
 
@@ -202,10 +219,10 @@ def test_truncated_weights_files_are_one_line(tmp_path, teacher):
             read_state_dict(st)
 
 
-def test_empty_checkpoint_is_one_line_for_export(tmp_path):
+def test_empty_checkpoint_is_one_line_for_export(cli, tmp_path):
     empty = tmp_path / "model.safetensors"
     empty.write_bytes(b"")
-    proc = curlprune("export", empty, tmp_path / "m.onnx")
+    proc = cli("export", empty, tmp_path / "m.onnx")
     assert_one_line_error(proc, str(empty), "empty")
 
 
@@ -279,20 +296,20 @@ def test_decompression_bomb_is_refused_with_its_limit(tmp_path):
 
 
 # ================================================================ 4. divergence
-def test_infinite_lr_is_refused_before_anything_runs(tmp_path, teacher):
+def test_infinite_lr_is_refused_before_anything_runs(cli, tmp_path, teacher):
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {MODEL}\nweights: {teacher}\nrun_dir: {tmp_path / 'run'}\nstages: [finetune]\nfinetune: {{lr: .inf}}\n")
-    assert_one_line_error(curlprune("run", config), "lr", "finite")
+    assert_one_line_error(cli("run", config), "lr", "finite")
     assert not (tmp_path / "run").exists()
 
 
-def test_diverging_run_stops_with_one_line_and_writes_no_final_model(tmp_path, teacher):
+def test_diverging_run_stops_with_one_line_and_writes_no_final_model(cli, tmp_path, teacher):
     # a temperature of 1e-38 makes the distillation loss NaN at the first step: a real divergence
     config = tmp_path / "c.yaml"
     out = tmp_path / "run"
     config.write_text(f"model: {MODEL}\nweights: {teacher}\nrun_dir: {out}\ntrain_per_class: 20\nstages: [distill]\n"
                       "distill: {epochs: 2, warmup_epochs: 0, temperature: 1.0e-38, progress: false}\n")
-    line = assert_one_line_error(curlprune("run", config), "epoch 1, step 1", "nan", "learning rate")
+    line = assert_one_line_error(cli("run", config), "epoch 1, step 1", "nan", "learning rate")
     assert "diverged" in line
     assert not (out / "distill" / "model.safetensors").exists() and not (out / "distill" / "done.json").exists()
     assert not (out / "distill" / "state.safetensors").exists()
@@ -325,10 +342,10 @@ def test_hyperparameters_are_checked_for_range():
 
 
 # ================================================================ 5. config types
-def test_config_value_of_the_wrong_type_is_one_line_before_anything_runs(tmp_path, teacher):
+def test_config_value_of_the_wrong_type_is_one_line_before_anything_runs(cli, tmp_path, teacher):
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {MODEL}\nweights: {teacher}\nrun_dir: {tmp_path / 'run'}\nstages: [finetune]\nfinetune: {{epochs: 2.5}}\n")
-    assert_one_line_error(curlprune("run", config), "section 'finetune'", "'epochs'", "2.5", "whole number")
+    assert_one_line_error(cli("run", config), "section 'finetune'", "'epochs'", "2.5", "whole number")
     assert not (tmp_path / "run").exists()
 
 
@@ -412,16 +429,16 @@ def _reversed_header(data: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
-def test_rerun_accepts_a_student_resaved_with_another_header_order(tmp_path, teacher):
+def test_rerun_accepts_a_student_resaved_with_another_header_order(cli, tmp_path, teacher):
     student = tmp_path / "student.safetensors"
     checkpoint.save(student, MODEL, {}, torch.load(teacher, weights_only=True))
     out = tmp_path / "run"
     args = ["distill", "--model", MODEL, "--weights", teacher, "--train-per-class", "20", "--epochs", "1",
             "--student", student, "--out", out]
-    first = curlprune(*args)
+    first = cli(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     student.write_bytes(_reversed_header(student.read_bytes()))  # same model, other bytes
-    again = curlprune(*args)
+    again = cli(*args)
     assert again.returncode == 0, again.stderr[-2000:]
 
 
