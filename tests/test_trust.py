@@ -280,6 +280,19 @@ def test_image_that_cannot_become_8_bit_rgb_is_named(tmp_path):
         load_image_folder(folder)
 
 
+def test_image_size_reads_png_jpeg_and_other_headers_like_pillow():
+    from PIL import Image
+
+    from curlprune.data import image_size
+
+    for fmt, mode, size in (("PNG", "RGB", (37, 21)), ("JPEG", "RGB", (45, 19)), ("JPEG", "L", (8, 300)),
+                            ("BMP", "RGB", (5, 7)), ("PNG", "I;16", (3, 9))):
+        buffer = io.BytesIO()
+        Image.new(mode, size).save(buffer, format=fmt, **({"progressive": True} if mode == "L" else {}))
+        assert image_size(buffer.getvalue()) == size, (fmt, mode)
+    assert image_size(b"not an image") is None
+
+
 def test_decompression_bomb_is_refused_with_its_limit(tmp_path):
     from PIL import Image
 

@@ -186,18 +186,44 @@ def decode_rgb(data: bytes, where: str) -> torch.Tensor:
 
 def _check_size(data: bytes, where: str) -> None:
     """Refuse images with more than MAX_IMAGE_PIXELS pixels from their header, before decoding."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            width, height = img.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        return  # not something Pillow can size: the decoders below decide
+    size = image_size(data)
+    if size is None:
+        return  # not something we can size: the decoders below decide
+    width, height = size
     if width * height > MAX_IMAGE_PIXELS:
         raise CurlpruneError(
             f"image {where} is {width} x {height} = {width * height:,} pixels, more than the limit of "
             f"{MAX_IMAGE_PIXELS:,} (8192 x 8192; a decompression bomb or a mistake): resize or remove it"
         )
+
+
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from an image's header without decoding it (PNG and JPEG read directly,
+    other formats through Pillow's lazy open); None when the bytes are not a recognised image."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] == b"\xff\xd8":  # JPEG: walk the segments to the frame header (SOFn)
+        i = 2
+        while i + 9 <= len(data) and data[i] == 0xFF:
+            marker = data[i + 1]
+            if marker == 0xFF:
+                i += 1
+            elif marker == 0x01 or 0xD0 <= marker <= 0xD8:
+                i += 2
+            elif marker in _SOF_MARKERS:
+                return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+            else:
+                i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            return img.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def _decode_pil(data: bytes, where: str) -> torch.Tensor:
