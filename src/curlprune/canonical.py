@@ -43,8 +43,7 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     """Write ``tensors`` + ``metadata`` to ``path`` atomically as canonical (deterministic) bytes."""
     from curlprune.checkpoint import atomic_write
 
-    data = canonical_bytes(tensors, metadata)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(canonical_bytes(tensors, metadata)))
 
 
 def content_digest(path: str | os.PathLike) -> str:
