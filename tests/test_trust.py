@@ -29,7 +29,7 @@ import yaml
 from curlprune import checkpoint
 from curlprune.errors import CurlpruneError
 from curlprune.models import build
-from curlprune.models.small import train_digits_model
+from curlprune.digits import train_digits_model
 
 MODEL = "small:resnet-digits"
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -208,7 +208,7 @@ def test_truncated_weights_files_are_one_line(cli, tmp_path, teacher):
     assert not (tmp_path / "p").exists()
     from safetensors.torch import save_file
 
-    from curlprune.models.registry import read_state_dict
+    from curlprune.models.weights import read_state_dict
 
     st = tmp_path / "w.safetensors"
     save_file(torch.load(teacher, weights_only=True), st)
@@ -227,7 +227,7 @@ def test_empty_checkpoint_is_one_line_for_export(cli, tmp_path):
 
 
 def test_error_message_survives_an_exception_without_text(tmp_path):
-    from curlprune.models.registry import read_state_dict
+    from curlprune.models.weights import read_state_dict
 
     empty = tmp_path / "w.pth"
     empty.write_bytes(b"")
@@ -370,7 +370,7 @@ def test_config_value_of_the_wrong_type_is_one_line_before_anything_runs(cli, tm
     ("batch_size: [32]", ("'batch_size'", "[32]", "whole number")),
 ])
 def test_config_values_are_type_checked(tmp_path, text, fragments):
-    from curlprune.pipeline import load_config
+    from curlprune.run_config import load_config
 
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {MODEL}\nstages: [distill]\ndistill: {{{text}}}\n")
@@ -382,7 +382,7 @@ def test_config_values_are_type_checked(tmp_path, text, fragments):
 
 
 def test_numbers_written_like_1e_4_are_numbers(tmp_path):
-    from curlprune.pipeline import load_config
+    from curlprune.run_config import load_config
 
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {MODEL}\nstages: [refine]\nrefine: {{lr: 1e-4, epochs: 3.0, warmup_epochs: 1}}\n")

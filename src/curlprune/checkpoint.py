@@ -13,58 +13,38 @@ strictly, so no Python code is ever unpickled.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
+from curlprune.analysis import trace
+from curlprune.canonical import check_finite_state, save_safetensors
 from curlprune.errors import CurlpruneError, exception_summary
+from curlprune.models import build, input_spec
+from curlprune.models.weights import load_state_strict
+from curlprune.rundir import atomic_write, atomic_write_text, file_digest  # re-exported: the writers are rundir's
+from curlprune.surgery import apply
+
+__all__ = [
+    "FORMAT_VERSION",
+    "atomic_write",
+    "atomic_write_text",
+    "build_pruned",
+    "default_input_shape",
+    "export_onnx",
+    "file_digest",
+    "load",
+    "read_metadata",
+    "save",
+]
 
 FORMAT_VERSION = "1"
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then move the file into place, so ``path`` is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:  # e.g. a full disk: say which file
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB blocks). For "is this the same model" use
-    :func:`curlprune.canonical.content_digest` (tensors + metadata, independent of header layout)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _ref_dict(model_ref: Any) -> dict:
@@ -76,9 +56,17 @@ def _ref_dict(model_ref: Any) -> dict:
 
 
 def default_input_shape(model_name: str) -> list[int]:
-    """The example input shape ``[1, C, S, S]`` a model of this registry name is traced with."""
-    from curlprune.models import input_spec
+    """The example input shape ``[1, C, S, S]`` a model of this registry name is traced with.
 
+    Args:
+        model_name: a registry name.
+
+    Returns:
+        ``[1, channels, size, size]`` of the model's InputSpec.
+
+    Raises:
+        CurlpruneError: unknown model name.
+    """
     spec = input_spec(model_name)
     return [1, spec.channels, spec.size, spec.size]
 
@@ -94,12 +82,24 @@ def save(
 ) -> None:
     """Save a (pruned) model as architecture reference + Plan + weights, atomically.
 
-    The bytes are canonical (the same model saved twice gives the same file); weights holding
-    NaN or inf are refused (:class:`CurlpruneError`), so a diverged model is never saved.
-    """
-    from curlprune.canonical import save_safetensors
-    from curlprune.recover.guards import check_finite_state
+    The bytes are canonical (the same model saved twice gives the same file,
+    :func:`curlprune.canonical.canonical_bytes`), and weights holding NaN or inf are refused, so a
+    diverged model is never saved (issue 12).
 
+    Args:
+        path: the ``.safetensors`` file to write.
+        model_ref: the unpruned architecture: a registry name, ``{"name", "kwargs"}`` or a ModelRef.
+        plan: group name -> kept channel indices (``{}``: unpruned).
+        state_dict: the pruned model's weights (copied to the CPU).
+        input_shape: the example input the plan was traced with (default: the model's
+            ``[1, C, S, S]`` from the registry).
+        extra: free-form JSON-serialisable metadata.
+
+    Raises:
+        CurlpruneError: ``input_shape`` is not given and the model name is unknown, or a
+            floating-point tensor holds NaN or inf (nothing is written then).
+        OSError: the file cannot be written (its ``filename`` is ``path``).
+    """
     ref = _ref_dict(model_ref)
     shape = list(input_shape) if input_shape is not None else default_input_shape(ref["name"])
     metadata = {
@@ -115,9 +115,17 @@ def save(
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The decoded header of a curlprune checkpoint (model_ref, plan, input_shape, extra)."""
-    from safetensors import safe_open
+    """The decoded header of a curlprune checkpoint.
 
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        ``{"model_ref": {...}, "plan": {...}, "input_shape": [...], "extra": {...}}``.
+
+    Raises:
+        CurlpruneError: the file is missing, empty, truncated, unreadable or not a curlprune checkpoint.
+    """
     path = Path(path)
     if not path.is_file():
         raise CurlpruneError(f"checkpoint {path} does not exist: check the path (a run writes it as <out>/model.safetensors)")
@@ -139,11 +147,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_pruned(model_ref: Any, plan: dict[str, list[int]], input_shape: list[int]) -> nn.Module:
-    """Rebuild the pruned architecture (random weights) from its reference and Plan."""
-    from curlprune.graph import trace
-    from curlprune.models import build
-    from curlprune.surgery import apply
+    """Rebuild the pruned architecture (random weights) from its reference and Plan.
 
+    Args:
+        model_ref: the unpruned architecture (registry name, dict or ModelRef).
+        plan: group name -> kept channel indices.
+        input_shape: the example input shape the plan was traced with.
+
+    Returns:
+        The unpruned model when ``plan`` is empty, else ``apply(model, trace(model, x), plan)``.
+
+    Raises:
+        CurlpruneError: unknown model, or a plan that does not fit its groups.
+    """
     ref = _ref_dict(model_ref)
     model = build(ref["name"], **ref["kwargs"]).eval()
     if not plan:
@@ -154,9 +170,18 @@ def build_pruned(model_ref: Any, plan: dict[str, list[int]], input_shape: list[i
 
 
 def load(path: str | os.PathLike) -> nn.Module:
-    """Load a checkpoint written by :func:`save` into a ready-to-use module (eval mode)."""
-    from safetensors.torch import load_file
+    """Load a checkpoint written by :func:`save` into a ready-to-use module.
 
+    Args:
+        path: a curlprune checkpoint (``.safetensors`` with the curlprune header).
+
+    Returns:
+        The pruned model (a GraphModule when the plan prunes anything), weights loaded, eval mode.
+
+    Raises:
+        CurlpruneError: the file is missing, unreadable, not a curlprune checkpoint, names an
+            unknown model or a plan that does not fit it, or its weights do not fit.
+    """
     meta = read_metadata(path)
     model = build_pruned(meta["model_ref"], meta["plan"], meta["input_shape"])
     load_state_strict(model, load_file(str(path)), f"weights in {path} do not fit its architecture",
@@ -164,23 +189,21 @@ def load(path: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
-def load_state_strict(model: nn.Module, tensors: dict[str, torch.Tensor], what: str, fix: str) -> None:
-    """Load a state dict into ``model`` strictly; missing, unexpected or wrong-shape tensors are one
-    :class:`CurlpruneError` line: ``what`` (counts, examples): ``fix``."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        raise CurlpruneError(
-            f"{what} ({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrong-shape tensors, "
-            f"e.g. {(missing + unexpected + wrong)[:3]}): {fix}"
-        )
-    model.load_state_dict(tensors)
-
-
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *, opset: int = 18) -> Path:
-    """Export ``model`` to ONNX with a dynamic batch dimension; written atomically."""
+    """Export ``model`` to ONNX with a dynamic batch dimension; written atomically.
+
+    Args:
+        model: the model (switched to eval mode).
+        example_input: one batch ``[N, C, H, W]`` (a batch of 1 is widened to 2 for tracing).
+        path: the ``.onnx`` file to write.
+        opset: the ONNX opset.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        Errors of ``torch.onnx.export`` for models it cannot export; ``path`` is not written then.
+    """
     model = model.eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     if example_input.shape[0] == 1:  # a batch of 1 would be specialised as a constant by torch.export

@@ -7,8 +7,8 @@ errors on them turned into one line.
   pid, host, command and start time are written into it, and a second run into the same folder
   fails at once naming them. The kernel releases the lock when its process dies (even SIGKILL),
   so a lock left by a dead run never blocks the rerun that resumes it.
-* :func:`os_error_message`: the one line for an ``OSError`` met while writing outputs;
-  :func:`append_line` appends to a log so that such an error names the file.
+* :func:`os_error_message`: the one line for an ``OSError`` met while writing outputs (the run
+  folder's writers, :mod:`curlprune.rundir`, give such errors the file's name).
 """
 from __future__ import annotations
 
@@ -52,18 +52,6 @@ def os_error_message(exc: OSError) -> str | None:
     if exc.filename2 is not None:
         path = f"{exc.filename2} (from {exc.filename})"
     return f"cannot write {path}: {advice}"
-
-
-def append_line(path: str | os.PathLike, line: str) -> None:
-    """Append ``line`` (plus a newline) to the text file ``path``; an ``OSError`` (e.g. a full disk)
-    is re-raised with ``path`` as its filename, so :func:`os_error_message` can name the file."""
-    try:
-        with open(path, "a") as fh:
-            fh.write(line + "\n")
-    except OSError as exc:
-        if exc.filename is None:
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
 
 
 def check_writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:

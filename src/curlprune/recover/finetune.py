@@ -10,14 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from curlprune.recover.loop import Result, Stage, Trainer, TrainConfig
+from curlprune.models.spec import InputSpec
+from curlprune.recover.loop import Trainer
+from curlprune.recover.stage import Result, Stage, TrainConfig
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
     """Fine-tuning settings (see :class:`TrainConfig` for every field).
 
-    The defaults suit small datasets (the spec's "stage-2 recipe without KD", §7 note 6): 30
+    The defaults suit small datasets (the distillation recipe without the teacher, docs/method.md §4 and §8): 30
     epochs, global batch 32, lr 0.01, 1 warm-up epoch, weight decay 4e-5, cosine to 0. The
     paper's ImageNet recipe (100 epochs, batch 512, lr 0.1, 5 warm-up epochs) is
     :meth:`imagenet`.
@@ -30,7 +32,7 @@ class FinetuneConfig(TrainConfig):
 
     @classmethod
     def imagenet(cls, **overrides: Any) -> "FinetuneConfig":
-        """The authors' ImageNet settings (curl-method.md §3), with optional overrides."""
+        """The authors' ImageNet settings (docs/method.md §4), with optional overrides."""
         return cls(**{"epochs": 100, "batch_size": 512, "lr": 0.1, "warmup_epochs": 5.0, **overrides})
 
 
@@ -47,7 +49,7 @@ class FinetuneStage(Stage):
 def finetune(
     student: nn.Module,
     data: Mapping[str, Dataset],
-    spec: Any,
+    spec: InputSpec,
     cfg: FinetuneConfig | None = None,
     run_dir: str | Path = "runs/recover",
     *,
@@ -55,12 +57,21 @@ def finetune(
 ) -> Result:
     """Fine-tune ``student`` in place with cross-entropy; resumable, skipped when already done.
 
-    student: the (pruned) model; its weights are updated in place and returned in the Result.
-    data:    ``{"train": ImageDataset, "test": ImageDataset}`` of uint8 images.
-    spec:    the model's ``InputSpec`` (curlprune.models.input_spec), for its transforms.
-    cfg:     :class:`FinetuneConfig` (defaults for small data).
-    run_dir: outputs go to ``<run_dir>/<stage>/`` (metrics.jsonl, state.safetensors,
-             model.safetensors, done.json).
+    Args:
+        student: the (pruned) model; its weights are updated in place and returned in the Result.
+        data: ``{"train": ImageDataset, "test": ImageDataset}`` of uint8 images ``[C, H, W]``.
+        spec: the model's input recipe (:func:`curlprune.models.input_spec`), for its transforms.
+        cfg: :class:`FinetuneConfig` (defaults for small data); None = the defaults.
+        run_dir: outputs go to ``<run_dir>/<stage>/`` (metrics.jsonl, state.safetensors,
+            model.safetensors: plain weights, done.json; see :mod:`curlprune.rundir`).
+        stage: the stage folder's name.
+    Returns:
+        The :class:`~curlprune.recover.stage.Result` (test top-1 in %, epochs, seconds).
+    Raises:
+        CurlpruneError: bad data or settings, a model that does not fit the data, or a stage
+            folder written with other settings or another architecture.
+
+    Source: docs/method.md §4.
     """
     stage_impl = FinetuneStage(cfg or FinetuneConfig())
     stage_impl.name = stage

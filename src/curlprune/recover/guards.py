@@ -2,27 +2,34 @@
 
 * :func:`check_hyperparameters`: finite values in sane ranges, before anything trains.
 * :func:`check_finite_loss`: a NaN or infinite loss stops the stage at once, naming epoch and step.
-* :func:`check_finite_state`: weights with NaN/inf are never written as a final model.
+* :func:`curlprune.canonical.check_finite_state` (re-exported here): weights with NaN/inf are
+  never written as a final model.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from curlprune.canonical import check_finite_state
 from curlprune.errors import CurlpruneError
+
+__all__ = ["MAX_LR", "check_finite_loss", "check_finite_state", "check_hyperparameters"]
 
 MAX_LR = 10.0  # far above any SGD learning rate that trains a CNN; larger is a typo or an inf
 
 
 def check_hyperparameters(cfg: Any) -> None:
-    """Check a training config's numbers: every float finite, lr in (0, MAX_LR], epochs and
-    batch_size positive whole numbers, momentum in [0, 1),
-    weight_decay in [0, 1).
+    """Check a training config's numbers before anything trains (issue 12).
 
-    Raises :class:`CurlpruneError` naming the setting, its value and the accepted range.
+    Every float finite, lr in (0, MAX_LR], epochs and batch_size positive whole numbers,
+    momentum and weight_decay in [0, 1).
+
+    Args:
+        cfg: a training config (a dataclass such as :class:`curlprune.recover.stage.TrainConfig`).
+    Raises:
+        CurlpruneError: naming the setting, its value and the accepted range.
     """
     for name, value in vars(cfg).items():
         if isinstance(value, float) and not math.isfinite(value):
@@ -41,10 +48,16 @@ def check_hyperparameters(cfg: Any) -> None:
 
 
 def check_finite_loss(loss: torch.Tensor, epoch: int, step: int, lr: float | None = None) -> None:
-    """Raise a one-line :class:`CurlpruneError` when ``loss`` is NaN or infinite.
+    """Stop a diverged stage at the first non-finite loss.
 
-    ``epoch`` and ``step`` are 0-based (reported 1-based); ``lr`` is the step's learning rate.
     Nothing of the epoch is saved: a rerun resumes after the last completed (finite) epoch.
+
+    Args:
+        loss: the step's loss (any shape).
+        epoch, step: 0-based (reported 1-based).
+        lr: the step's learning rate, named in the message when given.
+    Raises:
+        CurlpruneError: one line naming epoch, step, the learning rate and the likely cause.
     """
     if bool(torch.isfinite(loss.detach()).all()):
         return
@@ -55,14 +68,3 @@ def check_finite_loss(loss: torch.Tensor, epoch: int, step: int, lr: float | Non
         "setting such as a tiny temperature or NaN in the weights or data; nothing of this epoch was saved, "
         "rerun to resume from the last finished epoch or delete the stage's folder to start it again"
     )
-
-
-def check_finite_state(state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Raise a one-line :class:`CurlpruneError` when a floating-point tensor of ``state`` holds NaN
-    or inf; ``what`` names the file that would have been written."""
-    bad = [name for name, t in state.items() if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise CurlpruneError(
-            f"refusing to write {what}: {len(bad)} of {len(state)} tensors hold NaN or inf (e.g. {bad[0]}); "
-            "the training diverged: lower the learning rate and run the stage again"
-        )
