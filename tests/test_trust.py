@@ -503,3 +503,19 @@ def test_lock_created_folder_is_removed_when_the_run_wrote_nothing(tmp_path):
     with RunLock(tmp_path / "new"):
         assert (tmp_path / "new" / ".lock").is_file()
     assert not (tmp_path / "new").exists()
+
+
+def test_run_prune_from_python_takes_the_lock_too(tmp_path):
+    """The library path (curlprune.prune.run_prune) locks its folder as the CLI does: a folder in
+    use is refused before anything is loaded or written, and a free one is left unlocked after."""
+    from curlprune.prune import PruneConfig, run_prune
+    from curlprune.runlock import RunLock
+
+    out = tmp_path / "prune"
+    config = PruneConfig(criterion="l1", target_macs=0.7, eval_limit=0)
+    with RunLock(out):  # another "process": flock locks of separate opens conflict in one process too
+        with pytest.raises(CurlpruneError, match="in use by another run"):
+            run_prune(config, out, model_name="small:resnet-digits", show=False)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    result = run_prune(config, out, model_name="small:resnet-digits", show=False)
+    assert result.checkpoint.is_file() and not (out / ".lock").exists()

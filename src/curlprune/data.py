@@ -173,9 +173,16 @@ def _read(reader: Callable[[str], bytes], name: str, where: str) -> bytes:
 def decode_rgb(data: bytes, where: str) -> torch.Tensor:
     """Decode image bytes to 8-bit RGB, uint8 ``[3, H, W]``; ``where`` names the file in errors.
 
-    16-bit images are scaled to 8 bits (v * 255 / 65535); grey, palette and alpha images become
-    RGB. Raises :class:`CurlpruneError` naming the file when it is damaged, not an image, has more
-    than :data:`MAX_IMAGE_PIXELS` pixels, or cannot be represented as 8-bit RGB (e.g. float data).
+    16-bit images are scaled to 8 bits (v * 255 / 65535); grey, palette and alpha images become RGB.
+
+    Args:
+        data: the file's bytes.
+        where: names the file in errors.
+    Returns:
+        uint8 ``[3, H, W]``.
+    Raises:
+        CurlpruneError: naming the file when it is damaged, not an image, has more than
+            :data:`MAX_IMAGE_PIXELS` pixels, or cannot be represented as 8-bit RGB (e.g. float data).
     """
     _check_size(data, where)
     try:  # libjpeg/libpng/libwebp through torchvision: fast
@@ -206,8 +213,14 @@ _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from an image's header without decoding it (PNG and JPEG read directly,
-    other formats through Pillow's lazy open); None when the bytes are not a recognised image."""
+    """An image's size from its header, without decoding it (PNG and JPEG read directly, other
+    formats through Pillow's lazy open).
+
+    Args:
+        data: the file's bytes.
+    Returns:
+        ``(width, height)`` in pixels, or None when the bytes are not a recognised image.
+    """
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
         return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     if data[:2] == b"\xff\xd8":  # JPEG: walk the segments to the frame header (SOFn)

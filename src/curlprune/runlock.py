@@ -43,8 +43,14 @@ OUTPUT_ERRNOS = {
 
 
 def os_error_message(exc: OSError) -> str | None:
-    """One line for an environmental ``OSError`` (disk full, read-only, permissions, bad path):
-    the path, what happened and what to do; None for other errors (those are bugs, kept loud)."""
+    """One line for an environmental ``OSError`` (disk full, read-only, permissions, bad path).
+
+    Args:
+        exc: the error; its ``filename`` (set by :mod:`curlprune.rundir`'s writers) is named.
+    Returns:
+        "cannot write <path>: <what happened and what to do>", or None for other errors (those are
+        bugs and stay loud).
+    """
     advice = OUTPUT_ERRNOS.get(exc.errno)
     if advice is None:
         return None
@@ -58,8 +64,15 @@ def check_writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     """Check that ``path`` is (or can be created as) a folder this process can write into.
 
     Nothing is left behind: a probe file is created in the nearest existing folder and removed.
-    Returns ``path`` as a Path. Raises :class:`CurlpruneError` naming the path and what to do when
-    it is an existing file, lies under a file, or its filesystem is read-only or not writable.
+
+    Args:
+        path: the output folder (``--out``).
+        what: how the message names it.
+    Returns:
+        ``path`` as a Path.
+    Raises:
+        CurlpruneError: naming the path and what to do when it is an existing file, lies under a
+            file, or its filesystem is read-only or not writable.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -79,7 +92,16 @@ def check_writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
 
 def check_writable_file(path: str | os.PathLike, what: str = "output") -> Path:
     """Check that the file ``path`` can be written: not a folder, its folder (or the nearest
-    existing one) a writable folder. Raises :class:`CurlpruneError` naming ``path``."""
+    existing one) a writable folder. Nothing is left behind.
+
+    Args:
+        path: the output file (e.g. ``export``'s ``.onnx``).
+        what: how the message names it.
+    Returns:
+        ``path`` as a Path.
+    Raises:
+        CurlpruneError: naming ``path`` and what to do.
+    """
     path = Path(path)
     if path.is_dir():
         raise CurlpruneError(f"{what} {path} is a folder, not a file: name the file to write")
@@ -120,6 +142,14 @@ class RunLock:
         self._created_dir = False
 
     def acquire(self) -> "RunLock":
+        """Check the folder, create it if needed and take the lock without waiting.
+
+        Returns:
+            ``self``.
+        Raises:
+            CurlpruneError: the folder is not writable (:func:`check_writable_dir`) or another
+                process holds the lock (its pid, host, start time and command are named).
+        """
         if self._fd is not None:
             return self
         check_writable_dir(self.run_dir)
@@ -155,6 +185,8 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Remove the lock file and drop the lock (a no-op when not held); a folder the lock created
+        is removed again when nothing else was written into it."""
         if self._fd is None:
             return
         try:

@@ -26,8 +26,14 @@ def check_types(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]
     and numbers written as strings (``"1e-4"``); bool fields take only true/false; str fields take
     strings; ``X | None`` also takes null; list[X] takes a list of X. Other annotations pass as is.
 
-    Returns the values converted where that is exact (``"1e-4"`` -> 1e-4, 3.0 -> 3).
-    Raises :class:`CurlpruneError`: "<where>: '<key>' must be <type> (got <value>)".
+    Args:
+        cls: the config dataclass.
+        values: its keyword arguments as read from YAML (unknown keys are left to the caller).
+        where: the message's prefix (file and section).
+    Returns:
+        The values converted where that is exact (``"1e-4"`` -> 1e-4, 3.0 -> 3).
+    Raises:
+        CurlpruneError: "<where>: '<key>' must be <type> (got <value>)".
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
