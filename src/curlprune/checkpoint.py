@@ -13,22 +13,22 @@ strictly, so no Python code is ever unpickled.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from curlprune.analysis import trace
-from curlprune.errors import CurlpruneError
+from curlprune.canonical import check_finite_state, save_safetensors
+from curlprune.errors import CurlpruneError, exception_summary
 from curlprune.models import build, input_spec
 from curlprune.models.weights import load_state_strict
+from curlprune.rundir import atomic_write, atomic_write_text, file_digest  # re-exported: the writers are rundir's
 from curlprune.surgery import apply
 
 __all__ = [
@@ -45,50 +45,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = "1"
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then move the file into place, so ``path`` is never half-written.
-
-    Args:
-        path: the destination (its folder is created).
-        write: ``(tmp_path: str) -> None`` writes the whole file at a temporary path beside ``path``.
-
-    Raises:
-        Whatever ``write`` raises; the temporary file is removed and ``path`` is unchanged.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _ref_dict(model_ref: Any) -> dict:
@@ -126,6 +82,10 @@ def save(
 ) -> None:
     """Save a (pruned) model as architecture reference + Plan + weights, atomically.
 
+    The bytes are canonical (the same model saved twice gives the same file,
+    :func:`curlprune.canonical.canonical_bytes`), and weights holding NaN or inf are refused, so a
+    diverged model is never saved (issue 12).
+
     Args:
         path: the ``.safetensors`` file to write.
         model_ref: the unpruned architecture: a registry name, ``{"name", "kwargs"}`` or a ModelRef.
@@ -136,7 +96,9 @@ def save(
         extra: free-form JSON-serialisable metadata.
 
     Raises:
-        CurlpruneError: ``input_shape`` is not given and the model name is unknown.
+        CurlpruneError: ``input_shape`` is not given and the model name is unknown, or a
+            floating-point tensor holds NaN or inf (nothing is written then).
+        OSError: the file cannot be written (its ``filename`` is ``path``).
     """
     ref = _ref_dict(model_ref)
     shape = list(input_shape) if input_shape is not None else default_input_shape(ref["name"])
@@ -148,7 +110,8 @@ def save(
         "extra": json.dumps(extra or {}),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    check_finite_state(tensors, str(path))
+    save_safetensors(path, tensors, metadata)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -161,16 +124,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         ``{"model_ref": {...}, "plan": {...}, "input_shape": [...], "extra": {...}}``.
 
     Raises:
-        CurlpruneError: the file is missing, unreadable or not a curlprune checkpoint.
+        CurlpruneError: the file is missing, empty, truncated, unreadable or not a curlprune checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise CurlpruneError(f"checkpoint {path} does not exist: check the path (a run writes it as <out>/model.safetensors)")
+    if path.stat().st_size == 0:
+        raise CurlpruneError(f"checkpoint {path} is empty (0 bytes): the copy or the run that wrote it did not finish; re-create it")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:  # safetensors raises several types for damaged headers
-        raise CurlpruneError(f"checkpoint {path} is not a readable safetensors file ({exc}): re-create it with `curlprune prune` or curlprune.save") from None
+        raise CurlpruneError(f"checkpoint {path} is not a readable safetensors file, truncated or damaged ({exception_summary(exc)}): re-create it with `curlprune prune` or curlprune.save") from None
     if meta.get("curlprune_format") != FORMAT_VERSION:
         raise CurlpruneError(f"{path} is not a curlprune checkpoint (no curlprune_format header): save it with curlprune.save")
     return {

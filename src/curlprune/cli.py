@@ -12,6 +12,7 @@ import sys
 from curlprune import __version__
 from curlprune.commands import demo, inspect, prune, run
 from curlprune.errors import CurlpruneError
+from curlprune.runlock import os_error_message
 
 # Command families in the order their commands appear in --help.
 COMMAND_FAMILIES = [demo, inspect, prune, run]
@@ -53,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CurlpruneError as exc:
-        print(f"curlprune: error: {exc}", file=sys.stderr)
+        print(f"curlprune: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
+        return 2
+    except OSError as exc:  # disk full, read-only, permissions, a file where a folder should be
+        message = os_error_message(exc)
+        if message is None:
+            raise
+        print(f"curlprune: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("curlprune: interrupted; finished work is kept, re-run the same command to resume", file=sys.stderr)

@@ -33,6 +33,7 @@ from torch import nn
 
 from curlprune import checkpoint
 from curlprune import data as datasets
+from curlprune.canonical import content_digest
 from curlprune.cost import count
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
@@ -57,6 +58,7 @@ from curlprune.rundir import (
     read_json,
     write_json,
 )
+from curlprune.runlock import RunLock
 from curlprune.run_config import TRAIN_STAGES, RunConfig, check_finished_prune, check_same_run, config_to_dict
 
 # Rank 0 may prune for a long time while the other ranks wait in a collective.
@@ -97,13 +99,14 @@ class Student:
     input_shape: list[int]
     extra: dict[str, Any]
     source: str  # "unpruned" or the checkpoint it was loaded from
-    digest: str | None  # SHA-256 of that checkpoint
+    digest: str | None  # content digest of that checkpoint (canonical.content_digest)
 
     @classmethod
     def from_checkpoint(cls, path: Path) -> "Student":
-        """The student saved in a curlprune checkpoint, with the checkpoint's path and SHA-256."""
+        """The student saved in a curlprune checkpoint, with the checkpoint's path and content digest
+        (:func:`curlprune.canonical.content_digest`: tensors + metadata, not the file's bytes)."""
         meta = checkpoint.read_metadata(path)
-        return cls(checkpoint.load(path), meta["model_ref"], meta["plan"], meta["input_shape"], meta["extra"], str(path), file_digest(path))
+        return cls(checkpoint.load(path), meta["model_ref"], meta["plan"], meta["input_shape"], meta["extra"], str(path), content_digest(path))
 
 
 class Run:
@@ -120,6 +123,7 @@ class Run:
         self._data: dict[str, Any] | None = None
         self._teacher = None
         self.ctx = None
+        self.lock = RunLock(self.run_dir)
 
     # ----- shared inputs -------------------------------------------------------------------
     @property
@@ -165,18 +169,29 @@ class Run:
     def run(self) -> dict[str, Any]:
         """Run (or skip, or resume) every stage; return the summary (also in ``summary.json``).
 
+        Rank 0 checks the run directory and locks it (:class:`curlprune.runlock.RunLock`) before
+        any data or model is loaded, and holds the lock until the run ends in any way.
+
         Returns:
             The summary: per-stage records, final MACs/params and their ratios to the unpruned
             model, test top-1 in % (unpruned, pruned, last and best after training).
         Raises:
-            CurlpruneError: bad combination of student and stages, a run directory holding another
-                run, a teacher that does not fit the data, or any stage's own errors.
+            CurlpruneError: bad combination of student and stages, a run directory that is not a
+                writable folder, is in use by another process or holds another run, a teacher that does not fit the data, or any stage's own errors.
         """
         if self.student_path is not None and "prune" in self.cfg.stages:
             raise CurlpruneError("a starting student cannot be combined with a prune stage: drop --student or the prune stage")
         if self.student_path is not None and not self.student_path.is_file():
             raise CurlpruneError(f"student checkpoint {self.student_path} does not exist: pass a curlprune checkpoint (e.g. <run_dir>/model.safetensors)")
         self.ctx = init_distributed(self._process_device(), timeout=PROCESS_GROUP_TIMEOUT)
+        on_main(self.ctx, lambda: bool(self.lock.acquire()))  # --out checked and locked before any slow work (issue 12)
+        try:
+            return self._run_stages()
+        finally:
+            self.lock.release()
+
+    def _run_stages(self) -> dict[str, Any]:
+        """The stages of :meth:`run`, with the run directory locked."""
         check_classes("teacher", self.teacher, self.data, self.spec, torch.device("cpu"), channels_last=False)
         self.base_cost = count(self.teacher, self.example_input)
         on_main(self.ctx, self._claim_run_dir)
@@ -250,7 +265,7 @@ class Run:
                                 input_shape=student.input_shape, extra=extra)
             if not was_done:
                 append_jsonl(self.run_dir / LOG_FILE, {"stage": stage, "seconds": round(result.seconds, 2)}, stamp=True)
-            return file_digest(out)
+            return content_digest(out)
 
         digest = on_main(self.ctx, save)
         trained = Student(result.model, student.model_ref, student.plan, student.input_shape, extra, str(out), digest)
@@ -259,12 +274,16 @@ class Run:
         return trained, record
 
     def _check_student_record(self, stage_dir: Path, student: Student) -> None:
-        """A stage resumes or is skipped only if it started from the same student as now."""
+        """A stage resumes or is skipped only if it started from the same student as now (same
+        content digest; records written by earlier versions hold the file's SHA-256, also accepted)."""
         record = {"source": student.source, "sha256": student.digest}
         path = stage_dir / STUDENT_FILE
         if path.is_file():
             previous = read_json(path)
-            if previous.get("sha256") != record["sha256"]:
+            same = previous.get("sha256") == record["sha256"]  # tensors + metadata, not file bytes (issue 12)
+            if not same and Path(student.source).is_file():  # a record written before: the file's own SHA-256
+                same = previous.get("sha256") == file_digest(student.source)
+            if not same:
                 raise CurlpruneError(
                     f"{stage_dir} was started from another student ({previous.get('source')}, now {student.source}): "
                     f"delete {stage_dir} to run the stage again from the new one"

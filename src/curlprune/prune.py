@@ -41,6 +41,7 @@ from curlprune.channels import ChannelGroup, Plan
 from curlprune.models import build, default_protect, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.report import print_prune_summary
+from curlprune.runlock import RunLock
 from curlprune.rundir import (
     DONE_FILE,
     LOG_FILE,
@@ -195,12 +196,20 @@ def run_prune(
     Returns:
         The :class:`PruneResult` (checkpoint path, plan, report).
     Raises:
-        CurlpruneError: bad settings, an unreachable target, missing data, stored scores computed
-            with other settings, or a folder that already holds a run (without ``resume``).
+        CurlpruneError: ``out_dir`` is not a writable folder or is in use by another process (it is
+            checked and locked, :class:`curlprune.runlock.RunLock`, before anything is loaded), bad
+            settings, an unreachable target, missing data, stored scores computed with other
+            settings, or a folder that already holds a run (without ``resume``).
 
     Source: docs/method.md §2 (the KL score) and §3 (selection).
     """
-    out = Path(out_dir)
+    with RunLock(out_dir):  # one process per folder, also when called from Python (issue 12)
+        return _run_prune(config, Path(out_dir), resume, model_name, weights, data, num_classes, show)
+
+
+def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, weights: str | None,
+               data: str | dict | None, num_classes: int | None, show: bool) -> PruneResult:
+    """:func:`run_prune` with ``out`` locked."""
     settings = _settings(config, model_name, weights, data, num_classes)
     finished = _finished(out, settings) if resume else None
     if finished is not None:

@@ -34,6 +34,7 @@ from curlprune.recover.distill import DistillConfig
 from curlprune.recover.finetune import FinetuneConfig
 from curlprune.recover.refine import RefineConfig
 from curlprune.rundir import DONE_FILE, check_same_settings
+from curlprune.validate import check_types
 
 TRAIN_STAGES = ("finetune", "distill", "refine")
 ALL_STAGES = ("prune",) + TRAIN_STAGES
@@ -66,7 +67,8 @@ class RunConfig:
 
 
 def _build_section(stage: str, values: Any, where: str, defaults: dict[str, Any]) -> Any:
-    """The stage's config dataclass from its section; unknown keys are errors that list the valid ones."""
+    """The stage's config dataclass from its section; unknown keys are errors that list the valid
+    ones, and every value is checked against its field's type (:func:`curlprune.validate.check_types`)."""
     cls = STAGE_CONFIGS[stage]
     if values is not None and not isinstance(values, dict):
         raise CurlpruneError(f"{where}: section '{stage}' must be a mapping of settings, e.g. {stage}: {{epochs: 10}}")
@@ -78,6 +80,7 @@ def _build_section(stage: str, values: Any, where: str, defaults: dict[str, Any]
     for key, value in defaults.items():
         if key in names:
             values.setdefault(key, value)
+    values = check_types(cls, values, f"{where}: section '{stage}'")  # 2.5 epochs, "1e-4" (issue 12)
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:

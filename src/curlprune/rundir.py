@@ -24,17 +24,16 @@ The names stay as they are so that run folders written by earlier versions keep 
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-# The atomic writer and the file digest are checkpoint.py's; this module is their one front
-# door for run folders.
-from curlprune.checkpoint import atomic_write, atomic_write_text, file_digest
 from curlprune.errors import CurlpruneError
 
 __all__ = [
@@ -66,6 +65,65 @@ REPORT_FILE = "report.json"  # prune: selection, costs, accuracy
 
 
 # ----- writing ----------------------------------------------------------------------------------
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp_path)`` then move the file into place, so ``path`` is never half-written.
+
+    Args:
+        path: the destination (its folder is created).
+        write: ``(tmp_path: str) -> None`` writes the whole file at a temporary path beside ``path``.
+
+    Raises:
+        OSError: a filesystem error (e.g. a full disk); one without a file name gets ``path`` as
+            its ``filename``, so the one-line message names the file (issue 12).
+        Whatever else ``write`` raises. The temporary file is removed and ``path`` is unchanged.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # e.g. a full disk: say which file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (see :func:`atomic_write` for errors)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB blocks).
+
+    For "is this the same model" use :func:`curlprune.canonical.content_digest` (tensors +
+    metadata, independent of the header's layout).
+
+    Args:
+        path: the file.
+    Returns:
+        The hex digest.
+    Raises:
+        OSError: the file cannot be read.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def json_text(value: Any) -> str:
     """The one JSON form of the run folder's ``.json`` files: indent 2, a final newline."""
     return json.dumps(value, indent=2) + "\n"
@@ -111,12 +169,21 @@ def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any], *, stamp: b
         record: JSON-able mapping.
         stamp: put ``"time"`` (Unix seconds, 3 decimals) first, as event logs (``log.jsonl``) do;
             per-epoch records (``metrics.jsonl``) are written as given.
+
+    Raises:
+        OSError: a filesystem error, with ``path`` as its ``filename`` (so the CLI's one line
+            names the file).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = {"time": round(time.time(), 3), **record} if stamp else dict(record)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(line) + "\n")
+    try:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+    except OSError as exc:
+        if exc.filename is None:  # e.g. a full disk met on write: say which file (issue 12)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
 # ----- reading ----------------------------------------------------------------------------------

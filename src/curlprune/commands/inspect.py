@@ -14,6 +14,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.analysis import trace
 from curlprune.models import build, input_spec
 from curlprune.report import console, groups_table, human
+from curlprune.runlock import check_writable_file
 
 
 def example_input_for(model_name: str, input_size: int | None = None, batch: int = 1, weights: str | None = None) -> torch.Tensor:
@@ -72,6 +73,7 @@ def cmd_count(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_writable_file(args.output, "output")  # before loading anything (issue 12)
     model, _, shape = load_model_arg(None, None, args.checkpoint)
     out = Path(args.output)
     if out.suffix != ".onnx":

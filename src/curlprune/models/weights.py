@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from curlprune.errors import CurlpruneError
+from curlprune.errors import CurlpruneError, exception_summary
 
 
 def load_state_strict(
@@ -104,12 +104,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         Name -> tensor (on the CPU).
 
     Raises:
-        CurlpruneError: the file is missing, unreadable, holds no mapping of names to tensors, or
+        CurlpruneError: the file is missing, empty, truncated, unreadable, holds no mapping of names to tensors, or
             is a curlprune checkpoint (architecture + plan + weights) rather than plain weights.
     """
     path = Path(path)
     if not path.is_file():
         raise CurlpruneError(f"weights file {path} does not exist: check the path")
+    if path.stat().st_size == 0:
+        raise CurlpruneError(f"weights file {path} is empty (0 bytes): the download or copy did not finish; fetch or save it again")
     if path.suffix == ".safetensors":
         obj = _read_safetensors(path)
     else:
@@ -117,8 +119,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch.load raises many types for damaged or foreign files
             raise CurlpruneError(
-                f"weights file {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}): "
-                "it is damaged or not a PyTorch state-dict file; download or save it again"
+                f"weights file {path} cannot be read ({exception_summary(exc)}): "
+                "it is truncated, damaged or not a PyTorch state-dict file; download or save it again"
             ) from None
     if isinstance(obj, Mapping):
         obj = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), obj)
@@ -146,5 +148,5 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as exc:  # safetensors raises several types for damaged headers
         raise CurlpruneError(
-            f"weights file {path} cannot be read ({exc}): it is damaged or not a safetensors file; save it again"
+            f"weights file {path} cannot be read ({exception_summary(exc)}): it is truncated, damaged or not a safetensors file; save it again"
         ) from None

@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from curlprune.models.spec import InputSpec
-from curlprune.recover import dist
+from curlprune.recover import dist, guards
 from curlprune.recover.dist import DistContext
 from curlprune.recover.evaluate import TransformedDataset, place_model, to_input, top1_accuracy
 from curlprune.recover.schedule import set_lr, warmup_cosine_lr
@@ -192,7 +192,12 @@ class Trainer:
         total: int,
         warmup: int,
     ) -> tuple[float, float, float]:
-        """One pass over this rank's shard; returns (mean loss, train top-1 %, last lr) over all ranks."""
+        """One pass over this rank's shard; returns (mean loss, train top-1 %, last lr) over all ranks.
+
+        Raises:
+            CurlpruneError: the loss became NaN or infinite (epoch, step and lr named;
+                :func:`curlprune.recover.guards.check_finite_loss`).
+        """
         cfg, ctx = self.cfg, self.ctx
         batches = epoch_batches(ctx, self.order_gen, len(self.train_set), local_batch)
         loader = DataLoader(
@@ -213,6 +218,7 @@ class Trainer:
                 x = to_input(x, ctx.device, cfg.channels_last)
                 y = y.to(ctx.device, non_blocking=True)
                 loss, logits = self.stage.loss(train_model, x, y, index)
+                guards.check_finite_loss(loss, epoch, step, lr)  # a diverged run stops here, nothing of the epoch saved
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.stage.after_backward(ctx)
@@ -283,7 +289,11 @@ class Trainer:
         return progress
 
     def finish(self, progress: TrainProgress) -> Result:
-        """Write the final weights and ``done.json`` (rank 0) and return the result."""
+        """Write the final weights and ``done.json`` (rank 0) and return the result.
+
+        Weights holding NaN or inf are refused (:class:`CurlpruneError`) on every rank, so a diverged
+        model is never written as a finished stage (issue 12).
+        """
         last = progress.history[-1]["test_top1"]
         seconds = sum(r["seconds"] for r in progress.history)
         summary = {
@@ -294,6 +304,7 @@ class Trainer:
             "seconds": seconds,
             "config": settings(self.cfg),
         }
+        guards.check_finite_state(self.model.state_dict(), str(self.stage_dir / MODEL_FILE))  # every rank: same weights
         if self.ctx.is_main:
             weights = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
             atomic_write(self.stage_dir / MODEL_FILE, lambda tmp: save_file(weights, tmp, metadata={"summary": json.dumps(summary)}))

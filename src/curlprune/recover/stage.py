@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from curlprune.models.weights import load_state_strict
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
+from curlprune.recover import guards
 from curlprune.recover.dist import DistContext
 from curlprune.recover.evaluate import check_classes, place_model
 from curlprune.rundir import DONE_FILE, MODEL_FILE, STATE_FILE, read_done
@@ -64,6 +65,7 @@ class TrainConfig:
         for name in ("lr", "warmup_epochs", "momentum", "weight_decay"):
             require(getattr(self, name) >= 0, f"{name} must be non-negative (got {getattr(self, name)})")
         require(self.eval_batch_size >= 1 and self.num_workers >= 0, "eval_batch_size must be >= 1 and num_workers >= 0")
+        guards.check_hyperparameters(self)  # finite, sane ranges (issue 12)
 
 
 def require(condition: bool, message: str) -> None:
