@@ -9,7 +9,7 @@ import curlprune
 from curlprune.allocation import Allocation, allocate, cost_weighted, iterative_allocate, protect_kind
 from curlprune.criteria import compute_scores
 from curlprune.errors import CurlpruneError
-from curlprune.graph import ChannelGroup
+from curlprune.channels import ChannelGroup
 from curlprune.models import build
 from curlprune.select import Target, model_cost_fn, select
 

@@ -20,6 +20,7 @@ Scores here are per channel (``{group name: float array [width]}``), as the crit
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -27,9 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from curlprune.analysis import trace
+from curlprune.channels import ChannelGroup, Plan
 from curlprune.errors import CurlpruneError
-from curlprune.graph import ChannelGroup, Plan
 from curlprune.select import DEFAULT_FLOOR, CostFn, Selection, Target, select
+from curlprune.surgery import apply
 
 ScoreFn = Callable[[nn.Module, Sequence[ChannelGroup]], Mapping[str, np.ndarray]]
 """``(model, its groups) -> scores``: a criterion bound to its calibration data."""
@@ -134,11 +137,6 @@ def iterative_allocate(
 
     Raises CurlpruneError for a params target or an absolute count (the steps are MACs fractions).
     """
-    import time
-
-    from curlprune.graph import trace
-    from curlprune.surgery import apply
-
     if target.metric != "macs" or not target.is_fraction:
         raise CurlpruneError("iterative allocation needs a MACs fraction target (e.g. 0.5)")
     n = allocation.steps
