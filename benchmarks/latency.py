@@ -105,7 +105,7 @@ def main() -> None:
 
 
 def _build(name: str):
-    from curlprune.graph import trace
+    from curlprune.analysis import trace
     from curlprune.models import build
 
     model_name, weights, _, _, size, _ = MODELS[name]
@@ -157,7 +157,8 @@ def _scores(name: str, model, groups, out: Path) -> tuple[dict, float]:
 
 
 def _pruned(name: str, model, example, groups, scores, round_to):
-    from curlprune.select import Target, default_protect, model_cost_fn, select
+    from curlprune.models import default_protect
+    from curlprune.select import Target, model_cost_fn, select
     from curlprune.surgery import apply
 
     model_name, _, target, _, _, _ = MODELS[name]
@@ -304,7 +305,8 @@ def _ort_kernels(out: Path) -> dict:
 def _target_row(name, state, out, results) -> None:
     """--target-latency 0.5 at the big batch, 1 thread: the MACs ratio it lands at, re-measured after."""
     from curlprune.latency import LatencyTarget, compare_latency, measured_cost_fn, select_latency
-    from curlprune.select import default_protect, model_cost_fn
+    from curlprune.models import default_protect
+    from curlprune.select import model_cost_fn
     from curlprune.surgery import apply
 
     key = f"{name}|target-latency 0.5"

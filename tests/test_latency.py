@@ -90,7 +90,7 @@ class WorkClock(TorchFunctionMode):
 
 @pytest.fixture(scope="module")
 def digits():
-    from curlprune.graph import trace
+    from curlprune.analysis import trace
     from curlprune.models import build
 
     torch.manual_seed(0)

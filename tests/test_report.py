@@ -33,7 +33,7 @@ TINY = {  # real digits, 30 training images per class: prune -> distill (2 epoch
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
     """A real `curlprune run` on the digits: a teacher trained for a few epochs, then the tiny pipeline."""
-    from curlprune.models.small import train_digits_model
+    from curlprune.digits import train_digits_model
 
     directory = tmp_path_factory.mktemp("report-run")
     teacher = directory / "teacher.pt"
