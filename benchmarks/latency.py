@@ -157,7 +157,8 @@ def _scores(name: str, model, groups, out: Path) -> tuple[dict, float]:
 
 
 def _pruned(name: str, model, example, groups, scores, round_to):
-    from curlprune.select import Target, default_protect, model_cost_fn, select
+    from curlprune.models import default_protect
+    from curlprune.select import Target, model_cost_fn, select
     from curlprune.surgery import apply
 
     model_name, _, target, _, _, _ = MODELS[name]

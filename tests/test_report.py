@@ -43,6 +43,8 @@ def demo_run(tmp_path_factory) -> Path:
     done = subprocess.run([sys.executable, "-m", "curlprune.cli", "run", str(config)], env=ONE_THREAD,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    # `curlprune run` writes the report at the end by default and says where
+    assert "report:" in done.stdout and (directory / "run" / "report" / "index.md").is_file()
     return directory / "run"
 
 

@@ -215,3 +215,26 @@ def test_resnet50_to_27_percent_keeps_the_classifier_stream():
     assert stream.name not in sel.plan
     _check_selection(model, groups, x, sel, 0.27)
     assert sel.full_macs == pytest.approx(4.09e9, rel=0.01)
+
+
+def test_metric_fn_replaces_the_cost_in_the_search(chain):
+    """A measured metric (here: widths padded to 32 plus a fixed overhead, so not the MACs) is searched
+    relative to metric_fn({}); the ranking is unchanged and cost_fn still gives the MACs/params."""
+    groups, scores = chain
+    cost = _chain_cost(groups)
+
+    def padded(plan):
+        widths = [3] + [math.ceil(len(plan.get(g.name, range(g.width))) / 32) * 32 for g in groups]
+        return 1e5 + sum(a * b for a, b in zip(widths, widths[1:]))
+
+    sel = select(groups, scores, cost, Target("latency", 0.6), metric_fn=padded, fill=False)
+    ranked = rank_units(groups, scores)
+    assert padded(sel.plan) <= 0.6 * padded({}) < padded(walk(ranked, groups, sel.top_k - 1, 0.3).plan())
+    assert sel.filled == 0 and (sel.macs, sel.params) == cost(sel.plan)
+    assert sel.macs / sel.full_macs != pytest.approx(0.6, abs=0.02)  # the stopping point is the metric's, not the MACs'
+    with pytest.raises(CurlpruneError, match="smallest reachable latency"):
+        select(groups, scores, cost, Target("latency", 0.2), metric_fn=padded)
+    with pytest.raises(CurlpruneError, match="metric_fn"):
+        select(groups, scores, cost, Target("latency", 0.5))
+    with pytest.raises(CurlpruneError, match="fraction"):
+        Target("latency", 2.0)

@@ -14,7 +14,7 @@ those imports another that imports it back.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,3 +136,28 @@ def plan_cost(model: nn.Module, example_input: Any, groups: Sequence[ChannelGrou
     validate_plan(groups, plan)
     removed = {key: len(positions) for key, positions in removed_positions(groups, plan).items()}
     return analyse(model, example_input).cost.total(removed)
+
+
+def model_cost_fn(model: nn.Module, example_input: torch.Tensor, groups: Sequence[ChannelGroup]) -> Callable[[Plan], tuple[float, float]]:
+    """``plan -> (macs, params)`` of ``model`` sliced by the plan (analytic, no slicing).
+
+    Args:
+        model: the unpruned model.
+        example_input: the input the groups were traced with (``[1, C, H, W]``).
+        groups: ``trace(model, example_input)``.
+
+    Returns:
+        A cost function (memoised per plan) returning floats: MACs per sample and parameters.
+    """
+    groups = list(groups)
+    cache: dict[tuple, tuple[float, float]] = {}
+
+    def cost(plan: Plan) -> tuple[float, float]:
+        key = tuple(sorted((k, tuple(v)) for k, v in plan.items()))
+        if key not in cache:
+            macs, params = plan_cost(model, example_input, groups, plan)
+            cache[key] = (float(macs), float(params))
+        return cache[key]
+
+    return cost
+

@@ -10,12 +10,12 @@ import argparse
 import sys
 
 from curlprune import __version__
-from curlprune.commands import demo, inspect, prune, run
+from curlprune.commands import demo, inspect, prune, report, run
 from curlprune.errors import CurlpruneError
 from curlprune.runlock import os_error_message
 
 # Command families in the order their commands appear in --help.
-COMMAND_FAMILIES = [demo, inspect, prune, run]
+COMMAND_FAMILIES = [demo, inspect, prune, run, report]
 
 DESCRIPTION = """\
 Make a trained CNN smaller and faster by removing whole channels (also those on residual
@@ -26,7 +26,10 @@ typical use:
   curlprune groups --model cifar:resnet56                  see which channels go together
   curlprune prune --model cifar:resnet56 --weights W.th --data cifar10-jpeg.zip \\
                   --target-macs 0.5 --out runs/r56        score, select, slice, save
+  curlprune prune ... --target-latency 0.5 --latency-batch 64 --out runs/r56-fast
+                                                           stop where it runs twice as fast here
   curlprune run config.yaml                                prune -> distill -> refine, resumable
+  curlprune report runs/r56                                figures + index.md in runs/r56/report/
   curlprune export runs/r56/model.safetensors model.onnx   deploy
 """
 

@@ -11,10 +11,11 @@ Reads what the stages wrote (nothing is recomputed):
 
 Every figure is built from its own files; a missing or damaged file leaves that figure out and
 ``index.md`` says which file and why. Figures are drawn with matplotlib's Agg backend (headless);
-every file is written atomically.
+every file is written atomically, and only when its bytes change (a rerun rewrites nothing).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -393,7 +394,7 @@ def write_report(run_dir: str | Path) -> Path:
     Raises:
         CurlpruneError: ``run_dir`` is not a directory.
     """
-    from curlprune.checkpoint import atomic_write, atomic_write_text
+    from curlprune.checkpoint import atomic_write
 
     root = Path(run_dir)
     built = build_figures(root)
@@ -403,15 +404,27 @@ def write_report(run_dir: str | Path) -> Path:
     lines += _summary_lines(built.summary)
     try:
         for name, fig in built.figures.items():
-            atomic_write(out / f"{name}.png", lambda tmp, f=fig: f.savefig(tmp, format="png"))
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png")
+            _write_if_changed(out / f"{name}.png", buffer.getvalue(), atomic_write)
             lines += [f"## {name.replace('-', ' ')}", "", built.captions[name], "", f"![{name}]({name}.png)", ""]
     finally:
         built.close()
+    for stale in out.glob("*.png"):  # figures of an earlier report that this run no longer allows
+        if stale.stem not in built.figures:
+            stale.unlink()
     if built.notes:
         lines += ["## Left out", ""] + [f"- {note}" for note in built.notes] + [""]
     index = out / "index.md"
-    atomic_write_text(index, "\n".join(lines))
+    _write_if_changed(index, "\n".join(lines).encode(), atomic_write)
     return index
+
+
+def _write_if_changed(path: Path, data: bytes, atomic_write: Callable) -> None:
+    """Write ``data`` atomically unless ``path`` already holds exactly it (a rerun rewrites nothing)."""
+    if path.is_file() and path.read_bytes() == data:
+        return
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _summary_lines(summary: dict[str, Any] | None) -> list[str]:

@@ -18,7 +18,7 @@ seconds (default :func:`time.perf_counter`); tests inject a deterministic one.
 Latency target (:func:`select_latency`): the global ranking of docs/method.md §3 is unchanged; only
 the stopping point along it is found by measuring. It runs :func:`curlprune.select.select`'s
 bisection over the number of ranked units with the measured relative latency of the sliced model
-as its cost (no fill step: measuring thousands of fill candidates is too slow and within the noise),
+as its ``metric_fn`` (``fill=False``: measuring thousands of fill candidates is too slow and within the noise),
 then re-measures the chosen plan with fresh timings and, when that misses the goal by more than the
 tolerance, searches again with the goal lowered by the miss (at most ``retries`` times).
 """
@@ -475,8 +475,8 @@ def select_latency(
     """The plan, along select's global ranking, whose measured latency meets ``target``.
 
     Runs :func:`curlprune.select.select` (ranking, floor, protection, rounding and bisection over
-    the number of ranked units, docs/method.md §3) with ``measured`` (relative latency) in place of
-    the MACs, and no fill step. The chosen plan is then re-measured with fresh timings; when it is
+    the number of ranked units, docs/method.md §3) with ``metric_fn=measured`` (relative latency)
+    and ``fill=False``. The chosen plan is then re-measured with fresh timings; when it is
     above ``goal * (1 + tolerance)`` the search is repeated with the goal lowered by that miss, at
     most ``retries`` times (the measurements of earlier searches are reused).
 
@@ -492,25 +492,21 @@ def select_latency(
     Raises:
         CurlpruneError: the target is below the smallest reachable latency (floor/protection).
     """
-    from curlprune.select import DEFAULT_FLOOR, Selection, Target, rank_units, select, walk
+    from curlprune.select import DEFAULT_FLOOR, Selection, Target, select
 
-    floor = DEFAULT_FLOOR if floor is None else floor
-    protect = list(protect)
     tol = measured.tolerance
     reference_ms = measured.reference_ms()
     goal = target.goal_fraction(reference_ms)
-    params_of = lambda plan: analytic_cost_fn(plan)[1]  # noqa: E731
 
-    def with_real_cost(sel: Selection) -> Selection:
-        macs, params = analytic_cost_fn(sel.plan)
-        full_macs, full_params = analytic_cost_fn({})
-        sel.macs, sel.params, sel.full_macs, sel.full_params = macs, params, full_macs, full_params
-        return sel
+    def search(fraction: float) -> Selection:
+        # select's bisection with the measured relative latency as its metric (no fill step)
+        return select(groups, scores, analytic_cost_fn, Target("latency", min(1.0, fraction)), metric_fn=measured,
+                      fill=False, floor=DEFAULT_FLOOR if floor is None else floor, protect=list(protect),
+                      normalize=normalize, round_to=round_to)
 
     def result(sel: Selection, comparison: LatencyComparison | None, searches: int, note: str) -> LatencySelection:
-        achieved = comparison.ratio if comparison else 1.0
         return LatencySelection(
-            selection=with_real_cost(sel), target=target, goal=goal, achieved=achieved,
+            selection=sel, target=target, goal=goal, achieved=comparison.ratio if comparison else 1.0,
             achieved_ms=comparison.candidate_ms if comparison else reference_ms, reference_ms=reference_ms,
             noise=comparison.noise if comparison else 0.0, tolerance=tol, batch=measured.batch,
             threads=measured.threads or torch.get_num_threads(), evaluations=len(measured.cache), searches=searches,
@@ -518,29 +514,21 @@ def select_latency(
         )
 
     if goal >= 1.0:
-        sel = select(groups, scores, lambda plan: (measured(plan), params_of(plan)), Target("macs", 1.0),
-                     floor=floor, protect=protect, normalize=normalize, round_to=round_to, tolerance=1.0)
-        return result(sel, None, 0, f"the unpruned model ({reference_ms:.3g} ms) already meets the target")
-
-    ranked = rank_units(groups, scores, protect=protect, normalize=normalize)
-    smallest = walk(ranked, groups, len(ranked), floor).plan(round_to)
-    if measured(smallest) > goal:
-        raise CurlpruneError(
-            f"target latency {target.describe()} ({goal:.3f} of {reference_ms:.3g} ms) is not reachable: with floor "
-            f"{floor:g}{' and ' + str(len(protect)) + ' protected group(s)' if protect else ''} the fastest plan measures "
-            f"{measured(smallest):.3f} of the unpruned latency; raise the target, lower --floor or protect fewer groups"
-        )
+        return result(search(1.0), None, 0, f"the unpruned model ({reference_ms:.3g} ms) already meets the target")
     search_goal, notes = goal, []
-    for search in range(1, retries + 2):
-        # select's bisection with the measured relative latency as its "macs" (full = 1.0, so the
-        # fraction target is the goal itself); tolerance 1.0 turns its fill step off.
-        sel = select(groups, scores, lambda plan: (measured(plan), params_of(plan)), Target("macs", min(1.0, search_goal)),
-                     floor=floor, protect=protect, normalize=normalize, round_to=round_to, tolerance=1.0)
+    sel = search(goal)  # raises when the goal is below the fastest plan the floor allows
+    for attempt in range(1, retries + 2):
         check = measured.compare(sel.plan, fresh=True) if sel.plan else None
         achieved = check.ratio if check else 1.0
         if achieved <= goal * (1.0 + tol):
-            return result(sel, check, search, "; ".join(notes))
-        notes.append(f"search {search} re-measured {achieved:.3f} > {goal:.3f} x (1 + {tol:g})")
+            return result(sel, check, attempt, "; ".join(notes))
+        notes.append(f"search {attempt} re-measured {achieved:.3f} > {goal:.3f} x (1 + {tol:g})")
+        if attempt == retries + 1:
+            break
         search_goal *= goal / achieved
+        try:
+            sel = search(search_goal)
+        except CurlpruneError:  # the lowered goal is below the fastest plan: keep the last one
+            break
     notes.append("the target is not met within the tolerance after the retries; the last plan is kept")
-    return result(sel, check, retries + 1, "; ".join(notes))
+    return result(sel, check, attempt, "; ".join(notes))

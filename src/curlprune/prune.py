@@ -6,7 +6,8 @@ Outputs in the run's folder (every file written atomically)::
                         from (model, weights, criterion, calibration images, seed, options)
     plan.json           the Plan: group -> kept channel indices
     model.safetensors   the pruned model (curlprune checkpoint: ``curlprune.load``)
-    report.json         selection, MACs/params before and after, test top-1 before and after
+    report.json         selection, MACs/params before and after, test top-1 before and after, and
+                        (latency target) the measured latency before and after
     log.jsonl           one JSON line per event (scores computed or reused, selection, eval, done)
     done.json           written last: the settings of the finished run (a rerun with the same
                         settings and ``resume`` returns at once and writes nothing)
@@ -36,6 +37,7 @@ from curlprune import data as datasets
 from curlprune.criteria import compute_scores, get, work_items
 from curlprune.criteria import DEFAULT_BUDGET_MB
 from curlprune.errors import CurlpruneError
+from curlprune.latency import LatencyTarget, measured_cost_fn, select_latency
 from curlprune.analysis import trace
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.models import build, default_protect, input_spec
@@ -71,8 +73,13 @@ class PruneConfig:
 
     criterion:      kl | kl-approx | l1 | bn | taylor | random.
     target_macs:    MACs to keep: a fraction of the unpruned model (<= 1, e.g. 0.5) or a count
-                    ("62.5M", 1.11e9). Exactly one of target_macs / target_params.
+                    ("62.5M", 1.11e9). Exactly one of target_macs / target_params / target_latency.
     target_params:  parameters to keep, same forms.
+    target_latency: measured latency to reach: a fraction of the unpruned model's (0.5) or a time per
+                    batch ("12ms"); found by timing the sliced model on this machine
+                    (:func:`curlprune.latency.select_latency`).
+    latency_batch:  images per timed forward pass (latency target only).
+    latency_threads: intra-op threads while timing; None = the current setting.
     calib:          calibration images (seeded draw from the training split, eval transform).
     seed:           seed of the calibration draw, the random criterion and the eval subset.
     floor:          a group is not pruned further once its kept fraction is below this (CURL: 0.3,
@@ -89,6 +96,9 @@ class PruneConfig:
     criterion: str = "kl"
     target_macs: float | str | None = None
     target_params: float | str | None = None
+    target_latency: float | str | None = None
+    latency_batch: int = 1
+    latency_threads: int | None = None
     calib: int = DEFAULT_CALIB
     seed: int = 0
     floor: float = DEFAULT_FLOOR
@@ -101,9 +111,14 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         get(self.criterion)
-        if (self.target_macs is None) == (self.target_params is None):
-            raise CurlpruneError("give exactly one target: target_macs (e.g. 0.5 or 62.5M) or target_params")
+        if sum(t is not None for t in (self.target_macs, self.target_params, self.target_latency)) != 1:
+            raise CurlpruneError("give exactly one target: target_macs (e.g. 0.5 or 62.5M), target_params or target_latency (0.5 or 12ms)")
         self.target()  # parses, raises on a bad value
+        self.latency_target()
+        if isinstance(self.latency_batch, bool) or not isinstance(self.latency_batch, int) or self.latency_batch < 1:
+            raise CurlpruneError(f"latency_batch must be a positive number of images, got {self.latency_batch!r}")
+        if self.latency_threads is not None and (isinstance(self.latency_threads, bool) or not isinstance(self.latency_threads, int) or self.latency_threads < 1):
+            raise CurlpruneError(f"latency_threads must be a positive number of threads, got {self.latency_threads!r}")
         if isinstance(self.calib, bool) or not isinstance(self.calib, int) or self.calib < 1:
             raise CurlpruneError(f"calib must be a positive number of images, got {self.calib!r}")
         if not 0.0 <= float(self.floor) < 1.0:
@@ -119,11 +134,15 @@ class PruneConfig:
         if isinstance(self.protect, str):
             self.protect = [self.protect]
 
-    def target(self) -> Target:
-        """The parsed target (MACs or params; a fraction or a count)."""
+    def target(self) -> Target | None:
+        """The parsed MACs/params target (a fraction or a count); None for a latency target."""
         if self.target_macs is not None:
             return Target.parse("macs", self.target_macs)
-        return Target.parse("params", self.target_params)
+        return None if self.target_params is None else Target.parse("params", self.target_params)
+
+    def latency_target(self) -> LatencyTarget | None:
+        """The parsed latency target (a fraction or a duration), or None."""
+        return None if self.target_latency is None else LatencyTarget.parse(self.target_latency)
 
 
 @dataclass
@@ -225,21 +244,23 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
     target = config.target()
     protect = _protected(config, model_name, model, groups)
     cost_fn = _cost_fn(model, example, groups)
-    _check_reachable(groups, cost_fn, target, config, protect)  # before anything slow is done or written
+    if target is not None:
+        _check_reachable(groups, cost_fn, target, config, protect)  # before anything slow is done or written
 
     splits = _load_splits(data, config.seed) if data is not None else {}
     calib_images, calib_labels = _calibration(splits, spec, config) if criterion.needs_data else (None, None)
     fingerprint = scores_fingerprint(config, settings, calib_images)
     scores, reused, seconds = _scores(out, resume, fingerprint, config, model, groups, calib_images, calib_labels, show)
 
-    selection = select(groups, scores, cost_fn, target, floor=config.floor, protect=protect,
-                       normalize=config.normalize, round_to=config.round_to)
+    selection, chosen = _select(config, groups, scores, cost_fn, target, protect, model, example)
     pruned = _apply(model, groups, selection.plan)
     accuracy = _accuracies(model, pruned, splits, spec, config)
-    report = _report(config, settings, selection, accuracy, groups, scores_seconds=seconds, scores_reused=reused)
+    report = _report(config, settings, chosen, accuracy, groups, scores_seconds=seconds, scores_reused=reused)
     checkpoint = _write_outputs(out, model_name, num_classes, example, selection.plan, pruned, report, settings)
     if show:
         print_prune_summary(groups, selection, accuracy, model_name)
+        if "latency" in report["selection"]:
+            _print_latency(report["selection"]["latency"])
     return PruneResult(out, checkpoint, selection.plan, report, scores_reused=reused, groups=groups)
 
 
@@ -311,6 +332,27 @@ def _check_reachable(groups, cost_fn, target, config: PruneConfig, protect: list
     """Raise the impossible-target error before scoring: reachability does not depend on scores."""
     zeros = {g.name: np.zeros(g.width) for g in groups if g.prunable}
     select(groups, zeros, cost_fn, target, floor=config.floor, protect=protect, round_to=config.round_to)
+
+
+def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None, protect: list[str], model: nn.Module,
+            example: torch.Tensor) -> tuple[Any, Any]:
+    """(select's Selection, what report.json shows: the Selection or the LatencySelection)."""
+    if target is not None:
+        selection = select(groups, scores, cost_fn, target, floor=config.floor, protect=protect,
+                           normalize=config.normalize, round_to=config.round_to)
+        return selection, selection
+    measured = measured_cost_fn(model, groups, example, batch=config.latency_batch, threads=config.latency_threads)
+    chosen = select_latency(groups, scores, measured, cost_fn, config.latency_target(), floor=config.floor,
+                            protect=protect, normalize=config.normalize, round_to=config.round_to)
+    return chosen.selection, chosen
+
+
+def _print_latency(latency: dict[str, Any]) -> None:
+    from curlprune.report import console
+
+    console.print(f"measured latency (batch {latency['batch']}, {latency['threads']} thread(s)): {latency['reference_ms']:.3g} ms "
+                  f"-> {latency['achieved_ms']:.3g} ms ({latency['achieved_fraction']:.3f}, goal {latency['goal_fraction']:.3f} "
+                  f"+/- {latency['tolerance']:.0%}: {'met' if latency['met'] else 'NOT met'})" + (f"; {latency['note']}" if latency["note"] else ""))
 
 
 def _load_splits(data: str | dict, seed: int) -> dict:
@@ -418,7 +460,7 @@ def _write_outputs(out: Path, model_name: str, num_classes: int | None, example:
          input_shape=list(example.shape), extra={"prune": {k: report[k] for k in ("criterion", "selection", "accuracy")}})
     write_json(out / REPORT_FILE, report)
     log = out / LOG_FILE
-    append_jsonl(log, {"event": "selection", **{k: report["selection"][k] for k in ("top_k", "removed_channels", "macs", "params", "macs_ratio", "params_ratio")}}, stamp=True)
+    append_jsonl(log, {"event": "selection", **{k: report["selection"][k] for k in ("top_k", "removed_channels", "macs", "params", "macs_ratio", "params_ratio", "latency") if k in report["selection"]}}, stamp=True)
     if report["accuracy"]["test_images"]:
         append_jsonl(log, {"event": "eval", **report["accuracy"]}, stamp=True)
     write_done(out, {"settings": settings})

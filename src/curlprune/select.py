@@ -1,4 +1,5 @@
-"""Global channel selection: turn per-channel scores into a Plan that meets a MACs/params target.
+"""Global channel selection: turn per-channel scores into a Plan that meets a MACs/params target
+(or, with a measured ``metric_fn``, a latency target: :func:`curlprune.latency.select_latency`).
 
 CURL's rule (docs/method.md §3), made automatic:
 
@@ -13,6 +14,10 @@ CURL's rule (docs/method.md §3), made automatic:
    that last removal overshoots by more than ``tolerance``, the next-ranked units whose removal
    lands inside ``[target * (1 - tolerance), target]`` are tried in rank order (a "fill" step), so
    the result sits just below the target.
+
+With ``metric_fn`` (``plan -> float``, e.g. the measured relative latency of the sliced model) the
+bisection and the fill compare ``metric_fn(plan)`` relative to ``metric_fn({})`` instead of the MACs
+or params; the ranking and the walk are unchanged.
 """
 from __future__ import annotations
 
@@ -23,10 +28,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import nn
 
-from curlprune.analysis import plan_cost
+from curlprune.analysis import model_cost_fn  # noqa: F401  (re-exported: select's cost function)
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.errors import CurlpruneError
 from curlprune.report import human
@@ -35,7 +38,7 @@ CostFn = Callable[[Plan], tuple[float, float]]
 """``plan -> (macs, params)`` of the model sliced by ``plan``."""
 
 NORMALIZATIONS = ("none", "mean", "max", "l2")
-METRICS = ("macs", "params")
+METRICS = ("macs", "params", "latency")
 DEFAULT_FLOOR = 0.3
 DEFAULT_TOLERANCE = 0.01
 _SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
@@ -43,9 +46,10 @@ _SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
 @dataclass(frozen=True)
 class Target:
-    """A compression target: ``metric`` ("macs" or "params") at ``value``.
+    """A compression target: ``metric`` ("macs", "params" or "latency") at ``value``.
 
-    ``value <= 1`` is a fraction of the unpruned model, larger values are absolute counts.
+    ``value <= 1`` is a fraction of the unpruned model, larger values are absolute counts. A
+    "latency" target is always a fraction (of ``metric_fn({})`` in :func:`select`).
     """
 
     metric: str
@@ -56,6 +60,8 @@ class Target:
             raise CurlpruneError(f"unknown target metric {self.metric!r}: use one of {', '.join(METRICS)}")
         if not (self.value > 0 and math.isfinite(self.value)):
             raise CurlpruneError(f"target {self.metric} must be a positive number (a fraction like 0.5 or a count like 62.5M), got {self.value}")
+        if self.metric == "latency" and self.value > 1:
+            raise CurlpruneError(f"a latency target for select is a fraction of the unpruned latency in (0, 1], got {self.value:g}")
 
     @classmethod
     def parse(cls, metric: str, text: str | float) -> Target:
@@ -311,6 +317,8 @@ def select(
     normalize: str = "none",
     round_to: int | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    metric_fn: Callable[[Plan], float] | None = None,
+    fill: bool = True,
 ) -> Selection:
     """The Plan that removes the lowest-ranked units until ``target`` is met (at or just below it).
 
@@ -324,6 +332,10 @@ def select(
         normalize: per-group score scaling (``NORMALIZATIONS``).
         round_to: keep group widths multiples of this many channels (None: no rounding).
         tolerance: how far below the target (a fraction of it) the result may land.
+        metric_fn: ``plan -> float`` searched instead of ``cost_fn``'s MACs/params (the target is
+            then a fraction of ``metric_fn({})``; needed for metric "latency"). ``cost_fn`` still
+            gives the Selection's MACs and params.
+        fill: try the fill step when the bisection overshoots (off: the bisection's plan).
 
     Returns:
         The :class:`Selection`: the plan, its cost, the unpruned cost and how it was found.
@@ -341,11 +353,15 @@ def select(
     protected = list(protect)
     ranked = rank_units(groups, scores, protect=protected, normalize=normalize)
     full_macs, full_params = cost_fn({})
-    goal = target.absolute(full_macs, full_params)
-    metric = 0 if target.metric == "macs" else 1
+    if metric_fn is None and target.metric == "latency":
+        raise CurlpruneError("a latency target needs a measured metric_fn (curlprune.latency.select_latency)")
+    value_fn = metric_fn or (lambda plan: cost_fn(plan)[0 if target.metric == "macs" else 1])
+    full = value_fn({})
+    goal = target.value * full if target.is_fraction else target.value
+    fmt = (lambda v: f"{v / full:.3f} of the unpruned latency") if target.metric == "latency" else human
 
-    def cost_of(state: _Walk) -> tuple[float, float]:
-        return cost_fn(state.plan(round_to))
+    def cost_of(state: _Walk) -> float:
+        return value_fn(state.plan(round_to))
 
     def finish(state: _Walk, top_k: int, filled: int = 0, note: str = "") -> Selection:
         plan = state.plan(round_to)
@@ -357,27 +373,27 @@ def select(
             full_macs=full_macs, full_params=full_params, protected=protected, floor=floor, filled=filled, note=note,
         )
 
-    if (full_macs, full_params)[metric] <= goal:
+    if full <= goal:
         return finish(_Walk(groups, floor), 0, note="the unpruned model already meets the target")
-    smallest = cost_of(walk(ranked, groups, len(ranked), floor))[metric]
+    smallest = cost_of(walk(ranked, groups, len(ranked), floor))
     if smallest > goal:
         raise CurlpruneError(
-            f"target {target.describe()} ({human(goal)}) is not reachable: with floor {floor:g}"
+            f"target {target.describe()} ({fmt(goal)}) is not reachable: with floor {floor:g}"
             f"{' and ' + str(len(protected)) + ' protected group(s)' if protected else ''} the smallest reachable "
-            f"{target.metric} is {human(smallest)} ({smallest / (full_macs, full_params)[metric]:.4f} of {human((full_macs, full_params)[metric])}); "
+            f"{target.metric} is {fmt(smallest)}{'' if target.metric == 'latency' else f' ({smallest / full:.4f} of {fmt(full)})'}; "
             f"raise the target, lower --floor or protect fewer groups"
         )
     lo, hi = 0, len(ranked)  # cost(lo) > goal >= cost(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if cost_of(walk(ranked, groups, mid, floor))[metric] <= goal:
+        if cost_of(walk(ranked, groups, mid, floor)) <= goal:
             hi = mid
         else:
             lo = mid
     state = walk(ranked, groups, hi, floor)
-    if cost_of(state)[metric] >= goal * (1.0 - tolerance):
+    if not fill or cost_of(state) >= goal * (1.0 - tolerance):
         return finish(state, hi)
-    filled = _fill(ranked, groups, lo, floor, goal, tolerance, metric, cost_of)
+    filled = _fill(ranked, groups, lo, floor, goal, tolerance, cost_of)
     if filled is None:
         return finish(state, hi, note=f"no ranked removal lands within {tolerance:.0%} below the target; the closest below is used")
     fill_state, top_k, count = filled
@@ -391,8 +407,7 @@ def _fill(
     floor: float,
     goal: float,
     tolerance: float,
-    metric: int,
-    cost_of: Callable[[_Walk], tuple[float, float]],
+    cost_of: Callable[[_Walk], float],
     max_tries: int = 4096,
 ) -> tuple[_Walk, int, int] | None:
     """From the prefix just above the goal, remove further ranked units in order, skipping those
@@ -404,7 +419,7 @@ def _fill(
         if not state.allows(entry):
             continue
         state.remove(entry)
-        value = cost_of(state)[metric]
+        value = cost_of(state)
         if value > goal:
             count += 1
             continue
@@ -412,32 +427,3 @@ def _fill(
             return state, position + 1, count + 1
         state.undo(entry)
     return None
-
-
-# ----------------------------------------------------------------------------------------------
-# cost from the model
-
-
-def model_cost_fn(model: nn.Module, example_input: torch.Tensor, groups: Sequence[ChannelGroup]) -> CostFn:
-    """``plan -> (macs, params)`` of ``model`` sliced by the plan (analytic, no slicing).
-
-    Args:
-        model: the unpruned model.
-        example_input: the input the groups were traced with (``[1, C, H, W]``).
-        groups: ``trace(model, example_input)``.
-
-    Returns:
-        A cost function (memoised per plan) returning floats: MACs per sample and parameters.
-    """
-    groups = list(groups)
-    cache: dict[tuple, tuple[float, float]] = {}
-
-    def cost(plan: Plan) -> tuple[float, float]:
-        key = tuple(sorted((k, tuple(v)) for k, v in plan.items()))
-        if key not in cache:
-            macs, params = plan_cost(model, example_input, groups, plan)
-            cache[key] = (float(macs), float(params))
-        return cache[key]
-
-    return cost
-

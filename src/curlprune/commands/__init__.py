@@ -4,4 +4,5 @@
     demo.py      demo
     prune.py     prune
     run.py       run, finetune, distill, refine
+    report.py    report
 """

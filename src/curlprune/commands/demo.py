@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     p = subparsers.add_parser("demo", help="run the whole pipeline on an embedded example (no downloads)", formatter_class=formatter,
                               description="Train a small residual CNN on scikit-learn's real 8x8 digits, prune it to 50%% of its "
                                           "MACs with the KL criterion, recover accuracy by distillation and label refinement, "
-                                          "and print the per-group table and accuracy before/after. Resumable.")
+                                          "and print the per-group table and accuracy before/after; ends with the report (figures + index.md in <out>/report/). Resumable.")
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--cifar", action="store_true", help="use CIFAR-10 ResNet-56 from ../shared instead (slower)")
     p.set_defaults(func=cmd_demo)

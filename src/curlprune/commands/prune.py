@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from curlprune.commands.common import NO_DEFAULT
+from curlprune.commands.report import write_report_and_say
 from curlprune.criteria import CRITERIA
 from curlprune.prune import DEFAULT_APPROX_CLASSES, DEFAULT_BUDGET, DEFAULT_CALIB, PruneConfig, run_prune
 from curlprune.report import console
@@ -14,7 +15,8 @@ from curlprune.select import DEFAULT_FLOOR
 def cmd_prune(args: argparse.Namespace) -> int:
     protect = None if args.protect is None else [p for p in args.protect if p.lower() != "none"]
     config = PruneConfig(
-        criterion=args.criterion, target_macs=args.target_macs, target_params=args.target_params, calib=args.calib,
+        criterion=args.criterion, target_macs=args.target_macs, target_params=args.target_params, target_latency=args.target_latency,
+        latency_batch=args.latency_batch, latency_threads=args.latency_threads, calib=args.calib,
         seed=args.seed, floor=args.floor, protect=protect, normalize=args.normalize, round_to=args.round_to,
         eval_limit=args.eval_limit, budget_mb=args.budget_mb, approx_classes=args.approx_classes,
     )
@@ -23,13 +25,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if result.already_done:
         console.print(f"{args.out} already holds this finished run; nothing to do")
     console.print(f"wrote {result.checkpoint} (load with curlprune.load), {SCORES_FILE}, {PLAN_FILE}, {REPORT_FILE}, {LOG_FILE} in {args.out}")
+    if not args.no_report:
+        write_report_and_say(args.out)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
     """Add ``prune`` to the parser."""
     p = subparsers.add_parser(
-        "prune", help="score channels, select globally to a MACs/params target, slice, save", formatter_class=formatter,
+        "prune", help="score channels, select globally to a MACs/params/latency target, slice, save", formatter_class=formatter,
         description="CURL's one-shot pruning: score every channel of every group (kl: KL divergence of the output "
                     "when the channel is removed), rank all scores globally, remove the lowest until the target is "
                     "met (the number of removals is found automatically), slice the weights and save the pruned model. "
@@ -42,6 +46,15 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-macs", default=None, help="MACs to keep: a fraction (0.5) or a count (62.5M, 1.11G); this or --target-params is required" + NO_DEFAULT)
     target.add_argument("--target-params", default=None, help="parameters to keep: a fraction (0.5) or a count (1.2M)" + NO_DEFAULT)
+    target.add_argument("--target-latency", default=None, metavar="FRACTION|TIME",
+                        help="measured speed to reach on THIS machine: a fraction of the unpruned model's latency "
+                             "(0.5 = twice as fast) or a time per batch (12ms, 0.8s, 500us). The ranking is the same; "
+                             "the stopping point is found by timing the sliced model against the unpruned one, "
+                             "interleaved and repeated (5%% tolerance); report.json gets the achieved latency" + NO_DEFAULT)
+    p.add_argument("--latency-batch", type=int, default=1, metavar="N",
+                   help="images per timed forward pass for --target-latency; use your deployment batch, e.g. 64 for throughput")
+    p.add_argument("--latency-threads", type=int, default=None, metavar="N",
+                   help="CPU threads while timing for --target-latency, e.g. 1 for a single-core device (default: torch's current setting)" + NO_DEFAULT)
     p.add_argument("--criterion", default="kl", metavar="{" + ",".join(CRITERIA) + "}",
                    help="; ".join(f"{c.name}: {c.summary}" for c in CRITERIA.values()))
     p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images drawn from the training split (eval transform)")
@@ -58,4 +71,5 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     p.add_argument("--approx-classes", type=int, default=DEFAULT_APPROX_CLASSES, help="kl-approx: most probable classes in its Fisher sum")
     p.add_argument("--out", required=True, help="output folder: scores.npz, plan.json, model.safetensors, report.json, log.jsonl (required)" + NO_DEFAULT)
     p.add_argument("--resume", action="store_true", help="reuse scores.npz in --out when it was computed with the same settings (an error when not)" + NO_DEFAULT)
+    p.add_argument("--no-report", action="store_true", help="do not write the figures and index.md to <out>/report/ at the end" + NO_DEFAULT)
     p.set_defaults(func=cmd_prune)

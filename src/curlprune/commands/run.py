@@ -7,18 +7,20 @@ from pathlib import Path
 from typing import Callable
 
 from curlprune.commands.common import NO_DEFAULT
+from curlprune.commands.report import write_report_and_say
 from curlprune.pipeline import Run
 from curlprune.recover.dist import shutdown
 from curlprune.report import print_summary
 from curlprune.run_config import RunConfig, load_config, parse_config, read_config_file
 
 
-def run_and_print(cfg: RunConfig, student: str | Path | None = None) -> int:
+def run_and_print(cfg: RunConfig, student: str | Path | None = None, report: bool = True) -> int:
     """Run a config and print its summary on the process that prints (rank 0 under torchrun).
 
     Args:
         cfg: the parsed config.
         student: a curlprune checkpoint the first training stage starts from (runs without prune).
+        report: write ``<run_dir>/report/`` (figures + index.md) at the end and print its path.
     Returns:
         0 (the exit status).
     Raises:
@@ -32,6 +34,8 @@ def run_and_print(cfg: RunConfig, student: str | Path | None = None) -> int:
         raise
     if runner.ctx.is_main:
         print_summary(summary)
+        if report:
+            write_report_and_say(cfg.run_dir)
     shutdown()
     return 0
 
@@ -56,7 +60,7 @@ Several processes: torchrun --nproc_per_node=2 -m curlprune.cli run config.yaml
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return run_and_print(load_config(args.config, {"run_dir": args.out}))
+    return run_and_print(load_config(args.config, {"run_dir": args.out}), report=not args.no_report)
 
 
 def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
@@ -69,7 +73,7 @@ def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
         section = dict(raw.get(stage) or {})
         section.update({key: getattr(args, key) for key in ("epochs", "lr", "batch_size") if getattr(args, key) is not None})
         raw[stage] = section
-        return run_and_print(parse_config(raw, args.config or "command line"), student=args.student)
+        return run_and_print(parse_config(raw, args.config or "command line"), student=args.student, report=not args.no_report)
 
     return command
 
@@ -82,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                                           "<run_dir>/<stage>/ and is skipped when complete; an interrupted run resumes.")
     p.add_argument("config", help="YAML config file")
     p.add_argument("--out", default=None, help="run directory (overrides run_dir in the config)" + NO_DEFAULT)
+    p.add_argument("--no-report", action="store_true", help="do not write the figures and index.md to <run_dir>/report/ at the end" + NO_DEFAULT)
     p.set_defaults(func=cmd_run)
     helps = {"finetune": "recover accuracy with plain cross-entropy fine-tuning",
              "distill": "recover accuracy by mixup knowledge distillation from the unpruned model",
@@ -103,4 +108,5 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
         p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the stage's own)" + NO_DEFAULT)
         p.add_argument("--seed", type=int, default=None, help="seed for data order, augmentation and mixup (default: 0)" + NO_DEFAULT)
         p.add_argument("--out", default=None, help="run directory (default: runs/run)" + NO_DEFAULT)
+        p.add_argument("--no-report", action="store_true", help="do not write <run_dir>/report/ at the end" + NO_DEFAULT)
         p.set_defaults(func=_single_stage(stage))
