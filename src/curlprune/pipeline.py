@@ -52,7 +52,7 @@ TRAIN_STAGES = ("finetune", "distill", "refine")
 ALL_STAGES = ("prune",) + TRAIN_STAGES
 CHECKPOINT = "checkpoint.safetensors"
 STUDENT_RECORD = "student.json"
-IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed")
+IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed", "input_size")
 # Rank 0 may prune for a long time while the other ranks wait in a collective.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
 
@@ -65,9 +65,12 @@ class RunConfig:
 
     model:           registry name of the unpruned model (also the teacher), e.g. cifar:resnet56.
     weights:         its weights (state-dict file or torchvision weight name).
-    num_classes:     classifier outputs when they differ from the model's default.
+    num_classes:     classifier outputs when they differ from the model's default; in a run that
+                     starts with ``finetune`` on weights of other classes, the classes of the new
+                     classifier (default: the data's; see :meth:`Run.new_head`).
     data:            "digits", or an ImageFolder directory / zip with train/ and test/.
     train_per_class: train on a seeded class-balanced subset of this many images per class.
+    input_size:      square input side when not the model's default (transforms resize to it).
     """
 
     model: str
@@ -77,6 +80,7 @@ class RunConfig:
     run_dir: str = "runs/run"
     seed: int = 0
     train_per_class: int | None = None
+    input_size: int | None = None
     stages: list[str] = field(default_factory=lambda: ["prune", "distill", "refine"])
     sections: dict[str, Any] = field(default_factory=dict)
 
@@ -148,8 +152,8 @@ def _check_stages(stages: Any, where: str) -> list[str]:
         raise CurlpruneError(f"{where}: unknown stage '{bad[0]}'; stages are {', '.join(ALL_STAGES)}")
     if len(set(stages)) != len(stages):
         raise CurlpruneError(f"{where}: a stage is listed twice in {stages}: list each stage once")
-    if "prune" in stages[1:]:
-        raise CurlpruneError(f"{where}: 'prune' must be the first stage (got {stages})")
+    if "prune" in stages[1:] and stages[:stages.index("prune")] != ["finetune"]:
+        raise CurlpruneError(f"{where}: 'prune' must be the first stage, or follow only 'finetune' (got {stages})")
     return [str(s) for s in stages]
 
 
@@ -183,6 +187,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         run_dir=str(raw.get("run_dir", "runs/run")),
         seed=seed,
         train_per_class=_optional_int(raw, "train_per_class", where),
+        input_size=_optional_int(raw, "input_size", where),
         stages=stages,
         sections=sections,
     )
@@ -324,6 +329,8 @@ class Run:
         self.student_path = Path(student) if student else None
         self._data: dict[str, Any] | None = None
         self._teacher = None
+        self._new_head: bool | None = None
+        self.head_name: str | None = None  # the re-initialised classifier of a transfer run
         self.ctx = None
 
     # ----- shared inputs -------------------------------------------------------------------
@@ -336,17 +343,51 @@ class Run:
     @property
     def spec(self):
         from curlprune.models import input_spec
+        from curlprune.models.transfer import at_input_size
 
-        return input_spec(self.cfg.model, self.cfg.weights, self.cfg.num_classes)
+        spec = at_input_size(input_spec(self.cfg.model, self.cfg.weights, self.cfg.num_classes), self.cfg.input_size)
+        return dataclasses.replace(spec, num_classes=self.task_classes) if self.new_head else spec
+
+    @property
+    def finetune_first(self) -> bool:
+        """The run starts by fine-tuning the unpruned model; the fine-tuned model is then the
+        teacher of the later stages and the model the prune stage prunes."""
+        return self.cfg.stages[0] == "finetune" and self.student_path is None
+
+    @property
+    def task_classes(self) -> int:
+        """Classes of the run's task: ``num_classes``, else the training data's."""
+        return self.cfg.num_classes or len(self.data["train"].classes)
+
+    @property
+    def new_head(self) -> bool:
+        """Whether the first stage fine-tunes with a new classifier (a transfer to a new dataset):
+        the finetune section's ``new_head`` when set, else whether the weights' classes differ from
+        :attr:`task_classes`."""
+        if self._new_head is None:
+            flag = self.cfg.sections["finetune"].new_head if self.finetune_first else False
+            if flag is None:
+                from curlprune.models.transfer import weights_classes
+
+                flag = weights_classes(self.cfg.model, self.cfg.weights, self.cfg.num_classes) != self.task_classes
+            self._new_head = bool(flag)
+        return self._new_head
 
     @property
     def model_ref(self) -> dict[str, Any]:
-        kwargs = {"num_classes": self.cfg.num_classes} if self.cfg.num_classes else {}
+        classes = self.task_classes if self.new_head else self.cfg.num_classes
+        kwargs = {"num_classes": classes} if classes else {}
         return {"name": self.cfg.model, "kwargs": kwargs}
 
     def build_unpruned(self):
         from curlprune.models import build
 
+        if self.new_head:
+            from curlprune.models.transfer import build_with_new_head
+
+            model, self.head_name = build_with_new_head(self.cfg.model, self.cfg.weights, self.task_classes,
+                                                        self.example_input, seed=self.cfg.seed)
+            return model
         return build(self.cfg.model, weights=self.cfg.weights, num_classes=self.cfg.num_classes).eval()
 
     @property
@@ -396,6 +437,10 @@ class Run:
                 student, results[stage] = self.prune()
             else:
                 student, results[stage] = self.train(stage, student)
+                if stage == "finetune" and self.finetune_first:  # the teacher of the stages after it
+                    import copy
+
+                    self._teacher = copy.deepcopy(student.model).eval()
         return self.summarize(results, student)
 
     def _claim_run_dir(self) -> None:
@@ -415,7 +460,7 @@ class Run:
 
     def initial_student(self) -> Student | None:
         """What the first training stage starts from when there is no prune stage before it."""
-        if "prune" in self.cfg.stages:
+        if "prune" in self.cfg.stages and not self.finetune_first:
             return None
         if self.student_path is not None:
             return Student.from_checkpoint(self.student_path)
@@ -429,10 +474,15 @@ class Run:
     def _run_prune(self) -> dict[str, Any]:
         from curlprune.prune import run_prune
 
+        from curlprune.recover.loop import MODEL_FILE
+
         check_finished_prune(self.run_dir / "prune", self.cfg.sections["prune"])
+        weights, classes = self.cfg.weights, self.cfg.num_classes
+        if self.finetune_first:  # prune the fine-tuned model (its plain weights file)
+            weights, classes = str(self.run_dir / "finetune" / MODEL_FILE), self.model_ref["kwargs"].get("num_classes")
         started = time.time()
         result = run_prune(self.cfg.sections["prune"], self.run_dir / "prune", resume=True, model_name=self.cfg.model,
-                           weights=self.cfg.weights, data=self.data, num_classes=self.cfg.num_classes)
+                           weights=weights, data=self.data, num_classes=classes, input_size=self.cfg.input_size)
         if not result.already_done:
             log_event(self.run_dir, {"stage": "prune", "seconds": round(time.time() - started, 2)})
         accuracy, selection = result.report["accuracy"], result.report["selection"]
@@ -452,7 +502,8 @@ class Run:
         was_done = (stage_dir / "done.json").is_file()
         cfg = self.cfg.sections[stage]
         if stage == "finetune":
-            result = finetune(student.model, self.data, self.spec, cfg, self.run_dir, stage=stage)
+            head = self.head_name if self.finetune_first and self.new_head else None
+            result = finetune(student.model, self.data, self.spec, cfg, self.run_dir, stage=stage, head=head)
         elif stage == "distill":
             result = distill(student.model, self.teacher, self.data, self.spec, cfg, self.run_dir, stage=stage)
         else:
@@ -593,7 +644,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         given = {"model": args.model, "weights": args.weights, "num_classes": args.num_classes, "data": args.data,
-                 "run_dir": args.out, "seed": args.seed, "train_per_class": args.train_per_class}
+                 "run_dir": args.out, "seed": args.seed, "train_per_class": args.train_per_class, "input_size": args.input_size}
         raw = read_config_file(args.config) if args.config else {}
         raw.update({k: v for k, v in given.items() if v is not None})
         raw["stages"] = [stage]
@@ -630,6 +681,8 @@ def register(subparsers, formatter) -> None:
         p.add_argument("--num-classes", type=int, default=None, help="classifier outputs, when not the model's default" + NO_DEFAULT)
         p.add_argument("--data", default=None, help="ImageFolder directory or zip with train/ and test/, or 'digits' (default: digits)" + NO_DEFAULT)
         p.add_argument("--train-per-class", type=int, default=None, help="use a seeded class-balanced subset of the train split" + NO_DEFAULT)
+        p.add_argument("--input-size", type=int, default=None, help="square input side when not the model's default, e.g. 64 "
+                                                                 "(images are resized to it)" + NO_DEFAULT)
         p.add_argument("--epochs", type=int, default=None, help="epochs (default: the stage's own)" + NO_DEFAULT)
         p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the stage's own)" + NO_DEFAULT)
         p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the stage's own)" + NO_DEFAULT)

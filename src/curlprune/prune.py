@@ -136,16 +136,21 @@ def run_prune(
     data: str | dict | None = None,
     num_classes: int | None = None,
     show: bool = True,
+    input_size: int | None = None,
 ) -> PruneResult:
     """Score, select and slice ``model_name`` (+ ``weights``) to ``config``'s target; save in ``out_dir``.
 
     ``data`` is "digits", an ImageFolder folder or zip, or already loaded splits
     (``{"train": ImageDataset, "test": ...}``); data-free criteria (l1, bn, random) need none.
+    ``input_size``: square input side when not the model's default (MACs, calibration and
+    evaluation all follow it; ``curlprune.models.transfer.at_input_size``).
     """
     from curlprune.criteria import get
 
     out = Path(out_dir)
     settings = _settings(config, model_name, weights, data, num_classes)
+    if input_size is not None:  # only when set: finished runs from before the option stay valid
+        settings["input_size"] = input_size
     finished = _finished(out, settings) if resume else None
     if finished is not None:
         return finished
@@ -155,7 +160,7 @@ def run_prune(
     if criterion.needs_data and data is None:
         raise CurlpruneError(f"criterion {config.criterion!r} needs data: pass --data (a dataset folder/zip, or 'digits')")
 
-    model, spec, example = _build(model_name, weights, num_classes)
+    model, spec, example = _build(model_name, weights, num_classes, input_size)
     groups = _trace(model, example)
     target = config.target()
     protect = _protected(config, model_name, model, groups)
@@ -225,11 +230,12 @@ def _splits_digest(splits: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def _build(model_name: str, weights: str | None, num_classes: int | None) -> tuple[nn.Module, Any, torch.Tensor]:
+def _build(model_name: str, weights: str | None, num_classes: int | None, input_size: int | None = None) -> tuple[nn.Module, Any, torch.Tensor]:
     from curlprune.models import build, input_spec
+    from curlprune.models.transfer import at_input_size
 
     model = build(model_name, weights=weights, num_classes=num_classes).eval()
-    spec = input_spec(model_name, weights, num_classes)
+    spec = at_input_size(input_spec(model_name, weights, num_classes), input_size)
     return model, spec, torch.zeros(1, spec.channels, spec.size, spec.size)
 
 
@@ -472,7 +478,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         eval_limit=args.eval_limit, budget_mb=args.budget_mb, approx_classes=args.approx_classes,
     )
     result = run_prune(config, args.out, resume=args.resume, model_name=args.model, weights=args.weights,
-                       data=args.data, num_classes=args.num_classes)
+                       data=args.data, num_classes=args.num_classes, input_size=args.input_size)
     if result.already_done:
         console.print(f"{args.out} already holds this finished run; nothing to do")
     console.print(f"wrote {result.checkpoint} (load with curlprune.load), {SCORES}, {PLAN}, {REPORT}, {LOG} in {args.out}")
@@ -491,6 +497,8 @@ def register(subparsers, formatter) -> None:
     p.add_argument("--model", required=True, help="registry name: cifar:resnet20|32|44|56|110, torchvision:<name>, small:resnet-digits (required)" + NO_DEFAULT)
     p.add_argument("--weights", default=None, help="weights file (.th/.pt/.pth/.safetensors) or torchvision weight name (default: random init)" + NO_DEFAULT)
     p.add_argument("--num-classes", type=int, default=None, help="classifier outputs, when not the model's default (default: the model's)" + NO_DEFAULT)
+    p.add_argument("--input-size", type=int, default=None, help="square input side when not the model's default, e.g. 64 "
+                                                             "(images are resized to it)" + NO_DEFAULT)
     p.add_argument("--data", default=None, help="ImageFolder folder or .zip with train/ (and test/) splits, or 'digits' "
                                                 "(sklearn digits); not needed by l1, bn, random (default: none)" + NO_DEFAULT)
     target = p.add_mutually_exclusive_group(required=True)

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from curlprune.errors import CurlpruneError
 from curlprune.recover.loop import Result, Stage, Trainer, TrainConfig
+
+# The transfer recipe's defaults (measured on the clothing data: benchmarks/results/transfer.md).
+TRANSFER_BODY_LR_MULT = 0.1
+TRANSFER_HEAD_EPOCHS = 0.0
 
 
 @dataclass
@@ -27,6 +32,12 @@ class FinetuneConfig(TrainConfig):
     batch_size: int = 32
     lr: float = 0.01
     warmup_epochs: float = 1.0
+    # Transfer to a new dataset (a classifier re-initialised for its classes, see
+    # curlprune.models.transfer): the recipe for the body (every parameter but the new head).
+    # None = the measured default (TRANSFER_BODY_LR_MULT / TRANSFER_HEAD_EPOCHS); no effect without a new head.
+    new_head: bool | None = None  # pipeline: re-initialise the classifier (None: when the widths differ)
+    body_lr_mult: float | None = None  # the body's lr = lr x this
+    head_epochs: float | None = None  # the body's lr stays 0 for this many epochs (head-only warm-up)
 
     @classmethod
     def imagenet(cls, **overrides: Any) -> "FinetuneConfig":
@@ -34,10 +45,44 @@ class FinetuneConfig(TrainConfig):
         return cls(**{"epochs": 100, "batch_size": 512, "lr": 0.1, "warmup_epochs": 5.0, **overrides})
 
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("body_lr_mult", "head_epochs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise CurlpruneError(f"{name} must be a non-negative number or null for the default (got {value!r})")
+
+    def transfer_recipe(self) -> tuple[float, float]:
+        """``(body_lr_mult, head_epochs)`` with the defaults filled in."""
+        mult = TRANSFER_BODY_LR_MULT if self.body_lr_mult is None else float(self.body_lr_mult)
+        head = TRANSFER_HEAD_EPOCHS if self.head_epochs is None else float(self.head_epochs)
+        return mult, head
+
+
 class FinetuneStage(Stage):
-    """Cross-entropy with hard labels on the training set, train transform."""
+    """Cross-entropy with hard labels on the training set, train transform.
+
+    ``head``: the qualified name of a newly initialised classifier; when given, the other
+    parameters (the body) train with the config's transfer recipe.
+    """
 
     name = "finetune"
+
+    def __init__(self, cfg: FinetuneConfig, head: str | None = None) -> None:
+        super().__init__(cfg)
+        self.head = head
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        if self.head is None:
+            return super().param_groups(model)
+        prefix = self.head + "."
+        named = list(model.named_parameters())
+        head = [p for n, p in named if n.startswith(prefix)]
+        body = [p for n, p in named if not n.startswith(prefix)]
+        if not head:
+            raise CurlpruneError(f"the model has no parameters under {self.head!r}: it is not the model whose classifier was replaced")
+        mult, head_epochs = self.cfg.transfer_recipe()
+        return [{"params": head}, {"params": body, "lr_mult": mult, "start_epoch": head_epochs}]
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(x)
@@ -52,6 +97,7 @@ def finetune(
     run_dir: str | Path = "runs/recover",
     *,
     stage: str = "finetune",
+    head: str | None = None,
 ) -> Result:
     """Fine-tune ``student`` in place with cross-entropy; resumable, skipped when already done.
 
@@ -61,7 +107,10 @@ def finetune(
     cfg:     :class:`FinetuneConfig` (defaults for small data).
     run_dir: outputs go to ``<run_dir>/<stage>/`` (metrics.jsonl, state.safetensors,
              model.safetensors, done.json).
+    head:    name of a classifier just re-initialised for new classes (a transfer,
+             ``curlprune.models.transfer.replace_classifier``): the body then trains with
+             ``cfg.body_lr_mult`` and ``cfg.head_epochs`` (docs/method.md §4).
     """
-    stage_impl = FinetuneStage(cfg or FinetuneConfig())
+    stage_impl = FinetuneStage(cfg or FinetuneConfig(), head=head)
     stage_impl.name = stage
     return Trainer(stage_impl, student, data, spec, run_dir).run()

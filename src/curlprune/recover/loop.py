@@ -143,6 +143,11 @@ class Stage:
         """Checks and device placement before training (fresh start and resume)."""
         check_classes("student", model, data, spec, ctx.device, self.cfg.channels_last)
 
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups. A group's ``lr_mult`` scales the scheduled lr (default 1)
+        and ``start_epoch`` holds its lr at 0 before that (fractional) epoch (default 0)."""
+        return [{"params": list(model.parameters())}]
+
     def init_fresh(self, ctx: DistContext, model: nn.Module, train_set: Dataset, spec: Any) -> None:
         """Set up the stage's own state on a fresh start (not on resume)."""
 
@@ -431,7 +436,7 @@ class Trainer:
         place_model(self.model, ctx.device, cfg.channels_last)
         self.stage.prepare(ctx, self.model, self.data, self.spec)
         self.train_set = self.stage.train_set(self.data["train"])
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(self.stage.param_groups(self.model), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.order_gen = torch.Generator().manual_seed(cfg.seed)
         seed_everything(rank_seed(cfg.seed, ctx.rank, 0))
         self.stage.seed(rank_seed(cfg.seed, ctx.rank, 1))
@@ -497,7 +502,7 @@ class Trainer:
             task = bar.add_task(f"{self.stage.name} {epoch + 1}/{cfg.epochs}", total=len(batches), loss=float("nan"), lr=0.0)
             for step, (x, y, index) in enumerate(loader):
                 lr = warmup_cosine_lr(progress.iteration, total, warmup, cfg.lr)
-                set_lr(self.optimizer, lr)
+                set_lr(self.optimizer, lr, epoch=progress.iteration * cfg.epochs / max(total, 1))
                 x = to_input(x, ctx.device, cfg.channels_last)
                 y = y.to(ctx.device, non_blocking=True)
                 loss, logits = self.stage.loss(train_model, x, y, index)
