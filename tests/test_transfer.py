@@ -244,3 +244,12 @@ def test_four_stage_config_prunes_and_distills_from_the_finetuned_model(tmp_path
     assert final(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     again = Run(parse_config({**FOUR_STAGES, "weights": str(weights), "run_dir": str(run_dir)})).run()  # a rerun skips all
     assert again["last_top1"] == summary["last_top1"]
+
+
+def test_readme_small_dataset_config_is_a_valid_four_stage_config():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Small dataset of your own", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = parse_config(yaml.safe_load(block), "README")
+    assert cfg.stages == ["finetune", "prune", "distill", "refine"] and cfg.input_size == 32
+    assert cfg.sections["finetune"].new_head is True
