@@ -209,6 +209,20 @@ def test_num_classes_other_than_the_data_is_one_line(tmp_path, four_classes, cif
     assert "outputs 6 classes but the data has 4" in capsys.readouterr().err
 
 
+def test_new_head_option_replaces_a_classifier_of_as_many_classes(tmp_path):
+    weights = tmp_path / "digits.pt"
+    trained = train_digits_model(seed=0, epochs=2)
+    torch.save(trained.state_dict(), weights)
+    out = tmp_path / "ft"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"finetune": {"head_epochs": 1.0, "warmup_epochs": 0.0, "progress": False}}))
+    assert main(["finetune", "--config", str(config), "--model", DIGITS, "--weights", str(weights), "--data", "digits",
+                 "--train-per-class", "10", "--epochs", "1", "--new-head", "--out", str(out)]) == 0
+    tuned = dict(checkpoint.load(out / "model.safetensors").named_parameters())
+    assert not torch.equal(tuned["linear.weight"].detach(), trained.linear.weight)  # a new head (10 -> 10 classes) ...
+    assert torch.equal(tuned["conv1.weight"].detach().contiguous(), trained.conv1.weight)  # ... on the frozen body (head_epochs 1)
+
+
 # ----- the whole protocol as one config -------------------------------------------------------
 FOUR_STAGES = {
     "model": DIGITS, "data": "digits", "train_per_class": 30, "seed": 0,

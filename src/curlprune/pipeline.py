@@ -650,6 +650,8 @@ def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
         raw["stages"] = [stage]
         section = dict(raw.get(stage) or {})
         section.update({key: getattr(args, key) for key in ("epochs", "lr", "batch_size") if getattr(args, key) is not None})
+        if getattr(args, "new_head", False):
+            section["new_head"] = True
         raw[stage] = section
         return run_and_print(parse_config(raw, args.config or "command line"), student=args.student)
 
@@ -666,7 +668,8 @@ def register(subparsers, formatter) -> None:
     p.add_argument("config", help="YAML config file")
     p.add_argument("--out", default=None, help="run directory (overrides run_dir in the config)" + NO_DEFAULT)
     p.set_defaults(func=cmd_run)
-    helps = {"finetune": "recover accuracy with plain cross-entropy fine-tuning",
+    helps = {"finetune": "recover accuracy with plain cross-entropy fine-tuning, or transfer a pretrained model to "
+                         "a new dataset (a new classifier for its classes: finetune.new_head)",
              "distill": "recover accuracy by mixup knowledge distillation from the unpruned model",
              "refine": "label refinement on the 6x expanded data (CURL stage 3)"}
     for stage, text in helps.items():
@@ -678,7 +681,8 @@ def register(subparsers, formatter) -> None:
                                                         "(default: the unpruned model)" + NO_DEFAULT)
         p.add_argument("--model", default=None, help="registry name of the unpruned model (the teacher), e.g. cifar:resnet56" + NO_DEFAULT)
         p.add_argument("--weights", default=None, help="weights of the unpruned model" + NO_DEFAULT)
-        p.add_argument("--num-classes", type=int, default=None, help="classifier outputs, when not the model's default" + NO_DEFAULT)
+        p.add_argument("--num-classes", type=int, default=None, help="classifier outputs, when not the model's default; "
+                                                                  "finetune on weights of other classes: the new classifier's (default: the data's)" + NO_DEFAULT)
         p.add_argument("--data", default=None, help="ImageFolder directory or zip with train/ and test/, or 'digits' (default: digits)" + NO_DEFAULT)
         p.add_argument("--train-per-class", type=int, default=None, help="use a seeded class-balanced subset of the train split" + NO_DEFAULT)
         p.add_argument("--input-size", type=int, default=None, help="square input side when not the model's default, e.g. 64 "
@@ -688,4 +692,7 @@ def register(subparsers, formatter) -> None:
         p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the stage's own)" + NO_DEFAULT)
         p.add_argument("--seed", type=int, default=None, help="seed for data order, augmentation and mixup (default: 0)" + NO_DEFAULT)
         p.add_argument("--out", default=None, help="run directory (default: runs/run)" + NO_DEFAULT)
+        if stage == "finetune":
+            p.add_argument("--new-head", action="store_true", help="replace the classifier by a new one for the data's classes "
+                                                                   "even when their number equals the weights' (a new dataset)")
         p.set_defaults(func=_single_stage(stage))
