@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from torch import nn
-from torchvision.io import write_png
+from PIL import Image
 
 from curlprune import checkpoint
 from curlprune.checkpoint import file_digest
@@ -171,7 +171,7 @@ def four_classes(tmp_path_factory) -> Path:
             folder = root / split / f"digit{label}"
             folder.mkdir(parents=True)
             for i, index in enumerate(torch.nonzero(ds.labels == label).flatten()[:per_class].tolist()):
-                write_png(ds.images[index].expand(3, 8, 8).contiguous(), str(folder / f"{i}.png"))
+                Image.fromarray(ds.images[index][0].numpy()).convert("RGB").save(folder / f"{i}.png")
     return root
 
 
