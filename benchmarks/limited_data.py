@@ -44,7 +44,8 @@ def main() -> None:
     from curlprune.checkpoint import atomic_write_text
     from curlprune.cost import count
     from curlprune.models import build, input_spec
-    from curlprune.pipeline import Run, parse_config
+    from curlprune.pipeline import Run
+    from curlprune.run_config import parse_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, nargs="+", default=[100, 500])

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from curlprune.data import load_image_folder
-    from curlprune.graph import trace
+    from curlprune.analysis import trace
     from curlprune.models import build
 
     started = time.time()

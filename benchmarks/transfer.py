@@ -82,7 +82,8 @@ def main() -> None:
     from curlprune.cost import count
     from curlprune.models import build, input_spec
     from curlprune.models.transfer import at_input_size, build_with_new_head
-    from curlprune.pipeline import Run, parse_config
+    from curlprune.pipeline import Run
+    from curlprune.run_config import parse_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["500", "full"], choices=list(BUDGETS))

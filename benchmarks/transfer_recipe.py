@@ -50,7 +50,8 @@ def per_class_mean(model, test, spec) -> float:
 def main() -> None:
     from curlprune import checkpoint, data
     from curlprune.checkpoint import atomic_write_text
-    from curlprune.pipeline import Run, parse_config
+    from curlprune.pipeline import Run
+    from curlprune.run_config import parse_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="cifar:resnet20")

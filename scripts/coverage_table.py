@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from curlprune.graph import trace
+from curlprune.analysis import trace
 from curlprune.models import build
 from curlprune.surgery import apply, mask, random_plan
 

@@ -20,7 +20,7 @@ import torch
 from curlprune.data import ImageDataset, class_balanced_subset, load_digits_dataset
 from curlprune.models import build, input_spec
 from curlprune.recover import DistillConfig, FinetuneConfig, RefineConfig, distill, finetune, refine
-from curlprune.recover.loop import DONE_FILE, STATE_FILE
+from curlprune.rundir import DONE_FILE, STATE_FILE
 from curlprune.recover.dist import shutdown
 
 MODEL = "small:resnet-digits"

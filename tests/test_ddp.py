@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from curlprune.recover import ExpandedDataset, load_label_store
-from curlprune.recover.loop import predict
+from curlprune.recover.evaluate import predict
 from curlprune.transforms import build_transform
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -20,7 +20,7 @@ from curlprune import checkpoint
 from curlprune.cli import main
 from curlprune.cost import count
 from curlprune.models import build, digits_resnet
-from curlprune.models.small import train_digits_model
+from curlprune.digits import train_digits_model
 
 MODEL = "small:resnet-digits"
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -180,7 +180,7 @@ def on_main_worker(rank: int, port: int, results) -> None:
     import torch.distributed as torch_dist
 
     from curlprune.errors import CurlpruneError
-    from curlprune.pipeline import on_main
+    from curlprune.recover.dist import on_main
     from curlprune.recover.dist import init_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")

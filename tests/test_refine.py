@@ -68,7 +68,7 @@ def test_one_label_step_moves_exactly_the_batch_rows(tiny, batch, label_lr):
     p = softmax(logits.detach().double().numpy())
     q = softmax(store[index].double().numpy())
     gradient = (0.7 / batch) * (q - p)  # dL/dz of the batch-mean loss (spec §5)
-    step = label_lr * batch / 32  # spec note 9
+    step = label_lr * batch / 32  # docs/method.md §7
     moved = (stage.labels[index] - store[index]).double().numpy()
     # float32 store: the difference of two values up to ~10 carries rounding of about 1e-6
     np.testing.assert_allclose(moved, -step * gradient, rtol=1e-3, atol=2e-6)

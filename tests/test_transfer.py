@@ -20,9 +20,10 @@ from curlprune.cost import count
 from curlprune.data import batches, load_digits_dataset
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
-from curlprune.models.small import train_digits_model
+from curlprune.digits import train_digits_model
 from curlprune.models.transfer import at_input_size, find_classifier, replace_classifier, weights_classes
-from curlprune.pipeline import Run, parse_config
+from curlprune.pipeline import Run
+from curlprune.run_config import parse_config
 from curlprune.recover.finetune import FinetuneConfig, finetune
 from curlprune.transforms import build_transform
 

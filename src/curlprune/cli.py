@@ -1,23 +1,21 @@
 """The ``curlprune`` command.
 
-Each sub-command lives next to the code it drives and registers itself through a
-``register(subparsers)`` function; this module only builds the parser and turns user mistakes
-(:class:`CurlpruneError`) into one line on stderr and exit status 2.
+The sub-commands live in :mod:`curlprune.commands`, one module per family, each with a
+``register(subparsers, formatter)`` function; this module only builds the parser from them and
+turns user mistakes (:class:`CurlpruneError`) into one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from curlprune import __version__
+from curlprune.commands import demo, inspect, prune, run
 from curlprune.errors import CurlpruneError
+from curlprune.runlock import os_error_message
 
-# Modules that contribute sub-commands, in the order they appear in --help.
-COMMAND_MODULES = [
-    "curlprune.commands",  # demo, groups, count, export
-    "curlprune.prune",  # prune
-    "curlprune.pipeline",  # run, finetune, distill, refine
-]
+# Command families in the order their commands appear in --help.
+COMMAND_FAMILIES = [demo, inspect, prune, run]
 
 DESCRIPTION = """\
 Make a trained CNN smaller and faster by removing whole channels (also those on residual
@@ -38,24 +36,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``curlprune`` parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="curlprune", description=DESCRIPTION, formatter_class=HelpFormatter)
-    parser.add_argument("--version", action="version", version=f"curlprune {_version()}")
+    parser.add_argument("--version", action="version", version=f"curlprune {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # that command family is not part of this build
-                continue
-            raise
-        module.register(subparsers, HelpFormatter)
+    for family in COMMAND_FAMILIES:
+        family.register(subparsers, HelpFormatter)
     return parser
-
-
-def _version() -> str:
-    from curlprune import __version__
-
-    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CurlpruneError as exc:
-        print(f"curlprune: error: {exc}", file=sys.stderr)
+        print(f"curlprune: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
+        return 2
+    except OSError as exc:  # disk full, read-only, permissions, a file where a folder should be
+        message = os_error_message(exc)
+        if message is None:
+            raise
+        print(f"curlprune: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("curlprune: interrupted; finished work is kept, re-run the same command to resume", file=sys.stderr)

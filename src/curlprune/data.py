@@ -10,9 +10,8 @@ import contextlib
 import io
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,12 +19,13 @@ from torch import nn
 from torchvision.io import ImageReadMode, decode_image
 
 from curlprune.errors import CurlpruneError
+from curlprune.models.spec import InputSpec
 from curlprune.transforms import build_transform, transforms_batches
 
-if TYPE_CHECKING:
-    from curlprune.models.spec import InputSpec
-
 LAYOUT = "<split>/<class>/<image> or <class>/<image>"
+# Larger images are refused before decoding: a few KiB of PNG can claim gigapixels (a
+# "decompression bomb"). 8192 x 8192; far above any training image.
+MAX_IMAGE_PIXELS = 8192 * 8192
 SINGLE_SPLIT = "all"
 
 
@@ -78,7 +78,15 @@ def load_image_folder(path: str | Path, splits: Sequence[str] | None = None) -> 
 
     Layout ``<split>/<class>/<image>`` gives one dataset per split; ``<class>/<image>`` gives the
     single split ``"all"``. Classes are the sorted class folder names and must be the same in every
-    split. ``splits`` decodes only the named splits (e.g. ``["test"]``). Images become RGB.
+    split. Images become RGB.
+
+    Args:
+        path: a folder or a ``.zip`` with that layout.
+        splits: decode only these splits (e.g. ``["test"]``); None = all.
+    Returns:
+        split name -> :class:`ImageDataset` of uint8 ``[3, H, W]`` images.
+    Raises:
+        CurlpruneError: a missing path or split, a bad layout, differing classes, an unreadable image.
     """
     path = Path(path)
     with contextlib.ExitStack() as stack:
@@ -163,17 +171,97 @@ def _read(reader: Callable[[str], bytes], name: str, where: str) -> bytes:
 
 
 def decode_rgb(data: bytes, where: str) -> torch.Tensor:
-    """Decode image bytes to uint8 RGB ``[3, H, W]``; ``where`` names the file in the error."""
+    """Decode image bytes to 8-bit RGB, uint8 ``[3, H, W]``; ``where`` names the file in errors.
+
+    16-bit images are scaled to 8 bits (v * 255 / 65535); grey, palette and alpha images become RGB.
+
+    Args:
+        data: the file's bytes.
+        where: names the file in errors.
+    Returns:
+        uint8 ``[3, H, W]``.
+    Raises:
+        CurlpruneError: naming the file when it is damaged, not an image, has more than
+            :data:`MAX_IMAGE_PIXELS` pixels, or cannot be represented as 8-bit RGB (e.g. float data).
+    """
+    _check_size(data, where)
     try:  # libjpeg/libpng/libwebp through torchvision: fast
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):
-        pass
+        image = _decode_pil(data, where)
+    if image.dtype == torch.uint16:  # 16-bit PNG
+        image = ((image.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise CurlpruneError(f"cannot use image {where}: it decodes to {image.dtype} {list(image.shape)}, not 8-bit RGB; convert it to 8-bit RGB")
+    return image
+
+
+def _check_size(data: bytes, where: str) -> None:
+    """Refuse images with more than MAX_IMAGE_PIXELS pixels from their header, before decoding."""
+    size = image_size(data)
+    if size is None:
+        return  # not something we can size: the decoders below decide
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise CurlpruneError(
+            f"image {where} is {width} x {height} = {width * height:,} pixels, more than the limit of "
+            f"{MAX_IMAGE_PIXELS:,} (8192 x 8192; a decompression bomb or a mistake): resize or remove it"
+        )
+
+
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """An image's size from its header, without decoding it (PNG and JPEG read directly, other
+    formats through Pillow's lazy open).
+
+    Args:
+        data: the file's bytes.
+    Returns:
+        ``(width, height)`` in pixels, or None when the bytes are not a recognised image.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] == b"\xff\xd8":  # JPEG: walk the segments to the frame header (SOFn)
+        i = 2
+        while i + 9 <= len(data) and data[i] == 0xFF:
+            marker = data[i + 1]
+            if marker == 0xFF:
+                i += 1
+            elif marker == 0x01 or 0xD0 <= marker <= 0xD8:
+                i += 2
+            elif marker in _SOF_MARKERS:
+                return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+            else:
+                i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    from PIL import Image, UnidentifiedImageError  # only for formats other than PNG/JPEG
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            return img.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _decode_pil(data: bytes, where: str) -> torch.Tensor:
+    """Other formats (BMP, TIFF, ...) through Pillow, as uint8 RGB ``[3, H, W]``."""
     from PIL import Image, UnidentifiedImageError
 
-    try:  # other formats (BMP, TIFF, ...) through Pillow
-        with Image.open(io.BytesIO(data)) as img:
-            array = torch.from_numpy(np.array(img.convert("RGB")))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked
+            with Image.open(io.BytesIO(data)) as img:
+                if img.mode.startswith("I;16"):
+                    array = np.asarray(img).astype(np.int64)
+                    return torch.from_numpy(((array * 255 + 32767) // 65535).astype(np.uint8)).expand(3, -1, -1).contiguous()
+                if img.mode in ("I", "F") or img.mode.startswith(("I;", "F;")):
+                    raise CurlpruneError(
+                        f"cannot use image {where}: it holds {img.mode!r} (32-bit integer or float) pixels, which have no "
+                        "fixed 8-bit scale; convert it to 8-bit RGB"
+                    )
+                array = torch.from_numpy(np.array(img.convert("RGB")))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise CurlpruneError(f"cannot decode image {where} ({exc}): the file is damaged or not an image; replace or remove it") from None
     return array.permute(2, 0, 1).contiguous()
 
@@ -184,9 +272,13 @@ def decode_rgb(data: bytes, where: str) -> torch.Tensor:
 def load_digits_dataset(seed: int = 0, test_fraction: float = 0.2) -> dict[str, ImageDataset]:
     """The 1,797 real 8x8 handwritten digits of scikit-learn, split stratified by class.
 
-    Pixel values 0..16 become uint8 0..255 with one channel; returns ``{"train", "test"}``.
+    Args:
+        seed: seed of the stratified split.
+        test_fraction: share of the images in the test split.
+    Returns:
+        ``{"train", "test"}`` :class:`ImageDataset` s of uint8 ``[1, 8, 8]`` images (0..16 scaled to 0..255).
     """
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn is slow to import; only the digits need it
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
@@ -203,7 +295,11 @@ def load_digits_dataset(seed: int = 0, test_fraction: float = 0.2) -> dict[str, 
 
 
 def calibration_subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
-    """``n`` images drawn at random without replacement (the same ``n`` for the same ``seed``)."""
+    """``n`` images drawn at random without replacement (the same ``n`` for the same ``seed``).
+
+    Raises:
+        CurlpruneError: ``n`` is not in 1..len(ds).
+    """
     if not 1 <= n <= len(ds):
         raise CurlpruneError(f"cannot draw {n} calibration images from a dataset of {len(ds)}: choose 1..{len(ds)}")
     generator = torch.Generator().manual_seed(seed)
@@ -211,7 +307,11 @@ def calibration_subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
 
 
 def class_balanced_subset(ds: ImageDataset, per_class: int, seed: int) -> ImageDataset:
-    """Exactly ``per_class`` random images of every class, grouped by class."""
+    """Exactly ``per_class`` random images of every class (seeded), grouped by class.
+
+    Raises:
+        CurlpruneError: a class has fewer than ``per_class`` images.
+    """
     generator = torch.Generator().manual_seed(seed)
     picked = []
     for label, name in enumerate(ds.classes):
@@ -256,6 +356,42 @@ def batches(
         yield images, ds.labels[idx]
 
 
+def to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """Move a batch to ``device``, in channels_last layout for images ``[B, C, H, W]`` when asked."""
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def model_outputs(
+    model: nn.Module,
+    batch_iter: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device | None = None,
+    channels_last: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The one evaluation loop of the package: ``(logits [B, classes], labels [B])`` per batch.
+
+    Args:
+        model: run in eval mode under ``torch.no_grad`` (its mode is restored when the loop ends).
+        batch_iter: ``(inputs [B, C, H, W] float, labels [B])`` batches, already transformed.
+        device: where the inputs go; default: the model's.
+        channels_last: feed images in channels_last layout.
+    Returns:
+        An iterator of the model's logits (on ``device``, its dtype) and the labels as given.
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for images, labels in batch_iter:
+                yield model(to_input(images, device, channels_last)), labels
+    finally:
+        model.train(was_training)
+
+
 def count_correct(
     model: nn.Module,
     ds: ImageDataset,
@@ -267,29 +403,27 @@ def count_correct(
 ) -> int:
     """How many images of ``ds`` ``model`` classifies correctly (top-1) with the eval transform.
 
-    Runs in eval mode under inference_mode on ``device`` (default: the model's), in channels_last
-    layout when asked; restores the mode after. The one evaluation loop of the package.
+    Args:
+        model: the classifier (run through :func:`model_outputs`: eval mode, restored after).
+        ds: uint8 images and labels.
+        spec: the model's input recipe (eval transform).
+        batch_size: images per forward pass.
+        device: default: the model's.
+        channels_last: feed images in channels_last layout.
+    Returns:
+        The number of correct top-1 predictions (0 .. ``len(ds)``).
     """
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        with torch.inference_mode():
-            for images, labels in batches(ds, spec, batch_size):
-                images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                correct += int((model(images).argmax(1).cpu() == labels).sum())
-    finally:
-        model.train(was_training)
-    return correct
+    outputs = model_outputs(model, batches(ds, spec, batch_size), device=device, channels_last=channels_last)
+    return sum(int((logits.argmax(1).cpu() == labels).sum()) for logits, labels in outputs)
 
 
 def evaluate(model: nn.Module, ds: ImageDataset, spec: InputSpec, batch_size: int = 256) -> float:
-    """Top-1 accuracy (fraction in [0, 1]) of ``model`` on ``ds`` with the eval transform.
+    """Top-1 accuracy of ``model`` on ``ds`` with the eval transform.
 
     The model is put in channels_last layout (and stays so); see :func:`count_correct`.
+
+    Returns:
+        A fraction in [0, 1] (not %).
     """
     model.to(memory_format=torch.channels_last)
     return count_correct(model, ds, spec, batch_size) / max(1, len(ds))

@@ -1,16 +1,18 @@
 """Tables for the terminal (rich) and the numbers behind them."""
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
-from curlprune.graph import ChannelGroup
+from curlprune.channels import ChannelGroup
 
 console = Console(stderr=False)
 
 
 def human(n: float) -> str:
-    """1234567 -> '1.23M'."""
+    """A count with a k/M/G suffix and 2 decimals: 1234567 -> '1.23M' (below 1000: the integer)."""
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
@@ -41,3 +43,50 @@ def plan_table(groups: list[ChannelGroup], plan: dict[str, list[int]], macs_befo
         share = f"{100 * macs_before_per_group[g.name] / total:.1f}%" if total else "-"
         table.add_row(g.name, g.kind, str(g.width), str(kept), f"{kept / g.width:.2f}", share)
     return table
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print a run's summary table: test top-1 after every stage (unpruned and pruned without
+    recovery too) and the final cost.
+
+    Args:
+        summary: what :meth:`curlprune.pipeline.Run.run` returns (accuracies in %).
+    """
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}%"
+
+    table = Table(title=f"run summary: {summary['model']}, test top-1")
+    for col in ("stage", "epochs", "last top-1", "best top-1", "seconds"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, r in summary["stages"].items():
+        if stage == "prune":
+            table.add_row("unpruned", "", percent(r["top1_before"]), "", "")
+            table.add_row(f"pruned ({r['criterion']}, {100 * r['macs_ratio']:.1f}% MACs)", "", percent(r["top1_after"]), "", "")
+        else:
+            table.add_row(stage, str(r["epochs"]), percent(r["last_top1"]), percent(r["best_top1"]), f"{r['seconds']:.1f}")
+    console.print(table)
+    console.print(f"final model: {human(summary['macs'])} MACs ({100 * summary['macs_ratio']:.1f}%), "
+                  f"{human(summary['params'])} params ({100 * summary['params_ratio']:.1f}%) -> {summary['checkpoint']}")
+
+
+def print_prune_summary(groups: list[ChannelGroup], selection: Any, accuracy: dict[str, Any], model_name: str) -> None:
+    """Print the prune stage's per-group table, the cost before -> after and test top-1 before -> after.
+
+    Args:
+        groups: the traced groups.
+        selection: :class:`curlprune.select.Selection` (plan, MACs/params before and after, top_k, protected).
+        accuracy: ``{"test_images", "top1_before", "top1_after"}`` (top-1 in %).
+        model_name: registry name, for the line.
+    """
+    shares = {g.name: float(sum(g.macs_per_channel)) for g in groups if g.prunable}
+    console.print(plan_table(groups, selection.plan, shares))
+    s = selection
+    console.print(
+        f"{model_name}: MACs {human(s.full_macs)} -> {human(s.macs)} ({s.macs / s.full_macs:.3f}), "
+        f"params {human(s.full_params)} -> {human(s.params)} ({s.params / s.full_params:.3f}); "
+        f"{s.removed_channels} channels removed, top_k {s.top_k}"
+        + (f", protected: {', '.join(s.protected)}" if s.protected else "")
+    )
+    if accuracy["test_images"]:
+        console.print(f"test top-1 on {accuracy['test_images']} images, no fine-tuning: "
+                      f"{accuracy['top1_before']:.2f}% -> {accuracy['top1_after']:.2f}%")

@@ -7,13 +7,12 @@ batch (with a fresh random crop/flip per image), which is how in-memory data is 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torchvision.transforms import v2
 
-if TYPE_CHECKING:
-    from curlprune.models.spec import InputSpec
+from curlprune.models.spec import InputSpec
 
 SMALL_INPUT = 64  # inputs up to this side are trained with pad-crop instead of resized crops
 

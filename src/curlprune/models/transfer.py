@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from curlprune.errors import CurlpruneError
+from curlprune.models.registry import build, input_spec, looks_like_path
 from curlprune.models.spec import InputSpec
+from curlprune.models.weights import read_state_dict
 
 
 def find_classifier(model: nn.Module, example: torch.Tensor) -> str:
@@ -108,15 +110,11 @@ def weights_classes(name: str, weights: str | None, num_classes: int | None = No
     from the file's ``<classifier>.weight``. A file without that key returns the model's default
     (loading it then fails with the loader's own message).
     """
-    from curlprune.models.registry import _looks_like_path, build, input_spec
-
     if weights is None:
         return num_classes or input_spec(name).num_classes
     spec = input_spec(name, weights)
-    if not _looks_like_path(weights):  # a torchvision weight name: its published categories
+    if not looks_like_path(weights):  # a torchvision weight name: its published categories
         return spec.num_classes
-    from curlprune.models.registry import read_state_dict
-
     model = build(name)
     key = find_classifier(model, torch.zeros(1, spec.channels, spec.size, spec.size)) + ".weight"
     state = read_state_dict(weights)
@@ -130,8 +128,6 @@ def build_with_new_head(name: str, weights: str | None, num_classes: int, exampl
     strictly, and its final Linear replaced (:func:`replace_classifier`, seeded by ``seed``).
     Returns ``(model in eval mode, the classifier's qualified name)``.
     """
-    from curlprune.models.registry import build
-
     source = weights_classes(name, weights)
     model = build(name, weights=weights, num_classes=source).eval()
     return model, replace_classifier(model, num_classes, example, seed=seed)

@@ -1,4 +1,4 @@
-"""Accuracy recovery after pruning, as resumable training stages (curl-method.md §3-§5).
+"""Accuracy recovery after pruning, as resumable training stages (docs/method.md §4-§7).
 
     finetune(student, data, spec, FinetuneConfig(), run_dir)          # CE on hard labels
     distill(student, teacher, data, spec, DistillConfig(), run_dir)   # mixup + KD (stage 2)
@@ -11,7 +11,8 @@ unchanged under ``torchrun --nproc_per_node=N`` (see :mod:`curlprune.recover.dis
 from curlprune.recover.distill import DistillConfig, distill, distill_loss
 from curlprune.recover.expand import VERSIONS, ExpandedDataset
 from curlprune.recover.finetune import FinetuneConfig, finetune
-from curlprune.recover.loop import Result, TrainConfig, load_stage_model, top1_accuracy
+from curlprune.recover.evaluate import top1_accuracy
+from curlprune.recover.stage import Result, TrainConfig, load_stage_model
 from curlprune.recover.refine import RefineConfig, load_label_store, refine, refine_loss
 
 __all__ = [

@@ -16,12 +16,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
 
 from curlprune.errors import CurlpruneError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -178,3 +181,34 @@ def wrap_ddp(ctx: DistContext, model: nn.Module) -> nn.Module:
         return model
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def on_main(ctx: DistContext, work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 only while the other ranks wait.
+
+    Args:
+        ctx: this process's context (single-process: ``work`` just runs).
+        work: the job; its result must be picklable (JSON-like).
+    Returns:
+        ``work()``'s result, on every rank.
+    Raises:
+        CurlpruneError: on every rank when ``work`` failed on rank 0 (rank 0 re-raises its own
+            error), so a failure on rank 0 never leaves the others waiting.
+    """
+    if not ctx.enabled:
+        return work()
+    outcome: dict[str, Any] = {}
+    failure: BaseException | None = None
+    if ctx.is_main:
+        try:
+            outcome = {"value": work()}
+        except CurlpruneError as exc:
+            outcome, failure = {"error": str(exc)}, exc
+        except BaseException as exc:  # tell the others, then fail loudly here
+            outcome, failure = {"error": f"rank 0 failed ({type(exc).__name__}: {exc}); see its traceback"}, exc
+    shared = all_gather_object(ctx, outcome)[0]
+    if failure is not None:
+        raise failure
+    if "error" in shared:
+        raise CurlpruneError(shared["error"])
+    return shared["value"]

@@ -1,4 +1,4 @@
-"""Stage 2 of CURL on small data: knowledge distillation with mixup (curl-method.md §4).
+"""Stage 2 of CURL on small data: knowledge distillation with mixup (docs/method.md §5).
 
 Per batch: one lambda ~ Beta(a, a) (a = 1), a random pairing ``perm`` of the batch, and
 ``x_mix = lambda * x + (1 - lambda) * x[perm]``; the frozen teacher (eval mode, no gradient)
@@ -22,8 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from curlprune.models.spec import InputSpec
 from curlprune.recover.dist import DistContext
-from curlprune.recover.loop import Result, Stage, Trainer, TrainConfig, prepare_teacher, require
+from curlprune.recover.evaluate import prepare_teacher
+from curlprune.recover.loop import Trainer
+from curlprune.recover.stage import Result, Stage, TrainConfig, require
 
 
 @dataclass
@@ -78,7 +81,7 @@ class DistillStage(Stage):
         self.teacher = teacher
         self.rng = np.random.default_rng(cfg.seed)
 
-    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: Any) -> None:
+    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: InputSpec) -> None:
         prepare_teacher(self.teacher, model, data, spec, ctx, self.cfg.channels_last)
         super().prepare(ctx, model, data, spec)
 
@@ -115,7 +118,7 @@ def distill(
     student: nn.Module,
     teacher: nn.Module,
     data: Mapping[str, Dataset],
-    spec: Any,
+    spec: InputSpec,
     cfg: DistillConfig | None = None,
     run_dir: str | Path = "runs/recover",
     *,
@@ -123,9 +126,17 @@ def distill(
 ) -> Result:
     """Train ``student`` in place by mixup-KD from ``teacher``; resumable, skipped when done.
 
-    teacher: the unpruned model, same classes as the data (checked); it is moved to the
-             training device and put in eval mode, never updated.
-    Other parameters as in :func:`curlprune.recover.finetune.finetune`.
+    Args:
+        teacher: the unpruned model, same classes as the data (checked); it is moved to the
+            training device and put in eval mode, never updated.
+        student, data, spec, cfg, run_dir, stage: as in :func:`curlprune.recover.finetune.finetune`
+            (``cfg``: :class:`DistillConfig`).
+    Returns:
+        The :class:`~curlprune.recover.stage.Result` (test top-1 in %).
+    Raises:
+        CurlpruneError: as :func:`~curlprune.recover.finetune.finetune`, or teacher is student.
+
+    Source: docs/method.md §5.
     """
     stage_impl = DistillStage(cfg or DistillConfig(), teacher)
     stage_impl.name = stage

@@ -1,6 +1,6 @@
 """The 6x data expansion of CURL's label-refinement stage, generated on the fly.
 
-The authors wrote six JPEG versions of every training image (curl-method.md §4); here every
+The authors wrote six JPEG versions of every training image (docs/method.md §6); here every
 version is computed when it is read, deterministically from (source index, version, seed), so
 the expanded set costs no disk and reads the same every time.
 

@@ -1,7 +1,7 @@
 """Recovery by plain fine-tuning: cross-entropy on hard labels (the paper's ImageNet recipe)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -11,7 +11,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from curlprune.errors import CurlpruneError
-from curlprune.recover.loop import Result, Stage, Trainer, TrainConfig
+from curlprune.models.spec import InputSpec
+from curlprune.recover.loop import Trainer
+from curlprune.recover.stage import LATER, Result, Stage, TrainConfig
 
 # The transfer recipe's defaults, measured on real clothing photos (CIFAR-10 ResNet-20, 50 images per
 # class, 15 epochs, 32 px; benchmarks/results/transfer_recipe.md): body at the head's lr 59.05% top-1,
@@ -25,7 +27,7 @@ TRANSFER_HEAD_EPOCHS = 0.0
 class FinetuneConfig(TrainConfig):
     """Fine-tuning settings (see :class:`TrainConfig` for every field).
 
-    The defaults suit small datasets (the spec's "stage-2 recipe without KD", §7 note 6): 30
+    The defaults suit small datasets (the distillation recipe without the teacher, docs/method.md §4 and §8): 30
     epochs, global batch 32, lr 0.01, 1 warm-up epoch, weight decay 4e-5, cosine to 0. The
     paper's ImageNet recipe (100 epochs, batch 512, lr 0.1, 5 warm-up epochs) is
     :meth:`imagenet`.
@@ -38,15 +40,9 @@ class FinetuneConfig(TrainConfig):
     # Transfer to a new dataset (a classifier re-initialised for its classes, see
     # curlprune.models.transfer): the recipe for the body (every parameter but the new head).
     # None = the measured default (TRANSFER_BODY_LR_MULT / TRANSFER_HEAD_EPOCHS); no effect without a new head.
-    new_head: bool | None = None  # pipeline: re-initialise the classifier (None: when the widths differ)
-    body_lr_mult: float | None = None  # the body's lr = lr x this
-    head_epochs: float | None = None  # the body's lr stays 0 for this many epochs (head-only warm-up)
-
-    @classmethod
-    def imagenet(cls, **overrides: Any) -> "FinetuneConfig":
-        """The authors' ImageNet settings (curl-method.md §3), with optional overrides."""
-        return cls(**{"epochs": 100, "batch_size": 512, "lr": 0.1, "warmup_epochs": 5.0, **overrides})
-
+    new_head: bool | None = field(default=None, metadata=LATER)  # pipeline: re-initialise the classifier (None: when the widths differ)
+    body_lr_mult: float | None = field(default=None, metadata=LATER)  # the body's lr = lr x this
+    head_epochs: float | None = field(default=None, metadata=LATER)  # the body's lr stays 0 for this many epochs (head-only warm-up)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,10 +52,21 @@ class FinetuneConfig(TrainConfig):
                 raise CurlpruneError(f"{name} must be a non-negative number or null for the default (got {value!r})")
 
     def transfer_recipe(self) -> tuple[float, float]:
-        """``(body_lr_mult, head_epochs)`` with the defaults filled in."""
+        """The body's recipe in a transfer, with the measured defaults filled in.
+
+        Returns:
+            ``(body_lr_mult, head_epochs)``.
+
+        Source: docs/method.md §4 (the defaults are our measurement, benchmarks/results/transfer_recipe.md).
+        """
         mult = TRANSFER_BODY_LR_MULT if self.body_lr_mult is None else float(self.body_lr_mult)
         head = TRANSFER_HEAD_EPOCHS if self.head_epochs is None else float(self.head_epochs)
         return mult, head
+
+    @classmethod
+    def imagenet(cls, **overrides: Any) -> "FinetuneConfig":
+        """The authors' ImageNet settings (docs/method.md §4), with optional overrides."""
+        return cls(**{"epochs": 100, "batch_size": 512, "lr": 0.1, "warmup_epochs": 5.0, **overrides})
 
 
 class FinetuneStage(Stage):
@@ -95,7 +102,7 @@ class FinetuneStage(Stage):
 def finetune(
     student: nn.Module,
     data: Mapping[str, Dataset],
-    spec: Any,
+    spec: InputSpec,
     cfg: FinetuneConfig | None = None,
     run_dir: str | Path = "runs/recover",
     *,
@@ -104,15 +111,24 @@ def finetune(
 ) -> Result:
     """Fine-tune ``student`` in place with cross-entropy; resumable, skipped when already done.
 
-    student: the (pruned) model; its weights are updated in place and returned in the Result.
-    data:    ``{"train": ImageDataset, "test": ImageDataset}`` of uint8 images.
-    spec:    the model's ``InputSpec`` (curlprune.models.input_spec), for its transforms.
-    cfg:     :class:`FinetuneConfig` (defaults for small data).
-    run_dir: outputs go to ``<run_dir>/<stage>/`` (metrics.jsonl, state.safetensors,
-             model.safetensors, done.json).
-    head:    name of a classifier just re-initialised for new classes (a transfer,
-             ``curlprune.models.transfer.replace_classifier``): the body then trains with
-             ``cfg.body_lr_mult`` and ``cfg.head_epochs`` (docs/method.md §4).
+    Args:
+        student: the (pruned) model; its weights are updated in place and returned in the Result.
+        data: ``{"train": ImageDataset, "test": ImageDataset}`` of uint8 images ``[C, H, W]``.
+        spec: the model's input recipe (:func:`curlprune.models.input_spec`), for its transforms.
+        cfg: :class:`FinetuneConfig` (defaults for small data); None = the defaults.
+        run_dir: outputs go to ``<run_dir>/<stage>/`` (metrics.jsonl, state.safetensors,
+            model.safetensors: plain weights, done.json; see :mod:`curlprune.rundir`).
+        stage: the stage folder's name.
+        head: name of a classifier just re-initialised for new classes (a transfer,
+            :func:`curlprune.models.transfer.replace_classifier`): the body then trains with
+            ``cfg.body_lr_mult`` and ``cfg.head_epochs``.
+    Returns:
+        The :class:`~curlprune.recover.stage.Result` (test top-1 in %, epochs, seconds).
+    Raises:
+        CurlpruneError: bad data or settings, a model that does not fit the data, or a stage
+            folder written with other settings or another architecture.
+
+    Source: docs/method.md §4.
     """
     stage_impl = FinetuneStage(cfg or FinetuneConfig(), head=head)
     stage_impl.name = stage

@@ -12,8 +12,9 @@ does the rest, identically for all of them:
 * after every epoch, ``<run_dir>/<stage>/state.safetensors`` (written atomically): weights,
   optimizer, iteration, every RNG state and the stage's own tensors. A rerun resumes after the
   last completed epoch and then behaves exactly as the uninterrupted run would have;
-* at the end, ``model.safetensors`` (final weights) and ``done.json`` (summary). A stage whose
-  ``done.json`` exists is skipped: its weights are loaded into the given model;
+* at the end, ``model.safetensors`` (final weights: plain weights, not a curlprune checkpoint)
+  and ``done.json`` (summary). A stage whose ``done.json`` exists is skipped: its weights are
+  loaded into the given model;
 * under ``torchrun`` (``WORLD_SIZE > 1``): DistributedDataParallel, seeded sharding, files
   written by rank 0 only (see :mod:`curlprune.recover.dist`).
 
@@ -24,7 +25,6 @@ uninterrupted one bit for bit on the same machine and number of processes.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -37,14 +37,25 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
+from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
-from curlprune.checkpoint import atomic_write, atomic_write_text, load_state_strict
-from curlprune.errors import CurlpruneError
-from curlprune.recover import dist
+from curlprune.models.spec import InputSpec
+from curlprune.recover import dist, guards
 from curlprune.recover.dist import DistContext
+from curlprune.recover.evaluate import TransformedDataset, place_model, to_input, top1_accuracy
 from curlprune.recover.schedule import set_lr, warmup_cosine_lr
+from curlprune.recover.stage import (
+    Result,
+    Stage,
+    check_config,
+    check_data,
+    check_same_settings,
+    finished,
+    load_stage_tensors,
+    settings,
+)
 from curlprune.recover.state import (
     capture_rng,
     generator_state,
@@ -58,327 +69,23 @@ from curlprune.recover.state import (
     set_generator_state,
     unprefixed,
 )
+from curlprune.rundir import (
+    METRICS_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    append_jsonl,
+    atomic_write,
+    atomic_write_text,
+    is_done,
+    jsonl_text,
+    write_done,
+)
 from curlprune.transforms import build_transform
-
-STATE_FILE = "state.safetensors"
-MODEL_FILE = "model.safetensors"
-DONE_FILE = "done.json"
-METRICS_FILE = "metrics.jsonl"
-
-RUNTIME = {"runtime": True}  # field metadata: may change between a run and its resume
-
-
-@dataclass
-class TrainConfig:
-    """Settings shared by every stage.
-
-    epochs:        passes over the stage's training set.
-    batch_size:    GLOBAL batch size (split evenly over torchrun processes; must divide by their number).
-    lr:            base learning rate of the warm-up + cosine schedule (per iteration, to 0 at the end).
-    warmup_epochs: linear warm-up from 0, in epochs (fractions allowed).
-    momentum, weight_decay: SGD; weight decay applies to every parameter, as in the paper.
-    seed:          data order, augmentations, mixup, data expansion.
-    Runtime settings (may differ when resuming): eval_batch_size, num_workers (DataLoader worker
-    processes), device ("auto" = this process's GPU if any, else CPU), channels_last, progress.
-    """
-
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 0.01
-    warmup_epochs: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 4e-5
-    seed: int = 0
-    eval_batch_size: int = field(default=128, metadata=RUNTIME)
-    num_workers: int = field(default=0, metadata=RUNTIME)
-    device: str = field(default="auto", metadata=RUNTIME)
-    channels_last: bool = field(default=True, metadata=RUNTIME)
-    progress: bool = field(default=True, metadata=RUNTIME)
-
-    def __post_init__(self) -> None:
-        require(self.epochs >= 1, f"epochs must be at least 1 (got {self.epochs})")
-        require(self.batch_size >= 1, f"batch_size must be at least 1 (got {self.batch_size})")
-        for name in ("lr", "warmup_epochs", "momentum", "weight_decay"):
-            require(getattr(self, name) >= 0, f"{name} must be non-negative (got {getattr(self, name)})")
-        require(self.eval_batch_size >= 1 and self.num_workers >= 0, "eval_batch_size must be >= 1 and num_workers >= 0")
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise a :class:`CurlpruneError` with ``message`` unless ``condition`` holds."""
-    if not condition:
-        raise CurlpruneError(message)
-
-
-def settings(cfg: TrainConfig) -> dict[str, Any]:
-    """The fields of ``cfg`` that define the result (a resumed or skipped stage must match them)."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if not f.metadata.get("runtime")}
-
-
-@dataclass
-class Result:
-    """What a stage returns: the trained model and its test top-1 accuracies (in %)."""
-
-    model: nn.Module = field(repr=False)
-    last_top1: float
-    best_top1: float
-    epochs: int
-    seconds: float
-    stage_dir: Path
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the stage's own (refine: "labels")
-
-
-class Stage:
-    """What one recovery stage adds to the shared loop. Subclasses override what they need."""
-
-    name = "stage"
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
-
-    def train_set(self, train: Dataset) -> Dataset:
-        """The dataset the stage trains on; items are ``(uint8 image, label, ...)``."""
-        return train
-
-    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: Any) -> None:
-        """Checks and device placement before training (fresh start and resume)."""
-        check_classes("student", model, data, spec, ctx.device, self.cfg.channels_last)
-
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """The optimizer's parameter groups. A group's ``lr_mult`` scales the scheduled lr (default 1)
-        and ``start_epoch`` holds its lr at 0 before that (fractional) epoch (default 0)."""
-        return [{"params": list(model.parameters())}]
-
-    def init_fresh(self, ctx: DistContext, model: nn.Module, train_set: Dataset, spec: Any) -> None:
-        """Set up the stage's own state on a fresh start (not on resume)."""
-
-    def seed(self, seed: int) -> None:
-        """Seed the stage's own random generator(s) for this process."""
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss, student logits)`` for one batch; ``index`` are the dataset indices."""
-        raise NotImplementedError
-
-    def after_backward(self, ctx: DistContext) -> None:
-        """Called after ``loss.backward()`` and before the optimizer step."""
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Stage tensors to keep in the resumable state (identical on every rank)."""
-        return {}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Inverse of :meth:`tensors`."""
-
-    def rng_state(self) -> Any:
-        """This process's stage RNG state, as JSON."""
-        return None
-
-    def load_rng_state(self, state: Any) -> None:
-        """Inverse of :meth:`rng_state`."""
-
-
-class TransformedDataset(Dataset):
-    """``(transform(image), label, index)`` for every item of a dataset of ``(uint8 image, label, ...)``."""
-
-    def __init__(self, base: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.base = base
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        item = self.base[index]
-        return self.transform(item[0]), int(item[1]), index
-
-
-def to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """Move a batch to ``device``, in channels_last layout for images when asked."""
-    x = x.to(device, non_blocking=True)
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
-    """Move ``model`` to ``device`` (in place) in channels_last layout when asked."""
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    dataset: Dataset,
-    transform: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    batch_size: int = 128,
-    device: torch.device | None = None,
-    channels_last: bool = True,
-    num_workers: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, CPU) and labels of ``model`` in eval mode on every item of ``dataset``."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(TransformedDataset(dataset, transform), batch_size=batch_size, num_workers=num_workers)
-    logits, labels = [], []
-    for x, y, _ in loader:
-        logits.append(model(to_input(x, device, channels_last)).float().cpu())
-        labels.append(y)
-    model.train(was_training)
-    if not logits:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
-    return torch.cat(logits), torch.cat(labels)
-
-
-def top1_accuracy(
-    model: nn.Module,
-    dataset: Any,
-    spec: Any,
-    *,
-    ctx: DistContext,
-    batch_size: int = 128,
-    channels_last: bool = True,
-) -> float:
-    """Top-1 accuracy (in %) on an ImageDataset with the eval transform, on ``ctx.device``.
-
-    ``curlprune.data.count_correct`` over processes: under torchrun each rank counts a
-    contiguous share and the counts are summed.
-    """
-    from curlprune.data import count_correct
-
-    share = dataset.subset(list(dist.chunk_range(ctx, len(dataset))))
-    correct = count_correct(model, share, spec, batch_size, device=ctx.device, channels_last=channels_last)
-    correct_total, seen_total = dist.all_reduce_sum(ctx, [float(correct), float(len(share))])
-    return 100.0 * correct_total / max(seen_total, 1.0)
-
-
-def output_classes(model: nn.Module, dataset: Dataset, spec: Any, device: torch.device, channels_last: bool) -> int:
-    """Number of logits ``model`` produces for one sample of ``dataset``."""
-    logits, _ = predict(model, Subset(dataset, [0]), build_transform(spec, train=False), batch_size=1, device=device, channels_last=channels_last)
-    return int(logits.shape[1])
-
-
-def check_classes(role: str, model: nn.Module, data: Mapping[str, Dataset], spec: Any, device: torch.device, channels_last: bool) -> None:
-    """Raise when ``model``'s output width differs from the number of classes of the data."""
-    train = data["train"]
-    expected = len(train.classes) if hasattr(train, "classes") else None
-    if expected is None:
-        return
-    produced = output_classes(model, train, spec, device, channels_last)
-    if produced != expected:
-        raise CurlpruneError(
-            f"{role} outputs {produced} classes but the data has {expected}: "
-            f"use a {role} trained on this dataset's classes (or a dataset with {produced} classes)"
-        )
-
-
-def prepare_teacher(teacher: nn.Module, student: nn.Module, data: Mapping[str, Dataset], spec: Any, ctx: DistContext, channels_last: bool) -> None:
-    """Put the frozen teacher on the device in eval mode and check that it fits the data."""
-    require(teacher is not student, "teacher and student are the same module: pass a copy of the model as the student (copy.deepcopy)")
-    place_model(teacher, ctx.device, channels_last).eval()
-    check_classes("teacher", teacher, data, spec, ctx.device, channels_last)
-
-
-def check_data(data: Mapping[str, Dataset]) -> None:
-    """The stages need ``{"train": ..., "test": ...}`` with a non-empty training set."""
-    if not isinstance(data, Mapping) or "train" not in data or "test" not in data:
-        raise CurlpruneError("data must be a dict with 'train' and 'test' datasets, e.g. curlprune.data.load_digits_dataset(seed)")
-    if len(data["train"]) == 0:
-        raise CurlpruneError("the training set is empty: check the dataset path and split")
-
-
-def check_config(cfg: TrainConfig, ctx: DistContext) -> None:
-    """The global batch must split evenly over the processes."""
-    require(
-        cfg.batch_size % ctx.world_size == 0,
-        f"batch_size {cfg.batch_size} must be a multiple of the number of processes ({ctx.world_size}): "
-        "it is the global batch, split evenly over the processes",
-    )
 
 
 def rank_seed(seed: int, rank: int, stream: int = 0) -> int:
     """A 32-bit seed for one process and one random stream, derived from the run seed."""
     return int(np.random.SeedSequence([seed, rank, stream]).generate_state(1)[0])
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file written by this loop."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CurlpruneError(f"{path} cannot be read ({exc}): delete {path.parent} to run the stage again") from None
-
-
-def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Load a stage's state dict into ``model`` strictly; a mismatch is a user mistake, said plainly."""
-    load_state_strict(
-        model, tensors, f"weights in {source} do not fit the given model",
-        f"pass the same architecture (and pruning plan) the stage was run with, or delete {source.parent} to start the stage again",
-    )
-
-
-def load_stage_model(model: nn.Module, run_dir: str | Path, stage: str) -> nn.Module:
-    """Load the final weights of a finished stage into ``model`` (same architecture) and return it."""
-    path = Path(run_dir) / stage / MODEL_FILE
-    if not path.is_file():
-        raise CurlpruneError(f"no finished '{stage}' stage in {run_dir} ({path} is missing): run that stage first")
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:
-        raise CurlpruneError(f"{path} cannot be read ({exc}): delete {path.parent} and run the '{stage}' stage again") from None
-    load_weights(model, tensors, path)
-    return model
-
-
-def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``"key=saved (now current)"`` for every current setting whose JSON value differs from the saved one."""
-    current = json.loads(json.dumps(current))  # tuples -> lists, like the saved copy
-    return [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in current.items() if saved.get(k) != v]
-
-
-def check_same_settings(cfg: TrainConfig, saved: Mapping[str, Any], where: Path) -> None:
-    """A resumed or skipped stage must have been run with the same result-defining settings."""
-    differ = changed_settings(saved, settings(cfg))
-    if differ:
-        raise CurlpruneError(
-            f"{where} was written with different settings: {', '.join(differ)}; "
-            f"use the same settings to resume/skip, or delete {where.parent} to run the stage again"
-        )
-
-
-def finished(model: nn.Module, stage_dir: Path, cfg: TrainConfig, device: torch.device) -> Result:
-    """The result of a stage that already completed: its weights loaded into ``model``."""
-    summary = read_json(stage_dir / DONE_FILE)
-    check_same_settings(cfg, summary.get("config", {}), stage_dir / DONE_FILE)
-    load_stage_model(model, stage_dir.parent, stage_dir.name)
-    place_model(model, device, cfg.channels_last)
-    return Result(
-        model=model,
-        last_top1=summary["last_top1"],
-        best_top1=summary["best_top1"],
-        epochs=summary["epochs"],
-        seconds=summary["seconds"],
-        stage_dir=stage_dir,
-        tensors=stage_tensors(stage_dir / STATE_FILE),
-    )
-
-
-def stage_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The ``stage.*`` tensors of a state file (without reading the weights), or none."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return {}
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {name.removeprefix("stage."): handle.get_tensor(name) for name in handle.keys() if name.startswith("stage.")}
-    except Exception as exc:
-        raise CurlpruneError(f"training state {path} cannot be read ({exc}): delete {path.parent} to run the stage again") from None
 
 
 @dataclass
@@ -414,7 +121,7 @@ class Trainer:
         stage: Stage,
         model: nn.Module,
         data: Mapping[str, Dataset],
-        spec: Any,
+        spec: InputSpec,
         run_dir: str | Path,
     ) -> None:
         check_data(data)
@@ -431,7 +138,7 @@ class Trainer:
     # ---- the whole stage -------------------------------------------------------------------
     def run(self) -> Result:
         cfg, ctx = self.cfg, self.ctx
-        if (self.stage_dir / DONE_FILE).is_file():
+        if is_done(self.stage_dir):
             return finished(self.model, self.stage_dir, cfg, ctx.device)
         place_model(self.model, ctx.device, cfg.channels_last)
         self.stage.prepare(ctx, self.model, self.data, self.spec)
@@ -485,7 +192,12 @@ class Trainer:
         total: int,
         warmup: int,
     ) -> tuple[float, float, float]:
-        """One pass over this rank's shard; returns (mean loss, train top-1 %, last lr) over all ranks."""
+        """One pass over this rank's shard; returns (mean loss, train top-1 %, last lr) over all ranks.
+
+        Raises:
+            CurlpruneError: the loss became NaN or infinite (epoch, step and lr named;
+                :func:`curlprune.recover.guards.check_finite_loss`).
+        """
         cfg, ctx = self.cfg, self.ctx
         batches = epoch_batches(ctx, self.order_gen, len(self.train_set), local_batch)
         loader = DataLoader(
@@ -506,6 +218,7 @@ class Trainer:
                 x = to_input(x, ctx.device, cfg.channels_last)
                 y = y.to(ctx.device, non_blocking=True)
                 loss, logits = self.stage.loss(train_model, x, y, index)
+                guards.check_finite_loss(loss, epoch, step, lr)  # a diverged run stops here, nothing of the epoch saved
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.stage.after_backward(ctx)
@@ -543,8 +256,7 @@ class Trainer:
                 "rank_rng": rank_states,
             }
             save_state(self.stage_dir / STATE_FILE, tensors, meta)
-            with open(self.stage_dir / METRICS_FILE, "a") as log:
-                log.write(json.dumps(progress.history[-1]) + "\n")
+            append_jsonl(self.stage_dir / METRICS_FILE, progress.history[-1])
         dist.barrier(ctx)
 
     def resume(self) -> TrainProgress:
@@ -552,7 +264,7 @@ class Trainer:
         path = self.stage_dir / STATE_FILE
         tensors, meta = load_state(path)
         check_same_settings(self.cfg, meta.get("config", {}), path)
-        load_weights(self.model, unprefixed("model.", tensors), path)
+        load_stage_tensors(self.model, unprefixed("model.", tensors), path)
         load_optimizer_state(self.optimizer, unprefixed("optim.", tensors), meta["optimizer"])
         self.stage.load_tensors(unprefixed("stage.", tensors))
         set_generator_state(self.order_gen, meta["order_generator"])
@@ -570,17 +282,18 @@ class Trainer:
                     "resuming with fresh augmentation seeds (not bit-identical to an uninterrupted run)[/yellow]"
                 )
         if self.ctx.is_main:
-            lines = "".join(json.dumps(record) + "\n" for record in progress.history)
-            atomic_write_text(self.stage_dir / METRICS_FILE, lines)
+            atomic_write_text(self.stage_dir / METRICS_FILE, jsonl_text(progress.history))
             if self.cfg.progress:
                 self.console.print(f"{self.stage.name}: resuming after epoch {progress.epoch}/{self.cfg.epochs} from {path}")
         dist.barrier(self.ctx)
         return progress
 
     def finish(self, progress: TrainProgress) -> Result:
-        """Write the final weights and ``done.json`` (rank 0) and return the result."""
-        from safetensors.torch import save_file
+        """Write the final weights and ``done.json`` (rank 0) and return the result.
 
+        Weights holding NaN or inf are refused (:class:`CurlpruneError`) on every rank, so a diverged
+        model is never written as a finished stage (issue 12).
+        """
         last = progress.history[-1]["test_top1"]
         seconds = sum(r["seconds"] for r in progress.history)
         summary = {
@@ -591,10 +304,11 @@ class Trainer:
             "seconds": seconds,
             "config": settings(self.cfg),
         }
+        guards.check_finite_state(self.model.state_dict(), str(self.stage_dir / MODEL_FILE))  # every rank: same weights
         if self.ctx.is_main:
             weights = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
             atomic_write(self.stage_dir / MODEL_FILE, lambda tmp: save_file(weights, tmp, metadata={"summary": json.dumps(summary)}))
-            atomic_write_text(self.stage_dir / DONE_FILE, json.dumps(summary, indent=2) + "\n")
+            write_done(self.stage_dir, summary)
         dist.barrier(self.ctx)
         return Result(self.model, last, progress.best_top1, progress.epoch, seconds, self.stage_dir, self.stage.tensors())
 
@@ -613,4 +327,3 @@ def progress_bar(enabled: bool) -> RichProgress:
         disable=not (enabled and console.is_terminal),
         transient=True,
     )
-

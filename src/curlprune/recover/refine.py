@@ -1,4 +1,4 @@
-"""Stage 3 of CURL on small data: label refinement on the 6x expanded set (curl-method.md §5).
+"""Stage 3 of CURL on small data: label refinement on the 6x expanded set (docs/method.md §7).
 
 A label store ``Z`` (N x C float32, one row per expanded image, kept on the CPU and saved
 with the resumable state) starts as the teacher's raw logits on the expanded images under the
@@ -8,7 +8,7 @@ EVAL transform. Per batch, with ``z = Z[idx]`` made a leaf that requires grad:
 
 (T = 1, alpha = 0.7, student first as in PENCIL). After ``L.backward()`` the rows move by
 gradient descent, ``Z[idx] = z - step * z.grad``, with ``dL/dz_i = (alpha / B)(q_i - p_i)``
-(q = softmax(z), p = softmax(s)). The step follows spec note 9:
+(q = softmax(z), p = softmax(s)). The step is scaled with the batch size (docs/method.md §7):
 
     step = label_lr * B / label_reference_batch   (B = this process's batch, reference 32)
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -29,20 +29,14 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from curlprune.errors import CurlpruneError
+from curlprune.models.spec import InputSpec
 from curlprune.recover import dist
 from curlprune.recover.dist import DistContext
+from curlprune.recover.evaluate import predict, prepare_teacher
 from curlprune.recover.expand import ExpandedDataset
-from curlprune.recover.loop import (
-    STATE_FILE,
-    Result,
-    Stage,
-    Trainer,
-    TrainConfig,
-    predict,
-    prepare_teacher,
-    require,
-    stage_tensors,
-)
+from curlprune.recover.loop import Trainer
+from curlprune.recover.stage import Result, Stage, TrainConfig, require, stage_tensors
+from curlprune.rundir import STATE_FILE
 from curlprune.transforms import build_transform
 
 
@@ -91,7 +85,7 @@ def refine_loss(
 
 
 def label_step(cfg: RefineConfig, batch: int) -> float:
-    """Step size applied to the gradient of the batch-mean loss (spec note 9)."""
+    """Step size applied to the gradient of the batch-mean loss (docs/method.md §7: scaled with the batch size)."""
     return cfg.label_lr * batch / cfg.label_reference_batch
 
 
@@ -101,7 +95,7 @@ def write_rows(ctx: DistContext, store: torch.Tensor, index: torch.Tensor, rows:
         store[part_index.cpu()] = part_rows.cpu()
 
 
-def teacher_logits(ctx: DistContext, teacher: nn.Module, dataset: Dataset, spec: Any, cfg: TrainConfig) -> torch.Tensor:
+def teacher_logits(ctx: DistContext, teacher: nn.Module, dataset: Dataset, spec: InputSpec, cfg: TrainConfig) -> torch.Tensor:
     """Raw teacher logits (N x C, float32, CPU) on ``dataset`` with the eval transform.
 
     Each rank computes a contiguous share; the shares are all-gathered.
@@ -134,11 +128,11 @@ class RefineStage(Stage):
     def train_set(self, train: Dataset) -> Dataset:
         return ExpandedDataset(train, seed=self.cfg.seed) if self.cfg.expand else train
 
-    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: Any) -> None:
+    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: InputSpec) -> None:
         prepare_teacher(self.teacher, model, data, spec, ctx, self.cfg.channels_last)
         super().prepare(ctx, model, data, spec)
 
-    def init_fresh(self, ctx: DistContext, model: nn.Module, train_set: Dataset, spec: Any) -> None:
+    def init_fresh(self, ctx: DistContext, model: nn.Module, train_set: Dataset, spec: InputSpec) -> None:
         self.labels = teacher_logits(ctx, self.teacher, train_set, spec, self.cfg)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +160,16 @@ class RefineStage(Stage):
 
 
 def load_label_store(run_dir: str | Path, stage: str = "refine") -> torch.Tensor:
-    """The label store (N x C logits, rows in ExpandedDataset order) of a refine run's last epoch."""
+    """The label store of a refine stage's last completed epoch.
+
+    Args:
+        run_dir: the run directory.
+        stage: the refine stage's folder name.
+    Returns:
+        float32 logits ``[N, classes]``, rows in :class:`ExpandedDataset` order.
+    Raises:
+        CurlpruneError: no state file, or it holds no label store.
+    """
     path = Path(run_dir) / stage / STATE_FILE
     if not path.is_file():
         raise CurlpruneError(f"no label store in {path.parent} ({path.name} is missing): run the refine stage first")
@@ -180,17 +183,26 @@ def refine(
     student: nn.Module,
     teacher: nn.Module,
     data: Mapping[str, Dataset],
-    spec: Any,
+    spec: InputSpec,
     cfg: RefineConfig | None = None,
     run_dir: str | Path = "runs/recover",
     *,
     stage: str = "refine",
 ) -> Result:
-    """Train ``student`` in place with label refinement; resumable, skipped when done.
+    """Train ``student`` in place with label refinement on the 6x expanded data; resumable, skipped when done.
 
-    teacher: the unpruned model whose logits initialise the label store (eval mode, no grad).
-    The refined store is ``result.tensors["labels"]`` (also in ``<run_dir>/<stage>/state.safetensors``,
-    :func:`load_label_store`). Other parameters as in :func:`curlprune.recover.finetune.finetune`.
+    Args:
+        teacher: the unpruned model whose logits initialise the label store (eval mode, no grad).
+        student, data, spec, cfg, run_dir, stage: as in :func:`curlprune.recover.finetune.finetune`
+            (``cfg``: :class:`RefineConfig`).
+    Returns:
+        The :class:`~curlprune.recover.stage.Result`; the refined store is
+        ``result.tensors["labels"]`` (``[6 N, classes]`` logits; also in
+        ``<run_dir>/<stage>/state.safetensors``, :func:`load_label_store`).
+    Raises:
+        CurlpruneError: as :func:`~curlprune.recover.finetune.finetune`, or teacher is student.
+
+    Source: docs/method.md §6 (expansion) and §7 (refinement, the step's batch-size scaling).
     """
     stage_impl = RefineStage(cfg or RefineConfig(), teacher)
     stage_impl.name = stage

@@ -1,6 +1,6 @@
 """The per-iteration learning-rate schedule of CURL: linear warm-up from 0, then cosine to 0.
 
-From the authors' training scripts (curl-method.md §3): with ``it`` counted in iterations,
+From the authors' training scripts (docs/method.md §4): with ``it`` counted in iterations,
 
     lr = base * it / warm                                        for it < warm
     lr = base * (1 + cos(pi * (it - warm) / (max - warm))) / 2   afterwards

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from curlprune.checkpoint import atomic_write
+from curlprune.rundir import atomic_write
 from curlprune.errors import CurlpruneError
 
 STATE_KEY = "curlprune_train_state"

@@ -1,0 +1,63 @@
+"""The ``prune`` command: score, select to a MACs/params target, slice, save (:mod:`curlprune.prune`)."""
+from __future__ import annotations
+
+import argparse
+
+from curlprune.commands.common import NO_DEFAULT
+from curlprune.criteria import CRITERIA
+from curlprune.prune import DEFAULT_APPROX_CLASSES, DEFAULT_BUDGET, DEFAULT_CALIB, PruneConfig, run_prune
+from curlprune.report import console
+from curlprune.rundir import LOG_FILE, PLAN_FILE, REPORT_FILE, SCORES_FILE
+from curlprune.select import DEFAULT_FLOOR
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    protect = None if args.protect is None else [p for p in args.protect if p.lower() != "none"]
+    config = PruneConfig(
+        criterion=args.criterion, target_macs=args.target_macs, target_params=args.target_params, calib=args.calib,
+        seed=args.seed, floor=args.floor, protect=protect, normalize=args.normalize, round_to=args.round_to,
+        eval_limit=args.eval_limit, budget_mb=args.budget_mb, approx_classes=args.approx_classes,
+    )
+    result = run_prune(config, args.out, resume=args.resume, model_name=args.model, weights=args.weights,
+                       data=args.data, num_classes=args.num_classes, input_size=args.input_size)
+    if result.already_done:
+        console.print(f"{args.out} already holds this finished run; nothing to do")
+    console.print(f"wrote {result.checkpoint} (load with curlprune.load), {SCORES_FILE}, {PLAN_FILE}, {REPORT_FILE}, {LOG_FILE} in {args.out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
+    """Add ``prune`` to the parser."""
+    p = subparsers.add_parser(
+        "prune", help="score channels, select globally to a MACs/params target, slice, save", formatter_class=formatter,
+        description="CURL's one-shot pruning: score every channel of every group (kl: KL divergence of the output "
+                    "when the channel is removed), rank all scores globally, remove the lowest until the target is "
+                    "met (the number of removals is found automatically), slice the weights and save the pruned model. "
+                    "Prints a table per group and test top-1 before/after (no fine-tuning).")
+    p.add_argument("--model", required=True, help="registry name: cifar:resnet20|32|44|56|110, torchvision:<name>, small:resnet-digits (required)" + NO_DEFAULT)
+    p.add_argument("--weights", default=None, help="weights file (.th/.pt/.pth/.safetensors) or torchvision weight name (default: random init)" + NO_DEFAULT)
+    p.add_argument("--num-classes", type=int, default=None, help="classifier outputs, when not the model's default (default: the model's)" + NO_DEFAULT)
+    p.add_argument("--input-size", type=int, default=None, help="square input side when not the model's default, e.g. 64 "
+                                                             "(images are resized to it)" + NO_DEFAULT)
+    p.add_argument("--data", default=None, help="ImageFolder folder or .zip with train/ (and test/) splits, or 'digits' "
+                                                "(sklearn digits); not needed by l1, bn, random (default: none)" + NO_DEFAULT)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-macs", default=None, help="MACs to keep: a fraction (0.5) or a count (62.5M, 1.11G); this or --target-params is required" + NO_DEFAULT)
+    target.add_argument("--target-params", default=None, help="parameters to keep: a fraction (0.5) or a count (1.2M)" + NO_DEFAULT)
+    p.add_argument("--criterion", default="kl", metavar="{" + ",".join(CRITERIA) + "}",
+                   help="; ".join(f"{c.name}: {c.summary}" for c in CRITERIA.values()))
+    p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images drawn from the training split (eval transform)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw, random scores and the eval subset")
+    p.add_argument("--floor", type=float, default=DEFAULT_FLOOR, help="stop pruning a group once its kept fraction is below this (CURL: 0.3)")
+    p.add_argument("--protect", action="append", default=None, metavar="PATTERN",
+                   help="group name or glob never pruned (repeatable); 'none' = protect nothing. Default: the model's "
+                        "default (torchvision ResNets: the stream feeding the classifier)" + NO_DEFAULT)
+    p.add_argument("--normalize", default="none", metavar="{none,mean,max,l2}",
+                   help="per-group score normalisation before the global ranking (CURL ranks raw scores)")
+    p.add_argument("--round-to", type=int, default=None, help="round kept widths up to a multiple of this, e.g. 8 (default: off)" + NO_DEFAULT)
+    p.add_argument("--eval-limit", type=int, default=None, help="test images for top-1 before/after: a seeded subset; 0 skips the evaluation (default: all)" + NO_DEFAULT)
+    p.add_argument("--budget-mb", type=float, default=DEFAULT_BUDGET, help="memory for stacked ablations (kl, kl-approx)")
+    p.add_argument("--approx-classes", type=int, default=DEFAULT_APPROX_CLASSES, help="kl-approx: most probable classes in its Fisher sum")
+    p.add_argument("--out", required=True, help="output folder: scores.npz, plan.json, model.safetensors, report.json, log.jsonl (required)" + NO_DEFAULT)
+    p.add_argument("--resume", action="store_true", help="reuse scores.npz in --out when it was computed with the same settings (an error when not)" + NO_DEFAULT)
+    p.set_defaults(func=cmd_prune)

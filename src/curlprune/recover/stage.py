@@ -1,0 +1,241 @@
+"""What every recovery stage shares: its settings (:class:`TrainConfig`), its hooks into the
+training loop (:class:`Stage`), its :class:`Result`, and its folder ``<run_dir>/<stage>/``.
+
+A stage folder (names and protocol from :mod:`curlprune.rundir`): ``metrics.jsonl`` (one line per
+epoch), ``state.safetensors`` (the resumable state, after every epoch), and when finished
+``model.safetensors`` (**plain weights** of the trained model, a state dict with the summary as
+metadata) and ``done.json`` (the summary, with the result-defining settings). A finished stage is
+skipped: its weights are loaded into the given model (:func:`finished`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import Dataset
+
+from curlprune.models.weights import load_state_strict
+from curlprune.errors import CurlpruneError
+from curlprune.models.spec import InputSpec
+from curlprune.recover import guards
+from curlprune.recover.dist import DistContext
+from curlprune.recover.evaluate import check_classes, place_model
+from curlprune.rundir import DONE_FILE, MODEL_FILE, STATE_FILE, read_done
+from curlprune.rundir import check_same_settings as check_settings_match
+
+RUNTIME = {"runtime": True}  # field metadata: may change between a run and its resume
+# field metadata: a setting added after run folders were written; config.json leaves it out while it
+# is None, so resuming a folder from an earlier version rewrites nothing (curlprune.run_config.config_to_dict)
+LATER = {"omit_when_none": True}
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every stage.
+
+    epochs:        passes over the stage's training set.
+    batch_size:    GLOBAL batch size (split evenly over torchrun processes; must divide by their number).
+    lr:            base learning rate of the warm-up + cosine schedule (per iteration, to 0 at the end).
+    warmup_epochs: linear warm-up from 0, in epochs (fractions allowed).
+    momentum, weight_decay: SGD; weight decay applies to every parameter, as in the paper.
+    seed:          data order, augmentations, mixup, data expansion.
+    Runtime settings (may differ when resuming): eval_batch_size, num_workers (DataLoader worker
+    processes), device ("auto" = this process's GPU if any, else CPU), channels_last, progress.
+    """
+
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 0.01
+    warmup_epochs: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    seed: int = 0
+    eval_batch_size: int = field(default=128, metadata=RUNTIME)
+    num_workers: int = field(default=0, metadata=RUNTIME)
+    device: str = field(default="auto", metadata=RUNTIME)
+    channels_last: bool = field(default=True, metadata=RUNTIME)
+    progress: bool = field(default=True, metadata=RUNTIME)
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, f"epochs must be at least 1 (got {self.epochs})")
+        require(self.batch_size >= 1, f"batch_size must be at least 1 (got {self.batch_size})")
+        for name in ("lr", "warmup_epochs", "momentum", "weight_decay"):
+            require(getattr(self, name) >= 0, f"{name} must be non-negative (got {getattr(self, name)})")
+        require(self.eval_batch_size >= 1 and self.num_workers >= 0, "eval_batch_size must be >= 1 and num_workers >= 0")
+        guards.check_hyperparameters(self)  # finite, sane ranges (issue 12)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a :class:`CurlpruneError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise CurlpruneError(message)
+
+
+def settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The fields of ``cfg`` that define the result (a resumed or skipped stage must match them)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if not f.metadata.get("runtime")}
+
+
+@dataclass
+class Result:
+    """What a stage returns: the trained model and its test top-1 accuracies (in %)."""
+
+    model: nn.Module = field(repr=False)
+    last_top1: float
+    best_top1: float
+    epochs: int
+    seconds: float
+    stage_dir: Path
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the stage's own (refine: "labels")
+
+
+class Stage:
+    """What one recovery stage adds to the shared loop. Subclasses override what they need."""
+
+    name = "stage"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def train_set(self, train: Dataset) -> Dataset:
+        """The dataset the stage trains on; items are ``(uint8 image, label, ...)``."""
+        return train
+
+    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: InputSpec) -> None:
+        """Checks and device placement before training (fresh start and resume)."""
+        check_classes("student", model, data, spec, ctx.device, self.cfg.channels_last)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups (default: one group of every parameter).
+
+        A group's ``lr_mult`` scales the scheduled lr (default 1) and ``start_epoch`` holds its
+        lr at 0 before that (fractional) epoch (default 0); see :func:`curlprune.recover.schedule.set_lr`.
+        """
+        return [{"params": list(model.parameters())}]
+
+    def init_fresh(self, ctx: DistContext, model: nn.Module, train_set: Dataset, spec: InputSpec) -> None:
+        """Set up the stage's own state on a fresh start (not on resume)."""
+
+    def seed(self, seed: int) -> None:
+        """Seed the stage's own random generator(s) for this process."""
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, student logits)`` for one batch; ``index`` are the dataset indices."""
+        raise NotImplementedError
+
+    def after_backward(self, ctx: DistContext) -> None:
+        """Called after ``loss.backward()`` and before the optimizer step."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Stage tensors to keep in the resumable state (identical on every rank)."""
+        return {}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`tensors`."""
+
+    def rng_state(self) -> Any:
+        """This process's stage RNG state, as JSON."""
+        return None
+
+    def load_rng_state(self, state: Any) -> None:
+        """Inverse of :meth:`rng_state`."""
+
+
+def check_data(data: Mapping[str, Dataset]) -> None:
+    """The stages need ``{"train": ..., "test": ...}`` with a non-empty training set."""
+    if not isinstance(data, Mapping) or "train" not in data or "test" not in data:
+        raise CurlpruneError("data must be a dict with 'train' and 'test' datasets, e.g. curlprune.data.load_digits_dataset(seed)")
+    if len(data["train"]) == 0:
+        raise CurlpruneError("the training set is empty: check the dataset path and split")
+
+
+def check_config(cfg: TrainConfig, ctx: DistContext) -> None:
+    """The global batch must split evenly over the processes."""
+    require(
+        cfg.batch_size % ctx.world_size == 0,
+        f"batch_size {cfg.batch_size} must be a multiple of the number of processes ({ctx.world_size}): "
+        "it is the global batch, split evenly over the processes",
+    )
+
+
+def load_stage_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Load a state dict read from a stage folder (its weights or its resumable state) into ``model``, strictly.
+
+    Args:
+        model: the architecture (and pruning plan) the stage was run with.
+        tensors: parameter/buffer name -> tensor.
+        source: the file they came from (for the message).
+    Raises:
+        CurlpruneError: missing, unexpected or wrong-shape tensors (a user mistake, said plainly).
+    """
+    load_state_strict(
+        model, tensors, f"weights in {source} do not fit the given model",
+        f"pass the same architecture (and pruning plan) the stage was run with, or delete {source.parent} to start the stage again",
+    )
+
+
+def load_stage_model(model: nn.Module, run_dir: str | Path, stage: str) -> nn.Module:
+    """Load the final weights of a finished stage into ``model`` and return it.
+
+    Args:
+        model: the same architecture (and plan) the stage trained.
+        run_dir: the run directory; the weights are ``<run_dir>/<stage>/model.safetensors`` (plain weights).
+        stage: the stage's name ("distill", "refine", "finetune").
+    Returns:
+        ``model``, with the weights loaded.
+    Raises:
+        CurlpruneError: the stage has not finished, or its weights cannot be read or do not fit.
+    """
+    path = Path(run_dir) / stage / MODEL_FILE
+    if not path.is_file():
+        raise CurlpruneError(f"no finished '{stage}' stage in {run_dir} ({path} is missing): run that stage first")
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise CurlpruneError(f"{path} cannot be read ({exc}): delete {path.parent} and run the '{stage}' stage again") from None
+    load_stage_tensors(model, tensors, path)
+    return model
+
+
+def check_same_settings(cfg: TrainConfig, saved: Mapping[str, Any], where: Path) -> None:
+    """A resumed or skipped stage must have been run with the same result-defining settings.
+
+    Raises:
+        CurlpruneError: a setting of ``cfg`` differs from ``saved`` (read from ``where``).
+    """
+    check_settings_match(saved, settings(cfg), f"{where} was written with different settings: {{differ}}; "
+                         f"use the same settings to resume/skip, or delete {where.parent} to run the stage again")
+
+
+def finished(model: nn.Module, stage_dir: Path, cfg: TrainConfig, device: torch.device) -> Result:
+    """The result of a stage that already completed: its weights loaded into ``model``."""
+    summary = read_done(stage_dir)
+    check_same_settings(cfg, summary.get("config", {}), stage_dir / DONE_FILE)
+    load_stage_model(model, stage_dir.parent, stage_dir.name)
+    place_model(model, device, cfg.channels_last)
+    return Result(
+        model=model,
+        last_top1=summary["last_top1"],
+        best_top1=summary["best_top1"],
+        epochs=summary["epochs"],
+        seconds=summary["seconds"],
+        stage_dir=stage_dir,
+        tensors=stage_tensors(stage_dir / STATE_FILE),
+    )
+
+
+def stage_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The ``stage.*`` tensors of a state file (without reading the weights), or none."""
+    if not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name.removeprefix("stage."): handle.get_tensor(name) for name in handle.keys() if name.startswith("stage.")}
+    except Exception as exc:
+        raise CurlpruneError(f"training state {path} cannot be read ({exc}): delete {path.parent} to run the stage again") from None

@@ -1,0 +1,225 @@
+"""Output folders: checked before any slow work, locked while a run uses them, and filesystem
+errors on them turned into one line.
+
+* :func:`check_writable_dir`: ``--out`` that is a file, under a file, or on a read-only or
+  unwritable filesystem is a one-line error before data or models are loaded.
+* :class:`RunLock`: ``<run_dir>/.lock`` held with ``fcntl.flock`` for the whole run; the holder's
+  pid, host, command and start time are written into it, and a second run into the same folder
+  fails at once naming them. The kernel releases the lock when its process dies (even SIGKILL),
+  so a lock left by a dead run never blocks the rerun that resumes it.
+* :func:`os_error_message`: the one line for an ``OSError`` met while writing outputs (the run
+  folder's writers, :mod:`curlprune.rundir`, give such errors the file's name).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from curlprune.errors import CurlpruneError
+
+LOCK_FILE = ".lock"
+
+# errors that come from the environment (disk, permissions, paths), not from a bug
+OUTPUT_ERRNOS = {
+    errno.ENOSPC: "the disk is full: free some space or choose another --out",
+    errno.EDQUOT: "the disk quota is exhausted: free some space or choose another --out",
+    errno.EFBIG: "the file is too large for this filesystem: choose another --out",
+    errno.EROFS: "the filesystem is read-only: choose a writable --out",
+    errno.EACCES: "permission denied: choose a folder you can write to",
+    errno.EPERM: "operation not permitted: choose a folder you can write to",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "it is a folder, not a file: choose a file path",
+    errno.EEXIST: "it already exists as a file: choose another path",
+    errno.ENAMETOOLONG: "the name is too long: choose a shorter path",
+    errno.EIO: "the disk reported an input/output error: check the disk",
+}
+
+
+def os_error_message(exc: OSError) -> str | None:
+    """One line for an environmental ``OSError`` (disk full, read-only, permissions, bad path).
+
+    Args:
+        exc: the error; its ``filename`` (set by :mod:`curlprune.rundir`'s writers) is named.
+    Returns:
+        "cannot write <path>: <what happened and what to do>", or None for other errors (those are
+        bugs and stay loud).
+    """
+    advice = OUTPUT_ERRNOS.get(exc.errno)
+    if advice is None:
+        return None
+    path = exc.filename if exc.filename is not None else "an output file"
+    if exc.filename2 is not None:
+        path = f"{exc.filename2} (from {exc.filename})"
+    return f"cannot write {path}: {advice}"
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Check that ``path`` is (or can be created as) a folder this process can write into.
+
+    Nothing is left behind: a probe file is created in the nearest existing folder and removed.
+
+    Args:
+        path: the output folder (``--out``).
+        what: how the message names it.
+    Returns:
+        ``path`` as a Path.
+    Raises:
+        CurlpruneError: naming the path and what to do when it is an existing file, lies under a
+            file, or its filesystem is read-only or not writable.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CurlpruneError(f"{what} {path} is an existing file, not a folder: choose a folder path (or move the file away)")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise CurlpruneError(f"{what} {path} lies under {existing}, which is a file, not a folder: choose another path")
+    reason = _probe(existing)
+    if reason:
+        raise CurlpruneError(f"{what} {path} cannot be written ({existing}: {reason})")
+    return path
+
+
+def check_writable_file(path: str | os.PathLike, what: str = "output") -> Path:
+    """Check that the file ``path`` can be written: not a folder, its folder (or the nearest
+    existing one) a writable folder. Nothing is left behind.
+
+    Args:
+        path: the output file (e.g. ``export``'s ``.onnx``).
+        what: how the message names it.
+    Returns:
+        ``path`` as a Path.
+    Raises:
+        CurlpruneError: naming ``path`` and what to do.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CurlpruneError(f"{what} {path} is a folder, not a file: name the file to write")
+    existing = path.parent
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CurlpruneError(f"{what} {path} lies under {existing}, which is a file, not a folder: choose another path")
+    reason = _probe(existing)
+    if reason:
+        raise CurlpruneError(f"{what} {path} cannot be written ({existing}: {reason})")
+    return path
+
+
+def _probe(folder: Path) -> str | None:
+    """Why a file cannot be created in ``folder`` (None: it can); the probe file is removed."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".curlprune-probe-"):
+            pass
+    except OSError as exc:
+        return OUTPUT_ERRNOS.get(exc.errno, exc.strerror or type(exc).__name__)
+    return None
+
+
+class RunLock:
+    """An exclusive lock on a run directory (``<run_dir>/.lock``) for one process.
+
+    ``acquire()`` checks the folder (:func:`check_writable_dir`), creates it if needed, takes the lock without waiting and writes the
+    holder's details; a held lock is a :class:`CurlpruneError` naming its holder. ``release()``
+    removes the lock file (and the folder when the lock created it and nothing else was written).
+    Usable as a context manager.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+        self._created_dir = False
+
+    def acquire(self) -> "RunLock":
+        """Check the folder, create it if needed and take the lock without waiting.
+
+        Returns:
+            ``self``.
+        Raises:
+            CurlpruneError: the folder is not writable (:func:`check_writable_dir`) or another
+                process holds the lock (its pid, host, start time and command are named).
+        """
+        if self._fd is not None:
+            return self
+        check_writable_dir(self.run_dir)
+        self._created_dir = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                self._cleanup_dir()
+                raise CurlpruneError(
+                    f"{self.run_dir} is in use by another run ({holder}): wait for it to finish, or use another --out"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # the previous holder may have removed the file between our open and flock: retry on the new one
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (a no-op when not held); a folder the lock created
+        is removed again when nothing else was written into it."""
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still holding it, so no other process locks a removed file
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        self._cleanup_dir()
+
+    def _cleanup_dir(self) -> None:
+        if self._created_dir:
+            try:
+                self.run_dir.rmdir()  # only when empty: the run wrote nothing
+            except OSError:
+                pass
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info:
+        return "it has just started"
+    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}: {info.get('command')}"
