@@ -22,12 +22,17 @@ from curlprune.models.weights import read_state_dict
 def find_classifier(model: nn.Module, example: torch.Tensor) -> str:
     """The qualified name of the ``nn.Linear`` that produces ``model``'s output.
 
-    model:   any module (also a pruned ``torch.fx.GraphModule``).
-    example: one input batch, e.g. ``torch.zeros(1, C, S, S)``; the model runs once on it in eval
-             mode (restored after).
-    Returns the name (``model.get_submodule(name)`` is the Linear).
-    Raises CurlpruneError when no Linear's output is the model's output (e.g. a convolutional
-    classifier such as SqueezeNet's).
+    Args:
+        model: any module (also a pruned ``torch.fx.GraphModule``).
+        example: one input batch, e.g. ``torch.zeros(1, C, S, S)``; the model runs once on it in
+            eval mode (restored after).
+    Returns:
+        The name (``model.get_submodule(name)`` is the Linear).
+    Raises:
+        CurlpruneError: no Linear's output is the model's output (e.g. a convolutional classifier
+            such as SqueezeNet's).
+
+    Source: docs/method.md §4 (transfer to a new dataset).
     """
     outputs: dict[str, torch.Tensor] = {}
     hooks = [
@@ -56,13 +61,18 @@ def find_classifier(model: nn.Module, example: torch.Tensor) -> str:
 def replace_classifier(model: nn.Module, num_classes: int, example: torch.Tensor, *, seed: int = 0) -> str:
     """Replace the final Linear of ``model`` (in place) by a new one with ``num_classes`` outputs.
 
-    model:       the pretrained model; every other parameter is kept as it is.
-    num_classes: outputs of the new classifier (the target data's classes).
-    example:     one input batch ``[1, C, S, S]`` used to find the classifier (:func:`find_classifier`).
-    seed:        the new layer is initialised like a fresh ``nn.Linear`` (uniform, PyTorch's
-                 default) from this seed, without touching the global random state.
-    Returns the classifier's qualified name (its parameters are ``<name>.weight`` / ``<name>.bias``).
-    Raises CurlpruneError for ``num_classes < 1`` or a model without a final Linear.
+    Args:
+        model: the pretrained model; every other parameter is kept as it is.
+        num_classes: outputs of the new classifier (the target data's classes).
+        example: one input batch ``[1, C, S, S]`` used to find the classifier (:func:`find_classifier`).
+        seed: the new layer is initialised like a fresh ``nn.Linear`` (uniform, PyTorch's
+            default) from this seed, without touching the global random state.
+    Returns:
+        The classifier's qualified name (its parameters are ``<name>.weight`` / ``<name>.bias``).
+    Raises:
+        CurlpruneError: ``num_classes < 1`` or a model without a final Linear.
+
+    Source: docs/method.md §4 (transfer to a new dataset).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise CurlpruneError(f"num_classes must be a positive whole number (got {num_classes!r})")
@@ -77,11 +87,6 @@ def replace_classifier(model: nn.Module, num_classes: int, example: torch.Tensor
     return name
 
 
-def classifier_width(model: nn.Module, example: torch.Tensor) -> int:
-    """Number of outputs of ``model``'s final Linear (its number of classes)."""
-    return model.get_submodule(find_classifier(model, example)).out_features
-
-
 def at_input_size(spec: InputSpec, size: int | None) -> InputSpec:
     """``spec`` for square inputs of side ``size`` (None: ``spec`` unchanged).
 
@@ -90,7 +95,16 @@ def at_input_size(spec: InputSpec, size: int | None) -> InputSpec:
     4 px padding at 32 px becomes 8 px at 64 px). Small-input models without an eval resize get
     ``resize = size``, so images of any size (e.g. 96 px photos) have their short side resized to
     the input size (see ``curlprune.transforms.build_transform``).
-    Raises CurlpruneError for a size below 8.
+
+    Args:
+        spec: the model's input recipe at its default size.
+        size: the new square input side in pixels, or None.
+    Returns:
+        The :class:`InputSpec` at ``size``.
+    Raises:
+        CurlpruneError: a size below 8 or not a whole number.
+
+    Source: docs/method.md §4 (transforms).
     """
     if size is None:
         return spec
@@ -104,11 +118,18 @@ def at_input_size(spec: InputSpec, size: int | None) -> InputSpec:
 def weights_classes(name: str, weights: str | None, num_classes: int | None = None) -> int:
     """Number of classes the pretrained ``weights`` of model ``name`` hold (their classifier's width).
 
-    weights: a state-dict file, a torchvision weight name, or None (an untrained model:
-             ``num_classes`` or the model's default).
     The model is built once without weights to find the classifier's name; the width is read
-    from the file's ``<classifier>.weight``. A file without that key returns the model's default
-    (loading it then fails with the loader's own message).
+    from the file's ``<classifier>.weight``.
+
+    Args:
+        name: registry name, e.g. ``cifar:resnet56``.
+        weights: a state-dict file, a torchvision weight name, or None (an untrained model).
+        num_classes: the classes of an untrained model (None: the model's default).
+    Returns:
+        The number of classes; a file without that key gives the model's default (loading it
+        then fails with the loader's own message).
+    Raises:
+        CurlpruneError: an unknown model name or an unreadable weights file.
     """
     if weights is None:
         return num_classes or input_spec(name).num_classes
@@ -126,7 +147,17 @@ def build_with_new_head(name: str, weights: str | None, num_classes: int, exampl
 
     The model is built with the classes its weights hold (:func:`weights_classes`), loaded
     strictly, and its final Linear replaced (:func:`replace_classifier`, seeded by ``seed``).
-    Returns ``(model in eval mode, the classifier's qualified name)``.
+
+    Args:
+        name: registry name; weights: its pretrained weights (file or torchvision weight name).
+        num_classes: outputs of the new classifier; example: one input batch ``[1, C, S, S]``.
+        seed: seed of the new classifier's initialisation.
+    Returns:
+        ``(model in eval mode, the classifier's qualified name)``.
+    Raises:
+        CurlpruneError: see :func:`weights_classes` and :func:`replace_classifier`.
+
+    Source: docs/method.md §4 (transfer to a new dataset).
     """
     source = weights_classes(name, weights)
     model = build(name, weights=weights, num_classes=source).eval()
