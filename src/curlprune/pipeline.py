@@ -1,4 +1,5 @@
-"""The resumable run of a :class:`~curlprune.run_config.RunConfig`: prune -> distill -> refine (or finetune).
+"""The resumable run of a :class:`~curlprune.run_config.RunConfig`: prune -> distill -> refine (or finetune;
+or finetune -> prune -> distill -> refine, a transfer to a new dataset).
 
 Run directory::
 
@@ -21,6 +22,8 @@ is a curlprune checkpoint here and in ``prune/``, plain weights in a training st
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ from curlprune.cost import count
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
 from curlprune.models.spec import InputSpec
+from curlprune.models.transfer import at_input_size, build_with_new_head, weights_classes
 from curlprune.prune import run_prune
 from curlprune.recover.dist import init_distributed, on_main
 from curlprune.recover.distill import distill
@@ -122,6 +126,8 @@ class Run:
         self.student_path = Path(student) if student else None
         self._data: dict[str, Any] | None = None
         self._teacher = None
+        self._new_head: bool | None = None
+        self.head_name: str | None = None  # the re-initialised classifier of a transfer run
         self.ctx = None
         self.lock = RunLock(self.run_dir)
 
@@ -134,14 +140,45 @@ class Run:
 
     @property
     def spec(self) -> InputSpec:
-        return input_spec(self.cfg.model, self.cfg.weights, self.cfg.num_classes)
+        """The model's input recipe at the run's ``input_size``, with the task's classes in a transfer."""
+        spec = at_input_size(input_spec(self.cfg.model, self.cfg.weights, self.cfg.num_classes), self.cfg.input_size)
+        return dataclasses.replace(spec, num_classes=self.task_classes) if self.new_head else spec
+
+    @property
+    def finetune_first(self) -> bool:
+        """The run starts by fine-tuning the unpruned model; the fine-tuned model is then the
+        teacher of the later stages and the model the prune stage prunes."""
+        return self.cfg.stages[0] == "finetune" and self.student_path is None
+
+    @property
+    def task_classes(self) -> int:
+        """Classes of the run's task: ``num_classes``, else the training data's."""
+        return self.cfg.num_classes or len(self.data["train"].classes)
+
+    @property
+    def new_head(self) -> bool:
+        """Whether the first stage fine-tunes with a new classifier (a transfer to a new dataset):
+        the finetune section's ``new_head`` when set, else whether the weights' classes differ from
+        :attr:`task_classes` (docs/method.md §4)."""
+        if self._new_head is None:
+            flag = self.cfg.sections["finetune"].new_head if self.finetune_first else False
+            if flag is None:
+                flag = weights_classes(self.cfg.model, self.cfg.weights, self.cfg.num_classes) != self.task_classes
+            self._new_head = bool(flag)
+        return self._new_head
 
     @property
     def model_ref(self) -> dict[str, Any]:
-        kwargs = {"num_classes": self.cfg.num_classes} if self.cfg.num_classes else {}
+        classes = self.task_classes if self.new_head else self.cfg.num_classes
+        kwargs = {"num_classes": classes} if classes else {}
         return {"name": self.cfg.model, "kwargs": kwargs}
 
     def build_unpruned(self) -> nn.Module:
+        """The unpruned model in eval mode; in a transfer, with a new classifier for the task's classes."""
+        if self.new_head:
+            model, self.head_name = build_with_new_head(self.cfg.model, self.cfg.weights, self.task_classes,
+                                                        self.example_input, seed=self.cfg.seed)
+            return model
         return build(self.cfg.model, weights=self.cfg.weights, num_classes=self.cfg.num_classes).eval()
 
     @property
@@ -202,6 +239,8 @@ class Run:
                 student, results[stage] = self.prune()
             else:
                 student, results[stage] = self.train(stage, student)
+                if stage == "finetune" and self.finetune_first:  # the teacher of the stages after it
+                    self._teacher = copy.deepcopy(student.model).eval()
         return self.summarize(results, student)
 
     def _claim_run_dir(self) -> None:
@@ -221,7 +260,7 @@ class Run:
 
     def initial_student(self) -> Student | None:
         """What the first training stage starts from when there is no prune stage before it."""
-        if "prune" in self.cfg.stages:
+        if "prune" in self.cfg.stages and not self.finetune_first:
             return None
         if self.student_path is not None:
             return Student.from_checkpoint(self.student_path)
@@ -234,9 +273,12 @@ class Run:
 
     def _run_prune(self) -> dict[str, Any]:
         check_finished_prune(self.run_dir / "prune", self.cfg.sections["prune"])
+        weights, classes = self.cfg.weights, self.cfg.num_classes
+        if self.finetune_first:  # prune the fine-tuned model (its plain weights file)
+            weights, classes = str(self.run_dir / "finetune" / MODEL_FILE), self.model_ref["kwargs"].get("num_classes")
         started = time.time()
         result = run_prune(self.cfg.sections["prune"], self.run_dir / "prune", resume=True, model_name=self.cfg.model,
-                           weights=self.cfg.weights, data=self.data, num_classes=self.cfg.num_classes)
+                           weights=weights, data=self.data, num_classes=classes, input_size=self.cfg.input_size)
         if not result.already_done:
             append_jsonl(self.run_dir / LOG_FILE, {"stage": "prune", "seconds": round(time.time() - started, 2)}, stamp=True)
         accuracy, selection = result.report["accuracy"], result.report["selection"]
@@ -251,7 +293,8 @@ class Run:
         was_done = is_done(stage_dir)
         cfg = self.cfg.sections[stage]
         if stage == "finetune":
-            result = finetune(student.model, self.data, self.spec, cfg, self.run_dir, stage=stage)
+            head = self.head_name if self.finetune_first and self.new_head else None
+            result = finetune(student.model, self.data, self.spec, cfg, self.run_dir, stage=stage, head=head)
         elif stage == "distill":
             result = distill(student.model, self.teacher, self.data, self.spec, cfg, self.run_dir, stage=stage)
         else:

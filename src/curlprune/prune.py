@@ -42,6 +42,7 @@ from curlprune.analysis import trace
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.models import build, default_protect, input_spec
 from curlprune.models.spec import InputSpec
+from curlprune.models.transfer import at_input_size
 from curlprune.report import print_prune_summary
 from curlprune.runlock import RunLock
 from curlprune.rundir import (
@@ -198,6 +199,7 @@ def run_prune(
     data: str | dict | None = None,
     num_classes: int | None = None,
     show: bool = True,
+    input_size: int | None = None,
 ) -> PruneResult:
     """Score, select and slice ``model_name`` (+ ``weights``) to ``config``'s target; save in ``out_dir``.
 
@@ -212,6 +214,8 @@ def run_prune(
             (``{"train": ImageDataset, "test": ...}``); data-free criteria (l1, bn, random) need none.
         num_classes: classifier outputs when not the model's default.
         show: print the progress bar and the per-group table.
+        input_size: square input side when not the model's default (MACs, calibration and
+            evaluation all follow it; :func:`curlprune.models.transfer.at_input_size`).
     Returns:
         The :class:`PruneResult` (checkpoint path, plan, report).
     Raises:
@@ -223,13 +227,15 @@ def run_prune(
     Source: docs/method.md §2 (the KL score) and §3 (selection).
     """
     with RunLock(out_dir):  # one process per folder, also when called from Python (issue 12)
-        return _run_prune(config, Path(out_dir), resume, model_name, weights, data, num_classes, show)
+        return _run_prune(config, Path(out_dir), resume, model_name, weights, data, num_classes, show, input_size)
 
 
 def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, weights: str | None,
-               data: str | dict | None, num_classes: int | None, show: bool) -> PruneResult:
+               data: str | dict | None, num_classes: int | None, show: bool, input_size: int | None) -> PruneResult:
     """:func:`run_prune` with ``out`` locked."""
     settings = _settings(config, model_name, weights, data, num_classes)
+    if input_size is not None:  # only when set: finished runs from before the option stay valid
+        settings["input_size"] = input_size
     finished = _finished(out, settings) if resume else None
     if finished is not None:
         return finished
@@ -239,7 +245,7 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
     if criterion.needs_data and data is None:
         raise CurlpruneError(f"criterion {config.criterion!r} needs data: pass --data (a dataset folder/zip, or 'digits')")
 
-    model, spec, example = _build(model_name, weights, num_classes)
+    model, spec, example = _build(model_name, weights, num_classes, input_size)
     groups = _trace(model, example)
     target = config.target()
     protect = _protected(config, model_name, model, groups)
@@ -304,9 +310,10 @@ def _splits_digest(splits: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def _build(model_name: str, weights: str | None, num_classes: int | None) -> tuple[nn.Module, InputSpec, torch.Tensor]:
+def _build(model_name: str, weights: str | None, num_classes: int | None,
+           input_size: int | None) -> tuple[nn.Module, InputSpec, torch.Tensor]:
     model = build(model_name, weights=weights, num_classes=num_classes).eval()
-    spec = input_spec(model_name, weights, num_classes)
+    spec = at_input_size(input_spec(model_name, weights, num_classes), input_size)
     return model, spec, torch.zeros(1, spec.channels, spec.size, spec.size)
 
 

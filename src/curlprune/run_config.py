@@ -33,13 +33,14 @@ from curlprune.prune import PruneConfig
 from curlprune.recover.distill import DistillConfig
 from curlprune.recover.finetune import FinetuneConfig
 from curlprune.recover.refine import RefineConfig
+from curlprune.recover.stage import LATER
 from curlprune.rundir import DONE_FILE, check_same_settings
 from curlprune.validate import check_types
 
 TRAIN_STAGES = ("finetune", "distill", "refine")
 ALL_STAGES = ("prune",) + TRAIN_STAGES
 STAGE_CONFIGS: dict[str, type] = {"prune": PruneConfig, "finetune": FinetuneConfig, "distill": DistillConfig, "refine": RefineConfig}
-IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed")
+IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed", "input_size")
 DEFAULT_STAGES = ["prune", "distill", "refine"]
 DEFAULT_RUN_DIR = "runs/run"
 
@@ -50,9 +51,12 @@ class RunConfig:
 
     model:           registry name of the unpruned model (also the teacher), e.g. cifar:resnet56.
     weights:         its weights (state-dict file or torchvision weight name).
-    num_classes:     classifier outputs when they differ from the model's default.
+    num_classes:     classifier outputs when they differ from the model's default; in a run that
+                     starts with ``finetune`` on weights of other classes, the classes of the new
+                     classifier (default: the data's; see :attr:`curlprune.pipeline.Run.new_head`).
     data:            "digits", or an ImageFolder directory / zip with train/ and test/.
     train_per_class: train on a seeded class-balanced subset of this many images per class.
+    input_size:      square input side when not the model's default (transforms resize to it).
     """
 
     model: str
@@ -62,6 +66,7 @@ class RunConfig:
     run_dir: str = DEFAULT_RUN_DIR
     seed: int = 0
     train_per_class: int | None = None
+    input_size: int | None = field(default=None, metadata=LATER)
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     sections: dict[str, Any] = field(default_factory=dict)
 
@@ -131,8 +136,8 @@ def _check_stages(stages: Any, where: str) -> list[str]:
         raise CurlpruneError(f"{where}: unknown stage '{bad[0]}'; stages are {', '.join(ALL_STAGES)}")
     if len(set(stages)) != len(stages):
         raise CurlpruneError(f"{where}: a stage is listed twice in {stages}: list each stage once")
-    if "prune" in stages[1:]:
-        raise CurlpruneError(f"{where}: 'prune' must be the first stage (got {stages})")
+    if "prune" in stages[1:] and stages[:stages.index("prune")] != ["finetune"]:
+        raise CurlpruneError(f"{where}: 'prune' must be the first stage, or follow only 'finetune' (got {stages})")
     return [str(s) for s in stages]
 
 
@@ -176,6 +181,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         run_dir=str(raw.get("run_dir", DEFAULT_RUN_DIR)),
         seed=seed,
         train_per_class=_optional_int(raw, "train_per_class", where),
+        input_size=_optional_int(raw, "input_size", where),
         stages=stages,
         sections=sections,
     )
@@ -183,9 +189,15 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The config as plain JSON-able values (what ``config.json`` holds): the top-level keys and one mapping per stage section."""
-    top = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "sections"}
-    top.update({name: dataclasses.asdict(section) for name, section in cfg.sections.items()})
+    top = {k: v for k, v in _as_dict(cfg).items() if k != "sections"}
+    top.update({name: _as_dict(section) for name, section in cfg.sections.items()})
     return top
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    """``dataclasses.asdict`` without the fields added in a later version (metadata ``LATER``) while they are None."""
+    later = {f.name for f in dataclasses.fields(obj) if f.metadata.get("omit_when_none")}
+    return {k: v for k, v in dataclasses.asdict(obj).items() if not (k in later and v is None)}
 
 
 def check_same_run(previous: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:

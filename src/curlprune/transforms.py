@@ -1,7 +1,7 @@
 """Image transforms: uint8 ``[C, H, W]`` (or a batch ``[B, C, H, W]``) -> normalised float.
 
-Small inputs (CIFAR, digits): train = random crop after zero padding + optional flip, eval =
-normalisation only. ImageNet-sized inputs: train = RandomResizedCrop + flip, eval = Resize +
+Small inputs (CIFAR, digits): short side resized to the input size (a no-op for images already at
+that size), then train = random crop after zero padding + optional flip, eval = centre crop. ImageNet-sized inputs: train = RandomResizedCrop + flip, eval = Resize +
 CenterCrop. Every eval transform, and the small-input train transform, also accepts a whole
 batch (with a fresh random crop/flip per image), which is how in-memory data is fed fast.
 """
@@ -65,6 +65,9 @@ def build_transform(spec: InputSpec, train: bool, flip: bool | None = None) -> T
     flip = spec.flip if flip is None else flip
     steps: list[Callable] = []
     if spec.size <= SMALL_INPUT:
+        # Images of another size (e.g. 96 px photos for a 32 px model) first get their short side
+        # resized to ``resize`` (default: the input size); a no-op for images already at that size.
+        steps.append(v2.Resize(spec.resize or spec.size, antialias=True))
         steps.append(PadCropFlip(spec.size, spec.crop_padding, flip) if train else v2.CenterCrop(spec.size))
     elif train:
         steps.append(v2.RandomResizedCrop(spec.size, antialias=True))

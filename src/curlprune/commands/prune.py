@@ -21,7 +21,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         eval_limit=args.eval_limit, budget_mb=args.budget_mb, approx_classes=args.approx_classes,
     )
     result = run_prune(config, args.out, resume=args.resume, model_name=args.model, weights=args.weights,
-                       data=args.data, num_classes=args.num_classes)
+                       data=args.data, num_classes=args.num_classes, input_size=args.input_size)
     if result.already_done:
         console.print(f"{args.out} already holds this finished run; nothing to do")
     console.print(f"wrote {result.checkpoint} (load with curlprune.load), {SCORES_FILE}, {PLAN_FILE}, {REPORT_FILE}, {LOG_FILE} in {args.out}")
@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     p.add_argument("--model", required=True, help="registry name: cifar:resnet20|32|44|56|110, torchvision:<name>, small:resnet-digits (required)" + NO_DEFAULT)
     p.add_argument("--weights", default=None, help="weights file (.th/.pt/.pth/.safetensors) or torchvision weight name (default: random init)" + NO_DEFAULT)
     p.add_argument("--num-classes", type=int, default=None, help="classifier outputs, when not the model's default (default: the model's)" + NO_DEFAULT)
+    p.add_argument("--input-size", type=int, default=None, help="square input side when not the model's default, e.g. 64 "
+                                                             "(images are resized to it)" + NO_DEFAULT)
     p.add_argument("--data", default=None, help="ImageFolder folder or .zip with train/ (and test/) splits, or 'digits' "
                                                 "(sklearn digits); not needed by l1, bn, random (default: none)" + NO_DEFAULT)
     target = p.add_mutually_exclusive_group(required=True)

@@ -66,12 +66,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         given = {"model": args.model, "weights": args.weights, "num_classes": args.num_classes, "data": args.data,
-                 "run_dir": args.out, "seed": args.seed, "train_per_class": args.train_per_class}
+                 "run_dir": args.out, "seed": args.seed, "train_per_class": args.train_per_class,
+                 "input_size": args.input_size}
         raw = read_config_file(args.config) if args.config else {}
         raw.update({k: v for k, v in given.items() if v is not None})
         raw["stages"] = [stage]
         section = dict(raw.get(stage) or {})
         section.update({key: getattr(args, key) for key in ("epochs", "lr", "batch_size") if getattr(args, key) is not None})
+        if getattr(args, "new_head", False):
+            section["new_head"] = True
         raw[stage] = section
         return run_and_print(parse_config(raw, args.config or "command line"), student=args.student, report=not args.no_report)
 
@@ -88,7 +91,8 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     p.add_argument("--out", default=None, help="run directory (overrides run_dir in the config)" + NO_DEFAULT)
     p.add_argument("--no-report", action="store_true", help="do not write the figures and index.md to <run_dir>/report/ at the end" + NO_DEFAULT)
     p.set_defaults(func=cmd_run)
-    helps = {"finetune": "recover accuracy with plain cross-entropy fine-tuning",
+    helps = {"finetune": "recover accuracy with plain cross-entropy fine-tuning, or transfer a pretrained model to "
+                         "a new dataset (a new classifier for its classes: finetune.new_head)",
              "distill": "recover accuracy by mixup knowledge distillation from the unpruned model",
              "refine": "label refinement on the 6x expanded data (CURL stage 3)"}
     for stage, text in helps.items():
@@ -100,13 +104,19 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                                                         "(default: the unpruned model)" + NO_DEFAULT)
         p.add_argument("--model", default=None, help="registry name of the unpruned model (the teacher), e.g. cifar:resnet56" + NO_DEFAULT)
         p.add_argument("--weights", default=None, help="weights of the unpruned model" + NO_DEFAULT)
-        p.add_argument("--num-classes", type=int, default=None, help="classifier outputs, when not the model's default" + NO_DEFAULT)
+        p.add_argument("--num-classes", type=int, default=None, help="classifier outputs, when not the model's default; "
+                                                                  "finetune on weights of other classes: the new classifier's (default: the data's)" + NO_DEFAULT)
         p.add_argument("--data", default=None, help="ImageFolder directory or zip with train/ and test/, or 'digits' (default: digits)" + NO_DEFAULT)
         p.add_argument("--train-per-class", type=int, default=None, help="use a seeded class-balanced subset of the train split" + NO_DEFAULT)
+        p.add_argument("--input-size", type=int, default=None, help="square input side when not the model's default, e.g. 64 "
+                                                                 "(images are resized to it)" + NO_DEFAULT)
         p.add_argument("--epochs", type=int, default=None, help="epochs (default: the stage's own)" + NO_DEFAULT)
         p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the stage's own)" + NO_DEFAULT)
         p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the stage's own)" + NO_DEFAULT)
         p.add_argument("--seed", type=int, default=None, help="seed for data order, augmentation and mixup (default: 0)" + NO_DEFAULT)
         p.add_argument("--out", default=None, help="run directory (default: runs/run)" + NO_DEFAULT)
         p.add_argument("--no-report", action="store_true", help="do not write <run_dir>/report/ at the end" + NO_DEFAULT)
+        if stage == "finetune":
+            p.add_argument("--new-head", action="store_true", help="replace the classifier by a new one for the data's classes "
+                                                                   "even when their number equals the weights' (a new dataset)")
         p.set_defaults(func=_single_stage(stage))

@@ -143,7 +143,7 @@ class Trainer:
         place_model(self.model, ctx.device, cfg.channels_last)
         self.stage.prepare(ctx, self.model, self.data, self.spec)
         self.train_set = self.stage.train_set(self.data["train"])
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(self.stage.param_groups(self.model), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.order_gen = torch.Generator().manual_seed(cfg.seed)
         seed_everything(rank_seed(cfg.seed, ctx.rank, 0))
         self.stage.seed(rank_seed(cfg.seed, ctx.rank, 1))
@@ -214,7 +214,7 @@ class Trainer:
             task = bar.add_task(f"{self.stage.name} {epoch + 1}/{cfg.epochs}", total=len(batches), loss=float("nan"), lr=0.0)
             for step, (x, y, index) in enumerate(loader):
                 lr = warmup_cosine_lr(progress.iteration, total, warmup, cfg.lr)
-                set_lr(self.optimizer, lr)
+                set_lr(self.optimizer, lr, epoch=progress.iteration * cfg.epochs / max(total, 1))
                 x = to_input(x, ctx.device, cfg.channels_last)
                 y = y.to(ctx.device, non_blocking=True)
                 loss, logits = self.stage.loss(train_model, x, y, index)

@@ -23,7 +23,9 @@ def warmup_cosine_lr(iteration: int, total_iterations: int, warmup_iterations: i
     return base_lr * (1.0 + math.cos(math.pi * progress)) / 2.0
 
 
-def set_lr(optimizer: Optimizer, lr: float) -> None:
-    """Put ``lr`` into every parameter group."""
+def set_lr(optimizer: Optimizer, lr: float, epoch: float | None = None) -> None:
+    """Put ``lr`` into every parameter group, times the group's ``lr_mult`` (default 1); a group
+    with ``start_epoch`` gets 0 while ``epoch`` (the fractional epoch, if given) is before it."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        waiting = epoch is not None and epoch < group.get("start_epoch", 0.0)
+        group["lr"] = 0.0 if waiting else lr * group.get("lr_mult", 1.0)

@@ -30,6 +30,9 @@ from curlprune.rundir import DONE_FILE, MODEL_FILE, STATE_FILE, read_done
 from curlprune.rundir import check_same_settings as check_settings_match
 
 RUNTIME = {"runtime": True}  # field metadata: may change between a run and its resume
+# field metadata: a setting added after run folders were written; config.json leaves it out while it
+# is None, so resuming a folder from an earlier version rewrites nothing (curlprune.run_config.config_to_dict)
+LATER = {"omit_when_none": True}
 
 
 @dataclass
@@ -107,6 +110,14 @@ class Stage:
     def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: InputSpec) -> None:
         """Checks and device placement before training (fresh start and resume)."""
         check_classes("student", model, data, spec, ctx.device, self.cfg.channels_last)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups (default: one group of every parameter).
+
+        A group's ``lr_mult`` scales the scheduled lr (default 1) and ``start_epoch`` holds its
+        lr at 0 before that (fractional) epoch (default 0); see :func:`curlprune.recover.schedule.set_lr`.
+        """
+        return [{"params": list(model.parameters())}]
 
     def init_fresh(self, ctx: DistContext, model: nn.Module, train_set: Dataset, spec: InputSpec) -> None:
         """Set up the stage's own state on a fresh start (not on resume)."""
