@@ -351,6 +351,9 @@ def path_of(name: str) -> Path:
 
 
 def git_commit() -> str:
+    """The measured code's commit (COVERAGE_COMMIT when the sweep runs from an exported snapshot)."""
+    if os.environ.get("COVERAGE_COMMIT"):
+        return os.environ["COVERAGE_COMMIT"]
     try:
         return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
