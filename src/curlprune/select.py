@@ -380,10 +380,23 @@ def _fmt(n: float) -> str:
 
 
 def model_cost_fn(model: nn.Module, example_input: torch.Tensor, groups: Sequence[ChannelGroup]) -> CostFn:
-    """``plan -> (macs, params)`` of ``model`` sliced by the plan (analytic, no slicing)."""
+    """``plan -> (macs, params)`` of ``model`` sliced by the plan (analytic, no slicing).
+
+    Raises CurlpruneError (one line) when the analytic cost of the unpruned model differs from
+    ``cost.count`` of it: a target search on numbers the engine cannot stand behind would report
+    one compression and deliver another.
+    """
+    from curlprune.cost import count
     from curlprune.cost_plan import plan_cost
 
     groups = list(groups)
+    analytic, measured = plan_cost(model, example_input, groups, {}), count(model, example_input)
+    if analytic != measured:
+        raise CurlpruneError(
+            f"cannot select channels of {type(model).__name__} by cost: its analytic cost ({analytic[0]:,} MACs, "
+            f"{analytic[1]:,} params) differs from its measured cost ({measured[0]:,} MACs, {measured[1]:,} params), "
+            "so an op or shared parameter is not modelled; please report the model"
+        )
     cache: dict[tuple, tuple[float, float]] = {}
 
     def cost(plan: Plan) -> tuple[float, float]:
