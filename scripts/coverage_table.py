@@ -196,8 +196,8 @@ def first_line(exc: BaseException) -> str:
 def reason_kind(reason: str) -> str:
     """A reason without the node/module names, for counting kinds of reasons across models."""
     text = reason.split(" at node ")[0].split(" at ")[0]
-    text = re.sub(r"\b[A-Za-z_]\w*(?:\.\w+)+\b", "<module>", text)
-    return re.sub(r"\d+", "N", text)
+    text = re.sub(r"\b(?!torch\.|_operator\.|builtins\.)[A-Za-z_]\w*(?:\.\w+)+\b", "<module>", text)
+    return re.sub(r"(?<![A-Za-z_])\d+", "N", text)
 
 
 def relative(a, b) -> float:
@@ -236,6 +236,7 @@ def measure(name: str) -> dict:
         blocked_channels=sum(g.width for g in blocked),
         reasons=dict(Counter(reason_kind(g.reason) for g in blocked).most_common()),
         reason_examples=[f"{g.name}: {g.reason}" for g in blocked[:5]],
+        blocked_reasons=[g.reason for g in blocked[:300]],
         units=sorted({g.unit for g in prunable}),
     )
     row["stage"] = "plan"
@@ -408,7 +409,8 @@ def fmt_status(row: dict) -> str:
         where = f" ({row['stage_failed']})" if row.get("stage_failed") else ""
         return f"{status}{where}: {row['error'].replace('|', '/')[:160]}"
     if status in ("partly", "unprunable"):
-        reasons = "; ".join(f"{k} ×{n}" if n > 1 else k for k, n in row["reasons"].items())
+        counts = Counter(map(reason_kind, row["blocked_reasons"])) if "blocked_reasons" in row else row["reasons"]
+        reasons = "; ".join(f"{k} ×{n}" if n > 1 else k for k, n in counts.items())
         return f"{status}: {reasons.replace('|', '/')[:220]}"
     return "ok"
 
@@ -490,8 +492,8 @@ def render() -> str:
     lines += ["", "timm modules not swept: " + "; ".join(f"{k} ({v})" for k, v in TIMM_SKIPPED.items()) + "."]
     reasons = Counter()
     for r in rows.values():
-        for k in r.get("reasons", {}):
-            reasons[k] += 1
+        kinds = {reason_kind(x) for x in r["blocked_reasons"]} if "blocked_reasons" in r else set(r.get("reasons", {}))
+        reasons.update(kinds)
     if reasons:
         lines += ["", "## Why groups are unprunable (number of models)", ""]
         lines += [f"- {k}: {n}" for k, n in reasons.most_common()]
