@@ -41,3 +41,36 @@ def test_unknown_names_and_tags_are_one_line_errors(tmp_path):
     torch.save(state, path)
     loaded = timm_family.build("resnet18", weights=str(path), num_classes=3)
     assert torch.equal(loaded.fc.weight, state["fc.weight"])
+
+
+def test_timm_building_blocks_prune_exactly_and_keep_their_train_mode():
+    """timm's BatchNormAct2d, Conv2dSame (TF padding) and Linear behave as torch.nn leaves: every group but
+    the model's input/output is prunable, masked == sliced, plan_cost == count(apply), and the pruned model
+    still switches its norms between batch statistics (train) and running statistics (eval)."""
+    pytest.importorskip("timm")
+    import random
+
+    from curlprune.cost import count
+    from curlprune.cost_plan import plan_cost
+    from curlprune.graph import trace
+    from curlprune.surgery import apply, mask, random_plan
+
+    torch.manual_seed(0)
+    model = timm_family.build("tf_efficientnet_b0", num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    groups = trace(model, x)
+    blocked = [g.reason for g in groups if not g.prunable and g.reason not in ("model input", "feeds the model output")]
+    assert not blocked, blocked[:3]
+    plan = random_plan(groups, random.Random(0))
+    with torch.no_grad():
+        with mask(model, groups, plan):
+            masked = model(x)
+        small = apply(model, groups, plan)
+        assert float((small(x) - masked).abs().max() / masked.abs().max()) < 1e-4
+    assert plan_cost(model, x, groups, plan) == count(small, x)
+    bn = small.get_submodule("bn1")
+    before = bn.running_mean.clone()
+    small.train()
+    with torch.no_grad():
+        small(torch.randn(4, 3, 32, 32))
+    assert not torch.equal(bn.running_mean, before), "the pruned model's norm layers were frozen in eval mode"
