@@ -211,8 +211,8 @@ def measure(name: str) -> dict:
     import torch
 
     from curlprune.cost import count
-    from curlprune.cost_plan import plan_cost
-    from curlprune.graph import trace
+    from curlprune.analysis import plan_cost
+    from curlprune.analysis import trace
     from curlprune.surgery import apply, mask, random_plan
 
     row: dict = {"stage": "build"}

@@ -11,7 +11,7 @@ from curlprune.criteria import compute_scores, get
 from curlprune.criteria.kl import KLStats, kl_scores, kl_scores_naive
 from curlprune.criteria.kl_approx import kl_approx_scores
 from curlprune.errors import CurlpruneError
-from curlprune.graph import trace
+from curlprune.analysis import trace
 from curlprune.models import build
 
 from conftest import SHARED  # noqa: E402

@@ -16,7 +16,8 @@ import torchvision
 from torch import nn
 
 from curlprune.errors import CurlpruneError
-from curlprune.graph import Plan, trace
+from curlprune.analysis import trace
+from curlprune.channels import Plan
 from curlprune.models import build
 from curlprune.surgery import apply, mask, random_plan
 
@@ -203,7 +204,7 @@ class Zoo(nn.Module):
 
 def test_zoo_of_traced_ops():
     from curlprune.cost import count
-    from curlprune.cost_plan import plan_cost
+    from curlprune.analysis import plan_cost
 
     torch.manual_seed(0)
     model = Zoo().eval()

@@ -23,8 +23,8 @@ from test_equivalence import make_model, relative_error
 from torch import nn
 
 from curlprune.cost import count
-from curlprune.cost_plan import plan_cost
-from curlprune.graph import ChannelGroup, trace
+from curlprune.analysis import plan_cost, trace
+from curlprune.channels import ChannelGroup
 from curlprune.surgery import apply, mask, random_plan
 
 

@@ -10,7 +10,8 @@ from torch import nn
 import curlprune
 from curlprune.cost import count
 from curlprune.errors import CurlpruneError
-from curlprune.graph import ChannelGroup, trace
+from curlprune.analysis import trace
+from curlprune.channels import ChannelGroup
 from curlprune.models import build
 from curlprune.surgery import apply, validate_plan
 

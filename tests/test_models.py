@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from curlprune.data import evaluate, load_digits_dataset, load_image_folder
+from curlprune.digits import train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.models import (
     IMAGENET_MEAN,
@@ -18,7 +19,6 @@ from curlprune.models import (
     build,
     build_from_ref,
     input_spec,
-    train_digits_model,
 )
 
 from conftest import SHARED  # noqa: E402

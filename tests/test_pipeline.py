@@ -20,7 +20,7 @@ from curlprune import checkpoint
 from curlprune.cli import main
 from curlprune.cost import count
 from curlprune.models import build, digits_resnet
-from curlprune.models.small import train_digits_model
+from curlprune.digits import train_digits_model
 
 MODEL = "small:resnet-digits"
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -8,9 +8,9 @@ import torch
 import torchvision
 
 from curlprune.cost import count
-from curlprune.cost_plan import plan_cost
+from curlprune.analysis import plan_cost
 from curlprune.errors import CurlpruneError
-from curlprune.graph import trace
+from curlprune.analysis import trace
 from curlprune.models import build
 from curlprune.surgery import apply, random_plan
 

@@ -12,7 +12,7 @@ import torch
 
 from curlprune import checkpoint
 from curlprune.cli import main
-from curlprune.graph import trace
+from curlprune.analysis import trace
 from curlprune.models import build
 from curlprune.prune import PruneConfig, read_scores, run_prune
 
@@ -23,7 +23,7 @@ MODEL = "small:resnet-digits"
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     """The digits ResNet trained on the real digits for a few seconds, as a state-dict file."""
-    from curlprune.models.small import train_digits_model
+    from curlprune.digits import train_digits_model
 
     path = tmp_path_factory.mktemp("digits") / "digits.pt"
     torch.save(train_digits_model(seed=0, epochs=15).state_dict(), path)

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from curlprune.channels import ChannelGroup, Member
 from curlprune.errors import CurlpruneError
-from curlprune.graph import ChannelGroup, Member
-from curlprune.select import Target, default_protect, rank_units, resolve_protect, select, walk
+from curlprune.models import default_protect
+from curlprune.select import Target, rank_units, resolve_protect, select, walk
 
 from conftest import SHARED  # noqa: E402
 
@@ -173,7 +174,7 @@ def test_default_protect_is_the_classifier_stream_of_torchvision_resnets():
 
 def _model_selection(name: str, weights: str | None, fraction: float, criterion: str):
     from curlprune.criteria import compute_scores
-    from curlprune.graph import trace
+    from curlprune.analysis import trace
     from curlprune.models import build, input_spec
     from curlprune.select import model_cost_fn
 

@@ -51,8 +51,7 @@ def test_timm_building_blocks_prune_exactly_and_keep_their_train_mode():
     import random
 
     from curlprune.cost import count
-    from curlprune.cost_plan import plan_cost
-    from curlprune.graph import trace
+    from curlprune.analysis import plan_cost, trace
     from curlprune.surgery import apply, mask, random_plan
 
     torch.manual_seed(0)

@@ -15,15 +15,15 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "trace": "curlprune.graph",
-    "ChannelGroup": "curlprune.graph",
-    "Member": "curlprune.graph",
-    "Plan": "curlprune.graph",
+    "trace": "curlprune.analysis",
+    "ChannelGroup": "curlprune.channels",
+    "Member": "curlprune.channels",
+    "Plan": "curlprune.channels",
     "mask": "curlprune.surgery",
     "apply": "curlprune.surgery",
     "validate_plan": "curlprune.surgery",
     "count": "curlprune.cost",
-    "plan_cost": "curlprune.cost_plan",
+    "plan_cost": "curlprune.analysis",
     "save": "curlprune.checkpoint",
     "load": "curlprune.checkpoint",
     "export_onnx": "curlprune.checkpoint",

@@ -21,15 +21,43 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from curlprune.analysis import trace
 from curlprune.errors import CurlpruneError
+from curlprune.models import build, input_spec
+from curlprune.models.weights import load_state_strict
+from curlprune.surgery import apply
+
+__all__ = [
+    "FORMAT_VERSION",
+    "atomic_write",
+    "atomic_write_text",
+    "build_pruned",
+    "default_input_shape",
+    "export_onnx",
+    "file_digest",
+    "load",
+    "load_state_strict",  # re-exported for recover/loop.py until it imports curlprune.models.weights
+    "read_metadata",
+    "save",
+]
 
 FORMAT_VERSION = "1"
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then move the file into place, so ``path`` is never half-written."""
+    """Call ``write(tmp_path)`` then move the file into place, so ``path`` is never half-written.
+
+    Args:
+        path: the destination (its folder is created).
+        write: ``(tmp_path: str) -> None`` writes the whole file at a temporary path beside ``path``.
+
+    Raises:
+        Whatever ``write`` raises; the temporary file is removed and ``path`` is unchanged.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -73,9 +101,17 @@ def _ref_dict(model_ref: Any) -> dict:
 
 
 def default_input_shape(model_name: str) -> list[int]:
-    """The example input shape ``[1, C, S, S]`` a model of this registry name is traced with."""
-    from curlprune.models import input_spec
+    """The example input shape ``[1, C, S, S]`` a model of this registry name is traced with.
 
+    Args:
+        model_name: a registry name.
+
+    Returns:
+        ``[1, channels, size, size]`` of the model's InputSpec.
+
+    Raises:
+        CurlpruneError: unknown model name.
+    """
     spec = input_spec(model_name)
     return [1, spec.channels, spec.size, spec.size]
 
@@ -89,9 +125,20 @@ def save(
     input_shape: list[int] | None = None,
     extra: dict | None = None,
 ) -> None:
-    """Save a (pruned) model as architecture reference + Plan + weights, atomically."""
-    from safetensors.torch import save_file
+    """Save a (pruned) model as architecture reference + Plan + weights, atomically.
 
+    Args:
+        path: the ``.safetensors`` file to write.
+        model_ref: the unpruned architecture: a registry name, ``{"name", "kwargs"}`` or a ModelRef.
+        plan: group name -> kept channel indices (``{}``: unpruned).
+        state_dict: the pruned model's weights (copied to the CPU).
+        input_shape: the example input the plan was traced with (default: the model's
+            ``[1, C, S, S]`` from the registry).
+        extra: free-form JSON-serialisable metadata.
+
+    Raises:
+        CurlpruneError: ``input_shape`` is not given and the model name is unknown.
+    """
     ref = _ref_dict(model_ref)
     shape = list(input_shape) if input_shape is not None else default_input_shape(ref["name"])
     metadata = {
@@ -106,9 +153,17 @@ def save(
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The decoded header of a curlprune checkpoint (model_ref, plan, input_shape, extra)."""
-    from safetensors import safe_open
+    """The decoded header of a curlprune checkpoint.
 
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        ``{"model_ref": {...}, "plan": {...}, "input_shape": [...], "extra": {...}}``.
+
+    Raises:
+        CurlpruneError: the file is missing, unreadable or not a curlprune checkpoint.
+    """
     path = Path(path)
     if not path.is_file():
         raise CurlpruneError(f"checkpoint {path} does not exist: check the path (a run writes it as <out>/model.safetensors)")
@@ -128,11 +183,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_pruned(model_ref: Any, plan: dict[str, list[int]], input_shape: list[int]) -> nn.Module:
-    """Rebuild the pruned architecture (random weights) from its reference and Plan."""
-    from curlprune.graph import trace
-    from curlprune.models import build
-    from curlprune.surgery import apply
+    """Rebuild the pruned architecture (random weights) from its reference and Plan.
 
+    Args:
+        model_ref: the unpruned architecture (registry name, dict or ModelRef).
+        plan: group name -> kept channel indices.
+        input_shape: the example input shape the plan was traced with.
+
+    Returns:
+        The unpruned model when ``plan`` is empty, else ``apply(model, trace(model, x), plan)``.
+
+    Raises:
+        CurlpruneError: unknown model, or a plan that does not fit its groups.
+    """
     ref = _ref_dict(model_ref)
     model = build(ref["name"], **ref["kwargs"]).eval()
     if not plan:
@@ -143,9 +206,18 @@ def build_pruned(model_ref: Any, plan: dict[str, list[int]], input_shape: list[i
 
 
 def load(path: str | os.PathLike) -> nn.Module:
-    """Load a checkpoint written by :func:`save` into a ready-to-use module (eval mode)."""
-    from safetensors.torch import load_file
+    """Load a checkpoint written by :func:`save` into a ready-to-use module.
 
+    Args:
+        path: a curlprune checkpoint (``.safetensors`` with the curlprune header).
+
+    Returns:
+        The pruned model (a GraphModule when the plan prunes anything), weights loaded, eval mode.
+
+    Raises:
+        CurlpruneError: the file is missing, unreadable, not a curlprune checkpoint, names an
+            unknown model or a plan that does not fit it, or its weights do not fit.
+    """
     meta = read_metadata(path)
     model = build_pruned(meta["model_ref"], meta["plan"], meta["input_shape"])
     load_state_strict(model, load_file(str(path)), f"weights in {path} do not fit its architecture",
@@ -153,23 +225,21 @@ def load(path: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
-def load_state_strict(model: nn.Module, tensors: dict[str, torch.Tensor], what: str, fix: str) -> None:
-    """Load a state dict into ``model`` strictly; missing, unexpected or wrong-shape tensors are one
-    :class:`CurlpruneError` line: ``what`` (counts, examples): ``fix``."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        raise CurlpruneError(
-            f"{what} ({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrong-shape tensors, "
-            f"e.g. {(missing + unexpected + wrong)[:3]}): {fix}"
-        )
-    model.load_state_dict(tensors)
-
-
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *, opset: int = 18) -> Path:
-    """Export ``model`` to ONNX with a dynamic batch dimension; written atomically."""
+    """Export ``model`` to ONNX with a dynamic batch dimension; written atomically.
+
+    Args:
+        model: the model (switched to eval mode).
+        example_input: one batch ``[N, C, H, W]`` (a batch of 1 is widened to 2 for tracing).
+        path: the ``.onnx`` file to write.
+        opset: the ONNX opset.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        Errors of ``torch.onnx.export`` for models it cannot export; ``path`` is not written then.
+    """
     model = model.eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     if example_input.shape[0] == 1:  # a batch of 1 would be specialised as a constant by torch.export

@@ -34,7 +34,7 @@ def load_model_arg(model: str | None, weights: str | None, checkpoint: str | Non
 
 
 def cmd_groups(args: argparse.Namespace) -> int:
-    from curlprune.graph import trace
+    from curlprune.analysis import trace
     from curlprune.report import console, groups_table
 
     model, name, _ = load_model_arg(args.model, args.weights)
@@ -97,7 +97,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from curlprune.checkpoint import atomic_write
     from curlprune.data import evaluate, load_digits_dataset
     from curlprune.models import input_spec
-    from curlprune.models.small import train_digits_model
+    from curlprune.digits import train_digits_model
     from curlprune.pipeline import parse_config, run_and_print
     from curlprune.report import console
 

@@ -85,8 +85,17 @@ def _attention_projection_macs(a: dict[str, Any]) -> int:
 def count(model: nn.Module, example_input: Any) -> tuple[int, int]:
     """(MACs per example, params) of ``model`` at the size of ``example_input`` (eval mode).
 
-    ``example_input`` is a batch (its first dimension is the batch size; MACs are divided by it) or
-    a tuple of positional inputs. The model's train/eval mode is restored afterwards.
+    The model's train/eval mode is restored afterwards.
+
+    Args:
+        model: any ``nn.Module`` (fx GraphModules and models on the ``meta`` device included).
+        example_input: a batch ``[N, ...]`` (MACs are divided by ``N``) or a tuple of positional inputs.
+
+    Returns:
+        ``(macs, params)``: multiply-accumulates of convs, linears and attention projections per
+        example, and the parameters the forward pass uses, each counted once.
+
+    Source: docs/method.md §8 (the paper's MACs convention).
     """
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     batch = inputs[0].shape[0]
@@ -101,7 +110,17 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, warmup: int =
     """Wall-clock time of one forward pass of ``example_input`` in eval mode, channels_last.
 
     Converts the model to channels_last in place (values are unchanged) and restores its
-    train/eval mode. Returns median/mean/min/max milliseconds, the batch size and torch threads.
+    train/eval mode.
+
+    Args:
+        model: the model to time.
+        example_input: the batch to run (``[N, C, H, W]``).
+        warmup: untimed runs first.
+        repeats: timed runs.
+
+    Returns:
+        ``median_ms``, ``mean_ms``, ``min_ms``, ``max_ms`` (milliseconds per forward of the whole
+        batch), ``batch`` and ``threads`` (torch intra-op threads).
     """
     if repeats < 1 or warmup < 0:
         raise ValueError("measure_latency needs repeats >= 1 and warmup >= 0")

@@ -8,22 +8,22 @@ layer scale); BN running statistics are buffers, not parameters.
 
 Every cost is a sum of terms ``factor * prod(size_k - removed_k)``, where ``removed_k`` is how many
 positions a plan removes from one member slice ``(module, role)``. ``plan_cost`` therefore equals
-``count(apply(model, groups, plan), x)`` exactly, and is cheap enough for a target search.
+``count(apply(model, groups, plan), x)`` exactly, and is cheap enough for a target search
+(``curlprune.analysis.plan_cost`` evaluates it on the cached analysis).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
-from curlprune.graph import CHANNEL_NORMS, fetch_attr
-
-if TYPE_CHECKING:
-    from curlprune.graph import ChannelGroup, Plan, SliceKey
+from curlprune.channels import ChannelGroup, SliceKey
+from curlprune.graph.ops import CHANNEL_NORMS
+from curlprune.graph.tracing import fetch_attr
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,9 @@ class CostTerm:
 
     macs: bool
     factor: int
-    sizes: tuple[tuple[int, "SliceKey"], ...]
+    sizes: tuple[tuple[int, SliceKey], ...]
 
-    def value(self, removed: Mapping["SliceKey", int]) -> int:
+    def value(self, removed: Mapping[SliceKey, int]) -> int:
         total = self.factor
         for size, key in self.sizes:
             total *= size - removed.get(key, 0)
@@ -46,14 +46,14 @@ class CostTable:
     """All cost terms of one traced model at one input size, indexed by the slices they depend on."""
 
     terms: list[CostTerm]
-    by_key: dict["SliceKey", list[int]] = field(default_factory=dict)
+    by_key: dict[SliceKey, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for i, term in enumerate(self.terms):
             for _, key in term.sizes:
                 self.by_key.setdefault(key, []).append(i)
 
-    def total(self, removed: Mapping["SliceKey", int]) -> tuple[int, int]:
+    def total(self, removed: Mapping[SliceKey, int]) -> tuple[int, int]:
         """(MACs, params) with ``removed[key]`` positions gone from each member slice."""
         macs = params = 0
         for term in self.terms:
@@ -64,7 +64,7 @@ class CostTable:
                 params += v
         return macs, params
 
-    def saving(self, removed: Mapping["SliceKey", int]) -> tuple[int, int]:
+    def saving(self, removed: Mapping[SliceKey, int]) -> tuple[int, int]:
         """(MACs, params) saved by ``removed``, summing only the terms it touches."""
         touched = sorted({i for key in removed for i in self.by_key.get(key, ())})
         macs = params = 0
@@ -77,7 +77,7 @@ class CostTable:
                 params += v
         return macs, params
 
-    def channel_savings(self, group: "ChannelGroup") -> tuple[list[float], list[float]]:
+    def channel_savings(self, group: ChannelGroup) -> tuple[list[float], list[float]]:
         """Per channel of ``group``: (MACs, params) saved by removing that channel alone."""
         macs: list[float] = []
         params: list[float] = []
@@ -162,17 +162,3 @@ def _structured_terms(name: str, mod: nn.Module, out_shape: Sequence[int] | None
     if per_channel:
         return [], [CostTerm(False, 1, ((p.shape[0], ch_key),)) for p in mod.parameters(recurse=False)]
     return [], None
-
-
-def plan_cost(model: nn.Module, example_input: Any, groups: Sequence["ChannelGroup"], plan: "Plan") -> tuple[int, int]:
-    """(MACs per sample, params) of ``apply(model, groups, plan)`` at ``example_input``'s size.
-
-    Analytic: nothing is built. The trace behind it is cached per model and input shape, so calling
-    this many times (a MACs-target search) is cheap. Raises CurlpruneError for an invalid plan.
-    """
-    from curlprune.graph import analyse
-    from curlprune.surgery import removed_positions, validate_plan
-
-    validate_plan(groups, plan)
-    removed = {key: len(positions) for key, positions in removed_positions(groups, plan).items()}
-    return analyse(model, example_input).cost.total(removed)

@@ -234,7 +234,7 @@ def _build(model_name: str, weights: str | None, num_classes: int | None) -> tup
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
-    from curlprune.graph import trace
+    from curlprune.analysis import trace
 
     groups = trace(model, example)
     if not any(g.prunable for g in groups):
@@ -244,7 +244,8 @@ def _trace(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
 
 
 def _protected(config: PruneConfig, model_name: str, model: nn.Module, groups: list[ChannelGroup]) -> list[str]:
-    from curlprune.select import default_protect, resolve_protect
+    from curlprune.models import default_protect
+    from curlprune.select import resolve_protect
 
     if config.protect is None:
         return default_protect(model_name, model, groups)

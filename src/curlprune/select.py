@@ -1,6 +1,6 @@
 """Global channel selection: turn per-channel scores into a Plan that meets a MACs/params target.
 
-CURL's rule (docs/curl-method.md §3), made automatic:
+CURL's rule (docs/method.md §3), made automatic:
 
 1. Rank every unit (one channel, or ``unit`` channels of a grouped conv) of every prunable,
    unprotected group by its raw score, ascending, across all groups (optionally normalised per
@@ -26,8 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from curlprune.analysis import plan_cost
+from curlprune.channels import ChannelGroup, Plan
+from curlprune.cost import count
 from curlprune.errors import CurlpruneError
-from curlprune.graph import ChannelGroup, Plan
+from curlprune.report import human
 
 CostFn = Callable[[Plan], tuple[float, float]]
 """``plan -> (macs, params)`` of the model sliced by ``plan``."""
@@ -37,7 +40,6 @@ METRICS = ("macs", "params")
 DEFAULT_FLOOR = 0.3
 DEFAULT_TOLERANCE = 0.01
 _SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-_PROTECT_CLASSIFIER_INPUT = ("torchvision:resnet", "torchvision:wide_resnet", "torchvision:resnext")
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,18 @@ def resolve_protect(groups: Sequence[ChannelGroup], patterns: Iterable[str]) -> 
     """Names of the prunable groups matched by ``patterns`` (exact names or shell globs).
 
     A pattern that matches no prunable group is an error: a typo must not silently protect nothing.
+
+    Args:
+        groups: the model's channel groups.
+        patterns: group names or ``fnmatch`` globs (``"layer4.*"``).
+
+    Returns:
+        The matched prunable group names, in pattern order, without repeats.
+
+    Raises:
+        CurlpruneError: a pattern matches no prunable group.
+
+    Source: docs/method.md §3 (protected groups).
     """
     names = [g.name for g in groups if g.prunable]
     protected: list[str] = []
@@ -149,21 +163,6 @@ def resolve_protect(groups: Sequence[ChannelGroup], patterns: Iterable[str]) -> 
             )
         protected.extend(n for n in hits if n not in protected)
     return protected
-
-
-def default_protect(model_name: str, model: nn.Module, groups: Sequence[ChannelGroup]) -> list[str]:
-    """The groups a model family protects by default.
-
-    For torchvision ResNets (and wide/ResNeXt variants) this is the residual stream that feeds the
-    classifier, as CURL keeps ResNet-50's last stage (2048 channels) whole; nothing otherwise.
-    """
-    if not model_name.startswith(_PROTECT_CLASSIFIER_INPUT):
-        return []
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        return []
-    classifier = linears[-1]
-    return [g.name for g in groups if g.prunable and any(m.module == classifier and m.role == "in" for m in g.members)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,6 +180,20 @@ def rank_units(
 
     A unit's score is the mean of its channels' scores (criteria give every channel of a unit the
     same value). Ties are broken by group order, then unit index, so the ranking is deterministic.
+
+    Args:
+        groups: the model's channel groups.
+        scores: group name -> float array of shape ``(width,)`` for every prunable group.
+        protect: names of groups left out of the ranking.
+        normalize: per-group scaling, one of ``NORMALIZATIONS`` (``"none"``: CURL's raw scores).
+
+    Returns:
+        Every unit of every prunable, unprotected group, ascending by score.
+
+    Raises:
+        CurlpruneError: unknown normalisation, or scores missing, of the wrong shape or with NaN.
+
+    Source: docs/method.md §3 (global ranking).
     """
     if normalize not in NORMALIZATIONS:
         raise CurlpruneError(f"unknown normalisation {normalize!r}: use one of {', '.join(NORMALIZATIONS)}")
@@ -264,7 +277,19 @@ def _round_removed(removed: list[int], units_total: int, unit: int, round_to: in
 
 
 def walk(ranked: Sequence[RankedUnit], groups: Sequence[ChannelGroup], top_k: int, floor: float) -> _Walk:
-    """Walk the first ``top_k`` ranked units, removing those the floor allows."""
+    """Walk the first ``top_k`` ranked units, removing those the floor allows.
+
+    Args:
+        ranked: ``rank_units(...)``.
+        groups: the model's channel groups.
+        top_k: how many ranked units to walk (skipped ones count).
+        floor: smallest kept fraction of a group, checked before each removal.
+
+    Returns:
+        The walk's state; ``.plan()`` is the resulting Plan.
+
+    Source: docs/method.md §3 (floor).
+    """
     state = _Walk(groups, floor)
     for entry in ranked[:top_k]:
         if state.allows(entry):
@@ -288,7 +313,28 @@ def select(
     round_to: int | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> Selection:
-    """The Plan that removes the lowest-ranked units until ``target`` is met (at or just below it)."""
+    """The Plan that removes the lowest-ranked units until ``target`` is met (at or just below it).
+
+    Args:
+        groups: the model's channel groups.
+        scores: group name -> float array ``(width,)``, lower = less important.
+        cost_fn: ``plan -> (macs, params)`` of the sliced model (``model_cost_fn``).
+        target: the MACs or params target (fraction of the unpruned model or absolute count).
+        floor: smallest kept fraction of a group, in ``[0, 1)`` (CURL: 0.3).
+        protect: names of groups never pruned.
+        normalize: per-group score scaling (``NORMALIZATIONS``).
+        round_to: keep group widths multiples of this many channels (None: no rounding).
+        tolerance: how far below the target (a fraction of it) the result may land.
+
+    Returns:
+        The :class:`Selection`: the plan, its cost, the unpruned cost and how it was found.
+
+    Raises:
+        CurlpruneError: invalid floor/round_to/normalisation/scores, or a target the floor and the
+            protected groups make unreachable.
+
+    Source: docs/method.md §3 (selection, floor, target search).
+    """
     if not 0.0 <= floor < 1.0:
         raise CurlpruneError(f"floor must be in [0, 1) (the smallest kept fraction of a group), got {floor}")
     if round_to is not None and round_to < 1:
@@ -317,9 +363,9 @@ def select(
     smallest = cost_of(walk(ranked, groups, len(ranked), floor))[metric]
     if smallest > goal:
         raise CurlpruneError(
-            f"target {target.describe()} ({_fmt(goal)}) is not reachable: with floor {floor:g}"
+            f"target {target.describe()} ({human(goal)}) is not reachable: with floor {floor:g}"
             f"{' and ' + str(len(protected)) + ' protected group(s)' if protected else ''} the smallest reachable "
-            f"{target.metric} is {_fmt(smallest)} ({smallest / (full_macs, full_params)[metric]:.4f} of {_fmt((full_macs, full_params)[metric])}); "
+            f"{target.metric} is {human(smallest)} ({smallest / (full_macs, full_params)[metric]:.4f} of {human((full_macs, full_params)[metric])}); "
             f"raise the target, lower --floor or protect fewer groups"
         )
     lo, hi = 0, len(ranked)  # cost(lo) > goal >= cost(hi)
@@ -369,12 +415,6 @@ def _fill(
     return None
 
 
-def _fmt(n: float) -> str:
-    from curlprune.report import human
-
-    return human(n)
-
-
 # ----------------------------------------------------------------------------------------------
 # cost from the model
 
@@ -385,10 +425,18 @@ def model_cost_fn(model: nn.Module, example_input: torch.Tensor, groups: Sequenc
     Raises CurlpruneError (one line) when the analytic cost of the unpruned model differs from
     ``cost.count`` of it: a target search on numbers the engine cannot stand behind would report
     one compression and deliver another.
-    """
-    from curlprune.cost import count
-    from curlprune.cost_plan import plan_cost
 
+    Args:
+        model: the unpruned model.
+        example_input: the input the groups were traced with (``[1, C, H, W]``).
+        groups: ``trace(model, example_input)``.
+
+    Returns:
+        A cost function (memoised per plan) returning floats: MACs per sample and parameters.
+
+    Raises:
+        CurlpruneError: the analytic and measured costs of the unpruned model differ.
+    """
     groups = list(groups)
     analytic, measured = plan_cost(model, example_input, groups, {}), count(model, example_input)
     if analytic != measured:

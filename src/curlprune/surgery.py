@@ -24,13 +24,26 @@ import torch.fx as fx
 from torch import nn
 
 from curlprune.errors import CurlpruneError
-from curlprune.graph import CHANNEL_NORMS, ChannelGroup, CurlTracer, Plan, SliceKey
+from curlprune.channels import ChannelGroup, Plan, SliceKey
+from curlprune.graph.ops import CHANNEL_NORMS
+from curlprune.graph.tracing import CurlTracer
 
 _MODULE_ROLES = ("out", "in", "channel")
 
 
 def validate_plan(groups: Sequence[ChannelGroup], plan: Plan) -> None:
-    """Raise CurlpruneError unless ``plan`` is a valid plan for ``groups``."""
+    """Check that ``plan`` is a valid plan for ``groups``.
+
+    Args:
+        groups: the channel groups of the model (``trace``).
+        plan: group name -> kept channel indices: sorted, unique, in ``0..width-1``, at least one
+            unit, whole units of grouped convs; an unprunable group only kept whole.
+
+    Raises:
+        CurlpruneError: the first problem found, with the group and what to do.
+
+    Source: docs/method.md §1.
+    """
     if not isinstance(plan, Mapping):
         raise CurlpruneError(f"a plan must be a dict of group name -> kept channel indices, got {type(plan).__name__}")
     by_name = {g.name: g for g in groups}
@@ -75,8 +88,15 @@ def random_plan(
 ) -> Plan:
     """A random Plan of whole units, for checking the engine on arbitrary prunings.
 
-    Each prunable group is pruned with probability ``group_share``; a pruned group keeps a random
-    number of random units, exactly one unit with probability ``single_unit_share``.
+    Args:
+        groups: the channel groups of a model.
+        rng: the random source (seeded by the caller).
+        group_share: probability that a prunable group is pruned at all.
+        single_unit_share: probability that a pruned group keeps exactly one unit (else a uniform
+            number of random units).
+
+    Returns:
+        A valid Plan (only prunable groups; kept indices sorted, whole units).
     """
     plan: Plan = {}
     for g in groups:
@@ -90,7 +110,18 @@ def random_plan(
 
 
 def removed_positions(groups: Sequence[ChannelGroup], plan: Plan) -> dict[SliceKey, list[int]]:
-    """Sorted positions ``plan`` removes from each member slice, module members and node members."""
+    """Sorted positions ``plan`` removes from each member slice, module members and node members.
+
+    Args:
+        groups: the channel groups.
+        plan: a plan already validated against ``groups``.
+
+    Returns:
+        ``(module or node name, role) -> sorted positions`` along that member's dim.
+
+    Raises:
+        KeyError: ``plan`` names a group not in ``groups`` (validate it first).
+    """
     by_name = {g.name: g for g in groups}
     removed: dict[SliceKey, list[int]] = {}
     for name, kept in plan.items():
@@ -130,13 +161,30 @@ def mask_points(groups: Sequence[ChannelGroup], plan: Plan) -> dict[str, list[in
 
     These are the channel-mixing consumers (role ``"in"``: convs with groups == 1, linears); their
     input dim is 1 for convs and the last dim for linears.
+
+    Args:
+        groups: the channel groups.
+        plan: the plan.
+
+    Returns:
+        Module name -> sorted input positions to zero.
+
+    Raises:
+        CurlpruneError: the plan is invalid.
     """
     validate_plan(groups, plan)
     return {module: ps for (module, role), ps in removed_positions(groups, plan).items() if role == "in"}
 
 
 def consumer_input_dim(module: nn.Module | None) -> int:
-    """The dim of a channel-mixing consumer's input that holds the channels: last for linears, 1 for convs."""
+    """The dim of a channel-mixing consumer's input that holds the channels: -1 (last) for linears, 1 for convs.
+
+    Args:
+        module: the consumer (None: a parameter member, treated as a conv).
+
+    Returns:
+        ``-1`` or ``1``.
+    """
     return -1 if isinstance(module, nn.Linear) else 1
 
 
@@ -147,6 +195,20 @@ def mask(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> Iterat
     Installs forward pre-hooks on ``model``'s modules (looked up by name, so this works on the
     traced model, on an fx GraphModule of it, or on a copy with the same module names) and removes
     them on exit, also on exceptions.
+
+    Args:
+        model: the model the groups were traced from (or a module with the same module names).
+        groups: its channel groups (``trace``).
+        plan: group name -> kept channel indices.
+
+    Returns:
+        A context manager yielding ``model``; inside it, ``model(x)`` equals
+        ``apply(model, groups, plan)(x)`` up to float round-off.
+
+    Raises:
+        CurlpruneError: the plan is invalid, or ``model`` lacks a module the groups name.
+
+    Source: docs/method.md §1, §2 (the KL score masks channels this way).
     """
     handles = []
     try:
@@ -171,7 +233,20 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.Gr
 
     Returns a ``torch.fx.GraphModule``: an ordinary nn.Module (trains, switches train/eval, deep
     copies, keeps the original submodule names so state_dict keys match the original's). ``model``
-    itself is not changed. The plan is validated first (CurlpruneError if invalid).
+    itself is not changed.
+
+    Args:
+        model: the model the groups were traced from.
+        groups: its channel groups (``trace``).
+        plan: group name -> kept channel indices.
+
+    Returns:
+        The sliced ``torch.fx.GraphModule``, in the same train/eval modes as ``model``.
+
+    Raises:
+        CurlpruneError: the plan is invalid or the groups were traced from another model.
+
+    Source: docs/method.md §1.
     """
     validate_plan(groups, plan)
     removed = removed_positions(groups, plan)

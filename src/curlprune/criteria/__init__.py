@@ -21,8 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from curlprune.channels import ChannelGroup
 from curlprune.errors import CurlpruneError
-from curlprune.graph import ChannelGroup, eval_mode
+from curlprune.graph import eval_mode
+
+DEFAULT_BUDGET_MB = 512
+"""Memory (MiB) the data-driven criteria (``kl``, ``kl-approx``) may use for stacked ablations."""
 
 Scores = dict[str, np.ndarray]
 Progress = Callable[[int], None]
@@ -41,6 +45,8 @@ class Criterion:
     summary: str
 
     def load(self) -> Callable[..., Scores]:
+        # By name, on first use: the criterion modules import this package (Scores, prunable, ...),
+        # so importing them here eagerly would be a cycle; a registry entry only names its module.
         return getattr(importlib.import_module(self.module), self.function)
 
 
@@ -62,7 +68,17 @@ _PROGRESS_CRITERIA = ("kl", "kl-approx")
 
 
 def get(name: str) -> Criterion:
-    """The criterion called ``name``, or a CurlpruneError listing the valid names."""
+    """The criterion called ``name``.
+
+    Args:
+        name: one of ``CRITERIA`` (``kl``, ``kl-approx``, ``l1``, ``bn``, ``taylor``, ``random``).
+
+    Returns:
+        Its :class:`Criterion` entry.
+
+    Raises:
+        CurlpruneError: unknown name (the message lists the valid ones).
+    """
     if name not in CRITERIA:
         raise CurlpruneError(f"unknown criterion {name!r}: use one of {', '.join(CRITERIA)}")
     return CRITERIA[name]
@@ -81,8 +97,25 @@ def compute_scores(
 ) -> Scores:
     """Score every prunable group of ``model`` with the criterion ``name``.
 
-    ``images`` (float, already transformed) are required by data-driven criteria and ``labels`` by
-    ``taylor``; ``options`` go to the criterion (e.g. ``budget_mb`` for ``kl``).
+    The model is scored in eval mode (its modes are restored).
+
+    Args:
+        name: the criterion (``CRITERIA``).
+        model: the unpruned model.
+        groups: ``trace(model, x)``.
+        images: calibration batch ``[N, C, H, W]``, float, already transformed (data-driven criteria).
+        labels: ``[N]`` int64 class indices (``taylor``).
+        seed: the seed of ``random``.
+        progress: called with finished work items (``kl``, ``kl-approx``; see ``work_items``).
+        **options: passed to the criterion (e.g. ``budget_mb`` in MiB for ``kl``).
+
+    Returns:
+        Scores: group name -> float64 array ``(width,)`` for every prunable group; lower = less important.
+
+    Raises:
+        CurlpruneError: unknown criterion, or images/labels missing where the criterion needs them.
+
+    Source: docs/method.md §2 (the KL score).
     """
     criterion = get(name)
     if criterion.needs_data and (images is None or len(images) == 0):
@@ -103,7 +136,15 @@ def compute_scores(
 
 
 def work_items(name: str, groups: Sequence[ChannelGroup]) -> int:
-    """How many progress steps ``compute_scores(name, ...)`` reports (kl, kl-approx: one per unit)."""
+    """How many progress steps ``compute_scores(name, ...)`` reports.
+
+    Args:
+        name: the criterion.
+        groups: the model's channel groups.
+
+    Returns:
+        ``kl``, ``kl-approx``: the number of units of the prunable groups; other criteria: 0.
+    """
     return sum(g.width // g.unit for g in prunable(groups)) if name in _PROGRESS_CRITERIA else 0
 
 

@@ -3,7 +3,7 @@
 p = softmax(logits of the intact model), q = softmax(logits with the unit's channels zeroed at
 every channel-mixing consumer, exactly as :func:`curlprune.surgery.mask` zeroes them, which equals
 slicing them away); natural log, temperature 1, model in eval mode. Every unit is scored alone,
-once, before any pruning (docs/curl-method.md §1).
+once, before any pruning (docs/method.md §2).
 
 Two implementations that compute the same numbers:
 
@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curlprune.criteria import Progress, Scores, eval_mode, prunable
+from curlprune.channels import ChannelGroup, Plan
+from curlprune.criteria import DEFAULT_BUDGET_MB, Progress, Scores, eval_mode, prunable
 from curlprune.criteria.partial import Cut, Env, GraphRunner, gather, is_gatherable, kl_to_reference, unit_positions
-from curlprune.graph import ChannelGroup, Plan
+from curlprune.surgery import mask
 
-DEFAULT_BUDGET_MB = 512
 DEFAULT_CHUNK_MB = 16
 MIN_CHUNK_ROWS = 8  # big inputs: batch at least this many rows so each conv's weights are read once per 8 rows
 
@@ -77,7 +77,22 @@ def kl_scores(
 ) -> Scores:
     """Exact CURL scores, computed with partial evaluation (see the module docstring).
 
-    ``only`` restricts scoring to some units per group (others stay 0), for spot checks.
+    Args:
+        model: the unpruned model (eval mode is used).
+        groups: ``trace(model, x)``.
+        images: calibration batch ``[N, C, H, W]``, float, already transformed.
+        budget_mb: memory (MiB) for an image block's stacked ablations.
+        chunk_mb: live activations (MiB) of one stacked chunk of (unit, image) rows.
+        progress: called with finished ablations (fractions of a unit per image block).
+        rank1, skip_inactive, channels_last, fold_bn: exact shortcuts (off: for checks).
+        stats: filled with what the fast path did.
+        only: restricts scoring to some units per group (others stay 0), for spot checks.
+
+    Returns:
+        Scores: group name -> float64 ``(width,)``: the batch-mean KL(q || p) (nats) when the
+        channel's unit is removed, the same for every channel of a unit.
+
+    Source: docs/method.md §2.
     """
     stats = stats if stats is not None else KLStats()
     runner = GraphRunner(model, channels_last=channels_last, fold_bn=fold_bn)
@@ -114,7 +129,6 @@ def kl_scores_naive(
     only: dict[str, Sequence[int]] | None = None,
 ) -> Scores:
     """The reference: one full forward per unit with :func:`curlprune.surgery.mask` (as the authors)."""
-    from curlprune.surgery import mask
 
     def forward() -> torch.Tensor:
         return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
@@ -351,7 +365,6 @@ def _ablate_with_mask(runner: GraphRunner, w: _Work, x: torch.Tensor, reference:
                       n_total: int, scores: Scores, stats: KLStats, progress) -> None:
     """Fallback when the frontier holds batch-sized non-tensors (e.g. a saved ``x.size(0)``) that
     cannot be split into rows: full forwards of the block with ``mask``, one per unit."""
-    from curlprune.surgery import mask
 
     if w.group.name not in stats.fallback_groups:
         stats.fallback_groups.append(w.group.name)

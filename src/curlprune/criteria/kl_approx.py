@@ -29,12 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from curlprune.criteria import Progress, Scores, prunable, unit_broadcast
+from curlprune.channels import ChannelGroup
+from curlprune.criteria import DEFAULT_BUDGET_MB, Progress, Scores, prunable, unit_broadcast
 from curlprune.criteria.partial import Cut, Env, GraphRunner, logits_of
-from curlprune.graph import ChannelGroup
 
 DEFAULT_CLASSES = 5
-DEFAULT_BUDGET_MB = 512
 
 
 def kl_approx_scores(

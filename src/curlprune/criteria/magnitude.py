@@ -7,8 +7,8 @@ import numpy as np
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from curlprune.channels import ChannelGroup
 from curlprune.criteria import Scores, per_channel, prunable, submodule, unit_broadcast
-from curlprune.graph import ChannelGroup
 
 
 def l1_scores(model: nn.Module, groups: Sequence[ChannelGroup]) -> Scores:

@@ -23,7 +23,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from curlprune.graph import ChannelGroup, fetch_attr, symbolic_trace
+from curlprune.channels import ChannelGroup
+from curlprune.graph import fetch_attr, symbolic_trace
 from curlprune.surgery import consumer_input_dim
 
 Env = dict[str, Any]

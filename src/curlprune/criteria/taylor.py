@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from curlprune.channels import ChannelGroup
 from curlprune.criteria import Scores, per_channel, prunable, submodule
-from curlprune.graph import ChannelGroup
 
 
 def taylor_scores(

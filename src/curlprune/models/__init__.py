@@ -2,34 +2,43 @@
 
 Families: ``cifar:resnet20|32|44|56|110|1202`` (option-A CIFAR ResNets), ``torchvision:<name>``
 (any torchvision classification model) and ``small:resnet-digits`` (a tiny ResNet for 8x8 digits).
+Each family registers itself when its module is imported (below, in the order of the error
+messages); :func:`register_family` adds more.
 """
 from curlprune.models.cifar import SmallResNet, ZeroPadShortcut, cifar_resnet
 from curlprune.models.registry import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    InputSpec,
+    Family,
     ModelRef,
     build,
     build_from_ref,
+    classifier_input_groups,
+    default_protect,
     input_spec,
-    load_weights,
-    read_state_dict,
+    register_family,
 )
-from curlprune.models.small import digits_resnet, train_digits_model
+from curlprune.models.spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from curlprune.models.torchvision_models import TORCHVISION_FAMILY
+from curlprune.models.small import digits_resnet  # noqa: I001 (after torchvision: registration order)
+from curlprune.models.weights import load_state_strict, load_weights_file, read_state_dict
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "Family",
     "InputSpec",
     "ModelRef",
     "SmallResNet",
+    "TORCHVISION_FAMILY",
     "ZeroPadShortcut",
     "build",
     "build_from_ref",
     "cifar_resnet",
+    "classifier_input_groups",
+    "default_protect",
     "digits_resnet",
     "input_spec",
-    "load_weights",
+    "load_state_strict",
+    "load_weights_file",
     "read_state_dict",
-    "train_digits_model",
+    "register_family",
 ]

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from curlprune.models.registry import Family, file_weights_builder, register_family
+from curlprune.models.spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 
 
@@ -107,3 +110,16 @@ def cifar_resnet(depth: int, num_classes: int = 10) -> SmallResNet:
         raise ValueError(f"CIFAR ResNet depth must be one of {CIFAR_DEPTHS}, got {depth}")
     n = (depth - 2) // 6
     return SmallResNet((16, 32, 64), (n, n, n), in_channels=3, num_classes=num_classes, shortcut="zero_pad")
+
+
+def _cifar_spec(arch: str, weights: str | None, num_classes: int | None) -> InputSpec:
+    return InputSpec(32, 3, IMAGENET_MEAN, IMAGENET_STD, None, num_classes or 10)
+
+
+CIFAR_FAMILY = register_family(Family(
+    name="cifar",
+    archs=lambda: {f"resnet{d}" for d in CIFAR_DEPTHS},
+    build=file_weights_builder("cifar", lambda arch, classes: cifar_resnet(int(arch.removeprefix("resnet")), classes)),
+    input_spec=_cifar_spec,
+    names=f"cifar:resnet{{{','.join(map(str, CIFAR_DEPTHS))}}}",
+))

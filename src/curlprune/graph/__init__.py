@@ -1,0 +1,40 @@
+"""Channel-group discovery: which channels of a CNN must be removed together.
+
+A package of passes over a torch.fx trace, one job per file (like torch.fx's own passes):
+
+    tracing.py       CurlTracer, symbolic_trace, fetch_attr, eval_mode
+    shapes.py        the shape recording pass (TensorInfo)
+    slots.py         union-find over channel slots, channel layouts
+    ops.py           the op tables and node helpers
+    pass_state.py    the channel pass's state and shared moves
+    module_ops.py    handlers of module calls (convs, linears, norms, ...)
+    tensor_ops.py    handlers of functions and methods (binary ops, cat, pad, ...)
+    shape_ops.py     handlers of dim moves (indexing, flatten, reshape, permute, reductions)
+    channel_pass.py  the pass itself: dispatch over the graph
+    groups.py        from slot classes to ChannelGroups (members, units)
+
+It only finds groups; their costs and the cached analysis (``trace``, ``analyse``, ``plan_cost``)
+are in :mod:`curlprune.analysis`, which sits above this package and the cost table.
+"""
+from curlprune.channels import ChannelGroup, Member, Plan, SliceKey
+from curlprune.graph.channel_pass import channel_pass
+from curlprune.graph.groups import build_groups
+from curlprune.graph.ops import CHANNEL_NORMS
+from curlprune.graph.shapes import TensorInfo, propagate_shapes
+from curlprune.graph.tracing import CurlTracer, eval_mode, fetch_attr, symbolic_trace
+
+__all__ = [
+    "CHANNEL_NORMS",
+    "ChannelGroup",
+    "CurlTracer",
+    "Member",
+    "Plan",
+    "SliceKey",
+    "TensorInfo",
+    "build_groups",
+    "channel_pass",
+    "eval_mode",
+    "fetch_attr",
+    "propagate_shapes",
+    "symbolic_trace",
+]

@@ -1,0 +1,52 @@
+"""The channel pass: one walk over the traced graph that ties channel slots together.
+
+Every channel position of every traced tensor is a slot in a union-find. Convs and linears create
+fresh output slots; per-channel ops (BN, activations, pooling, ...) pass the slots through; residual
+adds, squeeze-excitation scales, depthwise convs, concatenation, channel zero-padding and flatten
+tie slots together. Any op that mixes channels other than a conv or linear, or that the op tables
+do not know, makes the channels it touches unprunable with a reason, so a plan can never silently
+build a wrong model. This module only dispatches: the per-op semantics are in ``module_ops``
+(module calls), ``tensor_ops`` (functions and methods) and ``shape_ops`` (dim moves).
+
+Source: docs/method.md §1.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+
+from curlprune.graph.module_ops import call_module
+from curlprune.graph.pass_state import PassState
+from curlprune.graph.tensor_ops import call_op
+
+
+def channel_pass(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> PassState:
+    """Run the channel pass over ``gm``.
+
+    Args:
+        gm: the traced model (``symbolic_trace``).
+        values: every node's recorded shape/value (``propagate_shapes``).
+
+    Returns:
+        The final ``PassState``: the union-find of slots, each tensor node's channel layout and the
+        member slices (``sources``, ``node_sources``, grouped-conv ``units``) that ``build_groups``
+        turns into ChannelGroups.
+    """
+    st = PassState(gm, values)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            shape = st.shape(node)
+            if shape is not None and len(shape) >= 2:
+                lay = st.fresh_layout(node, 1)
+                st.uf.mark(lay.slots, "model input")
+                st.layouts[node] = lay
+        elif node.op == "call_module":
+            call_module(st, node)
+        elif node.op in ("call_function", "call_method"):
+            call_op(st, node)
+        elif node.op == "output":
+            for n in st.tensor_inputs(node):
+                if (lay := st.layout(n)) is not None:
+                    st.uf.mark(lay.slots, "feeds the model output")
+    return st

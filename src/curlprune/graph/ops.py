@@ -1,0 +1,94 @@
+"""The op tables of the channel pass: which modules, functions and methods do what to channels.
+
+Per-channel ops pass channels through, spatial ops need the channels on dim 1, cross-channel ops
+make them unprunable; anything not listed is unsupported (its channels become unprunable). Also the
+small node helpers the op handlers share (target names, where a node sits, argument lookup).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+    nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
+    nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, StochasticDepth,
+)
+SPATIAL_MODULES = (
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd, nn.Upsample,
+)
+CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+"""Per-channel norms: their weight, bias and running statistics are a ``"channel"`` member (surgery and cost follow)."""
+CROSS_CHANNEL_MODULES = (nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Softmax2d)
+SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
+
+UNARY_OPS = {
+    "relu", "relu_", "relu6", "silu", "gelu", "hardswish", "hardsigmoid", "sigmoid", "sigmoid_", "tanh",
+    "tanh_", "leaky_relu", "leaky_relu_", "elu", "elu_", "celu", "selu", "mish", "softplus", "hardtanh",
+    "hardtanh_", "logsigmoid", "softsign", "tanhshrink", "hardshrink", "softshrink", "threshold", "dropout",
+    "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "clamp", "clamp_",
+    "clamp_min", "clamp_max", "clip", "exp", "abs", "neg", "sqrt", "rsqrt", "square", "log", "contiguous",
+    "clone", "float", "half", "double", "bfloat16", "to", "type_as", "detach", "neg_", "abs_",
+}
+BINARY_OPS = {
+    "add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "mul", "mul_", "imul", "truediv", "div", "div_",
+    "itruediv", "maximum", "minimum", "pow",
+}
+RESIDUAL_OPS = {"add", "add_", "iadd", "sub", "sub_", "isub", "rsub"}
+SPATIAL_OPS = {
+    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "interpolate", "upsample", "upsample_nearest",
+    "upsample_bilinear",
+}
+REDUCE_OPS = {"mean", "sum", "amax", "amin"}
+SOFTMAX_OPS = {"softmax", "log_softmax", "softmin", "normalize"}
+SHAPE_QUERIES = {"size", "dim", "numel", "nelement", "get_device"}
+TORCH_MODULES = ("torch", "_operator", "builtins")
+
+
+def op_name(node: fx.Node) -> str | None:
+    """Bare name of a call_function/call_method target from torch/operator, else None."""
+    if node.op == "call_method":
+        return str(node.target)
+    module = getattr(node.target, "__module__", None) or ""
+    if module.split(".")[0] in TORCH_MODULES:
+        return getattr(node.target, "__name__", None)
+    return None
+
+
+def target_str(node: fx.Node) -> str:
+    if node.op in ("call_method", "call_module"):
+        return str(node.target)
+    module = getattr(node.target, "__module__", None) or ""
+    name = getattr(node.target, "__qualname__", None) or getattr(node.target, "__name__", str(node.target))
+    return f"{module}.{name}" if module and module != "builtins" else name
+
+
+def where(node: fx.Node) -> str:
+    """``node <name> in <module path> (<class>)``: where a traced op sits in the model."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return f"node {node.name}"
+    key, value = list(stack.items())[-1]
+    path, cls = value if isinstance(value, tuple) and len(value) == 2 else (key, value)
+    return f"node {node.name} in {path} ({getattr(cls, '__name__', cls)})"
+
+
+def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def fmt_index(item: Any) -> str:
+    if isinstance(item, slice):
+        return f"[{'' if item.start is None else item.start}:{'' if item.stop is None else item.stop}{'' if item.step is None else ':' + str(item.step)}]"
+    return f"[{item!r}]"

@@ -1,0 +1,128 @@
+"""Channel-pass handlers of ops that move, merge or select dims: where the channels go.
+
+Indexing, flatten, view/reshape, permute/transpose/(un)squeeze and reductions keep every channel
+as long as they do not cut, reduce or reshape the channel dim into a constant; otherwise the
+channels they touch become unprunable with a reason.
+"""
+from __future__ import annotations
+
+import math
+
+import torch.fx as fx
+
+from curlprune.graph.ops import arg, fmt_index, norm_dim, op_name, where
+from curlprune.graph.pass_state import PassState
+from curlprune.graph.slots import Layout
+
+
+def getitem(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
+    """Basic indexing that keeps every channel (e.g. ``x[:, :, ::2, ::2]``)."""
+    index = st.value(node.args[1])
+    index = index if isinstance(index, tuple) else (index,)
+    in_shape = st.shape(x)
+    if any(i is Ellipsis for i in index):
+        at = index.index(Ellipsis)
+        consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+        index = index[:at] + (slice(None),) * (len(in_shape) - consumed) + index[at + 1:]
+    in_dim = out_dim = 0
+    new_dim = None
+    for item in index:
+        if item is None:
+            out_dim += 1
+            continue
+        if in_dim == lay.dim:
+            if not isinstance(item, slice) or range(*item.indices(in_shape[in_dim])) != range(in_shape[in_dim]):
+                return st.unsupported(node, f"channel selection {fmt_index(item)} at {where(node)}")
+            new_dim = out_dim
+        if isinstance(item, slice):
+            out_dim += 1
+        elif not isinstance(item, int):
+            return st.unsupported(node)
+        in_dim += 1
+    if new_dim is None:
+        new_dim = lay.dim - in_dim + out_dim
+    st.layouts[node] = Layout(new_dim, lay.slots)
+    return None
+
+
+def reduce(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
+    """mean/sum/amax/amin over other dims keep the channels; over the channel dim they mix them."""
+    ndim = len(st.shape(x))
+    dims = st.value(arg(node, 1, "dim"))
+    if dims is None:
+        return st.unsupported(node)
+    dims = {norm_dim(d, ndim) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+    if lay.dim in dims:
+        return st.unsupported(node, f"{op_name(node)} over the channel dim at {where(node)}")
+    keepdim = st.value(arg(node, 2, "keepdim", False))
+    new_dim = lay.dim if keepdim else lay.dim - sum(1 for d in dims if d < lay.dim)
+    st.layouts[node] = Layout(new_dim, lay.slots)
+    return None
+
+
+def flatten(st: PassState, node: fx.Node, x: fx.Node, start: int, end: int) -> None:
+    """Merging dims start..end: channel c owns the positions of its block (flatten -> linear)."""
+    in_shape = st.shape(x)
+    lay = st.layout(x)
+    ndim = len(in_shape)
+    start, end = norm_dim(st.value(start), ndim), norm_dim(st.value(end), ndim)
+    if lay.dim < start or end <= start:
+        st.layouts[node] = lay
+        return None
+    if lay.dim > end:
+        st.layouts[node] = Layout(lay.dim - (end - start), lay.slots)
+        return None
+    if start == 0:
+        return st.unsupported(node, f"flatten of the batch dim with channels at {where(node)}")
+    outer = math.prod(in_shape[start:lay.dim])
+    inner = math.prod(in_shape[lay.dim + 1:end + 1])
+    slots = [s for _ in range(outer) for s in lay.slots for _ in range(inner)]
+    st.layouts[node] = Layout(start, slots)
+    return None
+
+
+def reshape(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
+    """view/reshape: identity or a flatten of adjacent dims; channel sizes must not be constants."""
+    in_shape, out_shape = st.shape(x), st.shape(node)
+    raw = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("shape"),)
+    if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
+        raw = tuple(raw[0])
+    if in_shape == out_shape:
+        st.layouts[node] = lay
+        return None
+    for start in range(len(in_shape)):
+        for end in range(start + 1, len(in_shape)):
+            merged = in_shape[:start] + (math.prod(in_shape[start:end + 1]),) + in_shape[end + 1:]
+            if merged != out_shape:
+                continue
+            if start <= lay.dim <= end and len(raw) == len(out_shape) and isinstance(raw[start], int) and raw[start] != -1:
+                return st.unsupported(node, f"reshape to a constant size {raw[start]} over channels at {where(node)}")
+            return flatten(st, node, x, start, end)
+    return st.unsupported(node, f"reshape {tuple(in_shape)} -> {tuple(out_shape)} at {where(node)}")
+
+
+def move_dims(st: PassState, node: fx.Node, name: str, x: fx.Node, lay: Layout) -> None:
+    """permute/transpose/swapaxes/unsqueeze/squeeze: follow the channel dim to its new place."""
+    in_ndim, out_ndim = len(st.shape(x)), len(st.shape(node))
+    args = [st.value(a) for a in node.args[1:]] or list(st.value(list(node.kwargs.values())))
+    if name == "permute":
+        dims = list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        new_dim = [norm_dim(d, in_ndim) for d in dims].index(lay.dim)
+    elif name in ("transpose", "swapaxes"):
+        a, b = (norm_dim(d, in_ndim) for d in args[:2])
+        new_dim = b if lay.dim == a else a if lay.dim == b else lay.dim
+    elif name == "unsqueeze":
+        d = norm_dim(args[0], out_ndim)
+        new_dim = lay.dim + (1 if d <= lay.dim else 0)
+    else:  # squeeze
+        shape = st.shape(x)
+        if args and args[0] is not None:
+            gone = {norm_dim(d, in_ndim) for d in (args[0] if isinstance(args[0], (tuple, list)) else (args[0],))}
+        else:
+            gone = set(range(in_ndim))
+        gone = {d for d in gone if shape[d] == 1}
+        if lay.dim in gone:
+            return st.unsupported(node, f"squeeze of the channel dim at {where(node)}")
+        new_dim = lay.dim - sum(1 for d in gone if d < lay.dim)
+    st.layouts[node] = Layout(new_dim, lay.slots)
+    return None

@@ -1,0 +1,91 @@
+"""Tracing: a model as a torch.fx graph, and the small helpers every pass over it needs.
+
+``CurlTracer`` keeps torch.nn modules and torchvision's StochasticDepth as leaves; ``symbolic_trace``
+turns any untraceable model into one CurlpruneError line; ``eval_mode`` runs a model in eval mode
+and gives every submodule back its own mode.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+from curlprune.errors import CurlpruneError
+
+
+class CurlTracer(fx.Tracer):
+    """fx tracer whose leaves are torch.nn modules and torchvision's StochasticDepth.
+
+    StochasticDepth is a leaf so that its training-time behaviour stays a module (switched by
+    ``train()``/``eval()``) instead of being traced into the graph.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, StochasticDepth) or super().is_leaf_module(m, module_qualified_name)
+
+
+def symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule that shares ``model``'s submodules and parameters.
+
+    Args:
+        model: any ``nn.Module`` whose forward is free of data-dependent Python control flow.
+
+    Returns:
+        A ``torch.fx.GraphModule`` (class name = the model's); its submodules are ``model``'s own.
+
+    Raises:
+        CurlpruneError: torch.fx cannot trace the model (one line, with fx's reason).
+    """
+    try:
+        graph = CurlTracer().trace(model)
+    except Exception as exc:  # fx raises many types for untraceable code
+        raise CurlpruneError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
+            "make its forward free of data-dependent Python control flow"
+        ) from None
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    """The object a ``get_attr`` node's dotted ``target`` names under ``root``.
+
+    Args:
+        root: the traced module.
+        target: a dotted attribute path, e.g. ``"features.1.layer_scale"``.
+
+    Returns:
+        The attribute (a Parameter, buffer or module).
+
+    Raises:
+        AttributeError: ``target`` does not exist under ``root``.
+    """
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode while inside; then give every submodule back its own mode.
+
+    Restoring per module (not ``model.train(was_training)``) keeps mixed modes, e.g. frozen
+    batch norms in eval inside a model that trains.
+
+    Args:
+        model: the module to switch (in place).
+
+    Returns:
+        A context manager yielding ``model``.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
