@@ -20,7 +20,9 @@ from typing import Any
 from torch import nn
 
 from curlprune.errors import CurlpruneError
+from curlprune.models.registry import Family, register_family
 from curlprune.models.spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from curlprune.models.weights import load_weights_file
 
 PREFIX = "timm"
 INSTALL_HINT = "pip install curlprune[timm]"
@@ -84,6 +86,10 @@ def build(arch: str, weights: str | None = None, num_classes: int | None = None,
             (downloaded by timm from the Hugging Face hub).
         num_classes: classifier outputs (timm's default, usually 1000, when None).
         kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``).
+
+    Returns:
+        The model (train mode, as timm builds it).
+
     Raises:
         CurlpruneError: timm missing, unknown architecture or tag, download failure, bad options.
     """
@@ -106,9 +112,7 @@ def build(arch: str, weights: str | None = None, num_classes: int | None = None,
     except (ValueError, TypeError, AssertionError) as exc:
         raise CurlpruneError(f"cannot build timm:{arch} with {kwargs or 'these options'}: {str(exc).splitlines()[0]}") from None
     if from_file:
-        from curlprune.models.registry import load_weights
-
-        load_weights(model, weights, f"timm:{arch}")
+        load_weights_file(model, weights, f"timm:{arch}")
     return model
 
 
@@ -137,3 +141,12 @@ def input_spec(arch: str, weights: str | None = None, num_classes: int | None = 
         resize=round(size / crop_pct) if crop_pct < 1.0 else None,
         num_classes=num_classes or int(cfg.num_classes or 1000),
     )
+
+
+TIMM_FAMILY = register_family(Family(
+    name=PREFIX,
+    archs=names,  # imports timm only when a timm: name is used
+    build=lambda arch, weights, num_classes, kwargs: build(arch, weights, num_classes, **kwargs),
+    input_spec=input_spec,
+    names="timm:<any timm.list_models() name, e.g. resnet18>",
+))
