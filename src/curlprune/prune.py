@@ -167,11 +167,13 @@ def run_prune(
     fingerprint = _scores_fingerprint(config, settings, calib_images)
     scores, reused, seconds = _scores(out, resume, fingerprint, config, model, groups, calib_images, calib_labels, show)
 
+    from curlprune.analysis import check_pruned_cost
     from curlprune.select import select
 
     selection = select(groups, scores, cost_fn, target, floor=config.floor, protect=protect,
                        normalize=config.normalize, round_to=config.round_to)
     pruned = _apply(model, groups, selection.plan)
+    check_pruned_cost(pruned, example, (selection.macs, selection.params))
     accuracy = _accuracies(model, pruned, splits, spec, config)
     report = _report(config, settings, selection, accuracy, groups, scores_seconds=seconds, scores_reused=reused)
     checkpoint = _write_outputs(out, model_name, num_classes, example, selection.plan, pruned, report, settings)
@@ -489,7 +491,7 @@ def register(subparsers, formatter) -> None:
                     "when the channel is removed), rank all scores globally, remove the lowest until the target is "
                     "met (the number of removals is found automatically), slice the weights and save the pruned model. "
                     "Prints a table per group and test top-1 before/after (no fine-tuning).")
-    p.add_argument("--model", required=True, help="registry name: cifar:resnet20|32|44|56|110, torchvision:<name>, small:resnet-digits (required)" + NO_DEFAULT)
+    p.add_argument("--model", required=True, help="registry name: cifar:resnet20|32|44|56|110, torchvision:<name>, timm:<name>, small:resnet-digits (required)" + NO_DEFAULT)
     p.add_argument("--weights", default=None, help="weights file (.th/.pt/.pth/.safetensors) or torchvision weight name (default: random init)" + NO_DEFAULT)
     p.add_argument("--num-classes", type=int, default=None, help="classifier outputs, when not the model's default (default: the model's)" + NO_DEFAULT)
     p.add_argument("--data", default=None, help="ImageFolder folder or .zip with train/ (and test/) splits, or 'digits' "

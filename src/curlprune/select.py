@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from curlprune.analysis import plan_cost
+from curlprune.analysis import check_cost_exact, plan_cost
 from curlprune.channels import ChannelGroup, Plan
-from curlprune.cost import count
 from curlprune.errors import CurlpruneError
 from curlprune.report import human
 
@@ -438,13 +437,7 @@ def model_cost_fn(model: nn.Module, example_input: torch.Tensor, groups: Sequenc
         CurlpruneError: the analytic and measured costs of the unpruned model differ.
     """
     groups = list(groups)
-    analytic, measured = plan_cost(model, example_input, groups, {}), count(model, example_input)
-    if analytic != measured:
-        raise CurlpruneError(
-            f"cannot select channels of {type(model).__name__} by cost: its analytic cost ({analytic[0]:,} MACs, "
-            f"{analytic[1]:,} params) differs from its measured cost ({measured[0]:,} MACs, {measured[1]:,} params), "
-            "so an op or shared parameter is not modelled; please report the model"
-        )
+    check_cost_exact(model, example_input)
     cache: dict[tuple, tuple[float, float]] = {}
 
     def cost(plan: Plan) -> tuple[float, float]:

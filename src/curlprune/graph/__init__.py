@@ -20,7 +20,7 @@ from curlprune.channels import ChannelGroup, Member, Plan, SliceKey
 from curlprune.graph.channel_pass import channel_pass
 from curlprune.graph.groups import build_groups
 from curlprune.graph.ops import CHANNEL_NORMS
-from curlprune.graph.shapes import TensorInfo, propagate_shapes
+from curlprune.graph.shapes import Propagated, TensorInfo, propagate, propagate_shapes
 from curlprune.graph.tracing import CurlTracer, eval_mode, fetch_attr, symbolic_trace
 
 __all__ = [
@@ -29,12 +29,14 @@ __all__ = [
     "CurlTracer",
     "Member",
     "Plan",
+    "Propagated",
     "SliceKey",
     "TensorInfo",
     "build_groups",
     "channel_pass",
     "eval_mode",
     "fetch_attr",
+    "propagate",
     "propagate_shapes",
     "symbolic_trace",
 ]

@@ -29,6 +29,11 @@ class PassState:
         self.sources: dict[SliceKey, Source] = {}
         self.node_sources: dict[SliceKey, Source] = {}
         self.units: list[tuple[str, int, list[int]]] = []  # (conv name, channels per conv group, slots)
+        # channel counts read as values (graph.taint): node -> (slots whose count it is, where read);
+        # a torch.Size / shape tuple: node -> {position: (slots, where read)}
+        self.taint: dict[fx.Node, tuple[list[int], str]] = {}
+        self.size_taint: dict[fx.Node, dict[int, tuple[list[int], str]]] = {}
+        self.followed: list[tuple[list[int], list[int], str, str]] = []  # (count's slots, shaped slots, read, use)
 
     def shape(self, n: Any) -> tuple[int, ...] | None:
         info = self.values.get(n) if isinstance(n, fx.Node) else None
