@@ -351,3 +351,22 @@ def test_selection_cost_is_exact_or_refused_in_one_line(name):
         assert "\n" not in str(exc) and "measured cost" in str(exc)
         return
     assert cost({}) == tuple(map(float, count(model, x)))
+
+
+def test_pruned_model_cost_is_checked_against_the_selection():
+    """The prune stage's check after apply: the measured cost of the sliced model must be the selection's."""
+    from curlprune.analysis import check_pruned_cost
+    from curlprune.errors import CurlpruneError
+
+    factory, shape = FAULT_MODELS["TiedConvs"]
+    torch.manual_seed(0)
+    model = randomise(factory())
+    x = torch.randn(shape)
+    groups = trace(model, x)
+    plan = random_plan(groups, random.Random(3), group_share=1.0)
+    pruned = apply(model, groups, plan)
+    macs, params = plan_cost(model, x, groups, plan)
+    check_pruned_cost(pruned, x, (float(macs), float(params)))  # exact: no error
+    with pytest.raises(CurlpruneError, match="but the selection computed") as info:
+        check_pruned_cost(pruned, x, (float(macs), float(params + 8)))
+    assert "\n" not in str(info.value)

@@ -73,3 +73,30 @@ def test_timm_building_blocks_prune_exactly_and_keep_their_train_mode():
     with torch.no_grad():
         small(torch.randn(4, 3, 32, 32))
     assert not torch.equal(bn.running_mean, before), "the pruned model's norm layers were frozen in eval mode"
+
+
+def test_cli_prune_groups_count_accept_timm_names(tmp_path, capsys, monkeypatch):
+    """`curlprune count/groups/prune timm:<name>` (timm's tiny test_resnet, random weights); the saved pruned
+    model loads back at the MACs the selection reported; without timm the same command is one line, exit 2."""
+    pytest.importorskip("timm")
+    import json
+
+    import curlprune
+    from curlprune.cli import main
+    from curlprune.cost import count
+
+    assert main(["count", "--model", "timm:test_resnet", "--input-size", "64"]) == 0
+    assert "timm:test_resnet at 64x64" in capsys.readouterr().out
+    assert main(["groups", "--model", "timm:test_resnet", "--input-size", "64"]) == 0
+    assert "prunable" in capsys.readouterr().out
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", "timm:test_resnet", "--criterion", "l1", "--target-macs", "0.5", "--out", str(out)]) == 0
+    selection = json.loads((out / "report.json").read_text())["selection"]
+    assert 0.45 < selection["macs_ratio"] <= 0.5
+    model = curlprune.load(out / "model.safetensors")
+    assert count(model, torch.zeros(1, 3, 160, 160))[0] == round(selection["macs"])
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "timm", None)
+    assert main(["count", "--model", "timm:test_resnet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install curlprune[timm]" in err and "\n" not in err
