@@ -497,8 +497,24 @@ def render() -> str:
     if reasons:
         lines += ["", "## Why groups are unprunable (number of models)", ""]
         lines += [f"- {k}: {n}" for k, n in reasons.most_common()]
+    lines += ["", "## Not taken (yet), and why", "",
+              "- LayerNorm / GroupNorm / GRN over the channels (ConvNeXt, ConvNeXt-V2, most hybrids): the statistics",
+              "  change with the kept set, so the masked and the sliced model differ by construction; those groups stay",
+              "  unprunable.",
+              "- Grouped convs with a != b and a != 1 channels per conv group in and out: pruning inside conv groups",
+              "  needs per-group input slicing.",
+              "- Channel selection `x[:, :k]` / `chunk` (GhostNet, FasterNet partial convs, ShuffleNet-V2 halves and",
+              "  its channel shuffle): exact only if the parts keep the same count with interleaved positions, a",
+              "  constraint between groups that a Plan cannot express yet.",
+              "- Functional convs / linears on `get_attr` parameters (`F.conv2d(x, self.w)`), weight-standardised",
+              "  convs (timm StdConv2d / ScaledStdConv2d: standardisation over the input channels changes with the kept",
+              "  set): counted exactly, channels unprunable.",
+              "- A channel count used as a value (`y * y.size(1) ** -0.5`): the group is unprunable with a reason naming",
+              "  both nodes (a pruned model would compute with the new count)."]
     versions = next((r["versions"] for r in rows.values() if "versions" in r), {})
-    lines += ["", "Measured with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ", 1 thread."]
+    commits = Counter(r.get("versions", {}).get("curlprune_commit", "?") for r in rows.values())
+    lines += ["", "Measured with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v and k != "curlprune_commit")
+              + ", 1 thread; curlprune commit " + ", ".join(f"{c} ({n} models)" for c, n in commits.most_common()) + "."]
     return "\n".join(lines) + "\n"
 
 
