@@ -1,14 +1,18 @@
 """Analytic cost of a Plan: MACs and parameters of the sliced model, without building it.
 
 Convention (the paper's): MACs are the multiply-accumulates of convs and linears, per sample:
-a conv costs ``Cout * Cin/groups * kH*kW * Hout*Wout`` (a depthwise conv ``C * k*k * H*W``), a linear
+a conv costs ``Cout * Cin/groups * kH*kW * Hout*Wout`` (a depthwise conv ``C * k*k * H*W``), a
+transposed conv ``Cin * Cout/groups * kH*kW * Hin*Win``, a linear
 ``in * out`` per position it is applied at (1 for a classifier). Params are every parameter the
 traced model uses (conv, linear, norm weights and biases, ``get_attr`` parameters such as ConvNeXt's
 layer scale); BN running statistics are buffers, not parameters.
 
 Every cost is a sum of terms ``factor * prod(size_k - removed_k)``, where ``removed_k`` is how many
-positions a plan removes from one member slice ``(module, role)``. ``plan_cost`` therefore equals
-``count(apply(model, groups, plan), x)`` exactly, and is cheap enough for a target search
+positions a plan removes from one member slice ``(module, role)``. The terms are built from what
+``cost.count``'s own mode measured on every traced node (``graph.propagate``), refined into sliced
+terms where the channel pass models the node, so ``plan_cost`` equals
+``count(apply(model, groups, plan), x)`` for every op count counts (transposed convs, functional
+convs/linears and attention included), and is cheap enough for a target search
 (``curlprune.analysis.plan_cost`` evaluates it on the cached analysis).
 """
 from __future__ import annotations

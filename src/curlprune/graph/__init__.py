@@ -3,13 +3,15 @@
 A package of passes over a torch.fx trace, one job per file (like torch.fx's own passes):
 
     tracing.py       CurlTracer, symbolic_trace, fetch_attr, eval_mode
-    shapes.py        the shape recording pass (TensorInfo)
+    shapes.py        the shape recording pass (TensorInfo; each node's cost measured as count does)
     slots.py         union-find over channel slots, channel layouts
     ops.py           the op tables and node helpers
     pass_state.py    the channel pass's state and shared moves
     module_ops.py    handlers of module calls (convs, linears, norms, ...)
     tensor_ops.py    handlers of functions and methods (binary ops, cat, pad, ...)
     shape_ops.py     handlers of dim moves (indexing, flatten, reshape, permute, reductions)
+    taint.py         channel counts read as values (size(1), shape, numel): followed or blocked
+    shared_params.py tied parameters: one tensor cut by several members is one set of channels
     channel_pass.py  the pass itself: dispatch over the graph
     groups.py        from slot classes to ChannelGroups (members, units)
 
