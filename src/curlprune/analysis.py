@@ -81,6 +81,10 @@ def analyse(model: nn.Module, example_input: Any) -> Analysis:
     groups = build_groups(an)
     param_dims = {module: src.dim for (module, role), src in an.sources.items() if role == "param"}
     cost = build_cost_table(gm, found, param_dims)
+    for g in groups:  # a slice whose cost the table cannot follow exactly is not offered
+        bad = sorted({m.module for m in g.members} & set(cost.mismatched))
+        if g.prunable and bad:
+            g.prunable, g.reason = False, f"the sliced cost of {bad[0]} differs from its measured cost"
     for g in groups:
         g.macs_per_channel, g.params_per_channel = cost.channel_savings(g)
     result = Analysis(gm, groups, cost)

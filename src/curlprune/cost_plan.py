@@ -51,7 +51,7 @@ class CostTable:
 
     terms: list[CostTerm]
     by_key: dict[SliceKey, list[int]] = field(default_factory=dict)
-    mismatched: list[str] = field(default_factory=list)  # nodes whose sliced terms disagreed with the measured MACs
+    mismatched: list[str] = field(default_factory=list)  # modules whose sliced terms disagreed with the measured MACs
 
     def __post_init__(self) -> None:
         for i, term in enumerate(self.terms):
@@ -115,8 +115,8 @@ def build_cost_table(gm: fx.GraphModule, found: Propagated, param_dims: Mapping[
         param_dims: ``get_attr`` target -> the dim a channel group slices.
 
     Returns:
-        The CostTable; ``mismatched`` names the nodes whose sliced terms disagreed with the measured
-        MACs (they are counted as measured, constant: a plan's cost would not follow them).
+        The CostTable; ``mismatched`` names the modules whose sliced terms disagreed with the measured
+        MACs (counted as measured, constant; the analysis makes their groups unprunable).
 
     Source: docs/method.md §8 (the MACs convention).
     """
@@ -138,13 +138,13 @@ def build_cost_table(gm: fx.GraphModule, found: Propagated, param_dims: Mapping[
         if node.op == "call_module":
             shape = getattr(found.values.get(node), "shape", None)
             in_shape = getattr(found.values.get(node.args[0]), "shape", None) if node.args else None
-            structured, param_terms = _structured_terms(str(node.target), modules[str(node.target)], shape, in_shape)
+            structured, param_terms = _structured_terms(str(node.target), modules[str(node.target)], shape, in_shape, found.batch)
         if structured and sum(t.value({}) for t in structured) == macs:
             terms.extend(structured)
         elif macs:
             terms.append(CostTerm(True, macs, ()))
             if structured:
-                mismatched.append(node.name)
+                mismatched.append(str(node.target))
         for p in found.node_params.get(node, ()):
             if id(p) not in counted:
                 counted.add(id(p))
@@ -153,9 +153,12 @@ def build_cost_table(gm: fx.GraphModule, found: Propagated, param_dims: Mapping[
 
 
 def _structured_terms(
-    name: str, mod: nn.Module, out_shape: Sequence[int] | None, in_shape: Sequence[int] | None
+    name: str, mod: nn.Module, out_shape: Sequence[int] | None, in_shape: Sequence[int] | None, batch: int
 ) -> tuple[list[CostTerm], dict[int, CostTerm]]:
-    """(MACs terms, parameter id -> params term) of the module kinds whose tensors a plan slices."""
+    """(MACs terms, parameter id -> params term) of the module kinds whose tensors a plan slices.
+
+    MACs are per sample: the positions a conv/linear is applied at (leading dims included, e.g. the
+    ``B*N`` rows of an inner transformer) divided by the example's batch size."""
     out_key, in_key, ch_key = (name, "out"), (name, "in"), (name, "channel")
     if isinstance(mod, nn.modules.conv._ConvNd) and out_shape is not None:
         k = math.prod(mod.kernel_size)
@@ -165,7 +168,7 @@ def _structured_terms(
                 return [], {}
             sizes = ((cin, in_key), (cout, out_key)) if groups == 1 else ()
             per = k if groups == 1 else k * cin * (cout // groups)
-            macs = [CostTerm(True, per * math.prod(in_shape[2:]), sizes)]
+            macs = [CostTerm(True, per * math.prod(in_shape[2:]) * in_shape[0] // batch, sizes)]
         else:
             if groups == 1:
                 sizes, per = ((cout, out_key), (cin, in_key)), k
@@ -173,7 +176,7 @@ def _structured_terms(
                 sizes, per = ((cout, out_key),), k * (cin // groups)
             else:  # other grouped convs are never sliced
                 sizes, per = (), k * cout * (cin // groups)
-            macs = [CostTerm(True, per * math.prod(out_shape[2:]), sizes)]
+            macs = [CostTerm(True, per * math.prod(out_shape[2:]) * out_shape[0] // batch, sizes)]
         params = {id(mod.weight): CostTerm(False, per, sizes)}
         if mod.bias is not None:
             params[id(mod.bias)] = CostTerm(False, 1, ((cout, out_key),)) if sizes else CostTerm(False, cout, ())
@@ -183,7 +186,7 @@ def _structured_terms(
         params = {id(mod.weight): CostTerm(False, 1, sizes)}
         if mod.bias is not None:
             params[id(mod.bias)] = CostTerm(False, 1, ((mod.out_features, out_key),))
-        return [CostTerm(True, math.prod(out_shape[1:-1]), sizes)], params
+        return [CostTerm(True, math.prod(out_shape[:-1]) // batch, sizes)], params
     if isinstance(mod, CHANNEL_NORMS) or (isinstance(mod, nn.PReLU) and mod.num_parameters > 1):
         return [], {id(p): CostTerm(False, 1, ((p.shape[0], ch_key),)) for p in mod.parameters(recurse=False)}
     return [], {}
