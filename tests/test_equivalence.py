@@ -38,6 +38,8 @@ MODELS = {
     # families that needed a fix of issue 8 (timm's BatchNormAct2d / Linear / DropPath as leaves;
     # the fault models of tests/test_faults.py cover the other kinds)
     "timm:test_efficientnet": (2, 3, 32, 32),
+    # token layouts [N, H, W, C] and fx-wrapped attention (cost measured, MLP hidden groups prunable)
+    "swin_t": (1, 3, 32, 32),
 }
 
 
