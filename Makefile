@@ -4,11 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean docs
+.PHONY: install test demo clean docs coverage-sweep
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[onnx,test,bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[onnx,test,bench,timm]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,8 +20,13 @@ demo: $(STAMP)
 	$(VENV)/bin/curlprune demo
 
 docs: $(STAMP)  ## regenerate the generated tables in docs/
-	$(PY) scripts/coverage_table.py > docs/coverage.md
+	$(PY) scripts/coverage_table.py render --out docs/coverage.md
 	$(PY) scripts/macs_table.py > docs/macs.md
+
+coverage-sweep: $(STAMP)  ## measure every torchvision/timm model (resumable; hours on a small CPU), then docs
+	$(PY) -m pip install -q -c constraints.txt -e '.[timm]'
+	OMP_NUM_THREADS=1 $(PY) scripts/coverage_table.py sweep
+	$(PY) scripts/coverage_table.py render --out docs/coverage.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

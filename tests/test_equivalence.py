@@ -35,13 +35,20 @@ MODELS = {
     "densenet121": (2, 3, 32, 32),
     "vgg11_bn": (2, 3, 32, 32),
     "convnext_tiny": (2, 3, 32, 32),
+    # families that needed a fix of issue 8 (timm's BatchNormAct2d / Linear / DropPath as leaves;
+    # the fault models of tests/test_faults.py cover the other kinds)
+    "timm:test_efficientnet": (2, 3, 32, 32),
+    # token layouts [N, H, W, C] and fx-wrapped attention (cost measured, MLP hidden groups prunable)
+    "swin_t": (1, 3, 32, 32),
 }
 
 
 def make_model(name: str, seed: int = 0) -> nn.Module:
     """The architecture with random weights and randomised norm statistics/affine/layer scales."""
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
     torch.manual_seed(seed)
-    model = build(name) if name.startswith("cifar:") else getattr(torchvision.models, name)(weights=None)
+    model = build(name) if name.startswith(("cifar:", "timm:")) else getattr(torchvision.models, name)(weights=None)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for module in model.modules():

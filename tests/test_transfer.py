@@ -17,7 +17,7 @@ from curlprune import checkpoint
 from curlprune.checkpoint import file_digest
 from curlprune.cli import main
 from curlprune.cost import count
-from curlprune.data import batches, load_digits_dataset
+from curlprune.data import load_digits_dataset
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
 from curlprune.digits import train_digits_model

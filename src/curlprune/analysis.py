@@ -23,9 +23,10 @@ import torch.fx as fx
 from torch import nn
 
 from curlprune.channels import ChannelGroup, Plan
+from curlprune.cost import count
 from curlprune.cost_plan import CostTable, build_cost_table
 from curlprune.errors import CurlpruneError
-from curlprune.graph import build_groups, channel_pass, propagate_shapes, symbolic_trace
+from curlprune.graph import build_groups, channel_pass, propagate, symbolic_trace
 from curlprune.surgery import removed_positions, validate_plan
 
 
@@ -75,11 +76,15 @@ def analyse(model: nn.Module, example_input: Any) -> Analysis:
     if key in cached:
         return cached[key]
     gm = symbolic_trace(model)
-    values = propagate_shapes(gm, model, example_input)
-    an = channel_pass(gm, values)
+    found = propagate(gm, model, example_input)
+    an = channel_pass(gm, found)
     groups = build_groups(an)
     param_dims = {module: src.dim for (module, role), src in an.sources.items() if role == "param"}
-    cost = build_cost_table(gm, values, param_dims)
+    cost = build_cost_table(gm, found, param_dims)
+    for g in groups:  # a slice whose cost the table cannot follow exactly is not offered
+        bad = sorted({m.module for m in g.members} & set(cost.mismatched))
+        if g.prunable and bad:
+            g.prunable, g.reason = False, f"the sliced cost of {bad[0]} differs from its measured cost"
     for g in groups:
         g.macs_per_channel, g.params_per_channel = cost.channel_savings(g)
     result = Analysis(gm, groups, cost)
@@ -148,8 +153,14 @@ def model_cost_fn(model: nn.Module, example_input: torch.Tensor, groups: Sequenc
 
     Returns:
         A cost function (memoised per plan) returning floats: MACs per sample and parameters.
+
+    Raises:
+        CurlpruneError: the analytic cost of the unpruned model differs from ``cost.count`` of it
+            (a target search on numbers the engine cannot stand behind would report one
+            compression and deliver another).
     """
     groups = list(groups)
+    check_cost_exact(model, example_input)
     cache: dict[tuple, tuple[float, float]] = {}
 
     def cost(plan: Plan) -> tuple[float, float]:
@@ -161,3 +172,55 @@ def model_cost_fn(model: nn.Module, example_input: torch.Tensor, groups: Sequenc
 
     return cost
 
+
+def check_cost_exact(model: nn.Module, example_input: Any) -> None:
+    """Refuse (one line) a model whose analytic cost the engine cannot stand behind.
+
+    The cost table is built from what ``count`` measures on each node, so its full-width total is
+    ``count(model)``; a difference, or a conv/linear whose sliced terms disagree with its measured
+    MACs, means an op or a shared parameter is not modelled, and a target search on those numbers
+    would report one compression and deliver another.
+
+    Args:
+        model: the unpruned model.
+        example_input: the input it is traced with (``[1, C, H, W]``).
+
+    Raises:
+        CurlpruneError: the analytic and measured costs differ.
+
+    Source: docs/method.md §8 (the MACs convention).
+    """
+    analytic, measured = analyse(model, example_input).cost.total({}), count(model, example_input)
+    mismatched = analyse(model, example_input).cost.mismatched
+    if analytic != measured or mismatched:
+        where = f" (at {', '.join(mismatched[:3])})" if mismatched else ""
+        raise CurlpruneError(
+            f"cannot select channels of {type(model).__name__} by cost: its analytic cost ({analytic[0]:,} MACs, "
+            f"{analytic[1]:,} params) differs from its measured cost ({measured[0]:,} MACs, {measured[1]:,} params){where}, "
+            "so an op or shared parameter is not modelled; please report the model"
+        )
+
+
+def check_pruned_cost(pruned: nn.Module, example_input: Any, expected: tuple[float, float]) -> None:
+    """Refuse a pruned model whose measured cost is not the cost the selection computed.
+
+    ``plan_cost`` equals ``count(apply(plan))`` by construction; this check after ``apply`` catches a
+    plan-dependent fault that :func:`check_cost_exact` on the unpruned model cannot see.
+
+    Args:
+        pruned: ``apply(model, groups, plan)``.
+        example_input: the input the groups were traced with (``[1, C, H, W]``).
+        expected: ``(MACs, params)`` the selection reported for the plan (``plan_cost``).
+
+    Raises:
+        CurlpruneError: ``count(pruned)`` differs from ``expected`` (one line).
+
+    Source: docs/method.md §8.
+    """
+    macs, params = count(pruned, example_input)
+    want = (round(expected[0]), round(expected[1]))
+    if (macs, params) != want:
+        raise CurlpruneError(
+            f"the pruned {type(pruned).__name__} costs {macs:,} MACs and {params:,} params, but the selection "
+            f"computed {want[0]:,} MACs and {want[1]:,} params; the pruned model was not saved; please report the model"
+        )

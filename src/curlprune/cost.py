@@ -18,68 +18,15 @@ convolution/linear call and every parameter passed to an op, so they work for an
 """
 from __future__ import annotations
 
-import inspect
-import math
 import statistics
 import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
 from curlprune.graph import eval_mode
-
-CONVS = {F.conv1d, F.conv2d, F.conv3d}
-TRANSPOSED_CONVS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
-_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
-
-
-class _CostMode(TorchFunctionMode):
-    """Sums conv/linear MACs and records the parameters that ops receive."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.macs = 0
-        self.used: dict[int, nn.Parameter] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if getattr(func, "__name__", "") != "__get__":  # reading an attribute is not a use
-            for leaf in pytree.tree_leaves((args, kwargs)):
-                if isinstance(leaf, nn.Parameter):
-                    self.used[id(leaf)] = leaf
-        self.macs += _call_macs(func, args, kwargs, out)
-        return out
-
-
-def _call_macs(func, args: tuple, kwargs: dict, out: Any) -> int:
-    """Multiply-accumulates of one op call (whole batch); 0 for ops outside the convention."""
-    if func in CONVS:
-        weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
-        return out.numel() * math.prod(weight.shape[1:])
-    if func in TRANSPOSED_CONVS:
-        x = kwargs.get("input", args[0])
-        weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
-        return x.numel() * math.prod(weight.shape[1:])
-    if func is F.linear:
-        weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
-        return out.numel() * weight.shape[1]
-    if func is F.multi_head_attention_forward:
-        return _attention_projection_macs(_MHA_SIGNATURE.bind(*args, **kwargs).arguments)
-    return 0
-
-
-def _attention_projection_macs(a: dict[str, Any]) -> int:
-    """MACs of the q/k/v input projections and the output projection of one attention call."""
-    embed = a["embed_dim_to_check"]
-    tokens = {name: a[name].numel() // a[name].shape[-1] for name in ("query", "key", "value")}
-    widths = {name: a[name].shape[-1] for name in ("query", "key", "value")}
-    projections = sum(tokens[name] * widths[name] * embed for name in tokens)
-    return projections + tokens["query"] * embed * embed
+from curlprune.op_cost import CostMode
 
 
 def count(model: nn.Module, example_input: Any) -> tuple[int, int]:
@@ -99,7 +46,7 @@ def count(model: nn.Module, example_input: Any) -> tuple[int, int]:
     """
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     batch = inputs[0].shape[0]
-    mode = _CostMode()
+    mode = CostMode()
     with torch.no_grad(), eval_mode(model), mode:
         model(*inputs)
     params = sum(p.numel() for p in mode.used.values())

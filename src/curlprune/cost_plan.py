@@ -1,14 +1,18 @@
 """Analytic cost of a Plan: MACs and parameters of the sliced model, without building it.
 
 Convention (the paper's): MACs are the multiply-accumulates of convs and linears, per sample:
-a conv costs ``Cout * Cin/groups * kH*kW * Hout*Wout`` (a depthwise conv ``C * k*k * H*W``), a linear
+a conv costs ``Cout * Cin/groups * kH*kW * Hout*Wout`` (a depthwise conv ``C * k*k * H*W``), a
+transposed conv ``Cin * Cout/groups * kH*kW * Hin*Win``, a linear
 ``in * out`` per position it is applied at (1 for a classifier). Params are every parameter the
 traced model uses (conv, linear, norm weights and biases, ``get_attr`` parameters such as ConvNeXt's
 layer scale); BN running statistics are buffers, not parameters.
 
 Every cost is a sum of terms ``factor * prod(size_k - removed_k)``, where ``removed_k`` is how many
-positions a plan removes from one member slice ``(module, role)``. ``plan_cost`` therefore equals
-``count(apply(model, groups, plan), x)`` exactly, and is cheap enough for a target search
+positions a plan removes from one member slice ``(module, role)``. The terms are built from what
+``cost.count``'s own mode measured on every traced node (``graph.propagate``), refined into sliced
+terms where the channel pass models the node, so ``plan_cost`` equals
+``count(apply(model, groups, plan), x)`` for every op count counts (transposed convs, functional
+convs/linears and attention included), and is cheap enough for a target search
 (``curlprune.analysis.plan_cost`` evaluates it on the cached analysis).
 """
 from __future__ import annotations
@@ -16,13 +20,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
 from curlprune.channels import ChannelGroup, SliceKey
 from curlprune.graph.ops import CHANNEL_NORMS
+from curlprune.graph.shapes import Propagated
 from curlprune.graph.tracing import fetch_attr
 
 
@@ -47,6 +51,7 @@ class CostTable:
 
     terms: list[CostTerm]
     by_key: dict[SliceKey, list[int]] = field(default_factory=dict)
+    mismatched: list[str] = field(default_factory=list)  # modules whose sliced terms disagreed with the measured MACs
 
     def __post_init__(self) -> None:
         for i, term in enumerate(self.terms):
@@ -95,70 +100,93 @@ class CostTable:
         return macs, params
 
 
-def build_cost_table(gm: fx.GraphModule, values: Mapping[fx.Node, Any], param_dims: Mapping[str, int]) -> CostTable:
-    """Cost terms of every conv/linear call and every parameter the graph uses.
+def build_cost_table(gm: fx.GraphModule, found: Propagated, param_dims: Mapping[str, int]) -> CostTable:
+    """Cost terms of every node, from what ``cost.count``'s mode measured on it during the trace.
 
-    ``values`` are the shapes from shape propagation (``graph.TensorInfo``); ``param_dims`` gives
-    the sliced dim of ``get_attr`` parameters that follow a channel group.
+    So the table at full width is ``count`` by construction, whatever ops count learns. A node the
+    channel pass models (conv / transposed conv / linear / norm modules, ``get_attr`` parameters in
+    ``param_dims``) gets sliced terms; any other measured cost is a constant term (the channel pass
+    leaves its channels unprunable). Each parameter is counted once, by identity, whichever modules
+    or ops use it (tied weights).
+
+    Args:
+        gm: the traced model.
+        found: ``graph.propagate``'s record: shapes, per-node MACs (whole batch) and parameters.
+        param_dims: ``get_attr`` target -> the dim a channel group slices.
+
+    Returns:
+        The CostTable; ``mismatched`` names the modules whose sliced terms disagreed with the measured
+        MACs (counted as measured, constant; the analysis makes their groups unprunable).
+
+    Source: docs/method.md §8 (the MACs convention).
     """
     modules = dict(gm.named_modules())
     terms: list[CostTerm] = []
-    counted: set[int] = set()  # ids of parameters already counted (shared modules/parameters)
+    mismatched: list[str] = []
+    attr_terms: dict[int, CostTerm] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module":
-            mod = modules[str(node.target)]
-            shape = getattr(values.get(node), "shape", None)
-            terms.extend(_module_terms(str(node.target), mod, shape, counted))
-        elif node.op == "get_attr":
+        if node.op == "get_attr" and str(node.target) in param_dims:
             param = fetch_attr(gm, str(node.target))
-            if isinstance(param, nn.Parameter) and id(param) not in counted:
-                counted.add(id(param))
-                name = str(node.target)
-                if name in param_dims and param.dim() > 0:
-                    d = param_dims[name]
-                    terms.append(CostTerm(False, param.numel() // param.shape[d], ((param.shape[d], (name, "param")),)))
-                else:
-                    terms.append(CostTerm(False, param.numel(), ()))
-    return CostTable(terms)
+            if isinstance(param, nn.Parameter) and param.dim() > 0:
+                d, name = param_dims[str(node.target)], str(node.target)
+                attr_terms[id(param)] = CostTerm(False, param.numel() // param.shape[d], ((param.shape[d], (name, "param")),))
+    counted: set[int] = set()
+    for node in gm.graph.nodes:
+        macs = found.node_macs.get(node, 0) // found.batch
+        structured: list[CostTerm] = []
+        param_terms: dict[int, CostTerm] = {}
+        if node.op == "call_module":
+            shape = getattr(found.values.get(node), "shape", None)
+            in_shape = getattr(found.values.get(node.args[0]), "shape", None) if node.args else None
+            structured, param_terms = _structured_terms(str(node.target), modules[str(node.target)], shape, in_shape, found.batch)
+        if structured and sum(t.value({}) for t in structured) == macs:
+            terms.extend(structured)
+        elif macs:
+            terms.append(CostTerm(True, macs, ()))
+            if structured:
+                mismatched.append(str(node.target))
+        for p in found.node_params.get(node, ()):
+            if id(p) not in counted:
+                counted.add(id(p))
+                terms.append(attr_terms.get(id(p)) or param_terms.get(id(p)) or CostTerm(False, p.numel(), ()))
+    return CostTable(terms, mismatched=mismatched)
 
 
-def _module_terms(name: str, mod: nn.Module, out_shape: Sequence[int] | None, counted: set[int]) -> list[CostTerm]:
-    """MACs of this call, plus the module's parameters the first time the module is seen."""
-    macs, params = _structured_terms(name, mod, out_shape)
-    own = list(mod.parameters())
-    if any(id(p) in counted for p in own):  # called before (or shares its parameters): count once
-        return macs
-    counted.update(id(p) for p in own)
-    if params is None:
-        params = [CostTerm(False, p.numel(), ()) for p in own]
-    return macs + params
+def _structured_terms(
+    name: str, mod: nn.Module, out_shape: Sequence[int] | None, in_shape: Sequence[int] | None, batch: int
+) -> tuple[list[CostTerm], dict[int, CostTerm]]:
+    """(MACs terms, parameter id -> params term) of the module kinds whose tensors a plan slices.
 
-
-def _structured_terms(name: str, mod: nn.Module, out_shape: Sequence[int] | None) -> tuple[list[CostTerm], list[CostTerm] | None]:
-    """(MACs terms, params terms) of the module kinds whose tensors a plan slices; params None otherwise."""
+    MACs are per sample: the positions a conv/linear is applied at (leading dims included, e.g. the
+    ``B*N`` rows of an inner transformer) divided by the example's batch size."""
     out_key, in_key, ch_key = (name, "out"), (name, "in"), (name, "channel")
-    if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed and out_shape is not None:
+    if isinstance(mod, nn.modules.conv._ConvNd) and out_shape is not None:
         k = math.prod(mod.kernel_size)
         cout, cin, groups = mod.out_channels, mod.in_channels, mod.groups
-        if groups == 1:
-            sizes, per_out = ((cout, out_key), (cin, in_key)), k
-        elif cin == cout:  # depthwise / grouped with tied in and out channels
-            sizes, per_out = ((cout, out_key),), k * (cin // groups)
-        else:  # other grouped convs are never sliced
-            sizes, per_out = (), k * cout * (cin // groups)
-        params = [CostTerm(False, per_out, sizes)]
+        if mod.transposed:  # Cin * Cout/groups * k per input position
+            if in_shape is None:
+                return [], {}
+            sizes = ((cin, in_key), (cout, out_key)) if groups == 1 else ()
+            per = k if groups == 1 else k * cin * (cout // groups)
+            macs = [CostTerm(True, per * math.prod(in_shape[2:]) * in_shape[0] // batch, sizes)]
+        else:
+            if groups == 1:
+                sizes, per = ((cout, out_key), (cin, in_key)), k
+            elif cin == cout or groups == cin:  # depthwise (a channel multiplier included) / tied grouped
+                sizes, per = ((cout, out_key),), k * (cin // groups)
+            else:  # other grouped convs are never sliced
+                sizes, per = (), k * cout * (cin // groups)
+            macs = [CostTerm(True, per * math.prod(out_shape[2:]) * out_shape[0] // batch, sizes)]
+        params = {id(mod.weight): CostTerm(False, per, sizes)}
         if mod.bias is not None:
-            params.append(CostTerm(False, 1, ((cout, out_key),)) if sizes else CostTerm(False, cout, ()))
-        return [CostTerm(True, per_out * math.prod(out_shape[2:]), sizes)], params
+            params[id(mod.bias)] = CostTerm(False, 1, ((cout, out_key),)) if sizes else CostTerm(False, cout, ())
+        return macs, params
     if isinstance(mod, nn.Linear) and out_shape is not None:
         sizes = ((mod.out_features, out_key), (mod.in_features, in_key))
-        params = [CostTerm(False, 1, sizes)]
+        params = {id(mod.weight): CostTerm(False, 1, sizes)}
         if mod.bias is not None:
-            params.append(CostTerm(False, 1, ((mod.out_features, out_key),)))
-        return [CostTerm(True, math.prod(out_shape[1:-1]), sizes)], params
-    per_channel = isinstance(mod, CHANNEL_NORMS) or (
-        isinstance(mod, nn.PReLU) and mod.num_parameters > 1
-    )
-    if per_channel:
-        return [], [CostTerm(False, 1, ((p.shape[0], ch_key),)) for p in mod.parameters(recurse=False)]
-    return [], None
+            params[id(mod.bias)] = CostTerm(False, 1, ((mod.out_features, out_key),))
+        return [CostTerm(True, math.prod(out_shape[:-1]) // batch, sizes)], params
+    if isinstance(mod, CHANNEL_NORMS) or (isinstance(mod, nn.PReLU) and mod.num_parameters > 1):
+        return [], {id(p): CostTerm(False, 1, ((p.shape[0], ch_key),)) for p in mod.parameters(recurse=False)}
+    return [], {}

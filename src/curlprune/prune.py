@@ -38,7 +38,7 @@ from curlprune.criteria import compute_scores, get, work_items
 from curlprune.criteria import DEFAULT_BUDGET_MB
 from curlprune.errors import CurlpruneError
 from curlprune.latency import LatencyTarget, measured_cost_fn, select_latency
-from curlprune.analysis import trace
+from curlprune.analysis import check_pruned_cost, trace
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.models import build, default_protect, input_spec
 from curlprune.models.spec import InputSpec
@@ -260,6 +260,7 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
 
     selection, chosen = _select(config, groups, scores, cost_fn, target, protect, model, example)
     pruned = _apply(model, groups, selection.plan)
+    check_pruned_cost(pruned, example, (selection.macs, selection.params))  # the numbers reported are the model's
     accuracy = _accuracies(model, pruned, splits, spec, config)
     report = _report(config, settings, chosen, accuracy, groups, scores_seconds=seconds, scores_reused=reused)
     checkpoint = _write_outputs(out, model_name, num_classes, example, selection.plan, pruned, report, settings)

@@ -261,6 +261,11 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.Gr
     for (name, role), positions in removed.items():
         by_module.setdefault(name, {})[role] = positions
     nodes = {n.name: n for n in gm.graph.nodes}
+    shared: dict[int, list[tuple[nn.Module, str]]] = {}  # tied parameters (deepcopy keeps them one object)
+    for sub in root.modules():
+        for pname, p in sub._parameters.items():
+            if p is not None:
+                shared.setdefault(id(p), []).append((sub, pname))
     try:
         for name, roles in by_module.items():
             if "param" in roles:
@@ -275,8 +280,22 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.Gr
             f"the groups do not fit this {type(model).__name__} ({type(exc).__name__}: {exc}); "
             "trace this model and build the plan from its groups"
         ) from None
+    _retie(shared)
     gm.recompile()
     return gm
+
+
+def _retie(shared: dict[int, list[tuple[nn.Module, str]]]) -> None:
+    """Tie shared parameters again after slicing: one sliced tensor for all users (docs/method.md §1).
+
+    The trace puts all users of a tensor in one group, so every user was sliced the same way."""
+    for users in shared.values():
+        if len(users) > 1:
+            first = getattr(*users[0])
+            for sub, pname in users[1:]:
+                if getattr(sub, pname).shape != first.shape:
+                    raise CurlpruneError(f"internal: the shared parameter {pname} was sliced two ways; please report the model")
+                setattr(sub, pname, first)
 
 
 def _kept(size: int, removed: list[int] | None) -> torch.Tensor:
@@ -290,17 +309,23 @@ def _new_param(old: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
 
 def _slice_module(mod: nn.Module, roles: dict[str, list[int]]) -> None:
     """Slice a conv / linear / per-channel module in place (it is already a private copy)."""
-    if isinstance(mod, nn.modules.conv._ConvNd):
+    if isinstance(mod, nn.modules.conv._ConvTransposeNd):  # weight [Cin, Cout, k...]
+        in_keep, out_keep = _kept(mod.in_channels, roles.get("in")), _kept(mod.out_channels, roles.get("out"))
+        mod.weight = _new_param(mod.weight, mod.weight.index_select(0, in_keep).index_select(1, out_keep))
+        if mod.bias is not None:
+            mod.bias = _new_param(mod.bias, mod.bias.index_select(0, out_keep))
+        mod.in_channels, mod.out_channels = len(in_keep), len(out_keep)
+    elif isinstance(mod, nn.modules.conv._ConvNd):
         out_keep = _kept(mod.out_channels, roles.get("out"))
         weight = mod.weight.index_select(0, out_keep)
         if mod.groups == 1:
             in_keep = _kept(mod.in_channels, roles.get("in"))
             weight = weight.index_select(1, in_keep)
             mod.in_channels = len(in_keep)
-        else:  # tied depthwise/grouped conv: whole conv groups go
-            per_group = mod.in_channels // mod.groups
-            mod.in_channels = len(out_keep)
-            mod.groups = len(out_keep) // per_group
+        else:  # depthwise/grouped conv sliced by whole conv groups (a channel multiplier included)
+            in_per, out_per = mod.in_channels // mod.groups, mod.out_channels // mod.groups
+            mod.groups = len(out_keep) // out_per
+            mod.in_channels = mod.groups * in_per
         mod.out_channels = len(out_keep)
         mod.weight = _new_param(mod.weight, weight)
         if mod.bias is not None:

@@ -88,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     p = subparsers.add_parser("groups", help="list the channel groups of a model (what is pruned together)", formatter_class=formatter,
                               description="Trace a model and print its channel groups: channels that must be removed together "
                                           "(inside a block, or along a residual stream), with width and MACs per channel.")
-    p.add_argument("--model", required=True, help="registry name: cifar:resnet20|32|44|56|110, torchvision:<name>, small:resnet-digits")
+    p.add_argument("--model", required=True, help="registry name: cifar:resnet20|32|44|56|110, torchvision:<name>, timm:<name>, small:resnet-digits")
     p.add_argument("--weights", default=None, help="weights file or torchvision weight name (not needed to see the groups)")
     p.add_argument("--input-size", type=int, default=None, help="input resolution used for tracing (default: the model's own)")
     p.set_defaults(func=cmd_groups)

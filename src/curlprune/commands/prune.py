@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                     "when the channel is removed), rank all scores globally, remove the lowest until the target is "
                     "met (the number of removals is found automatically), slice the weights and save the pruned model. "
                     "Prints a table per group and test top-1 before/after (no fine-tuning).")
-    p.add_argument("--model", required=True, help="registry name: cifar:resnet20|32|44|56|110, torchvision:<name>, small:resnet-digits (required)" + NO_DEFAULT)
+    p.add_argument("--model", required=True, help="registry name: cifar:resnet20|32|44|56|110, torchvision:<name>, timm:<name>, small:resnet-digits (required)" + NO_DEFAULT)
     p.add_argument("--weights", default=None, help="weights file (.th/.pt/.pth/.safetensors) or torchvision weight name (default: random init)" + NO_DEFAULT)
     p.add_argument("--num-classes", type=int, default=None, help="classifier outputs, when not the model's default (default: the model's)" + NO_DEFAULT)
     p.add_argument("--input-size", type=int, default=None, help="square input side when not the model's default, e.g. 64 "

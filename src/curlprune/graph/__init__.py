@@ -3,13 +3,15 @@
 A package of passes over a torch.fx trace, one job per file (like torch.fx's own passes):
 
     tracing.py       CurlTracer, symbolic_trace, fetch_attr, eval_mode
-    shapes.py        the shape recording pass (TensorInfo)
+    shapes.py        the shape recording pass (TensorInfo; each node's cost measured as count does)
     slots.py         union-find over channel slots, channel layouts
     ops.py           the op tables and node helpers
     pass_state.py    the channel pass's state and shared moves
     module_ops.py    handlers of module calls (convs, linears, norms, ...)
     tensor_ops.py    handlers of functions and methods (binary ops, cat, pad, ...)
     shape_ops.py     handlers of dim moves (indexing, flatten, reshape, permute, reductions)
+    taint.py         channel counts read as values (size(1), shape, numel): followed or blocked
+    shared_params.py tied parameters: one tensor cut by several members is one set of channels
     channel_pass.py  the pass itself: dispatch over the graph
     groups.py        from slot classes to ChannelGroups (members, units)
 
@@ -20,7 +22,7 @@ from curlprune.channels import ChannelGroup, Member, Plan, SliceKey
 from curlprune.graph.channel_pass import channel_pass
 from curlprune.graph.groups import build_groups
 from curlprune.graph.ops import CHANNEL_NORMS
-from curlprune.graph.shapes import TensorInfo, propagate_shapes
+from curlprune.graph.shapes import Propagated, TensorInfo, propagate, propagate_shapes
 from curlprune.graph.tracing import CurlTracer, eval_mode, fetch_attr, symbolic_trace
 
 __all__ = [
@@ -29,12 +31,14 @@ __all__ = [
     "CurlTracer",
     "Member",
     "Plan",
+    "Propagated",
     "SliceKey",
     "TensorInfo",
     "build_groups",
     "channel_pass",
     "eval_mode",
     "fetch_attr",
+    "propagate",
     "propagate_shapes",
     "symbolic_trace",
 ]

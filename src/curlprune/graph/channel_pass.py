@@ -12,28 +12,33 @@ Source: docs/method.md §1.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch.fx as fx
 
 from curlprune.graph.module_ops import call_module
+from curlprune.graph.ops import op_name
 from curlprune.graph.pass_state import PassState
+from curlprune.graph.shapes import Propagated
+from curlprune.graph.shared_params import tie_shared_parameters
+from curlprune.graph.taint import check_followed, check_taint
 from curlprune.graph.tensor_ops import call_op
 
 
-def channel_pass(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> PassState:
+def channel_pass(gm: fx.GraphModule, found: Propagated) -> PassState:
     """Run the channel pass over ``gm``.
+
+    After the walk, members that cut one shared tensor are united (``shared_params``) and channel
+    counts used as shapes are checked against the channels they shape (``taint``).
 
     Args:
         gm: the traced model (``symbolic_trace``).
-        values: every node's recorded shape/value (``propagate_shapes``).
+        found: every node's recorded shape/value and the parameters its calls used (``propagate``).
 
     Returns:
         The final ``PassState``: the union-find of slots, each tensor node's channel layout and the
         member slices (``sources``, ``node_sources``, grouped-conv ``units``) that ``build_groups``
         turns into ChannelGroups.
     """
-    st = PassState(gm, values)
+    st = PassState(gm, found.values)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             shape = st.shape(node)
@@ -43,10 +48,15 @@ def channel_pass(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> PassState:
                 st.layouts[node] = lay
         elif node.op == "call_module":
             call_module(st, node)
+            check_taint(st, node, None)
         elif node.op in ("call_function", "call_method"):
             call_op(st, node)
+            check_taint(st, node, op_name(node))
         elif node.op == "output":
+            check_taint(st, node, None)
             for n in st.tensor_inputs(node):
                 if (lay := st.layout(n)) is not None:
                     st.uf.mark(lay.slots, "feeds the model output")
+    tie_shared_parameters(st, found.node_params)
+    check_followed(st)
     return st

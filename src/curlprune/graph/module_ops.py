@@ -1,7 +1,9 @@
 """Channel-pass handlers of module calls (``call_module``).
 
-Convs and linears create fresh output channels and consume their input channels (depthwise and
-tied grouped convs pass them through in units of whole conv groups); per-channel norms and PReLU
+Convs, transposed convs and linears create fresh output channels and consume their input channels
+(depthwise and tied grouped convs pass them through in units of whole conv groups; a depthwise conv
+with a channel multiplier k gives each input channel its k outputs); PixelShuffle/Unshuffle move
+whole blocks of r*r channels; per-channel norms and PReLU
 are ``channel`` members; activations, dropout and pooling pass channels through; cross-channel
 norms and softmax over channels make them unprunable; any other module is unsupported.
 """
@@ -13,13 +15,13 @@ from torch import nn
 from curlprune.graph.ops import (
     CHANNEL_NORMS,
     CROSS_CHANNEL_MODULES,
-    ELEMENTWISE_MODULES,
     SOFTMAX_MODULES,
     SPATIAL_MODULES,
+    is_elementwise,
     norm_dim,
 )
 from curlprune.graph.pass_state import PassState
-from curlprune.graph.shape_ops import flatten
+from curlprune.graph.shape_ops import flatten, pixel_shuffle
 from curlprune.graph.slots import Layout
 
 
@@ -33,6 +35,12 @@ def call_module(st: PassState, node: fx.Node) -> None:
         return st.unsupported(node)
     if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed:
         return conv(st, node, name, mod, lay)
+    if isinstance(mod, nn.modules.conv._ConvTransposeNd) and lay.dim == 1 and mod.groups == 1:
+        out = st.fresh_layout(node, 1)  # weight [Cin, Cout, k...]: out on dim 1, in on dim 0
+        st.add_source(st.sources, (name, "out"), 1, out.slots)
+        st.add_source(st.sources, (name, "in"), 0, lay.slots)
+        st.layouts[node] = out
+        return None
     if isinstance(mod, nn.Linear):
         return linear(st, node, name, lay)
     if isinstance(mod, CHANNEL_NORMS) and lay.dim == 1:
@@ -45,12 +53,14 @@ def call_module(st: PassState, node: fx.Node) -> None:
             st.add_source(st.sources, (name, "channel"), 0, lay.slots)
         st.layouts[node] = lay
         return None
-    if isinstance(mod, ELEMENTWISE_MODULES):
+    if is_elementwise(mod):
         st.layouts[node] = lay
         return None
     if isinstance(mod, SPATIAL_MODULES) and lay.dim == 1 and not getattr(mod, "return_indices", False):
         st.layouts[node] = lay
         return None
+    if isinstance(mod, (nn.PixelShuffle, nn.PixelUnshuffle)) and lay.dim == 1:
+        return pixel_shuffle(st, node, lay, mod.upscale_factor if isinstance(mod, nn.PixelShuffle) else -mod.downscale_factor)
     if isinstance(mod, nn.Flatten):
         return flatten(st, node, x, mod.start_dim, mod.end_dim)
     if isinstance(mod, SOFTMAX_MODULES):
@@ -83,6 +93,11 @@ def conv(st: PassState, node: fx.Node, name: str, mod: nn.Module, lay: Layout) -
         st.add_source(st.sources, (name, "out"), 0, out.slots)
         if cin // groups > 1:
             st.units.append((name, cin // groups, out.slots))
+    elif groups == cin and cout % cin == 0:
+        # depthwise with a channel multiplier k: input channel i owns outputs i*k .. i*k+k-1
+        k = cout // cin
+        out = Layout(1, [s for s in lay.slots for _ in range(k)])
+        st.add_source(st.sources, (name, "out"), 0, out.slots)
     else:
         out = st.fresh_layout(node, 1)
         reason = f"grouped conv {name} (groups={groups}, {cin}->{cout} channels) cannot be sliced per channel"

@@ -27,6 +27,36 @@ CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._Insta
 CROSS_CHANNEL_MODULES = (nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Softmax2d)
 SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 
+# Modules of other libraries that are exactly a torch.nn leaf (matched by (module, qualname), so no
+# optional library is imported). fx only stops at torch.nn's own classes; traced through, these become
+# functional ops on get_attr parameters, fail to trace (data-dependent padding), or freeze their
+# train/eval branch into the traced graph. Never weight-standardised convs (StdConv2d): slicing their
+# input channels changes the standardisation, so they must stay traced (and unprunable).
+LEAF_CLASSES = {
+    ("timm.layers.conv2d_same", "Conv2dSame"),  # TF "same" padding (spatial) + F.conv2d(x, weight, bias)
+    ("timm.layers.linear", "Linear"),  # F.linear(x, weight, bias)
+}
+ELEMENTWISE_CLASSES = {("timm.layers.drop", "DropPath")}  # per-sample drop of a whole residual branch
+NORM_ACT_CLASSES = {("timm.layers.norm_act", "BatchNormAct2d"), ("timm.layers.norm_act", "SyncBatchNormAct")}
+"""BatchNorm subclasses that add an activation and dropout: leaves when both are elementwise modules."""
+
+
+def class_key(m: nn.Module) -> tuple[str, str]:
+    return type(m).__module__, type(m).__qualname__
+
+
+def is_elementwise(m: nn.Module) -> bool:
+    """An activation/dropout-like module: each channel's values depend on that channel only."""
+    return isinstance(m, ELEMENTWISE_MODULES) or class_key(m) in ELEMENTWISE_CLASSES
+
+
+def known_leaf(m: nn.Module) -> bool:
+    """A module of another library that the tracer keeps as a leaf (see ``LEAF_CLASSES``)."""
+    key = class_key(m)
+    if key in LEAF_CLASSES or key in ELEMENTWISE_CLASSES:
+        return True
+    return key in NORM_ACT_CLASSES and all(is_elementwise(getattr(m, part, nn.Identity())) for part in ("act", "drop"))
+
 UNARY_OPS = {
     "relu", "relu_", "relu6", "silu", "gelu", "hardswish", "hardsigmoid", "sigmoid", "sigmoid_", "tanh",
     "tanh_", "leaky_relu", "leaky_relu_", "elu", "elu_", "celu", "selu", "mish", "softplus", "hardtanh",

@@ -29,6 +29,12 @@ class PassState:
         self.sources: dict[SliceKey, Source] = {}
         self.node_sources: dict[SliceKey, Source] = {}
         self.units: list[tuple[str, int, list[int]]] = []  # (conv name, channels per conv group, slots)
+        self.tuple_dims: dict[fx.Node, int] = {}  # non-tensor outputs of unsupported ops: their input's channel dim
+        # channel counts read as values (graph.taint): node -> (slots whose count it is, where read);
+        # a torch.Size / shape tuple: node -> {position: (slots, where read)}
+        self.taint: dict[fx.Node, tuple[list[int], str]] = {}
+        self.size_taint: dict[fx.Node, dict[int, tuple[list[int], str]]] = {}
+        self.followed: list[tuple[list[int], list[int], str, str]] = []  # (count's slots, shaped slots, read, use)
 
     def shape(self, n: Any) -> tuple[int, ...] | None:
         info = self.values.get(n) if isinstance(n, fx.Node) else None
@@ -65,12 +71,22 @@ class PassState:
     def unsupported(self, node: fx.Node, reason: str | None = None) -> None:
         """Everything this op touches becomes unprunable; its output gets fresh (unprunable) slots."""
         reason = reason or f"unsupported op {target_str(node)} at {where(node)}"
+        dims = set()
         for n in self.tensor_inputs(node):
             if (lay := self.layout(n)) is not None:
                 self.uf.mark(lay.slots, reason)
+                out = self.shape(node)
+                if out is None or (len(self.shape(n)) == len(out) and self.shape(n)[lay.dim] == out[lay.dim]):
+                    dims.add(lay.dim)
         shape = self.shape(node)
+        if not dims:  # e.g. item 0 of an unsupported module's tuple output (attention)
+            dims = {self.tuple_dims[n] for n in node.all_input_nodes if n in self.tuple_dims}
+        if shape is None and len(dims) == 1:
+            self.tuple_dims[node] = next(iter(dims))
         if shape is not None and len(shape) >= 2:
-            lay = self.fresh_layout(node, 1)
+            # the channels stay on the dim the input kept them on ([N, T, C] tokens: the last), else dim 1
+            dim = dims.pop() if len(dims) == 1 else 1
+            lay = self.fresh_layout(node, dim if dim < len(shape) else 1)
             self.uf.mark(lay.slots, reason)
             self.layouts[node] = lay
 

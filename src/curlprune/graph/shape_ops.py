@@ -1,6 +1,7 @@
 """Channel-pass handlers of ops that move, merge or select dims: where the channels go.
 
-Indexing, flatten, view/reshape, permute/transpose/(un)squeeze and reductions keep every channel
+Indexing, flatten, view/reshape (size-1 dims added or removed included), expand, pixel
+(un)shuffle, permute/transpose/(un)squeeze and reductions keep every channel
 as long as they do not cut, reduce or reshape the channel dim into a constant; otherwise the
 channels they touch become unprunable with a reason.
 """
@@ -98,7 +99,45 @@ def reshape(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
             if start <= lay.dim <= end and len(raw) == len(out_shape) and isinstance(raw[start], int) and raw[start] != -1:
                 return st.unsupported(node, f"reshape to a constant size {raw[start]} over channels at {where(node)}")
             return flatten(st, node, x, start, end)
+    real_in = [i for i, d in enumerate(in_shape) if d != 1]
+    real_out = [i for i, d in enumerate(out_shape) if d != 1]
+    if in_shape[lay.dim] != 1 and [in_shape[i] for i in real_in] == [out_shape[i] for i in real_out]:
+        new_dim = real_out[real_in.index(lay.dim)]  # only size-1 dims added or removed
+        if len(raw) == len(out_shape) and isinstance(raw[new_dim], int) and raw[new_dim] != -1:
+            return st.unsupported(node, f"reshape to a constant size {raw[new_dim]} over channels at {where(node)}")
+        st.layouts[node] = Layout(new_dim, lay.slots)
+        return None
     return st.unsupported(node, f"reshape {tuple(in_shape)} -> {tuple(out_shape)} at {where(node)}")
+
+
+def expand(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
+    """expand/expand_as/broadcast_to: size-1 dims grow; the channel dim must keep its size."""
+    in_shape, out_shape = st.shape(x), st.shape(node)
+    new_dim = lay.dim + len(out_shape) - len(in_shape)
+    if out_shape[new_dim] != in_shape[lay.dim]:
+        return st.unsupported(node, f"broadcast across channels at {where(node)}")
+    if op_name(node) == "expand":
+        raw = list(node.args[1:])
+        if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
+            raw = list(raw[0])
+        if len(raw) == len(out_shape) and isinstance(raw[new_dim], int) and raw[new_dim] != -1:
+            return st.unsupported(node, f"expand to a constant size {raw[new_dim]} over channels at {where(node)}")
+    st.layouts[node] = Layout(new_dim, lay.slots)
+    return None
+
+
+def pixel_shuffle(st: PassState, node: fx.Node, lay: Layout, r: int) -> None:
+    """PixelShuffle(r) (r > 0): input channels c*r^2 .. c*r^2+r^2-1 become output channel c, so they
+    are one channel; PixelUnshuffle (r < 0): output channels c*r^2 .. are copies of input channel c."""
+    r2 = r * r
+    if r > 0:
+        for c in range(len(lay.slots) // r2):
+            block = lay.slots[c * r2:(c + 1) * r2]
+            st.uf.union_all([block[0]] * (r2 - 1), block[1:])
+        st.layouts[node] = Layout(1, lay.slots[::r2])
+    else:
+        st.layouts[node] = Layout(1, [s for s in lay.slots for _ in range(r2)])
+    return None
 
 
 def move_dims(st: PassState, node: fx.Node, name: str, x: fx.Node, lay: Layout) -> None:

@@ -26,15 +26,18 @@ from curlprune.graph.ops import (
     where,
 )
 from curlprune.graph.pass_state import PassState
-from curlprune.graph.shape_ops import flatten, getitem, move_dims, reduce, reshape
+from curlprune.graph.shape_ops import expand, flatten, getitem, move_dims, pixel_shuffle, reduce, reshape
 from curlprune.graph.slots import Layout
+from curlprune.graph.taint import record_shape_value
 
 
 def call_op(st: PassState, node: fx.Node) -> None:
     """A function or tensor-method call: dispatch on the op name (``ops`` tables)."""
     name = op_name(node)
     if st.shape(node) is None:
-        # a non-tensor result: shape queries are harmless, anything else reading channels is not
+        # a non-tensor result: shape queries are harmless (their uses are checked: graph.taint),
+        # anything else reading channels is not
+        record_shape_value(st, node, name)
         if name in SHAPE_QUERIES or node.target in (builtins.getattr, operator.getitem) or not any(
             st.layout(n) is not None for n in st.tensor_inputs(node)
         ):
@@ -62,6 +65,11 @@ def call_op(st: PassState, node: fx.Node) -> None:
         return flatten(st, node, x, arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1))
     if name in ("view", "reshape"):
         return reshape(st, node, x, lay)
+    if name in ("expand", "expand_as", "broadcast_to"):
+        return expand(st, node, x, lay)
+    if name in ("pixel_shuffle", "pixel_unshuffle") and lay.dim == 1:
+        r = st.value(arg(node, 1, "upscale_factor" if name == "pixel_shuffle" else "downscale_factor"))
+        return pixel_shuffle(st, node, lay, r if name == "pixel_shuffle" else -r)
     if name in ("permute", "transpose", "swapaxes", "unsqueeze", "squeeze"):
         return move_dims(st, node, name, x, lay)
     if name == "pad":

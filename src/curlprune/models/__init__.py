@@ -1,7 +1,8 @@
 """Model registry: ``build("cifar:resnet56", weights=...)``, ``input_spec(name)``, ``ModelRef``.
 
 Families: ``cifar:resnet20|32|44|56|110|1202`` (option-A CIFAR ResNets), ``torchvision:<name>``
-(any torchvision classification model) and ``small:resnet-digits`` (a tiny ResNet for 8x8 digits).
+(any torchvision classification model) ``small:resnet-digits`` (a tiny ResNet for 8x8 digits) and ``timm:<name>`` (any
+``timm.list_models()`` name; optional dependency, imported only when a timm: name is used).
 Each family registers itself when its module is imported (below, in the order of the error
 messages); :func:`register_family` adds more.
 """
@@ -19,6 +20,7 @@ from curlprune.models.registry import (
 from curlprune.models.spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 from curlprune.models.torchvision_models import TORCHVISION_FAMILY
 from curlprune.models.small import digits_resnet  # noqa: I001 (after torchvision: registration order)
+from curlprune.models.timm_family import TIMM_FAMILY  # noqa: I001 (last: registration order)
 from curlprune.models.weights import load_state_strict, load_weights_file, read_state_dict
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "InputSpec",
     "ModelRef",
     "SmallResNet",
+    "TIMM_FAMILY",
     "TORCHVISION_FAMILY",
     "ZeroPadShortcut",
     "build",

@@ -8,6 +8,7 @@ Names have a family prefix (``family:arch``). Each family registers itself with
     cifar:resnet20|32|44|56|110|1202   CIFAR ResNets with option-A shortcuts (models/cifar.py)
     torchvision:<name>                 any torchvision classification model (models/torchvision_models.py)
     small:resnet-digits                a tiny ResNet for 8x8 digits (models/small.py)
+    timm:<name>                        any timm.list_models() name, optional extra (models/timm_family.py)
 
 ``weights`` is a state-dict file (.th/.pt/.pth via ``torch.load(weights_only=True)``, or
 .safetensors) or, for torchvision models, a weight enum name such as ``"IMAGENET1K_V1"``.
