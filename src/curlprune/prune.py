@@ -79,7 +79,8 @@ class PruneConfig:
     target_latency: measured latency to reach: a fraction of the unpruned model's (0.5) or a time per
                     batch ("12ms"); found by timing the sliced model on this machine
                     (:func:`curlprune.latency.select_latency`).
-    latency_batch:  images per timed forward pass (latency target only).
+    latency_batch:  images per timed forward pass (latency target only); None = 1 (unset, so that
+                    run folders written before latency targets existed keep their settings).
     latency_threads: intra-op threads while timing; None = the current setting.
     calib:          calibration images (seeded draw from the training split, eval transform).
     seed:           seed of the calibration draw, the random criterion and the eval subset.
@@ -98,7 +99,7 @@ class PruneConfig:
     target_macs: float | str | None = None
     target_params: float | str | None = None
     target_latency: float | str | None = None
-    latency_batch: int = 1
+    latency_batch: int | None = None
     latency_threads: int | None = None
     calib: int = DEFAULT_CALIB
     seed: int = 0
@@ -116,7 +117,7 @@ class PruneConfig:
             raise CurlpruneError("give exactly one target: target_macs (e.g. 0.5 or 62.5M), target_params or target_latency (0.5 or 12ms)")
         self.target()  # parses, raises on a bad value
         self.latency_target()
-        if isinstance(self.latency_batch, bool) or not isinstance(self.latency_batch, int) or self.latency_batch < 1:
+        if self.latency_batch is not None and (isinstance(self.latency_batch, bool) or not isinstance(self.latency_batch, int) or self.latency_batch < 1):
             raise CurlpruneError(f"latency_batch must be a positive number of images, got {self.latency_batch!r}")
         if self.latency_threads is not None and (isinstance(self.latency_threads, bool) or not isinstance(self.latency_threads, int) or self.latency_threads < 1):
             raise CurlpruneError(f"latency_threads must be a positive number of threads, got {self.latency_threads!r}")
@@ -349,7 +350,7 @@ def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None,
         selection = select(groups, scores, cost_fn, target, floor=config.floor, protect=protect,
                            normalize=config.normalize, round_to=config.round_to)
         return selection, selection
-    measured = measured_cost_fn(model, groups, example, batch=config.latency_batch, threads=config.latency_threads)
+    measured = measured_cost_fn(model, groups, example, batch=config.latency_batch or 1, threads=config.latency_threads)
     chosen = select_latency(groups, scores, measured, cost_fn, config.latency_target(), floor=config.floor,
                             protect=protect, normalize=config.normalize, round_to=config.round_to)
     return chosen.selection, chosen

@@ -53,8 +53,9 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                              "(0.5 = twice as fast) or a time per batch (12ms, 0.8s, 500us). The ranking is the same; "
                              "the stopping point is found by timing the sliced model against the unpruned one, "
                              "interleaved and repeated (5%% tolerance); report.json gets the achieved latency" + NO_DEFAULT)
-    p.add_argument("--latency-batch", type=int, default=1, metavar="N",
-                   help="images per timed forward pass for --target-latency; use your deployment batch, e.g. 64 for throughput")
+    p.add_argument("--latency-batch", type=int, default=None, metavar="N",
+                   help="images per timed forward pass for --target-latency; use your deployment batch, e.g. 64 for throughput "
+                        "(default: 1)" + NO_DEFAULT)
     p.add_argument("--latency-threads", type=int, default=None, metavar="N",
                    help="CPU threads while timing for --target-latency, e.g. 1 for a single-core device (default: torch's current setting)" + NO_DEFAULT)
     p.add_argument("--criterion", default="kl", metavar="{" + ",".join(CRITERIA) + "}",
