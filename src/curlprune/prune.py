@@ -46,6 +46,7 @@ from curlprune.models.transfer import at_input_size
 from curlprune.report import print_prune_summary
 from curlprune.runlock import RunLock
 from curlprune.rundir import (
+    LATER,
     DONE_FILE,
     LOG_FILE,
     MODEL_FILE,
@@ -98,9 +99,9 @@ class PruneConfig:
     criterion: str = "kl"
     target_macs: float | str | None = None
     target_params: float | str | None = None
-    target_latency: float | str | None = None
-    latency_batch: int | None = None
-    latency_threads: int | None = None
+    target_latency: float | str | None = field(default=None, metadata=LATER)
+    latency_batch: int | None = field(default=None, metadata=LATER)
+    latency_threads: int | None = field(default=None, metadata=LATER)
     calib: int = DEFAULT_CALIB
     seed: int = 0
     floor: float = DEFAULT_FLOOR

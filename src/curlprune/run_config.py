@@ -33,8 +33,7 @@ from curlprune.prune import PruneConfig
 from curlprune.recover.distill import DistillConfig
 from curlprune.recover.finetune import FinetuneConfig
 from curlprune.recover.refine import RefineConfig
-from curlprune.recover.stage import LATER
-from curlprune.rundir import DONE_FILE, check_same_settings
+from curlprune.rundir import DONE_FILE, LATER, check_same_settings
 from curlprune.validate import check_types
 
 TRAIN_STAGES = ("finetune", "distill", "refine")

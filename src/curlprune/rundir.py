@@ -222,6 +222,12 @@ def write_done(stage_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
 
 
 # ----- settings comparison ------------------------------------------------------------------------
+# Dataclass field metadata: a setting added after run folders were written; config.json leaves it out
+# while it is None, so resuming a folder from an earlier version rewrites nothing
+# (curlprune.run_config.config_to_dict).
+LATER = {"omit_when_none": True}
+
+
 def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``"key=saved (now current)"`` for every current setting whose JSON value differs from the saved one.
 
@@ -229,10 +235,19 @@ def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> li
         saved: settings read back from a JSON file.
         current: settings now; compared after a JSON round trip (tuples -> lists), like the saved copy.
     Returns:
-        One entry per differing key, in ``current``'s order; empty when they agree.
+        One entry per differing key, in ``current``'s order; empty when they agree. Inside nested
+        mappings an unset (None) entry equals a missing one.
     """
     current = json.loads(json.dumps(current))
-    return [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in current.items() if saved.get(k) != v]
+    return [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in current.items() if _set_only(saved.get(k)) != _set_only(v)]
+
+
+def _set_only(value: Any) -> Any:
+    """``value`` with unset (None) entries of nested mappings left out: a setting added in a later
+    version, unset, equals its absence from a file written before it existed."""
+    if isinstance(value, Mapping):
+        return {k: _set_only(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def check_same_settings(saved: Mapping[str, Any], current: Mapping[str, Any], message: str) -> None:

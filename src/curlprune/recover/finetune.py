@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
 from curlprune.recover.loop import Trainer
-from curlprune.recover.stage import LATER, Result, Stage, TrainConfig
+from curlprune.recover.stage import Result, Stage, TrainConfig
+from curlprune.rundir import LATER
 
 # The transfer recipe's defaults, measured on real clothing photos (CIFAR-10 ResNet-20, 50 images per
 # class, 15 epochs, 32 px; benchmarks/results/transfer_recipe.md): body at the head's lr 59.05% top-1,

@@ -30,9 +30,6 @@ from curlprune.rundir import DONE_FILE, MODEL_FILE, STATE_FILE, read_done
 from curlprune.rundir import check_same_settings as check_settings_match
 
 RUNTIME = {"runtime": True}  # field metadata: may change between a run and its resume
-# field metadata: a setting added after run folders were written; config.json leaves it out while it
-# is None, so resuming a folder from an earlier version rewrites nothing (curlprune.run_config.config_to_dict)
-LATER = {"omit_when_none": True}
 
 
 @dataclass
