@@ -14,7 +14,7 @@ model in the same run (curlprune.latency.time_interleaved: alternating order, me
 ratios), so the speed-up is a ratio from one run on a shared, noisy machine.
 
 Latency-target rows: ResNet-56 (batch 64) and resnet50 (batch 8), 1 thread, --target-latency 0.5:
-curlprune.latency.select_latency, then the chosen plan re-measured afterwards.
+curlprune.latency_select.select_latency, then the chosen plan re-measured afterwards.
 
     python benchmarks/latency.py [--models r56-50,r56-30,r50-50,mbv2-50,effb0-50] [--out runs/bench-latency]
 
@@ -304,7 +304,8 @@ def _ort_kernels(out: Path) -> dict:
 
 def _target_row(name, state, out, results) -> None:
     """--target-latency 0.5 at the big batch, 1 thread: the MACs ratio it lands at, re-measured after."""
-    from curlprune.latency import LatencyTarget, compare_latency, measured_cost_fn, select_latency
+    from curlprune.latency import LatencyTarget, compare_latency
+    from curlprune.latency_select import measured_cost_fn, select_latency
     from curlprune.models import default_protect
     from curlprune.select import model_cost_fn
     from curlprune.surgery import apply

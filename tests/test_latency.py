@@ -14,13 +14,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from curlprune.errors import CurlpruneError
-from curlprune.latency import (
-    LatencyTarget,
-    compare_latency,
-    measured_cost_fn,
-    select_latency,
-    time_interleaved,
-)
+from curlprune.latency import LatencyTarget, compare_latency, time_interleaved
+from curlprune.latency_select import measured_cost_fn, select_latency
 
 
 # ------------------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def test_measured_latency_appears_in_the_summary(demo_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(demo_run, run)
     report = json.loads((run / "prune" / "report.json").read_text())
-    # the keys curlprune.latency.LatencySelection.latency_dict() writes (checked in test_latency)
+    # the keys curlprune.latency_select.LatencySelection.latency_dict() writes (checked in test_latency)
     report["selection"]["latency"] = {"achieved_fraction": 0.62, "achieved_ms": 3.1, "reference_ms": 5.0, "batch": 64, "threads": 1}
     (run / "prune" / "report.json").write_text(json.dumps(report))
     built = build_figures(run)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from curlprune.errors import CurlpruneError
+from curlprune.rundir import atomic_write
 
 RECOVERY_STAGES = ("finetune", "distill", "refine")
 INSIDE_COLOUR, OUTSIDE_COLOUR, KEPT_COLOUR, REMOVED_COLOUR = "C0", "C1", "C2", "C3"
@@ -394,8 +395,6 @@ def write_report(run_dir: str | Path) -> Path:
     Raises:
         CurlpruneError: ``run_dir`` is not a directory.
     """
-    from curlprune.checkpoint import atomic_write
-
     root = Path(run_dir)
     built = build_figures(root)
     out = root / REPORT_DIR

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from curlprune.errors import CurlpruneError
-from curlprune.prune import PruneConfig
+from curlprune.prune_config import PruneConfig
 from curlprune.recover.distill import DistillConfig
 from curlprune.recover.finetune import FinetuneConfig
 from curlprune.recover.refine import RefineConfig

@@ -1,5 +1,5 @@
 """Global channel selection: turn per-channel scores into a Plan that meets a MACs/params target
-(or, with a measured ``metric_fn``, a latency target: :func:`curlprune.latency.select_latency`).
+(or, with a measured ``metric_fn``, a latency target: :func:`curlprune.latency_select.select_latency`).
 
 CURL's rule (docs/method.md §3), made automatic:
 
@@ -354,7 +354,7 @@ def select(
     ranked = rank_units(groups, scores, protect=protected, normalize=normalize)
     full_macs, full_params = cost_fn({})
     if metric_fn is None and target.metric == "latency":
-        raise CurlpruneError("a latency target needs a measured metric_fn (curlprune.latency.select_latency)")
+        raise CurlpruneError("a latency target needs a measured metric_fn (curlprune.latency_select.select_latency)")
     value_fn = metric_fn or (lambda plan: cost_fn(plan)[0 if target.metric == "macs" else 1])
     full = value_fn({})
     goal = target.value * full if target.is_fraction else target.value

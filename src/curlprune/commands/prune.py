@@ -6,7 +6,8 @@ import argparse
 from curlprune.commands.common import NO_DEFAULT
 from curlprune.commands.report import write_report_and_say
 from curlprune.criteria import CRITERIA
-from curlprune.prune import DEFAULT_APPROX_CLASSES, DEFAULT_BUDGET, DEFAULT_CALIB, PruneConfig, run_prune
+from curlprune.prune import run_prune
+from curlprune.prune_config import DEFAULT_APPROX_CLASSES, DEFAULT_BUDGET, DEFAULT_CALIB, PruneConfig
 from curlprune.report import console
 from curlprune.rundir import LOG_FILE, PLAN_FILE, REPORT_FILE, SCORES_FILE
 from curlprune.select import DEFAULT_FLOOR

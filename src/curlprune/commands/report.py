@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from curlprune.errors import CurlpruneError
+from curlprune.figures import REPORT_DIR, write_report
 from curlprune.report import console
 
 
@@ -18,8 +19,6 @@ def write_report_and_say(run_dir: str | Path) -> Path:
     Raises:
         CurlpruneError: ``run_dir`` is not a directory.
     """
-    from curlprune.figures import REPORT_DIR, write_report
-
     if not Path(run_dir).is_dir():
         raise CurlpruneError(f"{run_dir} is not a directory: pass a run directory (curlprune run) or a prune --out folder")
     index = write_report(run_dir)

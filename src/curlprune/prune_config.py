@@ -1,0 +1,124 @@
+"""The prune stage's settings (:class:`PruneConfig`, also the ``prune:`` section of a run config),
+their defaults, and the fingerprint of what its scores depend on."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from curlprune.criteria import DEFAULT_BUDGET_MB, get
+from curlprune.errors import CurlpruneError
+from curlprune.latency import LatencyTarget
+from curlprune.rundir import LATER
+from curlprune.select import DEFAULT_FLOOR, NORMALIZATIONS, Target
+
+DEFAULT_CALIB = 256  # calibration images (docs/method.md §8)
+DEFAULT_BUDGET = float(DEFAULT_BUDGET_MB)  # MB for the stacked ablations of the kl criteria
+DEFAULT_APPROX_CLASSES = 5  # kl-approx: most probable classes in its Fisher sum
+
+
+@dataclass
+class PruneConfig:
+    """Settings of the prune stage (also the ``prune:`` section of a run config).
+
+    criterion:      kl | kl-approx | l1 | bn | taylor | random.
+    target_macs:    MACs to keep: a fraction of the unpruned model (<= 1, e.g. 0.5) or a count
+                    ("62.5M", 1.11e9). Exactly one of target_macs / target_params / target_latency.
+    target_params:  parameters to keep, same forms.
+    target_latency: measured latency to reach: a fraction of the unpruned model's (0.5) or a time per
+                    batch ("12ms"); found by timing the sliced model on this machine
+                    (:func:`curlprune.latency_select.select_latency`).
+    latency_batch:  images per timed forward pass (latency target only); None = 1 (unset, so that
+                    run folders written before latency targets existed keep their settings).
+    latency_threads: intra-op threads while timing; None = the current setting.
+    calib:          calibration images (seeded draw from the training split, eval transform).
+    seed:           seed of the calibration draw, the random criterion and the eval subset.
+    floor:          a group is not pruned further once its kept fraction is below this (CURL: 0.3,
+                    docs/method.md §3).
+    protect:        group names or globs never pruned; None = the model's default (the classifier's
+                    input stream for torchvision ResNets), [] = none.
+    normalize:      per-group score normalisation before the global ranking (none = CURL).
+    round_to:       round kept widths up to a multiple of this (hardware-friendly); None = off.
+    eval_limit:     test images for top-1 before/after (seeded subset); None = all, 0 = skip.
+    budget_mb:      memory for the stacked ablations of the kl criteria.
+    approx_classes: most probable classes summed by kl-approx's Fisher form.
+    """
+
+    criterion: str = "kl"
+    target_macs: float | str | None = None
+    target_params: float | str | None = None
+    target_latency: float | str | None = field(default=None, metadata=LATER)
+    latency_batch: int | None = field(default=None, metadata=LATER)
+    latency_threads: int | None = field(default=None, metadata=LATER)
+    calib: int = DEFAULT_CALIB
+    seed: int = 0
+    floor: float = DEFAULT_FLOOR
+    protect: list[str] | None = None
+    normalize: str = "none"
+    round_to: int | None = None
+    eval_limit: int | None = None
+    budget_mb: float = DEFAULT_BUDGET
+    approx_classes: int = DEFAULT_APPROX_CLASSES
+
+    def __post_init__(self) -> None:
+        get(self.criterion)
+        if sum(t is not None for t in (self.target_macs, self.target_params, self.target_latency)) != 1:
+            raise CurlpruneError("give exactly one target: target_macs (e.g. 0.5 or 62.5M), target_params or target_latency (0.5 or 12ms)")
+        self.target()  # parses, raises on a bad value
+        self.latency_target()
+        if self.latency_batch is not None and (isinstance(self.latency_batch, bool) or not isinstance(self.latency_batch, int) or self.latency_batch < 1):
+            raise CurlpruneError(f"latency_batch must be a positive number of images, got {self.latency_batch!r}")
+        if self.latency_threads is not None and (isinstance(self.latency_threads, bool) or not isinstance(self.latency_threads, int) or self.latency_threads < 1):
+            raise CurlpruneError(f"latency_threads must be a positive number of threads, got {self.latency_threads!r}")
+        if isinstance(self.calib, bool) or not isinstance(self.calib, int) or self.calib < 1:
+            raise CurlpruneError(f"calib must be a positive number of images, got {self.calib!r}")
+        if not 0.0 <= float(self.floor) < 1.0:
+            raise CurlpruneError(f"floor must be in [0, 1) (the smallest kept fraction of a group), got {self.floor}")
+        if self.normalize not in NORMALIZATIONS:
+            raise CurlpruneError(f"unknown normalize {self.normalize!r}: use one of {', '.join(NORMALIZATIONS)}")
+        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise CurlpruneError(f"round_to must be a positive channel count, got {self.round_to!r}")
+        if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 0):
+            raise CurlpruneError(f"eval_limit must be a number of test images >= 0, got {self.eval_limit!r}")
+        if isinstance(self.approx_classes, bool) or not isinstance(self.approx_classes, int) or self.approx_classes < 1:
+            raise CurlpruneError(f"approx_classes must be a positive number of classes, got {self.approx_classes!r}")
+        if isinstance(self.protect, str):
+            self.protect = [self.protect]
+
+    def target(self) -> Target | None:
+        """The parsed MACs/params target (a fraction or a count); None for a latency target."""
+        if self.target_macs is not None:
+            return Target.parse("macs", self.target_macs)
+        return None if self.target_params is None else Target.parse("params", self.target_params)
+
+    def latency_target(self) -> LatencyTarget | None:
+        """The parsed latency target (a fraction or a duration), or None."""
+        return None if self.target_latency is None else LatencyTarget.parse(self.target_latency)
+
+
+def scores_fingerprint(config: PruneConfig, settings: dict[str, Any], images: torch.Tensor | None) -> dict[str, Any]:
+    """What the scores depend on; a stored scores.npz is reused only when this matches.
+
+    Args:
+        config: the prune stage's settings (criterion, seed, approx_classes).
+        settings: the stage's identity (model, weights, weights_sha256, num_classes).
+        images: the calibration batch ``[N, C, H, W]`` (float, eval transform), or None for
+            data-free criteria.
+    Returns:
+        A JSON-able mapping.
+    """
+    fingerprint = {
+        "model": settings["model"],
+        "weights": settings["weights_sha256"] or settings["weights"],
+        "num_classes": settings["num_classes"],
+        "criterion": config.criterion,
+        "seed": config.seed if config.criterion == "random" else None,
+    }
+    if images is not None:
+        fingerprint.update(calib=len(images), seed=config.seed,
+                           calib_sha256=hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest())
+    if config.criterion == "kl-approx":
+        fingerprint["approx_classes"] = config.approx_classes
+    return fingerprint
