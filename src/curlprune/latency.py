@@ -11,8 +11,9 @@ ratio's noise estimate (the inter-quartile range of the per-round ratios divided
 relative to the median) is below half the stated ``tolerance``, or ``max_rounds`` is reached; the
 estimate is reported with every result.
 
-Models run in eval mode under ``torch.inference_mode``, in ``channels_last`` memory format (4-D
-inputs), with ``threads`` intra-op threads (restored afterwards). The clock is any callable returning
+Models run as a deployment runs them (:func:`prepare`: BN folded into the convs, residual adds in
+place, :mod:`curlprune.inference`), in eval mode under ``torch.inference_mode``, in ``channels_last``
+memory format (4-D inputs), with ``threads`` intra-op threads (restored afterwards). The clock is any callable returning
 seconds (default :func:`time.perf_counter`); tests inject a deterministic one.
 
 Latency target (:func:`curlprune.latency_select.select_latency`): the global ranking of docs/method.md §3 is unchanged; only
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from curlprune.errors import CurlpruneError
+from curlprune.inference import optimize_for_inference
 
 Clock = Callable[[], float]
 """A clock: returns the current time in seconds (any origin); only differences are used."""
@@ -216,8 +218,15 @@ def time_interleaved(
     return Timing(names, seconds, number)
 
 
-def prepare(model: nn.Module) -> nn.Module:
-    """An eval-mode, channels_last copy of ``model`` for timing (the original is not changed)."""
+def prepare(model: nn.Module, optimize: bool = True) -> nn.Module:
+    """The copy of ``model`` that is timed (the original is not changed).
+
+    optimize=True (what the latency target measures): :func:`curlprune.inference.optimize_for_inference`,
+    i.e. BN folded into the convs and residual adds in place, as a deployment runs both the
+    unpruned and the pruned model. optimize=False: an eval-mode, channels_last copy as it is.
+    """
+    if optimize:
+        return optimize_for_inference(model)
     clone = copy.deepcopy(model).eval()
     return clone.to(memory_format=torch.channels_last)
 
