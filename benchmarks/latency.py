@@ -7,8 +7,11 @@ Models (pruned by curlprune's global selection to a MACs target):
   mbv2-50         torchvision mobilenet_v2 to 50% at 224x224    } affine set to seeded non-trivial
   effb0-50        torchvision efficientnet_b0 to 50% at 224x224 } values; criterion l1 (see below)
 
-Runtimes: PyTorch eager (channels_last, torch.inference_mode) and ONNX Runtime (CPU provider) on the
-model exported with curlprune.export_onnx. Batch 64 for CIFAR, 8 at 224 (64 takes too long here), and
+Runtimes: PyTorch eager (channels_last, torch.inference_mode) on the models as they are ("torch": the
+pruned model is the traced GraphModule of curlprune.apply), the same after
+curlprune.optimize_for_inference on both models ("torch-opt": BN folded into the convs, residual adds
+in place; what the latency target measures), and ONNX Runtime (CPU provider, which folds BN itself) on
+the model exported with curlprune.export_onnx. Batch 64 for CIFAR, 8 at 224 (64 takes too long here), and
 batch 1; 1 intra-op thread and all cores. Every pruned model is timed interleaved with its unpruned
 model in the same run (curlprune.latency.time_interleaved: alternating order, median of per-round
 ratios), so the speed-up is a ratio from one run on a shared, noisy machine.
@@ -57,7 +60,7 @@ TARGET_ROWS = {"r56-50": ("cifar:resnet56", 64), "r50-50": ("torchvision:resnet5
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--runtimes", default="torch,ort")
+    parser.add_argument("--runtimes", default="torch,torch-opt,ort")
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}")
     parser.add_argument("--targets", default=",".join(TARGET_ROWS), help="latency-target rows ('' for none)")
     parser.add_argument("--out", default="runs/bench-latency", help="cache: scores, ONNX files")
@@ -190,7 +193,7 @@ def _bench_model(name, state, out, results, runtimes, batch_kind, n_threads, max
             pruned[r] = _pruned(name, model, example, groups, scores, r)
         except CurlpruneError as exc:  # e.g. round_to 16 on ResNet-56's 16-wide first stage
             pruned[r] = str(exc)
-    reference = prepare(model)
+    references = {False: prepare(model, optimize=False), True: prepare(model)}
     for batch in batches:
         for n_threads in threads:
             for runtime in runtimes:
@@ -204,9 +207,10 @@ def _bench_model(name, state, out, results, runtimes, batch_kind, n_threads, max
                         continue
                     small, sel = pruned[r]
                     started = time.time()
-                    if runtime == "torch":
-                        c = compare_latency(prepare(small), reference, example, batch=batch, threads=n_threads,
-                                            prepared=True, **timing)
+                    if runtime in ("torch", "torch-opt"):
+                        optimize = runtime == "torch-opt"
+                        c = compare_latency(prepare(small, optimize), references[optimize], example, batch=batch,
+                                            threads=n_threads, prepared=True, **timing)
                         ratio, ms_small, ms_full, noise, rounds = c.ratio, c.candidate_ms, c.reference_ms, c.noise, c.rounds
                     else:
                         ratio, ms_small, ms_full, noise, rounds = _ort_compare(

@@ -7,6 +7,7 @@ Public API (imported lazily so that ``import curlprune`` stays cheap):
     small = curlprune.apply(model, groups, plan)          # physically smaller copy
     macs, params = curlprune.count(model, example_input)  # paper's convention
     curlprune.save(path, model_ref, plan, state_dict); model = curlprune.load(path)
+    fast = curlprune.optimize_for_inference(small)       # BN folded, residual adds in place
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ _API = {
     "save": "curlprune.checkpoint",
     "load": "curlprune.checkpoint",
     "export_onnx": "curlprune.checkpoint",
+    "optimize_for_inference": "curlprune.inference",
     "CurlpruneError": "curlprune.errors",
 }
 
