@@ -1,5 +1,8 @@
 """Run folders: a folder written by an earlier version still resumes (nothing trained, no file
-rewritten), and the one run-folder I/O module writes what the old code wrote."""
+rewritten), and the one run-folder I/O module writes what the old code wrote.
+
+The earlier version's folder is not kept in git: ``old_run`` writes it once per test module with
+that version's own code, taken from the git history (tests/data/run-v0.1/README.md)."""
 from __future__ import annotations
 
 import json
@@ -26,16 +29,62 @@ from curlprune.rundir import (
     write_json,
 )
 
-OLD_RUN = Path(__file__).parent / "data" / "run-v0.1"
+REPO = Path(__file__).resolve().parents[1]
+OLD_CONFIG = Path(__file__).parent / "data" / "run-v0.1" / "config.yaml"
+OLD_COMMIT = "e1cb30b"  # curlprune 0.1.0, before the run-folder code was reorganised
+# the teacher the old folder was made with (once committed as tests/data/run-v0.1/teacher.pt)
+OLD_TEACHER = ("import torch; from curlprune.models.small import train_digits_model; "
+               "torch.save(train_digits_model(seed=0, epochs=3).state_dict(), 'teacher.pt')")
+
+
+def old_code(tmp_path_factory) -> Path:
+    """``src/`` of curlprune at OLD_COMMIT, extracted from the git history; skip the caller without it."""
+    if shutil.which("git") is None or shutil.which("tar") is None:
+        pytest.skip(f"needs git and tar to extract curlprune {OLD_COMMIT} from the git history")
+    found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{OLD_COMMIT}^{{commit}}"],
+                           capture_output=True, text=True)
+    if found.returncode != 0:
+        pytest.skip(f"commit {OLD_COMMIT} (curlprune 0.1.0) is not in the git history here "
+                    "(no .git, or a shallow clone): the old run folder is written by that commit's code")
+    code = tmp_path_factory.mktemp("v0.1-code")
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", OLD_COMMIT, "src"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
+    return code / "src"
+
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory) -> Path:
+    """A complete run folder (config.yaml, teacher.pt, run/) written by curlprune 0.1.0 alone.
+
+    The teacher and the run come from the old code (PYTHONPATH replaced, not extended): real digits,
+    30 images per class, prune -> distill (2 epochs) -> refine (1 epoch); about half a minute.
+    """
+    src = old_code(tmp_path_factory)
+    folder = tmp_path_factory.mktemp("run-v0.1")
+    shutil.copy(OLD_CONFIG, folder / "config.yaml")
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    which = subprocess.run([sys.executable, "-c", "import curlprune; print(curlprune.__file__)"], cwd=folder, env=env,
+                           capture_output=True, text=True, check=True)
+    # the old code, not an installed one
+    assert Path(which.stdout.strip()).resolve().is_relative_to(src.resolve()), which.stdout
+    teacher = subprocess.run([sys.executable, "-c", OLD_TEACHER], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-m", "curlprune.cli", "run", "config.yaml"], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refine epoch 1/1" in done.stderr  # the old code trained every stage
+    assert not (folder / "run" / "report").exists()  # 0.1.0 wrote no report: a rerun adding one is the one change
+    return folder
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, bytes]]:
     return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_a_run_folder_from_an_earlier_version_resumes_without_work(tmp_path):
+@pytest.mark.slow
+def test_a_run_folder_from_an_earlier_version_resumes_without_work(old_run, tmp_path):
     work = tmp_path / "old"
-    shutil.copytree(OLD_RUN, work)
+    shutil.copytree(old_run, work)
     before = snapshot(work / "run")
     done = subprocess.run([sys.executable, "-m", "curlprune.cli", "run", "config.yaml"], cwd=work, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -60,8 +109,9 @@ def test_a_run_folder_from_an_earlier_version_resumes_without_work(tmp_path):
     assert labels.shape[0] == 6 * 30 * 10 and labels.shape[1] == 10
 
 
-def test_json_forms_are_those_of_the_old_files(tmp_path):
-    old_refine = OLD_RUN / "run" / "refine"
+@pytest.mark.slow
+def test_json_forms_are_those_of_the_old_files(old_run, tmp_path):
+    old_refine = old_run / "run" / "refine"
     records = [json.loads(line) for line in (old_refine / METRICS_FILE).read_text().splitlines()]
     assert jsonl_text(records) == (old_refine / METRICS_FILE).read_text()
     done = read_done(old_refine)
