@@ -8,9 +8,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from curlprune.allocation import COST_WEIGHTED, ranking_scores
+from curlprune.analysis import trace
 from curlprune.errors import CurlpruneError
+from curlprune.models import build
 from curlprune.prune import PruneConfig
+from curlprune.scores_io import read_scores
+from curlprune.select import rank_units, walk
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 BASE = ["prune", "--model", "small:resnet-digits", "--criterion", "l1", "--eval-limit", "0"]
@@ -58,6 +64,14 @@ def test_prune_to_a_measured_latency_on_digits_writes_the_report(tmp_path):
     settings = json.loads((out / "done.json").read_text())["settings"]["config"]
     assert (settings["target_latency"], settings["latency_batch"], settings["latency_threads"]) == ("0.97", 32, 1)
     assert "measured latency" in done.stdout and "report:" in done.stdout
+    # the latency search walks the same ranking as a MACs target: the default allocation's (score / MACs saved)
+    assert report["allocation"] == "cost-weighted"
+    model = build("small:resnet-digits").eval()
+    groups = trace(model, torch.zeros(1, 1, 8, 8))
+    scores, _ = read_scores(out / "scores.npz")
+    ranked, normalize = ranking_scores(groups, scores, COST_WEIGHTED, "latency")
+    plan = json.loads((out / "plan.json").read_text())
+    assert walk(rank_units(groups, ranked, normalize=normalize), groups, report["selection"]["top_k"], 0.3).plan() == plan
     index = (out / "report" / "index.md").read_text()
     assert "latency, batch 32" in index and (out / "report" / "widths.png").stat().st_size > 0
 

@@ -20,6 +20,7 @@ from curlprune import checkpoint
 from curlprune.cli import main
 from curlprune.cost import count
 from curlprune.models import build, digits_resnet
+from curlprune.run_config import config_to_dict, parse_config
 from curlprune.digits import train_digits_model
 
 MODEL = "small:resnet-digits"
@@ -232,6 +233,8 @@ def test_on_main_runs_work_on_rank_0_only_and_shares_its_result_or_error():
         ({"data": "digits", "stages": ["distill"]}, "'model' is missing"),
         ({"model": MODEL, "stages": ["distill", "prune"]}, "'prune' must be the first stage"),
         ("model: [unclosed\n", "is not valid YAML"),
+        ({"model": MODEL, "data": "digits", "stages": ["prune"], "prune": {"target_macs": 0.5, "allocation": "greedy"}},
+         "unknown allocation 'greedy': use one of cost-weighted, paper"),
     ],
 )
 def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, content, message):
@@ -239,6 +242,15 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, content, message):
     config.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
     assert message in one_line_error(capsys, ["run", str(config), "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_allocation_key_of_the_prune_section():
+    """Unset, it stays out of config.json (folders from before the key resume) and means cost-weighted."""
+    unset = parse_config({"model": MODEL, "data": "digits", "stages": ["prune"], "prune": {"target_macs": 0.5}})
+    assert "allocation" not in config_to_dict(unset)["prune"]
+    assert unset.sections["prune"].resolved_allocation() == "cost-weighted"
+    paper = parse_config({"model": MODEL, "data": "digits", "stages": ["prune"], "prune": {"target_macs": 0.5, "allocation": "paper"}})
+    assert config_to_dict(paper)["prune"]["allocation"] == "paper" and paper.sections["prune"].resolved_allocation() == "paper"
 
 
 def test_missing_config_file_is_one_line(tmp_path, capsys):
@@ -267,6 +279,7 @@ def test_missing_student_checkpoint_is_one_line(tmp_path, capsys):
         ({"seed": 1}, "holds a run with different settings: seed=0 (now 1)"),
         ({"stages": ["distill"]}, "not a prefix or extension"),
         ({"prune": {**TINY["prune"], "target_macs": 0.4}}, "holds a finished prune stage with other settings: target_macs=0.5 (now 0.4)"),
+        ({"prune": {**TINY["prune"], "allocation": "paper"}}, "holds a finished prune stage with other settings: allocation=None (now 'paper')"),
         ({"distill": {**TINY["distill"], "epochs": 5}}, "written with different settings: epochs=4 (now 5)"),
     ],
 )

@@ -11,11 +11,14 @@ import pytest
 import torch
 
 from curlprune import checkpoint
+from curlprune.allocation import COST_WEIGHTED, allocate
 from curlprune.cli import main
-from curlprune.analysis import trace
+from curlprune.cost import count
+from curlprune.analysis import model_cost_fn, trace
 from curlprune.models import build
 from curlprune.prune import PruneConfig, run_prune
 from curlprune.scores_io import read_scores
+from curlprune.select import Target, select
 
 from conftest import SHARED  # noqa: E402
 MODEL = "small:resnet-digits"
@@ -78,6 +81,11 @@ def test_kl_prune_writes_every_output_and_a_faithful_checkpoint(kl_run, weights,
     scores, fingerprint = read_scores(out / "scores.npz")
     assert set(scores) == {g.name for g in groups if g.prunable}
     assert fingerprint["criterion"] == "kl" and fingerprint["calib"] == 64
+    # the default allocation, recorded next to the criterion: the plan is allocate() on the stored scores
+    assert report["criterion"] == "kl" and report["allocation"] == "cost-weighted"
+    assert checkpoint.read_metadata(out / "model.safetensors")["extra"]["prune"]["allocation"] == "cost-weighted"
+    cost_fn = model_cost_fn(model, torch.zeros(1, 1, 8, 8), groups)
+    assert plan == allocate(groups, scores, cost_fn, Target("macs", 0.5), COST_WEIGHTED).plan
     assert [e["event"] for e in _events(out)] == ["scores", "selection", "eval", "done"]
     assert _events(out)[0]["source"] == "computed"
 
@@ -128,6 +136,7 @@ def test_data_free_criterion_and_random_weights(tmp_path):
         (["--target-macs", "half", "--criterion", "l1"], "is not a number"),
         (["--target-macs", "0.5", "--criterion", "l1", "--protect", "layer9*"], "matches no prunable group"),
         (["--target-macs", "0.5", "--criterion", "kl", "--data", "no/such/folder"], "does not exist"),
+        (["--target-macs", "0.5", "--criterion", "l1", "--allocation", "greedy"], "unknown allocation 'greedy': use one of cost-weighted, paper"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
@@ -150,10 +159,12 @@ def test_help_explains_every_option_with_its_default(capsys):
         main(["prune", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--model", "--weights", "--data", "--target-macs", "--target-params", "--criterion", "--calib", "--seed",
-                   "--floor", "--protect", "--round-to", "--eval-limit", "--out", "--resume", "--normalize"):
+                   "--floor", "--protect", "--round-to", "--eval-limit", "--out", "--resume", "--normalize", "--allocation"):
         assert option in text
     for default in ("(default: 256)", "(default: 0.3)", "(default: kl)", "(default: all)", "(default: random init)"):
         assert default in text
+    assert "(default: cost-weighted)" in text.replace("cost- weighted", "cost-weighted")  # argparse may wrap at the hyphen
+    assert "paper" in text and "cifar_resnet56.md" in text  # --allocation says what the default is measured against
     assert "None" not in text
 
 
@@ -167,6 +178,42 @@ def test_run_prune_api_for_the_pipeline(weights, tmp_path):
     assert first.checkpoint == tmp_path / "p" / "model.safetensors" and not first.already_done
     again = run_prune(config, tmp_path / "p", resume=True, model_name=MODEL, weights=str(weights), data=splits, show=False)
     assert again.already_done and again.plan == first.plan
+
+
+def test_allocation_default_and_paper_on_a_cifar_resnet(tmp_path):
+    """cifar:resnet20 at 16 px (seeded init, l1 scores: data-free) through the CLI, with each allocation."""
+    torch.manual_seed(0)
+    model = build("cifar:resnet20").eval()
+    for m in model.modules():  # BN scales away from 1, so that the l1 ranking is not a tie of equal inits
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+    weights = tmp_path / "r20.pt"
+    torch.save(model.state_dict(), weights)
+    base = ["prune", "--model", "cifar:resnet20", "--weights", str(weights), "--input-size", "16", "--criterion", "l1",
+            "--target-macs", "0.4", "--no-report"]
+    assert main([*base, "--out", str(tmp_path / "default")]) == 0
+    assert main([*base, "--allocation", "paper", "--out", str(tmp_path / "paper")]) == 0
+    x = torch.zeros(1, 3, 16, 16)
+    groups = trace(model, x)
+    cost_fn = model_cost_fn(model, x, groups)
+    full = cost_fn({})[0]
+    plans = {}
+    for name, allocation in (("default", "cost-weighted"), ("paper", "paper")):
+        out = tmp_path / name
+        report = json.loads((out / "report.json").read_text())
+        assert report["allocation"] == allocation and report["criterion"] == "l1"
+        assert 0.99 * 0.4 * full <= report["selection"]["macs"] <= 0.4 * full  # the target within 1%
+        settings = json.loads((out / "done.json").read_text())["settings"]["config"]
+        assert settings["allocation"] == (None if name == "default" else "paper")  # unset = the default
+        plans[name] = json.loads((out / "plan.json").read_text())
+        assert count(checkpoint.load(out / "model.safetensors"), x)[0] == report["selection"]["macs"]  # the saved model's own MACs
+    scores, _ = read_scores(tmp_path / "paper" / "scores.npz")
+    assert plans["paper"] == select(groups, scores, cost_fn, Target("macs", 0.4)).plan  # the paper: select on raw scores
+    assert plans["default"] == allocate(groups, scores, cost_fn, Target("macs", 0.4), COST_WEIGHTED).plan
+    assert plans["default"] != plans["paper"]
+    # weighed by what they cost, the residual-stream channels go too (raw l1 sums a stream's producers: never)
+    outside = {g.name for g in groups if g.kind == "outside"}
+    assert outside & set(plans["default"]) and not outside & set(plans["paper"])
 
 
 @pytest.mark.skipif(not (SHARED / "models" / "resnet20-12fca82f.th").exists(), reason="needs ../shared (CIFAR-10 JPEG zip, published ResNet-20)")

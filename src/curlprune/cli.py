@@ -20,7 +20,7 @@ COMMAND_FAMILIES = [demo, inspect, prune, run, report]
 DESCRIPTION = """\
 Make a trained CNN smaller and faster by removing whole channels (also those on residual
 connections), ranked by how much the output distribution changes when each is removed (CURL's
-KL criterion), then recover its accuracy, also from a small dataset.
+KL criterion) per MAC its removal saves, then recover its accuracy, also from a small dataset.
 
 typical use:
   curlprune groups --model cifar:resnet56                  see which channels go together

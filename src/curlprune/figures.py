@@ -202,7 +202,12 @@ def figure_scores(run: RunFiles):
     finite_removed = [s for s in removed_scores if math.isfinite(s) and s > 0]
     if finite_removed:
         cut = max(finite_removed)
-        ax.axhline(cut, color="k", ls="--", lw=1, label=f"cut (highest removed score {cut:.3g})")
+        try:  # a report from before allocations existed: the paper's raw ranking
+            paper = run.prune_report().get("allocation", "paper") == "paper"
+        except _Missing:
+            paper = True
+        ax.axhline(cut, color="k", ls="--", lw=1, label=f"cut (highest removed score {cut:.3g})" if paper else
+                   f"highest removed score {cut:.3g} (ranked by score / cost saved: kept channels of cheap groups can lie below)")
     ax.set_xticks(np.arange(len(names)), names, rotation=90, fontsize=7 if len(names) < 40 else 5)
     ax.set_xlabel("channel group")
     ax.set_ylabel("channel score (log scale)")
@@ -364,7 +369,9 @@ def build_figures(run_dir: str | Path) -> Figures:
     attempt("widths", "kept width per group", "Kept channels per prunable group (outline: width before pruning; "
             "blue: inside groups, orange: outside groups that span a residual stream).", lambda: figure_widths(run))
     attempt("scores", "score distribution", "Every channel's score by group on a log scale, kept (green) and removed "
-            "(red), with the highest removed score as the cut (zeros are drawn at a tenth of the smallest positive score).",
+            "(red), with the highest removed score as a dashed line: the cut of the paper allocation; the cost-weighted allocation "
+            "ranks score / cost saved, so kept channels of cheap groups can lie below it (zeros are drawn at a tenth of the "
+            "smallest positive score).",
             lambda: figure_scores(run))
     metrics = {}
     try:

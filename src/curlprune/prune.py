@@ -6,8 +6,8 @@ Outputs in the run's folder (every file written atomically)::
                         from (model, weights, criterion, calibration images, seed, options)
     plan.json           the Plan: group -> kept channel indices
     model.safetensors   the pruned model (curlprune checkpoint: ``curlprune.load``)
-    report.json         selection, MACs/params before and after, test top-1 before and after, and
-                        (latency target) the measured latency before and after
+    report.json         criterion and allocation, selection, MACs/params before and after, test top-1
+                        before and after, and (latency target) the measured latency before and after
     log.jsonl           one JSON line per event (scores computed or reused, selection, eval, done)
     done.json           written last: the settings of the finished run (a rerun with the same
                         settings and ``resume`` returns at once and writes nothing)
@@ -34,6 +34,7 @@ from torch import nn
 
 from curlprune import checkpoint
 from curlprune import data as datasets
+from curlprune.allocation import allocate, named_allocation, ranking_scores
 from curlprune.criteria import compute_scores, get, work_items
 from curlprune.errors import CurlpruneError
 from curlprune.latency_select import measured_cost_fn, select_latency
@@ -115,7 +116,7 @@ def run_prune(
             settings, an unreachable target, missing data, stored scores computed with other
             settings, or a folder that already holds a run (without ``resume``).
 
-    Source: docs/method.md §2 (the KL score) and §3 (selection).
+    Source: docs/method.md §2 (the KL score) and §3 (selection, allocation).
     """
     with RunLock(out_dir):  # one process per folder, also when called from Python (issue 12)
         return _run_prune(config, Path(out_dir), resume, model_name, weights, data, num_classes, show, input_size)
@@ -156,7 +157,7 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
     report = _report(config, settings, chosen, accuracy, groups, scores_seconds=seconds, scores_reused=reused)
     checkpoint = _write_outputs(out, model_name, num_classes, example, selection.plan, pruned, report, settings)
     if show:
-        print_prune_summary(groups, selection, accuracy, model_name)
+        print_prune_summary(groups, selection, accuracy, model_name, allocation=report["allocation"])
         if "latency" in report["selection"]:
             _print_latency(report["selection"]["latency"])
     return PruneResult(out, checkpoint, selection.plan, report, scores_reused=reused, groups=groups)
@@ -235,14 +236,19 @@ def _check_reachable(groups, cost_fn, target, config: PruneConfig, protect: list
 
 def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None, protect: list[str], model: nn.Module,
             example: torch.Tensor) -> tuple[Any, Any]:
-    """(select's Selection, what report.json shows: the Selection or the LatencySelection)."""
+    """(select's Selection, what report.json shows: the Selection or the LatencySelection).
+
+    Both targets rank the same scores: the config's allocation (:func:`curlprune.allocation.ranking_scores`;
+    a latency target weighs by MACs), searched by :func:`curlprune.select.select`.
+    """
+    allocation = named_allocation(config.resolved_allocation(), floor=config.floor, normalize=config.normalize)
     if target is not None:
-        selection = select(groups, scores, cost_fn, target, floor=config.floor, protect=protect,
-                           normalize=config.normalize, round_to=config.round_to)
+        selection = allocate(groups, scores, cost_fn, target, allocation, protect=protect, round_to=config.round_to)
         return selection, selection
+    ranked, normalize = ranking_scores(groups, scores, allocation, "latency")
     measured = measured_cost_fn(model, groups, example, batch=config.latency_batch or 1, threads=config.latency_threads)
-    chosen = select_latency(groups, scores, measured, cost_fn, config.latency_target(), floor=config.floor,
-                            protect=protect, normalize=config.normalize, round_to=config.round_to)
+    chosen = select_latency(groups, ranked, measured, cost_fn, config.latency_target(), floor=config.floor,
+                            protect=protect, normalize=normalize, round_to=config.round_to)
     return chosen.selection, chosen
 
 
@@ -341,6 +347,7 @@ def _report(config: PruneConfig, settings: dict, selection, accuracy: dict, grou
         "model": settings["model"],
         "weights": settings["weights"],
         "criterion": config.criterion,
+        "allocation": config.resolved_allocation(),
         "selection": selection.as_dict(),
         "accuracy": accuracy,
         "groups": widths,
@@ -354,7 +361,7 @@ def _write_outputs(out: Path, model_name: str, num_classes: int | None, example:
     kwargs = {"num_classes": num_classes} if num_classes else {}
     atomic_write_text(out / PLAN_FILE, json.dumps(plan, indent=1) + "\n")
     checkpoint.save(out / MODEL_FILE, {"name": model_name, "kwargs": kwargs}, plan, pruned.state_dict(),
-         input_shape=list(example.shape), extra={"prune": {k: report[k] for k in ("criterion", "selection", "accuracy")}})
+         input_shape=list(example.shape), extra={"prune": {k: report[k] for k in ("criterion", "allocation", "selection", "accuracy")}})
     write_json(out / REPORT_FILE, report)
     log = out / LOG_FILE
     append_jsonl(log, {"event": "selection", **{k: report["selection"][k] for k in ("top_k", "removed_channels", "macs", "params", "macs_ratio", "params_ratio", "latency") if k in report["selection"]}}, stamp=True)

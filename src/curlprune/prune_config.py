@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from curlprune.allocation import ALLOCATIONS, DEFAULT_ALLOCATION
 from curlprune.criteria import DEFAULT_BUDGET_MB, get
 from curlprune.errors import CurlpruneError
 from curlprune.latency import LatencyTarget
@@ -40,6 +41,11 @@ class PruneConfig:
     protect:        group names or globs never pruned; None = the model's default (the classifier's
                     input stream for torchvision ResNets), [] = none.
     normalize:      per-group score normalisation before the global ranking (none = CURL).
+    allocation:     how scores become the global ranking (docs/method.md §3): "cost-weighted" =
+                    score / what the channel's removal saves (MACs; parameters for a params
+                    target), "paper" = raw scores (CURL as published). None = the default,
+                    cost-weighted (unset, so that run folders written before the option existed
+                    keep their settings); :meth:`resolved_allocation` gives the name used.
     round_to:       round kept widths up to a multiple of this (hardware-friendly); None = off.
     eval_limit:     test images for top-1 before/after (seeded subset); None = all, 0 = skip.
     budget_mb:      memory for the stacked ablations of the kl criteria.
@@ -57,6 +63,7 @@ class PruneConfig:
     floor: float = DEFAULT_FLOOR
     protect: list[str] | None = None
     normalize: str = "none"
+    allocation: str | None = field(default=None, metadata=LATER)
     round_to: int | None = None
     eval_limit: int | None = None
     budget_mb: float = DEFAULT_BUDGET
@@ -78,6 +85,8 @@ class PruneConfig:
             raise CurlpruneError(f"floor must be in [0, 1) (the smallest kept fraction of a group), got {self.floor}")
         if self.normalize not in NORMALIZATIONS:
             raise CurlpruneError(f"unknown normalize {self.normalize!r}: use one of {', '.join(NORMALIZATIONS)}")
+        if self.allocation is not None and (not isinstance(self.allocation, str) or self.allocation not in ALLOCATIONS):
+            raise CurlpruneError(f"unknown allocation {self.allocation!r}: use one of {', '.join(ALLOCATIONS)} (default {DEFAULT_ALLOCATION})")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise CurlpruneError(f"round_to must be a positive channel count, got {self.round_to!r}")
         if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 0):
@@ -86,6 +95,10 @@ class PruneConfig:
             raise CurlpruneError(f"approx_classes must be a positive number of classes, got {self.approx_classes!r}")
         if isinstance(self.protect, str):
             self.protect = [self.protect]
+
+    def resolved_allocation(self) -> str:
+        """The allocation's name: ``allocation``, or the default (cost-weighted) when it is unset."""
+        return self.allocation or DEFAULT_ALLOCATION
 
     def target(self) -> Target | None:
         """The parsed MACs/params target (a fraction or a count); None for a latency target."""

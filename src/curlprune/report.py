@@ -69,7 +69,8 @@ def print_summary(summary: dict[str, Any]) -> None:
                   f"{human(summary['params'])} params ({100 * summary['params_ratio']:.1f}%) -> {summary['checkpoint']}")
 
 
-def print_prune_summary(groups: list[ChannelGroup], selection: Any, accuracy: dict[str, Any], model_name: str) -> None:
+def print_prune_summary(groups: list[ChannelGroup], selection: Any, accuracy: dict[str, Any], model_name: str,
+                        allocation: str | None = None) -> None:
     """Print the prune stage's per-group table, the cost before -> after and test top-1 before -> after.
 
     Args:
@@ -77,6 +78,7 @@ def print_prune_summary(groups: list[ChannelGroup], selection: Any, accuracy: di
         selection: :class:`curlprune.select.Selection` (plan, MACs/params before and after, top_k, protected).
         accuracy: ``{"test_images", "top1_before", "top1_after"}`` (top-1 in %).
         model_name: registry name, for the line.
+        allocation: the allocation's name (``PruneConfig.resolved_allocation``), named in the line; None leaves it out.
     """
     shares = {g.name: float(sum(g.macs_per_channel)) for g in groups if g.prunable}
     console.print(plan_table(groups, selection.plan, shares))
@@ -85,6 +87,7 @@ def print_prune_summary(groups: list[ChannelGroup], selection: Any, accuracy: di
         f"{model_name}: MACs {human(s.full_macs)} -> {human(s.macs)} ({s.macs / s.full_macs:.3f}), "
         f"params {human(s.full_params)} -> {human(s.params)} ({s.params / s.full_params:.3f}); "
         f"{s.removed_channels} channels removed, top_k {s.top_k}"
+        + (f", allocation {allocation}" if allocation else "")
         + (f", protected: {', '.join(s.protected)}" if s.protected else "")
     )
     if accuracy["test_images"]:

@@ -215,14 +215,14 @@ def rank_units(
         if np.isnan(s).any():
             raise CurlpruneError(f"scores for group {g.name!r} contain NaN: the criterion failed on this model; try another criterion")
         per_unit = s.reshape(g.width // g.unit, g.unit).mean(axis=1)
-        per_unit = _normalized(per_unit, normalize)
+        per_unit = normalize_values(per_unit, normalize)
         entries.extend((float(v), order, u, g.name) for u, v in enumerate(per_unit))
     entries.sort()
     return [RankedUnit(score, name, unit) for score, _, unit, name in entries]
 
 
-def _normalized(values: np.ndarray, how: str) -> np.ndarray:
-    """Per-group score scaling; ``none`` keeps CURL's raw global ranking."""
+def normalize_values(values: np.ndarray, how: str) -> np.ndarray:
+    """One group's (per-unit) scores scaled by ``how`` (``NORMALIZATIONS``); ``none`` keeps CURL's raw global ranking."""
     if how == "none":
         return values
     finite = values[np.isfinite(values)]
