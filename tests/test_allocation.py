@@ -209,3 +209,13 @@ def test_cost_weighted_works_with_normalize_protect_round_to_and_units():
     assert np.allclose(cost_weighted([unit], {"u": np.array([1.0, 1.0, 3.0, 3.0])})["u"], [0.5, 0.5, 1.5, 1.5])
     with pytest.raises(CurlpruneError, match="unknown allocation 'greedy': use one of cost-weighted, paper"):
         named_allocation("greedy")
+
+
+@pytest.mark.parametrize("criterion, expected", [("kl", "cost-weighted"), ("kl-approx", "cost-weighted"), ("l1", "paper"),
+                                                 ("bn", "paper"), ("taylor", "paper"), ("random", "paper")])
+def test_the_default_allocation_follows_the_criterion(criterion, expected):
+    from curlprune.prune_config import PruneConfig
+
+    assert PruneConfig(criterion=criterion, target_macs=0.5).resolved_allocation() == expected
+    other = "paper" if expected == "cost-weighted" else "cost-weighted"
+    assert PruneConfig(criterion=criterion, target_macs=0.5, allocation=other).resolved_allocation() == other

@@ -76,13 +76,24 @@ PAPER = Allocation()
 
 COST_WEIGHTED = Allocation(cost_power=1.0)
 """score / cost saved per channel (MACs; params for a params target), floor 0.3, one shot: the
-prune stage's default (issue 9: ResNet-56 at 50% of the MACs, 85.01% top-1 after BN re-estimation
+prune stage's default for the KL criteria (issue 9: ResNet-56 at 50% of the MACs, 85.01% top-1 after BN re-estimation
 vs 79.13% for PAPER; benchmarks/results/cifar_resnet56.md)."""
 
 ALLOCATIONS = {"cost-weighted": COST_WEIGHTED, "paper": PAPER}
 """The allocations the prune stage offers by name (``PruneConfig.allocation``)."""
 
-DEFAULT_ALLOCATION = "cost-weighted"
+COST_WEIGHTED_CRITERIA = ("kl", "kl-approx")
+"""Criteria whose default allocation is cost-weighted. Their scores are a damage to the output
+distribution (nats), on one scale for every layer, so damage per MAC saved is meaningful. Magnitude
+and Taylor scores are on per-layer scales (a residual stream's l1 sums all its producers), and
+dividing them by the cost made ResNet-56 worse (50% of the MACs, top-1 after BN re-estimation: l1
+84.74% paper vs 52.78% cost-weighted, taylor 70.51% vs 67.36%; benchmarks/results/cifar_resnet56.md)."""
+
+
+def default_allocation(criterion: str) -> str:
+    """The allocation the prune stage uses when none is set: "cost-weighted" for the KL criteria
+    (:data:`COST_WEIGHTED_CRITERIA`), "paper" for the others. Source: docs/method.md §3 (allocation)."""
+    return "cost-weighted" if criterion in COST_WEIGHTED_CRITERIA else "paper"
 
 COSTS = ("macs", "params")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from curlprune.allocation import ALLOCATIONS, DEFAULT_ALLOCATION
+from curlprune.allocation import ALLOCATIONS, default_allocation
 from curlprune.criteria import DEFAULT_BUDGET_MB, get
 from curlprune.errors import CurlpruneError
 from curlprune.latency import LatencyTarget
@@ -43,9 +43,9 @@ class PruneConfig:
     normalize:      per-group score normalisation before the global ranking (none = CURL).
     allocation:     how scores become the global ranking (docs/method.md §3): "cost-weighted" =
                     score / what the channel's removal saves (MACs; parameters for a params
-                    target), "paper" = raw scores (CURL as published). None = the default,
-                    cost-weighted (unset, so that run folders written before the option existed
-                    keep their settings); :meth:`resolved_allocation` gives the name used.
+                    target), "paper" = raw scores (CURL as published). None = the criterion's
+                    default: cost-weighted for kl and kl-approx, paper for the others (unset, so
+                    that run folders written before the option existed keep their settings); :meth:`resolved_allocation` gives the name used.
     round_to:       round kept widths up to a multiple of this (hardware-friendly); None = off.
     eval_limit:     test images for top-1 before/after (seeded subset); None = all, 0 = skip.
     budget_mb:      memory for the stacked ablations of the kl criteria.
@@ -86,7 +86,8 @@ class PruneConfig:
         if self.normalize not in NORMALIZATIONS:
             raise CurlpruneError(f"unknown normalize {self.normalize!r}: use one of {', '.join(NORMALIZATIONS)}")
         if self.allocation is not None and (not isinstance(self.allocation, str) or self.allocation not in ALLOCATIONS):
-            raise CurlpruneError(f"unknown allocation {self.allocation!r}: use one of {', '.join(ALLOCATIONS)} (default {DEFAULT_ALLOCATION})")
+            raise CurlpruneError(f"unknown allocation {self.allocation!r}: use one of {', '.join(ALLOCATIONS)} "
+                                 f"(default for {self.criterion}: {default_allocation(self.criterion)})")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise CurlpruneError(f"round_to must be a positive channel count, got {self.round_to!r}")
         if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 0):
@@ -97,8 +98,9 @@ class PruneConfig:
             self.protect = [self.protect]
 
     def resolved_allocation(self) -> str:
-        """The allocation's name: ``allocation``, or the default (cost-weighted) when it is unset."""
-        return self.allocation or DEFAULT_ALLOCATION
+        """The allocation's name: ``allocation``, or when it is unset the criterion's default
+        (:func:`curlprune.allocation.default_allocation`: cost-weighted for kl and kl-approx, paper otherwise)."""
+        return self.allocation or default_allocation(self.criterion)
 
     def target(self) -> Target | None:
         """The parsed MACs/params target (a fraction or a count); None for a latency target."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from curlprune.allocation import ALLOCATIONS, DEFAULT_ALLOCATION
+from curlprune.allocation import ALLOCATIONS
 from curlprune.commands.common import NO_DEFAULT
 from curlprune.commands.report import write_report_and_say
 from curlprune.criteria import CRITERIA
@@ -75,10 +75,11 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                    help="how scores become the global ranking. cost-weighted: each channel's score is divided by what "
                         "removing it saves (MACs; parameters for --target-params), i.e. damage per MAC saved: a channel "
                         "that saves 4x the MACs of another goes first unless its score is over 4x higher. paper: raw "
-                        "scores, CURL exactly as published. cost-weighted is the default because it kept more accuracy at "
-                        "equal MACs: ResNet-56 on CIFAR-10, top-1 after BN re-estimation (no training) 85.01%% vs 79.13%% "
-                        "at 50%% of the MACs, 59.60%% vs 53.84%% at 30%% (benchmarks/results/cifar_resnet56.md) "
-                        f"(default: {DEFAULT_ALLOCATION})" + NO_DEFAULT)
+                        "scores, CURL exactly as published. Default: cost-weighted for kl and kl-approx, whose scores share "
+                        "one scale (ResNet-56 on CIFAR-10, top-1 after BN re-estimation, no training: 85.01%% vs 79.13%% "
+                        "at 50%% of the MACs, 59.60%% vs 53.84%% at 30%%); paper for l1, bn, taylor and random, whose "
+                        "per-layer scales make the division hurt (l1 at 50%%: 52.78%% vs 84.74%%); see "
+                        "benchmarks/results/cifar_resnet56.md" + NO_DEFAULT)
     p.add_argument("--round-to", type=int, default=None, help="round kept widths up to a multiple of this, e.g. 8 (default: off)" + NO_DEFAULT)
     p.add_argument("--eval-limit", type=int, default=None, help="test images for top-1 before/after: a seeded subset; 0 skips the evaluation (default: all)" + NO_DEFAULT)
     p.add_argument("--budget-mb", type=float, default=DEFAULT_BUDGET, help="memory for stacked ablations (kl, kl-approx)")
