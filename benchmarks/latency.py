@@ -160,13 +160,16 @@ def _scores(name: str, model, groups, out: Path) -> tuple[dict, float]:
 
 
 def _pruned(name: str, model, example, groups, scores, round_to):
+    """The plan ``curlprune prune`` makes with its defaults for this criterion (allocation included)."""
+    from curlprune.allocation import allocate, default_allocation, named_allocation
     from curlprune.models import default_protect
-    from curlprune.select import Target, model_cost_fn, select
+    from curlprune.select import Target, model_cost_fn
     from curlprune.surgery import apply
 
-    model_name, _, target, _, _, _ = MODELS[name]
+    model_name, _, target, criterion, _, _ = MODELS[name]
     protect = default_protect(model_name, model, groups)
-    sel = select(groups, scores, model_cost_fn(model, example, groups), Target("macs", target), protect=protect, round_to=round_to)
+    sel = allocate(groups, scores, model_cost_fn(model, example, groups), Target("macs", target),
+                   named_allocation(default_allocation(criterion)), protect=protect, round_to=round_to)
     return apply(model, groups, sel.plan).eval(), sel
 
 
@@ -206,7 +209,7 @@ def _bench_model(name, state, out, results, runtimes, batch_kind, n_threads, max
                                               "round_to": r, "unreachable": pruned[r]}
                         continue
                     small, sel = pruned[r]
-                    started = time.time()
+                    started, load = time.time(), os.getloadavg()[0]
                     if runtime in ("torch", "torch-opt"):
                         optimize = runtime == "torch-opt"
                         c = compare_latency(prepare(small, optimize), references[optimize], example, batch=batch,
@@ -221,7 +224,7 @@ def _bench_model(name, state, out, results, runtimes, batch_kind, n_threads, max
                         "ideal_speedup": sel.full_macs / sel.macs, "speedup": 1.0 / ratio,
                         "quotient": (1.0 / ratio) / (sel.full_macs / sel.macs),
                         "ms_pruned": ms_small, "ms_unpruned": ms_full, "noise": noise, "rounds": rounds,
-                        "seconds": round(time.time() - started, 1),
+                        "seconds": round(time.time() - started, 1), "load": round(load, 2),
                     }
                     print(f"{key}: MACs {sel.macs / sel.full_macs:.3f}, speed-up {1 / ratio:.2f}x "
                           f"(ideal {sel.full_macs / sel.macs:.2f}x), {ms_full:.2f} -> {ms_small:.2f} ms", flush=True)
@@ -253,7 +256,8 @@ def _ort_compare(name, round_to, model, small, x, threads, out, timing):
 
 def _profile(name: str, out: Path) -> dict:
     """Milliseconds per batch by operator (torch profiler, self time, 3 passes) of the unpruned model
-    and its plans without and with round_to 8: where the time goes that the MACs do not show."""
+    and its plans without and with round_to 8, each as it is and optimised for inference: where the
+    time goes that the MACs do not show."""
     from curlprune.latency import example_batch, prepare
 
     model, example, groups = _build(name)
@@ -261,8 +265,10 @@ def _profile(name: str, out: Path) -> dict:
     x = example_batch(example, MODELS[name][5])
     result = {}
     torch.set_num_threads(1)
-    for label, r in (("unpruned", "full"), ("round_to none", None), ("round_to 8", 8)):
-        m = prepare(model) if r == "full" else prepare(_pruned(name, model, example, groups, scores, r)[0])
+    variants = [(label + suffix, r, optimize) for optimize, suffix in ((False, ""), (True, ", optimised"))
+                for label, r in (("unpruned", "full"), ("round_to none", None), ("round_to 8", 8))]
+    for label, r, optimize in variants:
+        m = prepare(model, optimize) if r == "full" else prepare(_pruned(name, model, example, groups, scores, r)[0], optimize)
         with torch.inference_mode():
             for _ in range(2):
                 m(x)
@@ -274,7 +280,7 @@ def _profile(name: str, out: Path) -> dict:
         result[label] = {"total_ms": sum(ms.values()), "conv_ms": conv,
                          "batch_norm_ms": sum(v for k, v in ms.items() if "batch_norm" in k),
                          "add_relu_ms": sum(v for k, v in ms.items() if k in ("aten::add", "aten::add_", "aten::relu", "aten::relu_", "aten::clamp_min", "aten::clamp_min_"))}
-        if r != "full":
+        if r != "full" and not optimize:
             result[label]["kept_widths"] = sorted(len(v) for v in _pruned(name, model, example, groups, scores, r)[1].plan.values())
     return result
 
@@ -308,6 +314,7 @@ def _ort_kernels(out: Path) -> dict:
 
 def _target_row(name, state, out, results) -> None:
     """--target-latency 0.5 at the big batch, 1 thread: the MACs ratio it lands at, re-measured after."""
+    from curlprune.allocation import default_allocation, named_allocation, ranking_scores
     from curlprune.latency import LatencyTarget, compare_latency
     from curlprune.latency_select import measured_cost_fn, select_latency
     from curlprune.models import default_protect
@@ -323,8 +330,9 @@ def _target_row(name, state, out, results) -> None:
     started = time.time()
     timing = {"warmup": 1, "min_rounds": 5, "max_rounds": 9} if batch > 1 and MODELS[name][4] >= 224 else {"max_rounds": 15}
     measured = measured_cost_fn(model, groups, example, batch=batch, threads=1, **timing)
-    chosen = select_latency(groups, scores, measured, model_cost_fn(model, example, groups), LatencyTarget.parse("0.5"),
-                            protect=default_protect(model_name, model, groups))
+    ranked, normalize = ranking_scores(groups, scores, named_allocation(default_allocation(MODELS[name][3])), "latency")
+    chosen = select_latency(groups, ranked, measured, model_cost_fn(model, example, groups), LatencyTarget.parse("0.5"),
+                            protect=default_protect(model_name, model, groups), normalize=normalize)
     search_seconds = time.time() - started
     again = compare_latency(apply(model, groups, chosen.plan), model, example, batch=batch, threads=1, **timing)
     sel = chosen.selection
@@ -339,6 +347,11 @@ def _target_row(name, state, out, results) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- output
+
+
+def _load_range(rows: dict) -> str:
+    loads = [r["load"] for r in rows.values() if "load" in r]
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "not recorded"
 
 
 def _key(name, runtime, batch, threads, round_to) -> str:
@@ -373,13 +386,17 @@ def _markdown(state: dict) -> str:
         "",
         "Command: `python benchmarks/latency.py` (every row; resumable: finished rows are kept). This run was split into",
         "parallel processes: " + "; ".join(f"`{c}`" for c in state.get("commands", [])) + ".",
-        f"Machine: {state.get('machine', '')}; the load average was 12-15 on its 2 cores while this ran.",
+        f"Machine: {state.get('machine', '')}; 1-minute load average when the rows started: {_load_range(rows)}.",
         "",
         "Speed-up = unpruned latency / pruned latency, the median over interleaved rounds of one run; ideal = unpruned MACs /",
         "pruned MACs; quotient = speed-up / ideal (1.0 = the MACs saving is fully realised). r8, r16: the same target with",
         "kept widths rounded up to multiples of 8 / 16 (`round_to`): their ideal and measured speed-up.",
         "Criterion: kl (CURL's default) for ResNet-56; **l1** for the torchvision models (random weights, so any criterion",
-        "only decides which widths are cut; l1 avoids hours of kl scoring at 224).",
+        "only decides which widths are cut; l1 avoids hours of kl scoring at 224); each with `curlprune prune`'s default",
+        "allocation for it (kl: cost-weighted, l1: paper). Runtimes: `torch` = PyTorch eager on the models as they are (the",
+        "pruned one is the traced GraphModule of `curlprune.apply`); `torch-opt` = both models after",
+        "`curlprune.optimize_for_inference` (BN folded into the convs, residual adds in place: what the latency target",
+        "measures); `ort` = ONNX Runtime, CPU provider, all graph optimisations (it folds BN itself).",
         "",
         "| model | runtime | batch | threads | unpruned ms | pruned ms | MACs ratio | ideal | speed-up | quotient | r8 ideal / speed-up | r16 ideal / speed-up | noise |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
