@@ -95,6 +95,7 @@ def default_allocation(criterion: str) -> str:
     (:data:`COST_WEIGHTED_CRITERIA`), "paper" for the others. Source: docs/method.md §3 (allocation)."""
     return "cost-weighted" if criterion in COST_WEIGHTED_CRITERIA else "paper"
 
+
 COSTS = ("macs", "params")
 
 
