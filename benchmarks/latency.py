@@ -482,7 +482,7 @@ def _plot(state: dict, path: Path) -> None:
     top = max(max(r["ideal_speedup"] for r in rows), max(r["speedup"] for r in rows)) * 1.1
     ax.plot([1, top], [1, top], color="grey", lw=1, label="speed-up = MACs ratio")
     ax.plot([1, top], [0.8, 0.8 * top], color="grey", lw=1, ls="--", label="0.8 x MACs ratio")
-    markers = {"torch": "o", "ort": "s"}
+    markers = {"torch": "o", "torch-opt": "^", "ort": "s"}
     colours = {m: f"C{i}" for i, m in enumerate(MODELS)}
     for r in rows:
         big = r["batch"] > 1
