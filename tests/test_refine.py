@@ -105,3 +105,25 @@ def test_teacher_with_wrong_classes_is_refused(tmp_path, tiny):
     with pytest.raises(CurlpruneError, match="teacher outputs 100 classes but the data has 10"):
         refine(model(1), model(0, classes=100), tiny, SPEC, RefineConfig(epochs=1, progress=False), tmp_path)
     assert not (tmp_path / "refine" / "state.safetensors").exists()
+
+
+def bn_stats(m: torch.nn.Module) -> list[torch.Tensor]:
+    return [t.clone() for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d) for t in (mod.running_mean, mod.running_var)]
+
+
+def test_bn_frozen_by_default_keeps_the_students_statistics_and_update_moves_them(tmp_path, tiny):
+    teacher = model(0)
+    common = dict(epochs=1, batch_size=16, lr=0.01, seed=3, progress=False, device="cpu")
+    start = bn_stats(model(1))
+    frozen = refine(model(1), teacher, tiny, SPEC, RefineConfig(**common), tmp_path / "frozen")
+    update = refine(model(1), teacher, tiny, SPEC, RefineConfig(bn="update", **common), tmp_path / "update")
+    assert all(torch.equal(a, b) for a, b in zip(bn_stats(frozen.model), start))  # the running statistics are kept
+    assert not all(torch.equal(a, b) for a, b in zip(bn_stats(update.model), start))  # train mode moves them
+    assert not torch.equal(frozen.model.linear.weight, model(1).linear.weight)  # the weights still train
+    first_bn = lambda m: next(mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d))  # noqa: E731
+    assert not torch.equal(first_bn(frozen.model).weight, first_bn(model(1)).weight)  # and BN's scale and shift
+
+
+def test_bad_bn_mode_is_one_line():
+    with pytest.raises(CurlpruneError, match="bn must be one of frozen, update"):
+        RefineConfig(bn="sometimes")

@@ -206,7 +206,7 @@ class Trainer:
             num_workers=cfg.num_workers,
             pin_memory=ctx.device.type == "cuda",
         )
-        train_model.train()
+        self.stage.train_mode(train_model)
         loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
         seen, lr = 0, 0.0

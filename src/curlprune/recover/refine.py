@@ -19,7 +19,7 @@ the same store (a row duplicated by the sampler's padding gets the highest rank'
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -36,8 +36,12 @@ from curlprune.recover.evaluate import predict, prepare_teacher
 from curlprune.recover.expand import ExpandedDataset
 from curlprune.recover.loop import Trainer
 from curlprune.recover.stage import Result, Stage, TrainConfig, require, stage_tensors
-from curlprune.rundir import STATE_FILE
+from curlprune.rundir import LATER, STATE_FILE
 from curlprune.transforms import build_transform
+
+
+BN_MODES = ("frozen", "update")
+DEFAULT_BN = "frozen"
 
 
 @dataclass
@@ -49,6 +53,12 @@ class RefineConfig(TrainConfig):
     label_lr:  label step at the reference batch (1.0 = the paper); the step is rescaled by
                B / label_reference_batch so the per-row step stays label_lr * alpha / 32.
     expand:    train on the 6x expanded set (True, the paper) or on the original images.
+    bn:        batch-norm statistics while refining: "frozen" (BN layers in eval mode: the
+               running mean and variance of the distilled model are used and kept) or "update"
+               (train mode, as the authors). None = the default, :data:`DEFAULT_BN` (unset, so
+               that run folders written before the option existed keep their settings).
+               The expanded images (rotated, cut out) have other statistics than the test
+               images; docs/method.md §7 has the measurement behind the default.
     """
 
     epochs: int = 16
@@ -60,9 +70,11 @@ class RefineConfig(TrainConfig):
     label_lr: float = 1.0
     label_reference_batch: int = 32
     expand: bool = True
+    bn: str | None = field(default=None, metadata=LATER)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(self.bn is None or self.bn in BN_MODES, f"bn must be one of {', '.join(BN_MODES)} (got {self.bn!r})")
         require(self.temperature > 0, f"temperature must be positive (got {self.temperature})")
         require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1] (got {self.alpha})")
         require(self.label_lr >= 0, f"label_lr must be non-negative (got {self.label_lr}); 0 keeps the teacher's logits")
@@ -127,6 +139,13 @@ class RefineStage(Stage):
 
     def train_set(self, train: Dataset) -> Dataset:
         return ExpandedDataset(train, seed=self.cfg.seed) if self.cfg.expand else train
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+        if (self.cfg.bn or DEFAULT_BN) == "frozen":
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: InputSpec) -> None:
         prepare_teacher(self.teacher, model, data, spec, ctx, self.cfg.channels_last)

@@ -126,6 +126,10 @@ class Stage:
         """``(loss, student logits)`` for one batch; ``index`` are the dataset indices."""
         raise NotImplementedError
 
+    def train_mode(self, model: nn.Module) -> None:
+        """Put ``model`` in training mode for an epoch (default: ``model.train()``)."""
+        model.train()
+
     def after_backward(self, ctx: DistContext) -> None:
         """Called after ``loss.backward()`` and before the optimizer step."""
 
