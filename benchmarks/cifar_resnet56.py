@@ -75,12 +75,12 @@ BEST = {"normalize": "none", "floor": 0.3, "cost_power": 1.0, "protect": "none",
 ROWS = {
     # row: (kind, criterion, allocation name, label)
     "kl-paper": ("curl", "kl", "paper", "curlprune kl, as published (raw global ranking, floor 0.3)"),
-    "kl-best": ("curl", "kl", "best", "curlprune kl, best allocation (inside + outside)"),
-    "kla-best": ("curl", "kl-approx", "best", "curlprune kl-approx, best allocation"),
+    "kl-best": ("curl", "kl", "best", "curlprune kl, cost-weighted: curlprune prune's default (inside + outside)"),
+    "kla-best": ("curl", "kl-approx", "best", "curlprune kl-approx, cost-weighted (its default)"),
     "l1": ("curl", "l1", "paper", "curlprune l1 (raw ranking, floor 0.3)"),
     "taylor": ("curl", "taylor", "paper", "curlprune taylor (raw ranking, floor 0.3)"),
     "random": ("curl", "random", "paper", "curlprune random (raw ranking, floor 0.3)"),
-    "kl-inside": ("curl", "kl", "best-inside", "curlprune kl, best allocation, inside channels only (outside protected)"),
+    "kl-inside": ("curl", "kl", "best-inside", "curlprune kl, cost-weighted, inside channels only (outside protected)"),
     "tp-l1": ("tp", "l1", None, "Torch-Pruning 1.6.1 global, group-L1 magnitude (equivalent 1x1-select shortcuts)"),
     "tp-taylor": ("tp", "taylor", None, "Torch-Pruning 1.6.1 global, group Taylor (equivalent 1x1-select shortcuts)"),
 }
