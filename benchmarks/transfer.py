@@ -128,6 +128,12 @@ def main() -> None:
         top1, per_class = evaluate_all(model, test, spec)
         entry = {"top1": round(top1, 2), "per_class": round(per_class, 2), "macs": macs, "params": params,
                  "seconds": round(seconds, 1), **(extra or {})}
+        # take in the rows another process of this script wrote meanwhile (e.g. --sets 500 and --sets full at once)
+        disk = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
+        for disk_set, disk_rows in disk.get("rows", {}).items():
+            for disk_row, seeds in disk_rows.items():
+                for disk_seed, disk_entry in seeds.items():
+                    results["rows"].setdefault(disk_set, {}).setdefault(disk_row, {}).setdefault(disk_seed, disk_entry)
         results["rows"].setdefault(tset, {}).setdefault(row, {})[str(seed)] = entry
         atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
         write_markdown(results, results_dir)
