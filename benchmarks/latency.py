@@ -520,7 +520,9 @@ def _plot(state: dict, path: Path) -> None:
     for m, c in colours.items():
         if any(r["model"] == m for r in rows):
             ax.scatter([], [], color=c, label=m)
-    ax.scatter([], [], marker="o", color="k", label="PyTorch eager"), ax.scatter([], [], marker="s", color="k", label="ONNX Runtime")
+    ax.scatter([], [], marker="o", color="k", label="PyTorch eager, as sliced")
+    ax.scatter([], [], marker="^", color="k", label="PyTorch eager, optimize_for_inference")
+    ax.scatter([], [], marker="s", color="k", label="ONNX Runtime")
     ax.set_xlabel("ideal speed-up (unpruned MACs / pruned MACs)")
     ax.set_ylabel("measured speed-up")
     ax.set_title("CPU speed-up vs MACs ratio (filled: big batch, hollow: batch 1)")
