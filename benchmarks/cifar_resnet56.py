@@ -86,7 +86,7 @@ ROWS = {
 }
 # Tier-1 rows run row by row (both targets of a row before the next row): the rows the goal is
 # judged on first, so that a run cut short by the end of a session has the comparisons that matter.
-TIER1_ORDER = ["kl-best", "tp-taylor", "kl-paper", "kla-best", "l1", "tp-l1", "taylor", "random", "kl-inside"]
+TIER1_ORDER = ["kl-best", "tp-taylor", "kl-paper", "tp-l1", "kla-best", "l1", "taylor", "random", "kl-inside"]
 
 # Tier-0 allocation study (--explore): name -> (criterion, Allocation fields).
 EXPLORE = {
