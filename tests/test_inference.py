@@ -101,3 +101,32 @@ def test_inplace_adds_rewrites_a_fresh_bn_output():
         assert inplace_adds(gm) == 1
         assert torch.equal(gm(x), expected)  # the same arithmetic, written into the BN's output
         assert inplace_adds(gm) == 0  # nothing left to rewrite
+
+
+def test_every_spelling_of_a_residual_add_is_made_in_place():
+    """``identity + out``, ``out.add(identity)`` and ``torch.add(out, identity)`` are the same
+    residual add; each is written into the conv/BN output, and ``alpha=`` is left alone."""
+
+    class Spellings(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1, bias=False) for _ in range(4))
+            self.bns = nn.ModuleList(nn.BatchNorm2d(4) for _ in range(4))
+
+        def forward(self, x):
+            a, b, c, d = (bn(conv(x)) for conv, bn in zip(self.convs, self.bns))
+            x = torch.relu(x + a)  # the fresh output is the second operand
+            x = torch.relu(b.add(x))  # tensor method
+            x = torch.relu(torch.add(c, x))
+            return torch.add(d, x, alpha=0.5)  # a keyword: not rewritten
+
+    torch.manual_seed(3)
+    model = nontrivial_bn(Spellings())
+    x = torch.randn(2, 4, 6, 6)
+    gm = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        expected = model(x)
+        assert inplace_adds(gm) == 3
+        assert torch.allclose(gm(x), expected, atol=1e-6)
+        assert {n.target for n in gm.graph.nodes if n.op == "call_method"} == set()
+        assert sum(n.target is torch.add for n in gm.graph.nodes) == 1

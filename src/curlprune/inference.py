@@ -33,29 +33,53 @@ from torch.fx.passes.shape_prop import ShapeProp
 from curlprune.graph.tracing import symbolic_trace
 
 _FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_ADDS = (operator.add, torch.add, torch.Tensor.add)
+_ADD_FUNCTIONS = (operator.add, torch.add)
+
+
+def _is_add(node: fx.Node) -> bool:
+    """``a + b``, ``torch.add(a, b)`` or ``a.add(b)`` with two positional operands and no
+    keyword (``alpha=`` or ``out=`` change what the add computes)."""
+    if node.kwargs or len(node.args) != 2:
+        return False
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS
+    return node.op == "call_method" and node.target == "add"
+
+
+def _writable(node: object, other: object, modules: dict[str, nn.Module]) -> bool:
+    """Whether the sum of ``node`` and ``other`` may be written into ``node``'s tensor: ``node``
+    is a conv/linear/BN output that nothing else reads, and the sum has ``node``'s shape."""
+    if not isinstance(node, fx.Node) or not isinstance(other, fx.Node) or node is other:
+        return False
+    if node.op != "call_module" or len(node.users) != 1 or not isinstance(modules.get(node.target), _FRESH):
+        return False
+    shapes = [n.meta.get("tensor_meta") for n in (node, other)]
+    if all(s is not None for s in shapes):
+        return shapes[0].shape == torch.broadcast_shapes(shapes[0].shape, shapes[1].shape)
+    return True
 
 
 def inplace_adds(gm: fx.GraphModule) -> int:
     """Rewrite ``a + b`` as ``a += b`` in ``gm`` (changed in place, recompiled) where ``a`` is
     the output of a conv/linear/BN module read only by this add and both operands are tensors.
 
+    ``torch.add(a, b)`` and ``a.add(b)`` count as ``a + b``. When only ``b`` qualifies, the add
+    becomes ``b += a`` (tensor addition is commutative, so the values are the same). Without
+    shape metadata (``ShapeProp``) both operands are assumed to have the same shape.
+
     Returns the number of adds rewritten. The values computed are unchanged.
     """
     modules = dict(gm.named_modules())
     count = 0
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _ADDS or node.kwargs or len(node.args) != 2:
+        if not _is_add(node):
             continue
         first, second = node.args
-        if not (isinstance(first, fx.Node) and isinstance(second, fx.Node)) or first is second:
+        if _writable(second, first, modules) and not _writable(first, second, modules):
+            first, second = second, first
+        elif not _writable(first, second, modules):
             continue
-        if first.op != "call_module" or len(first.users) != 1 or not isinstance(modules.get(first.target), _FRESH):
-            continue
-        shapes = [n.meta.get("tensor_meta") for n in (first, second)]
-        if all(s is not None for s in shapes) and shapes[0].shape != torch.broadcast_shapes(shapes[0].shape, shapes[1].shape):
-            continue  # the sum is larger than ``a``: it cannot be written into ``a``
-        node.target = operator.iadd
+        node.op, node.target, node.args = "call_function", operator.iadd, (first, second)
         count += 1
     if count:
         gm.graph.lint()
