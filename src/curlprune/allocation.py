@@ -125,6 +125,25 @@ def saving_metric(metric: str) -> str:
     return "params" if metric == "params" else "macs"
 
 
+def _per_group(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarray],
+               transform: Callable[[ChannelGroup, np.ndarray], np.ndarray] | None) -> dict[str, np.ndarray]:
+    """``transform(group, float64 scores)`` for every scored group; float64 copies for names not
+    in ``groups`` and for every name when ``transform`` is None. Raises CurlpruneError when a
+    group's scores are not ``(width,)``."""
+    by_name = {g.name: g for g in groups}
+    out: dict[str, np.ndarray] = {}
+    for name, values in scores.items():
+        values = np.asarray(values, dtype=np.float64)
+        group = by_name.get(name)
+        if transform is None or group is None:
+            out[name] = values.copy()
+            continue
+        if values.shape != (group.width,):
+            raise CurlpruneError(f"scores for group {name!r} have shape {values.shape}, expected ({group.width},): score the same model again")
+        out[name] = transform(group, values)
+    return out
+
+
 def cost_weighted(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarray], power: float = 1.0,
                   *, cost: str = "macs") -> dict[str, np.ndarray]:
     """``score / saved ** power`` per channel, for every scored group.
@@ -149,24 +168,17 @@ def cost_weighted(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarra
     """
     if cost not in COSTS:
         raise CurlpruneError(f"unknown cost {cost!r}: use one of {', '.join(COSTS)}")
-    by_name = {g.name: g for g in groups}
-    out: dict[str, np.ndarray] = {}
-    for name, values in scores.items():
-        values = np.asarray(values, dtype=np.float64)
-        if power == 0 or name not in by_name:
-            out[name] = values.copy()
-            continue
-        group = by_name[name]
+
+    def weigh(group: ChannelGroup, values: np.ndarray) -> np.ndarray:
         saved = np.asarray(group.macs_per_channel if cost == "macs" else group.params_per_channel, dtype=np.float64)
-        if saved.shape != values.shape:
-            raise CurlpruneError(f"group {name!r}: {values.shape[0]} scores but {saved.shape[0]} channels: score the same model again")
         if group.unit > 1 and group.width % group.unit == 0:  # a unit goes as one: it saves the sum of its channels
             saved = np.repeat(saved.reshape(-1, group.unit).sum(axis=1), group.unit)
         with np.errstate(divide="ignore", invalid="ignore"):
             weighted = np.where(saved > 0, values / np.power(np.maximum(saved, 1e-300), power), np.inf)
         weighted[np.isneginf(values)] = -np.inf  # already removed (iterative) stays first
-        out[name] = weighted
-    return out
+        return weighted
+
+    return _per_group(groups, scores, None if power == 0 else weigh)
 
 
 def protect_kind(groups: Sequence[ChannelGroup], kind: str) -> list[str]:
@@ -197,19 +209,12 @@ def normalize_scores(groups: Sequence[ChannelGroup], scores: Mapping[str, np.nda
     """
     if how not in NORMALIZATIONS:
         raise CurlpruneError(f"unknown normalisation {how!r}: use one of {', '.join(NORMALIZATIONS)}")
-    by_name = {g.name: g for g in groups}
-    out: dict[str, np.ndarray] = {}
-    for name, values in scores.items():
-        values = np.asarray(values, dtype=np.float64)
-        group = by_name.get(name)
-        if how == "none" or group is None:
-            out[name] = values.copy()
-            continue
-        if values.shape != (group.width,):
-            raise CurlpruneError(f"scores for group {name!r} have shape {values.shape}, expected ({group.width},): score the same model again")
+
+    def normalise(group: ChannelGroup, values: np.ndarray) -> np.ndarray:
         per_unit = normalize_values(values.reshape(group.width // group.unit, group.unit).mean(axis=1), how)
-        out[name] = np.repeat(per_unit, group.unit)
-    return out
+        return np.repeat(per_unit, group.unit)
+
+    return _per_group(groups, scores, None if how == "none" else normalise)
 
 
 def ranking_scores(
