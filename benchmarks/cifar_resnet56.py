@@ -486,6 +486,27 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+README_ROWS = [("kl-best", "**curlprune default** (kl, cost-weighted)"), ("kl-paper", "curlprune kl, as published (paper)"),
+               ("kla-best", "curlprune kl-approx, cost-weighted"), ("l1", "curlprune l1"), ("taylor", "curlprune taylor"),
+               ("random", "curlprune random"), ("tp-taylor", "Torch-Pruning 1.6.1, group Taylor"),
+               ("tp-l1", "Torch-Pruning 1.6.1, group L1")]
+
+
+def readme_table(data: dict) -> str:
+    """The README's summary table (``--readme``): BN and tier-1 top-1 per row at both targets."""
+    lines = ["| method | 50%: BN (no training) | 50%: distilled 2 epochs | 30%: BN (no training) | 30%: distilled 2 epochs |",
+             "|---|---|---|---|---|"]
+    for row, label in README_ROWS:
+        cells = []
+        for target in ("0.5", "0.3"):
+            entry = data.get("rows", {}).get(target, {}).get(row, {})
+            cells.append(f"{entry['top1_bn']:.2f}%" if entry.get("top1_bn") is not None else "-")
+            tier1 = entry.get("tier1")
+            cells.append(f"{tier1['top1']:.2f}%" if tier1 else "queued")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tier", type=int, choices=(0, 1), default=0)
@@ -495,7 +516,11 @@ def main() -> None:
     parser.add_argument("--explore", nargs="?", const="all", default=None, help="tier-0 allocation study (all, or comma-separated names)")
     parser.add_argument("--out", default="runs/bench-r56", help="scores, pruned models, distill runs")
     parser.add_argument("--results", default=str(RESULTS / "cifar_resnet56.json"))
+    parser.add_argument("--readme", action="store_true", help="print the README's summary table from --results and exit")
     args = parser.parse_args()
+    if args.readme:
+        print(readme_table(Results(Path(args.results)).read()))
+        return
     torch.set_num_threads(1)
     if not DATA.is_file() or not WEIGHTS.is_file():
         raise SystemExit(f"needs {DATA} and {WEIGHTS}")
