@@ -12,6 +12,9 @@ refines each with one change at a time, 1 epoch of the 6x expanded set as in row
                 the product's default since this probe)
   both          label_lr 0 and BN frozen
   no expansion  expand false, 6 epochs on the original images (row f), BN updating
+  4 epochs ...  R = 4 epochs of the 6x set, BN frozen: with one epoch every stored label is read
+                before its only update, so label refinement cannot act; from the second epoch on
+                the student trains on labels it moved. label_lr 1 (default), 0 (fixed), 10
 
     OMP_NUM_THREADS=1 python benchmarks/refine_probe.py --root runs/bench-transfer/32px/500
 
@@ -39,6 +42,9 @@ VARIANTS = {
     "BN frozen (the new default)": {"bn": "frozen"},
     "both": {"label_lr": 0.0, "bn": "frozen"},
     "no expansion": {"expand": False, "epochs": 6, "bn": "update"},
+    "4 epochs, labels learned (label_lr 1)": {"epochs": 4, "bn": "frozen"},
+    "4 epochs, labels fixed (label_lr 0)": {"epochs": 4, "bn": "frozen", "label_lr": 0.0},
+    "4 epochs, label_lr 10": {"epochs": 4, "bn": "frozen", "label_lr": 10.0},
 }
 RENAMED = {"default": "BN updating (as row a ran)", "BN frozen": "BN frozen (the new default)"}  # names of the first run
 
