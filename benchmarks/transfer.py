@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override E (smoke runs)")
     parser.add_argument("--per-class", type=int, default=50, help="images per class of the small set (smoke runs: fewer)")
     parser.add_argument("--git-commit", action="store_true", help="git commit the results files after every row")
+    parser.add_argument("--markdown", action="store_true",
+                        help="only fill in the training seconds of finished rows from their run folders and rewrite the md and png")
     args = parser.parse_args()
     wanted = args.rows.split(",")
     for path in (ZIP, BIG, SMALL):
@@ -119,6 +121,17 @@ def main() -> None:
     results.update(size=size, target_macs=target_macs, teacher_macs=count(build("cifar:resnet56"), x)[0],
                    torch=torch.__version__, threads=torch.get_num_threads())
     out_root = Path(args.out) / f"{size}px"
+    if args.markdown:
+        for tset, rows in results["rows"].items():
+            for row, seeds in rows.items():
+                for seed, entry in seeds.items():
+                    trained = train_seconds(out_root / tset, row, int(seed))
+                    if trained is not None:
+                        entry["train_seconds"] = trained
+        atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
+        write_markdown(results, results_dir)
+        plot(results, results_dir)
+        return
 
     def done(tset: str, row: str, seed: int) -> bool:
         return str(seed) in results["rows"].get(tset, {}).get(row, {})
@@ -128,6 +141,9 @@ def main() -> None:
         top1, per_class = evaluate_all(model, test, spec)
         entry = {"top1": round(top1, 2), "per_class": round(per_class, 2), "macs": macs, "params": params,
                  "seconds": round(seconds, 1), **(extra or {})}
+        trained = train_seconds(out_root / tset, row, seed)
+        if trained is not None:
+            entry["train_seconds"] = trained
         # take in the rows another process of this script wrote meanwhile (e.g. --sets 500 and --sets full at once)
         disk = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
         for disk_set, disk_rows in disk.get("rows", {}).items():
@@ -254,8 +270,28 @@ def summary_of(entries: dict) -> dict:
         out[key] = statistics.mean(values)
         out[key + "_std"] = statistics.stdev(values) if len(values) > 1 else None
     first = next(iter(entries.values()))
-    out.update(macs=first["macs"], params=first["params"], seconds=statistics.mean(e["seconds"] for e in entries.values()))
+    out.update(macs=first["macs"], params=first["params"], seconds=statistics.mean(e["seconds"] for e in entries.values()),
+               train_seconds=statistics.mean(e.get("train_seconds", e["seconds"]) for e in entries.values()))
     return out
+
+
+def train_seconds(root: Path, row: str, seed: int) -> float | None:
+    """Seconds of the training stages (finetune, distill, refine) of one finished row, from the
+    summaries of its run folders under ``root`` (the training set's folder); None when absent.
+    Pruning (the criterion's scoring, shared by the rows that prune with it) is not counted."""
+
+    def stages(name: str) -> dict:
+        path = root / name / "summary.json"
+        return json.loads(path.read_text())["stages"] if path.is_file() else {}
+
+    if row == "e":
+        found = {k: v for k, v in stages("a-s0").items() if k == "distill"}
+    elif row == "f":
+        found = {**{k: v for k, v in stages("a-s0").items() if k == "distill"}, **stages("f")}
+    else:
+        found = stages(row if row in ("t", "z") else f"{row}-s{seed}")
+    found = {k: v for k, v in found.items() if k in ("finetune", "distill", "refine")}
+    return round(sum(v["seconds"] for v in found.values()), 1) if found else None
 
 
 def write_markdown(results: dict, results_dir: Path) -> None:
@@ -270,7 +306,9 @@ def write_markdown(results: dict, results_dir: Path) -> None:
              f"Target MACs {results['target_macs'] / 1e6:.2f} M (ResNet-20 at {size} px); ResNet-56 {results['teacher_macs'] / 1e6:.2f} M. "
              f"Top-1 and per-class mean accuracy (%) of the last-epoch model on all 713 test images; mean ± std over seeds "
              f"(rows a, b, d1, d2), else one seed. torch {results['torch']}, {results['threads']} thread on 2 CPU cores shared "
-             "with other jobs: wall times are indicative only. Rows: see the docstring of benchmarks/transfer.py.", "",
+             "with other jobs: times are indicative only. Training s: seconds of the row's training stages (finetune, "
+             "distill, refine; e: row a's distill, f: that plus its refine), not the pruning, whose kl scoring of t is "
+             "shared by rows a, b, e and f. Rows: see the docstring of benchmarks/transfer.py.", "",
              "Input size: MACs grow with the square of the side (ResNet-20: 40.6 M at 32 px, 91.2 M at 48, 162.2 M at 64; "
              "ResNet-56: 125.5 / 282.3 / 501.9 M) and so does CPU time (training on this machine, one thread: ResNet-56 "
              "17.0 / 7.7 / 4.1 images/s, ResNet-20 41.6 / 23.2 / 13.2). At 64 px the table would take about four times "
@@ -283,12 +321,12 @@ def write_markdown(results: dict, results_dir: Path) -> None:
         lines += [f"## Trained on {images}", "",
                   f"Budget: distill E = {budget['E']} epochs + refine R = {budget['R']} epoch(s) of the 6x set; "
                   f"CE rows (t, b, d1, z) {budget['ce_epochs']} epochs; f refines {6 * budget['R']} epochs on the original images.", "",
-                  "| row | method | seeds | top-1 % | per-class mean % | MACs | params | wall s |", "|---|---|---|---|---|---|---|---|"]
+                  "| row | method | seeds | top-1 % | per-class mean % | MACs | params | training s |", "|---|---|---|---|---|---|---|---|"]
         for row in ROW_ORDER:
             if row in rows:
                 s = summary_of(rows[row])
                 lines.append(f"| {row} | {NAMES[row]} | {s['n']} | {fmt(s['top1'], s['top1_std'])} | {fmt(s['per_class'], s['per_class_std'])} | "
-                             f"{s['macs'] / 1e6:.2f} M | {s['params'] / 1e6:.3f} M | {s['seconds']:.0f} |")
+                             f"{s['macs'] / 1e6:.2f} M | {s['params'] / 1e6:.3f} M | {s['train_seconds']:.0f} |")
         lines.append("")
     atomic_write_text(results_dir / "transfer.md", "\n".join(lines) + "\n")
 
