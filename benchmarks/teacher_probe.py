@@ -103,9 +103,9 @@ def main() -> None:
 
     finetune = {"epochs": ce_epochs, "warmup_epochs": 1.0, "progress": False}
     summary, seconds = run("t2", {"model": "cifar:resnet56", "weights": str(teacher_file), "stages": ["finetune"], "finetune": finetune})
-    teacher2 = Path(summary["checkpoint"])
     if not done("t2", 0):
-        record("t2", 0, teacher2, seconds)
+        record("t2", 0, summary["checkpoint"], seconds)
+    teacher2 = root / "t2" / "finetune" / "model.safetensors"  # plain weights of the fine-tuned model, as transfer.py's t
     summary, prune_seconds = run("prune-kl-t2", {"model": "cifar:resnet56", "weights": str(teacher2), "stages": ["prune"],
                                                  "prune": {"target_macs": float(target_macs), "calib": 256, "criterion": "kl"}})
     pruned = Path(summary["stages"]["prune"]["checkpoint"])
