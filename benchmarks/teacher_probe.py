@@ -14,6 +14,8 @@ budgets as transfer.py (distill 12 epochs + refine 1 epoch of the 6x set; CE 18 
   a2   kl prune t2 + distill + refine from t2   (seeds 0, 1, 2)
   e2   a2 after its distill stage                (seed 0)
   b2   kl prune t2 + CE fine-tuning              (seeds 0, 1, 2)
+  d1L  ResNet-20 pretrained + CE fine-tuning for 36 epochs, as long as t2 (seeds 0, 1, 2): the
+       small pretrained model gets the longer schedule too
 
     OMP_NUM_THREADS=1 python benchmarks/teacher_probe.py --root runs/bench-transfer/32px/500
 
@@ -44,8 +46,9 @@ NAMES = {
     "a2": "a2: CURL from t2 (kl prune + distill + refine)",
     "e2": "e2: CURL from t2, no refine",
     "b2": "b2: kl prune t2 + CE",
+    "d1": "d1: ResNet-20 pretrained + CE, 18 epochs (transfer.md)",
+    "d1L": "d1L: ResNet-20 pretrained + CE, 36 epochs",
 }
-SEEDS = {"a2": [0, 1, 2], "b2": [0, 1, 2], "t2": [0], "e2": [0]}
 
 
 def main() -> None:
@@ -56,7 +59,7 @@ def main() -> None:
     from curlprune.pipeline import Run
     from curlprune.rundir import atomic_write_text
     from curlprune.run_config import parse_config
-    from transfer import BUDGETS, ZIP, evaluate_all
+    from transfer import BUDGETS, SMALL, ZIP, evaluate_all
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/bench-transfer/32px/500", help="the 500-per-class folder of benchmarks/transfer.py (holds t)")
@@ -122,13 +125,18 @@ def main() -> None:
             summary, seconds = run(f"b2-s{seed}", {"model": "cifar:resnet56", "weights": str(teacher2), "seed": seed,
                                                    "stages": ["finetune"], "finetune": finetune}, pruned)
             record("b2", seed, summary["checkpoint"], prune_seconds + seconds)
+    for seed in (0, 1, 2):
+        if not done("d1L", seed):
+            summary, seconds = run(f"d1L-s{seed}", {"model": "cifar:resnet20", "weights": str(SMALL), "seed": seed, "stages": ["finetune"],
+                                                    "finetune": {**finetune, "epochs": 2 * ce_epochs, "new_head": True}})
+            record("d1L", seed, summary["checkpoint"], seconds)
 
 
 def write_markdown(results: dict, path: Path) -> None:
     from curlprune.rundir import atomic_write_text
 
     transfer = json.loads((RESULTS / "transfer.json").read_text())["rows"].get("500", {})
-    rows = {**{k: transfer[k] for k in ("t", "a", "e", "b") if k in transfer}, **results["rows"]}
+    rows = {**{k: transfer[k] for k in ("t", "a", "e", "b", "d1") if k in transfer}, **results["rows"]}
 
     def cell(entries: dict, key: str) -> str:
         values = [e[key] for e in entries.values()]
