@@ -145,6 +145,8 @@ def main() -> None:
             summary, seconds = run(f"d1L-s{seed}", {"model": "cifar:resnet20", "weights": str(SMALL), "seed": seed, "stages": ["finetune"],
                                                     "finetune": {**finetune, "epochs": 2 * ce_epochs, "new_head": True}})
             record("d1L", seed, summary["checkpoint"], seconds)
+    atomic_write_text(results_path, json.dumps(results, indent=1) + "\n")
+    write_markdown(results, results_path.with_suffix(".md"))
 
 
 def write_markdown(results: dict, path: Path) -> None:
