@@ -314,7 +314,10 @@ def write_markdown(results: dict, results_dir: Path) -> None:
              "17.0 / 7.7 / 4.1 images/s, ResNet-20 41.6 / 23.2 / 13.2). At 64 px the table would take about four times "
              "the 2-3 CPU-hours it is budgeted for, and the CIFAR-10 filters were learned at 32 px, the scale they "
              "see here. The accuracy cost of 32 px against 64 px for the small model is measured in "
-             "benchmarks/results/transfer_recipe.md.", ""]
+             "benchmarks/results/transfer_recipe.md.", "",
+             "Follow-ups at 50 per class: benchmarks/results/teacher_probe.md (rows a, b and d1 again with a teacher "
+             "and a ResNet-20 trained 36 epochs) and benchmarks/results/refine_probe.md (the refine stage's batch norm, "
+             "label step, epochs and learning rate).", ""]
     for tset, rows in results["rows"].items():
         budget = results["budgets"][tset]
         images = "500 images (50 per class)" if tset == "500" else "the full training split (3,068 images, imbalanced)"
