@@ -59,7 +59,7 @@ def main() -> None:
     from curlprune.pipeline import Run
     from curlprune.rundir import atomic_write_text
     from curlprune.run_config import parse_config
-    from transfer import BUDGETS, SMALL, ZIP, evaluate_all
+    from transfer import BUDGETS, SMALL, TRAINING_STAGES, ZIP, evaluate_all, stage_seconds
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/bench-transfer/32px/500", help="the 500-per-class folder of benchmarks/transfer.py (holds t)")
@@ -93,12 +93,9 @@ def main() -> None:
 
     def trained(row: str, seed: int) -> float | None:
         """Seconds of the row's training stages, from its run folder's summary (not the pruning)."""
-        folder = root / ("t2" if row == "t2" else f"{'a2' if row == 'e2' else row}-s{seed}") / "summary.json"
-        if not folder.is_file():
-            return None
-        stages = json.loads(folder.read_text())["stages"]
-        keep = ("distill",) if row == "e2" else ("finetune", "distill", "refine")
-        return round(sum(v["seconds"] for k, v in stages.items() if k in keep), 1)
+        if row == "e2":
+            return stage_seconds((root / "a2-s0", ("distill",)))
+        return stage_seconds((root / ("t2" if row == "t2" else f"{row}-s{seed}"), TRAINING_STAGES))
 
     for row, seeds in results["rows"].items():  # rows written before the training seconds were recorded
         for seed, entry in seeds.items():

@@ -275,23 +275,29 @@ def summary_of(entries: dict) -> dict:
     return out
 
 
+TRAINING_STAGES = ("finetune", "distill", "refine")
+
+
+def stage_seconds(*folders: tuple[Path, tuple[str, ...]]) -> float | None:
+    """Sum of the seconds of the named stages in the summaries of finished run folders, given as
+    ``(run folder, stage names)`` pairs; None when no such stage is recorded."""
+    found = []
+    for folder, names in folders:
+        path = folder / "summary.json"
+        stages = json.loads(path.read_text())["stages"] if path.is_file() else {}
+        found += [v["seconds"] for k, v in stages.items() if k in names]
+    return round(sum(found), 1) if found else None
+
+
 def train_seconds(root: Path, row: str, seed: int) -> float | None:
     """Seconds of the training stages (finetune, distill, refine) of one finished row, from the
     summaries of its run folders under ``root`` (the training set's folder); None when absent.
     Pruning (the criterion's scoring, shared by the rows that prune with it) is not counted."""
-
-    def stages(name: str) -> dict:
-        path = root / name / "summary.json"
-        return json.loads(path.read_text())["stages"] if path.is_file() else {}
-
     if row == "e":
-        found = {k: v for k, v in stages("a-s0").items() if k == "distill"}
-    elif row == "f":
-        found = {**{k: v for k, v in stages("a-s0").items() if k == "distill"}, **stages("f")}
-    else:
-        found = stages(row if row in ("t", "z") else f"{row}-s{seed}")
-    found = {k: v for k, v in found.items() if k in ("finetune", "distill", "refine")}
-    return round(sum(v["seconds"] for v in found.values()), 1) if found else None
+        return stage_seconds((root / "a-s0", ("distill",)))
+    if row == "f":
+        return stage_seconds((root / "a-s0", ("distill",)), (root / "f", TRAINING_STAGES))
+    return stage_seconds((root / (row if row in ("t", "z") else f"{row}-s{seed}"), TRAINING_STAGES))
 
 
 def write_markdown(results: dict, results_dir: Path) -> None:
