@@ -99,7 +99,7 @@ def main() -> None:
 
     for row, seeds in results["rows"].items():  # rows written before the training seconds were recorded
         for seed, entry in seeds.items():
-            if "train_seconds" not in entry and trained(row, int(seed)) is not None:
+            if "train_seconds" not in entry:
                 entry["train_seconds"] = trained(row, int(seed))
 
     def done(row: str, seed: int) -> bool:
