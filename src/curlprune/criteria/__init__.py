@@ -10,68 +10,128 @@ gets the unit's score where the criterion is defined per unit (``kl``, ``kl-appr
     bn         |gamma| of the group's batch norms (data-free)
     taylor     first-order Taylor |sum a * dL/da| with labels (Molchanov et al.)
     random     seeded uniform scores (a control)
+
+:data:`CRITERIA` is the one table of criteria: each entry (:class:`Criterion`) holds its scoring
+function, the data it needs, its options with their defaults, the progress it reports and whether
+its scores share one scale (which decides its default allocation). The prune stage, its config and
+scores fingerprint, the allocation defaults and the ``prune`` command all read it;
+:func:`register_criterion` adds a user's own criterion.
 """
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import inspect
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from curlprune.channels import ChannelGroup
+from curlprune.criteria.base import DEFAULT_BUDGET_MB, Criterion, Option, Progress, Scores, unit_count
+from curlprune.criteria.kl import kl_scores
+from curlprune.criteria.kl_approx import DEFAULT_CLASSES as DEFAULT_APPROX_CLASSES
+from curlprune.criteria.kl_approx import kl_approx_scores
+from curlprune.criteria.magnitude import bn_scores, l1_scores, random_scores
+from curlprune.criteria.taylor import taylor_scores
 from curlprune.errors import CurlpruneError
 from curlprune.graph import eval_mode
 
-DEFAULT_BUDGET_MB = 512
-"""Memory (MiB) the data-driven criteria (``kl``, ``kl-approx``) may use for stacked ablations."""
+__all__ = [
+    "CRITERIA", "DEFAULT_APPROX_CLASSES", "DEFAULT_BUDGET_MB", "Criterion", "Option", "Progress", "Scores",
+    "compute_scores", "get", "options_by_name", "register_criterion", "work_items",
+]
 
-Scores = dict[str, np.ndarray]
-Progress = Callable[[int], None]
-"""Called with the number of work items just finished (``kl``: ablations)."""
-
-
-@dataclass(frozen=True)
-class Criterion:
-    """A registered criterion: where it lives and what it needs."""
-
-    name: str
-    module: str
-    function: str
-    needs_data: bool
-    needs_labels: bool
-    summary: str
-
-    def load(self) -> Callable[..., Scores]:
-        # By name, on first use: the criterion modules import this package (Scores, prunable, ...),
-        # so importing them here eagerly would be a cycle; a registry entry only names its module.
-        return getattr(importlib.import_module(self.module), self.function)
+CRITERIA: dict[str, Criterion] = {}
+"""Every registered criterion by name, in registration order (the built-in ones first)."""
 
 
-CRITERIA: dict[str, Criterion] = {
-    c.name: c
-    for c in (
-        Criterion("kl", "curlprune.criteria.kl", "kl_scores", True, False, "CURL: KL(q_masked || p) per channel, exact"),
-        Criterion("kl-approx", "curlprune.criteria.kl_approx", "kl_approx_scores", True, False,
-                  "Fisher (2nd-order) approximation of the KL score from a few backward passes"),
-        Criterion("l1", "curlprune.criteria.magnitude", "l1_scores", False, False, "L1 norm of the producing filters"),
-        Criterion("bn", "curlprune.criteria.magnitude", "bn_scores", False, False, "|gamma| of the group's batch norms"),
-        Criterion("taylor", "curlprune.criteria.taylor", "taylor_scores", True, True, "first-order Taylor |sum a*dL/da| (uses labels)"),
-        Criterion("random", "curlprune.criteria.magnitude", "random_scores", False, False, "seeded random scores (control)"),
-    )
-}
+def register_criterion(criterion: Criterion, *, replace: bool = False) -> Criterion:
+    """Add ``criterion`` to :data:`CRITERIA`: ``compute_scores``, ``PruneConfig``, the prune stage and
+    the ``prune`` command then accept its name.
 
-_PROGRESS_CRITERIA = ("kl", "kl-approx")
-"""Criteria that report progress, one step per unit of every prunable group."""
+    Its options are set by the prune stage from the ``PruneConfig`` fields of the same names
+    (``seed``, ``budget_mb``, ``approx_classes``); an option with no such field keeps its default
+    there, and is given to :func:`compute_scores` by name.
+
+    Args:
+        criterion: the entry (see :class:`Criterion`). Its function's keywords must match what it
+            declares: ``images`` when it needs data, ``labels`` when it needs labels, ``progress``
+            when it has ``work``, one keyword per option (with the declared default, when the
+            function has one), and no other keyword without a default.
+        replace: allow replacing a registered criterion of the same name.
+
+    Returns:
+        ``criterion``.
+
+    Raises:
+        CurlpruneError: the name is taken (without ``replace``), an option is declared twice, an
+            option name is declared by another criterion with another default, or the function's
+            keywords do not match the declaration.
+    """
+    if not isinstance(criterion.name, str) or not criterion.name:
+        raise CurlpruneError(f"a criterion needs a non-empty name, got {criterion.name!r}")
+    if criterion.name in CRITERIA and not replace:
+        raise CurlpruneError(f"criterion {criterion.name!r} is already registered: pass replace=True to replace it")
+    names = [option.name for option in criterion.options]
+    if len(set(names)) != len(names):
+        raise CurlpruneError(f"criterion {criterion.name!r} declares an option twice: {', '.join(names)}")
+    for option in criterion.options:
+        known = options_by_name(exclude=criterion.name).get(option.name)
+        if known is not None and (known[0].default != option.default or known[0].shared != option.shared):
+            raise CurlpruneError(f"criterion {criterion.name!r}: option {option.name!r} has default {option.default!r} "
+                                 f"but {', '.join(known[1])} declare(s) {known[0].default!r}: one setting, one default")
+    _check_function(criterion)
+    CRITERIA[criterion.name] = criterion
+    return criterion
+
+
+def _check_function(criterion: Criterion) -> None:
+    """Raise unless ``criterion.function``'s keywords match what the entry declares (see :func:`register_criterion`)."""
+    try:
+        params = dict(list(inspect.signature(criterion.function).parameters.items())[2:])  # after (model, groups)
+    except (TypeError, ValueError):
+        return  # no signature to read (a builtin): the declaration is trusted
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    given = [name for name, wanted in (("images", criterion.needs_data), ("labels", criterion.needs_labels),
+                                        ("progress", criterion.reports_progress)) if wanted]
+    given += [option.argument for option in criterion.options]
+    missing = [name for name in given if name not in params and not takes_any]
+    required = [name for name, p in params.items() if p.default is inspect.Parameter.empty and name not in given
+                and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    if missing or required:
+        raise CurlpruneError(f"criterion {criterion.name!r}: its function lacks the keyword(s) {missing} it is given, "
+                             f"or needs {required}, which it is not given: declare needs_data, needs_labels, work "
+                             f"and options to match (model, groups, images, labels, progress, options)")
+    for option in criterion.options:
+        p = params.get(option.argument)
+        if p is not None and p.default is not inspect.Parameter.empty and p.default != option.default:
+            raise CurlpruneError(f"criterion {criterion.name!r}: option {option.name!r} defaults to {option.default!r} "
+                                 f"but its function's {option.argument!r} to {p.default!r}")
+
+
+def options_by_name(exclude: str | None = None) -> dict[str, tuple[Option, list[str]]]:
+    """Every option of the registered criteria, once: name -> (its declaration, the criteria declaring it).
+
+    Args:
+        exclude: a criterion name left out (the one being registered).
+
+    Returns:
+        In registration order; the declaration is the first criterion's (they agree on the default).
+    """
+    found: dict[str, tuple[Option, list[str]]] = {}
+    for criterion in CRITERIA.values():
+        if criterion.name == exclude:
+            continue
+        for option in criterion.options:
+            found.setdefault(option.name, (option, []))[1].append(criterion.name)
+    return found
 
 
 def get(name: str) -> Criterion:
     """The criterion called ``name``.
 
     Args:
-        name: one of ``CRITERIA`` (``kl``, ``kl-approx``, ``l1``, ``bn``, ``taylor``, ``random``).
+        name: one of ``CRITERIA`` (``kl``, ``kl-approx``, ``l1``, ``bn``, ``taylor``, ``random``, and
+            any registered with :func:`register_criterion`).
 
     Returns:
         Its :class:`Criterion` entry.
@@ -103,11 +163,14 @@ def compute_scores(
         name: the criterion (``CRITERIA``).
         model: the unpruned model.
         groups: ``trace(model, x)``.
-        images: calibration batch ``[N, C, H, W]``, float, already transformed (data-driven criteria).
-        labels: ``[N]`` int64 class indices (``taylor``).
-        seed: the seed of ``random``.
-        progress: called with finished work items (``kl``, ``kl-approx``; see ``work_items``).
-        **options: passed to the criterion (e.g. ``budget_mb`` in MiB for ``kl``).
+        images: calibration batch ``[N, C, H, W]``, float, already transformed (criteria that need data).
+        labels: ``[N]`` int64 class indices (criteria that need labels: ``taylor``).
+        seed: the seed of criteria with a ``seed`` option (``random``); ignored by the others.
+        progress: called with finished work items (criteria with ``work``: ``kl``, ``kl-approx``;
+            see :func:`work_items`).
+        **options: the criterion's declared options by name (e.g. ``budget_mb`` in MiB for ``kl``,
+            ``approx_classes`` for ``kl-approx``; unset ones take their declared defaults); any
+            other keyword goes to the function unchanged (e.g. ``chunk_mb`` for ``kl``).
 
     Returns:
         Scores: group name -> float64 array ``(width,)`` for every prunable group; lower = less important.
@@ -122,17 +185,17 @@ def compute_scores(
         raise CurlpruneError(f"criterion {name!r} needs calibration images: pass --data (a dataset folder/zip or 'digits')")
     if criterion.needs_labels and labels is None:
         raise CurlpruneError(f"criterion {name!r} needs labels for its calibration images: use a labelled dataset")
-    kwargs = dict(options)
+    values = {"seed": seed, **options}
+    kwargs = {option.argument: values.get(option.name, option.default) for option in criterion.options}
+    kwargs.update({k: v for k, v in options.items() if k not in criterion.defaults()})
     if criterion.needs_data:
         kwargs["images"] = images
     if criterion.needs_labels:
         kwargs["labels"] = labels
-    if name == "random":
-        kwargs["seed"] = seed
-    if name in _PROGRESS_CRITERIA:
+    if criterion.reports_progress:
         kwargs["progress"] = progress
     with eval_mode(model):
-        return criterion.load()(model, groups, **kwargs)
+        return criterion.function(model, groups, **kwargs)
 
 
 def work_items(name: str, groups: Sequence[ChannelGroup]) -> int:
@@ -143,36 +206,26 @@ def work_items(name: str, groups: Sequence[ChannelGroup]) -> int:
         groups: the model's channel groups.
 
     Returns:
-        ``kl``, ``kl-approx``: the number of units of the prunable groups; other criteria: 0.
+        The criterion's ``work(groups)`` (``kl``, ``kl-approx``: the number of units of the
+        prunable groups); 0 for criteria that report no progress.
     """
-    return sum(g.width // g.unit for g in prunable(groups)) if name in _PROGRESS_CRITERIA else 0
+    criterion = get(name)
+    return criterion.work(groups) if criterion.work is not None else 0
 
 
-# ------------------------------------------------------------------------------------- helpers
+_BUDGET = Option("budget_mb", float(DEFAULT_BUDGET_MB), "memory (MiB) for the stacked ablations", changes_scores=False)
 
-
-def prunable(groups: Sequence[ChannelGroup]) -> list[ChannelGroup]:
-    """The groups that get scores."""
-    return [g for g in groups if g.prunable]
-
-
-def per_channel(values: torch.Tensor, group: ChannelGroup, member_index: tuple[tuple[int, ...], ...]) -> np.ndarray:
-    """Sum per-position ``values`` (along a member's sliced dimension) into the group's channels."""
-    flat = values.detach().double().cpu()
-    out = np.zeros(group.width, dtype=np.float64)
-    for channel, positions in enumerate(member_index):
-        out[channel] = float(flat[list(positions)].sum())
-    return out
-
-
-def unit_broadcast(per_unit: np.ndarray, unit: int) -> np.ndarray:
-    """Give every channel of a unit the unit's value."""
-    return np.repeat(np.asarray(per_unit, dtype=np.float64), unit)
-
-
-def submodule(model: nn.Module, name: str) -> nn.Module | None:
-    """The module called ``name``, or None when ``name`` is a parameter (``get_attr`` member)."""
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
+for _criterion in (
+    Criterion("kl", kl_scores, "CURL: KL(q_masked || p) per channel, exact", needs_data=True,
+              options=(_BUDGET,), work=unit_count, one_scale=True),
+    Criterion("kl-approx", kl_approx_scores, "Fisher (2nd-order) approximation of the KL score from a few backward passes",
+              needs_data=True, work=unit_count, one_scale=True,
+              options=(_BUDGET, Option("approx_classes", DEFAULT_APPROX_CLASSES, "most probable classes in its Fisher sum",
+                                       keyword="classes"))),
+    Criterion("l1", l1_scores, "L1 norm of the producing filters"),
+    Criterion("bn", bn_scores, "|gamma| of the group's batch norms"),
+    Criterion("taylor", taylor_scores, "first-order Taylor |sum a*dL/da| (uses labels)", needs_data=True, needs_labels=True),
+    Criterion("random", random_scores, "seeded random scores (control)",
+              options=(Option("seed", 0, "seed of the random scores", shared=True),)),
+):
+    register_criterion(_criterion)

@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from curlprune.channels import ChannelGroup, Plan
-from curlprune.criteria import DEFAULT_BUDGET_MB, Progress, Scores, eval_mode, prunable
+from curlprune.criteria.base import DEFAULT_BUDGET_MB, Progress, Scores, prunable
 from curlprune.criteria.partial import Cut, Env, GraphRunner, gather, is_gatherable, kl_to_reference, unit_positions
+from curlprune.graph import eval_mode
 from curlprune.surgery import mask
 
 DEFAULT_CHUNK_MB = 16

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from curlprune.channels import ChannelGroup
-from curlprune.criteria import DEFAULT_BUDGET_MB, Progress, Scores, prunable, unit_broadcast
+from curlprune.criteria.base import DEFAULT_BUDGET_MB, Progress, Scores, prunable, unit_broadcast
 from curlprune.criteria.partial import Cut, Env, GraphRunner, logits_of
 
 DEFAULT_CLASSES = 5

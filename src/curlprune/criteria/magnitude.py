@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from curlprune.channels import ChannelGroup
-from curlprune.criteria import Scores, per_channel, prunable, submodule, unit_broadcast
+from curlprune.criteria.base import Scores, per_channel, prunable, submodule, unit_broadcast
 
 
 def l1_scores(model: nn.Module, groups: Sequence[ChannelGroup]) -> Scores:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curlprune.channels import ChannelGroup
-from curlprune.criteria import Scores, per_channel, prunable, submodule
+from curlprune.criteria.base import Scores, per_channel, prunable, submodule
 
 
 def taylor_scores(
