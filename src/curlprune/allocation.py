@@ -30,6 +30,7 @@ from torch import nn
 
 from curlprune.analysis import trace
 from curlprune.channels import ChannelGroup, Plan
+from curlprune.criteria import get
 from curlprune.errors import CurlpruneError
 from curlprune.select import DEFAULT_FLOOR, NORMALIZATIONS, CostFn, Selection, Target, normalize_values, select
 from curlprune.surgery import apply
@@ -82,18 +83,24 @@ vs 79.13% for PAPER; benchmarks/results/cifar_resnet56.md)."""
 ALLOCATIONS = {"cost-weighted": COST_WEIGHTED, "paper": PAPER}
 """The allocations the prune stage offers by name (``PruneConfig.allocation``)."""
 
-COST_WEIGHTED_CRITERIA = ("kl", "kl-approx")
-"""Criteria whose default allocation is cost-weighted. Their scores are a damage to the output
-distribution (nats), on one scale for every layer, so damage per MAC saved is meaningful. Magnitude
-and Taylor scores are on per-layer scales (a residual stream's l1 sums all its producers), and
-dividing them by the cost made ResNet-56 worse (50% of the MACs, top-1 after BN re-estimation: l1
-84.74% paper vs 52.78% cost-weighted, taylor 70.51% vs 67.36%; benchmarks/results/cifar_resnet56.md)."""
-
 
 def default_allocation(criterion: str) -> str:
-    """The allocation the prune stage uses when none is set: "cost-weighted" for the KL criteria
-    (:data:`COST_WEIGHTED_CRITERIA`), "paper" for the others. Source: docs/method.md §3 (allocation)."""
-    return "cost-weighted" if criterion in COST_WEIGHTED_CRITERIA else "paper"
+    """The allocation the prune stage uses when none is set.
+
+    Args:
+        criterion: a registered criterion's name.
+
+    Returns:
+        "cost-weighted" when the criterion's scores share one scale across groups
+        (:attr:`curlprune.criteria.Criterion.one_scale`: kl, kl-approx), so that damage per MAC
+        saved is meaningful; "paper" for the others (per-layer scales, where the division hurts).
+
+    Raises:
+        CurlpruneError: an unknown criterion.
+
+    Source: docs/method.md §3 (allocation).
+    """
+    return "cost-weighted" if get(criterion).one_scale else "paper"
 
 
 COSTS = ("macs", "params")

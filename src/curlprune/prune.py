@@ -303,19 +303,17 @@ def _scores(out: Path, resume: bool, fingerprint: dict, config: PruneConfig, mod
 
 
 def _compute(config: PruneConfig, model, groups, images, labels, show: bool) -> dict[str, np.ndarray]:
-    options: dict[str, Any] = {}
-    if config.criterion in ("kl", "kl-approx"):
-        options["budget_mb"] = config.budget_mb
-    if config.criterion == "kl-approx":
-        options["classes"] = config.approx_classes
+    """The criterion's scores with its declared options from ``config``, with a progress bar when it reports progress."""
+    options = config.criterion_options()
     total = work_items(config.criterion, groups)
     if not show or not total:
-        return compute_scores(config.criterion, model, groups, images=images, labels=labels, seed=config.seed, **options)
+        return compute_scores(config.criterion, model, groups, images=images, labels=labels, **options)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("units"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(f"scoring ({config.criterion}, {len(images)} images)", total=total)
-        scores = compute_scores(config.criterion, model, groups, images=images, labels=labels, seed=config.seed,
+        on = "" if images is None else f", {len(images)} images"
+        task = bar.add_task(f"scoring ({config.criterion}{on})", total=total)
+        scores = compute_scores(config.criterion, model, groups, images=images, labels=labels,
                                 progress=lambda done: bar.advance(task, done), **options)
         bar.update(task, completed=total)
     return scores

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from curlprune.allocation import ALLOCATIONS, default_allocation
-from curlprune.criteria import DEFAULT_BUDGET_MB, get
+from curlprune.criteria import DEFAULT_APPROX_CLASSES, DEFAULT_BUDGET_MB, get
 from curlprune.errors import CurlpruneError
 from curlprune.latency import LatencyTarget
 from curlprune.rundir import LATER
@@ -17,14 +17,14 @@ from curlprune.select import DEFAULT_FLOOR, NORMALIZATIONS, Target
 
 DEFAULT_CALIB = 256  # calibration images (docs/method.md §8)
 DEFAULT_BUDGET = float(DEFAULT_BUDGET_MB)  # MB for the stacked ablations of the kl criteria
-DEFAULT_APPROX_CLASSES = 5  # kl-approx: most probable classes in its Fisher sum
 
 
 @dataclass
 class PruneConfig:
     """Settings of the prune stage (also the ``prune:`` section of a run config).
 
-    criterion:      kl | kl-approx | l1 | bn | taylor | random.
+    criterion:      kl | kl-approx | l1 | bn | taylor | random, or a registered one
+                    (:data:`curlprune.criteria.CRITERIA`).
     target_macs:    MACs to keep: a fraction of the unpruned model (<= 1, e.g. 0.5) or a count
                     ("62.5M", 1.11e9). Exactly one of target_macs / target_params / target_latency.
     target_params:  parameters to keep, same forms.
@@ -44,12 +44,16 @@ class PruneConfig:
     allocation:     how scores become the global ranking (docs/method.md §3): "cost-weighted" =
                     score / what the channel's removal saves (MACs; parameters for a params
                     target), "paper" = raw scores (CURL as published). None = the criterion's
-                    default: cost-weighted for kl and kl-approx, paper for the others (unset, so
-                    that run folders written before the option existed keep their settings); :meth:`resolved_allocation` gives the name used.
+                    default: cost-weighted for kl and kl-approx (scores on one scale), paper for
+                    the others (unset, so that run folders written before the option existed keep
+                    their settings); :meth:`resolved_allocation` gives the name used.
     round_to:       round kept widths up to a multiple of this (hardware-friendly); None = off.
     eval_limit:     test images for top-1 before/after (seeded subset); None = all, 0 = skip.
     budget_mb:      memory for the stacked ablations of the kl criteria.
     approx_classes: most probable classes summed by kl-approx's Fisher form.
+
+    The last two (and ``seed``) are the criteria's declared options (:class:`curlprune.criteria.Option`):
+    :meth:`criterion_options` gives the chosen criterion's.
     """
 
     criterion: str = "kl"
@@ -99,8 +103,15 @@ class PruneConfig:
 
     def resolved_allocation(self) -> str:
         """The allocation's name: ``allocation``, or when it is unset the criterion's default
-        (:func:`curlprune.allocation.default_allocation`: cost-weighted for kl and kl-approx, paper otherwise)."""
+        (:func:`curlprune.allocation.default_allocation`: cost-weighted for criteria whose scores
+        share one scale, kl and kl-approx; paper otherwise)."""
         return self.allocation or default_allocation(self.criterion)
+
+    def criterion_options(self) -> dict[str, Any]:
+        """The chosen criterion's declared options with this config's values: ``{name: value}``,
+        the field of the same name, or the option's default when there is no such field (a
+        registered criterion's own option)."""
+        return {option.name: getattr(self, option.name, option.default) for option in get(self.criterion).options}
 
     def target(self) -> Target | None:
         """The parsed MACs/params target (a fraction or a count); None for a latency target."""
@@ -116,8 +127,13 @@ class PruneConfig:
 def scores_fingerprint(config: PruneConfig, settings: dict[str, Any], images: torch.Tensor | None) -> dict[str, Any]:
     """What the scores depend on; a stored scores.npz is reused only when this matches.
 
+    Every declared option of the criterion that changes its scores (:attr:`curlprune.criteria.Option.changes_scores`:
+    ``seed`` of random, ``approx_classes`` of kl-approx; not the memory limit ``budget_mb``) is
+    recorded under its name. For the built-in criteria this is the form earlier versions wrote, so
+    their scores files keep matching.
+
     Args:
-        config: the prune stage's settings (criterion, seed, approx_classes).
+        config: the prune stage's settings (criterion and its options, seed).
         settings: the stage's identity (model, weights, weights_sha256, num_classes).
         images: the calibration batch ``[N, C, H, W]`` (float, eval transform), or None for
             data-free criteria.
@@ -129,11 +145,11 @@ def scores_fingerprint(config: PruneConfig, settings: dict[str, Any], images: to
         "weights": settings["weights_sha256"] or settings["weights"],
         "num_classes": settings["num_classes"],
         "criterion": config.criterion,
-        "seed": config.seed if config.criterion == "random" else None,
+        "seed": None,  # set below by a seed option or the calibration draw; None otherwise, as before
     }
+    values = config.criterion_options()
+    fingerprint.update({o.name: values[o.name] for o in get(config.criterion).options if o.changes_scores})
     if images is not None:
         fingerprint.update(calib=len(images), seed=config.seed,
                            calib_sha256=hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest())
-    if config.criterion == "kl-approx":
-        fingerprint["approx_classes"] = config.approx_classes
     return fingerprint

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from curlprune.allocation import ALLOCATIONS
 from curlprune.commands.common import NO_DEFAULT
 from curlprune.commands.report import write_report_and_say
-from curlprune.criteria import CRITERIA
+from curlprune.criteria import CRITERIA, options_by_name
 from curlprune.prune import run_prune
-from curlprune.prune_config import DEFAULT_APPROX_CLASSES, DEFAULT_BUDGET, DEFAULT_CALIB, PruneConfig
+from curlprune.prune_config import DEFAULT_CALIB, PruneConfig
 from curlprune.report import console
 from curlprune.rundir import LOG_FILE, PLAN_FILE, REPORT_FILE, SCORES_FILE
 from curlprune.select import DEFAULT_FLOOR
@@ -20,7 +21,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         criterion=args.criterion, target_macs=args.target_macs, target_params=args.target_params, target_latency=args.target_latency,
         latency_batch=args.latency_batch, latency_threads=args.latency_threads, calib=args.calib,
         seed=args.seed, floor=args.floor, protect=protect, normalize=args.normalize, allocation=args.allocation, round_to=args.round_to,
-        eval_limit=args.eval_limit, budget_mb=args.budget_mb, approx_classes=args.approx_classes,
+        eval_limit=args.eval_limit, **{name: getattr(args, name) for name in _criterion_options()},
     )
     result = run_prune(config, args.out, resume=args.resume, model_name=args.model, weights=args.weights,
                        data=args.data, num_classes=args.num_classes, input_size=args.input_size)
@@ -33,7 +34,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
-    """Add ``prune`` to the parser."""
+    """Add ``prune`` to the parser; the criteria, their options and their default allocations come
+    from the registry (:data:`curlprune.criteria.CRITERIA`)."""
+    one_scale = [c.name for c in CRITERIA.values() if c.one_scale]
+    per_layer = [c.name for c in CRITERIA.values() if not c.one_scale]
     p = subparsers.add_parser(
         "prune", help="score channels, select globally to a MACs/params/latency target, slice, save", formatter_class=formatter,
         description="CURL's one-shot pruning: score every channel of every group (kl: KL divergence of the output "
@@ -47,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     p.add_argument("--input-size", type=int, default=None, help="square input side when not the model's default, e.g. 64 "
                                                              "(images are resized to it)" + NO_DEFAULT)
     p.add_argument("--data", default=None, help="ImageFolder folder or .zip with train/ (and test/) splits, or 'digits' "
-                                                "(sklearn digits); not needed by l1, bn, random (default: none)" + NO_DEFAULT)
+                                                "(sklearn digits); not needed by " + ", ".join(c.name for c in CRITERIA.values() if not c.needs_data)
+                                                + " (default: none)" + NO_DEFAULT)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-macs", default=None, help="MACs to keep: a fraction (0.5) or a count (62.5M, 1.11G); this or --target-params is required" + NO_DEFAULT)
     target.add_argument("--target-params", default=None, help="parameters to keep: a fraction (0.5) or a count (1.2M)" + NO_DEFAULT)
@@ -75,16 +80,31 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                    help="how scores become the global ranking. cost-weighted: each channel's score is divided by what "
                         "removing it saves (MACs; parameters for --target-params), i.e. damage per MAC saved: a channel "
                         "that saves 4x the MACs of another goes first unless its score is over 4x higher. paper: raw "
-                        "scores, CURL exactly as published. Default: cost-weighted for kl and kl-approx, whose scores share "
+                        f"scores, CURL exactly as published. Default: cost-weighted for {_spoken(one_scale)}, whose scores share "
                         "one scale (ResNet-56 on CIFAR-10, top-1 after BN re-estimation, no training: 85.01%% vs 79.13%% "
-                        "at 50%% of the MACs, 59.60%% vs 53.84%% at 30%%); paper for l1, bn, taylor and random, whose "
+                        f"at 50%% of the MACs, 59.60%% vs 53.84%% at 30%%); paper for {_spoken(per_layer)}, whose "
                         "per-layer scales make the division hurt (l1 at 50%%: 52.78%% vs 84.74%%); see "
                         "benchmarks/results/cifar_resnet56.md" + NO_DEFAULT)
     p.add_argument("--round-to", type=int, default=None, help="round kept widths up to a multiple of this, e.g. 8 (default: off)" + NO_DEFAULT)
     p.add_argument("--eval-limit", type=int, default=None, help="test images for top-1 before/after: a seeded subset; 0 skips the evaluation (default: all)" + NO_DEFAULT)
-    p.add_argument("--budget-mb", type=float, default=DEFAULT_BUDGET, help="memory for stacked ablations (kl, kl-approx)")
-    p.add_argument("--approx-classes", type=int, default=DEFAULT_APPROX_CLASSES, help="kl-approx: most probable classes in its Fisher sum")
+    for name, (option, users) in _criterion_options().items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(option.default), default=option.default,
+                       help=f"{', '.join(users)}: {option.help}")
     p.add_argument("--out", required=True, help="output folder: scores.npz, plan.json, model.safetensors, report.json, log.jsonl (required)" + NO_DEFAULT)
     p.add_argument("--resume", action="store_true", help="reuse scores.npz in --out when it was computed with the same settings (an error when not)" + NO_DEFAULT)
     p.add_argument("--no-report", action="store_true", help="do not write the figures and index.md to <out>/report/ at the end" + NO_DEFAULT)
     p.set_defaults(func=cmd_prune)
+
+
+def _criterion_options() -> dict:
+    """The criteria's own options that the prune stage has a setting for (``budget_mb``,
+    ``approx_classes``): name -> (declaration, the criteria declaring it). Options shared with the
+    stage (``seed``) have the stage's own option; a registered criterion's option without a
+    ``PruneConfig`` field keeps its default in the stage."""
+    settings = {f.name for f in dataclasses.fields(PruneConfig)}
+    return {name: found for name, found in options_by_name().items() if not found[0].shared and name in settings}
+
+
+def _spoken(names: list[str]) -> str:
+    """``a, b and c``."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
