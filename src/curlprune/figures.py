@@ -25,9 +25,9 @@ from typing import Any, Callable
 import numpy as np
 
 from curlprune.errors import CurlpruneError
+from curlprune.recover.registry import stage_names
 from curlprune.rundir import atomic_write
 
-RECOVERY_STAGES = ("finetune", "distill", "refine")
 INSIDE_COLOUR, OUTSIDE_COLOUR, KEPT_COLOUR, REMOVED_COLOUR = "C0", "C1", "C2", "C3"
 REPORT_DIR = "report"
 
@@ -87,9 +87,10 @@ class RunFiles:
         return plan
 
     def metrics(self) -> dict[str, list[dict]]:
-        """Per recovery stage found: its epoch records (unreadable lines are skipped with a note)."""
+        """Per recovery stage found (:func:`curlprune.recover.registry.stage_names`): its epoch records
+        (unreadable lines are skipped with a note)."""
         found: dict[str, list[dict]] = {}
-        candidates = [(stage, self.root / stage / "metrics.jsonl") for stage in RECOVERY_STAGES]
+        candidates = [(stage, self.root / stage / "metrics.jsonl") for stage in stage_names()]
         if (self.root / "metrics.jsonl").is_file():
             candidates.append((self._single_stage_name(), self.root / "metrics.jsonl"))
         for stage, path in candidates:

@@ -38,7 +38,7 @@ from curlprune.errors import CurlpruneError
 
 __all__ = [
     "CHECKPOINT_FILE", "CONFIG_FILE", "DONE_FILE", "LOG_FILE", "METRICS_FILE", "MODEL_FILE", "PLAN_FILE",
-    "REPORT_FILE", "SCORES_FILE", "STAGE_CHECKPOINT_FILE", "STATE_FILE", "STUDENT_FILE", "SUMMARY_FILE",
+    "PRUNE_STAGE", "REPORT_FILE", "SCORES_FILE", "STAGE_CHECKPOINT_FILE", "STATE_FILE", "STUDENT_FILE", "SUMMARY_FILE",
     "append_jsonl", "atomic_write", "atomic_write_text", "changed_settings", "check_same_settings",
     "copy_if_changed", "file_digest", "is_done", "jsonl_text", "optional_file_digest", "read_done",
     "read_json", "write_done", "write_json",
@@ -62,6 +62,9 @@ SUMMARY_FILE = "summary.json"  # the run's accuracies and costs
 SCORES_FILE = "scores.npz"  # prune: the channel scores and their fingerprint
 PLAN_FILE = "plan.json"  # prune: group -> kept channel indices
 REPORT_FILE = "report.json"  # prune: selection, costs, accuracy
+PRUNE_STAGE = "prune"
+"""The prune stage's name in a run config and its folder ``<run_dir>/prune/`` (a recovery stage's
+folder is its registered name, :mod:`curlprune.recover.registry`)."""
 
 
 # ----- writing ----------------------------------------------------------------------------------

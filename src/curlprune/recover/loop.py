@@ -313,6 +313,35 @@ class Trainer:
         return Result(self.model, last, progress.best_top1, progress.epoch, seconds, self.stage_dir, self.stage.tensors())
 
 
+def train_stage(
+    stage: Stage,
+    student: nn.Module,
+    data: Mapping[str, Dataset],
+    spec: InputSpec,
+    run_dir: str | Path,
+    *,
+    folder: str | None = None,
+) -> Result:
+    """Run ``stage`` on ``student`` (trained in place) with the :class:`Trainer`: what every stage's
+    entry function (:func:`~curlprune.recover.finetune.finetune`, ...) and
+    :func:`curlprune.recover.registry.run_stage` do.
+
+    Args:
+        stage: the stage's hooks, with its settings.
+        student, data, spec, run_dir: as in :func:`curlprune.recover.finetune.finetune`.
+        folder: the stage folder's name under ``run_dir``, which also names the stage in its files
+            and messages (default: ``stage.name``).
+    Returns:
+        The :class:`Result` (test top-1 in %, epochs, seconds).
+    Raises:
+        CurlpruneError: bad data or settings, a model that does not fit the data, or a stage
+            folder written with other settings or another architecture.
+    """
+    if folder is not None:
+        stage.name = folder
+    return Trainer(stage, student, data, spec, run_dir).run()
+
+
 def progress_bar(enabled: bool) -> RichProgress:
     """A rich progress bar with loss, lr and ETA (silent when disabled or not on a terminal)."""
     console = Console(stderr=True)

@@ -25,7 +25,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
 from curlprune.recover import guards
 from curlprune.recover.dist import DistContext
-from curlprune.recover.evaluate import check_classes, place_model
+from curlprune.recover.evaluate import check_classes, place_model, prepare_teacher
 from curlprune.rundir import DONE_FILE, MODEL_FILE, STATE_FILE, read_done
 from curlprune.rundir import check_same_settings as check_settings_match
 
@@ -146,6 +146,19 @@ class Stage:
 
     def load_rng_state(self, state: Any) -> None:
         """Inverse of :meth:`rng_state`."""
+
+
+class TeacherStage(Stage):
+    """A stage that learns from a frozen ``teacher`` (distill, refine): before training the teacher
+    is moved to the training device, put in eval mode and checked to fit the data; it is never updated."""
+
+    def __init__(self, cfg: TrainConfig, teacher: nn.Module) -> None:
+        super().__init__(cfg)
+        self.teacher = teacher
+
+    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: InputSpec) -> None:
+        prepare_teacher(self.teacher, model, data, spec, ctx, self.cfg.channels_last)
+        super().prepare(ctx, model, data, spec)
 
 
 def check_data(data: Mapping[str, Dataset]) -> None:
