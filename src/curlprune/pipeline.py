@@ -39,10 +39,11 @@ from curlprune import data as datasets
 from curlprune.canonical import content_digest
 from curlprune.cost import count
 from curlprune.errors import CurlpruneError
-from curlprune.models import build, input_spec
+from curlprune.models import ModelRef, build, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size, build_with_new_head, weights_classes
 from curlprune.prune import run_prune
+from curlprune.records import PruneStep, RunSummary, TrainStep, write_run_summary
 from curlprune.recover.dist import init_distributed, on_main
 from curlprune.recover.evaluate import check_classes
 from curlprune.recover.registry import get_stage, is_recovery_stage, run_stage
@@ -53,7 +54,6 @@ from curlprune.rundir import (
     PRUNE_STAGE,
     STAGE_CHECKPOINT_FILE,
     STUDENT_FILE,
-    SUMMARY_FILE,
     append_jsonl,
     copy_if_changed,
     file_digest,
@@ -97,7 +97,7 @@ class Student:
     """The model a stage starts from, with what is needed to save it as a curlprune checkpoint."""
 
     model: nn.Module
-    model_ref: dict[str, Any]
+    model_ref: ModelRef
     plan: dict[str, list[int]]
     input_shape: list[int]
     extra: dict[str, Any]
@@ -109,7 +109,7 @@ class Student:
         """The student saved in a curlprune checkpoint, with the checkpoint's path and content digest
         (:func:`curlprune.canonical.content_digest`: tensors + metadata, not the file's bytes)."""
         meta = checkpoint.read_metadata(path)
-        return cls(checkpoint.load(path), meta["model_ref"], meta["plan"], meta["input_shape"], meta["extra"], str(path), content_digest(path))
+        return cls(checkpoint.load(path), ModelRef.of(meta["model_ref"]), meta["plan"], meta["input_shape"], meta["extra"], str(path), content_digest(path))
 
 
 class Run:
@@ -129,6 +129,7 @@ class Run:
         self.head_name: str | None = None  # the re-initialised classifier of a transfer run
         self.ctx = None
         self.lock = RunLock(self.run_dir)
+        self.summary: RunSummary | None = None  # set when a run completes
 
     # ----- shared inputs -------------------------------------------------------------------
     @property
@@ -169,10 +170,10 @@ class Run:
         return self._new_head
 
     @property
-    def model_ref(self) -> dict[str, Any]:
+    def model_ref(self) -> ModelRef:
+        """The unpruned architecture the checkpoints name: the model with the task's classes in a transfer."""
         classes = self.task_classes if self.new_head else self.cfg.num_classes
-        kwargs = {"num_classes": classes} if classes else {}
-        return {"name": self.cfg.model, "kwargs": kwargs}
+        return ModelRef(self.cfg.model, {"num_classes": classes} if classes else {})
 
     def build_unpruned(self) -> nn.Module:
         """The unpruned model in eval mode; in a transfer, with a new classifier for the task's classes."""
@@ -205,7 +206,8 @@ class Run:
 
     # ----- stages --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Run (or skip, or resume) every stage; return the summary (also in ``summary.json``).
+        """Run (or skip, or resume) every stage; return the summary (``summary.json``'s object;
+        typed: :attr:`summary`).
 
         Rank 0 checks the run directory and locks it (:class:`curlprune.runlock.RunLock`) before
         any data or model is loaded, and holds the lock until the run ends in any way.
@@ -234,7 +236,7 @@ class Run:
         self.base_cost = count(self.teacher, self.example_input)
         on_main(self.ctx, self._claim_run_dir)
         student = self.initial_student()
-        results: dict[str, Any] = {}
+        results: dict[str, PruneStep | TrainStep] = {}
         for stage in self.cfg.stages:
             if stage == PRUNE_STAGE:
                 student, results[stage] = self.prune()
@@ -242,7 +244,7 @@ class Run:
                 student, results[stage] = self.train(stage, student)
                 if stage == self.cfg.stages[0] and self.transfer_first:  # the teacher of the stages after it
                     self._teacher = copy.deepcopy(student.model).eval()
-        return self.summarize(results, student)
+        return self.summarize(results, student).to_json()
 
     def _claim_run_dir(self) -> None:
         """Check that the run directory holds this run (or none); a new one gets ``config.json`` now,
@@ -267,28 +269,27 @@ class Run:
             return Student.from_checkpoint(self.student_path)
         return Student(self.build_unpruned(), self.model_ref, {}, list(self.example_input.shape), {}, "unpruned", None)
 
-    def prune(self) -> tuple[Student, dict[str, Any]]:
+    def prune(self) -> tuple[Student, PruneStep]:
         """Rank 0 prunes (or finds the finished prune stage); every rank then loads its checkpoint."""
         record = on_main(self.ctx, self._run_prune)
-        return Student.from_checkpoint(Path(record["checkpoint"])), record
+        return Student.from_checkpoint(Path(record.checkpoint)), record
 
-    def _run_prune(self) -> dict[str, Any]:
+    def _run_prune(self) -> PruneStep:
         prune_dir = self.run_dir / PRUNE_STAGE
         check_finished_prune(prune_dir, self.cfg.sections[PRUNE_STAGE])
         weights, classes = self.cfg.weights, self.cfg.num_classes
         if self.transfer_first:  # prune the fine-tuned model (its plain weights file)
-            weights, classes = str(self.run_dir / self.cfg.stages[0] / MODEL_FILE), self.model_ref["kwargs"].get("num_classes")
+            weights, classes = str(self.run_dir / self.cfg.stages[0] / MODEL_FILE), self.model_ref.kwargs.get("num_classes")
         started = time.time()
         result = run_prune(self.cfg.sections[PRUNE_STAGE], prune_dir, resume=True, model_name=self.cfg.model,
                            weights=weights, data=self.data, num_classes=classes, input_size=self.cfg.input_size)
         if not result.already_done:
             append_jsonl(self.run_dir / LOG_FILE, {"stage": PRUNE_STAGE, "seconds": round(time.time() - started, 2)}, stamp=True)
-        accuracy, selection = result.report["accuracy"], result.report["selection"]
-        return {"criterion": result.report["criterion"], "macs_ratio": selection["macs_ratio"],
-                "params_ratio": selection["params_ratio"], "top1_before": accuracy["top1_before"],
-                "top1_after": accuracy["top1_after"], "checkpoint": str(result.checkpoint)}
+        report = result.report
+        return PruneStep(report.criterion, report.macs_ratio, report.params_ratio, report.accuracy.top1_before,
+                         report.accuracy.top1_after, str(result.checkpoint))
 
-    def train(self, stage: str, student: Student) -> tuple[Student, dict[str, Any]]:
+    def train(self, stage: str, student: Student) -> tuple[Student, TrainStep]:
         """Run one recovery stage (:func:`curlprune.recover.registry.run_stage`) on every rank; rank 0 saves its checkpoint."""
         stage_dir = self.run_dir / stage
         on_main(self.ctx, lambda: self._check_student_record(stage_dir, student))
@@ -310,9 +311,7 @@ class Run:
 
         digest = on_main(self.ctx, save)
         trained = Student(result.model, student.model_ref, student.plan, student.input_shape, extra, str(out), digest)
-        record = {"epochs": result.epochs, "last_top1": result.last_top1, "best_top1": result.best_top1,
-                  "seconds": round(result.seconds, 1), "checkpoint": str(out)}
-        return trained, record
+        return trained, TrainStep(result.epochs, result.last_top1, result.best_top1, round(result.seconds, 1), str(out))
 
     def _check_student_record(self, stage_dir: Path, student: Student) -> None:
         """A stage resumes or is skipped only if it started from the same student as now (same
@@ -332,36 +331,23 @@ class Run:
             return
         write_json(path, record, only_if_changed=True)
 
-    def summarize(self, results: dict[str, Any], final_student: Student) -> dict[str, Any]:
+    def summarize(self, results: dict[str, PruneStep | TrainStep], final_student: Student) -> RunSummary:
         """Final accuracies, MACs and params; rank 0 writes ``model.safetensors`` and ``summary.json``.
 
         The cost is counted on the last stage's model in memory (it is what its checkpoint holds).
+        Returns:
+            The :class:`~curlprune.records.RunSummary`, also kept as :attr:`summary`.
         """
-        final = Path(results[self.cfg.stages[-1]]["checkpoint"])
+        final = Path(results[self.cfg.stages[-1]].checkpoint)
         model = final_student.model
-        macs, params = count(model, self.example_input.to(next(model.parameters()).device))
-        base_macs, base_params = self.base_cost
-        summary: dict[str, Any] = {
-            "model": self.cfg.model,
-            "stages": results,
-            "macs": macs,
-            "params": params,
-            "base_macs": base_macs,
-            "base_params": base_params,
-            "macs_ratio": macs / base_macs,
-            "params_ratio": params / base_params,
-            "checkpoint": str(self.run_dir / MODEL_FILE),
-        }
-        if PRUNE_STAGE in results:  # test top-1 (%) before any recovery
-            summary.update(unpruned_top1=results["prune"]["top1_before"], pruned_top1=results["prune"]["top1_after"])
-        trained = [r for r in results.values() if "last_top1" in r]
-        if trained:
-            summary.update(last_top1=trained[-1]["last_top1"], best_top1=max(r["best_top1"] for r in trained))
+        cost = count(model, self.example_input.to(next(model.parameters()).device))
+        summary = RunSummary.build(self.cfg.model, results, cost, self.base_cost, str(self.run_dir / MODEL_FILE))
 
         def write() -> None:
             write_json(self.run_dir / CONFIG_FILE, config_to_dict(self.cfg), only_if_changed=True)
             copy_if_changed(final, self.run_dir / MODEL_FILE)
-            write_json(self.run_dir / SUMMARY_FILE, summary, only_if_changed=True)
+            write_run_summary(self.run_dir, summary)
 
         on_main(self.ctx, write)
+        self.summary = summary
         return summary

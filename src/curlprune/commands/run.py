@@ -29,12 +29,12 @@ def run_and_print(cfg: RunConfig, student: str | Path | None = None, report: boo
     """
     runner = Run(cfg, student=student)
     try:
-        summary = runner.run()
+        runner.run()
     except BaseException:
         shutdown(wait=False)
         raise
     if runner.ctx.is_main:
-        print_summary(summary)
+        print_summary(runner.summary)
         if report:
             write_report_and_say(cfg.run_dir)
     shutdown()
