@@ -15,11 +15,21 @@ from pathlib import Path
 import pytest
 
 from curlprune.errors import CurlpruneError
+from curlprune.records import (
+    read_prune_report,
+    read_run_summary,
+    read_stage_summary,
+    write_prune_report,
+    write_run_summary,
+    write_stage_summary,
+)
 from curlprune.recover import load_label_store
 from curlprune.rundir import (
     DONE_FILE,
     LOG_FILE,
     METRICS_FILE,
+    REPORT_FILE,
+    SUMMARY_FILE,
     append_jsonl,
     changed_settings,
     check_same_settings,
@@ -122,6 +132,24 @@ def test_json_forms_are_those_of_the_old_files(old_run, tmp_path):
     event = json.loads((tmp_path / "sub" / LOG_FILE).read_text())
     assert list(event) == ["time", "event"] and event["event"] == "x"
     assert (tmp_path / "sub" / METRICS_FILE).read_text() == '{"epoch": 1}\n'
+
+
+@pytest.mark.slow
+def test_records_read_and_rewrite_the_old_files_byte_for_byte(old_run, tmp_path):
+    """The typed records (curlprune.records) of 0.1.0's report.json, done.json and summary.json:
+    read, then written again, they are the same bytes."""
+    run = old_run / "run"
+    report = read_prune_report(run / "prune")
+    assert report.allocation is None and report.groups  # 0.1.0 wrote no allocation
+    write_prune_report(tmp_path / "prune", report)
+    assert (tmp_path / "prune" / REPORT_FILE).read_bytes() == (run / "prune" / REPORT_FILE).read_bytes()
+    for stage in ("distill", "refine"):
+        summary = read_stage_summary(run / stage)
+        assert summary.stage == stage and summary.config is not None
+        write_stage_summary(tmp_path / stage, summary)
+        assert (tmp_path / stage / DONE_FILE).read_bytes() == (run / stage / DONE_FILE).read_bytes()
+    write_run_summary(tmp_path, read_run_summary(run))
+    assert (tmp_path / SUMMARY_FILE).read_bytes() == (run / SUMMARY_FILE).read_bytes()
 
 
 def test_write_json_only_if_changed_leaves_an_equal_file_alone(tmp_path):

@@ -26,7 +26,7 @@ from torch import nn
 from curlprune.analysis import trace
 from curlprune.canonical import check_finite_state, save_safetensors
 from curlprune.errors import CurlpruneError, exception_summary
-from curlprune.models import build, input_spec
+from curlprune.models import ModelRef, build, input_spec
 from curlprune.models.weights import load_state_strict
 from curlprune.rundir import atomic_write, atomic_write_text, file_digest  # re-exported: the writers are rundir's
 from curlprune.surgery import apply
@@ -47,14 +47,6 @@ __all__ = [
 FORMAT_VERSION = "1"
 
 
-def _ref_dict(model_ref: Any) -> dict:
-    if isinstance(model_ref, str):
-        return {"name": model_ref, "kwargs": {}}
-    if isinstance(model_ref, dict):
-        return {"name": model_ref["name"], "kwargs": dict(model_ref.get("kwargs", {}))}
-    return {"name": model_ref.name, "kwargs": dict(model_ref.kwargs)}
-
-
 def default_input_shape(model_name: str) -> list[int]:
     """The example input shape ``[1, C, S, S]`` a model of this registry name is traced with.
 
@@ -73,7 +65,7 @@ def default_input_shape(model_name: str) -> list[int]:
 
 def save(
     path: str | os.PathLike,
-    model_ref: Any,
+    model_ref: str | dict[str, Any] | ModelRef,
     plan: dict[str, list[int]],
     state_dict: dict[str, torch.Tensor],
     *,
@@ -100,11 +92,11 @@ def save(
             floating-point tensor holds NaN or inf (nothing is written then).
         OSError: the file cannot be written (its ``filename`` is ``path``).
     """
-    ref = _ref_dict(model_ref)
-    shape = list(input_shape) if input_shape is not None else default_input_shape(ref["name"])
+    ref = ModelRef.of(model_ref)
+    shape = list(input_shape) if input_shape is not None else default_input_shape(ref.name)
     metadata = {
         "curlprune_format": FORMAT_VERSION,
-        "model_ref": json.dumps(ref),
+        "model_ref": json.dumps(ref.as_dict()),
         "plan": json.dumps({k: [int(i) for i in v] for k, v in plan.items()}),
         "input_shape": json.dumps(shape),
         "extra": json.dumps(extra or {}),
@@ -146,7 +138,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def build_pruned(model_ref: Any, plan: dict[str, list[int]], input_shape: list[int]) -> nn.Module:
+def build_pruned(model_ref: str | dict[str, Any] | ModelRef, plan: dict[str, list[int]], input_shape: list[int]) -> nn.Module:
     """Rebuild the pruned architecture (random weights) from its reference and Plan.
 
     Args:
@@ -160,8 +152,8 @@ def build_pruned(model_ref: Any, plan: dict[str, list[int]], input_shape: list[i
     Raises:
         CurlpruneError: unknown model, or a plan that does not fit its groups.
     """
-    ref = _ref_dict(model_ref)
-    model = build(ref["name"], **ref["kwargs"]).eval()
+    ref = ModelRef.of(model_ref)
+    model = build(ref.name, **ref.kwargs).eval()
     if not plan:
         return model
     example = torch.zeros(input_shape)

@@ -20,14 +20,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from curlprune.errors import CurlpruneError
-from curlprune.rundir import atomic_write
+from curlprune.records import PruneReport, RecordError, RunSummary, TrainStep, read_prune_report, read_run_summary, read_stage_summary
+from curlprune.recover.registry import stage_names
+from curlprune.rundir import METRICS_FILE, PLAN_FILE, PRUNE_STAGE, REPORT_FILE, SCORES_FILE, SUMMARY_FILE, atomic_write, read_metrics
 
-RECOVERY_STAGES = ("finetune", "distill", "refine")
 INSIDE_COLOUR, OUTSIDE_COLOUR, KEPT_COLOUR, REMOVED_COLOUR = "C0", "C1", "C2", "C3"
 REPORT_DIR = "report"
 
@@ -54,7 +55,7 @@ class RunFiles:
 
     @property
     def prune_dir(self) -> Path:
-        return self.root / "prune" if (self.root / "prune").is_dir() else self.root
+        return self.root / PRUNE_STAGE if (self.root / PRUNE_STAGE).is_dir() else self.root
 
     def json(self, path: Path) -> Any:
         if not path.is_file():
@@ -64,14 +65,32 @@ class RunFiles:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise _Missing(f"{self._rel(path)} is not readable JSON ({_short(exc)})") from None
 
-    def prune_report(self) -> dict:
-        report = self.json(self.prune_dir / "report.json")
-        if not isinstance(report, dict) or not isinstance(report.get("groups"), dict):
-            raise _Missing(f"{self._rel(self.prune_dir / 'report.json')} has no per-group widths")
+    def _record(self, read: Callable[[Path], Any], folder: Path) -> Any:
+        """``read(folder)``, a reader of :mod:`curlprune.records`; None when the file is not a JSON object.
+
+        Raises:
+            _Missing: the file is missing or not readable JSON (the note says which)."""
+        try:
+            return read(folder)
+        except RecordError as exc:
+            if exc.reason == "not-object":
+                return None
+            problem = "is missing" if exc.reason == "missing" else f"is not readable JSON ({_short(exc.cause)})"
+            raise _Missing(f"{self._rel(exc.path)} {problem}") from None
+
+    def prune_report(self) -> PruneReport:
+        """The prune stage's report, with its per-group widths."""
+        report = self._record(read_prune_report, self.prune_dir)
+        if report is None or report.groups is None:
+            raise _Missing(f"{self._rel(self.prune_dir / REPORT_FILE)} has no per-group widths")
         return report
 
+    def run_summary(self) -> RunSummary | None:
+        """The run's summary; None without one (a prune or stage folder) or when it is not a JSON object."""
+        return self._record(read_run_summary, self.root) if (self.root / SUMMARY_FILE).is_file() else None
+
     def scores(self) -> dict[str, np.ndarray]:
-        path = self.prune_dir / "scores.npz"
+        path = self.prune_dir / SCORES_FILE
         if not path.is_file():
             raise _Missing(f"{self._rel(path)} is missing")
         try:
@@ -81,35 +100,26 @@ class RunFiles:
             raise _Missing(f"{self._rel(path)} is not a readable scores file ({_short(exc)})") from None
 
     def plan(self) -> dict[str, list[int]]:
-        plan = self.json(self.prune_dir / "plan.json")
+        plan = self.json(self.prune_dir / PLAN_FILE)
         if not isinstance(plan, dict):
-            raise _Missing(f"{self._rel(self.prune_dir / 'plan.json')} is not a plan (group -> kept channels)")
+            raise _Missing(f"{self._rel(self.prune_dir / PLAN_FILE)} is not a plan (group -> kept channels)")
         return plan
 
     def metrics(self) -> dict[str, list[dict]]:
-        """Per recovery stage found: its epoch records (unreadable lines are skipped with a note)."""
+        """Per recovery stage found (:func:`curlprune.recover.registry.stage_names`): its epoch records
+        (unreadable lines are skipped with a note)."""
         found: dict[str, list[dict]] = {}
-        candidates = [(stage, self.root / stage / "metrics.jsonl") for stage in RECOVERY_STAGES]
-        if (self.root / "metrics.jsonl").is_file():
-            candidates.append((self._single_stage_name(), self.root / "metrics.jsonl"))
+        candidates = [(stage, self.root / stage / METRICS_FILE) for stage in stage_names()]
+        if (self.root / METRICS_FILE).is_file():
+            candidates.append((self._single_stage_name(), self.root / METRICS_FILE))
         for stage, path in candidates:
             if not path.is_file():
                 continue
-            records, bad = [], 0
             try:
-                lines = path.read_text().splitlines()
+                records, bad = read_metrics(path)
             except (OSError, UnicodeDecodeError) as exc:
                 self.notes.append(f"training curves of {stage}: {self._rel(path)} is not readable ({_short(exc)})")
                 continue
-            for line in lines:
-                try:
-                    record = json.loads(line)
-                    if isinstance(record, dict) and isinstance(record.get("epoch"), (int, float)):
-                        records.append(record)
-                    elif line.strip():
-                        bad += 1
-                except json.JSONDecodeError:
-                    bad += bool(line.strip())
             if bad:
                 self.notes.append(f"training curves of {stage}: {bad} unreadable line(s) of {self._rel(path)} were skipped")
             if records:
@@ -119,14 +129,12 @@ class RunFiles:
         return found
 
     def _single_stage_name(self) -> str:
-        for name in ("student.json", "done.json"):
-            try:
-                stage = json.loads((self.root / name).read_text()).get("stage")
-                if isinstance(stage, str):
-                    return stage
-            except (OSError, ValueError, AttributeError):
-                pass
-        return "training"
+        """The stage of a stage folder itself: its ``done.json`` names it (else "training")."""
+        try:
+            stage = read_stage_summary(self.root).stage
+        except RecordError:
+            stage = None
+        return stage if stage is not None else "training"
 
     def _rel(self, path: Path) -> str:
         try:
@@ -146,19 +154,19 @@ def _short(exc: BaseException) -> str:
 def figure_widths(run: RunFiles):
     """Kept width per prunable group before/after pruning; inside and outside groups coloured apart."""
     report = run.prune_report()
-    rows = [(name, g) for name, g in report["groups"].items() if isinstance(g, dict) and {"before", "after"} <= set(g)]
+    rows = [(name, g) for name, g in report.groups.items() if g.before is not None and g.after is not None]
     if not rows:
-        raise _Missing("prune report.json lists no prunable group")
+        raise _Missing(f"prune {REPORT_FILE} lists no prunable group")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(rows) + 2), 4.2), dpi=100)
     x = np.arange(len(rows))
-    colours = [INSIDE_COLOUR if g.get("kind") == "inside" else OUTSIDE_COLOUR for _, g in rows]
-    ax.bar(x, [g["before"] for _, g in rows], color="none", edgecolor=colours, linewidth=1.0)
-    ax.bar(x, [g["after"] for _, g in rows], color=colours, alpha=0.85)
+    colours = [INSIDE_COLOUR if g.kind == "inside" else OUTSIDE_COLOUR for _, g in rows]
+    ax.bar(x, [g.before for _, g in rows], color="none", edgecolor=colours, linewidth=1.0)
+    ax.bar(x, [g.after for _, g in rows], color=colours, alpha=0.85)
     ax.set_xticks(x, [name for name, _ in rows], rotation=90, fontsize=7 if len(rows) < 40 else 5)
     ax.set_xlabel("channel group")
     ax.set_ylabel("channels (outline: before, filled: kept)")
-    ax.set_title(f"kept width per group ({report.get('model', 'model')})")
+    ax.set_title(f"kept width per group ({report.model or 'model'})")
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(color=INSIDE_COLOUR, label="inside (within a block)"),
@@ -174,7 +182,7 @@ def figure_scores(run: RunFiles):
     plan = run.plan()
     names = [n for n in scores if scores[n].ndim == 1 and scores[n].size]
     if not names:
-        raise _Missing("scores.npz holds no per-group scores")
+        raise _Missing(f"{SCORES_FILE} holds no per-group scores")
     removed_scores = []
     kept_masks = {}
     for name in names:
@@ -203,7 +211,7 @@ def figure_scores(run: RunFiles):
     if finite_removed:
         cut = max(finite_removed)
         try:  # a report from before allocations existed: the paper's raw ranking
-            paper = run.prune_report().get("allocation", "paper") == "paper"
+            paper = (run.prune_report().allocation or "paper") == "paper"
         except _Missing:
             paper = True
         ax.axhline(cut, color="k", ls="--", lw=1, label=f"cut (highest removed score {cut:.3g})" if paper else
@@ -250,48 +258,41 @@ def figure_training(stage: str, records: list[dict]):
 def summary_numbers(run: RunFiles) -> dict[str, Any]:
     """Top-1 (%) by step, and the pruned model's MACs / params / latency as fractions of the unpruned.
 
-    From summary.json (pipeline) when present, else from the prune report.json."""
+    From summary.json (pipeline; :class:`~curlprune.records.RunSummary`) when present, else from the prune
+    report.json (:class:`~curlprune.records.PruneReport`)."""
     top1: dict[str, float] = {}
     ratios: dict[str, float] = {}
     latency: dict[str, Any] | None = None
     summary = None
-    if (run.root / "summary.json").is_file():
-        try:
-            summary = run.json(run.root / "summary.json")
-        except _Missing as exc:
-            run.notes.append(f"summary: {exc}")
+    try:
+        summary = run.run_summary()
+    except _Missing as exc:
+        run.notes.append(f"summary: {exc}")
     report = None
     try:
         report = run.prune_report()
     except _Missing:
         pass
-    if isinstance(summary, dict):
-        for key, label in (("unpruned_top1", "unpruned"), ("pruned_top1", "pruned, no training")):
-            if isinstance(summary.get(key), (int, float)):
-                top1[label] = float(summary[key])
-        for stage, info in (summary.get("stages") or {}).items():
-            if isinstance(info, dict) and isinstance(info.get("last_top1"), (int, float)):
-                top1[f"after {stage}"] = float(info["last_top1"])
-        for key, label in (("macs_ratio", "MACs"), ("params_ratio", "params")):
-            if isinstance(summary.get(key), (int, float)):
-                ratios[label] = float(summary[key])
-    if isinstance(report, dict):
-        accuracy = report.get("accuracy") or {}
-        if "unpruned" not in top1 and isinstance(accuracy.get("top1_before"), (int, float)):
-            top1["unpruned"] = float(accuracy["top1_before"])
-        if "pruned, no training" not in top1 and isinstance(accuracy.get("top1_after"), (int, float)):
-            top1["pruned, no training"] = float(accuracy["top1_after"])
-        selection = report.get("selection") or {}
-        if "MACs" not in ratios and isinstance(selection.get("macs_ratio"), (int, float)):
-            ratios["MACs"] = float(selection["macs_ratio"])
-        if "params" not in ratios and isinstance(selection.get("params_ratio"), (int, float)):
-            ratios["params"] = float(selection["params_ratio"])
-        latency = selection.get("latency") or report.get("latency")
-        if isinstance(latency, dict) and isinstance(latency.get("achieved_fraction"), (int, float)):
+    if summary is not None:
+        _put(top1, (("unpruned", summary.unpruned_top1), ("pruned, no training", summary.pruned_top1)))
+        _put(top1, ((f"after {name}", step.last_top1) for name, step in summary.stages.items() if isinstance(step, TrainStep)))
+        _put(ratios, (("MACs", summary.macs_ratio), ("params", summary.params_ratio)))
+    if report is not None:  # what summary.json does not give
+        _put(top1, (("unpruned", report.accuracy.top1_before), ("pruned, no training", report.accuracy.top1_after)))
+        _put(ratios, (("MACs", report.macs_ratio), ("params", report.params_ratio)))
+        latency = report.latency
+        if latency is not None and isinstance(latency.get("achieved_fraction"), (int, float)):
             ratios["latency"] = float(latency["achieved_fraction"])
     if not top1 and not ratios:
-        raise _Missing("neither summary.json nor the prune report.json gives accuracy or cost")
-    return {"top1": top1, "ratios": ratios, "latency": latency if isinstance(latency, dict) else None}
+        raise _Missing(f"neither {SUMMARY_FILE} nor the prune {REPORT_FILE} gives accuracy or cost")
+    return {"top1": top1, "ratios": ratios, "latency": latency}
+
+
+def _put(into: dict[str, float], pairs: Iterable[tuple[str, float | None]]) -> None:
+    """``into[label] = value`` for each pair with a value whose label ``into`` lacks."""
+    for label, value in pairs:
+        if label not in into and value is not None:
+            into[label] = float(value)
 
 
 def figure_summary(run: RunFiles):

@@ -39,22 +39,21 @@ from curlprune import data as datasets
 from curlprune.canonical import content_digest
 from curlprune.cost import count
 from curlprune.errors import CurlpruneError
-from curlprune.models import build, input_spec
+from curlprune.models import ModelRef, build, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size, build_with_new_head, weights_classes
 from curlprune.prune import run_prune
+from curlprune.records import PruneStep, RunSummary, TrainStep, write_run_summary
 from curlprune.recover.dist import init_distributed, on_main
-from curlprune.recover.distill import distill
 from curlprune.recover.evaluate import check_classes
-from curlprune.recover.finetune import finetune
-from curlprune.recover.refine import refine
+from curlprune.recover.registry import get_stage, is_recovery_stage, run_stage
 from curlprune.rundir import (
     CONFIG_FILE,
     LOG_FILE,
     MODEL_FILE,
+    PRUNE_STAGE,
     STAGE_CHECKPOINT_FILE,
     STUDENT_FILE,
-    SUMMARY_FILE,
     append_jsonl,
     copy_if_changed,
     file_digest,
@@ -63,7 +62,7 @@ from curlprune.rundir import (
     write_json,
 )
 from curlprune.runlock import RunLock
-from curlprune.run_config import TRAIN_STAGES, RunConfig, check_finished_prune, check_same_run, config_to_dict
+from curlprune.run_config import RunConfig, check_finished_prune, check_same_run, config_to_dict
 
 # Rank 0 may prune for a long time while the other ranks wait in a collective.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
@@ -98,7 +97,7 @@ class Student:
     """The model a stage starts from, with what is needed to save it as a curlprune checkpoint."""
 
     model: nn.Module
-    model_ref: dict[str, Any]
+    model_ref: ModelRef
     plan: dict[str, list[int]]
     input_shape: list[int]
     extra: dict[str, Any]
@@ -110,7 +109,7 @@ class Student:
         """The student saved in a curlprune checkpoint, with the checkpoint's path and content digest
         (:func:`curlprune.canonical.content_digest`: tensors + metadata, not the file's bytes)."""
         meta = checkpoint.read_metadata(path)
-        return cls(checkpoint.load(path), meta["model_ref"], meta["plan"], meta["input_shape"], meta["extra"], str(path), content_digest(path))
+        return cls(checkpoint.load(path), ModelRef.of(meta["model_ref"]), meta["plan"], meta["input_shape"], meta["extra"], str(path), content_digest(path))
 
 
 class Run:
@@ -130,6 +129,7 @@ class Run:
         self.head_name: str | None = None  # the re-initialised classifier of a transfer run
         self.ctx = None
         self.lock = RunLock(self.run_dir)
+        self.summary: RunSummary | None = None  # set when a run completes
 
     # ----- shared inputs -------------------------------------------------------------------
     @property
@@ -145,10 +145,12 @@ class Run:
         return dataclasses.replace(spec, num_classes=self.task_classes) if self.new_head else spec
 
     @property
-    def finetune_first(self) -> bool:
-        """The run starts by fine-tuning the unpruned model; the fine-tuned model is then the
-        teacher of the later stages and the model the prune stage prunes."""
-        return self.cfg.stages[0] == "finetune" and self.student_path is None
+    def transfer_first(self) -> bool:
+        """The run starts with a transfer stage (``finetune``; :attr:`RecoveryStage.transfer
+        <curlprune.recover.registry.RecoveryStage.transfer>`) on the unpruned model; the trained model
+        is then the teacher of the later stages and the model the prune stage prunes."""
+        first = self.cfg.stages[0]
+        return is_recovery_stage(first) and get_stage(first).transfer and self.student_path is None
 
     @property
     def task_classes(self) -> int:
@@ -158,20 +160,20 @@ class Run:
     @property
     def new_head(self) -> bool:
         """Whether the first stage fine-tunes with a new classifier (a transfer to a new dataset):
-        the finetune section's ``new_head`` when set, else whether the weights' classes differ from
+        the transfer stage section's ``new_head`` when set, else whether the weights' classes differ from
         :attr:`task_classes` (docs/method.md §4)."""
         if self._new_head is None:
-            flag = self.cfg.sections["finetune"].new_head if self.finetune_first else False
+            flag = self.cfg.sections[self.cfg.stages[0]].new_head if self.transfer_first else False
             if flag is None:
                 flag = weights_classes(self.cfg.model, self.cfg.weights, self.cfg.num_classes) != self.task_classes
             self._new_head = bool(flag)
         return self._new_head
 
     @property
-    def model_ref(self) -> dict[str, Any]:
+    def model_ref(self) -> ModelRef:
+        """The unpruned architecture the checkpoints name: the model with the task's classes in a transfer."""
         classes = self.task_classes if self.new_head else self.cfg.num_classes
-        kwargs = {"num_classes": classes} if classes else {}
-        return {"name": self.cfg.model, "kwargs": kwargs}
+        return ModelRef(self.cfg.model, {"num_classes": classes} if classes else {})
 
     def build_unpruned(self) -> nn.Module:
         """The unpruned model in eval mode; in a transfer, with a new classifier for the task's classes."""
@@ -198,13 +200,14 @@ class Run:
     def _process_device(self) -> str:
         """The device setting of the first training stage decides the process group's backend."""
         for stage in self.cfg.stages:
-            if stage in TRAIN_STAGES:
+            if is_recovery_stage(stage):
                 return self.cfg.sections[stage].device
         return "auto"
 
     # ----- stages --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Run (or skip, or resume) every stage; return the summary (also in ``summary.json``).
+        """Run (or skip, or resume) every stage; return the summary (``summary.json``'s object;
+        typed: :attr:`summary`).
 
         Rank 0 checks the run directory and locks it (:class:`curlprune.runlock.RunLock`) before
         any data or model is loaded, and holds the lock until the run ends in any way.
@@ -216,7 +219,7 @@ class Run:
             CurlpruneError: bad combination of student and stages, a run directory that is not a
                 writable folder, is in use by another process or holds another run, a teacher that does not fit the data, or any stage's own errors.
         """
-        if self.student_path is not None and "prune" in self.cfg.stages:
+        if self.student_path is not None and PRUNE_STAGE in self.cfg.stages:
             raise CurlpruneError("a starting student cannot be combined with a prune stage: drop --student or the prune stage")
         if self.student_path is not None and not self.student_path.is_file():
             raise CurlpruneError(f"student checkpoint {self.student_path} does not exist: pass a curlprune checkpoint (e.g. <run_dir>/model.safetensors)")
@@ -233,15 +236,15 @@ class Run:
         self.base_cost = count(self.teacher, self.example_input)
         on_main(self.ctx, self._claim_run_dir)
         student = self.initial_student()
-        results: dict[str, Any] = {}
+        results: dict[str, PruneStep | TrainStep] = {}
         for stage in self.cfg.stages:
-            if stage == "prune":
+            if stage == PRUNE_STAGE:
                 student, results[stage] = self.prune()
             else:
                 student, results[stage] = self.train(stage, student)
-                if stage == "finetune" and self.finetune_first:  # the teacher of the stages after it
+                if stage == self.cfg.stages[0] and self.transfer_first:  # the teacher of the stages after it
                     self._teacher = copy.deepcopy(student.model).eval()
-        return self.summarize(results, student)
+        return self.summarize(results, student).to_json()
 
     def _claim_run_dir(self) -> None:
         """Check that the run directory holds this run (or none); a new one gets ``config.json`` now,
@@ -260,45 +263,41 @@ class Run:
 
     def initial_student(self) -> Student | None:
         """What the first training stage starts from when there is no prune stage before it."""
-        if "prune" in self.cfg.stages and not self.finetune_first:
+        if PRUNE_STAGE in self.cfg.stages and not self.transfer_first:
             return None
         if self.student_path is not None:
             return Student.from_checkpoint(self.student_path)
         return Student(self.build_unpruned(), self.model_ref, {}, list(self.example_input.shape), {}, "unpruned", None)
 
-    def prune(self) -> tuple[Student, dict[str, Any]]:
+    def prune(self) -> tuple[Student, PruneStep]:
         """Rank 0 prunes (or finds the finished prune stage); every rank then loads its checkpoint."""
         record = on_main(self.ctx, self._run_prune)
-        return Student.from_checkpoint(Path(record["checkpoint"])), record
+        return Student.from_checkpoint(Path(record.checkpoint)), record
 
-    def _run_prune(self) -> dict[str, Any]:
-        check_finished_prune(self.run_dir / "prune", self.cfg.sections["prune"])
+    def _run_prune(self) -> PruneStep:
+        prune_dir = self.run_dir / PRUNE_STAGE
+        check_finished_prune(prune_dir, self.cfg.sections[PRUNE_STAGE])
         weights, classes = self.cfg.weights, self.cfg.num_classes
-        if self.finetune_first:  # prune the fine-tuned model (its plain weights file)
-            weights, classes = str(self.run_dir / "finetune" / MODEL_FILE), self.model_ref["kwargs"].get("num_classes")
+        if self.transfer_first:  # prune the fine-tuned model (its plain weights file)
+            weights, classes = str(self.run_dir / self.cfg.stages[0] / MODEL_FILE), self.model_ref.kwargs.get("num_classes")
         started = time.time()
-        result = run_prune(self.cfg.sections["prune"], self.run_dir / "prune", resume=True, model_name=self.cfg.model,
+        result = run_prune(self.cfg.sections[PRUNE_STAGE], prune_dir, resume=True, model_name=self.cfg.model,
                            weights=weights, data=self.data, num_classes=classes, input_size=self.cfg.input_size)
         if not result.already_done:
-            append_jsonl(self.run_dir / LOG_FILE, {"stage": "prune", "seconds": round(time.time() - started, 2)}, stamp=True)
-        accuracy, selection = result.report["accuracy"], result.report["selection"]
-        return {"criterion": result.report["criterion"], "macs_ratio": selection["macs_ratio"],
-                "params_ratio": selection["params_ratio"], "top1_before": accuracy["top1_before"],
-                "top1_after": accuracy["top1_after"], "checkpoint": str(result.checkpoint)}
+            append_jsonl(self.run_dir / LOG_FILE, {"stage": PRUNE_STAGE, "seconds": round(time.time() - started, 2)}, stamp=True)
+        report = result.report
+        return PruneStep(report.criterion, report.macs_ratio, report.params_ratio, report.accuracy.top1_before,
+                         report.accuracy.top1_after, str(result.checkpoint))
 
-    def train(self, stage: str, student: Student) -> tuple[Student, dict[str, Any]]:
-        """Run one training stage on every rank; rank 0 saves its checkpoint."""
+    def train(self, stage: str, student: Student) -> tuple[Student, TrainStep]:
+        """Run one recovery stage (:func:`curlprune.recover.registry.run_stage`) on every rank; rank 0 saves its checkpoint."""
         stage_dir = self.run_dir / stage
         on_main(self.ctx, lambda: self._check_student_record(stage_dir, student))
         was_done = is_done(stage_dir)
-        cfg = self.cfg.sections[stage]
-        if stage == "finetune":
-            head = self.head_name if self.finetune_first and self.new_head else None
-            result = finetune(student.model, self.data, self.spec, cfg, self.run_dir, stage=stage, head=head)
-        elif stage == "distill":
-            result = distill(student.model, self.teacher, self.data, self.spec, cfg, self.run_dir, stage=stage)
-        else:
-            result = refine(student.model, self.teacher, self.data, self.spec, cfg, self.run_dir, stage=stage)
+        entry = get_stage(stage)
+        head = self.head_name if entry.transfer and self.transfer_first and self.new_head else None
+        result = run_stage(stage, student.model, self.data, self.spec, self.cfg.sections[stage], self.run_dir,
+                           teacher=self.teacher if entry.needs_teacher else None, head=head)
         extra = {**student.extra, f"{stage}_last_top1": result.last_top1, f"{stage}_best_top1": result.best_top1}
         out = self.checkpoint_of(stage)
 
@@ -312,9 +311,7 @@ class Run:
 
         digest = on_main(self.ctx, save)
         trained = Student(result.model, student.model_ref, student.plan, student.input_shape, extra, str(out), digest)
-        record = {"epochs": result.epochs, "last_top1": result.last_top1, "best_top1": result.best_top1,
-                  "seconds": round(result.seconds, 1), "checkpoint": str(out)}
-        return trained, record
+        return trained, TrainStep(result.epochs, result.last_top1, result.best_top1, round(result.seconds, 1), str(out))
 
     def _check_student_record(self, stage_dir: Path, student: Student) -> None:
         """A stage resumes or is skipped only if it started from the same student as now (same
@@ -334,36 +331,23 @@ class Run:
             return
         write_json(path, record, only_if_changed=True)
 
-    def summarize(self, results: dict[str, Any], final_student: Student) -> dict[str, Any]:
+    def summarize(self, results: dict[str, PruneStep | TrainStep], final_student: Student) -> RunSummary:
         """Final accuracies, MACs and params; rank 0 writes ``model.safetensors`` and ``summary.json``.
 
         The cost is counted on the last stage's model in memory (it is what its checkpoint holds).
+        Returns:
+            The :class:`~curlprune.records.RunSummary`, also kept as :attr:`summary`.
         """
-        final = Path(results[self.cfg.stages[-1]]["checkpoint"])
+        final = Path(results[self.cfg.stages[-1]].checkpoint)
         model = final_student.model
-        macs, params = count(model, self.example_input.to(next(model.parameters()).device))
-        base_macs, base_params = self.base_cost
-        summary: dict[str, Any] = {
-            "model": self.cfg.model,
-            "stages": results,
-            "macs": macs,
-            "params": params,
-            "base_macs": base_macs,
-            "base_params": base_params,
-            "macs_ratio": macs / base_macs,
-            "params_ratio": params / base_params,
-            "checkpoint": str(self.run_dir / MODEL_FILE),
-        }
-        if "prune" in results:  # test top-1 (%) before any recovery
-            summary.update(unpruned_top1=results["prune"]["top1_before"], pruned_top1=results["prune"]["top1_after"])
-        trained = [r for r in results.values() if "last_top1" in r]
-        if trained:
-            summary.update(last_top1=trained[-1]["last_top1"], best_top1=max(r["best_top1"] for r in trained))
+        cost = count(model, self.example_input.to(next(model.parameters()).device))
+        summary = RunSummary.build(self.cfg.model, results, cost, self.base_cost, str(self.run_dir / MODEL_FILE))
 
         def write() -> None:
             write_json(self.run_dir / CONFIG_FILE, config_to_dict(self.cfg), only_if_changed=True)
             copy_if_changed(final, self.run_dir / MODEL_FILE)
-            write_json(self.run_dir / SUMMARY_FILE, summary, only_if_changed=True)
+            write_run_summary(self.run_dir, summary)
 
         on_main(self.ctx, write)
+        self.summary = summary
         return summary

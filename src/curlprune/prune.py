@@ -50,16 +50,15 @@ from curlprune.rundir import (
     LOG_FILE,
     MODEL_FILE,
     PLAN_FILE,
-    REPORT_FILE,
     SCORES_FILE,
     append_jsonl,
     atomic_write_text,
     changed_settings,
     optional_file_digest,
     write_done,
-    write_json,
 )
 from curlprune.prune_config import PruneConfig, scores_fingerprint
+from curlprune.records import GroupWidth, PruneAccuracy, PruneReport, RecordError, read_prune_report, write_prune_report
 from curlprune.scores_io import changed_fingerprint, read_scores, write_scores
 from curlprune.select import Target, model_cost_fn, resolve_protect, select
 from curlprune.surgery import apply
@@ -71,7 +70,7 @@ class PruneResult:
     out_dir: Path
     checkpoint: Path
     plan: Plan
-    report: dict[str, Any]
+    report: PruneReport
     scores_reused: bool = False
     already_done: bool = False
     groups: list[ChannelGroup] = field(default_factory=list, repr=False)
@@ -157,9 +156,9 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
     report = _report(config, settings, chosen, accuracy, groups, scores_seconds=seconds, scores_reused=reused)
     checkpoint = _write_outputs(out, model_name, num_classes, example, selection.plan, pruned, report, settings)
     if show:
-        print_prune_summary(groups, selection, accuracy, model_name, allocation=report["allocation"])
-        if "latency" in report["selection"]:
-            _print_latency(report["selection"]["latency"])
+        print_prune_summary(groups, selection, accuracy, model_name, allocation=report.allocation)
+        if report.latency is not None:
+            _print_latency(report.latency)
     return PruneResult(out, checkpoint, selection.plan, report, scores_reused=reused, groups=groups)
 
 
@@ -182,9 +181,9 @@ def _finished(out: Path, settings: dict[str, Any]) -> PruneResult | None:
         return None
     try:
         previous = json.loads(done.read_text())
-        report = json.loads((out / REPORT_FILE).read_text())
+        report = read_prune_report(out)
         plan = json.loads((out / PLAN_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, RecordError):
         return None
     if not isinstance(previous.get("settings"), dict) or changed_settings(previous["settings"], settings):
         return None
@@ -338,33 +337,33 @@ def _accuracies(model: nn.Module, pruned: nn.Module, splits: dict, spec: InputSp
 
 
 def _report(config: PruneConfig, settings: dict, selection, accuracy: dict, groups, *, scores_seconds: float,
-            scores_reused: bool) -> dict[str, Any]:
-    widths = {g.name: {"kind": g.kind, "before": g.width, "after": len(selection.plan.get(g.name, range(g.width)))}
-              for g in groups if g.prunable}
-    return {
-        "model": settings["model"],
-        "weights": settings["weights"],
-        "criterion": config.criterion,
-        "allocation": config.resolved_allocation(),
-        "selection": selection.as_dict(),
-        "accuracy": accuracy,
-        "groups": widths,
-        "scores_seconds": round(scores_seconds, 2),
-        "scores_reused": scores_reused,
-    }
+            scores_reused: bool) -> PruneReport:
+    widths = {g.name: GroupWidth(g.kind, g.width, len(selection.plan.get(g.name, range(g.width)))) for g in groups if g.prunable}
+    return PruneReport(
+        model=settings["model"],
+        weights=settings["weights"],
+        criterion=config.criterion,
+        allocation=config.resolved_allocation(),
+        selection=selection.as_dict(),
+        accuracy=PruneAccuracy(**accuracy),
+        groups=widths,
+        scores_seconds=round(scores_seconds, 2),
+        scores_reused=scores_reused,
+    )
 
 
 def _write_outputs(out: Path, model_name: str, num_classes: int | None, example: torch.Tensor, plan: Plan,
-                   pruned: nn.Module, report: dict, settings: dict) -> Path:
+                   pruned: nn.Module, report: PruneReport, settings: dict) -> Path:
     kwargs = {"num_classes": num_classes} if num_classes else {}
     atomic_write_text(out / PLAN_FILE, json.dumps(plan, indent=1) + "\n")
+    written = report.to_json()
     checkpoint.save(out / MODEL_FILE, {"name": model_name, "kwargs": kwargs}, plan, pruned.state_dict(),
-         input_shape=list(example.shape), extra={"prune": {k: report[k] for k in ("criterion", "allocation", "selection", "accuracy")}})
-    write_json(out / REPORT_FILE, report)
+         input_shape=list(example.shape), extra={"prune": {k: written[k] for k in ("criterion", "allocation", "selection", "accuracy")}})
+    write_prune_report(out, report)
     log = out / LOG_FILE
-    append_jsonl(log, {"event": "selection", **{k: report["selection"][k] for k in ("top_k", "removed_channels", "macs", "params", "macs_ratio", "params_ratio", "latency") if k in report["selection"]}}, stamp=True)
-    if report["accuracy"]["test_images"]:
-        append_jsonl(log, {"event": "eval", **report["accuracy"]}, stamp=True)
+    append_jsonl(log, {"event": "selection", **{k: report.selection[k] for k in ("top_k", "removed_channels", "macs", "params", "macs_ratio", "params_ratio", "latency") if k in report.selection}}, stamp=True)
+    if report.accuracy.test_images:
+        append_jsonl(log, {"event": "eval", **written["accuracy"]}, stamp=True)
     write_done(out, {"settings": settings})
     append_jsonl(log, {"event": "done", "checkpoint": MODEL_FILE}, stamp=True)
     return out / MODEL_FILE

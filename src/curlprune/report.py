@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from curlprune.channels import ChannelGroup
+from curlprune.records import PruneStep, RunSummary
 
 console = Console(stderr=False)
 
@@ -45,28 +46,28 @@ def plan_table(groups: list[ChannelGroup], plan: dict[str, list[int]], macs_befo
     return table
 
 
-def print_summary(summary: dict[str, Any]) -> None:
+def print_summary(summary: RunSummary) -> None:
     """Print a run's summary table: test top-1 after every stage (unpruned and pruned without
     recovery too) and the final cost.
 
     Args:
-        summary: what :meth:`curlprune.pipeline.Run.run` returns (accuracies in %).
+        summary: the run's :class:`~curlprune.records.RunSummary` (:attr:`curlprune.pipeline.Run.summary`; accuracies in %).
     """
     def percent(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}%"
 
-    table = Table(title=f"run summary: {summary['model']}, test top-1")
+    table = Table(title=f"run summary: {summary.model}, test top-1")
     for col in ("stage", "epochs", "last top-1", "best top-1", "seconds"):
         table.add_column(col, justify="left" if col == "stage" else "right")
-    for stage, r in summary["stages"].items():
-        if stage == "prune":
-            table.add_row("unpruned", "", percent(r["top1_before"]), "", "")
-            table.add_row(f"pruned ({r['criterion']}, {100 * r['macs_ratio']:.1f}% MACs)", "", percent(r["top1_after"]), "", "")
+    for stage, r in summary.stages.items():
+        if isinstance(r, PruneStep):
+            table.add_row("unpruned", "", percent(r.top1_before), "", "")
+            table.add_row(f"pruned ({r.criterion}, {100 * r.macs_ratio:.1f}% MACs)", "", percent(r.top1_after), "", "")
         else:
-            table.add_row(stage, str(r["epochs"]), percent(r["last_top1"]), percent(r["best_top1"]), f"{r['seconds']:.1f}")
+            table.add_row(stage, str(r.epochs), percent(r.last_top1), percent(r.best_top1), f"{r.seconds:.1f}")
     console.print(table)
-    console.print(f"final model: {human(summary['macs'])} MACs ({100 * summary['macs_ratio']:.1f}%), "
-                  f"{human(summary['params'])} params ({100 * summary['params_ratio']:.1f}%) -> {summary['checkpoint']}")
+    console.print(f"final model: {human(summary.macs)} MACs ({100 * summary.macs_ratio:.1f}%), "
+                  f"{human(summary.params)} params ({100 * summary.params_ratio:.1f}%) -> {summary.checkpoint}")
 
 
 def print_prune_summary(groups: list[ChannelGroup], selection: Any, accuracy: dict[str, Any], model_name: str,

@@ -30,15 +30,10 @@ import yaml
 
 from curlprune.errors import CurlpruneError
 from curlprune.prune_config import PruneConfig
-from curlprune.recover.distill import DistillConfig
-from curlprune.recover.finetune import FinetuneConfig
-from curlprune.recover.refine import RefineConfig
-from curlprune.rundir import DONE_FILE, LATER, check_same_settings
+from curlprune.recover.registry import get_stage, recovery_stages, stage_names
+from curlprune.rundir import DONE_FILE, LATER, PRUNE_STAGE, check_same_settings
 from curlprune.validate import check_types
 
-TRAIN_STAGES = ("finetune", "distill", "refine")
-ALL_STAGES = ("prune",) + TRAIN_STAGES
-STAGE_CONFIGS: dict[str, type] = {"prune": PruneConfig, "finetune": FinetuneConfig, "distill": DistillConfig, "refine": RefineConfig}
 IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed", "input_size")
 DEFAULT_STAGES = ["prune", "distill", "refine"]
 DEFAULT_RUN_DIR = "runs/run"
@@ -70,10 +65,25 @@ class RunConfig:
     sections: dict[str, Any] = field(default_factory=dict)
 
 
+def all_stages() -> tuple[str, ...]:
+    """Every stage a config may list: ``prune``, then the registered recovery stages
+    (:mod:`curlprune.recover.registry`) in their order."""
+    return (PRUNE_STAGE,) + stage_names()
+
+
+def stage_config(stage: str) -> type:
+    """The settings dataclass of a stage's section: :class:`PruneConfig` or the recovery stage's ``config``.
+
+    Raises:
+        CurlpruneError: ``stage`` is neither ``prune`` nor a registered recovery stage.
+    """
+    return PruneConfig if stage == PRUNE_STAGE else get_stage(stage).config
+
+
 def _build_section(stage: str, values: Any, where: str, defaults: dict[str, Any]) -> Any:
     """The stage's config dataclass from its section; unknown keys are errors that list the valid
     ones, and every value is checked against its field's type (:func:`curlprune.validate.check_types`)."""
-    cls = STAGE_CONFIGS[stage]
+    cls = stage_config(stage)
     if values is not None and not isinstance(values, dict):
         raise CurlpruneError(f"{where}: section '{stage}' must be a mapping of settings, e.g. {stage}: {{epochs: 10}}")
     values = dict(values or {})
@@ -130,13 +140,17 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
 def _check_stages(stages: Any, where: str) -> list[str]:
     if isinstance(stages, str) or not isinstance(stages, list) or not stages:
         raise CurlpruneError(f"{where}: 'stages' must be a non-empty list, e.g. stages: [prune, distill, refine]")
-    bad = [s for s in stages if s not in ALL_STAGES]
+    known = all_stages()
+    bad = [s for s in stages if s not in known]
     if bad:
-        raise CurlpruneError(f"{where}: unknown stage '{bad[0]}'; stages are {', '.join(ALL_STAGES)}")
+        raise CurlpruneError(f"{where}: unknown stage '{bad[0]}'; stages are {', '.join(known)}")
     if len(set(stages)) != len(stages):
         raise CurlpruneError(f"{where}: a stage is listed twice in {stages}: list each stage once")
-    if "prune" in stages[1:] and stages[:stages.index("prune")] != ["finetune"]:
-        raise CurlpruneError(f"{where}: 'prune' must be the first stage, or follow only 'finetune' (got {stages})")
+    transfer = [entry.name for entry in recovery_stages() if entry.transfer]  # may run before prune (a transfer)
+    before = stages[:stages.index(PRUNE_STAGE)] if PRUNE_STAGE in stages else []
+    if before and not (len(before) == 1 and before[0] in transfer):
+        follow = " or ".join(f"'{name}'" for name in transfer)
+        raise CurlpruneError(f"{where}: 'prune' must be the first stage, or follow only {follow} (got {stages})")
     return [str(s) for s in stages]
 
 
@@ -162,16 +176,17 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
             stages, seed or counts, or a bad value in a stage section.
     """
     top = {f.name for f in dataclasses.fields(RunConfig)} - {"sections"}
-    unknown = sorted(set(raw) - top - set(ALL_STAGES))
+    known = all_stages()
+    unknown = sorted(set(raw) - top - set(known))
     if unknown:
-        raise CurlpruneError(f"{where}: unknown key '{unknown[0]}'; valid keys: {', '.join(sorted(top | set(ALL_STAGES)))}")
+        raise CurlpruneError(f"{where}: unknown key '{unknown[0]}'; valid keys: {', '.join(sorted(top | set(known)))}")
     if not raw.get("model"):
         raise CurlpruneError(f"{where}: 'model' is missing (e.g. model: cifar:resnet56)")
     stages = _check_stages(raw.get("stages", DEFAULT_STAGES), where)
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise CurlpruneError(f"{where}: 'seed' must be a whole number (got {seed!r})")
-    sections = {s: _build_section(s, raw.get(s), where, {"seed": seed}) for s in ALL_STAGES if s in stages or s in raw}
+    sections = {s: _build_section(s, raw.get(s), where, {"seed": seed}) for s in known if s in stages or s in raw}
     return RunConfig(
         model=str(raw["model"]),
         weights=None if raw.get("weights") is None else str(raw["weights"]),

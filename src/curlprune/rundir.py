@@ -38,9 +38,9 @@ from curlprune.errors import CurlpruneError
 
 __all__ = [
     "CHECKPOINT_FILE", "CONFIG_FILE", "DONE_FILE", "LOG_FILE", "METRICS_FILE", "MODEL_FILE", "PLAN_FILE",
-    "REPORT_FILE", "SCORES_FILE", "STAGE_CHECKPOINT_FILE", "STATE_FILE", "STUDENT_FILE", "SUMMARY_FILE",
+    "PRUNE_STAGE", "REPORT_FILE", "SCORES_FILE", "STAGE_CHECKPOINT_FILE", "STATE_FILE", "STUDENT_FILE", "SUMMARY_FILE",
     "append_jsonl", "atomic_write", "atomic_write_text", "changed_settings", "check_same_settings",
-    "copy_if_changed", "file_digest", "is_done", "jsonl_text", "optional_file_digest", "read_done",
+    "copy_if_changed", "file_digest", "is_done", "jsonl_text", "optional_file_digest", "read_done", "read_metrics",
     "read_json", "write_done", "write_json",
 ]
 
@@ -62,6 +62,9 @@ SUMMARY_FILE = "summary.json"  # the run's accuracies and costs
 SCORES_FILE = "scores.npz"  # prune: the channel scores and their fingerprint
 PLAN_FILE = "plan.json"  # prune: group -> kept channel indices
 REPORT_FILE = "report.json"  # prune: selection, costs, accuracy
+PRUNE_STAGE = "prune"
+"""The prune stage's name in a run config and its folder ``<run_dir>/prune/`` (a recovery stage's
+folder is its registered name, :mod:`curlprune.recover.registry`)."""
 
 
 # ----- writing ----------------------------------------------------------------------------------
@@ -198,6 +201,29 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CurlpruneError(f"{path} cannot be read ({exc}): delete {path.parent} to run the stage again") from None
+
+
+def read_metrics(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
+    """The epoch records of a training stage's ``metrics.jsonl`` (:data:`METRICS_FILE`).
+
+    Returns:
+        ``(records, skipped)``: the lines that are JSON objects with a numeric ``"epoch"``, in file
+        order, and the number of other non-blank lines (damaged, e.g. cut by a kill mid-write).
+    Raises:
+        OSError, UnicodeDecodeError: the file cannot be read.
+    """
+    records, skipped = [], 0
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            skipped += bool(line.strip())
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), (int, float)):
+            records.append(record)
+        elif line.strip():
+            skipped += 1
+    return records, skipped
 
 
 def optional_file_digest(path: str | os.PathLike | None) -> str | None:

@@ -1,5 +1,5 @@
-"""The pipeline commands: ``run`` (a YAML config) and the single training stages ``finetune``,
-``distill`` and ``refine``."""
+"""The pipeline commands: ``run`` (a YAML config) and one command per registered recovery stage
+(:mod:`curlprune.recover.registry`: ``finetune``, ``distill``, ``refine``)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ from curlprune.commands.common import NO_DEFAULT
 from curlprune.commands.report import write_report_and_say
 from curlprune.pipeline import Run
 from curlprune.recover.dist import shutdown
+from curlprune.recover.registry import recovery_stages
 from curlprune.report import print_summary
 from curlprune.run_config import RunConfig, load_config, parse_config, read_config_file
 
@@ -28,12 +29,12 @@ def run_and_print(cfg: RunConfig, student: str | Path | None = None, report: boo
     """
     runner = Run(cfg, student=student)
     try:
-        summary = runner.run()
+        runner.run()
     except BaseException:
         shutdown(wait=False)
         raise
     if runner.ctx.is_main:
-        print_summary(summary)
+        print_summary(runner.summary)
         if report:
             write_report_and_say(cfg.run_dir)
     shutdown()
@@ -82,7 +83,7 @@ def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
 
 
 def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
-    """Add ``run``, ``finetune``, ``distill`` and ``refine`` to the parser."""
+    """Add ``run`` and one command per registered recovery stage (``finetune``, ``distill``, ``refine``) to the parser."""
     p = subparsers.add_parser("run", help="run a whole pipeline from a YAML config (prune -> distill -> refine)",
                               formatter_class=formatter, epilog=EXAMPLE,
                               description="Run the stages named in the config in order. Each stage writes into "
@@ -91,11 +92,8 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     p.add_argument("--out", default=None, help="run directory (overrides run_dir in the config)" + NO_DEFAULT)
     p.add_argument("--no-report", action="store_true", help="do not write the figures and index.md to <run_dir>/report/ at the end" + NO_DEFAULT)
     p.set_defaults(func=cmd_run)
-    helps = {"finetune": "recover accuracy with plain cross-entropy fine-tuning, or transfer a pretrained model to "
-                         "a new dataset (a new classifier for its classes: finetune.new_head)",
-             "distill": "recover accuracy by mixup knowledge distillation from the unpruned model",
-             "refine": "label refinement on the 6x expanded data (CURL stage 3)"}
-    for stage, text in helps.items():
+    for entry in recovery_stages():
+        stage, text = entry.name, entry.help
         p = subparsers.add_parser(stage, help=text, formatter_class=formatter,
                                   description=f"{text[0].upper()}{text[1:]}. Settings come from --config (section '{stage}') "
                                               "and the options below (options win). Resumable like `curlprune run`.")
@@ -116,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
         p.add_argument("--seed", type=int, default=None, help="seed for data order, augmentation and mixup (default: 0)" + NO_DEFAULT)
         p.add_argument("--out", default=None, help="run directory (default: runs/run)" + NO_DEFAULT)
         p.add_argument("--no-report", action="store_true", help="do not write <run_dir>/report/ at the end" + NO_DEFAULT)
-        if stage == "finetune":
+        if entry.transfer:
             p.add_argument("--new-head", action="store_true", help="replace the classifier by a new one for the data's classes "
                                                                    "even when their number equals the weights' (a new dataset)")
         p.set_defaults(func=_single_stage(stage))

@@ -16,7 +16,7 @@ Names have a family prefix (``family:arch``). Each family registers itself with
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,10 +104,40 @@ def known_names() -> str:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """An architecture reference: registry name + build keyword arguments (JSON-serialisable)."""
+    """An architecture reference: registry name + build keyword arguments (JSON-serialisable).
+
+    name:   a registry name, e.g. ``"cifar:resnet56"``.
+    kwargs: keyword arguments of :func:`build` (e.g. ``{"num_classes": 4}``).
+
+    It is what a curlprune checkpoint's header holds (``model_ref``) and what the pipeline passes
+    from one stage to the next with the plan.
+    """
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value: str | Mapping[str, Any] | ModelRef) -> ModelRef:
+        """The reference ``value`` names.
+
+        Args:
+            value: a registry name, a mapping ``{"name": ..., "kwargs": {...}}`` (kwargs optional; the
+                form of a checkpoint header) or a ModelRef.
+        Returns:
+            The ModelRef (its ``kwargs`` a copy).
+        Raises:
+            KeyError: a mapping without ``"name"``.
+        """
+        if isinstance(value, str):
+            return cls(value, {})
+        if isinstance(value, Mapping):
+            return cls(value["name"], dict(value.get("kwargs", {})))
+        return cls(value.name, dict(value.kwargs))
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"name": ..., "kwargs": {...}}`` in that key order: the checkpoint header's form
+        (its JSON must stay byte-stable, so the order is fixed here)."""
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
 
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "kwargs": self.kwargs}, sort_keys=True)

@@ -23,10 +23,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from curlprune.models.spec import InputSpec
-from curlprune.recover.dist import DistContext
-from curlprune.recover.evaluate import prepare_teacher
-from curlprune.recover.loop import Trainer
-from curlprune.recover.stage import Result, Stage, TrainConfig, require
+from curlprune.recover.loop import train_stage
+from curlprune.recover.stage import Result, TeacherStage, TrainConfig, require
 
 
 @dataclass
@@ -71,19 +69,14 @@ def distill_loss(
     return alpha * t * t * kd + (1.0 - alpha) * ce
 
 
-class DistillStage(Stage):
+class DistillStage(TeacherStage):
     """Mixup + KD from a frozen teacher on the original training set."""
 
     name = "distill"
 
     def __init__(self, cfg: DistillConfig, teacher: nn.Module) -> None:
-        super().__init__(cfg)
-        self.teacher = teacher
+        super().__init__(cfg, teacher)
         self.rng = np.random.default_rng(cfg.seed)
-
-    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: InputSpec) -> None:
-        prepare_teacher(self.teacher, model, data, spec, ctx, self.cfg.channels_last)
-        super().prepare(ctx, model, data, spec)
 
     def seed(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
@@ -138,6 +131,4 @@ def distill(
 
     Source: docs/method.md §5.
     """
-    stage_impl = DistillStage(cfg or DistillConfig(), teacher)
-    stage_impl.name = stage
-    return Trainer(stage_impl, student, data, spec, run_dir).run()
+    return train_stage(DistillStage(cfg or DistillConfig(), teacher), student, data, spec, run_dir, folder=stage)

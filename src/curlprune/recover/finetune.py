@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
-from curlprune.recover.loop import Trainer
+from curlprune.recover.loop import train_stage
 from curlprune.recover.stage import Result, Stage, TrainConfig
 from curlprune.rundir import LATER
 
@@ -131,6 +131,4 @@ def finetune(
 
     Source: docs/method.md §4.
     """
-    stage_impl = FinetuneStage(cfg or FinetuneConfig(), head=head)
-    stage_impl.name = stage
-    return Trainer(stage_impl, student, data, spec, run_dir).run()
+    return train_stage(FinetuneStage(cfg or FinetuneConfig(), head=head), student, data, spec, run_dir, folder=stage)

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from curlprune.models.spec import InputSpec
+from curlprune.records import StageSummary, write_stage_summary
 from curlprune.recover import dist, guards
 from curlprune.recover.dist import DistContext
 from curlprune.recover.evaluate import TransformedDataset, place_model, to_input, top1_accuracy
@@ -78,7 +79,6 @@ from curlprune.rundir import (
     atomic_write_text,
     is_done,
     jsonl_text,
-    write_done,
 )
 from curlprune.transforms import build_transform
 
@@ -296,21 +296,44 @@ class Trainer:
         """
         last = progress.history[-1]["test_top1"]
         seconds = sum(r["seconds"] for r in progress.history)
-        summary = {
-            "stage": self.stage.name,
-            "last_top1": last,
-            "best_top1": progress.best_top1,
-            "epochs": progress.epoch,
-            "seconds": seconds,
-            "config": settings(self.cfg),
-        }
+        summary = StageSummary(self.stage.name, last, progress.best_top1, progress.epoch, seconds, settings(self.cfg))
         guards.check_finite_state(self.model.state_dict(), str(self.stage_dir / MODEL_FILE))  # every rank: same weights
         if self.ctx.is_main:
             weights = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
-            atomic_write(self.stage_dir / MODEL_FILE, lambda tmp: save_file(weights, tmp, metadata={"summary": json.dumps(summary)}))
-            write_done(self.stage_dir, summary)
+            metadata = {"summary": json.dumps(summary.to_json())}
+            atomic_write(self.stage_dir / MODEL_FILE, lambda tmp: save_file(weights, tmp, metadata=metadata))
+            write_stage_summary(self.stage_dir, summary)
         dist.barrier(self.ctx)
         return Result(self.model, last, progress.best_top1, progress.epoch, seconds, self.stage_dir, self.stage.tensors())
+
+
+def train_stage(
+    stage: Stage,
+    student: nn.Module,
+    data: Mapping[str, Dataset],
+    spec: InputSpec,
+    run_dir: str | Path,
+    *,
+    folder: str | None = None,
+) -> Result:
+    """Run ``stage`` on ``student`` (trained in place) with the :class:`Trainer`: what every stage's
+    entry function (:func:`~curlprune.recover.finetune.finetune`, ...) and
+    :func:`curlprune.recover.registry.run_stage` do.
+
+    Args:
+        stage: the stage's hooks, with its settings.
+        student, data, spec, run_dir: as in :func:`curlprune.recover.finetune.finetune`.
+        folder: the stage folder's name under ``run_dir``, which also names the stage in its files
+            and messages (default: ``stage.name``).
+    Returns:
+        The :class:`Result` (test top-1 in %, epochs, seconds).
+    Raises:
+        CurlpruneError: bad data or settings, a model that does not fit the data, or a stage
+            folder written with other settings or another architecture.
+    """
+    if folder is not None:
+        stage.name = folder
+    return Trainer(stage, student, data, spec, run_dir).run()
 
 
 def progress_bar(enabled: bool) -> RichProgress:

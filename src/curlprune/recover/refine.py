@@ -32,10 +32,10 @@ from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
 from curlprune.recover import dist
 from curlprune.recover.dist import DistContext
-from curlprune.recover.evaluate import predict, prepare_teacher
+from curlprune.recover.evaluate import predict
 from curlprune.recover.expand import ExpandedDataset
-from curlprune.recover.loop import Trainer
-from curlprune.recover.stage import Result, Stage, TrainConfig, require, stage_tensors
+from curlprune.recover.loop import train_stage
+from curlprune.recover.stage import Result, TeacherStage, TrainConfig, require, stage_tensors
 from curlprune.rundir import LATER, STATE_FILE
 from curlprune.transforms import build_transform
 
@@ -125,14 +125,13 @@ def teacher_logits(ctx: DistContext, teacher: nn.Module, dataset: Dataset, spec:
     return dist.gather_rows(ctx, local, len(dataset)).contiguous()
 
 
-class RefineStage(Stage):
+class RefineStage(TeacherStage):
     """Training with a learnable label store initialised from the teacher."""
 
     name = "refine"
 
     def __init__(self, cfg: RefineConfig, teacher: nn.Module) -> None:
-        super().__init__(cfg)
-        self.teacher = teacher
+        super().__init__(cfg, teacher)
         self.labels: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
         self._index: torch.Tensor | None = None
@@ -146,10 +145,6 @@ class RefineStage(Stage):
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-
-    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: InputSpec) -> None:
-        prepare_teacher(self.teacher, model, data, spec, ctx, self.cfg.channels_last)
-        super().prepare(ctx, model, data, spec)
 
     def init_fresh(self, ctx: DistContext, model: nn.Module, train_set: Dataset, spec: InputSpec) -> None:
         self.labels = teacher_logits(ctx, self.teacher, train_set, spec, self.cfg)
@@ -223,6 +218,4 @@ def refine(
 
     Source: docs/method.md §6 (expansion) and §7 (refinement, the step's batch-size scaling).
     """
-    stage_impl = RefineStage(cfg or RefineConfig(), teacher)
-    stage_impl.name = stage
-    return Trainer(stage_impl, student, data, spec, run_dir).run()
+    return train_stage(RefineStage(cfg or RefineConfig(), teacher), student, data, spec, run_dir, folder=stage)

@@ -23,10 +23,11 @@ from torch.utils.data import Dataset
 from curlprune.models.weights import load_state_strict
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
+from curlprune.records import read_stage_summary
 from curlprune.recover import guards
 from curlprune.recover.dist import DistContext
-from curlprune.recover.evaluate import check_classes, place_model
-from curlprune.rundir import DONE_FILE, MODEL_FILE, STATE_FILE, read_done
+from curlprune.recover.evaluate import check_classes, place_model, prepare_teacher
+from curlprune.rundir import DONE_FILE, MODEL_FILE, STATE_FILE
 from curlprune.rundir import check_same_settings as check_settings_match
 
 RUNTIME = {"runtime": True}  # field metadata: may change between a run and its resume
@@ -148,6 +149,19 @@ class Stage:
         """Inverse of :meth:`rng_state`."""
 
 
+class TeacherStage(Stage):
+    """A stage that learns from a frozen ``teacher`` (distill, refine): before training the teacher
+    is moved to the training device, put in eval mode and checked to fit the data; it is never updated."""
+
+    def __init__(self, cfg: TrainConfig, teacher: nn.Module) -> None:
+        super().__init__(cfg)
+        self.teacher = teacher
+
+    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: InputSpec) -> None:
+        prepare_teacher(self.teacher, model, data, spec, ctx, self.cfg.channels_last)
+        super().prepare(ctx, model, data, spec)
+
+
 def check_data(data: Mapping[str, Dataset]) -> None:
     """The stages need ``{"train": ..., "test": ...}`` with a non-empty training set."""
     if not isinstance(data, Mapping) or "train" not in data or "test" not in data:
@@ -215,17 +229,22 @@ def check_same_settings(cfg: TrainConfig, saved: Mapping[str, Any], where: Path)
 
 
 def finished(model: nn.Module, stage_dir: Path, cfg: TrainConfig, device: torch.device) -> Result:
-    """The result of a stage that already completed: its weights loaded into ``model``."""
-    summary = read_done(stage_dir)
-    check_same_settings(cfg, summary.get("config", {}), stage_dir / DONE_FILE)
+    """The result of a stage that already completed: its weights loaded into ``model``.
+
+    Raises:
+        CurlpruneError: its ``done.json`` cannot be read (:class:`curlprune.records.RecordError`), was
+            written with other settings, or its weights do not fit ``model``.
+    """
+    summary = read_stage_summary(stage_dir)
+    check_same_settings(cfg, summary.config if summary.config is not None else {}, stage_dir / DONE_FILE)
     load_stage_model(model, stage_dir.parent, stage_dir.name)
     place_model(model, device, cfg.channels_last)
     return Result(
         model=model,
-        last_top1=summary["last_top1"],
-        best_top1=summary["best_top1"],
-        epochs=summary["epochs"],
-        seconds=summary["seconds"],
+        last_top1=summary.last_top1,
+        best_top1=summary.best_top1,
+        epochs=summary.epochs,
+        seconds=summary.seconds,
         stage_dir=stage_dir,
         tensors=stage_tensors(stage_dir / STATE_FILE),
     )
