@@ -2,8 +2,10 @@
 
 A rule says, for one module type, what a call does to channels (``roles``, carried out by the
 channel pass in ``module_ops``), how to slice the module (``slice``, ``surgery.apply``), its MACs and
-parameters as terms a plan shrinks (``cost``, the analytic cost table) and which input dim a mask
-zeroes when it consumes a group (``consumer_dim``: ``surgery.mask``, the KL score's cuts).
+parameters as terms a plan shrinks (``cost``, the analytic cost table), which input dim a mask
+zeroes when it consumes a group (``consumer_dim``: ``surgery.mask``, the KL score's cuts) and, for a
+layer linear in its input, what some input channels contribute (``input_part``: the KL score's
+one-step removal of a unit).
 
 ``ChannelMixing`` (a conv or linear of your own) and ``PerChannel`` (a norm or scale of your own)
 state where the channels are in each parameter; members, slicing, cost terms and the consumer dim
@@ -16,7 +18,7 @@ Source: docs/method.md §1 (members ``out`` / ``in`` / ``channel``), §8 (the MA
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,9 @@ from curlprune.op_cost import CostTerm
 Shape = Sequence[int]
 Terms = tuple[list[CostTerm], dict[int, CostTerm]]
 """(MACs terms per sample, parameter id -> its params term) of one call."""
+InputPart = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(x_part, positions) -> output``: what the input channels ``positions`` alone contribute to a call's
+output (``x_part`` holds just those channels; bias excluded)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,12 @@ class LayerRule:
         The cost table checks the MACs terms against the measured MACs of the call.
         """
         return [], {}
+
+    def input_part(self, mod: nn.Module) -> InputPart | None:
+        """For a layer whose output is linear in its input plus a bias: the contribution of some input
+        channels, which the KL score subtracts to remove a unit in one step (docs/method.md §2).
+        None (the default, and the declarative rules'): no such shortcut; the score runs the layer."""
+        return None
 
 
 def _role_sizes(t: torch.Tensor, spec: Sequence[str | None], name: str) -> tuple[tuple[int, tuple[str, str]], ...]:

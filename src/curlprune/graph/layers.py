@@ -1,8 +1,8 @@
 """The table of layer types: one rule per parameter-bearing layer type, the one place every pass reads.
 
-The channel pass (``module_ops``), slicing and masking (``surgery``) and the analytic cost
-(``cost_plan``) each make one lookup here, ``rule_for(module)``; how a rule is written is
-``layer_rules``. A type without a rule is no layer the pass can slice: the op tables (``ops``)
+The channel pass (``module_ops``), slicing and masking (``surgery``), the analytic cost
+(``cost_plan``) and the KL score's one-step removal (``criteria.kl``) each make one lookup here,
+``rule_for(module)``; how a rule is written is ``layer_rules``. A type without a rule is no layer the pass can slice: the op tables (``ops``)
 decide what it does to channels (pass them through, or make them unprunable).
 
 Rules are found through the type's MRO (a subclass of ``nn.Conv2d`` gets the conv rule unless it is
@@ -17,11 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import torch.nn.functional as F
 from torch import nn
 
 from curlprune.errors import CurlpruneError
 from curlprune.graph.layer_rules import (
     ChannelMixing,
+    InputPart,
     LayerRule,
     PerChannel,
     Roles,
@@ -89,6 +91,11 @@ class ConvRule(LayerRule):
         macs = [CostTerm(True, per * math.prod(out_shape[2:]) * out_shape[0] // batch, sizes)]
         return macs, _conv_params(mod, name, per, sizes)
 
+    def input_part(self, mod: nn.Module) -> InputPart | None:
+        if mod.transposed or mod.groups != 1:
+            return None
+        return lambda x, positions: mod._conv_forward(x, mod.weight.index_select(1, positions), None)
+
 
 class ConvTransposeRule(LayerRule):
     """``nn.ConvTranspose1d/2d/3d``: weight ``[Cin, Cout/groups, k...]``; only groups == 1 is followed."""
@@ -122,6 +129,16 @@ def _conv_params(mod: nn.Module, name: str, per: int, sizes: tuple) -> dict[int,
     if mod.bias is not None:
         params[id(mod.bias)] = CostTerm(False, 1, ((mod.out_channels, (name, "out")),)) if sizes else CostTerm(False, mod.out_channels, ())
     return params
+
+
+class LinearRule(ChannelMixing):
+    """``nn.Linear``: weight ``[out, in]`` over the last dim of its input."""
+
+    def __init__(self) -> None:
+        super().__init__({"weight": ("out", "in"), "bias": ("out",)}, dim=-1, widths=("in_features", "out_features"), label="linear")
+
+    def input_part(self, mod: nn.Module) -> InputPart | None:
+        return lambda x, positions: F.linear(x, mod.weight.index_select(1, positions))
 
 
 class PReLURule(PerChannel):
@@ -162,9 +179,7 @@ _NORM = PerChannel(["weight", "bias", "running_mean", "running_var"], width="num
 _RULES: dict[type, LayerRule] = {
     nn.modules.conv._ConvNd: ConvRule(),
     nn.modules.conv._ConvTransposeNd: ConvTransposeRule(),
-    nn.Linear: ChannelMixing(
-        {"weight": ("out", "in"), "bias": ("out",)}, dim=-1, widths=("in_features", "out_features"), label="linear"
-    ),
+    nn.Linear: LinearRule(),
     **{norm: _NORM for norm in CHANNEL_NORMS},
     nn.PReLU: PReLURule(),
     nn.LayerNorm: LayerNormRule(),
