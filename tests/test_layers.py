@@ -275,11 +275,28 @@ class WrongMacs(ScaledConv):
 register_layer(WrongMacs, ChannelMixing({"weight": ("out", "in"), "bias": ("out",), "scale": ("out",)}))
 
 
-def test_a_rule_whose_macs_disagree_with_the_measured_ones_makes_its_groups_unprunable():
+class ConvDeclaredPerChannel(ChannelAffine):
+    """Declared per-channel, but its forward also runs a (depthwise) conv: MACs a per-channel rule denies."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + F.conv2d(x, self.weight.view(-1, 1, 1, 1), groups=x.shape[1])
+
+
+register_layer(ConvDeclaredPerChannel, PerChannel(["weight", "bias", "shift"]))
+
+
+class AffineNet(ResidualNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.affine = ConvDeclaredPerChannel(12)
+
+
+@pytest.mark.parametrize("make,group", [(lambda: ResidualNet(layer=WrongMacs), "conv_a"), (AffineNet, "conv_a")])
+def test_a_rule_whose_macs_disagree_with_the_measured_ones_makes_its_groups_unprunable(make, group):
     torch.manual_seed(0)
-    model = _randomised(ResidualNet(layer=WrongMacs))
+    model = _randomised(make())
     x = torch.randn(1, 3, 8, 8)
     groups = trace(model, x)
     g = _by_name(groups)
-    assert not g["conv_a"].prunable and "differs from its measured cost" in g["conv_a"].reason
+    assert not g[group].prunable and "differs from its measured cost" in g[group].reason
     assert plan_cost(model, x, groups, {}) == count(model, x)

@@ -264,13 +264,13 @@ class PerChannel(LayerRule):
             setattr(mod, self.width, widths["channel"])
 
     def cost(self, name: str, mod: nn.Module, in_shape: Shape | None, out_shape: Shape | None, batch: int) -> Terms:
-        return [], _param_terms(mod, name, self.params)
+        """No MACs (a zero term, so that a layer that does count some is caught), one term per parameter."""
+        return [CostTerm(True, 0, ())], _param_terms(mod, name, self.params)
 
 
 def _check_roles(params: Mapping[str, tuple[str | None, ...]], allowed: set[str], what: str) -> None:
     found = {role for spec in params.values() for role in spec if role is not None}
-    bad = found - allowed
-    if bad or found != allowed or any(len([r for r in spec if r]) != len({r for r in spec if r}) for spec in params.values()):
+    if found != allowed or any(len([r for r in spec if r]) != len({r for r in spec if r}) for spec in params.values()):
         raise CurlpruneError(
             f"{what}: each parameter's roles must be {sorted(allowed)} or None, each at most once, and every role used; got {dict(params)!r}"
         )
