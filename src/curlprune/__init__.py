@@ -8,6 +8,7 @@ Public API (imported lazily so that ``import curlprune`` stays cheap):
     macs, params = curlprune.count(model, example_input)  # paper's convention
     curlprune.save(path, model_ref, plan, state_dict); model = curlprune.load(path)
     fast = curlprune.optimize_for_inference(small)       # BN folded, residual adds in place
+    curlprune.register_layer(MyConv, curlprune.ChannelMixing({"weight": ("out", "in")}))  # your own layer
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ _API = {
     "export_onnx": "curlprune.checkpoint",
     "optimize_for_inference": "curlprune.inference",
     "CurlpruneError": "curlprune.errors",
+    "register_layer": "curlprune.graph.layers",
+    "LayerRule": "curlprune.graph.layer_rules",
+    "ChannelMixing": "curlprune.graph.layer_rules",
+    "PerChannel": "curlprune.graph.layer_rules",
 }
 
 __all__ = sorted(_API) + ["models", "__version__"]

@@ -27,6 +27,7 @@ from curlprune.cost import count
 from curlprune.cost_plan import CostTable, build_cost_table
 from curlprune.errors import CurlpruneError
 from curlprune.graph import build_groups, channel_pass, propagate, symbolic_trace
+from curlprune.graph.layers import table_version
 from curlprune.surgery import removed_positions, validate_plan
 
 
@@ -71,7 +72,8 @@ def analyse(model: nn.Module, example_input: Any) -> Analysis:
     if not isinstance(model, nn.Module):
         raise CurlpruneError(f"expected a torch.nn.Module to trace, got {type(model).__name__}")
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    key = (tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in inputs), _fingerprint(model))
+    shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
+    key = (shapes, _fingerprint(model), table_version())  # a layer registered since: analysed again
     cached = _CACHE.get(model, {})
     if key in cached:
         return cached[key]

@@ -10,39 +10,24 @@ layer scale); BN running statistics are buffers, not parameters.
 Every cost is a sum of terms ``factor * prod(size_k - removed_k)``, where ``removed_k`` is how many
 positions a plan removes from one member slice ``(module, role)``. The terms are built from what
 ``cost.count``'s own mode measured on every traced node (``graph.propagate``), refined into sliced
-terms where the channel pass models the node, so ``plan_cost`` equals
+terms where a layer rule states them (``graph.layers``: each rule's ``cost``), so ``plan_cost`` equals
 ``count(apply(model, groups, plan), x)`` for every op count counts (transposed convs, functional
 convs/linears and attention included), and is cheap enough for a target search
 (``curlprune.analysis.plan_cost`` evaluates it on the cached analysis).
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch.fx as fx
 from torch import nn
 
 from curlprune.channels import ChannelGroup, SliceKey
-from curlprune.graph.ops import CHANNEL_NORMS
+from curlprune.graph.layers import rule_for
 from curlprune.graph.shapes import Propagated
 from curlprune.graph.tracing import fetch_attr
-
-
-@dataclass(frozen=True)
-class CostTerm:
-    """``factor * prod(size - removed[key] for size, key in sizes)``; ``key`` None = never sliced."""
-
-    macs: bool
-    factor: int
-    sizes: tuple[tuple[int, SliceKey], ...]
-
-    def value(self, removed: Mapping[SliceKey, int]) -> int:
-        total = self.factor
-        for size, key in self.sizes:
-            total *= size - removed.get(key, 0)
-        return total
+from curlprune.op_cost import CostTerm
 
 
 @dataclass
@@ -103,10 +88,11 @@ class CostTable:
 def build_cost_table(gm: fx.GraphModule, found: Propagated, param_dims: Mapping[str, int]) -> CostTable:
     """Cost terms of every node, from what ``cost.count``'s mode measured on it during the trace.
 
-    So the table at full width is ``count`` by construction, whatever ops count learns. A node the
-    channel pass models (conv / transposed conv / linear / norm modules, ``get_attr`` parameters in
-    ``param_dims``) gets sliced terms; any other measured cost is a constant term (the channel pass
-    leaves its channels unprunable). Each parameter is counted once, by identity, whichever modules
+    So the table at full width is ``count`` by construction, whatever ops count learns. A call of a
+    module with a layer rule (``graph.layers``: convs, linears, norms, registered layers) and the
+    ``get_attr`` parameters in ``param_dims`` get sliced terms, the rule's terms only where their MACs
+    equal the measured ones; any other measured cost is a constant term (the channel pass leaves its
+    channels unprunable). Each parameter is counted once, by identity, whichever modules
     or ops use it (tied weights).
 
     Args:
@@ -135,10 +121,11 @@ def build_cost_table(gm: fx.GraphModule, found: Propagated, param_dims: Mapping[
         macs = found.node_macs.get(node, 0) // found.batch
         structured: list[CostTerm] = []
         param_terms: dict[int, CostTerm] = {}
-        if node.op == "call_module":
+        rule = rule_for(modules[str(node.target)]) if node.op == "call_module" else None
+        if rule is not None:  # MACs per sample: positions (leading dims included) // the example's batch
             shape = getattr(found.values.get(node), "shape", None)
             in_shape = getattr(found.values.get(node.args[0]), "shape", None) if node.args else None
-            structured, param_terms = _structured_terms(str(node.target), modules[str(node.target)], shape, in_shape, found.batch)
+            structured, param_terms = rule.cost(str(node.target), modules[str(node.target)], in_shape, shape, found.batch)
         if structured and sum(t.value({}) for t in structured) == macs:
             terms.extend(structured)
         elif macs:
@@ -150,43 +137,3 @@ def build_cost_table(gm: fx.GraphModule, found: Propagated, param_dims: Mapping[
                 counted.add(id(p))
                 terms.append(attr_terms.get(id(p)) or param_terms.get(id(p)) or CostTerm(False, p.numel(), ()))
     return CostTable(terms, mismatched=mismatched)
-
-
-def _structured_terms(
-    name: str, mod: nn.Module, out_shape: Sequence[int] | None, in_shape: Sequence[int] | None, batch: int
-) -> tuple[list[CostTerm], dict[int, CostTerm]]:
-    """(MACs terms, parameter id -> params term) of the module kinds whose tensors a plan slices.
-
-    MACs are per sample: the positions a conv/linear is applied at (leading dims included, e.g. the
-    ``B*N`` rows of an inner transformer) divided by the example's batch size."""
-    out_key, in_key, ch_key = (name, "out"), (name, "in"), (name, "channel")
-    if isinstance(mod, nn.modules.conv._ConvNd) and out_shape is not None:
-        k = math.prod(mod.kernel_size)
-        cout, cin, groups = mod.out_channels, mod.in_channels, mod.groups
-        if mod.transposed:  # Cin * Cout/groups * k per input position
-            if in_shape is None:
-                return [], {}
-            sizes = ((cin, in_key), (cout, out_key)) if groups == 1 else ()
-            per = k if groups == 1 else k * cin * (cout // groups)
-            macs = [CostTerm(True, per * math.prod(in_shape[2:]) * in_shape[0] // batch, sizes)]
-        else:
-            if groups == 1:
-                sizes, per = ((cout, out_key), (cin, in_key)), k
-            elif cin == cout or groups == cin:  # depthwise (a channel multiplier included) / tied grouped
-                sizes, per = ((cout, out_key),), k * (cin // groups)
-            else:  # other grouped convs are never sliced
-                sizes, per = (), k * cout * (cin // groups)
-            macs = [CostTerm(True, per * math.prod(out_shape[2:]) * out_shape[0] // batch, sizes)]
-        params = {id(mod.weight): CostTerm(False, per, sizes)}
-        if mod.bias is not None:
-            params[id(mod.bias)] = CostTerm(False, 1, ((cout, out_key),)) if sizes else CostTerm(False, cout, ())
-        return macs, params
-    if isinstance(mod, nn.Linear) and out_shape is not None:
-        sizes = ((mod.out_features, out_key), (mod.in_features, in_key))
-        params = {id(mod.weight): CostTerm(False, 1, sizes)}
-        if mod.bias is not None:
-            params[id(mod.bias)] = CostTerm(False, 1, ((mod.out_features, out_key),))
-        return [CostTerm(True, math.prod(out_shape[:-1]) // batch, sizes)], params
-    if isinstance(mod, CHANNEL_NORMS) or (isinstance(mod, nn.PReLU) and mod.num_parameters > 1):
-        return [], {id(p): CostTerm(False, 1, ((p.shape[0], ch_key),)) for p in mod.parameters(recurse=False)}
-    return [], {}

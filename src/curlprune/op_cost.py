@@ -1,14 +1,17 @@
 """The op-level MACs convention shared by ``cost.count`` and the analytic cost table.
 
 ``CostMode`` is a TorchFunctionMode that sees every conv / transposed conv / linear / attention call
-and every parameter passed to an op. It imports nothing of the package, so the shape recording pass
+and every parameter passed to an op. It imports only the data model, so the shape recording pass
 (``graph.shapes``) can measure each traced node with it, and ``cost.count`` the whole model.
-Convention: see :mod:`curlprune.cost` (docs/method.md §8).
+``CostTerm`` is one term of the analytic cost, in which the layer rules (``graph.layers``) state a
+layer's MACs and parameters. Convention: see :mod:`curlprune.cost` (docs/method.md §8).
 """
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch.nn.functional as F
@@ -16,9 +19,31 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from curlprune.channels import SliceKey
+
 CONVS = {F.conv1d, F.conv2d, F.conv3d}
 TRANSPOSED_CONVS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+@dataclass(frozen=True)
+class CostTerm:
+    """``factor * prod(size - removed[key] for size, key in sizes)``: MACs per sample (``macs``) or
+    parameters, as a plan that removes ``removed[key]`` positions of member slice ``key`` leaves them.
+
+    ``sizes`` holds each factor that a plan shrinks, with the member slice ``(module, role)`` that
+    shrinks it; a term without sizes is a constant.
+    """
+
+    macs: bool
+    factor: int
+    sizes: tuple[tuple[int, SliceKey], ...]
+
+    def value(self, removed: Mapping[SliceKey, int]) -> int:
+        total = self.factor
+        for size, key in self.sizes:
+            total *= size - removed.get(key, 0)
+        return total
 
 
 class CostMode(TorchFunctionMode):

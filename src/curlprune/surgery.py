@@ -25,7 +25,8 @@ from torch import nn
 
 from curlprune.errors import CurlpruneError
 from curlprune.channels import ChannelGroup, Plan, SliceKey
-from curlprune.graph.ops import CHANNEL_NORMS
+from curlprune.graph.layer_rules import LayerRule, keep_index, replace_tensor
+from curlprune.graph.layers import rule_for
 from curlprune.graph.tracing import CurlTracer
 
 _MODULE_ROLES = ("out", "in", "channel")
@@ -177,15 +178,17 @@ def mask_points(groups: Sequence[ChannelGroup], plan: Plan) -> dict[str, list[in
 
 
 def consumer_input_dim(module: nn.Module | None) -> int:
-    """The dim of a channel-mixing consumer's input that holds the channels: -1 (last) for linears, 1 for convs.
+    """The dim of a channel-mixing consumer's input that holds the channels: its layer rule's
+    ``consumer_dim`` (-1, the last dim, for linears; 1 for convs).
 
     Args:
-        module: the consumer (None: a parameter member, treated as a conv).
+        module: the consumer (None, or a module without a layer rule: treated as a conv).
 
     Returns:
         ``-1`` or ``1``.
     """
-    return -1 if isinstance(module, nn.Linear) else 1
+    rule = rule_for(module) if module is not None else None
+    return rule.consumer_dim if rule is not None else 1
 
 
 @contextmanager
@@ -298,60 +301,9 @@ def _retie(shared: dict[int, list[tuple[nn.Module, str]]]) -> None:
                 setattr(sub, pname, first)
 
 
-def _kept(size: int, removed: list[int] | None) -> torch.Tensor:
-    gone = set(removed or ())
-    return torch.tensor([i for i in range(size) if i not in gone], dtype=torch.long)
-
-
-def _new_param(old: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
-
-
 def _slice_module(mod: nn.Module, roles: dict[str, list[int]]) -> None:
-    """Slice a conv / linear / per-channel module in place (it is already a private copy)."""
-    if isinstance(mod, nn.modules.conv._ConvTransposeNd):  # weight [Cin, Cout, k...]
-        in_keep, out_keep = _kept(mod.in_channels, roles.get("in")), _kept(mod.out_channels, roles.get("out"))
-        mod.weight = _new_param(mod.weight, mod.weight.index_select(0, in_keep).index_select(1, out_keep))
-        if mod.bias is not None:
-            mod.bias = _new_param(mod.bias, mod.bias.index_select(0, out_keep))
-        mod.in_channels, mod.out_channels = len(in_keep), len(out_keep)
-    elif isinstance(mod, nn.modules.conv._ConvNd):
-        out_keep = _kept(mod.out_channels, roles.get("out"))
-        weight = mod.weight.index_select(0, out_keep)
-        if mod.groups == 1:
-            in_keep = _kept(mod.in_channels, roles.get("in"))
-            weight = weight.index_select(1, in_keep)
-            mod.in_channels = len(in_keep)
-        else:  # depthwise/grouped conv sliced by whole conv groups (a channel multiplier included)
-            in_per, out_per = mod.in_channels // mod.groups, mod.out_channels // mod.groups
-            mod.groups = len(out_keep) // out_per
-            mod.in_channels = mod.groups * in_per
-        mod.out_channels = len(out_keep)
-        mod.weight = _new_param(mod.weight, weight)
-        if mod.bias is not None:
-            mod.bias = _new_param(mod.bias, mod.bias.index_select(0, out_keep))
-    elif isinstance(mod, nn.Linear):
-        out_keep = _kept(mod.out_features, roles.get("out"))
-        in_keep = _kept(mod.in_features, roles.get("in"))
-        mod.weight = _new_param(mod.weight, mod.weight.index_select(0, out_keep).index_select(1, in_keep))
-        if mod.bias is not None:
-            mod.bias = _new_param(mod.bias, mod.bias.index_select(0, out_keep))
-        mod.in_features, mod.out_features = len(in_keep), len(out_keep)
-    elif isinstance(mod, CHANNEL_NORMS):
-        keep = _kept(mod.num_features, roles["channel"])
-        for pname in ("weight", "bias"):
-            if getattr(mod, pname) is not None:
-                setattr(mod, pname, _new_param(getattr(mod, pname), getattr(mod, pname).index_select(0, keep)))
-        for bname in ("running_mean", "running_var"):
-            if getattr(mod, bname) is not None:
-                setattr(mod, bname, getattr(mod, bname).index_select(0, keep).clone())
-        mod.num_features = len(keep)
-    elif isinstance(mod, nn.PReLU):
-        keep = _kept(mod.num_parameters, roles["channel"])
-        mod.weight = _new_param(mod.weight, mod.weight.index_select(0, keep))
-        mod.num_parameters = len(keep)
-    else:
-        raise CurlpruneError(f"cannot slice module {type(mod).__name__}: the groups were traced from a different model")
+    """Slice a module with a layer rule in place (it is already a private copy)."""
+    (rule_for(mod) or LayerRule()).slice(mod, roles)  # no rule: the base rule's one-line error
 
 
 def _slice_parameter(gm: fx.GraphModule, name: str, positions: list[int], groups: Sequence[ChannelGroup]) -> None:
@@ -360,8 +312,7 @@ def _slice_parameter(gm: fx.GraphModule, name: str, positions: list[int], groups
     owner_name, _, attr = name.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
     old = getattr(owner, attr)
-    value = old.index_select(dim, _kept(old.shape[dim], positions))
-    setattr(owner, attr, _new_param(old, value) if isinstance(old, nn.Parameter) else value.clone())
+    replace_tensor(owner, attr, old.index_select(dim, keep_index(old.shape[dim], positions)))
 
 
 def _shrink_pad(node: fx.Node, roles: dict[str, list[int]], dim: int) -> None:

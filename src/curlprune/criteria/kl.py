@@ -35,13 +35,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.criteria.base import DEFAULT_BUDGET_MB, Progress, Scores, prunable
 from curlprune.criteria.partial import Cut, Env, GraphRunner, gather, is_gatherable, kl_to_reference, unit_positions
 from curlprune.graph import eval_mode
+from curlprune.graph.layer_rules import InputPart
+from curlprune.graph.layers import rule_for
 from curlprune.surgery import mask
 
 DEFAULT_CHUNK_MB = 16
@@ -102,7 +103,7 @@ def kl_scores(
         works = [w for w in works if w.group.name in only]
         for w in works:
             w.units = sorted(set(int(u) for u in only[w.group.name]))
-    stats.rank1_groups = sum(w.rank1_module is not None for w in works) if rank1 else 0
+    stats.rank1_groups = sum(w.rank1_part is not None for w in works) if rank1 else 0
     scores = {g.name: np.zeros(g.width, dtype=np.float64) for g in prunable(groups)}
     n = len(images)
     if n == 0:
@@ -166,15 +167,13 @@ class _Work:
         self.cuts = cuts
         self.units = list(range(group.width // group.unit))
         self.start = runner.index[cuts[0].node] if cuts else None
-        self.rank1_module: nn.Module | None = None
+        self.rank1_part: InputPart | None = None  # the first consumer's output from some input channels
         if cuts and sum(c.node == cuts[0].node for c in cuts) == 1:
             node = runner.nodes[self.start]
             module = runner.modules[str(node.target)]
-            single_input = len(node.args) == 1 and not node.kwargs
-            if single_input and isinstance(module, nn.Linear):
-                self.rank1_module = module
-            elif single_input and isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups == 1:
-                self.rank1_module = module
+            rule = rule_for(module)
+            if len(node.args) == 1 and not node.kwargs and rule is not None:  # a single input
+                self.rank1_part = rule.input_part(module)
         self._positions: dict[tuple[int, int], torch.Tensor] = {}
 
     def positions(self, cut_index: int, u: int) -> torch.Tensor:
@@ -261,7 +260,7 @@ def _ablate_units(runner: GraphRunner, w: _Work, env: Env, i: int, x: torch.Tens
                   rank1: bool, skip_inactive: bool, progress) -> None:
     node = runner.nodes[i]
     batch = x.shape[0]
-    use_rank1 = rank1 and w.rank1_module is not None
+    use_rank1 = rank1 and w.rank1_part is not None
     needed = [k for k in env if runner.last_use.get(k, -1) > i or (not use_rank1 and runner.last_use.get(k, -1) == i)]
     if use_rank1 or node.name in needed:
         needed = [k for k in needed if k != node.name]
@@ -317,7 +316,7 @@ def _run_chunk(runner: GraphRunner, w: _Work, env: Env, i: int, needed: list[str
         for slot, u, a, b in spans:
             positions = w.positions(0, u)
             x_unit = x_ref.index_select(0, rows[a:b]).index_select(first.dim % x_ref.dim(), positions)
-            out[a:b] -= _partial_product(w.rank1_module, x_unit, positions)
+            out[a:b] -= w.rank1_part(x_unit, positions)
         sub[node.name] = out
         start = i + 1
     else:
@@ -331,13 +330,6 @@ def _run_chunk(runner: GraphRunner, w: _Work, env: Env, i: int, needed: list[str
     kl = kl_to_reference(logits.reshape(len(rows), -1), reference.index_select(0, rows)).cpu().numpy()
     for slot, _, a, b in spans:
         per_unit[slot] += kl[a:b].sum()
-
-
-def _partial_product(module: nn.Module, x_unit: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The consumer's output contribution from the unit's input channels alone (no bias)."""
-    if isinstance(module, nn.Linear):
-        return F.linear(x_unit, module.weight.index_select(1, positions))
-    return module._conv_forward(x_unit, module.weight.index_select(1, positions), None)
 
 
 def _zeroing(w: _Work, k: int, spans, n_rows: int):

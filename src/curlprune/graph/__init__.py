@@ -6,6 +6,8 @@ A package of passes over a torch.fx trace, one job per file (like torch.fx's own
     shapes.py        the shape recording pass (TensorInfo; each node's cost measured as count does)
     slots.py         union-find over channel slots, channel layouts
     ops.py           the op tables and node helpers
+    layer_rules.py   how a layer rule is written: Roles, LayerRule, ChannelMixing, PerChannel
+    layers.py        the table of layer types: one rule per parameter-bearing layer, register_layer
     pass_state.py    the channel pass's state and shared moves
     module_ops.py    handlers of module calls (convs, linears, norms, ...)
     tensor_ops.py    handlers of functions and methods (binary ops, cat, pad, ...)
@@ -21,17 +23,22 @@ are in :mod:`curlprune.analysis`, which sits above this package and the cost tab
 from curlprune.channels import ChannelGroup, Member, Plan, SliceKey
 from curlprune.graph.channel_pass import channel_pass
 from curlprune.graph.groups import build_groups
-from curlprune.graph.ops import CHANNEL_NORMS
+from curlprune.graph.layer_rules import ChannelMixing, LayerRule, PerChannel, Roles
+from curlprune.graph.layers import CHANNEL_NORMS, register_layer, rule_for
 from curlprune.graph.shapes import Propagated, TensorInfo, propagate, propagate_shapes
 from curlprune.graph.tracing import CurlTracer, eval_mode, fetch_attr, symbolic_trace
 
 __all__ = [
     "CHANNEL_NORMS",
     "ChannelGroup",
+    "ChannelMixing",
     "CurlTracer",
+    "LayerRule",
     "Member",
+    "PerChannel",
     "Plan",
     "Propagated",
+    "Roles",
     "SliceKey",
     "TensorInfo",
     "build_groups",
@@ -40,5 +47,7 @@ __all__ = [
     "fetch_attr",
     "propagate",
     "propagate_shapes",
+    "register_layer",
+    "rule_for",
     "symbolic_trace",
 ]

@@ -1,7 +1,8 @@
 """The op tables of the channel pass: which modules, functions and methods do what to channels.
 
 Per-channel ops pass channels through, spatial ops need the channels on dim 1, cross-channel ops
-make them unprunable; anything not listed is unsupported (its channels become unprunable). Also the
+make them unprunable; anything not listed here or in the layer table (``layers``: convs, linears,
+norms) is unsupported (its channels become unprunable). Also the
 small node helpers the op handlers share (target names, where a node sits, argument lookup).
 """
 from __future__ import annotations
@@ -22,9 +23,8 @@ SPATIAL_MODULES = (
     nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
     nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd, nn.Upsample,
 )
-CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-"""Per-channel norms: their weight, bias and running statistics are a ``"channel"`` member (surgery and cost follow)."""
-CROSS_CHANNEL_MODULES = (nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Softmax2d)
+CROSS_CHANNEL_MODULES = (nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Softmax2d)
+"""Parameter-free modules that mix channels at each position (norms with parameters are in ``layers``)."""
 SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 
 # Modules of other libraries that are exactly a torch.nn leaf (matched by (module, qualname), so no
@@ -116,6 +116,11 @@ def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
 
 def norm_dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
+
+
+def normalises_channels(channel_dim: int, ndim: int, n_normalised: int) -> bool:
+    """Whether a layer norm over the last ``n_normalised`` of ``ndim`` dims reaches the channel dim."""
+    return channel_dim >= ndim - n_normalised
 
 
 def fmt_index(item: Any) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import torch.fx as fx
 
 from curlprune.channels import SliceKey
-from curlprune.graph.ops import target_str, where
+from curlprune.graph.ops import normalises_channels, target_str, where
 from curlprune.graph.shapes import TensorInfo
 from curlprune.graph.slots import Layout, Slots, Source
 
@@ -96,7 +96,7 @@ class PassState:
         self.layouts[node] = lay
 
     def layer_norm(self, node: fx.Node, lay: Layout, n_normalised: int, what: str) -> None:
-        if lay.dim >= len(self.shape(node)) - n_normalised:
+        if normalises_channels(lay.dim, len(self.shape(node)), n_normalised):
             return self.cross_channel(node, lay, what)
         self.layouts[node] = lay
         return None

@@ -15,20 +15,25 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from curlprune.errors import CurlpruneError
+from curlprune.graph.layers import registered_leaf
 from curlprune.graph.ops import known_leaf
 
 
 class CurlTracer(fx.Tracer):
-    """fx tracer whose leaves are torch.nn modules, torchvision's StochasticDepth and the modules of
+    """fx tracer whose leaves are torch.nn modules, torchvision's StochasticDepth, the modules of
     other libraries that behave exactly like a torch.nn leaf (``ops.LEAF_CLASSES``: timm's
-    Conv2dSame, Linear, DropPath, BatchNormAct2d with elementwise act/drop).
+    Conv2dSame, Linear, DropPath, BatchNormAct2d with elementwise act/drop) and the layer types
+    given to ``register_layer`` (``layers``).
 
     StochasticDepth (and DropPath, BatchNormAct2d) are leaves so that their training-time behaviour
     stays a module (switched by ``train()``/``eval()``) instead of being traced into the graph.
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, StochasticDepth) or known_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+        return (
+            isinstance(m, StochasticDepth) or known_leaf(m) or registered_leaf(m)
+            or super().is_leaf_module(m, module_qualified_name)
+        )
 
 
 def symbolic_trace(model: nn.Module) -> fx.GraphModule:

@@ -1,0 +1,236 @@
+"""The table of layer types: one rule per parameter-bearing layer type, the one place every pass reads.
+
+The channel pass (``module_ops``), slicing and masking (``surgery``), the analytic cost
+(``cost_plan``) and the KL score's one-step removal (``criteria.kl``) each make one lookup here,
+``rule_for(module)``; how a rule is written is ``layer_rules``. A type without a rule is no layer the pass can slice: the op tables (``ops``)
+decide what it does to channels (pass them through, or make them unprunable).
+
+Rules are found through the type's MRO (a subclass of ``nn.Conv2d`` gets the conv rule unless it is
+registered itself). The tracer stops at torch.nn's own modules, the known modules of other libraries
+(``ops.LEAF_CLASSES``) and exactly the types given to ``register_layer`` (not their subclasses, whose
+forward may compute something else).
+
+Source: docs/method.md §1 (channel groups and their members), §8 (the MACs convention).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch.nn.functional as F
+from torch import nn
+
+from curlprune.errors import CurlpruneError
+from curlprune.graph.layer_rules import (
+    ChannelMixing,
+    InputPart,
+    LayerRule,
+    PerChannel,
+    Roles,
+    Shape,
+    Terms,
+    keep_index,
+    replace_tensor,
+    unsupported_module,
+)
+from curlprune.graph.ops import normalises_channels
+from curlprune.op_cost import CostTerm
+
+
+
+class ConvRule(LayerRule):
+    """``nn.Conv1d/2d/3d`` (any ``_ConvNd`` that is not transposed): weight ``[Cout, Cin/groups, k...]``.
+
+    groups == 1 mixes channels; a grouped conv with as many in as out channels (depthwise, tied
+    grouped) passes them through in units of its conv groups; a depthwise conv with a channel
+    multiplier k gives each input channel its k outputs; any other grouped conv is unprunable.
+    """
+
+    def roles(self, mod: nn.Module, name: str, lay_dim: int, in_shape: Shape, out_shape: Shape) -> Roles | str:
+        if mod.transposed:
+            return unsupported_module(mod, name)
+        if lay_dim != 1:
+            return f"conv {name} reads a tensor whose channels are not on dim 1"
+        cin, cout, groups = mod.in_channels, mod.out_channels, mod.groups
+        if groups == 1:
+            return Roles(fresh=True, members=(("out", 0), ("in", 1)))
+        if cin == cout:  # depthwise (or grouped with as many in as out channels per conv group): out i is in i
+            return Roles(members=(("out", 0),), unit=cin // groups)
+        if groups == cin and cout % cin == 0:  # channel multiplier k: input i owns outputs i*k .. i*k+k-1
+            return Roles(members=(("out", 0),), repeat=cout // cin)
+        return Roles(fresh=True, unprunable=f"grouped conv {name} (groups={groups}, {cin}->{cout} channels) cannot be sliced per channel")
+
+    def slice(self, mod: nn.Module, removed: Mapping[str, Sequence[int]]) -> None:
+        out_keep = keep_index(mod.out_channels, removed.get("out"))
+        weight = mod.weight.index_select(0, out_keep)
+        if mod.groups == 1:
+            in_keep = keep_index(mod.in_channels, removed.get("in"))
+            weight = weight.index_select(1, in_keep)
+            mod.in_channels = len(in_keep)
+        else:  # depthwise/grouped conv sliced by whole conv groups (a channel multiplier included)
+            in_per, out_per = mod.in_channels // mod.groups, mod.out_channels // mod.groups
+            mod.groups = len(out_keep) // out_per
+            mod.in_channels = mod.groups * in_per
+        mod.out_channels = len(out_keep)
+        replace_tensor(mod, "weight", weight)
+        if mod.bias is not None:
+            replace_tensor(mod, "bias", mod.bias.index_select(0, out_keep))
+
+    def cost(self, name: str, mod: nn.Module, in_shape: Shape | None, out_shape: Shape | None, batch: int) -> Terms:
+        """``Cout * Cin/groups * k`` MACs per output position (a depthwise conv: ``C * k``)."""
+        if out_shape is None:
+            return [], {}
+        k = math.prod(mod.kernel_size)
+        cout, cin, groups = mod.out_channels, mod.in_channels, mod.groups
+        if groups == 1:
+            sizes, per = ((cout, (name, "out")), (cin, (name, "in"))), k
+        elif cin == cout or groups == cin:  # depthwise (a channel multiplier included) / tied grouped
+            sizes, per = ((cout, (name, "out")),), k * (cin // groups)
+        else:  # other grouped convs are never sliced
+            sizes, per = (), k * cout * (cin // groups)
+        macs = [CostTerm(True, per * math.prod(out_shape[2:]) * out_shape[0] // batch, sizes)]
+        return macs, _conv_params(mod, name, per, sizes)
+
+    def input_part(self, mod: nn.Module) -> InputPart | None:
+        if mod.transposed or mod.groups != 1:
+            return None
+        return lambda x, positions: mod._conv_forward(x, mod.weight.index_select(1, positions), None)
+
+
+class ConvTransposeRule(LayerRule):
+    """``nn.ConvTranspose1d/2d/3d``: weight ``[Cin, Cout/groups, k...]``; only groups == 1 is followed."""
+
+    def roles(self, mod: nn.Module, name: str, lay_dim: int, in_shape: Shape, out_shape: Shape) -> Roles | str:
+        if lay_dim != 1 or mod.groups != 1:
+            return unsupported_module(mod, name)
+        return Roles(fresh=True, members=(("out", 1), ("in", 0)))
+
+    def slice(self, mod: nn.Module, removed: Mapping[str, Sequence[int]]) -> None:
+        in_keep, out_keep = keep_index(mod.in_channels, removed.get("in")), keep_index(mod.out_channels, removed.get("out"))
+        replace_tensor(mod, "weight", mod.weight.index_select(0, in_keep).index_select(1, out_keep))
+        if mod.bias is not None:
+            replace_tensor(mod, "bias", mod.bias.index_select(0, out_keep))
+        mod.in_channels, mod.out_channels = len(in_keep), len(out_keep)
+
+    def cost(self, name: str, mod: nn.Module, in_shape: Shape | None, out_shape: Shape | None, batch: int) -> Terms:
+        """``Cin * Cout/groups * k`` MACs per *input* position."""
+        if out_shape is None or in_shape is None:
+            return [], {}
+        k = math.prod(mod.kernel_size)
+        cout, cin, groups = mod.out_channels, mod.in_channels, mod.groups
+        sizes = ((cin, (name, "in")), (cout, (name, "out"))) if groups == 1 else ()
+        per = k if groups == 1 else k * cin * (cout // groups)
+        macs = [CostTerm(True, per * math.prod(in_shape[2:]) * in_shape[0] // batch, sizes)]
+        return macs, _conv_params(mod, name, per, sizes)
+
+
+def _conv_params(mod: nn.Module, name: str, per: int, sizes: tuple) -> dict[int, CostTerm]:
+    params = {id(mod.weight): CostTerm(False, per, sizes)}
+    if mod.bias is not None:
+        params[id(mod.bias)] = CostTerm(False, 1, ((mod.out_channels, (name, "out")),)) if sizes else CostTerm(False, mod.out_channels, ())
+    return params
+
+
+class LinearRule(ChannelMixing):
+    """``nn.Linear``: weight ``[out, in]`` over the last dim of its input."""
+
+    def __init__(self) -> None:
+        super().__init__({"weight": ("out", "in"), "bias": ("out",)}, dim=-1, widths=("in_features", "out_features"), label="linear")
+
+    def input_part(self, mod: nn.Module) -> InputPart | None:
+        return lambda x, positions: F.linear(x, mod.weight.index_select(1, positions))
+
+
+class PReLURule(PerChannel):
+    """``nn.PReLU``: one slope per channel (any channel dim when it has a single slope)."""
+
+    def __init__(self) -> None:
+        super().__init__(["weight"], width="num_parameters")
+
+    def roles(self, mod: nn.Module, name: str, lay_dim: int, in_shape: Shape, out_shape: Shape) -> Roles | str:
+        return Roles() if mod.num_parameters == 1 else super().roles(mod, name, lay_dim, in_shape, out_shape)
+
+    def cost(self, name: str, mod: nn.Module, in_shape: Shape | None, out_shape: Shape | None, batch: int) -> Terms:
+        return ([], {}) if mod.num_parameters == 1 else super().cost(name, mod, in_shape, out_shape, batch)
+
+
+class CrossChannelNorm(LayerRule):
+    """A norm whose statistics run across channels (GroupNorm): its channels pass through but
+    cannot be pruned. Nothing of it is ever sliced."""
+
+    def roles(self, mod: nn.Module, name: str, lay_dim: int, in_shape: Shape, out_shape: Shape) -> Roles | str:
+        return Roles(unprunable=f"normalised across channels by {type(mod).__name__} at {name}")
+
+
+class LayerNormRule(LayerRule):
+    """``nn.LayerNorm``: across channels (unprunable) when its trailing dims include the channel dim."""
+
+    def roles(self, mod: nn.Module, name: str, lay_dim: int, in_shape: Shape, out_shape: Shape) -> Roles | str:
+        if normalises_channels(lay_dim, len(out_shape), len(mod.normalized_shape)):
+            return Roles(unprunable=f"normalised across channels by LayerNorm at {name}")
+        return Roles()
+
+
+CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+"""Per-channel norms: their weight, bias and running statistics are a ``"channel"`` member."""
+
+_NORM = PerChannel(["weight", "bias", "running_mean", "running_var"], width="num_features")
+
+_RULES: dict[type, LayerRule] = {
+    nn.modules.conv._ConvNd: ConvRule(),
+    nn.modules.conv._ConvTransposeNd: ConvTransposeRule(),
+    nn.Linear: LinearRule(),
+    **{norm: _NORM for norm in CHANNEL_NORMS},
+    nn.PReLU: PReLURule(),
+    nn.LayerNorm: LayerNormRule(),
+    nn.GroupNorm: CrossChannelNorm(),
+}
+"""The table: layer type -> its rule, looked up through the MRO; ``register_layer`` adds to it."""
+
+_LEAVES: set[type] = set()  # the types registered by users: the tracer keeps exactly these as leaves
+_VERSION = [0]  # bumped by every registration, so cached analyses of older tables are not reused
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule of ``module``'s type: its own, else that of the nearest base class in its MRO; None
+    for a module that is no parameter-bearing layer the table knows."""
+    for cls in type(module).__mro__:
+        rule = _RULES.get(cls)
+        if rule is not None:
+            return rule
+    return None
+
+
+def register_layer(cls: type[nn.Module], rule: LayerRule) -> None:
+    """Teach curlprune a layer type of your own (or replace the rule of a known one).
+
+    From then on the tracer keeps ``cls`` as a leaf (its forward is not traced into; subclasses of it
+    are, unless registered themselves), and the channel pass, ``apply``, ``mask`` and the analytic
+    cost read ``rule``. Register before tracing, and before ``curlprune.load`` of a checkpoint whose
+    model uses the type.
+
+    Args:
+        cls: an ``nn.Module`` subclass.
+        rule: e.g. ``ChannelMixing({"weight": ("out", "in"), "bias": ("out",)})`` for a conv-like
+            layer or ``PerChannel(["weight", "bias"])`` for a per-channel scale; any ``LayerRule``.
+
+    Raises:
+        CurlpruneError: ``cls`` is not an ``nn.Module`` subclass or ``rule`` not a ``LayerRule``.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CurlpruneError(f"register_layer: expected an nn.Module subclass, got {cls!r}")
+    if not isinstance(rule, LayerRule):
+        raise CurlpruneError(f"register_layer: expected a LayerRule (ChannelMixing, PerChannel, ...), got {type(rule).__name__}")
+    _RULES[cls] = rule
+    _LEAVES.add(cls)
+    _VERSION[0] += 1
+
+
+def registered_leaf(module: nn.Module) -> bool:
+    """Whether ``module``'s exact type was given to ``register_layer`` (the tracer keeps it whole)."""
+    return type(module) in _LEAVES
+
+
+def table_version() -> int:
+    """How many registrations the table has seen (part of the analysis cache key)."""
+    return _VERSION[0]
