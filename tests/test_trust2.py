@@ -1,0 +1,199 @@
+"""Trust, round two (issue 18): no wrong model with exit 0, every input file checked, every
+failure one line.
+
+Real inputs throughout: symlink farms and zips with symlink entries, YAML written as a user
+writes it, real digits trained with a real diverging learning rate, state and checkpoint files
+edited byte by byte, a real full filesystem (tmpfs in a private mount namespace, skipped where
+``unshare`` is not allowed) and real SIGKILLs. CLI cases run ``curlprune.cli.main`` in this process
+unless they need a process of their own.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from curlprune.data import load_image_folder
+from curlprune.digits import train_digits_model
+from curlprune.errors import CurlpruneError
+
+MODEL = "small:resnet-digits"
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def cli(capsys):
+    """``curlprune ARGS`` in this process (no interpreter start-up): a CompletedProcess-like result."""
+    from curlprune.cli import main
+
+    def call(*args) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+    return call
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 2, no traceback, one line on stderr that contains every fragment."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("curlprune: error: "), proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def one_line(exc: pytest.ExceptionInfo, *fragments: str) -> str:
+    text = str(exc.value)
+    assert "\n" not in text, text
+    for fragment in fragments:
+        assert fragment in text, (fragment, text)
+    return text
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(train_digits_model(seed=0).state_dict(), path)
+    return path
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+# ================================================================ 1. symlinked folders
+def _png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((4, 4, 3), value, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _farm(root: Path) -> Path:
+    """A symlink farm: real images under ``store/``, the dataset under ``data/`` made of links.
+
+    data/train -> ../store/train   (a symlinked split)
+    data/test/a -> ../../store/test/a, data/test/b -> ../../store/test/b   (symlinked classes)
+    data/test/c/                     a real class folder holding a symlinked image
+    """
+    for split in ("train", "test"):
+        for k, cls in enumerate("abc"):
+            (root / "store" / split / cls).mkdir(parents=True)
+            for j in range(2):
+                (root / "store" / split / cls / f"{j}.png").write_bytes(_png(40 * k + j))
+    data = root / "data"
+    (data / "test" / "c").mkdir(parents=True)
+    (data / "train").symlink_to(Path("..") / "store" / "train", target_is_directory=True)
+    for cls in "ab":
+        (data / "test" / cls).symlink_to(Path("..") / ".." / "store" / "test" / cls, target_is_directory=True)
+    for j in range(2):
+        (data / "test" / "c" / f"{j}.png").symlink_to(root / "store" / "test" / "c" / f"{j}.png")
+    return data
+
+
+def _zip_with_links(path: Path, files: dict[str, bytes], links: dict[str, str]) -> Path:
+    """A zip as ``zip -y`` writes it: symlinks stored as entries with mode S_IFLNK and the target as content."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+        for name, target in links.items():
+            info = zipfile.ZipInfo(name)
+            info.create_system = 3
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, target)
+    return path
+
+
+def test_symlinked_class_and_split_folders_are_followed(tmp_path):
+    splits = load_image_folder(_farm(tmp_path))
+    assert sorted(splits) == ["test", "train"]
+    for split in splits.values():
+        assert split.classes == ["a", "b", "c"] and split.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert splits["train"].images[2, 0, 0, 0] == 40  # class b's first image, through the link
+    assert torch.equal(splits["train"].images, splits["test"].images)
+
+
+def test_symlink_cycle_in_a_folder_is_one_line(tmp_path):
+    data = _farm(tmp_path)
+    (tmp_path / "store" / "train" / "a" / "again").symlink_to("..", target_is_directory=True)  # train/a/again -> train
+    with pytest.raises(CurlpruneError) as info:
+        load_image_folder(data)
+    one_line(info, "again", "symlink cycle")
+
+
+def test_broken_symlink_in_a_folder_is_one_line(tmp_path):
+    data = _farm(tmp_path)
+    (tmp_path / "store" / "test" / "b" / "1.png").unlink()  # data/test/b/1.png: gone, the link to b stays
+    (data / "test" / "c" / "1.png").unlink()
+    (data / "test" / "c" / "1.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(CurlpruneError) as info:
+        load_image_folder(data)
+    one_line(info, "1.png", "nowhere.png", "broken symlink")
+
+
+def test_zip_symlink_entries_are_followed_like_folder_links(tmp_path):
+    # the same farm as _farm, in a zip (as `zip -r -y` stores it): links point into a hidden store
+    archive = _zip_with_links(
+        tmp_path / "farm.zip",
+        {f".store/{split}/{cls}/{j}.png": _png(40 * k + j) for split in ("train", "test") for k, cls in enumerate("abc") for j in range(2)},
+        {"train": ".store/train", "test/a": "../.store/test/a", "test/b": "../.store/test/b",
+         "test/c/0.png": "../../.store/test/c/0.png", "test/c/1.png": "../../.store/test/c/1.png"},
+    )
+    from_zip = load_image_folder(archive)
+    from_folder = load_image_folder(_farm(tmp_path / "f"))
+    for split in ("train", "test"):
+        assert from_zip[split].classes == from_folder[split].classes == ["a", "b", "c"]
+        assert torch.equal(from_zip[split].images, from_folder[split].images)
+        assert torch.equal(from_zip[split].labels, from_folder[split].labels)
+
+
+@pytest.mark.parametrize("links, fragments", [
+    ({"train/a/again": ".."}, ("train/a/again", "symlink cycle")),
+    ({"train/a/self": "self"}, ("train/a/self", "symlink cycle")),
+    ({"train/a/x.png": "../../../outside.png"}, ("train/a/x.png", "outside the archive")),
+    ({"train/a/x.png": "missing.png"}, ("train/a/x.png", "broken symlink")),
+])
+def test_zip_symlink_cycles_and_dangling_links_are_one_line(tmp_path, links, fragments):
+    files = {f"{split}/{cls}/0.png": _png(k) for split in ("train", "test") for k, cls in enumerate("ab")}
+    with pytest.raises(CurlpruneError) as info:
+        load_image_folder(_zip_with_links(tmp_path / "d.zip", files, links))
+    one_line(info, *fragments)
+
+
+def test_finetune_new_head_on_a_symlinked_class_trains_every_class(cli, tmp_path):
+    """The issue's case end to end: 3 classes, one a symlink; the new head must have 3 outputs."""
+    from curlprune import checkpoint
+
+    digits_dir = tmp_path / "farm"
+    from curlprune.data import load_digits_dataset
+
+    ds = load_digits_dataset(seed=0)
+    for split, part in ds.items():
+        for cls in ("0", "1", "2"):
+            target = tmp_path / "store" if cls == "2" else digits_dir
+            folder = target / split / cls
+            folder.mkdir(parents=True)
+            for j, i in enumerate(torch.nonzero(part.labels == int(cls)).flatten()[:8].tolist()):
+                Image.fromarray(part.images[i, 0].numpy()).save(folder / f"{j}.png")
+        (digits_dir / split / "2").symlink_to(tmp_path / "store" / split / "2", target_is_directory=True)
+    out = tmp_path / "run"
+    proc = cli("finetune", "--model", "cifar:resnet20", "--input-size", "8", "--data", digits_dir, "--new-head",
+               "--epochs", "1", "--out", out, "--no-report")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = checkpoint.load(out / "model.safetensors")
+    assert model(torch.zeros(2, 3, 8, 8)).shape == (2, 3)
