@@ -197,3 +197,33 @@ def test_finetune_new_head_on_a_symlinked_class_trains_every_class(cli, tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     model = checkpoint.load(out / "model.safetensors")
     assert model(torch.zeros(2, 3, 8, 8)).shape == (2, 3)
+
+
+# ================================================================ 2. duplicate YAML keys
+@pytest.mark.parametrize("text, key, lines", [
+    ("model: {m}\nseed: 0\nstages: [finetune]\nseed: 1\n", "seed", (2, 4)),
+    ("model: {m}\nstages: [prune]\nprune: {{criterion: l1, target_macs: 0.5}}\ndata: digits\nprune:\n  criterion: kl\n", "prune", (3, 5)),
+    ("model: {m}\nstages: [prune]\nprune: {{target_macs: 0.5, criterion: l1, target_macs: 0.3}}\n", "target_macs", (3, 3)),
+    ("model: {m}\nstages: [distill]\ndistill:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n", "lr", (4, 6)),
+    ("model: {m}\nstages: [prune]\nprune:\n  protect: [a]\n  target_macs: 0.5\n  'protect': [b]\n", "protect", (4, 6)),
+])
+def test_duplicate_yaml_keys_are_one_line_naming_key_and_lines(tmp_path, cli, text, key, lines):
+    from curlprune.run_config import load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text(text.format(m=MODEL))
+    with pytest.raises(CurlpruneError) as info:
+        load_config(config)
+    one_line(info, str(config), f"'{key}'", f"line {lines[0]}", f"line {lines[1]}")
+    assert_one_line_error(cli("run", config, "--out", tmp_path / "run"), f"'{key}'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_merge_keys_and_distinct_nested_keys_are_accepted(tmp_path):
+    from curlprune.run_config import read_config_file
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {MODEL}\nbase: &b {{epochs: 2, lr: 0.1}}\ndistill:\n  <<: *b\n  lr: 0.2\n"
+                      "refine: {epochs: 2, lr: 0.1}\n")
+    raw = read_config_file(config)
+    assert raw["distill"] == {"epochs": 2, "lr": 0.2} and raw["refine"] == {"epochs": 2, "lr": 0.1}
