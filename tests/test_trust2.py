@@ -227,3 +227,87 @@ def test_yaml_merge_keys_and_distinct_nested_keys_are_accepted(tmp_path):
                       "refine: {epochs: 2, lr: 0.1}\n")
     raw = read_config_file(config)
     assert raw["distill"] == {"epochs": 2, "lr": 0.2} and raw["refine"] == {"epochs": 2, "lr": 0.1}
+
+
+# ================================================================ 3. finite divergence
+TINY = {  # real digits, 50 training images per class (as tests/test_trust.py)
+    "model": MODEL, "data": "digits", "train_per_class": 50, "seed": 0,
+    "prune": {"criterion": "kl", "target_macs": 0.5, "calib": 64},
+}
+
+
+def write_config(path: Path, **content) -> Path:
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory, teacher) -> Path:
+    """A run folder whose prune stage is finished (the digits ResNet at 50% of its MACs)."""
+    directory = tmp_path_factory.mktemp("pruned")
+    config = write_config(directory / "c.yaml", **TINY, weights=str(teacher), run_dir=str(directory / "run"), stages=["prune"])
+    proc = subprocess.run([sys.executable, "-m", "curlprune.cli", "run", str(config), "--no-report"], env=ONE_THREAD,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return directory / "run"
+
+
+def test_distill_at_lr_9_diverges_without_nan_and_fails_with_one_line(cli, tmp_path, teacher, pruned_run):
+    run = tmp_path / "run"
+    shutil.copytree(pruned_run, run)
+    before = {name: (run / name).read_bytes() for name in ("model.safetensors", "summary.json")}  # of the prune-only run
+    config = write_config(tmp_path / "c.yaml", **TINY, weights=str(teacher), run_dir=str(run), stages=["prune", "distill"],
+                          distill={"epochs": 2, "batch_size": 32, "lr": 9.0, "progress": False})
+    line = assert_one_line_error(cli("run", config, "--no-report"), "distill diverged", "before the stage", "one class",
+                                 "the one it started from", "lr 9", str(run / "distill"))
+    history = [json.loads(x) for x in (run / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and all(np.isfinite(r["loss"]) for r in history)  # no NaN: the old guard saw nothing
+    assert history[-1]["test_top1"] <= 10.3  # one class of the 360 test digits
+    for name in ("done.json", "model.safetensors", "checkpoint.safetensors", "best.safetensors"):
+        assert not (run / "distill" / name).exists(), name
+    assert {name: (run / name).read_bytes() for name in before} == before  # still the pruned model, not the diverged one
+    assert (run / "model.safetensors").read_bytes() == (run / "prune" / "model.safetensors").read_bytes()
+    assert cli("run", config, "--no-report").stderr.strip() == line  # a rerun trains nothing and says the same
+    assert len((run / "distill" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_divergence_after_a_good_epoch_keeps_that_epoch_as_best(cli, tmp_path, teacher, pruned_run):
+    """A warm-up so long that epoch 1 trains well (lr up to 0.225) and epoch 2 (up to 0.45) collapses."""
+    from safetensors.torch import load_file
+
+    from curlprune import checkpoint
+    from curlprune.data import evaluate, load_digits_dataset
+    from curlprune.models import input_spec
+
+    student = pruned_run / "prune" / "model.safetensors"
+    config = write_config(tmp_path / "c.yaml", model=MODEL, distill={"warmup_epochs": 40, "progress": False})
+    out = tmp_path / "run"
+    assert_one_line_error(cli("distill", "--config", config, "--weights", teacher, "--train-per-class", 50, "--student", student,
+                              "--epochs", 2, "--lr", 9, "--out", out, "--no-report"), "distill diverged", "epoch 1", "best.safetensors")
+    history = [json.loads(x) for x in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert history[0]["test_top1"] > 30 and history[1]["test_top1"] <= 10.3
+    model = checkpoint.load(student)
+    model.load_state_dict(load_file(str(out / "distill" / "best.safetensors")))
+    top1 = 100 * evaluate(model, load_digits_dataset(seed=0)["test"], input_spec(MODEL))
+    assert top1 == pytest.approx(history[0]["test_top1"])  # the kept weights are epoch 1's
+    assert not (out / "distill" / "done.json").exists() and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("start, tops, flagged", [
+    (29.2, [10.0, 9.7], True),       # the issue's case
+    (None, [40.0, 9.7], True),       # a state from before start_top1 was kept: the epochs count
+    (10.0, [10.0, 10.0], False),     # a new classifier that stays at chance: not below where it started
+    (80.0, [60.0, 50.0], False),     # lower, but far above chance: a result, however poor
+    (29.2, [10.0, 30.1], False),     # at chance mid-way, recovered by the end
+    (12.0, [9.0, 9.5], False),       # below chance, but not far below the start
+])
+def test_divergence_rule(tmp_path, start, tops, flagged):
+    from curlprune.recover.divergence import check_not_diverged
+
+    history = [{"epoch": i + 1, "test_top1": t, "loss": 1.0 + i} for i, t in enumerate(tops)]
+    if flagged:
+        with pytest.raises(CurlpruneError) as info:
+            check_not_diverged("distill", tmp_path, history, start, 10.28, 0.5)
+        one_line(info, "diverged")
+    else:
+        check_not_diverged("distill", tmp_path, history, start, 10.28, 0.5)
