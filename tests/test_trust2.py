@@ -311,3 +311,114 @@ def test_divergence_rule(tmp_path, start, tops, flagged):
         one_line(info, "diverged")
     else:
         check_not_diverged("distill", tmp_path, history, start, 10.28, 0.5)
+
+
+# ================================================================ 4. edited or stale training state
+STATE_KEY = "curlprune_train_state"
+
+
+def edit_state(path: Path, meta=None, tensors=None) -> None:
+    """Rewrite a state file with its JSON header and/or tensors changed in place by the callables given."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads(handle.metadata()[STATE_KEY])
+        content = {name: handle.get_tensor(name) for name in handle.keys()}
+    header = meta(header) if meta else header
+    if tensors:
+        tensors(content)
+    save_file(content, str(path), metadata={STATE_KEY: json.dumps(header)})
+
+
+def _unfinish(stage_dir: Path) -> None:
+    """What a kill right after the last epoch's state leaves: the state, no result."""
+    for name in ("done.json", "model.safetensors", "checkpoint.safetensors"):
+        (stage_dir / name).unlink(missing_ok=True)
+
+
+def _stage_args(stage: str, teacher: Path, out: Path) -> list:
+    return [stage, "--model", MODEL, "--weights", teacher, "--train-per-class", 20, "--epochs", 2, "--out", out, "--no-report"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, teacher) -> dict[str, Path]:
+    """Finished 2-epoch distill and refine runs (the unpruned digits model, 20 images per class)."""
+    base = tmp_path_factory.mktemp("trained")
+    runs = {}
+    for stage in ("distill", "refine"):
+        proc = subprocess.run([sys.executable, "-m", "curlprune.cli", *map(str, _stage_args(stage, teacher, base / stage))],
+                              env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[stage] = base / stage
+    return runs
+
+
+def _set(key, value):
+    def change(header):
+        header[key] = value
+        return header
+    return change
+
+
+def _momentum_of_another_shape(tensors):
+    name = next(k for k in tensors if k.startswith("optim.") and tensors[k].dim() == 4)
+    tensors[name] = tensors[name][:, :-1].contiguous()
+
+
+def _history_top1(header):
+    header["history"][0]["test_top1"] = 250.0
+    return header
+
+
+@pytest.mark.parametrize("meta, tensors, fragments", [
+    (_set("epoch", 99), None, ("'epoch' is 99, outside 1..2",)),
+    (_set("epoch", 0), None, ("'epoch' is 0",)),
+    (_set("epoch", "2"), None, ("'epoch'",)),
+    (lambda h: {**h, "iteration": h["iteration"] + 1}, None, ("'iteration'",)),
+    (lambda h: {**h, "history": h["history"][:1]}, None, ("'history' holds 1 epochs, not 2",)),
+    (_history_top1, None, ("'history' epoch 1", "top-1")),
+    (_set("world_size", 3), None, ("'world_size' 3 does not divide the batch size 32",)),
+    (_set("world_size", 2), None, ("'rank_rng'", "2 process(es)")),
+    (_set("stage", "refine"), None, ("'stage' is 'refine', not 'distill'",)),
+    (_set("order_generator", "AAAA"), None, ("'order_generator'",)),
+    (lambda h: {**h, "optimizer": {**h["optimizer"], "param_groups": h["optimizer"]["param_groups"] * 2}}, None, ("'optimizer'",)),
+    (_set("config", None), None, ("'config'",)),
+    (lambda h: [h], None, ("the header is list",)),
+    (None, _momentum_of_another_shape, ("momentum_buffer", "shape")),
+], ids=["epoch-99", "epoch-0", "epoch-text", "iteration", "history-short", "history-top1", "world-size-batch",
+        "world-size-rng", "stage", "order-generator", "optimizer-groups", "config", "not-a-mapping", "momentum-shape"])
+def test_edited_state_header_is_one_line_naming_the_file(cli, tmp_path, teacher, trained, meta, tensors, fragments):
+    out = tmp_path / "distill"
+    shutil.copytree(trained["distill"], out)
+    _unfinish(out / "distill")
+    state = out / "distill" / "state.safetensors"
+    edit_state(state, meta, tensors)
+    assert_one_line_error(cli(*_stage_args("distill", teacher, out)), str(state), "does not fit this stage", *fragments)
+    assert not (out / "distill" / "done.json").exists()
+
+
+def test_unedited_state_resumes_to_the_same_model(cli, tmp_path, teacher, trained):
+    out = tmp_path / "distill"
+    shutil.copytree(trained["distill"], out)
+    _unfinish(out / "distill")
+    edit_state(out / "distill" / "state.safetensors")  # rewritten, unchanged
+    proc = cli(*_stage_args("distill", teacher, out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "distill" / "model.safetensors").read_bytes() == (trained["distill"] / "distill" / "model.safetensors").read_bytes()
+
+
+def test_refine_label_store_of_another_shape_is_one_line(cli, tmp_path, teacher, trained):
+    out = tmp_path / "refine"
+    shutil.copytree(trained["refine"], out)
+    _unfinish(out / "refine")
+    state = out / "refine" / "state.safetensors"
+    rows = None
+
+    def drop_a_row(tensors):
+        nonlocal rows
+        rows = tensors["stage.labels"].shape[0]
+        tensors["stage.labels"] = tensors["stage.labels"][:-1].contiguous()
+
+    edit_state(state, tensors=drop_a_row)
+    assert_one_line_error(cli(*_stage_args("refine", teacher, out)), str(state), "stage.labels", f"not [{rows}, 10]")

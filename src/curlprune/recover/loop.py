@@ -48,6 +48,7 @@ from curlprune.models.spec import InputSpec
 from curlprune.recover import dist, divergence, guards
 from curlprune.recover.dist import DistContext
 from curlprune.recover.evaluate import TransformedDataset, place_model, to_input, top1_accuracy
+from curlprune.recover.resume_check import check_train_state
 from curlprune.recover.schedule import set_lr, warmup_cosine_lr
 from curlprune.recover.stage import (
     Result,
@@ -272,9 +273,11 @@ class Trainer:
         dist.barrier(ctx)
 
     def resume(self) -> TrainProgress:
-        """Restore everything from the state file (every rank reads it)."""
+        """Restore everything from the state file (every rank reads it), once it is checked as a
+        whole against this stage (:meth:`check_state`): an edited or stale file is one line."""
         path = self.stage_dir / STATE_FILE
         tensors, meta = load_state(path)
+        self.check_state(path, tensors, meta)
         check_same_settings(self.cfg, meta.get("config", {}), path)
         load_stage_tensors(self.model, unprefixed("model.", tensors), path)
         load_optimizer_state(self.optimizer, unprefixed("optim.", tensors), meta["optimizer"])
@@ -300,6 +303,14 @@ class Trainer:
                 self.console.print(f"{self.stage.name}: resuming after epoch {progress.epoch}/{self.cfg.epochs} from {path}")
         dist.barrier(self.ctx)
         return progress
+
+    def check_state(self, path: Path, tensors: dict[str, torch.Tensor], meta: Any) -> None:
+        """Every field of a state file against this stage before resuming (issue 18;
+        :func:`curlprune.recover.resume_check.check_train_state`)."""
+        classes = getattr(self.data["train"], "classes", None)
+        check_train_state(path, meta, tensors, stage=self.stage.name, epochs=self.cfg.epochs, batch_size=self.cfg.batch_size,
+                          train_size=len(self.train_set), optimizer=self.optimizer,
+                          stage_shapes=self.stage.state_shapes(len(self.train_set), len(classes) if classes else None))
 
     def finish(self, progress: TrainProgress) -> Result:
         """Write the final weights and ``done.json`` (rank 0) and return the result.

@@ -137,6 +137,11 @@ class Stage:
         """Stage tensors to keep in the resumable state (identical on every rank)."""
         return {}
 
+    def state_shapes(self, train_size: int, classes: int | None) -> dict[str, tuple[int | None, ...]]:
+        """The shapes :meth:`tensors` has for a training set of ``train_size`` images of ``classes``
+        classes (None: unknown); a state file is checked against them before resuming."""
+        return {}
+
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`tensors`."""
 
