@@ -422,3 +422,73 @@ def test_refine_label_store_of_another_shape_is_one_line(cli, tmp_path, teacher,
 
     edit_state(state, tensors=drop_a_row)
     assert_one_line_error(cli(*_stage_args("refine", teacher, out)), str(state), "stage.labels", f"not [{rows}, 10]")
+
+
+# ================================================================ 5. NaN / inf in weights that are read
+def _poison(state: dict, value: float) -> tuple[dict, str]:
+    state = {k: v.clone() for k, v in state.items()}
+    name = "layer1.0.conv2.weight"
+    state[name].view(-1)[3] = value
+    return state, name
+
+
+def _raw_checkpoint(path: Path, state: dict) -> Path:
+    """A curlprune checkpoint written past curlprune.save's own check (as a damaged or foreign file would be)."""
+    from curlprune import checkpoint
+    from curlprune.canonical import canonical_bytes
+
+    clean = tmp = path.with_suffix(".clean.safetensors")
+    checkpoint.save(clean, MODEL, {}, {k: torch.zeros_like(v) for k, v in state.items()})
+    metadata = checkpoint.read_metadata(clean)
+    header = {"curlprune_format": "1", **{k: json.dumps(v) for k, v in metadata.items()}}
+    path.write_bytes(canonical_bytes(state, header))
+    tmp.unlink()
+    return path
+
+
+@pytest.mark.parametrize("suffix, value", [(".pt", float("nan")), (".safetensors", float("inf"))])
+def test_teacher_weights_with_nan_or_inf_are_one_line_naming_the_tensor(cli, tmp_path, teacher, suffix, value):
+    from safetensors.torch import save_file
+
+    state, name = _poison(torch.load(teacher, weights_only=True), value)
+    bad = tmp_path / f"teacher{suffix}"
+    torch.save(state, bad) if suffix == ".pt" else save_file(state, bad)
+    kind = "NaN" if value != value else "inf"
+    proc = cli("prune", "--model", MODEL, "--criterion", "kl", "--data", "digits", "--target-macs", "0.5", "--calib", 64,
+               "--weights", bad, "--out", tmp_path / "p")
+    assert_one_line_error(proc, str(bad), name, kind)
+    assert not (tmp_path / "p").exists()
+    config = write_config(tmp_path / "c.yaml", **TINY, weights=str(bad), run_dir=str(tmp_path / "run"), stages=["prune", "distill"])
+    assert_one_line_error(cli("run", config), str(bad), name, kind)
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_with_nan_is_refused_by_load_export_count_and_student(cli, tmp_path, teacher):
+    from curlprune import checkpoint
+
+    state, name = _poison(torch.load(teacher, weights_only=True), float("nan"))
+    ckpt = _raw_checkpoint(tmp_path / "model.safetensors", state)
+    with pytest.raises(CurlpruneError) as info:
+        checkpoint.load(ckpt)
+    one_line(info, str(ckpt), name, "NaN")
+    assert_one_line_error(cli("export", ckpt, tmp_path / "m.onnx"), str(ckpt), name, "NaN")
+    assert not (tmp_path / "m.onnx").exists()
+    assert_one_line_error(cli("count", ckpt), str(ckpt), name)
+    assert_one_line_error(cli("distill", "--model", MODEL, "--weights", teacher, "--student", ckpt, "--epochs", 1,
+                              "--out", tmp_path / "run"), str(ckpt), name, "NaN")
+
+
+def test_stage_weights_with_inf_are_one_line(tmp_path, teacher, trained):
+    from safetensors.torch import load_file, save_file
+
+    from curlprune.models import build
+    from curlprune.recover import load_stage_model
+
+    run = tmp_path / "distill"
+    shutil.copytree(trained["distill"], run)
+    weights = run / "distill" / "model.safetensors"
+    state, name = _poison(load_file(str(weights)), float("inf"))
+    save_file(state, str(weights))
+    with pytest.raises(CurlpruneError) as info:
+        load_stage_model(build(MODEL), run, "distill")
+    one_line(info, str(weights), name, "inf")

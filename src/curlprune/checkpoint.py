@@ -27,7 +27,7 @@ from curlprune.analysis import trace
 from curlprune.canonical import check_finite_state, save_safetensors
 from curlprune.errors import CurlpruneError, exception_summary
 from curlprune.models import build, input_spec
-from curlprune.models.weights import load_state_strict
+from curlprune.models.weights import check_finite_weights, load_state_strict
 from curlprune.rundir import atomic_write, atomic_write_text, file_digest  # re-exported: the writers are rundir's
 from curlprune.surgery import apply
 
@@ -180,11 +180,15 @@ def load(path: str | os.PathLike) -> nn.Module:
 
     Raises:
         CurlpruneError: the file is missing, unreadable, not a curlprune checkpoint, names an
-            unknown model or a plan that does not fit it, or its weights do not fit.
+            unknown model or a plan that does not fit it, or its weights do not fit or hold NaN or
+            inf (the tensor is named).
     """
     meta = read_metadata(path)
     model = build_pruned(meta["model_ref"], meta["plan"], meta["input_shape"])
-    load_state_strict(model, load_file(str(path)), f"weights in {path} do not fit its architecture",
+    tensors = load_file(str(path))
+    check_finite_weights(tensors, f"checkpoint {path}", "it is damaged or holds a diverged model; re-create it "
+                         "(curlprune.save refuses such weights)")  # issue 18: never exported or trained silently
+    load_state_strict(model, tensors, f"weights in {path} do not fit its architecture",
                       "the file is damaged or was edited; re-create it")
     return model.eval()
 
