@@ -492,3 +492,70 @@ def test_stage_weights_with_inf_are_one_line(tmp_path, teacher, trained):
     with pytest.raises(CurlpruneError) as info:
         load_stage_model(build(MODEL), run, "distill")
     one_line(info, str(weights), name, "inf")
+
+
+# ================================================================ 10. damaged checkpoint headers
+def _header_checkpoint(path: Path, change: dict) -> Path:
+    """A real pruned checkpoint of the digits ResNet with header fields replaced (None: removed)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from curlprune import checkpoint
+    from curlprune.canonical import canonical_bytes
+
+    good = path.with_name("good.safetensors")
+    if not good.exists():
+        plan = {"conv1": list(range(8))}
+        checkpoint.save(good, MODEL, plan, checkpoint.build_pruned(MODEL, plan, [1, 1, 8, 8]).state_dict())
+    with safe_open(str(good), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    for key, value in change.items():
+        if value is None:
+            metadata.pop(key)
+        else:
+            metadata[key] = value
+    path.write_bytes(canonical_bytes(load_file(str(good)), metadata))
+    return path
+
+
+HEADER_CASES = {
+    "plan-not-json": ({"plan": "{conv1: [0"}, "'plan'", "not JSON"),
+    "extra-not-json": ({"extra": "{oops"}, "'extra'", "not JSON"),
+    "input-shape-not-json": ({"input_shape": "[1, 1, 8"}, "'input_shape'", "not JSON"),
+    "model-ref-missing": ({"model_ref": None}, "'model_ref'", "missing"),
+    "model-ref-list": ({"model_ref": "[1, 2]"}, "'model_ref'", "registry name"),
+    "model-ref-no-name": ({"model_ref": '{"kwargs": {}}'}, "'model_ref'", "registry name"),
+    "model-ref-kwargs": ({"model_ref": json.dumps({"name": MODEL, "kwargs": [1]})}, "'model_ref'", "kwargs"),
+    "model-ref-unknown": ({"model_ref": '{"name": "cifar:resnet7"}'}, "'model_ref'", "unknown model"),
+    "plan-list": ({"plan": "[0, 1]"}, "'plan'", "mapping"),
+    "plan-index-text": ({"plan": '{"conv1": ["a"]}'}, "'plan'", "conv1"),
+    "plan-out-of-range": ({"plan": '{"conv1": [0, 99]}'}, "'plan'", "out of range"),
+    "input-shape-3d": ({"input_shape": "[1, 8, 8]"}, "'input_shape'", "[1, 8, 8]"),
+    "input-shape-negative": ({"input_shape": "[1, 1, -8, 8]"}, "'input_shape'", "positive"),
+    "input-shape-channels": ({"input_shape": "[1, 3, 8, 8]"}, "'input_shape'", "does not fit"),
+    "extra-list": ({"extra": "[1]"}, "'extra'", "mapping"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_damaged_checkpoint_header_is_one_line_in_load_count_export_and_student(cli, tmp_path, teacher, case):
+    from curlprune import checkpoint
+
+    change, field, what = HEADER_CASES[case]
+    ckpt = _header_checkpoint(tmp_path / "model.safetensors", change)
+    with pytest.raises(CurlpruneError) as info:
+        checkpoint.load(ckpt)
+    one_line(info, str(ckpt), field, what)
+    assert_one_line_error(cli("count", ckpt), str(ckpt), field)
+    assert_one_line_error(cli("export", ckpt, tmp_path / "m.onnx"), str(ckpt), field)
+    assert not (tmp_path / "m.onnx").exists()
+    assert_one_line_error(cli("distill", "--model", MODEL, "--weights", teacher, "--student", ckpt, "--epochs", 1,
+                              "--out", tmp_path / "run", "--no-report"), str(ckpt), field)
+
+
+def test_unpruned_checkpoint_without_extra_still_loads(tmp_path):
+    from curlprune import checkpoint
+
+    ckpt = _header_checkpoint(tmp_path / "model.safetensors", {"extra": None})
+    assert checkpoint.read_metadata(ckpt)["extra"] == {}
+    assert checkpoint.load(ckpt)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
