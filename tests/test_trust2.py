@@ -559,3 +559,54 @@ def test_unpruned_checkpoint_without_extra_still_loads(tmp_path):
     ckpt = _header_checkpoint(tmp_path / "model.safetensors", {"extra": None})
     assert checkpoint.read_metadata(ckpt)["extra"] == {}
     assert checkpoint.load(ckpt)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+# ================================================================ 11. a full disk in a training stage
+def _can_unshare() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs \"$0\"", "/tmp"], capture_output=True)
+    return probe.returncode == 0
+
+
+needs_mount = pytest.mark.skipif(not _can_unshare(), reason="needs `unshare -rm` (user + mount namespaces) to mount a private tmpfs")
+TMPFS_BYTES = 4 * 2**20
+
+
+def _pages(size: int) -> int:
+    return -(-size // 4096) * 4096
+
+
+def in_full_tmpfs(mount: Path, free: int, *args) -> subprocess.CompletedProcess:
+    """``curlprune ARGS`` in a private mount namespace where ``mount`` is a 4 MiB tmpfs with ``free`` bytes left;
+    stderr ends with a listing of every file left under ``mount`` (after a line ``--``)."""
+    mount.mkdir(parents=True, exist_ok=True)
+    command = " ".join([sys.executable, "-m", "curlprune.cli", *(f"'{a}'" for a in args)])
+    script = (f"mount -t tmpfs -o size={TMPFS_BYTES} tmpfs '{mount}' && head -c {TMPFS_BYTES - free} /dev/zero > '{mount}/.filler' "
+              f"2>/dev/null; {command}; rc=$?; echo -- 1>&2; cd '{mount}' && find . -type f 1>&2; exit $rc")
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+
+
+@needs_mount
+@pytest.mark.parametrize("fails_at", ["state.safetensors", "model.safetensors"])
+def test_full_disk_in_a_training_stage_is_one_line(tmp_path, teacher, fails_at):
+    quiet = write_config(tmp_path / "quiet.yaml", model=MODEL, distill={"progress": False})
+    args = ["distill", "--config", quiet, "--weights", teacher, "--train-per-class", 20, "--epochs", 1, "--no-report"]
+    reference = tmp_path / "ref"
+    proc = subprocess.run([sys.executable, "-m", "curlprune.cli", *map(str, args), "--out", str(reference)], env=ONE_THREAD,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    size = {p.name: _pages(p.stat().st_size) for p in (reference / "distill").iterdir()}
+    # written before the stage's first safetensors file: config.json, .lock, student.json (one page each)
+    free = 3 * 4096 + size.get("best.safetensors", 0)
+    if fails_at == "model.safetensors":
+        free += size["state.safetensors"] + size["metrics.jsonl"]
+    free += size[fails_at] // 2
+    mount = tmp_path / "full"
+    proc = in_full_tmpfs(mount, free, *args, "--out", mount / "run")
+    error, listing = proc.stderr.split("\n--\n")
+    assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", error),
+                          str(mount / "run" / "distill" / fails_at), "the disk is full")
+    left = listing.split()
+    assert not any(name.endswith(".tmp") for name in left), left
+    assert f"./run/distill/{fails_at}" not in left and "./run/distill/done.json" not in left, left

@@ -40,10 +40,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from curlprune.canonical import save_safetensors
 from curlprune.models.spec import InputSpec
 from curlprune.recover import dist, divergence, guards
 from curlprune.recover.dist import DistContext
@@ -78,7 +78,6 @@ from curlprune.rundir import (
     MODEL_FILE,
     STATE_FILE,
     append_jsonl,
-    atomic_write,
     atomic_write_text,
     is_done,
     jsonl_text,
@@ -336,7 +335,8 @@ class Trainer:
         guards.check_finite_state(self.model.state_dict(), str(self.stage_dir / MODEL_FILE))  # every rank: same weights
         if self.ctx.is_main:
             weights = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
-            atomic_write(self.stage_dir / MODEL_FILE, lambda tmp: save_file(weights, tmp, metadata={"summary": json.dumps(summary)}))
+            # bytes written by Python: a full disk is an OSError naming the file (one line), issue 18
+            save_safetensors(self.stage_dir / MODEL_FILE, weights, {"summary": json.dumps(summary)})
             write_done(self.stage_dir, summary)
         dist.barrier(self.ctx)
         return Result(self.model, last, progress.best_top1, progress.epoch, seconds, self.stage_dir, self.stage.tensors())
