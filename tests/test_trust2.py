@@ -610,3 +610,21 @@ def test_full_disk_in_a_training_stage_is_one_line(tmp_path, teacher, fails_at):
     left = listing.split()
     assert not any(name.endswith(".tmp") for name in left), left
     assert f"./run/distill/{fails_at}" not in left and "./run/distill/done.json" not in left, left
+
+
+# ================================================================ 12. a --student of another architecture
+@pytest.mark.parametrize("name, kwargs, fragments", [
+    ("cifar:resnet20", {}, ("cifar:resnet20", "[1, 3, 32, 32]", "cannot take this run's input", "[1, 1, 8, 8]")),
+    (MODEL, {"num_classes": 5}, ("outputs 5 classes", "10")),
+])
+def test_student_of_another_architecture_is_one_line_before_anything_is_written(cli, tmp_path, teacher, name, kwargs, fragments):
+    from curlprune import checkpoint
+    from curlprune.models import build
+
+    student = tmp_path / "student.safetensors"
+    checkpoint.save(student, {"name": name, "kwargs": kwargs}, {}, build(name, **kwargs).state_dict())
+    for stage in ("distill", "finetune", "refine"):
+        out = tmp_path / stage
+        proc = cli(stage, "--model", MODEL, "--weights", teacher, "--student", student, "--epochs", 1, "--out", out, "--no-report")
+        assert_one_line_error(proc, str(student), *fragments)
+        assert not out.exists(), files_under(out)

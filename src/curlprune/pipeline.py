@@ -63,6 +63,7 @@ from curlprune.rundir import (
     write_json,
 )
 from curlprune.runlock import RunLock
+from curlprune.student_check import check_student_fits
 from curlprune.run_config import TRAIN_STAGES, RunConfig, check_finished_prune, check_same_run, config_to_dict
 
 # Rank 0 may prune for a long time while the other ranks wait in a collective.
@@ -214,7 +215,9 @@ class Run:
             model, test top-1 in % (unpruned, pruned, last and best after training).
         Raises:
             CurlpruneError: bad combination of student and stages, a run directory that is not a
-                writable folder, is in use by another process or holds another run, a teacher that does not fit the data, or any stage's own errors.
+                writable folder, is in use by another process or holds another run, a teacher that does not fit the data,
+                a student checkpoint that is damaged or does not fit the run (both before anything is written), or
+                any stage's own errors.
         """
         if self.student_path is not None and "prune" in self.cfg.stages:
             raise CurlpruneError("a starting student cannot be combined with a prune stage: drop --student or the prune stage")
@@ -231,8 +234,8 @@ class Run:
         """The stages of :meth:`run`, with the run directory locked."""
         check_classes("teacher", self.teacher, self.data, self.spec, torch.device("cpu"), channels_last=False)
         self.base_cost = count(self.teacher, self.example_input)
+        student = self.initial_student()  # read and checked before anything is written (issue 18)
         on_main(self.ctx, self._claim_run_dir)
-        student = self.initial_student()
         results: dict[str, Any] = {}
         for stage in self.cfg.stages:
             if stage == "prune":
@@ -259,11 +262,16 @@ class Run:
         write_json(config_file, current, only_if_changed=True)
 
     def initial_student(self) -> Student | None:
-        """What the first training stage starts from when there is no prune stage before it."""
+        """What the first training stage starts from when there is no prune stage before it; a
+        ``--student`` must take the run's input and give the teacher's classes
+        (:func:`curlprune.student_check.check_student_fits`)."""
         if "prune" in self.cfg.stages and not self.finetune_first:
             return None
         if self.student_path is not None:
-            return Student.from_checkpoint(self.student_path)
+            student = Student.from_checkpoint(self.student_path)
+            check_student_fits(student.model, self.student_path, student.model_ref, student.input_shape, self.teacher,
+                               self.example_input, self.cfg.model)  # another architecture: one line
+            return student
         return Student(self.build_unpruned(), self.model_ref, {}, list(self.example_input.shape), {}, "unpruned", None)
 
     def prune(self) -> tuple[Student, dict[str, Any]]:
