@@ -628,3 +628,83 @@ def test_student_of_another_architecture_is_one_line_before_anything_is_written(
         proc = cli(stage, "--model", MODEL, "--weights", teacher, "--student", student, "--epochs", 1, "--out", out, "--no-report")
         assert_one_line_error(proc, str(student), *fragments)
         assert not out.exists(), files_under(out)
+
+
+# ================================================================ 13. orphans of killed writes; lost log lines
+def _killed_write(path: Path) -> None:
+    """A real atomic write killed (SIGKILL) half-way: it leaves its temporary file behind."""
+    code = ("import os, signal; from pathlib import Path; from curlprune.rundir import atomic_write\n"
+            f"atomic_write({str(path)!r}, lambda tmp: (Path(tmp).write_bytes(b'x' * 4096), os.kill(os.getpid(), signal.SIGKILL)))")
+    proc = subprocess.run([sys.executable, "-c", code], env=ONE_THREAD, capture_output=True, timeout=120)
+    assert proc.returncode == -9
+
+
+def _orphans(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.tmp"))
+
+
+def test_resumed_run_removes_the_temporary_files_of_killed_writes(cli, tmp_path, teacher, trained):
+    out = tmp_path / "distill"
+    shutil.copytree(trained["distill"], out)
+    _unfinish(out / "distill")  # killed after its last epoch: the rerun finishes the stage
+    for target in (out / "distill" / "model.safetensors", out / "distill" / "state.safetensors", out / "model.safetensors",
+                   out / "summary.json"):
+        _killed_write(target)
+    assert len(_orphans(out)) == 4
+    (out / "notes.tmp").write_text("mine")  # not a temporary file of curlprune's: kept
+    (out / "distill" / ".backup.tmp").write_text("mine")
+    proc = cli(*_stage_args("distill", teacher, out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _orphans(out) == ["distill/.backup.tmp", "notes.tmp"]
+
+
+def test_orphans_of_a_folder_locked_by_another_run_are_kept(tmp_path):
+    from curlprune.runlock import RunLock
+
+    run = tmp_path / "run"
+    (run / "prune").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from curlprune.runlock import RunLock; "
+                               f"RunLock({str(run / 'prune')!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              env=ONE_THREAD, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _killed_write(run / "prune" / "scores.npz")  # as if the other run were writing it now
+        _killed_write(run / "model.safetensors")
+        with RunLock(run):
+            left = _orphans(run)
+            assert len(left) == 1 and left[0].startswith("prune/.scores.npz."), left  # the run's own orphan is gone
+        with RunLock(run / "prune" / "sub"):  # under a folder another run holds: nothing is touched
+            pass
+        assert len(_orphans(run)) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(run / "prune"):  # the holder is gone: its leftovers are orphans now
+        assert _orphans(run) == []
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_log_lines_lost_to_a_kill_after_done_json_are_restored(cli, tmp_path, teacher, pruned_run):
+    run = tmp_path / "run"
+    shutil.copytree(pruned_run, run)
+    config = write_config(tmp_path / "c.yaml", **TINY, weights=str(teacher), run_dir=str(run), stages=["prune", "distill"],
+                          distill={"epochs": 1, "batch_size": 32, "progress": False})
+    assert cli("run", config, "--no-report").returncode == 0
+    whole_run_log, whole_prune_log = _log(run / "log.jsonl"), _log(run / "prune" / "log.jsonl")
+    assert [r["stage"] for r in whole_run_log] == ["prune", "distill"] and whole_prune_log[-1]["event"] == "done"
+    # the state a kill between each stage's done.json and its log append leaves behind
+    (run / "log.jsonl").write_text("")
+    (run / "prune" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in whole_prune_log[:-1]))
+    assert cli("run", config, "--no-report").returncode == 0
+    restored = _log(run / "log.jsonl")
+    assert [(r["stage"], r.get("rebuilt")) for r in restored] == [("prune", True), ("distill", True)]
+    assert restored[1]["seconds"] == pytest.approx(whole_run_log[1]["seconds"], abs=0.01)
+    assert restored[0]["time"] == pytest.approx((run / "prune" / "done.json").stat().st_mtime, abs=0.01)
+    prune_log = _log(run / "prune" / "log.jsonl")
+    assert prune_log[-1]["event"] == "done" and prune_log[-1]["rebuilt"] and len(prune_log) == len(whole_prune_log)
+    before = {p: p.read_bytes() for p in (run / "log.jsonl", run / "prune" / "log.jsonl")}
+    assert cli("run", config, "--no-report").returncode == 0  # restored once: a rerun writes nothing
+    assert {p: p.read_bytes() for p in before} == before

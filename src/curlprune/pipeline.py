@@ -4,7 +4,8 @@ or finetune -> prune -> distill -> refine, a transfer to a new dataset).
 Run directory::
 
     config.json          the resolved config (every setting of every stage)
-    log.jsonl            one line per stage that did work (stage, seconds)
+    log.jsonl            one line per stage that did work (stage, seconds); one lost to a kill
+                         after the stage's done.json is restored on resume (``"rebuilt": true``)
     prune/               the prune stage's outputs (scores, plan, checkpoint, report)
     <train stage>/       metrics.jsonl (one line per epoch), state.safetensors (resumable state),
                          model.safetensors (plain weights) + done.json (when finished),
@@ -50,12 +51,10 @@ from curlprune.recover.finetune import finetune
 from curlprune.recover.refine import refine
 from curlprune.rundir import (
     CONFIG_FILE,
-    LOG_FILE,
     MODEL_FILE,
     STAGE_CHECKPOINT_FILE,
     STUDENT_FILE,
     SUMMARY_FILE,
-    append_jsonl,
     copy_if_changed,
     file_digest,
     is_done,
@@ -63,6 +62,7 @@ from curlprune.rundir import (
     write_json,
 )
 from curlprune.runlock import RunLock
+from curlprune.runlog import log_stage
 from curlprune.student_check import check_student_fits
 from curlprune.run_config import TRAIN_STAGES, RunConfig, check_finished_prune, check_same_run, config_to_dict
 
@@ -287,8 +287,8 @@ class Run:
         started = time.time()
         result = run_prune(self.cfg.sections["prune"], self.run_dir / "prune", resume=True, model_name=self.cfg.model,
                            weights=weights, data=self.data, num_classes=classes, input_size=self.cfg.input_size)
-        if not result.already_done:
-            append_jsonl(self.run_dir / LOG_FILE, {"stage": "prune", "seconds": round(time.time() - started, 2)}, stamp=True)
+        # a line lost to a kill after prune/done.json is restored (issue 18)
+        log_stage(self.run_dir, "prune", None if result.already_done else round(time.time() - started, 2), did_work=not result.already_done)
         accuracy, selection = result.report["accuracy"], result.report["selection"]
         return {"criterion": result.report["criterion"], "macs_ratio": selection["macs_ratio"],
                 "params_ratio": selection["params_ratio"], "top1_before": accuracy["top1_before"],
@@ -314,8 +314,7 @@ class Run:
             if not out.is_file():
                 checkpoint.save(out, student.model_ref, student.plan, result.model.state_dict(),
                                 input_shape=student.input_shape, extra=extra)
-            if not was_done:
-                append_jsonl(self.run_dir / LOG_FILE, {"stage": stage, "seconds": round(result.seconds, 2)}, stamp=True)
+            log_stage(self.run_dir, stage, round(result.seconds, 2), did_work=not was_done)  # or restored, issue 18
             return content_digest(out)
 
         digest = on_main(self.ctx, save)
