@@ -24,10 +24,20 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from curlprune.data import load_image_folder
+from curlprune import checkpoint
+from curlprune.canonical import canonical_bytes
+from curlprune.cli import main
+from curlprune.data import evaluate, load_digits_dataset, load_image_folder
 from curlprune.digits import train_digits_model
 from curlprune.errors import CurlpruneError
+from curlprune.models import build, input_spec
+from curlprune.recover import load_stage_model
+from curlprune.recover.divergence import check_not_diverged
+from curlprune.run_config import load_config, read_config_file
+from curlprune.runlock import RunLock
 
 MODEL = "small:resnet-digits"
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -36,7 +46,6 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 @pytest.fixture
 def cli(capsys):
     """``curlprune ARGS`` in this process (no interpreter start-up): a CompletedProcess-like result."""
-    from curlprune.cli import main
 
     def call(*args) -> subprocess.CompletedProcess:
         capsys.readouterr()
@@ -177,11 +186,7 @@ def test_zip_symlink_cycles_and_dangling_links_are_one_line(tmp_path, links, fra
 
 def test_finetune_new_head_on_a_symlinked_class_trains_every_class(cli, tmp_path):
     """The issue's case end to end: 3 classes, one a symlink; the new head must have 3 outputs."""
-    from curlprune import checkpoint
-
     digits_dir = tmp_path / "farm"
-    from curlprune.data import load_digits_dataset
-
     ds = load_digits_dataset(seed=0)
     for split, part in ds.items():
         for cls in ("0", "1", "2"):
@@ -208,8 +213,6 @@ def test_finetune_new_head_on_a_symlinked_class_trains_every_class(cli, tmp_path
     ("model: {m}\nstages: [prune]\nprune:\n  protect: [a]\n  target_macs: 0.5\n  'protect': [b]\n", "protect", (4, 6)),
 ])
 def test_duplicate_yaml_keys_are_one_line_naming_key_and_lines(tmp_path, cli, text, key, lines):
-    from curlprune.run_config import load_config
-
     config = tmp_path / "c.yaml"
     config.write_text(text.format(m=MODEL))
     with pytest.raises(CurlpruneError) as info:
@@ -220,8 +223,6 @@ def test_duplicate_yaml_keys_are_one_line_naming_key_and_lines(tmp_path, cli, te
 
 
 def test_yaml_merge_keys_and_distinct_nested_keys_are_accepted(tmp_path):
-    from curlprune.run_config import read_config_file
-
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {MODEL}\nbase: &b {{epochs: 2, lr: 0.1}}\ndistill:\n  <<: *b\n  lr: 0.2\n"
                       "refine: {epochs: 2, lr: 0.1}\n")
@@ -273,12 +274,6 @@ def test_distill_at_lr_9_diverges_without_nan_and_fails_with_one_line(cli, tmp_p
 
 def test_divergence_after_a_good_epoch_keeps_that_epoch_as_best(cli, tmp_path, teacher, pruned_run):
     """A warm-up so long that epoch 1 trains well (lr up to 0.225) and epoch 2 (up to 0.45) collapses."""
-    from safetensors.torch import load_file
-
-    from curlprune import checkpoint
-    from curlprune.data import evaluate, load_digits_dataset
-    from curlprune.models import input_spec
-
     student = pruned_run / "prune" / "model.safetensors"
     config = write_config(tmp_path / "c.yaml", model=MODEL, distill={"warmup_epochs": 40, "progress": False})
     out = tmp_path / "run"
@@ -302,8 +297,6 @@ def test_divergence_after_a_good_epoch_keeps_that_epoch_as_best(cli, tmp_path, t
     (12.0, [9.0, 9.5], False),       # below chance, but not far below the start
 ])
 def test_divergence_rule(tmp_path, start, tops, flagged):
-    from curlprune.recover.divergence import check_not_diverged
-
     history = [{"epoch": i + 1, "test_top1": t, "loss": 1.0 + i} for i, t in enumerate(tops)]
     if flagged:
         with pytest.raises(CurlpruneError) as info:
@@ -319,9 +312,6 @@ STATE_KEY = "curlprune_train_state"
 
 def edit_state(path: Path, meta=None, tensors=None) -> None:
     """Rewrite a state file with its JSON header and/or tensors changed in place by the callables given."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     with safe_open(str(path), framework="pt") as handle:
         header = json.loads(handle.metadata()[STATE_KEY])
         content = {name: handle.get_tensor(name) for name in handle.keys()}
@@ -434,22 +424,17 @@ def _poison(state: dict, value: float) -> tuple[dict, str]:
 
 def _raw_checkpoint(path: Path, state: dict) -> Path:
     """A curlprune checkpoint written past curlprune.save's own check (as a damaged or foreign file would be)."""
-    from curlprune import checkpoint
-    from curlprune.canonical import canonical_bytes
-
-    clean = tmp = path.with_suffix(".clean.safetensors")
+    clean = path.with_suffix(".clean.safetensors")
     checkpoint.save(clean, MODEL, {}, {k: torch.zeros_like(v) for k, v in state.items()})
     metadata = checkpoint.read_metadata(clean)
     header = {"curlprune_format": "1", **{k: json.dumps(v) for k, v in metadata.items()}}
     path.write_bytes(canonical_bytes(state, header))
-    tmp.unlink()
+    clean.unlink()
     return path
 
 
 @pytest.mark.parametrize("suffix, value", [(".pt", float("nan")), (".safetensors", float("inf"))])
 def test_teacher_weights_with_nan_or_inf_are_one_line_naming_the_tensor(cli, tmp_path, teacher, suffix, value):
-    from safetensors.torch import save_file
-
     state, name = _poison(torch.load(teacher, weights_only=True), value)
     bad = tmp_path / f"teacher{suffix}"
     torch.save(state, bad) if suffix == ".pt" else save_file(state, bad)
@@ -464,8 +449,6 @@ def test_teacher_weights_with_nan_or_inf_are_one_line_naming_the_tensor(cli, tmp
 
 
 def test_checkpoint_with_nan_is_refused_by_load_export_count_and_student(cli, tmp_path, teacher):
-    from curlprune import checkpoint
-
     state, name = _poison(torch.load(teacher, weights_only=True), float("nan"))
     ckpt = _raw_checkpoint(tmp_path / "model.safetensors", state)
     with pytest.raises(CurlpruneError) as info:
@@ -479,11 +462,6 @@ def test_checkpoint_with_nan_is_refused_by_load_export_count_and_student(cli, tm
 
 
 def test_stage_weights_with_inf_are_one_line(tmp_path, teacher, trained):
-    from safetensors.torch import load_file, save_file
-
-    from curlprune.models import build
-    from curlprune.recover import load_stage_model
-
     run = tmp_path / "distill"
     shutil.copytree(trained["distill"], run)
     weights = run / "distill" / "model.safetensors"
@@ -497,12 +475,6 @@ def test_stage_weights_with_inf_are_one_line(tmp_path, teacher, trained):
 # ================================================================ 10. damaged checkpoint headers
 def _header_checkpoint(path: Path, change: dict) -> Path:
     """A real pruned checkpoint of the digits ResNet with header fields replaced (None: removed)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from curlprune import checkpoint
-    from curlprune.canonical import canonical_bytes
-
     good = path.with_name("good.safetensors")
     if not good.exists():
         plan = {"conv1": list(range(8))}
@@ -539,8 +511,6 @@ HEADER_CASES = {
 
 @pytest.mark.parametrize("case", list(HEADER_CASES))
 def test_damaged_checkpoint_header_is_one_line_in_load_count_export_and_student(cli, tmp_path, teacher, case):
-    from curlprune import checkpoint
-
     change, field, what = HEADER_CASES[case]
     ckpt = _header_checkpoint(tmp_path / "model.safetensors", change)
     with pytest.raises(CurlpruneError) as info:
@@ -554,8 +524,6 @@ def test_damaged_checkpoint_header_is_one_line_in_load_count_export_and_student(
 
 
 def test_unpruned_checkpoint_without_extra_still_loads(tmp_path):
-    from curlprune import checkpoint
-
     ckpt = _header_checkpoint(tmp_path / "model.safetensors", {"extra": None})
     assert checkpoint.read_metadata(ckpt)["extra"] == {}
     assert checkpoint.load(ckpt)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
@@ -618,9 +586,6 @@ def test_full_disk_in_a_training_stage_is_one_line(tmp_path, teacher, fails_at):
     (MODEL, {"num_classes": 5}, ("outputs 5 classes", "10")),
 ])
 def test_student_of_another_architecture_is_one_line_before_anything_is_written(cli, tmp_path, teacher, name, kwargs, fragments):
-    from curlprune import checkpoint
-    from curlprune.models import build
-
     student = tmp_path / "student.safetensors"
     checkpoint.save(student, {"name": name, "kwargs": kwargs}, {}, build(name, **kwargs).state_dict())
     for stage in ("distill", "finetune", "refine"):
@@ -659,8 +624,6 @@ def test_resumed_run_removes_the_temporary_files_of_killed_writes(cli, tmp_path,
 
 
 def test_orphans_of_a_folder_locked_by_another_run_are_kept(tmp_path):
-    from curlprune.runlock import RunLock
-
     run = tmp_path / "run"
     (run / "prune").mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", "import time; from curlprune.runlock import RunLock; "
