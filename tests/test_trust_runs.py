@@ -299,3 +299,7 @@ def test_log_lines_lost_to_a_kill_after_done_json_are_restored(cli, tmp_path, te
     before = {p: p.read_bytes() for p in (run / "log.jsonl", run / "prune" / "log.jsonl")}
     assert cli("run", config, "--no-report").returncode == 0  # restored once: a rerun writes nothing
     assert {p: p.read_bytes() for p in before} == before
+    copy = tmp_path / "copy"  # copied without the files' times (cp -r): still nothing to restore
+    shutil.copytree(run, copy, copy_function=shutil.copyfile)
+    assert cli("run", config, "--out", copy, "--no-report").returncode == 0
+    assert [(copy / p.relative_to(run)).read_bytes() for p in before] == list(before.values())

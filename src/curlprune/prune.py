@@ -131,7 +131,8 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
         settings["input_size"] = input_size
     finished = _finished(out, settings) if resume else None
     if finished is not None:  # its "done" event, if a kill after done.json lost it, is restored (issue 18)
-        restore_lost_line(out / LOG_FILE, out / DONE_FILE, {"event": "done", "checkpoint": MODEL_FILE}, lambda e: e.get("event") == "done")
+        restore_lost_line(out / LOG_FILE, out / DONE_FILE, {"event": "done", "checkpoint": MODEL_FILE},
+                          lambda event: event.get("event") == "done", last_only=True)
         return finished
     if not resume and any((out / name).exists() for name in (SCORES_FILE, MODEL_FILE, DONE_FILE)):
         raise CurlpruneError(f"{out} already holds a prune run: pass --resume to reuse its scores, or choose another --out")

@@ -3,8 +3,14 @@
 A stage is finished when its ``done.json`` exists, and its log line (the run's ``log.jsonl`` line
 per stage, prune's ``done`` event) is appended just after. A kill between the two used to lose
 the line for good: the rerun found the stage finished and did not log it again. Here a stage found
-finished gets its line back when the log holds none written after its ``done.json``; the rebuilt
-line carries the marker's time and ``"rebuilt": true``.
+finished gets its line back when the log holds none for it; the rebuilt line carries the marker's
+time and ``"rebuilt": true``. Lines are recognised by content, not by time stamps, so a run folder
+copied without its files' times is not given extra lines:
+
+* the run's line of a training stage: its stage and its seconds (``done.json`` holds them too);
+* the run's line of the prune stage: any line of the stage (a finished prune stage logs no seconds);
+* prune's ``done`` event: the last event of ``prune/log.jsonl`` (every attempt appends its events,
+  and a finished one ends with ``done``).
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from curlprune.rundir import DONE_FILE, LOG_FILE, append_jsonl
 
 __all__ = ["log_stage", "restore_lost_line"]
 
-CLOCK_SLACK = 1.0  # seconds: a file's mtime may run a little ahead of time.time()
+SECONDS_SLACK = 0.011  # the logged seconds are rounded to 0.01
 
 
 def _lines(log: Path) -> list[dict[str, Any]]:
@@ -36,26 +42,26 @@ def _lines(log: Path) -> list[dict[str, Any]]:
 
 
 def restore_lost_line(log: str | os.PathLike, done_file: str | os.PathLike, record: Mapping[str, Any],
-                      matches: Callable[[Mapping[str, Any]], bool]) -> bool:
-    """Append ``record`` to ``log`` when the stage of ``done_file`` finished but the log holds no
-    line for it (``matches``) written since.
+                      matches: Callable[[Mapping[str, Any]], bool], *, last_only: bool = False) -> bool:
+    """Append ``record`` to ``log`` when the stage of ``done_file`` finished but no line of the log
+    is its line (``matches``).
 
     Args:
         log: the ``.jsonl`` event log.
         done_file: the stage's finished marker.
         record: the line to restore (``time`` is the marker's, ``rebuilt`` is added).
         matches: whether a line of the log is the stage's.
+        last_only: only the log's last line may be the stage's.
     Returns:
         Whether a line was appended.
     """
     done_file = Path(done_file)
     if not done_file.is_file():
         return False
-    finished = done_file.stat().st_mtime
-    if any(matches(line) and isinstance(line.get("time"), (int, float)) and line["time"] >= finished - CLOCK_SLACK
-           for line in _lines(Path(log))):
+    lines = _lines(Path(log))
+    if any(matches(line) for line in (lines[-1:] if last_only else lines)):
         return False
-    append_jsonl(log, {"time": round(finished, 3), **record, "rebuilt": True})
+    append_jsonl(log, {"time": round(done_file.stat().st_mtime, 3), **record, "rebuilt": True})
     return True
 
 
@@ -74,4 +80,12 @@ def log_stage(run_dir: str | os.PathLike, stage: str, seconds: float | None, *, 
     if did_work:
         append_jsonl(log, record, stamp=True)
     else:
-        restore_lost_line(log, Path(run_dir) / stage / DONE_FILE, record, lambda line: line.get("stage") == stage)
+        restore_lost_line(log, Path(run_dir) / stage / DONE_FILE, record, lambda line: _is_line_of(line, stage, seconds))
+
+
+def _is_line_of(line: Mapping[str, Any], stage: str, seconds: float | None) -> bool:
+    """Whether a run-log line is ``stage``'s (with these ``seconds``, when known)."""
+    if line.get("stage") != stage:
+        return False
+    logged = line.get("seconds")
+    return seconds is None or (isinstance(logged, (int, float)) and abs(logged - seconds) <= SECONDS_SLACK)
