@@ -10,7 +10,8 @@ Run directory::
     <train stage>/       metrics.jsonl (one line per epoch), state.safetensors (resumable state),
                          model.safetensors (plain weights) + done.json (when finished),
                          checkpoint.safetensors (architecture + plan + weights), student.json
-                         (what it started from)
+                         (what it started from), best.safetensors (plain weights of the best epoch
+                         so far; kept when the stage diverges, :mod:`curlprune.recover.divergence`)
     model.safetensors    the final model (a curlprune checkpoint: ``curlprune.load`` / ``export``)
     summary.json         accuracies (test top-1 in %), MACs and params, per stage and final
 
