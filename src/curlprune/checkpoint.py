@@ -25,9 +25,10 @@ from torch import nn
 
 from curlprune.analysis import trace
 from curlprune.canonical import check_finite_state, save_safetensors
+from curlprune.checkpoint_header import header_field, parse_header
 from curlprune.errors import CurlpruneError, exception_summary
 from curlprune.models import ModelRef, build, input_spec
-from curlprune.models.weights import load_state_strict
+from curlprune.models.weights import check_finite_weights, load_state_strict
 from curlprune.rundir import atomic_write, atomic_write_text, file_digest  # re-exported: the writers are rundir's
 from curlprune.surgery import apply
 
@@ -116,7 +117,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         ``{"model_ref": {...}, "plan": {...}, "input_shape": [...], "extra": {...}}``.
 
     Raises:
-        CurlpruneError: the file is missing, empty, truncated, unreadable or not a curlprune checkpoint.
+        CurlpruneError: the file is missing, empty, truncated, unreadable or not a curlprune
+            checkpoint, or a header field is missing, not JSON or not of its form
+            (:func:`curlprune.checkpoint_header.parse_header`, naming the field).
     """
     path = Path(path)
     if not path.is_file():
@@ -130,35 +133,40 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CurlpruneError(f"checkpoint {path} is not a readable safetensors file, truncated or damaged ({exception_summary(exc)}): re-create it with `curlprune prune` or curlprune.save") from None
     if meta.get("curlprune_format") != FORMAT_VERSION:
         raise CurlpruneError(f"{path} is not a curlprune checkpoint (no curlprune_format header): save it with curlprune.save")
-    return {
-        "model_ref": json.loads(meta["model_ref"]),
-        "plan": json.loads(meta["plan"]),
-        "input_shape": json.loads(meta["input_shape"]),
-        "extra": json.loads(meta.get("extra", "{}")),
-    }
+    return parse_header(path, meta)  # every field checked, one line naming it (issue 18)
 
 
-def build_pruned(model_ref: str | dict[str, Any] | ModelRef, plan: dict[str, list[int]], input_shape: list[int]) -> nn.Module:
+def build_pruned(model_ref: str | dict[str, Any] | ModelRef, plan: dict[str, list[int]], input_shape: list[int], *,
+                 source: str | os.PathLike | None = None) -> nn.Module:
     """Rebuild the pruned architecture (random weights) from its reference and Plan.
 
     Args:
         model_ref: the unpruned architecture (registry name, dict or ModelRef).
         plan: group name -> kept channel indices.
         input_shape: the example input shape the plan was traced with.
+        source: the checkpoint these come from: a failure then names it and the header field
+            (:func:`curlprune.checkpoint_header.header_field`), and the model must also run at
+            ``input_shape`` when the plan is empty.
 
     Returns:
         The unpruned model when ``plan`` is empty, else ``apply(model, trace(model, x), plan)``.
 
     Raises:
-        CurlpruneError: unknown model, or a plan that does not fit its groups.
+        CurlpruneError: unknown model, an input the model does not take, or a plan that does not fit its groups.
     """
-    ref = ModelRef.of(model_ref)
-    model = build(ref.name, **ref.kwargs).eval()
+    with header_field(source, "model_ref"):
+        ref = ModelRef.of(model_ref)
+        model = build(ref.name, **ref.kwargs).eval()
     if not plan:
+        if source is not None:  # count and export feed this shape: it must fit (issue 18)
+            with header_field(source, "input_shape"), torch.no_grad():
+                model(torch.zeros(input_shape))
         return model
     example = torch.zeros(input_shape)
-    groups = trace(model, example)
-    return apply(model, groups, plan)
+    with header_field(source, "input_shape"):
+        groups = trace(model, example)
+    with header_field(source, "plan"):
+        return apply(model, groups, plan)
 
 
 def load(path: str | os.PathLike) -> nn.Module:
@@ -172,11 +180,18 @@ def load(path: str | os.PathLike) -> nn.Module:
 
     Raises:
         CurlpruneError: the file is missing, unreadable, not a curlprune checkpoint, names an
-            unknown model or a plan that does not fit it, or its weights do not fit.
+            unknown model or a plan that does not fit it, or its weights do not fit or hold NaN or
+            inf (the tensor is named).
     """
     meta = read_metadata(path)
-    model = build_pruned(meta["model_ref"], meta["plan"], meta["input_shape"])
-    load_state_strict(model, load_file(str(path)), f"weights in {path} do not fit its architecture",
+    model = build_pruned(meta["model_ref"], meta["plan"], meta["input_shape"], source=path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own types for a damaged data section
+        raise CurlpruneError(f"checkpoint {path} cannot be read ({exception_summary(exc)}): it is truncated or damaged; re-create it") from None
+    check_finite_weights(tensors, f"checkpoint {path}", "it is damaged or holds a diverged model; re-create it "
+                         "(curlprune.save refuses such weights)")  # issue 18: never exported or trained silently
+    load_state_strict(model, tensors, f"weights in {path} do not fit its architecture",
                       "the file is damaged or was edited; re-create it")
     return model.eval()
 

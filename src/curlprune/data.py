@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.io import ImageReadMode, decode_image
 
 from curlprune.errors import CurlpruneError
+from curlprune.imagetree import folder_files, zip_files
 from curlprune.models.spec import InputSpec
 from curlprune.transforms import build_transform, transforms_batches
 
@@ -78,7 +79,8 @@ def load_image_folder(path: str | Path, splits: Sequence[str] | None = None) -> 
 
     Layout ``<split>/<class>/<image>`` gives one dataset per split; ``<class>/<image>`` gives the
     single split ``"all"``. Classes are the sorted class folder names and must be the same in every
-    split. Images become RGB.
+    split. Images become RGB. Symlinked split, class and image entries are followed, in folders
+    and in zips (entries stored by ``zip -y``); a symlink cycle is refused.
 
     Args:
         path: a folder or a ``.zip`` with that layout.
@@ -86,7 +88,8 @@ def load_image_folder(path: str | Path, splits: Sequence[str] | None = None) -> 
     Returns:
         split name -> :class:`ImageDataset` of uint8 ``[3, H, W]`` images.
     Raises:
-        CurlpruneError: a missing path or split, a bad layout, differing classes, an unreadable image.
+        CurlpruneError: a missing path or split, a bad layout, differing classes, an unreadable image,
+            a symlink cycle or a broken symlink.
     """
     path = Path(path)
     with contextlib.ExitStack() as stack:
@@ -101,16 +104,20 @@ def load_image_folder(path: str | Path, splits: Sequence[str] | None = None) -> 
 
 
 def _open_tree(path: Path, stack: contextlib.ExitStack) -> tuple[list[str], Callable[[str], bytes]]:
-    """All file paths (POSIX, relative) of a folder or zip, and a function reading one of them."""
+    """All file paths (POSIX, relative) of a folder or zip, and a function reading one of them.
+
+    Symlinked folders and files are followed (:mod:`curlprune.imagetree`); a symlink cycle, a broken
+    link or, in a zip, one leading outside the archive is a :class:`CurlpruneError` naming it.
+    """
     if not path.exists():
         raise CurlpruneError(f"data path {path} does not exist: pass a folder or .zip laid out as {LAYOUT}")
-    if path.is_dir():
-        files = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
-        return _visible(files), lambda name: (path / name).read_bytes()
-    if zipfile.is_zipfile(path):
+    if path.is_dir():  # directory symlinks followed, cycles refused (issue 18)
+        found = folder_files(path)
+        return _visible(list(found)), lambda name: found[name].read_bytes()
+    if zipfile.is_zipfile(path):  # symlink entries (zip -y) followed inside the archive
         archive = stack.enter_context(zipfile.ZipFile(path))
-        files = [info.filename for info in archive.infolist() if not info.is_dir()]
-        return _visible(files), archive.read
+        members = zip_files(archive, path)
+        return _visible(list(members)), lambda name: archive.read(members[name])
     if path.suffix.lower() == ".zip":
         raise CurlpruneError(f"{path} is not a readable zip file (damaged or incomplete): download or copy it again")
     raise CurlpruneError(f"data path {path} is neither a folder nor a zip file: pass a folder or .zip laid out as {LAYOUT}")

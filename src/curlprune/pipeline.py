@@ -4,12 +4,14 @@ or finetune -> prune -> distill -> refine, a transfer to a new dataset).
 Run directory::
 
     config.json          the resolved config (every setting of every stage)
-    log.jsonl            one line per stage that did work (stage, seconds)
+    log.jsonl            one line per stage that did work (stage, seconds); one lost to a kill
+                         after the stage's done.json is restored on resume (``"rebuilt": true``)
     prune/               the prune stage's outputs (scores, plan, checkpoint, report)
     <train stage>/       metrics.jsonl (one line per epoch), state.safetensors (resumable state),
                          model.safetensors (plain weights) + done.json (when finished),
                          checkpoint.safetensors (architecture + plan + weights), student.json
-                         (what it started from)
+                         (what it started from), best.safetensors (plain weights of the best epoch
+                         so far; kept when the stage diverges, :mod:`curlprune.recover.divergence`)
     model.safetensors    the final model (a curlprune checkpoint: ``curlprune.load`` / ``export``)
     summary.json         accuracies (test top-1 in %), MACs and params, per stage and final
 
@@ -49,12 +51,10 @@ from curlprune.recover.evaluate import check_classes
 from curlprune.recover.registry import get_stage, is_recovery_stage, run_stage
 from curlprune.rundir import (
     CONFIG_FILE,
-    LOG_FILE,
     MODEL_FILE,
     PRUNE_STAGE,
     STAGE_CHECKPOINT_FILE,
     STUDENT_FILE,
-    append_jsonl,
     copy_if_changed,
     file_digest,
     is_done,
@@ -63,6 +63,8 @@ from curlprune.rundir import (
 )
 from curlprune.runlock import RunLock
 from curlprune.run_config import RunConfig, check_finished_prune, check_same_run, config_to_dict
+from curlprune.runlog import log_stage
+from curlprune.student_check import check_student_fits
 
 # Rank 0 may prune for a long time while the other ranks wait in a collective.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
@@ -217,7 +219,9 @@ class Run:
             model, test top-1 in % (unpruned, pruned, last and best after training).
         Raises:
             CurlpruneError: bad combination of student and stages, a run directory that is not a
-                writable folder, is in use by another process or holds another run, a teacher that does not fit the data, or any stage's own errors.
+                writable folder, is in use by another process or holds another run, a teacher that does not fit the data,
+                a student checkpoint that is damaged or does not fit the run (both before anything is written), or
+                any stage's own errors.
         """
         if self.student_path is not None and PRUNE_STAGE in self.cfg.stages:
             raise CurlpruneError("a starting student cannot be combined with a prune stage: drop --student or the prune stage")
@@ -234,8 +238,8 @@ class Run:
         """The stages of :meth:`run`, with the run directory locked."""
         check_classes("teacher", self.teacher, self.data, self.spec, torch.device("cpu"), channels_last=False)
         self.base_cost = count(self.teacher, self.example_input)
+        student = self.initial_student()  # read and checked before anything is written (issue 18)
         on_main(self.ctx, self._claim_run_dir)
-        student = self.initial_student()
         results: dict[str, PruneStep | TrainStep] = {}
         for stage in self.cfg.stages:
             if stage == PRUNE_STAGE:
@@ -262,11 +266,16 @@ class Run:
         write_json(config_file, current, only_if_changed=True)
 
     def initial_student(self) -> Student | None:
-        """What the first training stage starts from when there is no prune stage before it."""
+        """What the first training stage starts from when there is no prune stage before it; a
+        ``--student`` must take the run's input and give the teacher's classes
+        (:func:`curlprune.student_check.check_student_fits`)."""
         if PRUNE_STAGE in self.cfg.stages and not self.transfer_first:
             return None
         if self.student_path is not None:
-            return Student.from_checkpoint(self.student_path)
+            student = Student.from_checkpoint(self.student_path)
+            check_student_fits(student.model, self.student_path, student.model_ref, student.input_shape, self.teacher,
+                               self.example_input, self.cfg.model)  # another architecture: one line
+            return student
         return Student(self.build_unpruned(), self.model_ref, {}, list(self.example_input.shape), {}, "unpruned", None)
 
     def prune(self) -> tuple[Student, PruneStep]:
@@ -283,8 +292,9 @@ class Run:
         started = time.time()
         result = run_prune(self.cfg.sections[PRUNE_STAGE], prune_dir, resume=True, model_name=self.cfg.model,
                            weights=weights, data=self.data, num_classes=classes, input_size=self.cfg.input_size)
-        if not result.already_done:
-            append_jsonl(self.run_dir / LOG_FILE, {"stage": PRUNE_STAGE, "seconds": round(time.time() - started, 2)}, stamp=True)
+        # a line lost to a kill after prune/done.json is restored (issue 18)
+        log_stage(self.run_dir, PRUNE_STAGE, None if result.already_done else round(time.time() - started, 2),
+                  did_work=not result.already_done)
         report = result.report
         return PruneStep(report.criterion, report.macs_ratio, report.params_ratio, report.accuracy.top1_before,
                          report.accuracy.top1_after, str(result.checkpoint))
@@ -305,8 +315,7 @@ class Run:
             if not out.is_file():
                 checkpoint.save(out, student.model_ref, student.plan, result.model.state_dict(),
                                 input_shape=student.input_shape, extra=extra)
-            if not was_done:
-                append_jsonl(self.run_dir / LOG_FILE, {"stage": stage, "seconds": round(result.seconds, 2)}, stamp=True)
+            log_stage(self.run_dir, stage, round(result.seconds, 2), did_work=not was_done)  # or restored, issue 18
             return content_digest(out)
 
         digest = on_main(self.ctx, save)

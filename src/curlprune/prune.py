@@ -45,6 +45,7 @@ from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size
 from curlprune.report import console, print_prune_summary
 from curlprune.runlock import RunLock
+from curlprune.runlog import restore_lost_line
 from curlprune.rundir import (
     DONE_FILE,
     LOG_FILE,
@@ -128,7 +129,9 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
     if input_size is not None:  # only when set: finished runs from before the option stay valid
         settings["input_size"] = input_size
     finished = _finished(out, settings) if resume else None
-    if finished is not None:
+    if finished is not None:  # its "done" event, if a kill after done.json lost it, is restored (issue 18)
+        restore_lost_line(out / LOG_FILE, out / DONE_FILE, {"event": "done", "checkpoint": MODEL_FILE},
+                          lambda event: event.get("event") == "done", last_only=True)
         return finished
     if not resume and any((out / name).exists() for name in (SCORES_FILE, MODEL_FILE, DONE_FILE)):
         raise CurlpruneError(f"{out} already holds a prune run: pass --resume to reuse its scores, or choose another --out")

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from curlprune import strict_yaml
 from curlprune.errors import CurlpruneError
 from curlprune.prune_config import PruneConfig
 from curlprune.recover.registry import get_stage, recovery_stages, stage_names
@@ -107,13 +108,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     Returns:
         The raw mapping (unchecked; see :func:`parse_config`).
     Raises:
-        CurlpruneError: the file is missing, not YAML, or not a mapping.
+        CurlpruneError: the file is missing, not YAML, holds a key twice in one mapping (naming the
+            key and both lines), or is not a mapping.
     """
     path = Path(path)
     if not path.is_file():
         raise CurlpruneError(f"config {path} does not exist: write one (see `curlprune run --help` for an example)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = strict_yaml.safe_load(path.read_text()) or {}  # a key given twice is an error (issue 18)
     except yaml.YAMLError as exc:
         raise CurlpruneError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):

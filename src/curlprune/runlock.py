@@ -9,6 +9,9 @@ errors on them turned into one line.
   so a lock left by a dead run never blocks the rerun that resumes it.
 * :func:`os_error_message`: the one line for an ``OSError`` met while writing outputs (the run
   folder's writers, :mod:`curlprune.rundir`, give such errors the file's name).
+* :func:`remove_orphans`: the temporary files of writes that a kill interrupted
+  (``.<name>.<random>.tmp`` of :func:`curlprune.rundir.atomic_write`) are removed when a command
+  takes the folder's lock again, so a resumed run leaves none behind (issue 18).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -25,6 +29,8 @@ from pathlib import Path
 from curlprune.errors import CurlpruneError
 
 LOCK_FILE = ".lock"
+# the temporary files of curlprune.rundir.atomic_write: mkstemp(prefix=".<name>.", suffix=".tmp"), 8 random characters
+ORPHAN_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 # errors that come from the environment (disk, permissions, paths), not from a bug
 OUTPUT_ERRNOS = {
@@ -142,7 +148,8 @@ class RunLock:
         self._created_dir = False
 
     def acquire(self) -> "RunLock":
-        """Check the folder, create it if needed and take the lock without waiting.
+        """Check the folder, create it if needed and take the lock without waiting; then remove the
+        temporary files that killed writes left in it (:func:`remove_orphans`).
 
         Returns:
             ``self``.
@@ -182,6 +189,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self._fd = fd
+        remove_orphans(self.run_dir)  # nothing of ours writes here now: leftovers are a killed writer's
         return self
 
     def release(self) -> None:
@@ -213,6 +221,52 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _held_by_another(lock: Path) -> bool:
+    """Whether another open of ``lock`` (another process, or another RunLock) holds it now."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # drops the probe's lock, if it got it
+    return False
+
+
+def remove_orphans(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that interrupted atomic writes left in ``folder`` and below.
+
+    Call it only while holding ``folder``'s :class:`RunLock`. Nothing is removed when a folder above
+    is locked by another run (it may be writing here), and a subfolder locked by another run is
+    left alone, so a live write's temporary file is never taken away.
+
+    Args:
+        folder: the locked folder.
+    Returns:
+        The files removed.
+    """
+    folder = Path(folder)
+    if any(_held_by_another(parent / LOCK_FILE) for parent in folder.resolve().parents):
+        return []
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        dirs[:] = [d for d in dirs if not _held_by_another(here / d / LOCK_FILE)]
+        for name in files:
+            if ORPHAN_NAME.match(name):
+                try:
+                    (here / name).unlink()
+                    removed.append(here / name)
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 def _read_holder(fd: int) -> str:

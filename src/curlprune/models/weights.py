@@ -3,7 +3,10 @@
 ``read_state_dict`` reads ``.th/.pt/.pth`` files (``torch.load(weights_only=True)``, no pickled code)
 and ``.safetensors`` files, unwrapping ``{"state_dict": ...}`` / ``{"model": ...}`` and a
 DataParallel ``module.`` prefix. ``load_state_strict`` loads a state dict into a model strictly,
-with one CurlpruneError line that says what does not fit and how to fix it.
+with one CurlpruneError line that says what does not fit and how to fix it. ``check_finite_weights``
+refuses weights holding NaN or inf where they are read (weights files here, checkpoints in
+:func:`curlprune.checkpoint.load`, stage folders in :mod:`curlprune.recover.stage`), naming the
+tensor, so such weights never surface later as a failed criterion or a diverged training.
 """
 from __future__ import annotations
 
@@ -69,6 +72,26 @@ def load_state_strict(
     return model
 
 
+def check_finite_weights(tensors: Mapping[str, torch.Tensor], source: str, fix: str) -> None:
+    """Refuse weights that hold NaN or inf, naming the first such tensor (issue 18).
+
+    Args:
+        tensors: name -> tensor (integer tensors and non-tensors are not checked).
+        source: the start of the error line, e.g. ``"weights file teacher.pt"``.
+        fix: the end of the error line: what the user should do.
+    Raises:
+        CurlpruneError: ``source: tensor NAME holds NaN (k of its n values)[, and m more tensors]: fix``.
+    """
+    bad = [name for name, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return
+    tensor = tensors[bad[0]]
+    nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    kind = " and ".join(k for k, n in (("NaN", nan), ("inf", inf)) if n)
+    more = f", and {len(bad) - 1} more tensors do too" if len(bad) > 1 else ""
+    raise CurlpruneError(f"{source}: tensor {bad[0]} holds {kind} ({nan + inf} of its {tensor.numel()} values){more}: {fix}")
+
+
 def load_weights_file(model: nn.Module, path: str | Path, model_name: str) -> nn.Module:
     """Read a state-dict file and load it into ``model`` with :func:`load_state_strict`.
 
@@ -104,8 +127,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         Name -> tensor (on the CPU).
 
     Raises:
-        CurlpruneError: the file is missing, empty, truncated, unreadable, holds no mapping of names to tensors, or
-            is a curlprune checkpoint (architecture + plan + weights) rather than plain weights.
+        CurlpruneError: the file is missing, empty, truncated, unreadable, holds no mapping of names to tensors,
+            holds NaN or inf (:func:`check_finite_weights`), or is a curlprune checkpoint (architecture
+            + plan + weights) rather than plain weights.
     """
     path = Path(path)
     if not path.is_file():
@@ -132,6 +156,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     state = dict(obj)
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
         state = {k.removeprefix("module."): v for k, v in state.items()}
+    check_finite_weights(state, f"weights file {path}", "the file is damaged or was saved from a diverged training; "
+                         "use other weights (or save them again from a model that works)")
     return state
 
 

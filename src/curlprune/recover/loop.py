@@ -15,6 +15,9 @@ does the rest, identically for all of them:
 * at the end, ``model.safetensors`` (final weights: plain weights, not a curlprune checkpoint)
   and ``done.json`` (summary). A stage whose ``done.json`` exists is skipped: its weights are
   loaded into the given model;
+* a stage that diverged (NaN loss; or a last epoch at chance, far below the model it started
+  from, :mod:`curlprune.recover.divergence`) stops with one line and writes no result; the
+  weights of its best epoch so far are kept in ``best.safetensors``;
 * under ``torchrun`` (``WORLD_SIZE > 1``): DistributedDataParallel, seeded sharding, files
   written by rank 0 only (see :mod:`curlprune.recover.dist`).
 
@@ -37,15 +40,16 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from curlprune.canonical import save_safetensors
 from curlprune.models.spec import InputSpec
 from curlprune.records import StageSummary, write_stage_summary
-from curlprune.recover import dist, guards
+from curlprune.recover import dist, divergence, guards
 from curlprune.recover.dist import DistContext
 from curlprune.recover.evaluate import TransformedDataset, place_model, to_input, top1_accuracy
+from curlprune.recover.resume_check import check_train_state
 from curlprune.recover.schedule import set_lr, warmup_cosine_lr
 from curlprune.recover.stage import (
     Result,
@@ -75,7 +79,6 @@ from curlprune.rundir import (
     MODEL_FILE,
     STATE_FILE,
     append_jsonl,
-    atomic_write,
     atomic_write_text,
     is_done,
     jsonl_text,
@@ -95,6 +98,7 @@ class TrainProgress:
     epoch: int = 0  # completed epochs
     iteration: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    start_top1: float | None = None  # test top-1 (%) of the model the stage started from (None: unknown)
 
     @property
     def best_top1(self) -> float:
@@ -151,7 +155,7 @@ class Trainer:
             progress = self.resume()
         else:
             self.stage.init_fresh(ctx, self.model, self.train_set, self.spec)
-            progress = TrainProgress()
+            progress = TrainProgress(start_top1=self.test_top1())  # what a divergence is measured against
             if ctx.is_main:
                 atomic_write_text(self.stage_dir / METRICS_FILE, "")
         train_model = dist.wrap_ddp(ctx, self.model)
@@ -163,7 +167,7 @@ class Trainer:
             started = time.perf_counter()
             loss, train_top1, lr = self.train_epoch(train_model, epoch, progress, transform, local_batch, total, warmup)
             dist.broadcast_buffers(ctx, self.model)
-            top1 = top1_accuracy(self.model, self.data["test"], self.spec, ctx=ctx, batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last)
+            top1 = self.test_top1()
             record = {
                 "epoch": epoch + 1,
                 "loss": loss,
@@ -180,6 +184,11 @@ class Trainer:
                     f"test top-1 {top1:.2f}%, {record['seconds']:.1f}s"
                 )
         return self.finish(progress)
+
+    def test_top1(self) -> float:
+        """Test top-1 (%) of the model now, over every process."""
+        return top1_accuracy(self.model, self.data["test"], self.spec, ctx=self.ctx, batch_size=self.cfg.eval_batch_size,
+                             channels_last=self.cfg.channels_last)
 
     # ---- one epoch ---------------------------------------------------------------------------
     def train_epoch(
@@ -254,21 +263,27 @@ class Trainer:
                 "order_generator": generator_state(self.order_gen),
                 "world_size": ctx.world_size,
                 "rank_rng": rank_states,
+                "start_top1": progress.start_top1,
             }
+            if divergence.is_new_best(progress.history, progress.start_top1):  # kept should the stage diverge later
+                divergence.save_best(self.stage_dir, self.model, progress.history[-1])
             save_state(self.stage_dir / STATE_FILE, tensors, meta)
             append_jsonl(self.stage_dir / METRICS_FILE, progress.history[-1])
         dist.barrier(ctx)
 
     def resume(self) -> TrainProgress:
-        """Restore everything from the state file (every rank reads it)."""
+        """Restore everything from the state file (every rank reads it), once it is checked as a
+        whole against this stage (:meth:`check_state`): an edited or stale file is one line."""
         path = self.stage_dir / STATE_FILE
         tensors, meta = load_state(path)
+        self.check_state(path, tensors, meta)
         check_same_settings(self.cfg, meta.get("config", {}), path)
         load_stage_tensors(self.model, unprefixed("model.", tensors), path)
         load_optimizer_state(self.optimizer, unprefixed("optim.", tensors), meta["optimizer"])
         self.stage.load_tensors(unprefixed("stage.", tensors))
         set_generator_state(self.order_gen, meta["order_generator"])
-        progress = TrainProgress(epoch=meta["epoch"], iteration=meta["iteration"], history=meta["history"])
+        progress = TrainProgress(epoch=meta["epoch"], iteration=meta["iteration"], history=meta["history"],
+                                 start_top1=meta.get("start_top1"))
         if meta["world_size"] == self.ctx.world_size:
             own = meta["rank_rng"][self.ctx.rank]
             restore_rng(own["global"])
@@ -288,20 +303,32 @@ class Trainer:
         dist.barrier(self.ctx)
         return progress
 
+    def check_state(self, path: Path, tensors: dict[str, torch.Tensor], meta: Any) -> None:
+        """Every field of a state file against this stage before resuming (issue 18;
+        :func:`curlprune.recover.resume_check.check_train_state`)."""
+        classes = getattr(self.data["train"], "classes", None)
+        check_train_state(path, meta, tensors, stage=self.stage.name, epochs=self.cfg.epochs, batch_size=self.cfg.batch_size,
+                          train_size=len(self.train_set), optimizer=self.optimizer,
+                          stage_shapes=self.stage.state_shapes(len(self.train_set), len(classes) if classes else None))
+
     def finish(self, progress: TrainProgress) -> Result:
         """Write the final weights and ``done.json`` (rank 0) and return the result.
 
         Weights holding NaN or inf are refused (:class:`CurlpruneError`) on every rank, so a diverged
-        model is never written as a finished stage (issue 12).
+        model is never written as a finished stage (issue 12); so is a stage whose last epoch fell to
+        chance, far below where it started (:func:`curlprune.recover.divergence.check_not_diverged`,
+        issue 18).
         """
         last = progress.history[-1]["test_top1"]
         seconds = sum(r["seconds"] for r in progress.history)
         summary = StageSummary(self.stage.name, last, progress.best_top1, progress.epoch, seconds, settings(self.cfg))
+        divergence.check_not_diverged(self.stage.name, self.stage_dir, progress.history, progress.start_top1,
+                                      divergence.chance_top1(self.data["test"]), self.cfg.lr)  # every rank: same history
         guards.check_finite_state(self.model.state_dict(), str(self.stage_dir / MODEL_FILE))  # every rank: same weights
         if self.ctx.is_main:
             weights = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
-            metadata = {"summary": json.dumps(summary.to_json())}
-            atomic_write(self.stage_dir / MODEL_FILE, lambda tmp: save_file(weights, tmp, metadata=metadata))
+            # bytes written by Python: a full disk is an OSError naming the file (one line), issue 18
+            save_safetensors(self.stage_dir / MODEL_FILE, weights, {"summary": json.dumps(summary.to_json())})
             write_stage_summary(self.stage_dir, summary)
         dist.barrier(self.ctx)
         return Result(self.model, last, progress.best_top1, progress.epoch, seconds, self.stage_dir, self.stage.tensors())

@@ -166,6 +166,9 @@ class RefineStage(TeacherStage):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"labels": self.labels}
 
+    def state_shapes(self, train_size: int, classes: int | None) -> dict[str, tuple[int | None, ...]]:
+        return {"labels": (train_size, classes)}  # one row of logits per (expanded) training image
+
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         labels = tensors.get("labels")
         if labels is None or labels.dim() != 2:

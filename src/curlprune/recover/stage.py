@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from curlprune.models.weights import load_state_strict
+from curlprune.models.weights import check_finite_weights, load_state_strict
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
 from curlprune.records import read_stage_summary
@@ -138,6 +138,11 @@ class Stage:
         """Stage tensors to keep in the resumable state (identical on every rank)."""
         return {}
 
+    def state_shapes(self, train_size: int, classes: int | None) -> dict[str, tuple[int | None, ...]]:
+        """The shapes :meth:`tensors` has for a training set of ``train_size`` images of ``classes``
+        classes (None: unknown); a state file is checked against them before resuming."""
+        return {}
+
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`tensors`."""
 
@@ -187,8 +192,10 @@ def load_stage_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
         tensors: parameter/buffer name -> tensor.
         source: the file they came from (for the message).
     Raises:
-        CurlpruneError: missing, unexpected or wrong-shape tensors (a user mistake, said plainly).
+        CurlpruneError: missing, unexpected or wrong-shape tensors (a user mistake, said plainly), or
+            tensors holding NaN or inf (named).
     """
+    check_finite_weights(tensors, f"weights in {source}", f"the file is damaged or was edited; delete {source.parent} to run the stage again")
     load_state_strict(
         model, tensors, f"weights in {source} do not fit the given model",
         f"pass the same architecture (and pruning plan) the stage was run with, or delete {source.parent} to start the stage again",

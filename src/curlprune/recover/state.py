@@ -18,18 +18,21 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from curlprune.rundir import atomic_write
+from curlprune.canonical import save_safetensors
 from curlprune.errors import CurlpruneError
 
 STATE_KEY = "curlprune_train_state"
 
 
 def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write tensors + JSON metadata to ``path`` atomically (temporary file, then ``os.replace``)."""
-    from safetensors.torch import save_file
+    """Write tensors + JSON metadata to ``path`` atomically (temporary file, then ``os.replace``).
 
+    The bytes are written by Python (:func:`curlprune.canonical.save_safetensors`), not by the
+    safetensors library, so a full disk is an ``OSError`` naming ``path`` (one line), not the
+    library's own error type (issue 18).
+    """
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(plain, tmp, metadata={STATE_KEY: json.dumps(meta)}))
+    save_safetensors(path, plain, {STATE_KEY: json.dumps(meta)})
 
 
 def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

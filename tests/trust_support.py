@@ -1,0 +1,107 @@
+"""Shared by the issue-18 trust tests (tests/test_trust_inputs.py, tests/test_trust_runs.py): the
+in-process CLI, the one-line error check, and real digits models and run folders built once per module."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from curlprune.cli import main
+from curlprune.digits import train_digits_model
+
+
+MODEL = "small:resnet-digits"
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def cli(capsys):
+    """``curlprune ARGS`` in this process (no interpreter start-up): a CompletedProcess-like result."""
+
+    def call(*args) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+    return call
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 2, no traceback, one line on stderr that contains every fragment."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("curlprune: error: "), proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def one_line(exc: pytest.ExceptionInfo, *fragments: str) -> str:
+    text = str(exc.value)
+    assert "\n" not in text, text
+    for fragment in fragments:
+        assert fragment in text, (fragment, text)
+    return text
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(train_digits_model(seed=0).state_dict(), path)
+    return path
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+TINY = {  # real digits, 50 training images per class (as tests/test_trust.py)
+    "model": MODEL, "data": "digits", "train_per_class": 50, "seed": 0,
+    "prune": {"criterion": "kl", "target_macs": 0.5, "calib": 64},
+}
+
+
+def write_config(path: Path, **content) -> Path:
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory, teacher) -> Path:
+    """A run folder whose prune stage is finished (the digits ResNet at 50% of its MACs)."""
+    directory = tmp_path_factory.mktemp("pruned")
+    config = write_config(directory / "c.yaml", **TINY, weights=str(teacher), run_dir=str(directory / "run"), stages=["prune"])
+    proc = subprocess.run([sys.executable, "-m", "curlprune.cli", "run", str(config), "--no-report"], env=ONE_THREAD,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return directory / "run"
+
+
+def unfinish(stage_dir: Path) -> None:
+    """What a kill right after the last epoch's state leaves: the state, no result."""
+    for name in ("done.json", "model.safetensors", "checkpoint.safetensors"):
+        (stage_dir / name).unlink(missing_ok=True)
+
+
+def stage_args(stage: str, teacher: Path, out: Path) -> list:
+    return [stage, "--model", MODEL, "--weights", teacher, "--train-per-class", 20, "--epochs", 2, "--out", out, "--no-report"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, teacher) -> dict[str, Path]:
+    """Finished 2-epoch distill and refine runs (the unpruned digits model, 20 images per class)."""
+    base = tmp_path_factory.mktemp("trained")
+    runs = {}
+    for stage in ("distill", "refine"):
+        proc = subprocess.run([sys.executable, "-m", "curlprune.cli", *map(str, stage_args(stage, teacher, base / stage))],
+                              env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[stage] = base / stage
+    return runs
