@@ -255,7 +255,15 @@ def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None,
 def _print_latency(latency: dict[str, Any]) -> None:
     console.print(f"measured latency (batch {latency['batch']}, {latency['threads']} thread(s)): {latency['reference_ms']:.3g} ms "
                   f"-> {latency['achieved_ms']:.3g} ms ({latency['achieved_fraction']:.3f}, goal {latency['goal_fraction']:.3f} "
-                  f"+/- {latency['tolerance']:.0%}: {'met' if latency['met'] else 'NOT met'})" + (f"; {latency['note']}" if latency["note"] else ""))
+                  f"+/- {latency['tolerance']:.0%}: {_met_words(latency)})" + (f"; {latency['note']}" if latency["note"] else ""))
+
+
+def _met_words(record: dict[str, Any]) -> str:
+    """"met", or "NOT met: 12.3% below" (report.json's ``met`` / ``missed_by``; older reports have no ``missed_by``)."""
+    if record["met"]:
+        return "met"
+    missed = record.get("missed_by") or 0.0
+    return f"NOT met: {abs(missed):.1%} {'below' if missed < 0 else 'above'}" if missed else "NOT met"
 
 
 def _load_splits(data: str | dict, seed: int) -> dict:
