@@ -46,6 +46,7 @@ NORMALIZATIONS = ("none", "mean", "max", "l2")
 METRICS = ("macs", "params", "latency")
 DEFAULT_FLOOR = 0.3
 DEFAULT_TOLERANCE = 0.01
+UNAMBIGUOUS_COUNT = 1000.0  # a target value above 1 and below this is neither a fraction nor a plausible count
 _SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
 
@@ -54,7 +55,8 @@ class Target:
     """A compression target: ``metric`` ("macs", "params" or "latency") at ``value``.
 
     ``value <= 1`` is a fraction of the unpruned model, larger values are absolute counts. A
-    "latency" target is always a fraction (of ``metric_fn({})`` in :func:`select`).
+    "latency" target is always a fraction (of ``metric_fn({})`` in :func:`select`). What a user
+    writes goes through :meth:`parse`, which refuses values that could be either.
     """
 
     metric: str
@@ -70,13 +72,27 @@ class Target:
 
     @classmethod
     def parse(cls, metric: str, text: str | float) -> Target:
-        """``"0.5"`` (fraction), ``"62.5M"``, ``"1.11G"``, ``"6e7"`` (absolute) -> Target."""
+        """``"0.5"`` (fraction), ``"62.5M"``, ``"1.11G"``, ``"6e7"`` (absolute) -> Target.
+
+        A value above 1 and below ``UNAMBIGUOUS_COUNT`` (1000), with or without a unit, is an error:
+        ``1.5`` is neither a fraction (at most 1) nor a plausible count of MACs or parameters.
+        """
+        if isinstance(text, bool):
+            raise CurlpruneError(f"target {metric} {text!r} is not a number: write a fraction (0.5) or a count (62.5M, 1.11G)")
         if isinstance(text, (int, float)):
-            return cls(metric, float(text))
+            return cls._unambiguous(metric, float(text))
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]?)\s*", str(text))
         if not match:
             raise CurlpruneError(f"target {metric} {text!r} is not a number: write a fraction (0.5) or a count (62.5M, 1.11G)")
-        return cls(metric, float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
+        return cls._unambiguous(metric, float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
+
+    @classmethod
+    def _unambiguous(cls, metric: str, value: float) -> Target:
+        if 1.0 < value < UNAMBIGUOUS_COUNT:
+            raise CurlpruneError(
+                f"target {metric} {value:g} is ambiguous: a fraction of the unpruned model is at most 1 (e.g. 0.5) "
+                f"and a count carries a unit or is large (e.g. 62.5M, 1.2G, 300k, 60000000)")
+        return cls(metric, value)
 
     @property
     def is_fraction(self) -> bool:

@@ -54,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                                                 "(sklearn digits); not needed by " + ", ".join(c.name for c in CRITERIA.values() if not c.needs_data)
                                                 + " (default: none)" + NO_DEFAULT)
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--target-macs", default=None, help="MACs to keep: a fraction (0.5) or a count (62.5M, 1.11G); this or --target-params is required" + NO_DEFAULT)
+    target.add_argument("--target-macs", default=None, help="MACs to keep: a fraction (at most 1, e.g. 0.5) or a count with a unit "
+                                                            "(62.5M, 1.11G; a value between 1 and 1000 is ambiguous and refused); "
+                                                            "this, --target-params or --target-latency is required" + NO_DEFAULT)
     target.add_argument("--target-params", default=None, help="parameters to keep: a fraction (0.5) or a count (1.2M)" + NO_DEFAULT)
     target.add_argument("--target-latency", default=None, metavar="FRACTION|TIME",
                         help="measured speed to reach on THIS machine: a fraction of the unpruned model's latency "
