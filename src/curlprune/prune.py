@@ -59,10 +59,11 @@ from curlprune.rundir import (
     write_done,
     write_json,
 )
-from curlprune.prune_config import PruneConfig, scores_fingerprint
+from curlprune.prune_config import PruneConfig, canonical_settings, scores_fingerprint
 from curlprune.scores_io import changed_fingerprint, read_scores, write_scores
 from curlprune.select import Target, model_cost_fn, resolve_protect, select
 from curlprune.surgery import apply
+from curlprune.validate import check_value
 
 @dataclass
 class PruneResult:
@@ -118,6 +119,7 @@ def run_prune(
 
     Source: docs/method.md §2 (the KL score) and §3 (selection, allocation).
     """
+    check_value("num_classes", num_classes)  # before the folder is locked or anything is loaded
     with RunLock(out_dir):  # one process per folder, also when called from Python (issue 12)
         return _run_prune(config, Path(out_dir), resume, model_name, weights, data, num_classes, show, input_size)
 
@@ -186,8 +188,9 @@ def _finished(out: Path, settings: dict[str, Any]) -> PruneResult | None:
         plan = json.loads((out / PLAN_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if not isinstance(previous.get("settings"), dict) or changed_settings(previous["settings"], settings):
-        return None
+    saved = previous.get("settings")
+    if not isinstance(saved, dict) or changed_settings({**saved, "config": canonical_settings(saved.get("config"))}, settings):
+        return None  # targets compared in one form: "0.5" written before = 0.5 now
     return PruneResult(out, out / MODEL_FILE, plan, report, scores_reused=True, already_done=True)
 
 
