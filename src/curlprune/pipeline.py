@@ -214,7 +214,8 @@ class Run:
             model, test top-1 in % (unpruned, pruned, last and best after training).
         Raises:
             CurlpruneError: bad combination of student and stages, a run directory that is not a
-                writable folder, is in use by another process or holds another run, a teacher that does not fit the data, or any stage's own errors.
+                writable folder, is in use by another process (also: lies inside a run directory
+                in use, or a stage folder of it is in use) or holds another run, a teacher that does not fit the data, or any stage's own errors.
         """
         if self.student_path is not None and "prune" in self.cfg.stages:
             raise CurlpruneError("a starting student cannot be combined with a prune stage: drop --student or the prune stage")
@@ -277,8 +278,9 @@ class Run:
         if self.finetune_first:  # prune the fine-tuned model (its plain weights file)
             weights, classes = str(self.run_dir / "finetune" / MODEL_FILE), self.model_ref["kwargs"].get("num_classes")
         started = time.time()
-        result = run_prune(self.cfg.sections["prune"], self.run_dir / "prune", resume=True, model_name=self.cfg.model,
-                           weights=weights, data=self.data, num_classes=classes, input_size=self.cfg.input_size)
+        with self.lock.stages():  # the run's own stage may lock prune/ inside the locked run directory
+            result = run_prune(self.cfg.sections["prune"], self.run_dir / "prune", resume=True, model_name=self.cfg.model,
+                               weights=weights, data=self.data, num_classes=classes, input_size=self.cfg.input_size)
         if not result.already_done:
             append_jsonl(self.run_dir / LOG_FILE, {"stage": "prune", "seconds": round(time.time() - started, 2)}, stamp=True)
         accuracy, selection = result.report["accuracy"], result.report["selection"]

@@ -112,8 +112,9 @@ def run_prune(
     Returns:
         The :class:`PruneResult` (checkpoint path, plan, report).
     Raises:
-        CurlpruneError: ``out_dir`` is not a writable folder or is in use by another process (it is
-            checked and locked, :class:`curlprune.runlock.RunLock`, before anything is loaded), bad
+        CurlpruneError: ``out_dir`` is not a writable folder or is in use by another process, or
+            lies inside a run directory in use (it is checked and locked,
+            :class:`curlprune.runlock.RunLock`, before anything is loaded), bad
             settings, an unreachable target, missing data, stored scores computed with other
             settings, or a folder that already holds a run (without ``resume``).
 
