@@ -3,7 +3,7 @@
 :func:`curlprune.select.select` bisects over how many ranked units to walk: the result is at or
 below the target, but one step of the walk can remove a lot at once (a wide group, or with
 ``round_to`` a whole rounded unit of 8 channels of a residual stream), so it can land far below.
-Two steps then bring it into ``[target * (1 - tolerance), target]``:
+These steps, in order, bring it into ``[target * (1 - tolerance), target]``:
 
 * :func:`fill`: from the last prefix *above* the target, remove further ranked units in rank order,
   skipping any whose removal lands below the band (CURL's ranking, continued).
@@ -11,11 +11,11 @@ Two steps then bring it into ``[target * (1 - tolerance), target]``:
   units with ``round_to``: the width stays a multiple of it) of removed channels, the most
   important (highest-ranked) first, whenever the result stays at or below the target.
 * :func:`swap`: when every single give-back overshoots the target (few, wide units, e.g. ResNet-20
-  with ``round_to=8``), give back one whole unit of a group and remove the next whole unit of
-  another (its lowest-ranked kept channels, under the floor), the most important give-back and the
-  least important removal first, until a pair lands in the band.
+  with ``round_to=8``), exchange whole units between groups: give one back and remove the next of
+  another group (its lowest-ranked kept channels, under the floor), or remove one and fill the room
+  with give-backs; the most important give-back and the least important removal first.
 
-Each group keeps its highest-ranked channels either way. When neither reaches the band, the
+Each group keeps its highest-ranked channels throughout. When none reaches the band, the
 closest plan below the target is kept and :func:`miss_note` says by how much it missed and why.
 The states are :class:`curlprune.select._Walk` objects (``removed``, ``units_total``, ``allows``,
 ``remove``, ``undo``, ``step``); this module imports nothing of the package.
@@ -229,7 +229,7 @@ def miss_note(value: float, goal: float, tolerance: float, round_to: int | None,
         fmt: formats a value for the message.
     """
     below = 1.0 - value / goal
-    what = f"whole units of {round_to} channels" if round_to else "single units"
+    what = f"whole units of {round_to} channels" if round_to else "whole units"
     why = (f"widths are kept in {what}; every unit that could be added back exceeds the target "
            f"(the cheapest by {overshoot / goal:.2%} of it)") if overshoot is not None else \
           "nothing removed could be added back without exceeding the target"
