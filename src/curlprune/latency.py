@@ -21,7 +21,8 @@ the stopping point along it is found by measuring. It runs :func:`curlprune.sele
 bisection over the number of ranked units with the measured relative latency of the sliced model
 as its ``metric_fn`` (``fill=False``: measuring thousands of fill candidates is too slow and within the noise),
 then re-measures the chosen plan with fresh timings and, when that misses the goal by more than the
-tolerance, searches again with the goal lowered by the miss (at most ``retries`` times).
+tolerance on either side, searches again with the goal moved by the miss (at most ``retries`` times);
+a target still missed is reported with by how much and why.
 """
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """A latency target: select's ranking searched with the measured latency of the sliced model as its
-metric (:class:`MeasuredCost`), re-measured afterwards and searched again when noise made it miss."""
+metric (:class:`MeasuredCost`), re-measured afterwards and searched again when noise made it miss,
+from above or from below: a target is met when the re-measured latency lies within the tolerance
+on either side of it; otherwise the result says by how much it missed and why."""
 from __future__ import annotations
 
 import statistics
@@ -149,8 +151,16 @@ class LatencySelection:
 
     @property
     def met(self) -> bool:
-        """Whether the re-measured latency is within the tolerance of the goal."""
-        return self.achieved <= self.goal * (1.0 + self.tolerance)
+        """Whether the re-measured latency is within the tolerance of the goal, above or below it
+        (or the goal is at least the unpruned latency and the plan prunes nothing)."""
+        if self.goal >= 1.0 and not self.plan:
+            return True
+        return self.goal * (1.0 - self.tolerance) <= self.achieved <= self.goal * (1.0 + self.tolerance)
+
+    @property
+    def missed_by(self) -> float:
+        """0 when met, else achieved / goal - 1 (negative: faster than asked)."""
+        return 0.0 if self.met else self.achieved / self.goal - 1.0
 
     def latency_dict(self) -> dict[str, Any]:
         """The ``latency`` entry of report.json."""
@@ -163,6 +173,7 @@ class LatencySelection:
             "noise": round(self.noise, 6),
             "tolerance": self.tolerance,
             "met": self.met,
+            "missed_by": round(self.missed_by, 6),
             "batch": self.batch,
             "threads": self.threads,
             "evaluations": self.evaluations,
@@ -175,6 +186,7 @@ class LatencySelection:
         d = self.selection.as_dict()
         d["target"] = {"metric": "latency", **self.target.as_dict(), "absolute": self.goal * self.reference_ms}
         d["latency"] = self.latency_dict()
+        d.update(met=self.met, missed_by=d["latency"]["missed_by"], tolerance=self.tolerance, note=self.note)
         return d
 
 
@@ -196,8 +208,12 @@ def select_latency(
     Runs :func:`curlprune.select.select` (ranking, floor, protection, rounding and bisection over
     the number of ranked units, docs/method.md §3) with ``metric_fn=measured`` (relative latency)
     and ``fill=False``. The chosen plan is then re-measured with fresh timings; when it is
-    above ``goal * (1 + tolerance)`` the search is repeated with the goal lowered by that miss, at
-    most ``retries`` times (the measurements of earlier searches are reused).
+    outside ``goal * (1 -/+ tolerance)`` the search is repeated with the goal moved by that miss
+    (lowered when it was too slow, raised when too fast), at most ``retries`` times (the
+    measurements of earlier searches are reused). When no re-measured plan lands within the
+    tolerance, the closest one not above ``goal * (1 + tolerance)`` is kept (else the fastest), and
+    its ``note`` says by how much it missed and why (timings that vary between measurements of
+    the same plan, or steps of the ranking larger than the tolerance).
 
     Args:
         groups, scores, floor, protect, normalize, round_to: as for ``select``.
@@ -206,7 +222,8 @@ def select_latency(
         target: a :class:`LatencyTarget`.
 
     Returns:
-        a :class:`LatencySelection` (plan, MACs/params, goal, re-measured latency, note).
+        a :class:`LatencySelection` (plan, MACs/params, goal, re-measured latency, ``met``,
+        ``missed_by``, note).
 
     Raises:
         CurlpruneError: the target is below the smallest reachable latency (floor/protection).
@@ -232,20 +249,41 @@ def select_latency(
 
     if goal >= 1.0:
         return result(search(1.0), None, 0, f"the unpruned model ({reference_ms:.3g} ms) already meets the target")
-    search_goal, notes = goal, []
+    low, high = goal * (1.0 - tol), goal * (1.0 + tol)
+    search_goal, notes, tried = goal, [], []
     sel = search(goal)  # raises when the goal is below the fastest plan the floor allows
     for attempt in range(1, retries + 2):
+        searched = measured(sel.plan) if sel.plan else 1.0  # what the search measured (cached)
         check = measured.compare(sel.plan, fresh=True) if sel.plan else None
         achieved = check.ratio if check else 1.0
-        if achieved <= goal * (1.0 + tol):
+        tried.append((sel, check, achieved, abs(achieved / searched - 1.0)))
+        if low <= achieved <= high:
             return result(sel, check, attempt, "; ".join(notes))
-        notes.append(f"search {attempt} re-measured {achieved:.3f} > {goal:.3f} x (1 + {tol:g})")
+        notes.append(f"search {attempt} re-measured {achieved:.3f} {'>' if achieved > high else '<'} {goal:.3f} x (1 {'+' if achieved > high else '-'} {tol:g})")
         if attempt == retries + 1:
             break
-        search_goal *= goal / achieved
+        search_goal = min(1.0, search_goal * goal / achieved)
         try:
             sel = search(search_goal)
         except CurlpruneError:  # the lowered goal is below the fastest plan: keep the last one
             break
-    notes.append("the target is not met within the tolerance after the retries; the last plan is kept")
-    return result(sel, check, attempt, "; ".join(notes))
+    sel, check, achieved, _ = _closest(tried, high)
+    notes.append(_latency_miss(achieved, goal, tol, len(tried), max(t[3] for t in tried)))
+    return result(sel, check, len(tried), "; ".join(notes))
+
+
+def _closest(tried: list[tuple], high: float) -> tuple:
+    """Of the re-measured ``(selection, comparison, achieved, drift)``: the slowest at or below
+    ``high``, else the fastest."""
+    below = [t for t in tried if t[2] <= high]
+    return max(below, key=lambda t: t[2]) if below else min(tried, key=lambda t: t[2])
+
+
+def _latency_miss(achieved: float, goal: float, tol: float, searches: int, drift: float) -> str:
+    """The note of a latency target no re-measured plan met: by how much, and why."""
+    side = "below" if achieved < goal else "above"
+    why = (f"timings on this machine vary by up to {drift:.0%} between measurements of the same plan (a busy "
+           "machine? run with fewer other jobs, or raise --latency-batch)") if drift > tol else \
+          "one step of the ranking changes the latency by more than the tolerance (try without --round-to)"
+    return (f"target missed: the kept plan re-measured {achieved:.3f} of the unpruned latency, {abs(achieved / goal - 1):.1%} "
+            f"{side} the goal {goal:.3f} (tolerance {tol:.0%}) after {searches} search(es): {why}")

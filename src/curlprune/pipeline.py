@@ -219,7 +219,8 @@ class Run:
             model, test top-1 in % (unpruned, pruned, last and best after training).
         Raises:
             CurlpruneError: bad combination of student and stages, a run directory that is not a
-                writable folder, is in use by another process or holds another run, a teacher that does not fit the data,
+                writable folder, is in use by another process (also: lies inside a run directory
+                in use, or a stage folder of it is in use) or holds another run, a teacher that does not fit the data,
                 a student checkpoint that is damaged or does not fit the run (both before anything is written), or
                 any stage's own errors.
         """
@@ -290,8 +291,9 @@ class Run:
         if self.transfer_first:  # prune the fine-tuned model (its plain weights file)
             weights, classes = str(self.run_dir / self.cfg.stages[0] / MODEL_FILE), self.model_ref.kwargs.get("num_classes")
         started = time.time()
-        result = run_prune(self.cfg.sections[PRUNE_STAGE], prune_dir, resume=True, model_name=self.cfg.model,
-                           weights=weights, data=self.data, num_classes=classes, input_size=self.cfg.input_size)
+        with self.lock.stages():  # the run's own stage may lock prune/ inside the locked run directory
+            result = run_prune(self.cfg.sections[PRUNE_STAGE], prune_dir, resume=True, model_name=self.cfg.model,
+                               weights=weights, data=self.data, num_classes=classes, input_size=self.cfg.input_size)
         # a line lost to a kill after prune/done.json is restored (issue 18)
         log_stage(self.run_dir, PRUNE_STAGE, None if result.already_done else round(time.time() - started, 2),
                   did_work=not result.already_done)

@@ -58,11 +58,12 @@ from curlprune.rundir import (
     optional_file_digest,
     write_done,
 )
-from curlprune.prune_config import PruneConfig, scores_fingerprint
+from curlprune.prune_config import PruneConfig, canonical_settings, scores_fingerprint
 from curlprune.records import GroupWidth, PruneAccuracy, PruneReport, RecordError, read_prune_report, write_prune_report
 from curlprune.scores_io import changed_fingerprint, read_scores, write_scores
 from curlprune.select import Target, model_cost_fn, resolve_protect, select
 from curlprune.surgery import apply
+from curlprune.validate import check_value
 
 @dataclass
 class PruneResult:
@@ -111,13 +112,15 @@ def run_prune(
     Returns:
         The :class:`PruneResult` (checkpoint path, plan, report).
     Raises:
-        CurlpruneError: ``out_dir`` is not a writable folder or is in use by another process (it is
-            checked and locked, :class:`curlprune.runlock.RunLock`, before anything is loaded), bad
+        CurlpruneError: ``out_dir`` is not a writable folder or is in use by another process, or
+            lies inside a run directory in use (it is checked and locked,
+            :class:`curlprune.runlock.RunLock`, before anything is loaded), bad
             settings, an unreachable target, missing data, stored scores computed with other
             settings, or a folder that already holds a run (without ``resume``).
 
     Source: docs/method.md §2 (the KL score) and §3 (selection, allocation).
     """
+    check_value("num_classes", num_classes)  # before the folder is locked or anything is loaded
     with RunLock(out_dir):  # one process per folder, also when called from Python (issue 12)
         return _run_prune(config, Path(out_dir), resume, model_name, weights, data, num_classes, show, input_size)
 
@@ -188,8 +191,9 @@ def _finished(out: Path, settings: dict[str, Any]) -> PruneResult | None:
         plan = json.loads((out / PLAN_FILE).read_text())
     except (OSError, json.JSONDecodeError, RecordError):
         return None
-    if not isinstance(previous.get("settings"), dict) or changed_settings(previous["settings"], settings):
-        return None
+    saved = previous.get("settings")
+    if not isinstance(saved, dict) or changed_settings({**saved, "config": canonical_settings(saved.get("config"))}, settings):
+        return None  # targets compared in one form: "0.5" written before = 0.5 now
     return PruneResult(out, out / MODEL_FILE, plan, report, scores_reused=True, already_done=True)
 
 
@@ -257,7 +261,15 @@ def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None,
 def _print_latency(latency: dict[str, Any]) -> None:
     console.print(f"measured latency (batch {latency['batch']}, {latency['threads']} thread(s)): {latency['reference_ms']:.3g} ms "
                   f"-> {latency['achieved_ms']:.3g} ms ({latency['achieved_fraction']:.3f}, goal {latency['goal_fraction']:.3f} "
-                  f"+/- {latency['tolerance']:.0%}: {'met' if latency['met'] else 'NOT met'})" + (f"; {latency['note']}" if latency["note"] else ""))
+                  f"+/- {latency['tolerance']:.0%}: {_met_words(latency)})" + (f"; {latency['note']}" if latency["note"] else ""))
+
+
+def _met_words(record: dict[str, Any]) -> str:
+    """"met", or "NOT met: 12.3% below" (report.json's ``met`` / ``missed_by``; older reports have no ``missed_by``)."""
+    if record["met"]:
+        return "met"
+    missed = record.get("missed_by") or 0.0
+    return f"NOT met: {abs(missed):.1%} {'below' if missed < 0 else 'above'}" if missed else "NOT met"
 
 
 def _load_splits(data: str | dict, seed: int) -> dict:

@@ -14,6 +14,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.latency import LatencyTarget
 from curlprune.rundir import LATER
 from curlprune.select import DEFAULT_FLOOR, NORMALIZATIONS, Target
+from curlprune.validate import check_ranges
 
 DEFAULT_CALIB = 256  # calibration images (docs/method.md §8)
 DEFAULT_BUDGET = float(DEFAULT_BUDGET_MB)  # MB for the stacked ablations of the kl criteria
@@ -26,11 +27,15 @@ class PruneConfig:
     criterion:      kl | kl-approx | l1 | bn | taylor | random, or a registered one
                     (:data:`curlprune.criteria.CRITERIA`).
     target_macs:    MACs to keep: a fraction of the unpruned model (<= 1, e.g. 0.5) or a count
-                    ("62.5M", 1.11e9). Exactly one of target_macs / target_params / target_latency.
+                    ("62.5M", 1.11e9; a value in (1, 1000) is refused as ambiguous). Exactly one of
+                    target_macs / target_params / target_latency. Stored in one canonical form
+                    (:func:`canonical_target`: the number, 0.5 or 62500000.0), so "0.5" from the
+                    command line and 0.5 from a YAML config are the same setting.
     target_params:  parameters to keep, same forms.
     target_latency: measured latency to reach: a fraction of the unpruned model's (0.5) or a time per
                     batch ("12ms"); found by timing the sliced model on this machine
-                    (:func:`curlprune.latency_select.select_latency`).
+                    (:func:`curlprune.latency_select.select_latency`). Canonical form: the
+                    fraction, or the time in ms as "12ms".
     latency_batch:  images per timed forward pass (latency target only); None = 1 (unset, so that
                     run folders written before latency targets existed keep their settings).
     latency_threads: intra-op threads while timing; None = the current setting.
@@ -54,6 +59,10 @@ class PruneConfig:
 
     The last two (and ``seed``) are the criteria's declared options (:class:`curlprune.criteria.Option`):
     :meth:`criterion_options` gives the chosen criterion's.
+
+    Every number is checked against its range (:data:`curlprune.validate.RANGES`: seed in
+    0 .. 2**32 - 1, budget_mb > 0, ...) when the config is made; ``protect: none`` (or ``[none]``)
+    is stored as ``[]``, as the command line's ``--protect none``.
     """
 
     criterion: str = "kl"
@@ -100,6 +109,11 @@ class PruneConfig:
             raise CurlpruneError(f"approx_classes must be a positive number of classes, got {self.approx_classes!r}")
         if isinstance(self.protect, str):
             self.protect = [self.protect]
+        if self.protect is not None:
+            self.protect = [p for p in self.protect if not (isinstance(p, str) and p.lower() == "none")]
+        check_ranges(self)  # seed -1 or 2**32, budget_mb 0, ... (issue 18)
+        for name in TARGET_FIELDS:  # one form however it was written: "0.5" and 0.5 are one setting
+            setattr(self, name, canonical_target(name, getattr(self, name)))
 
     def resolved_allocation(self) -> str:
         """The allocation's name: ``allocation``, or when it is unset the criterion's default
@@ -122,6 +136,44 @@ class PruneConfig:
     def latency_target(self) -> LatencyTarget | None:
         """The parsed latency target (a fraction or a duration), or None."""
         return None if self.target_latency is None else LatencyTarget.parse(self.target_latency)
+
+
+TARGET_FIELDS = ("target_macs", "target_params", "target_latency")
+
+
+def canonical_target(name: str, value: Any) -> float | str | None:
+    """The one stored form of a target setting (``name``: one of :data:`TARGET_FIELDS`).
+
+    MACs/params: the parsed number (``"0.5"`` -> 0.5, ``"62.5M"`` -> 62500000.0). Latency: the
+    fraction as a number, a duration as ``"<ms>ms"`` (``"0.012s"`` -> ``"12ms"``). None stays None.
+
+    Raises:
+        CurlpruneError: the value does not parse (see :meth:`Target.parse`, :meth:`LatencyTarget.parse`).
+    """
+    if value is None:
+        return None
+    if name == "target_latency":
+        latency = LatencyTarget.parse(value)
+        return latency.fraction if latency.fraction is not None else f"{latency.ms:.12g}ms"
+    return Target.parse(name.removeprefix("target_"), value).value
+
+
+def canonical_settings(saved: Any) -> Any:
+    """A stored prune config (``done.json``, ``config.json``; possibly written by an earlier version)
+    with its targets in the canonical form, for comparing with a config now; values that do not
+    parse, and anything that is not a mapping, are returned as they are."""
+    if not isinstance(saved, dict):
+        return saved
+    out = dict(saved)
+    for name in TARGET_FIELDS:
+        try:
+            out[name] = canonical_target(name, out.get(name))
+        except CurlpruneError:
+            pass
+    protect = [out["protect"]] if isinstance(out.get("protect"), str) else out.get("protect")
+    if isinstance(protect, list):
+        out["protect"] = [p for p in protect if not (isinstance(p, str) and p.lower() == "none")]
+    return {k: v for k, v in out.items() if k in saved or v is not None}
 
 
 def scores_fingerprint(config: PruneConfig, settings: dict[str, Any], images: torch.Tensor | None) -> dict[str, Any]:

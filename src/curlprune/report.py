@@ -76,7 +76,8 @@ def print_prune_summary(groups: list[ChannelGroup], selection: Any, accuracy: di
 
     Args:
         groups: the traced groups.
-        selection: :class:`curlprune.select.Selection` (plan, MACs/params before and after, top_k, protected).
+        selection: :class:`curlprune.select.Selection` (plan, MACs/params before and after, top_k,
+            protected); a target it did not meet within its tolerance gets a line of its own (its note).
         accuracy: ``{"test_images", "top1_before", "top1_after"}`` (top-1 in %).
         model_name: registry name, for the line.
         allocation: the allocation's name (``PruneConfig.resolved_allocation``), named in the line; None leaves it out.
@@ -91,6 +92,8 @@ def print_prune_summary(groups: list[ChannelGroup], selection: Any, accuracy: di
         + (f", allocation {allocation}" if allocation else "")
         + (f", protected: {', '.join(s.protected)}" if s.protected else "")
     )
+    if not getattr(s, "met", True) and s.target.metric != "latency":  # said again in report.json's selection
+        console.print(f"{model_name}: {s.note}")
     if accuracy["test_images"]:
         console.print(f"test top-1 on {accuracy['test_images']} images, no fine-tuning: "
                       f"{accuracy['top1_before']:.2f}% -> {accuracy['top1_after']:.2f}%")

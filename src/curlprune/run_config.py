@@ -30,10 +30,10 @@ import yaml
 
 from curlprune import strict_yaml
 from curlprune.errors import CurlpruneError
-from curlprune.prune_config import PruneConfig
+from curlprune.prune_config import PruneConfig, canonical_settings
 from curlprune.recover.registry import get_stage, recovery_stages, stage_names
 from curlprune.rundir import DONE_FILE, LATER, PRUNE_STAGE, check_same_settings
-from curlprune.validate import check_types
+from curlprune.validate import check_ranges, check_types, check_value
 
 IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed", "input_size")
 DEFAULT_STAGES = ["prune", "distill", "refine"]
@@ -188,8 +188,9 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise CurlpruneError(f"{where}: 'seed' must be a whole number (got {seed!r})")
+    check_value("seed", seed, where)  # -1 or 2**32 would crash deep in numpy (issue 18)
     sections = {s: _build_section(s, raw.get(s), where, {"seed": seed}) for s in known if s in stages or s in raw}
-    return RunConfig(
+    cfg = RunConfig(
         model=str(raw["model"]),
         weights=None if raw.get("weights") is None else str(raw["weights"]),
         num_classes=_optional_int(raw, "num_classes", where),
@@ -201,6 +202,8 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         stages=stages,
         sections=sections,
     )
+    check_ranges(cfg, where)  # every number in its range (curlprune.validate.RANGES)
+    return cfg
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -238,6 +241,7 @@ def check_same_run(previous: dict[str, Any], current: dict[str, Any], run_dir: P
 
 def check_finished_prune(prune_dir: Path, cfg: PruneConfig) -> None:
     """A finished prune stage is never redone with other settings: the stages after it started from its model.
+    Targets are compared in one canonical form (:func:`curlprune.prune_config.canonical_settings`).
 
     Raises:
         CurlpruneError: ``prune_dir`` holds a finished prune stage whose settings differ from ``cfg``.
@@ -246,6 +250,6 @@ def check_finished_prune(prune_dir: Path, cfg: PruneConfig) -> None:
         previous = json.loads((prune_dir / DONE_FILE).read_text())["settings"]["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # not finished (or not readable): the prune stage itself decides
-    check_same_settings(previous, dataclasses.asdict(cfg),
+    check_same_settings(canonical_settings(previous), dataclasses.asdict(cfg),  # "0.5" written before = 0.5 now
                         f"{prune_dir} holds a finished prune stage with other settings: {{differ}}; "
                         f"use another run_dir (--out), or delete {prune_dir} and the stages after it")

@@ -6,7 +6,11 @@ errors on them turned into one line.
 * :class:`RunLock`: ``<run_dir>/.lock`` held with ``fcntl.flock`` for the whole run; the holder's
   pid, host, command and start time are written into it, and a second run into the same folder
   fails at once naming them. The kernel releases the lock when its process dies (even SIGKILL),
-  so a lock left by a dead run never blocks the rerun that resumes it.
+  so a lock left by a dead run never blocks the rerun that resumes it. The lock covers the folders
+  inside the run directory too: a command whose folder lies inside a locked run directory (its
+  ``prune/``, or deeper) is refused naming the run, and a run does not start while a command holds
+  the lock of one of its stage folders (the direct subfolders). The run's own stages lock their
+  folders inside :meth:`RunLock.stages`.
 * :func:`os_error_message`: the one line for an ``OSError`` met while writing outputs (the run
   folder's writers, :mod:`curlprune.rundir`, give such errors the file's name).
 * :func:`remove_orphans`: the temporary files of writes that a kill interrupted
@@ -24,6 +28,9 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from curlprune.errors import CurlpruneError
@@ -31,6 +38,9 @@ from curlprune.errors import CurlpruneError
 LOCK_FILE = ".lock"
 # the temporary files of curlprune.rundir.atomic_write: mkstemp(prefix=".<name>.", suffix=".tmp"), 8 random characters
 ORPHAN_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+# lock files of run directories whose own stages are running in this context (RunLock.stages)
+_OWN_STAGES: ContextVar[frozenset[str]] = ContextVar("curlprune_own_stages", default=frozenset())
 
 # errors that come from the environment (disk, permissions, paths), not from a bug
 OUTPUT_ERRNOS = {
@@ -136,9 +146,10 @@ class RunLock:
     """An exclusive lock on a run directory (``<run_dir>/.lock``) for one process.
 
     ``acquire()`` checks the folder (:func:`check_writable_dir`), creates it if needed, takes the lock without waiting and writes the
-    holder's details; a held lock is a :class:`CurlpruneError` naming its holder. ``release()``
-    removes the lock file (and the folder when the lock created it and nothing else was written).
-    Usable as a context manager.
+    holder's details; a held lock is a :class:`CurlpruneError` naming its holder, and so is a held
+    lock of a folder it lies inside (a run directory at work) or of one of its direct subfolders
+    (a command at work in a stage folder). ``release()`` removes the lock file (and the folder when
+    the lock created it and nothing else was written). Usable as a context manager.
     """
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
@@ -154,8 +165,9 @@ class RunLock:
         Returns:
             ``self``.
         Raises:
-            CurlpruneError: the folder is not writable (:func:`check_writable_dir`) or another
-                process holds the lock (its pid, host, start time and command are named).
+            CurlpruneError: the folder is not writable (:func:`check_writable_dir`), or another
+                process holds the lock, the lock of a folder it lies inside, or that of one of its
+                subfolders (the holder's pid, host, start time and command are named).
         """
         if self._fd is not None:
             return self
@@ -189,8 +201,23 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self._fd = fd
+        try:  # after taking our own lock, so that of two commands starting together one sees the other
+            _check_nested(self.run_dir)
+        except BaseException:
+            self.release()
+            raise
         remove_orphans(self.run_dir)  # nothing of ours writes here now: leftovers are a killed writer's
         return self
+
+    @contextmanager
+    def stages(self) -> Iterator[None]:
+        """While inside, locks taken in this context in folders inside the (held) run directory do
+        not count this lock as another run's: the run's own stages (its prune stage) lock their folders."""
+        token = _OWN_STAGES.set(_OWN_STAGES.get() | {str(self.path.resolve())})
+        try:
+            yield
+        finally:
+            _OWN_STAGES.reset(token)
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (a no-op when not held); a folder the lock created
@@ -267,6 +294,60 @@ def remove_orphans(folder: str | os.PathLike) -> list[Path]:
                 except FileNotFoundError:
                     pass
     return removed
+
+
+def _check_nested(run_dir: Path) -> None:
+    """Raise when a folder ``run_dir`` lies inside, or a direct subfolder of it, is locked by another run.
+
+    Only lock files that hold a holder record (or nothing yet) are probed, with a shared lock that
+    is dropped at once; those of this context's own run (:meth:`RunLock.stages`) are skipped.
+    """
+    here = run_dir.resolve()
+    for parent in here.parents:
+        holder = _held_by_other(parent / LOCK_FILE)
+        if holder is not None:
+            raise CurlpruneError(f"{run_dir} lies inside the run directory {parent}, which is in use by another run ({holder}): "
+                                 f"wait for it to finish, or choose an --out outside {parent}")
+    try:
+        children = [c for c in here.iterdir() if c.is_dir()]
+    except OSError:
+        return
+    for child in sorted(children):
+        holder = _held_by_other(child / LOCK_FILE)
+        if holder is not None:
+            raise CurlpruneError(f"{run_dir / child.name} is in use by another run ({holder}), inside the run directory {run_dir}: "
+                                 f"wait for it to finish, or use another --out")
+
+
+def _held_by_other(path: Path) -> str | None:
+    """The holder of the run lock ``path`` when another run holds it, else None."""
+    if str(path) in _OWN_STAGES.get() or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if not _is_run_lock(fd):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd)
+        except OSError:
+            return None
+        return None
+    finally:
+        os.close(fd)  # drops the shared lock
+
+
+def _is_run_lock(fd: int) -> bool:
+    """Whether a lock file holds a :class:`RunLock` holder record (or nothing yet): other tools' ``.lock`` files are not ours."""
+    try:
+        text = os.pread(fd, 4096, 0).decode()
+        return not text.strip() or "pid" in json.loads(text)
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _read_holder(fd: int) -> str:

@@ -11,9 +11,13 @@ CURL's rule (docs/method.md §3), made automatic:
    end at ceil(floor*n) - 1 channels) or it is the group's last unit.
 3. Choose ``top_k`` automatically: cost (MACs or params of the sliced network) never increases with
    ``top_k``, so a bisection finds the smallest ``top_k`` whose cost is at or below the target. When
-   that last removal overshoots by more than ``tolerance``, the next-ranked units whose removal
-   lands inside ``[target * (1 - tolerance), target]`` are tried in rank order (a "fill" step), so
-   the result sits just below the target.
+   that last removal overshoots by more than ``tolerance`` (a wide group, or with ``round_to`` a
+   whole rounded unit), the result is brought into ``[target * (1 - tolerance), target]``
+   (:mod:`curlprune.select_fit`): first the next-ranked units whose removal lands inside are tried
+   in rank order (a "fill" step), then whole (rounded) units of removed channels are added back,
+   the most important first (a "give-back" step), or exchanged between groups. A target no plan
+   meets within the tolerance is kept from above and the Selection says by how much it missed and
+   why (``met``, ``missed_by``, ``note``).
 
 With ``metric_fn`` (``plan -> float``, e.g. the measured relative latency of the sliced model) the
 bisection and the fill compare ``metric_fn(plan)`` relative to ``metric_fn({})`` instead of the MACs
@@ -33,6 +37,7 @@ from curlprune.analysis import model_cost_fn  # noqa: F401  (re-exported: select
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.errors import CurlpruneError
 from curlprune.report import human
+from curlprune.select_fit import settle
 
 CostFn = Callable[[Plan], tuple[float, float]]
 """``plan -> (macs, params)`` of the model sliced by ``plan``."""
@@ -41,6 +46,7 @@ NORMALIZATIONS = ("none", "mean", "max", "l2")
 METRICS = ("macs", "params", "latency")
 DEFAULT_FLOOR = 0.3
 DEFAULT_TOLERANCE = 0.01
+UNAMBIGUOUS_COUNT = 1000.0  # a target value above 1 and below this is neither a fraction nor a plausible count
 _SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
 
@@ -49,7 +55,8 @@ class Target:
     """A compression target: ``metric`` ("macs", "params" or "latency") at ``value``.
 
     ``value <= 1`` is a fraction of the unpruned model, larger values are absolute counts. A
-    "latency" target is always a fraction (of ``metric_fn({})`` in :func:`select`).
+    "latency" target is always a fraction (of ``metric_fn({})`` in :func:`select`). What a user
+    writes goes through :meth:`parse`, which refuses values that could be either.
     """
 
     metric: str
@@ -65,13 +72,27 @@ class Target:
 
     @classmethod
     def parse(cls, metric: str, text: str | float) -> Target:
-        """``"0.5"`` (fraction), ``"62.5M"``, ``"1.11G"``, ``"6e7"`` (absolute) -> Target."""
+        """``"0.5"`` (fraction), ``"62.5M"``, ``"1.11G"``, ``"6e7"`` (absolute) -> Target.
+
+        A value above 1 and below ``UNAMBIGUOUS_COUNT`` (1000), with or without a unit, is an error:
+        ``1.5`` is neither a fraction (at most 1) nor a plausible count of MACs or parameters.
+        """
+        if isinstance(text, bool):
+            raise CurlpruneError(f"target {metric} {text!r} is not a number: write a fraction (0.5) or a count (62.5M, 1.11G)")
         if isinstance(text, (int, float)):
-            return cls(metric, float(text))
+            return cls._unambiguous(metric, float(text))
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]?)\s*", str(text))
         if not match:
             raise CurlpruneError(f"target {metric} {text!r} is not a number: write a fraction (0.5) or a count (62.5M, 1.11G)")
-        return cls(metric, float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
+        return cls._unambiguous(metric, float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
+
+    @classmethod
+    def _unambiguous(cls, metric: str, value: float) -> Target:
+        if 1.0 < value < UNAMBIGUOUS_COUNT:
+            raise CurlpruneError(
+                f"target {metric} {value:g} is ambiguous: a fraction of the unpruned model is at most 1 (e.g. 0.5) "
+                f"and a count carries a unit or is large (e.g. 62.5M, 1.2G, 300k, 60000000)")
+        return cls(metric, value)
 
     @property
     def is_fraction(self) -> bool:
@@ -112,6 +133,10 @@ class Selection:
     floor: float = DEFAULT_FLOOR
     filled: int = 0  # units removed by the fill step beyond the bisection's prefix
     note: str = ""
+    given_back: int = 0  # units added back or exchanged between groups (select_fit.give_back, swap)
+    tolerance: float = DEFAULT_TOLERANCE  # how far below the target (a fraction of it) still meets it
+    met: bool = True  # the searched value lies in [target * (1 - tolerance), target]
+    missed_by: float = 0.0  # when not met: searched value / target - 1 (negative: below the target)
 
     @property
     def achieved(self) -> float:
@@ -131,6 +156,10 @@ class Selection:
             "protected": list(self.protected),
             "floor": self.floor,
             "filled": self.filled,
+            "given_back": self.given_back,
+            "tolerance": self.tolerance,
+            "met": self.met,
+            "missed_by": round(self.missed_by, 6),
             "note": self.note,
         }
 
@@ -238,11 +267,26 @@ def normalize_values(values: np.ndarray, how: str) -> np.ndarray:
 class _Walk:
     """The state of walking the ranking: which units are removed, in which order."""
 
-    def __init__(self, groups: Sequence[ChannelGroup], floor: float) -> None:
+    def __init__(self, groups: Sequence[ChannelGroup], floor: float, round_to: int | None = None) -> None:
         self.groups = {g.name: g for g in groups}
         self.units_total = {g.name: g.width // g.unit for g in groups}
         self.removed: dict[str, list[int]] = {}
         self.floor = floor
+        self.round_to = round_to  # set by rounded(): the removed lists already keep rounded widths
+
+    def step(self, name: str) -> int:
+        """Units of group ``name`` that make one whole rounded unit (1 without rounding)."""
+        unit = self.groups[name].unit
+        return math.lcm(self.round_to or 1, unit) // unit
+
+    def rounded(self, round_to: int | None) -> _Walk:
+        """A copy whose removed lists are what ``plan(round_to)`` keeps removed."""
+        copy = _Walk(list(self.groups.values()), self.floor, round_to)
+        for name, removed in self.removed.items():
+            kept = _round_removed(list(removed), self.units_total[name], self.groups[name].unit, round_to) if round_to else list(removed)
+            if kept:
+                copy.removed[name] = kept
+        return copy
 
     def allows(self, entry: RankedUnit) -> bool:
         """CURL's rule: skip when the group's kept fraction is already below the floor."""
@@ -335,10 +379,13 @@ def select(
         metric_fn: ``plan -> float`` searched instead of ``cost_fn``'s MACs/params (the target is
             then a fraction of ``metric_fn({})``; needed for metric "latency"). ``cost_fn`` still
             gives the Selection's MACs and params.
-        fill: try the fill step when the bisection overshoots (off: the bisection's plan).
+        fill: try the fill and give-back steps when the bisection lands below the tolerance band
+            (off: the bisection's plan).
 
     Returns:
-        The :class:`Selection`: the plan, its cost, the unpruned cost and how it was found.
+        The :class:`Selection`: the plan, its cost, the unpruned cost and how it was found; when
+        no plan lands within the tolerance, ``met`` is False and ``missed_by`` and ``note`` say by
+        how much and why (the plan is then the closest found below the target).
 
     Raises:
         CurlpruneError: invalid floor/round_to/normalisation/scores, or a target the floor and the
@@ -363,14 +410,17 @@ def select(
     def cost_of(state: _Walk) -> float:
         return value_fn(state.plan(round_to))
 
-    def finish(state: _Walk, top_k: int, filled: int = 0, note: str = "") -> Selection:
+    def finish(state: _Walk, top_k: int, filled: int = 0, note: str = "", given_back: int = 0) -> Selection:
         plan = state.plan(round_to)
         macs, params = cost_fn(plan)
         removed = sum(state.groups[name].width - len(kept) for name, kept in plan.items())
+        value = value_fn(plan)
+        met = full <= goal or goal * (1.0 - tolerance) <= value <= goal
         return Selection(
             plan=plan, target=target, target_value=goal, top_k=top_k,
             removed_channels=removed, macs=macs, params=params,
             full_macs=full_macs, full_params=full_params, protected=protected, floor=floor, filled=filled, note=note,
+            given_back=given_back, tolerance=tolerance, met=met, missed_by=0.0 if met else value / goal - 1.0,
         )
 
     if full <= goal:
@@ -393,37 +443,6 @@ def select(
     state = walk(ranked, groups, hi, floor)
     if not fill or cost_of(state) >= goal * (1.0 - tolerance):
         return finish(state, hi)
-    filled = _fill(ranked, groups, lo, floor, goal, tolerance, cost_of)
-    if filled is None:
-        return finish(state, hi, note=f"no ranked removal lands within {tolerance:.0%} below the target; the closest below is used")
-    fill_state, top_k, count = filled
-    return finish(fill_state, top_k, filled=count)
-
-
-def _fill(
-    ranked: Sequence[RankedUnit],
-    groups: Sequence[ChannelGroup],
-    start: int,
-    floor: float,
-    goal: float,
-    tolerance: float,
-    cost_of: Callable[[_Walk], float],
-    max_tries: int = 4096,
-) -> tuple[_Walk, int, int] | None:
-    """From the prefix just above the goal, remove further ranked units in order, skipping those
-    whose removal would undershoot the band ``[goal * (1 - tolerance), goal]``."""
-    state = walk(ranked, groups, start, floor)
-    count = 0
-    for position in range(start, min(len(ranked), start + max_tries)):
-        entry = ranked[position]
-        if not state.allows(entry):
-            continue
-        state.remove(entry)
-        value = cost_of(state)
-        if value > goal:
-            count += 1
-            continue
-        if value >= goal * (1.0 - tolerance):
-            return state, position + 1, count + 1
-        state.undo(entry)
-    return None
+    state, top_k, filled, given, note = settle(ranked, lo, hi, lambda k: walk(ranked, groups, k, floor), round_to,
+                                               goal, tolerance, cost_of, fmt)
+    return finish(state, top_k, filled=filled, note=note, given_back=given)

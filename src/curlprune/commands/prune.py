@@ -54,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                                                 "(sklearn digits); not needed by " + ", ".join(c.name for c in CRITERIA.values() if not c.needs_data)
                                                 + " (default: none)" + NO_DEFAULT)
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--target-macs", default=None, help="MACs to keep: a fraction (0.5) or a count (62.5M, 1.11G); this or --target-params is required" + NO_DEFAULT)
+    target.add_argument("--target-macs", default=None, help="MACs to keep: a fraction (at most 1, e.g. 0.5) or a count with a unit "
+                                                            "(62.5M, 1.11G; a value between 1 and 1000 is ambiguous and refused); "
+                                                            "this, --target-params or --target-latency is required" + NO_DEFAULT)
     target.add_argument("--target-params", default=None, help="parameters to keep: a fraction (0.5) or a count (1.2M)" + NO_DEFAULT)
     target.add_argument("--target-latency", default=None, metavar="FRACTION|TIME",
                         help="measured speed to reach on THIS machine: a fraction of the unpruned model's latency "
@@ -85,7 +87,9 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                         f"at 50%% of the MACs, 59.60%% vs 53.84%% at 30%%); paper for {_spoken(per_layer)}, whose "
                         "per-layer scales make the division hurt (l1 at 50%%: 52.78%% vs 84.74%%); see "
                         "benchmarks/results/cifar_resnet56.md" + NO_DEFAULT)
-    p.add_argument("--round-to", type=int, default=None, help="round kept widths up to a multiple of this, e.g. 8 (default: off)" + NO_DEFAULT)
+    p.add_argument("--round-to", type=int, default=None, help="round kept widths up to a multiple of this, e.g. 8; the target is still met "
+                                                           "within 1%% (whole units are added back or exchanged between groups), or "
+                                                           "report.json and the terminal say by how much it was missed (default: off)" + NO_DEFAULT)
     p.add_argument("--eval-limit", type=int, default=None, help="test images for top-1 before/after: a seeded subset; 0 skips the evaluation (default: all)" + NO_DEFAULT)
     for name, (option, users) in _criterion_options().items():
         p.add_argument("--" + name.replace("_", "-"), type=type(option.default), default=option.default,

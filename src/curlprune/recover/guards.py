@@ -14,6 +14,7 @@ import torch
 
 from curlprune.canonical import check_finite_state
 from curlprune.errors import CurlpruneError
+from curlprune.validate import check_ranges
 
 __all__ = ["MAX_LR", "check_finite_loss", "check_finite_state", "check_hyperparameters"]
 
@@ -24,7 +25,8 @@ def check_hyperparameters(cfg: Any) -> None:
     """Check a training config's numbers before anything trains (issue 12).
 
     Every float finite, lr in (0, MAX_LR], epochs and batch_size positive whole numbers,
-    momentum and weight_decay in [0, 1).
+    momentum and weight_decay in [0, 1); then every numeric field in its range
+    (:func:`curlprune.validate.check_ranges`: seed in 0 .. 2**32 - 1, ...).
 
     Args:
         cfg: a training config (a dataclass such as :class:`curlprune.recover.stage.TrainConfig`).
@@ -45,6 +47,7 @@ def check_hyperparameters(cfg: Any) -> None:
         value = getattr(cfg, name, 0.0)
         if not 0.0 <= value < 1.0:
             raise CurlpruneError(f"{name} must be in [0, 1) (got {value})")
+    check_ranges(cfg)  # the seed and every other number (issue 18)
 
 
 def check_finite_loss(loss: torch.Tensor, epoch: int, step: int, lr: float | None = None) -> None:
