@@ -63,7 +63,7 @@ def test_prune_to_a_measured_latency_on_digits_writes_the_report(tmp_path):
     assert latency["reference_ms"] > 0 and latency["achieved_ms"] > 0 and latency["evaluations"] >= 1
     assert 0 < report["selection"]["macs_ratio"] <= 1  # MACs next to the latency
     settings = json.loads((out / "done.json").read_text())["settings"]["config"]
-    assert (settings["target_latency"], settings["latency_batch"], settings["latency_threads"]) == ("0.97", 32, 1)
+    assert (settings["target_latency"], settings["latency_batch"], settings["latency_threads"]) == (0.97, 32, 1)  # one canonical form (issue 18 item 7)
     assert "measured latency" in done.stdout and "report:" in done.stdout
     # the latency search walks the same ranking as a MACs target would: here score / MACs saved
     assert report["allocation"] == "cost-weighted"

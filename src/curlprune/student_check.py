@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from curlprune.errors import CurlpruneError, exception_summary
+from curlprune.models import ModelRef
 
 __all__ = ["check_student_fits"]
 
@@ -29,14 +30,14 @@ def _outputs(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
         model.train(was_training)
 
 
-def check_student_fits(student: nn.Module, source: str | os.PathLike, student_ref: dict, student_shape: list[int],
+def check_student_fits(student: nn.Module, source: str | os.PathLike, student_ref: ModelRef | dict, student_shape: list[int],
                        teacher: nn.Module, example: torch.Tensor, model_name: str) -> None:
     """Check that a student loaded from a checkpoint takes the run's input and gives the teacher's outputs.
 
     Args:
         student: the loaded student (its weights are not changed).
         source: the checkpoint file (named in the message).
-        student_ref: its ``model_ref`` (``{"name", "kwargs"}``) and ``student_shape`` its ``input_shape``,
+        student_ref: its ``model_ref`` (a ModelRef or ``{"name", "kwargs"}``) and ``student_shape`` its ``input_shape``,
             named in the message.
         teacher: the run's unpruned model (the teacher of its stages).
         example: one input batch of the run (``[1, C, S, S]``).
@@ -45,7 +46,7 @@ def check_student_fits(student: nn.Module, source: str | os.PathLike, student_re
         CurlpruneError: the student fails on the run's input, or its output width differs from the
             teacher's (one line naming the file, both models and what to do).
     """
-    what = f"student checkpoint {source} ({student_ref.get('name')}, input {list(student_shape)})"
+    what = f"student checkpoint {source} ({ModelRef.of(student_ref).name}, input {list(student_shape)})"
     fix = f"pass a student pruned from {model_name} (e.g. <run_dir>/prune/model.safetensors) or choose the run's model and data to match it"
     device = next(student.parameters(), torch.empty(0)).device
     try:
