@@ -261,16 +261,17 @@ def test_orphans_of_a_folder_locked_by_another_run_are_kept(tmp_path):
         assert holder.stdout.readline().strip() == "held"
         _killed_write(run / "prune" / "scores.npz")  # as if the other run were writing it now
         _killed_write(run / "model.safetensors")
-        with RunLock(run):
-            left = _orphans(run)
-            assert len(left) == 1 and left[0].startswith("prune/.scores.npz."), left  # the run's own orphan is gone
-        with RunLock(run / "prune" / "sub"):  # under a folder another run holds: nothing is touched
-            pass
-        assert len(_orphans(run)) == 1
+        # the lock over stage folders (issue 18 item 8): a run whose prune/ another run holds, or a folder
+        # under it, is refused, and a refused lock touches no file
+        with pytest.raises(CurlpruneError, match="in use by another run"):
+            RunLock(run).acquire()
+        with pytest.raises(CurlpruneError, match="in use by another run"):
+            RunLock(run / "prune" / "sub").acquire()
+        assert len(_orphans(run)) == 2
     finally:
         holder.kill()
         holder.wait()
-    with RunLock(run / "prune"):  # the holder is gone: its leftovers are orphans now
+    with RunLock(run):  # the holder is gone: its leftovers and the run's own are orphans now
         assert _orphans(run) == []
 
 
