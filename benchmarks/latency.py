@@ -13,11 +13,11 @@ curlprune.optimize_for_inference on both models ("torch-opt": BN folded into the
 in place; what the latency target measures), and ONNX Runtime (CPU provider, which folds BN itself) on
 the model exported with curlprune.export_onnx. Batch 64 for CIFAR, 8 at 224 (64 takes too long here), and
 batch 1; 1 intra-op thread and all cores. Every pruned model is timed interleaved with its unpruned
-model in the same run (curlprune.latency.time_interleaved: alternating order, median of per-round
+model in the same run (curlprune.cost.latency.time_interleaved: alternating order, median of per-round
 ratios), so the speed-up is a ratio from one run on a shared, noisy machine.
 
 Latency-target rows: ResNet-56 (batch 64) and resnet50 (batch 8), 1 thread, --target-latency 0.5:
-curlprune.latency_select.select_latency, then the chosen plan re-measured afterwards.
+curlprune.select.latency_select.select_latency, then the chosen plan re-measured afterwards.
 
     python benchmarks/latency.py [--models r56-50,r56-30,r50-50,mbv2-50,effb0-50] [--out runs/bench-latency]
 
@@ -82,7 +82,7 @@ def main() -> None:
             analysis.setdefault("profiles", {})[args.profile] = _profile(args.profile, out)
         if args.ort_kernels_only:
             analysis["ort_kernels"] = _ort_kernels(out)
-        from curlprune.checkpoint import atomic_write_text
+        from curlprune.store.rundir import atomic_write_text
 
         atomic_write_text(analysis_path, json.dumps(analysis, indent=1) + "\n")
         _write(state, results)
@@ -108,7 +108,7 @@ def main() -> None:
 
 
 def _build(name: str):
-    from curlprune.analysis import trace
+    from curlprune.cost.analysis import trace
     from curlprune.models import build
 
     model_name, weights, _, _, size, _ = MODELS[name]
@@ -144,7 +144,7 @@ def _scores(name: str, model, groups, out: Path) -> tuple[dict, float]:
             return {k: stored[k] for k in stored.files if k != "__meta__"}, meta["seconds"]
     images = None
     if criterion in ("kl", "kl-approx"):
-        from curlprune.data import batches, calibration_subset, load_image_folder
+        from curlprune.data.data import batches, calibration_subset, load_image_folder
         from curlprune.models import input_spec
 
         splits = load_image_folder(CIFAR_DATA, splits=["train"])
@@ -161,10 +161,11 @@ def _scores(name: str, model, groups, out: Path) -> tuple[dict, float]:
 
 def _pruned(name: str, model, example, groups, scores, round_to):
     """The plan ``curlprune prune`` makes with its defaults for this criterion (allocation included)."""
-    from curlprune.allocation import allocate, default_allocation, named_allocation
+    from curlprune.select.allocation import allocate, default_allocation, named_allocation
     from curlprune.models import default_protect
-    from curlprune.select import Target, model_cost_fn
-    from curlprune.surgery import apply
+    from curlprune.cost.analysis import model_cost_fn
+    from curlprune.select.search import Target
+    from curlprune.surgery.surgery import apply
 
     model_name, _, target, criterion, _, _ = MODELS[name]
     protect = default_protect(model_name, model, groups)
@@ -174,7 +175,7 @@ def _pruned(name: str, model, example, groups, scores, round_to):
 
 
 def _bench_model(name, state, out, results, runtimes, batch_kind, n_threads, max_rounds) -> None:
-    from curlprune.latency import compare_latency, example_batch, prepare
+    from curlprune.cost.latency import compare_latency, example_batch, prepare
 
     if name not in MODELS:
         raise SystemExit(f"unknown model {name}: use {', '.join(MODELS)}")
@@ -234,8 +235,8 @@ def _bench_model(name, state, out, results, runtimes, batch_kind, n_threads, max
 def _ort_compare(name, round_to, model, small, x, threads, out, timing):
     import onnxruntime as ort
 
-    from curlprune.checkpoint import export_onnx
-    from curlprune.latency import time_interleaved
+    from curlprune.store.checkpoint import export_onnx
+    from curlprune.cost.latency import time_interleaved
 
     sessions = {}
     for label, m in (("reference", model), ("candidate", small)):
@@ -258,7 +259,7 @@ def _profile(name: str, out: Path) -> dict:
     """Milliseconds per batch by operator (torch profiler, self time, 3 passes) of the unpruned model
     and its plans without and with round_to 8, each as it is and optimised for inference: where the
     time goes that the MACs do not show."""
-    from curlprune.latency import example_batch, prepare
+    from curlprune.cost.latency import example_batch, prepare
 
     model, example, groups = _build(name)
     scores, _ = _scores(name, model, groups, out)
@@ -314,12 +315,12 @@ def _ort_kernels(out: Path) -> dict:
 
 def _target_row(name, state, out, results) -> None:
     """--target-latency 0.5 at the big batch, 1 thread: the MACs ratio it lands at, re-measured after."""
-    from curlprune.allocation import default_allocation, named_allocation, ranking_scores
-    from curlprune.latency import LatencyTarget, compare_latency
-    from curlprune.latency_select import measured_cost_fn, select_latency
+    from curlprune.select.allocation import default_allocation, named_allocation, ranking_scores
+    from curlprune.cost.latency import LatencyTarget, compare_latency
+    from curlprune.select.latency_select import measured_cost_fn, select_latency
     from curlprune.models import default_protect
-    from curlprune.select import model_cost_fn
-    from curlprune.surgery import apply
+    from curlprune.cost.analysis import model_cost_fn
+    from curlprune.surgery.surgery import apply
 
     key = f"{name}|target-latency 0.5"
     if key in state.setdefault("targets", {}):
@@ -366,7 +367,7 @@ def _load(path: Path) -> dict:
 
 def _write(state: dict, results: Path) -> None:
     """Write the results, first taking in rows another process of this benchmark wrote meanwhile."""
-    from curlprune.checkpoint import atomic_write_text
+    from curlprune.store.rundir import atomic_write_text
 
     disk = _load(results / "latency.json")
     for section in ("rows", "targets", "scores_seconds"):
@@ -502,7 +503,7 @@ def _plot(state: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from curlprune.checkpoint import atomic_write
+    from curlprune.store.rundir import atomic_write
 
     rows = [r for r in state["rows"].values() if r["round_to"] is None and "unreachable" not in r]
     if not rows:

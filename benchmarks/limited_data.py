@@ -40,12 +40,13 @@ BUDGETS = {500: (8, 1), 100: (20, 2)}
 
 
 def main() -> None:
-    from curlprune import checkpoint, data
-    from curlprune.checkpoint import atomic_write_text
-    from curlprune.cost import count
+    from curlprune.data import data
+    from curlprune.store import checkpoint
+    from curlprune.store.rundir import atomic_write_text
+    from curlprune.cost.cost import count
     from curlprune.models import build, input_spec
-    from curlprune.pipeline import Run
-    from curlprune.run_config import parse_config
+    from curlprune.run.pipeline import Run
+    from curlprune.run.run_config import parse_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, nargs="+", default=[100, 500])
@@ -154,7 +155,7 @@ def main() -> None:
 
 
 def write_markdown(results: dict, results_dir: Path) -> None:
-    from curlprune.checkpoint import atomic_write_text
+    from curlprune.store.rundir import atomic_write_text
 
     names = {"t": "ResNet-56 teacher (unpruned)", "a": "CURL: kl prune + distill + refine", "b": "kl prune + CE fine-tune", "c": "l1 prune + distill + refine",
              "d0": "ResNet-20 pretrained, as is", "d1": "ResNet-20 pretrained + CE fine-tune", "e": "CURL without refine"}

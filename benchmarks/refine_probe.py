@@ -55,8 +55,9 @@ RENAMED = {"default": "BN updating (as row a ran)", "BN frozen": "BN frozen (the
 
 
 def main() -> None:
-    from curlprune import checkpoint, data
-    from curlprune.rundir import atomic_write_text
+    from curlprune.data import data
+    from curlprune.store import checkpoint
+    from curlprune.store.rundir import atomic_write_text
     from curlprune.models import input_spec
     from curlprune.models.transfer import at_input_size
     from curlprune.recover.refine import RefineConfig, refine

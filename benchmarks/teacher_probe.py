@@ -52,13 +52,14 @@ NAMES = {
 
 
 def main() -> None:
-    from curlprune import checkpoint, data
-    from curlprune.cost import count
+    from curlprune.data import data
+    from curlprune.store import checkpoint
+    from curlprune.cost.cost import count
     from curlprune.models import build, input_spec
     from curlprune.models.transfer import at_input_size
-    from curlprune.pipeline import Run
-    from curlprune.rundir import atomic_write_text
-    from curlprune.run_config import parse_config
+    from curlprune.run.pipeline import Run
+    from curlprune.store.rundir import atomic_write_text
+    from curlprune.run.run_config import parse_config
     from transfer import BUDGETS, SMALL, TRAINING_STAGES, ZIP, evaluate_all, stage_seconds
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,7 +148,7 @@ def main() -> None:
 
 
 def write_markdown(results: dict, path: Path) -> None:
-    from curlprune.rundir import atomic_write_text
+    from curlprune.store.rundir import atomic_write_text
 
     transfer = json.loads((RESULTS / "transfer.json").read_text())["rows"].get("500", {})
     rows = {**{k: transfer[k] for k in ("t", "a", "e", "b", "d1") if k in transfer}, **results["rows"]}

@@ -24,7 +24,7 @@ Budget per training set (BUDGETS): distill E epochs, refine R epochs of the 6x s
 train with CE (t, b, d1, z) get E + 6 R epochs, so every row sees the same number of images.
 Rows a, b, d1, d2 run with seeds 0, 1, 2 (training randomness: order, augmentation, mixup, new
 head; the training subset and the prunes are the same), the others with seed 0. Every stage
-uses the product's defaults (``curlprune.pipeline.Run``) except epochs and a 1-epoch warm-up.
+uses the product's defaults (``curlprune.run.pipeline.Run``) except epochs and a 1-epoch warm-up.
 Per-epoch monitoring uses a fixed 200-image slice of the test split; the reported numbers are
 the last-epoch model on all 713 test images: top-1 and the mean of the per-class accuracies.
 
@@ -63,7 +63,7 @@ NAMES = {"t": "ResNet-56 fine-tuned (teacher, unpruned)", "a": "CURL: kl prune t
 
 def evaluate_all(model, test, spec) -> tuple[float, float]:
     """(top-1 %, mean of the per-class top-1 %) on every image of ``test``."""
-    from curlprune.data import batches
+    from curlprune.data.data import batches
 
     model.eval()
     predicted = []
@@ -77,13 +77,14 @@ def evaluate_all(model, test, spec) -> tuple[float, float]:
 
 
 def main() -> None:
-    from curlprune import checkpoint, data
-    from curlprune.checkpoint import atomic_write_text
-    from curlprune.cost import count
+    from curlprune.data import data
+    from curlprune.store import checkpoint
+    from curlprune.store.rundir import atomic_write_text
+    from curlprune.cost.cost import count
     from curlprune.models import build, input_spec
     from curlprune.models.transfer import at_input_size, build_with_new_head
-    from curlprune.pipeline import Run
-    from curlprune.run_config import parse_config
+    from curlprune.run.pipeline import Run
+    from curlprune.run.run_config import parse_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["500", "full"], choices=list(BUDGETS))
@@ -301,7 +302,7 @@ def train_seconds(root: Path, row: str, seed: int) -> float | None:
 
 
 def write_markdown(results: dict, results_dir: Path) -> None:
-    from curlprune.checkpoint import atomic_write_text
+    from curlprune.store.rundir import atomic_write_text
 
     def fmt(mean: float, std: float | None) -> str:
         return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
@@ -347,7 +348,7 @@ def plot(results: dict, results_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from curlprune.checkpoint import atomic_write
+    from curlprune.store.rundir import atomic_write
 
     sets = list(results["rows"])
     if not sets:

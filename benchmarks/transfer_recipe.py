@@ -35,7 +35,7 @@ RECIPES = {"plain": {"body_lr_mult": 1.0, "head_epochs": 0.0}, "mult": {"body_lr
 
 def per_class_mean(model, test, spec) -> float:
     """Mean over classes of the per-class top-1 (%), on every test image."""
-    from curlprune.data import batches
+    from curlprune.data.data import batches
 
     model.eval()
     predictions = []
@@ -48,10 +48,11 @@ def per_class_mean(model, test, spec) -> float:
 
 
 def main() -> None:
-    from curlprune import checkpoint, data
-    from curlprune.checkpoint import atomic_write_text
-    from curlprune.pipeline import Run
-    from curlprune.run_config import parse_config
+    from curlprune.data import data
+    from curlprune.store import checkpoint
+    from curlprune.store.rundir import atomic_write_text
+    from curlprune.run.pipeline import Run
+    from curlprune.run.run_config import parse_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="cifar:resnet20")
@@ -99,7 +100,7 @@ def main() -> None:
 
 
 def write_markdown(results: dict, results_dir: Path) -> None:
-    from curlprune.checkpoint import atomic_write_text
+    from curlprune.store.rundir import atomic_write_text
 
     groups: dict[tuple, list[dict]] = {}
     for row in results["rows"].values():

@@ -210,10 +210,10 @@ def measure(name: str) -> dict:
 
     import torch
 
-    from curlprune.cost import count
-    from curlprune.analysis import plan_cost
-    from curlprune.analysis import trace
-    from curlprune.surgery import apply, mask, random_plan
+    from curlprune.cost.cost import count
+    from curlprune.cost.analysis import plan_cost
+    from curlprune.cost.analysis import trace
+    from curlprune.surgery.surgery import apply, mask, random_plan
 
     row: dict = {"stage": "build"}
     model = build_random(name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from curlprune.cost import count
+from curlprune.cost.cost import count
 from curlprune.models import build, input_spec
 
 MODELS = [

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from curlprune.data import ImageDataset, class_balanced_subset, load_digits_dataset
+from curlprune.data.data import ImageDataset, class_balanced_subset, load_digits_dataset
 from curlprune.models import build, input_spec
 from curlprune.recover import DistillConfig, FinetuneConfig, RefineConfig, distill, finetune, refine
-from curlprune.rundir import DONE_FILE, STATE_FILE
 from curlprune.recover.dist import shutdown
+from curlprune.store.rundir import DONE_FILE, STATE_FILE
 
 MODEL = "small:resnet-digits"
 TRIP_AFTER_SAMPLES = 8

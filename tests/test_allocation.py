@@ -1,4 +1,4 @@
-"""Allocations (curlprune.allocation): MACs-weighted scores, kind protection, iterative re-scoring, and the
+"""Allocations (curlprune.select.allocation): MACs-weighted scores, kind protection, iterative re-scoring, and the
 prune stage's named allocations (cost-weighted, the default; paper)."""
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import curlprune
-from curlprune.allocation import PAPER, Allocation, allocate, cost_weighted, iterative_allocate, named_allocation, protect_kind
+from curlprune.channels import ChannelGroup
+from curlprune.cost.analysis import model_cost_fn
 from curlprune.criteria import compute_scores
 from curlprune.errors import CurlpruneError
-from curlprune.channels import ChannelGroup
 from curlprune.models import build
-from curlprune.select import Target, model_cost_fn, select
+from curlprune.select.allocation import PAPER, Allocation, allocate, cost_weighted, iterative_allocate, named_allocation, protect_kind
+from curlprune.select.search import Target, select
 
 from conftest import SHARED  # noqa: E402
 
@@ -214,7 +215,7 @@ def test_cost_weighted_works_with_normalize_protect_round_to_and_units():
 @pytest.mark.parametrize("criterion, expected", [("kl", "cost-weighted"), ("kl-approx", "cost-weighted"), ("l1", "paper"),
                                                  ("bn", "paper"), ("taylor", "paper"), ("random", "paper")])
 def test_the_default_allocation_follows_the_criterion(criterion, expected):
-    from curlprune.prune_config import PruneConfig
+    from curlprune.run.prune_config import PruneConfig
 
     assert PruneConfig(criterion=criterion, target_macs=0.5).resolved_allocation() == expected
     other = "paper" if expected == "cost-weighted" else "cost-weighted"

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import curlprune
-from curlprune.checkpoint import export_onnx, load, read_metadata, save
 from curlprune.errors import CurlpruneError
 from curlprune.models import build
-from curlprune.surgery import random_plan
+from curlprune.store.checkpoint import export_onnx, load, read_metadata, save
+from curlprune.surgery.surgery import random_plan
 
 
 @pytest.fixture(scope="module")

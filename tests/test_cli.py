@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import curlprune
-from curlprune.checkpoint import save
 from curlprune.cli import main
 from curlprune.models import build
+from curlprune.store.checkpoint import save
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

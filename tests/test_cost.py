@@ -7,7 +7,8 @@ import torch.fx as fx
 import torchvision
 from torch import nn
 
-from curlprune.cost import count, measure_latency
+from curlprune.cost.cost import count
+from curlprune.cost.latency import example_batch, forward_runner, prepare, time_interleaved, torch_threads
 from curlprune.models import build
 
 
@@ -90,7 +91,11 @@ def test_graph_module_meta_and_batch_independence():
 
 def test_measure_latency():
     model = build("small:resnet-digits").train()
-    result = measure_latency(model, torch.zeros(4, 1, 8, 8), warmup=1, repeats=5)
-    assert 0 < result["min_ms"] <= result["median_ms"] <= result["max_ms"]
-    assert result["batch_size"] == 4 and result["repeats"] == 5 and result["threads"] >= 1
-    assert model.training
+    x = example_batch(torch.zeros(1, 1, 8, 8), 4)
+    with torch_threads(None) as threads:
+        timing = time_interleaved({"model": forward_runner(prepare(model, optimize=False), x)},
+                                  min_rounds=5, max_rounds=5, warmup=1, min_time_s=0.0)
+    seconds = timing.seconds["model"]
+    assert 0 < min(seconds) * 1e3 <= timing.median_ms("model") <= max(seconds) * 1e3
+    assert x.shape[0] == 4 and len(seconds) == 5 and threads >= 1
+    assert model.training  # a copy was timed

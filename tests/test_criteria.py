@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from curlprune.cost.analysis import trace
 from curlprune.criteria import compute_scores, get
 from curlprune.criteria.kl import KLStats, kl_scores, kl_scores_naive
 from curlprune.criteria.kl_approx import kl_approx_scores
 from curlprune.errors import CurlpruneError
-from curlprune.analysis import trace
 from curlprune.models import build
 
 from conftest import SHARED  # noqa: E402
@@ -83,7 +83,7 @@ def test_fast_kl_variants_agree_with_small_memory_budget(digits):
 
 def test_kl_matches_physically_sliced_model(digits):
     """The score of a channel is the KL of the model with that channel sliced away (apply)."""
-    from curlprune.surgery import apply
+    from curlprune.surgery.surgery import apply
 
     model, groups, images, _ = digits
     scores = kl_scores(model, groups, images)

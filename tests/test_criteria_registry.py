@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from curlprune.analysis import trace
 from curlprune.cli import main
+from curlprune.cost.analysis import trace
 from curlprune.criteria import CRITERIA, Criterion, Option, compute_scores, get, register_criterion, work_items
 from curlprune.criteria.base import prunable, unit_broadcast
 from curlprune.errors import CurlpruneError
 from curlprune.models import build
-from curlprune.prune_config import PruneConfig, scores_fingerprint
+from curlprune.run.prune_config import PruneConfig, scores_fingerprint
 
 BUILT_IN = ("kl", "kl-approx", "l1", "bn", "taylor", "random")
 SETTINGS = {"model": "small:resnet-digits", "weights": "w.pt", "weights_sha256": "ab" * 32, "num_classes": None}

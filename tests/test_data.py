@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from curlprune.data import (
+from curlprune.data.data import (
     ImageDataset,
     batches,
     calibration_subset,
@@ -18,9 +18,9 @@ from curlprune.data import (
     load_digits_dataset,
     load_image_folder,
 )
+from curlprune.data.transforms import PadCropFlip, build_transform, normalize_batch
 from curlprune.errors import CurlpruneError
 from curlprune.models import IMAGENET_MEAN, IMAGENET_STD, build, input_spec
-from curlprune.transforms import PadCropFlip, build_transform, normalize_batch
 
 from conftest import SHARED  # noqa: E402
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

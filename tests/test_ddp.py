@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from curlprune.data.transforms import build_transform
 from curlprune.recover import ExpandedDataset, load_label_store
 from curlprune.recover.evaluate import predict
-from curlprune.transforms import build_transform
 
 sys.path.insert(0, str(Path(__file__).parent))
 from recover_job import MODEL, seeded_model, tiny_data  # noqa: E402

@@ -15,11 +15,11 @@ import torch
 import torchvision
 from torch import nn
 
-from curlprune.errors import CurlpruneError
-from curlprune.analysis import trace
 from curlprune.channels import Plan
+from curlprune.cost.analysis import trace
+from curlprune.errors import CurlpruneError
 from curlprune.models import build
-from curlprune.surgery import apply, mask, random_plan
+from curlprune.surgery.surgery import apply, mask, random_plan
 
 MODELS = {
     "cifar:resnet20": (2, 3, 32, 32),
@@ -210,8 +210,8 @@ class Zoo(nn.Module):
 
 
 def test_zoo_of_traced_ops():
-    from curlprune.cost import count
-    from curlprune.analysis import plan_cost
+    from curlprune.cost.cost import count
+    from curlprune.cost.analysis import plan_cost
 
     torch.manual_seed(0)
     model = Zoo().eval()

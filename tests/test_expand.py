@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from curlprune.data import load_digits_dataset
+from curlprune.data.data import load_digits_dataset
 from curlprune.recover.expand import (
     CUTOUT_RANGE,
     VERSIONS,

@@ -22,10 +22,10 @@ from test_equivalence import MODELS as EQUIVALENCE_ZOO
 from test_equivalence import make_model, relative_error
 from torch import nn
 
-from curlprune.cost import count
-from curlprune.analysis import plan_cost, trace
 from curlprune.channels import ChannelGroup
-from curlprune.surgery import apply, mask, random_plan
+from curlprune.cost.analysis import plan_cost, trace
+from curlprune.cost.cost import count
+from curlprune.surgery.surgery import apply, mask, random_plan
 
 
 def randomise(model: nn.Module, seed: int = 1) -> nn.Module:
@@ -338,7 +338,7 @@ def test_plan_cost_equals_count_of_applied_model_for_random_plans(name):
 def test_selection_cost_is_exact_or_refused_in_one_line(name):
     """select's cost function never reports numbers the measured cost would contradict."""
     from curlprune.errors import CurlpruneError
-    from curlprune.select import model_cost_fn
+    from curlprune.cost.analysis import model_cost_fn
 
     factory, shape = FAULT_MODELS[name]
     torch.manual_seed(0)
@@ -355,7 +355,7 @@ def test_selection_cost_is_exact_or_refused_in_one_line(name):
 
 def test_pruned_model_cost_is_checked_against_the_selection():
     """The prune stage's check after apply: the measured cost of the sliced model must be the selection's."""
-    from curlprune.analysis import check_pruned_cost
+    from curlprune.cost.analysis import check_pruned_cost
     from curlprune.errors import CurlpruneError
 
     factory, shape = FAULT_MODELS["TiedConvs"]

@@ -8,12 +8,12 @@ import torchvision
 from torch import nn
 
 import curlprune
-from curlprune.cost import count
-from curlprune.errors import CurlpruneError
-from curlprune.analysis import trace
 from curlprune.channels import ChannelGroup
+from curlprune.cost.analysis import trace
+from curlprune.cost.cost import count
+from curlprune.errors import CurlpruneError
 from curlprune.models import build
-from curlprune.surgery import apply, validate_plan
+from curlprune.surgery.surgery import apply, validate_plan
 
 
 def by_name(groups: list[ChannelGroup]) -> dict[str, ChannelGroup]:

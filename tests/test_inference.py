@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import curlprune
-from curlprune.inference import inplace_adds, optimize_for_inference
-from curlprune.latency import prepare
+from curlprune.cost.latency import prepare
 from curlprune.models import build
-from curlprune.surgery import random_plan
+from curlprune.surgery.inference import inplace_adds, optimize_for_inference
+from curlprune.surgery.surgery import random_plan
 
 
 def nontrivial_bn(model: nn.Module, seed: int = 0) -> nn.Module:

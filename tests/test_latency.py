@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from curlprune.cost.latency import LatencyTarget, compare_latency, time_interleaved
 from curlprune.errors import CurlpruneError
-from curlprune.latency import LatencyTarget, compare_latency, time_interleaved
-from curlprune.latency_select import measured_cost_fn, select_latency
+from curlprune.select.latency_select import measured_cost_fn, select_latency
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ class WorkClock(TorchFunctionMode):
 
 @pytest.fixture(scope="module")
 def digits():
-    from curlprune.analysis import trace
+    from curlprune.cost.analysis import trace
     from curlprune.models import build
 
     torch.manual_seed(0)
@@ -117,7 +117,7 @@ def test_interleaved_timing_alternates_and_measures_each_runner():
 
 
 def test_fake_clock_target_is_met_within_tolerance(digits):
-    from curlprune.select import model_cost_fn
+    from curlprune.cost.analysis import model_cost_fn
 
     model, example, groups, scores = digits
     clock = WorkClock()
@@ -129,7 +129,7 @@ def test_fake_clock_target_is_met_within_tolerance(digits):
     assert chosen.met and chosen.achieved <= 0.6 * (1 + chosen.tolerance)
     assert chosen.achieved == pytest.approx(measured(chosen.plan))  # deterministic: the re-measure agrees
     # it is the stopping point: one ranked unit fewer would miss the goal
-    from curlprune.select import rank_units, walk
+    from curlprune.select.search import rank_units, walk
 
     ranked = rank_units(groups, scores)
     before = walk(ranked, groups, chosen.selection.top_k - 1, 0.3).plan()
@@ -139,13 +139,13 @@ def test_fake_clock_target_is_met_within_tolerance(digits):
     assert chosen.selection.macs / chosen.selection.full_macs != pytest.approx(chosen.achieved, abs=0.01)
     report = chosen.as_dict()
     assert report["target"]["metric"] == "latency" and report["latency"]["met"] is True
-    # what curlprune.figures reads for the summary figure and table
+    # what curlprune.report.figures reads for the summary figure and table
     assert {"achieved_fraction", "achieved_ms", "reference_ms", "batch", "threads"} <= set(report["latency"])
     assert 0 < report["macs_ratio"] < 1
 
 
 def test_fake_clock_absolute_target_and_unreachable_target(digits):
-    from curlprune.select import model_cost_fn
+    from curlprune.cost.analysis import model_cost_fn
 
     model, example, groups, scores = digits
     clock = WorkClock()
@@ -163,8 +163,8 @@ def test_fake_clock_absolute_target_and_unreachable_target(digits):
 
 
 def test_real_clock_runs_on_the_digits_model(digits):
-    from curlprune.select import model_cost_fn
-    from curlprune.surgery import apply
+    from curlprune.cost.analysis import model_cost_fn
+    from curlprune.surgery.surgery import apply
 
     model, example, groups, scores = digits
     half = {g.name: list(range(g.width // 2)) for g in groups if g.prunable}
@@ -175,7 +175,7 @@ def test_real_clock_runs_on_the_digits_model(digits):
     measured = measured_cost_fn(model, groups, example, batch=32, threads=1, min_rounds=3, max_rounds=5, min_time_s=0.005)
     # the fastest plan the floor allows; its measurement is cached, so a goal between it and 1.0 is reachable
     # (a tiny model is overhead-bound, ~0.8 here, and a loaded machine is noisy: the goal adapts)
-    from curlprune.select import rank_units, walk
+    from curlprune.select.search import rank_units, walk
 
     fastest = measured(walk(rank_units(groups, scores), groups, 10**6, 0.3).plan())
     goal = min(1.0, (1.0 + fastest) / 2)

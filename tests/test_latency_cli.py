@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
-from curlprune.allocation import COST_WEIGHTED, ranking_scores
-from curlprune.analysis import trace
+from curlprune.cost.analysis import trace
 from curlprune.errors import CurlpruneError
 from curlprune.models import build
-from curlprune.prune import PruneConfig
-from curlprune.scores_io import read_scores
-from curlprune.select import rank_units, walk
+from curlprune.run.prune import PruneConfig
+from curlprune.select.allocation import COST_WEIGHTED, ranking_scores
+from curlprune.select.search import rank_units, walk
+from curlprune.store.scores_io import read_scores
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 BASE = ["prune", "--model", "small:resnet-digits", "--criterion", "l1", "--eval-limit", "0"]

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import curlprune
-from curlprune.analysis import plan_cost, trace
 from curlprune.channels import ChannelGroup
-from curlprune.cost import count
+from curlprune.cost.analysis import plan_cost, trace
+from curlprune.cost.cost import count
 from curlprune.criteria.kl import kl_scores, kl_scores_naive
 from curlprune.errors import CurlpruneError
 from curlprune.graph import ChannelMixing, LayerRule, PerChannel, register_layer, rule_for
-from curlprune.surgery import apply, mask, random_plan
+from curlprune.surgery.surgery import apply, mask, random_plan
 
 
 class ScaledConv(nn.Module):

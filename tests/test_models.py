@@ -9,8 +9,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from curlprune.data import evaluate, load_digits_dataset, load_image_folder
-from curlprune.digits import train_digits_model
+from curlprune.data.data import evaluate, load_digits_dataset, load_image_folder
+from curlprune.data.digits import train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.models import (
     IMAGENET_MEAN,

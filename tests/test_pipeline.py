@@ -16,12 +16,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from curlprune import checkpoint
 from curlprune.cli import main
-from curlprune.cost import count
+from curlprune.cost.cost import count
+from curlprune.data.digits import train_digits_model
 from curlprune.models import build, digits_resnet
-from curlprune.run_config import config_to_dict, parse_config
-from curlprune.digits import train_digits_model
+from curlprune.run.run_config import config_to_dict, parse_config
+from curlprune.store import checkpoint
 
 MODEL = "small:resnet-digits"
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torchvision
 
-from curlprune.cost import count
-from curlprune.analysis import plan_cost
+from curlprune.cost.analysis import plan_cost
+from curlprune.cost.analysis import trace
+from curlprune.cost.cost import count
 from curlprune.errors import CurlpruneError
-from curlprune.analysis import trace
 from curlprune.models import build
-from curlprune.surgery import apply, random_plan
+from curlprune.surgery.surgery import apply, random_plan
 
 
 # each brings something of its own: zero-pad shortcuts, depthwise, grouped units, concat offsets,

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from curlprune import checkpoint
-from curlprune.allocation import COST_WEIGHTED, allocate
 from curlprune.cli import main
-from curlprune.cost import count
-from curlprune.analysis import model_cost_fn, trace
+from curlprune.cost.analysis import model_cost_fn, trace
+from curlprune.cost.cost import count
 from curlprune.models import build
-from curlprune.prune import PruneConfig, run_prune
-from curlprune.scores_io import read_scores
-from curlprune.select import Target, select
+from curlprune.run.prune import PruneConfig, run_prune
+from curlprune.select.allocation import COST_WEIGHTED, allocate
+from curlprune.select.search import Target, select
+from curlprune.store import checkpoint
+from curlprune.store.scores_io import read_scores
 
 from conftest import SHARED  # noqa: E402
 MODEL = "small:resnet-digits"
@@ -27,7 +27,7 @@ MODEL = "small:resnet-digits"
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     """The digits ResNet trained on the real digits for a few seconds, as a state-dict file."""
-    from curlprune.digits import train_digits_model
+    from curlprune.data.digits import train_digits_model
 
     path = tmp_path_factory.mktemp("digits") / "digits.pt"
     torch.save(train_digits_model(seed=0, epochs=15).state_dict(), path)
@@ -67,7 +67,7 @@ def test_kl_prune_writes_every_output_and_a_faithful_checkpoint(kl_run, weights,
     plan = json.loads((out / "plan.json").read_text())
     assert checkpoint.read_metadata(out / "model.safetensors")["plan"] == plan
     # the saved model is the original sliced by the plan: same outputs as apply() and as mask()
-    from curlprune.surgery import apply, mask
+    from curlprune.surgery.surgery import apply, mask
 
     model = build(MODEL, weights=str(weights)).eval()
     groups = trace(model, torch.zeros(1, 1, 8, 8))
@@ -171,7 +171,7 @@ def test_help_explains_every_option_with_its_default(capsys):
 
 def test_run_prune_api_for_the_pipeline(weights, tmp_path):
     """The pipeline's call: a config dataclass, loaded splits, resume=True; a rerun returns at once."""
-    from curlprune.data import load_digits_dataset
+    from curlprune.data.data import load_digits_dataset
 
     splits = load_digits_dataset(seed=0)
     config = PruneConfig(criterion="kl-approx", target_macs=0.5, calib=64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from curlprune.data import evaluate, load_image_folder
+from curlprune.data.data import evaluate, load_image_folder
 from curlprune.models import build, input_spec
 
 from conftest import SHARED  # noqa: E402

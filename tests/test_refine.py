@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from curlprune.data import class_balanced_subset, load_digits_dataset
+from curlprune.data.data import class_balanced_subset, load_digits_dataset
+from curlprune.data.transforms import build_transform
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
 from curlprune.recover import ExpandedDataset, RefineConfig, refine, refine_loss
 from curlprune.recover.dist import DistContext
-from curlprune.transforms import build_transform
 from curlprune.recover.refine import RefineStage
 
 SPEC = input_spec("small:resnet-digits")

@@ -10,7 +10,7 @@ import torch
 from curlprune.channels import ChannelGroup, Member
 from curlprune.errors import CurlpruneError
 from curlprune.models import default_protect
-from curlprune.select import Target, rank_units, resolve_protect, select, walk
+from curlprune.select.search import Target, rank_units, resolve_protect, select, walk
 
 from conftest import SHARED  # noqa: E402
 
@@ -112,7 +112,7 @@ def test_impossible_target_states_smallest_reachable(chain):
     cost = _chain_cost(groups)
     floor_plan = walk(rank_units(groups, scores), groups, 10**9, 0.3).plan()
     smallest = cost(floor_plan)[0]
-    from curlprune.report import human
+    from curlprune.report.report import human
 
     with pytest.raises(CurlpruneError) as err:
         select(groups, scores, cost, Target("macs", 0.01))
@@ -174,9 +174,9 @@ def test_default_protect_is_the_classifier_stream_of_torchvision_resnets():
 
 def _model_selection(name: str, weights: str | None, fraction: float, criterion: str):
     from curlprune.criteria import compute_scores
-    from curlprune.analysis import trace
+    from curlprune.cost.analysis import trace
     from curlprune.models import build, input_spec
-    from curlprune.select import model_cost_fn
+    from curlprune.cost.analysis import model_cost_fn
 
     model = build(name, weights=weights).eval()
     spec = input_spec(name)
@@ -189,8 +189,8 @@ def _model_selection(name: str, weights: str | None, fraction: float, criterion:
 
 
 def _check_selection(model, groups, x, sel, fraction):
-    from curlprune.cost import count
-    from curlprune.surgery import apply
+    from curlprune.cost.cost import count
+    from curlprune.surgery.surgery import apply
 
     assert fraction * 0.99 * sel.full_macs <= sel.macs <= fraction * sel.full_macs
     macs, params = count(apply(model, groups, sel.plan), x)

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 
 from curlprune.cli import build_parser
 from curlprune.errors import CurlpruneError
-from curlprune.figures import build_figures
-from curlprune.pipeline import Run
 from curlprune.recover import DistillConfig, FinetuneConfig, RefineConfig
 from curlprune.recover.registry import RecoveryStage, get_stage, recovery_stages, register_stage, unregister_stage
 from curlprune.recover.stage import Stage, TrainConfig
-from curlprune.run_config import all_stages, parse_config, stage_config
+from curlprune.report.figures import build_figures
+from curlprune.run.pipeline import Run
+from curlprune.run.run_config import all_stages, parse_config, stage_config
 
 
 @dataclass

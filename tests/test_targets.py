@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from curlprune.allocation import allocate, named_allocation
-from curlprune.analysis import trace
 from curlprune.channels import ChannelGroup
+from curlprune.cost.analysis import model_cost_fn
+from curlprune.cost.analysis import trace
+from curlprune.cost.latency import LatencyComparison, LatencyTarget
 from curlprune.criteria import compute_scores
-from curlprune.latency import LatencyComparison, LatencyTarget
-from curlprune.latency_select import select_latency
 from curlprune.models import build
-from curlprune.select import DEFAULT_TOLERANCE, Target, model_cost_fn, select
+from curlprune.select.allocation import allocate, named_allocation
+from curlprune.select.latency_select import select_latency
+from curlprune.select.search import DEFAULT_TOLERANCE, Target, select
 
 from conftest import SHARED
 
@@ -105,7 +106,7 @@ def test_a_target_missed_says_by_how_much_and_why():
 
 
 class BusyMachine:
-    """A measured cost (:class:`curlprune.latency_select.MeasuredCost`'s interface) whose relative
+    """A measured cost (:class:`curlprune.select.latency_select.MeasuredCost`'s interface) whose relative
     latency is the plan's MACs ratio, except that fresh re-measurements read ``spikes[i]`` times
     higher, one factor per re-measurement (then exact): a machine that was busy for a moment."""
 

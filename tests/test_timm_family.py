@@ -50,9 +50,9 @@ def test_timm_building_blocks_prune_exactly_and_keep_their_train_mode():
     pytest.importorskip("timm")
     import random
 
-    from curlprune.cost import count
-    from curlprune.analysis import plan_cost, trace
-    from curlprune.surgery import apply, mask, random_plan
+    from curlprune.cost.cost import count
+    from curlprune.cost.analysis import plan_cost, trace
+    from curlprune.surgery.surgery import apply, mask, random_plan
 
     torch.manual_seed(0)
     model = timm_family.build("tf_efficientnet_b0", num_classes=10).eval()
@@ -83,7 +83,7 @@ def test_cli_prune_groups_count_accept_timm_names(tmp_path, capsys, monkeypatch)
 
     import curlprune
     from curlprune.cli import main
-    from curlprune.cost import count
+    from curlprune.cost.cost import count
 
     assert main(["count", "--model", "timm:test_resnet", "--input-size", "64"]) == 0
     assert "timm:test_resnet at 64x64" in capsys.readouterr().out

@@ -13,19 +13,19 @@ from safetensors.torch import load_file
 from torch import nn
 from PIL import Image
 
-from curlprune import checkpoint
-from curlprune.checkpoint import file_digest
 from curlprune.cli import main
-from curlprune.cost import count
-from curlprune.data import load_digits_dataset
+from curlprune.cost.cost import count
+from curlprune.data.data import load_digits_dataset
+from curlprune.data.digits import train_digits_model
+from curlprune.data.transforms import build_transform
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
-from curlprune.digits import train_digits_model
 from curlprune.models.transfer import at_input_size, find_classifier, replace_classifier, weights_classes
-from curlprune.pipeline import Run
-from curlprune.run_config import parse_config
 from curlprune.recover.finetune import FinetuneConfig, finetune
-from curlprune.transforms import build_transform
+from curlprune.run.pipeline import Run
+from curlprune.run.run_config import parse_config
+from curlprune.store import checkpoint
+from curlprune.store.rundir import file_digest
 
 DIGITS = "small:resnet-digits"
 QUIET = {"progress": False}
@@ -119,7 +119,7 @@ def test_default_transforms_are_unchanged_for_images_at_the_model_size():
 # ----- the transfer recipe --------------------------------------------------------------------
 def digits_data():
     splits = load_digits_dataset(seed=0)
-    from curlprune.data import class_balanced_subset
+    from curlprune.data.data import class_balanced_subset
 
     return {"train": class_balanced_subset(splits["train"], 10, 0), "test": splits["test"].subset(range(60))}
 

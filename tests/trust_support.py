@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from curlprune.cli import main
-from curlprune.digits import train_digits_model
+from curlprune.data.digits import train_digits_model
 
 
 MODEL = "small:resnet-digits"

@@ -12,7 +12,7 @@ import sys
 from curlprune import __version__
 from curlprune.commands import demo, inspect, prune, report, run
 from curlprune.errors import CurlpruneError
-from curlprune.runlock import os_error_message
+from curlprune.store import os_error_message
 
 # Command families in the order their commands appear in --help.
 COMMAND_FAMILIES = [demo, inspect, prune, run, report]

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import torch
 
-from curlprune.data import evaluate, load_digits_dataset
+from curlprune.commands.run import run_and_print
+from curlprune.data import evaluate, load_digits_dataset, train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.models import input_spec
-from curlprune.digits import train_digits_model
 from curlprune.report import console
-from curlprune.rundir import atomic_write
-from curlprune.commands.run import run_and_print
-from curlprune.run_config import parse_config
+from curlprune.run import parse_config
+from curlprune.store import atomic_write
 
 DEMO_SHARED = Path(__file__).resolve().parents[4] / "shared"  # ../shared beside the repository
 
@@ -26,7 +25,7 @@ def demo_config(out: Path, cifar: bool) -> dict:
         out: the run directory (the digits teacher's weights go to ``out/teacher.pt``).
         cifar: use CIFAR-10 ResNet-56 from ../shared instead of the digits.
     Returns:
-        A raw config mapping for :func:`curlprune.run_config.parse_config`.
+        A raw config mapping for :func:`curlprune.run.run_config.parse_config`.
     """
     if cifar:
         return {

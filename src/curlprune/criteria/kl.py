@@ -1,7 +1,7 @@
 """CURL's criterion, exact: the batch-mean KL(q || p) when one unit of one group is removed.
 
 p = softmax(logits of the intact model), q = softmax(logits with the unit's channels zeroed at
-every channel-mixing consumer, exactly as :func:`curlprune.surgery.mask` zeroes them, which equals
+every channel-mixing consumer, exactly as :func:`curlprune.surgery.surgery.mask` zeroes them, which equals
 slicing them away); natural log, temperature 1, model in eval mode. Every unit is scored alone,
 once, before any pruning (docs/method.md §2).
 
@@ -130,7 +130,7 @@ def kl_scores_naive(
     progress: Progress | None = None,
     only: dict[str, Sequence[int]] | None = None,
 ) -> Scores:
-    """The reference: one full forward per unit with :func:`curlprune.surgery.mask` (as the authors)."""
+    """The reference: one full forward per unit with :func:`curlprune.surgery.surgery.mask` (as the authors)."""
 
     def forward() -> torch.Tensor:
         return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])

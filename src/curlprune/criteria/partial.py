@@ -2,7 +2,7 @@
 
 This is what makes the exact KL criterion fast and the Fisher approximation possible:
 
-* **Cuts.** Removing a group's channel is simulated exactly as :func:`curlprune.surgery.mask`
+* **Cuts.** Removing a group's channel is simulated exactly as :func:`curlprune.surgery.surgery.mask`
   does it: the channel is zeroed at the input of every channel-mixing consumer (members with role
   ``"in"``: convs with ``groups == 1`` and linears). A *cut* is one such consumer call in the fx
   graph, with the input positions of every group channel.

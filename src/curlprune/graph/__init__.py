@@ -18,7 +18,7 @@ A package of passes over a torch.fx trace, one job per file (like torch.fx's own
     groups.py        from slot classes to ChannelGroups (members, units)
 
 It only finds groups; their costs and the cached analysis (``trace``, ``analyse``, ``plan_cost``)
-are in :mod:`curlprune.analysis`, which sits above this package and the cost table.
+are in :mod:`curlprune.cost.analysis`, which sits above this package and the cost table.
 """
 from curlprune.channels import ChannelGroup, Member, Plan, SliceKey
 from curlprune.graph.channel_pass import channel_pass

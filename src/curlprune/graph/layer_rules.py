@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from curlprune.errors import CurlpruneError
-from curlprune.op_cost import CostTerm
+from curlprune.graph.op_cost import CostTerm
 
 Shape = Sequence[int]
 Terms = tuple[list[CostTerm], dict[int, CostTerm]]

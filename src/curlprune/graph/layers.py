@@ -33,8 +33,8 @@ from curlprune.graph.layer_rules import (
     replace_tensor,
     unsupported_module,
 )
+from curlprune.graph.op_cost import CostTerm
 from curlprune.graph.ops import normalises_channels
-from curlprune.op_cost import CostTerm
 
 
 

@@ -16,8 +16,8 @@ import torch.fx as fx
 from torch import nn
 
 from curlprune.errors import CurlpruneError
+from curlprune.graph.op_cost import CostMode
 from curlprune.graph.tracing import eval_mode
-from curlprune.op_cost import CostMode
 
 
 @dataclass(frozen=True)

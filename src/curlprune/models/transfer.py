@@ -94,7 +94,7 @@ def at_input_size(spec: InputSpec, size: int | None) -> InputSpec:
     random crop scale with the size (ResNet-50's 256 -> 224 becomes 183 -> 160 at 160 px; CIFAR's
     4 px padding at 32 px becomes 8 px at 64 px). Small-input models without an eval resize get
     ``resize = size``, so images of any size (e.g. 96 px photos) have their short side resized to
-    the input size (see ``curlprune.transforms.build_transform``).
+    the input size (see ``curlprune.data.transforms.build_transform``).
 
     Args:
         spec: the model's input recipe at its default size.

@@ -5,7 +5,7 @@ and ``.safetensors`` files, unwrapping ``{"state_dict": ...}`` / ``{"model": ...
 DataParallel ``module.`` prefix. ``load_state_strict`` loads a state dict into a model strictly,
 with one CurlpruneError line that says what does not fit and how to fix it. ``check_finite_weights``
 refuses weights holding NaN or inf where they are read (weights files here, checkpoints in
-:func:`curlprune.checkpoint.load`, stage folders in :mod:`curlprune.recover.stage`), naming the
+:func:`curlprune.store.checkpoint.load`, stage folders in :mod:`curlprune.recover.stage`), naming the
 tensor, so such weights never surface later as a failed criterion or a diverged training.
 """
 from __future__ import annotations

@@ -26,8 +26,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from curlprune.canonical import save_safetensors
 from curlprune.errors import CurlpruneError
+from curlprune.store import save_safetensors
 
 __all__ = ["BEST_FILE", "chance_top1", "check_not_diverged", "is_new_best", "save_best"]
 

@@ -1,6 +1,6 @@
 """Evaluation for the training stages: logits of a dataset, top-1 across processes, class checks.
 
-The batches go through :func:`curlprune.data.model_outputs`, the package's one evaluation loop.
+The batches go through :func:`curlprune.data.data.model_outputs`, the package's one evaluation loop.
 """
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from curlprune.data import ImageDataset, count_correct, model_outputs, to_input
+from curlprune.data import ImageDataset, build_transform, count_correct, model_outputs, to_input
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
 from curlprune.recover import dist
 from curlprune.recover.dist import DistContext
-from curlprune.transforms import build_transform
 
 __all__ = ["TransformedDataset", "check_classes", "place_model", "predict", "prepare_teacher", "to_input", "top1_accuracy"]
 
@@ -86,7 +85,7 @@ def top1_accuracy(
 ) -> float:
     """Top-1 accuracy (in %) on an ImageDataset with the eval transform, on ``ctx.device``.
 
-    :func:`curlprune.data.count_correct` over processes: under torchrun each rank counts a
+    :func:`curlprune.data.data.count_correct` over processes: under torchrun each rank counts a
     contiguous share and the counts are summed.
 
     Args:

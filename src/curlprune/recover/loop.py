@@ -43,9 +43,8 @@ from rich.progress import Progress as RichProgress
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from curlprune.canonical import save_safetensors
+from curlprune.data import build_transform
 from curlprune.models.spec import InputSpec
-from curlprune.records import StageSummary, write_stage_summary
 from curlprune.recover import dist, divergence, guards
 from curlprune.recover.dist import DistContext
 from curlprune.recover.evaluate import TransformedDataset, place_model, to_input, top1_accuracy
@@ -74,16 +73,18 @@ from curlprune.recover.state import (
     set_generator_state,
     unprefixed,
 )
-from curlprune.rundir import (
+from curlprune.store import (
     METRICS_FILE,
     MODEL_FILE,
     STATE_FILE,
+    StageSummary,
     append_jsonl,
     atomic_write_text,
     is_done,
     jsonl_text,
+    save_safetensors,
+    write_stage_summary,
 )
-from curlprune.transforms import build_transform
 
 
 def rank_seed(seed: int, rank: int, stream: int = 0) -> int:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from curlprune.data import build_transform
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
 from curlprune.recover import dist
@@ -36,8 +37,7 @@ from curlprune.recover.evaluate import predict
 from curlprune.recover.expand import ExpandedDataset
 from curlprune.recover.loop import train_stage
 from curlprune.recover.stage import Result, TeacherStage, TrainConfig, require, stage_tensors
-from curlprune.rundir import LATER, STATE_FILE
-from curlprune.transforms import build_transform
+from curlprune.store import LATER, STATE_FILE
 
 
 BN_MODES = ("frozen", "update")

@@ -34,7 +34,7 @@ from curlprune.recover.finetune import FinetuneConfig, FinetuneStage
 from curlprune.recover.loop import train_stage
 from curlprune.recover.refine import RefineConfig, RefineStage
 from curlprune.recover.stage import Result, Stage, TrainConfig
-from curlprune.rundir import PRUNE_STAGE
+from curlprune.store import PRUNE_STAGE
 
 StageBuilder = Callable[[TrainConfig, "nn.Module | None", "str | None"], Stage]
 """``(cfg, teacher, head) -> Stage``: the stage's hooks for one run. ``teacher`` is the frozen model to

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from curlprune.canonical import save_safetensors
 from curlprune.errors import CurlpruneError
+from curlprune.store import save_safetensors
 
 STATE_KEY = "curlprune_train_state"
 
@@ -27,7 +27,7 @@ STATE_KEY = "curlprune_train_state"
 def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write tensors + JSON metadata to ``path`` atomically (temporary file, then ``os.replace``).
 
-    The bytes are written by Python (:func:`curlprune.canonical.save_safetensors`), not by the
+    The bytes are written by Python (:func:`curlprune.store.canonical.save_safetensors`), not by the
     safetensors library, so a full disk is an ``OSError`` naming ``path`` (one line), not the
     library's own error type (issue 18).
     """

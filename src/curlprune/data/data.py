@@ -1,0 +1,436 @@
+"""Datasets held in memory as uint8 tensors: ImageFolder folders or zips, sklearn digits,
+seeded calibration subsets, batching with the model's transforms, and top-1 evaluation.
+
+Images are decoded once and kept as uint8 (CIFAR-10 train: 50k x 3 x 32 x 32 = 154 MB), so
+epochs never decode again and whole batches are transformed with a few tensor ops.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.io import ImageReadMode, decode_image
+
+from curlprune.data.imagetree import folder_files, zip_files
+from curlprune.data.transforms import build_transform, transforms_batches
+from curlprune.errors import CurlpruneError
+from curlprune.models.spec import InputSpec
+
+LAYOUT = "<split>/<class>/<image> or <class>/<image>"
+# Larger images are refused before decoding: a few KiB of PNG can claim gigapixels (a
+# "decompression bomb"). 8192 x 8192; far above any training image.
+MAX_IMAGE_PIXELS = 8192 * 8192
+SINGLE_SPLIT = "all"
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Labelled uint8 images in memory; ``ds[i] -> (uint8 [C, H, W], int label)``.
+
+    images:  uint8 ``[N, C, H, W]`` when all images share a size, else a list of ``[C, H, W]``.
+    labels:  int64 ``[N]``, indices into ``classes``.
+    classes: class names; label ``k`` is ``classes[k]``.
+    """
+
+    def __init__(self, images: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor | Sequence[int], classes: Sequence[str]) -> None:
+        if not isinstance(images, torch.Tensor):
+            images = list(images)
+            if images and all(img.shape == images[0].shape for img in images):
+                images = torch.stack(images)
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.classes = list(classes)
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    @property
+    def uniform(self) -> bool:
+        """True when all images share one size (``images`` is one tensor)."""
+        return isinstance(self.images, torch.Tensor)
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> ImageDataset:
+        """A new dataset with the images at ``indices``, in that order."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        images = self.images[indices] if self.uniform else [self.images[i] for i in indices.tolist()]
+        return ImageDataset(images, self.labels[indices], self.classes)
+
+    def __repr__(self) -> str:
+        shape = list(self.images.shape[1:]) if self.uniform else "mixed sizes"
+        return f"ImageDataset({len(self)} images, {shape}, {len(self.classes)} classes)"
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def load_image_folder(path: str | Path, splits: Sequence[str] | None = None) -> dict[str, ImageDataset]:
+    """Load an ImageFolder tree (a folder or a .zip) into memory, one ImageDataset per split.
+
+    Layout ``<split>/<class>/<image>`` gives one dataset per split; ``<class>/<image>`` gives the
+    single split ``"all"``. Classes are the sorted class folder names and must be the same in every
+    split. Images become RGB. Symlinked split, class and image entries are followed, in folders
+    and in zips (entries stored by ``zip -y``); a symlink cycle is refused.
+
+    Args:
+        path: a folder or a ``.zip`` with that layout.
+        splits: decode only these splits (e.g. ``["test"]``); None = all.
+    Returns:
+        split name -> :class:`ImageDataset` of uint8 ``[3, H, W]`` images.
+    Raises:
+        CurlpruneError: a missing path or split, a bad layout, differing classes, an unreadable image,
+            a symlink cycle or a broken symlink.
+    """
+    path = Path(path)
+    with contextlib.ExitStack() as stack:
+        files, reader = _open_tree(path, stack)
+        tree = _parse_layout(path, files)
+        classes = _common_classes(path, tree)
+        wanted = list(tree) if splits is None else list(splits)
+        for split in wanted:
+            if split not in tree:
+                raise CurlpruneError(f"{path} has no split {split!r}: it has {sorted(tree)}; lay the images out as {split}/<class>/<image>")
+        return {split: _decode_split(path, tree[split], classes, reader) for split in wanted}
+
+
+def _open_tree(path: Path, stack: contextlib.ExitStack) -> tuple[list[str], Callable[[str], bytes]]:
+    """All file paths (POSIX, relative) of a folder or zip, and a function reading one of them.
+
+    Symlinked folders and files are followed (:mod:`curlprune.data.imagetree`); a symlink cycle, a broken
+    link or, in a zip, one leading outside the archive is a :class:`CurlpruneError` naming it.
+    """
+    if not path.exists():
+        raise CurlpruneError(f"data path {path} does not exist: pass a folder or .zip laid out as {LAYOUT}")
+    if path.is_dir():  # directory symlinks followed, cycles refused (issue 18)
+        found = folder_files(path)
+        return _visible(list(found)), lambda name: found[name].read_bytes()
+    if zipfile.is_zipfile(path):  # symlink entries (zip -y) followed inside the archive
+        archive = stack.enter_context(zipfile.ZipFile(path))
+        members = zip_files(archive, path)
+        return _visible(list(members)), lambda name: archive.read(members[name])
+    if path.suffix.lower() == ".zip":
+        raise CurlpruneError(f"{path} is not a readable zip file (damaged or incomplete): download or copy it again")
+    raise CurlpruneError(f"data path {path} is neither a folder nor a zip file: pass a folder or .zip laid out as {LAYOUT}")
+
+
+def _visible(files: list[str]) -> list[str]:
+    """Drop hidden files and macOS resource forks (``.DS_Store``, ``__MACOSX/``)."""
+    return sorted(f for f in files if not any(part.startswith((".", "__MACOSX")) for part in PurePosixPath(f).parts))
+
+
+def _parse_layout(path: Path, files: list[str]) -> dict[str, dict[str, list[str]]]:
+    """Group file paths into ``{split: {class: [files]}}``."""
+    if not files:
+        raise CurlpruneError(f"{path} contains no files: expected images laid out as {LAYOUT}")
+    depths = [len(PurePosixPath(f).parts) for f in files]
+    usual = max(set(depths), key=depths.count)
+    if usual not in (2, 3) or any(d != usual for d in depths):
+        odd = next((f for f, d in zip(files, depths) if d != usual), files[0])
+        raise CurlpruneError(f"{path} is not laid out as {LAYOUT} (found {odd!r}): move the images into class folders")
+    tree: dict[str, dict[str, list[str]]] = {}
+    for f in files:
+        parts = PurePosixPath(f).parts
+        split, cls = (SINGLE_SPLIT, parts[0]) if len(parts) == 2 else parts[:2]
+        tree.setdefault(split, {}).setdefault(cls, []).append(f)
+    return tree
+
+
+def _common_classes(path: Path, tree: dict[str, dict[str, list[str]]]) -> list[str]:
+    """The sorted class names, which every split must share."""
+    per_split = {split: sorted(classes) for split, classes in tree.items()}
+    first, classes = next(iter(per_split.items()))
+    for split, other in per_split.items():
+        if other != classes:
+            differ = sorted(set(classes) ^ set(other))
+            raise CurlpruneError(
+                f"{path}: splits {first!r} and {split!r} have different class folders (differing: {differ}): "
+                "every split needs the same class folders"
+            )
+    return classes
+
+
+def _decode_split(path: Path, by_class: dict[str, list[str]], classes: list[str], reader: Callable[[str], bytes]) -> ImageDataset:
+    images, labels = [], []
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders on every call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for label, cls in enumerate(classes):
+            for name in by_class[cls]:
+                images.append(decode_rgb(_read(reader, name, f"{path}:{name}"), f"{path}:{name}"))
+                labels.append(label)
+    return ImageDataset(images, labels, classes)
+
+
+def _read(reader: Callable[[str], bytes], name: str, where: str) -> bytes:
+    try:
+        return reader(name)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CurlpruneError(f"cannot read {where} ({exc}): the archive or disk is damaged; copy or download the data again") from None
+
+
+def decode_rgb(data: bytes, where: str) -> torch.Tensor:
+    """Decode image bytes to 8-bit RGB, uint8 ``[3, H, W]``; ``where`` names the file in errors.
+
+    16-bit images are scaled to 8 bits (v * 255 / 65535); grey, palette and alpha images become RGB.
+
+    Args:
+        data: the file's bytes.
+        where: names the file in errors.
+    Returns:
+        uint8 ``[3, H, W]``.
+    Raises:
+        CurlpruneError: naming the file when it is damaged, not an image, has more than
+            :data:`MAX_IMAGE_PIXELS` pixels, or cannot be represented as 8-bit RGB (e.g. float data).
+    """
+    _check_size(data, where)
+    try:  # libjpeg/libpng/libwebp through torchvision: fast
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        image = _decode_pil(data, where)
+    if image.dtype == torch.uint16:  # 16-bit PNG
+        image = ((image.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise CurlpruneError(f"cannot use image {where}: it decodes to {image.dtype} {list(image.shape)}, not 8-bit RGB; convert it to 8-bit RGB")
+    return image
+
+
+def _check_size(data: bytes, where: str) -> None:
+    """Refuse images with more than MAX_IMAGE_PIXELS pixels from their header, before decoding."""
+    size = image_size(data)
+    if size is None:
+        return  # not something we can size: the decoders below decide
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise CurlpruneError(
+            f"image {where} is {width} x {height} = {width * height:,} pixels, more than the limit of "
+            f"{MAX_IMAGE_PIXELS:,} (8192 x 8192; a decompression bomb or a mistake): resize or remove it"
+        )
+
+
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """An image's size from its header, without decoding it (PNG and JPEG read directly, other
+    formats through Pillow's lazy open).
+
+    Args:
+        data: the file's bytes.
+    Returns:
+        ``(width, height)`` in pixels, or None when the bytes are not a recognised image.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] == b"\xff\xd8":  # JPEG: walk the segments to the frame header (SOFn)
+        i = 2
+        while i + 9 <= len(data) and data[i] == 0xFF:
+            marker = data[i + 1]
+            if marker == 0xFF:
+                i += 1
+            elif marker == 0x01 or 0xD0 <= marker <= 0xD8:
+                i += 2
+            elif marker in _SOF_MARKERS:
+                return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+            else:
+                i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    from PIL import Image, UnidentifiedImageError  # only for formats other than PNG/JPEG
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            return img.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _decode_pil(data: bytes, where: str) -> torch.Tensor:
+    """Other formats (BMP, TIFF, ...) through Pillow, as uint8 RGB ``[3, H, W]``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked
+            with Image.open(io.BytesIO(data)) as img:
+                if img.mode.startswith("I;16"):
+                    array = np.asarray(img).astype(np.int64)
+                    return torch.from_numpy(((array * 255 + 32767) // 65535).astype(np.uint8)).expand(3, -1, -1).contiguous()
+                if img.mode in ("I", "F") or img.mode.startswith(("I;", "F;")):
+                    raise CurlpruneError(
+                        f"cannot use image {where}: it holds {img.mode!r} (32-bit integer or float) pixels, which have no "
+                        "fixed 8-bit scale; convert it to 8-bit RGB"
+                    )
+                array = torch.from_numpy(np.array(img.convert("RGB")))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise CurlpruneError(f"cannot decode image {where} ({exc}): the file is damaged or not an image; replace or remove it") from None
+    return array.permute(2, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def load_digits_dataset(seed: int = 0, test_fraction: float = 0.2) -> dict[str, ImageDataset]:
+    """The 1,797 real 8x8 handwritten digits of scikit-learn, split stratified by class.
+
+    Args:
+        seed: seed of the stratified split.
+        test_fraction: share of the images in the test split.
+    Returns:
+        ``{"train", "test"}`` :class:`ImageDataset` s of uint8 ``[1, 8, 8]`` images (0..16 scaled to 0..255).
+    """
+    from sklearn.datasets import load_digits  # scikit-learn is slow to import; only the digits need it
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.from_numpy((digits.images * (255 / 16)).round()).to(torch.uint8).unsqueeze(1)
+    labels = torch.from_numpy(digits.target).to(torch.int64)
+    train_idx, test_idx = train_test_split(
+        torch.arange(len(labels)).numpy(), test_size=test_fraction, random_state=seed, stratify=digits.target
+    )
+    full = ImageDataset(images, labels, [str(d) for d in range(10)])
+    return {"train": full.subset(sorted(train_idx)), "test": full.subset(sorted(test_idx))}
+
+
+# ----------------------------------------------------------------------------- subsets
+
+
+def calibration_subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
+    """``n`` images drawn at random without replacement (the same ``n`` for the same ``seed``).
+
+    Raises:
+        CurlpruneError: ``n`` is not in 1..len(ds).
+    """
+    if not 1 <= n <= len(ds):
+        raise CurlpruneError(f"cannot draw {n} calibration images from a dataset of {len(ds)}: choose 1..{len(ds)}")
+    generator = torch.Generator().manual_seed(seed)
+    return ds.subset(torch.randperm(len(ds), generator=generator)[:n])
+
+
+def class_balanced_subset(ds: ImageDataset, per_class: int, seed: int) -> ImageDataset:
+    """Exactly ``per_class`` random images of every class (seeded), grouped by class.
+
+    Raises:
+        CurlpruneError: a class has fewer than ``per_class`` images.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    picked = []
+    for label, name in enumerate(ds.classes):
+        members = torch.nonzero(ds.labels == label).flatten()
+        if len(members) < per_class:
+            raise CurlpruneError(
+                f"class {name!r} has only {len(members)} images, fewer than the {per_class} per class asked for: "
+                f"ask for at most {len(members)} per class"
+            )
+        picked.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return ds.subset(torch.cat(picked))
+
+
+# ----------------------------------------------------------------------------- batches, evaluation
+
+
+def batches(
+    ds: ImageDataset,
+    spec: InputSpec,
+    batch_size: int,
+    *,
+    train: bool = False,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(float images [B, C, S, S], int64 labels [B])`` with the model's train/eval transform.
+
+    Uniformly sized data is transformed a whole batch at a time where the transform allows it;
+    otherwise image by image. Augmentation draws from the global torch RNG, order from ``generator``.
+    """
+    transform = build_transform(spec, train)
+    order = torch.randperm(len(ds), generator=generator) if shuffle else torch.arange(len(ds))
+    whole_batches = ds.uniform and transforms_batches(spec, train)
+    stop = len(ds) - len(ds) % batch_size if drop_last else len(ds)
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        if whole_batches:
+            images = transform(ds.images[idx])
+        else:
+            images = torch.stack([transform(ds.images[i]) for i in idx.tolist()])
+        yield images, ds.labels[idx]
+
+
+def to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """Move a batch to ``device``, in channels_last layout for images ``[B, C, H, W]`` when asked."""
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def model_outputs(
+    model: nn.Module,
+    batch_iter: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device | None = None,
+    channels_last: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The one evaluation loop of the package: ``(logits [B, classes], labels [B])`` per batch.
+
+    Args:
+        model: run in eval mode under ``torch.no_grad`` (its mode is restored when the loop ends).
+        batch_iter: ``(inputs [B, C, H, W] float, labels [B])`` batches, already transformed.
+        device: where the inputs go; default: the model's.
+        channels_last: feed images in channels_last layout.
+    Returns:
+        An iterator of the model's logits (on ``device``, its dtype) and the labels as given.
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for images, labels in batch_iter:
+                yield model(to_input(images, device, channels_last)), labels
+    finally:
+        model.train(was_training)
+
+
+def count_correct(
+    model: nn.Module,
+    ds: ImageDataset,
+    spec: InputSpec,
+    batch_size: int = 256,
+    *,
+    device: torch.device | None = None,
+    channels_last: bool = True,
+) -> int:
+    """How many images of ``ds`` ``model`` classifies correctly (top-1) with the eval transform.
+
+    Args:
+        model: the classifier (run through :func:`model_outputs`: eval mode, restored after).
+        ds: uint8 images and labels.
+        spec: the model's input recipe (eval transform).
+        batch_size: images per forward pass.
+        device: default: the model's.
+        channels_last: feed images in channels_last layout.
+    Returns:
+        The number of correct top-1 predictions (0 .. ``len(ds)``).
+    """
+    outputs = model_outputs(model, batches(ds, spec, batch_size), device=device, channels_last=channels_last)
+    return sum(int((logits.argmax(1).cpu() == labels).sum()) for logits, labels in outputs)
+
+
+def evaluate(model: nn.Module, ds: ImageDataset, spec: InputSpec, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on ``ds`` with the eval transform.
+
+    The model is put in channels_last layout (and stays so); see :func:`count_correct`.
+
+    Returns:
+        A fraction in [0, 1] (not %).
+    """
+    model.to(memory_format=torch.channels_last)
+    return count_correct(model, ds, spec, batch_size) / max(1, len(ds))

@@ -1,0 +1,367 @@
+"""The resumable run of a :class:`~curlprune.run.run_config.RunConfig`: prune -> distill -> refine (or finetune;
+or finetune -> prune -> distill -> refine, a transfer to a new dataset).
+
+Run directory::
+
+    config.json          the resolved config (every setting of every stage)
+    log.jsonl            one line per stage that did work (stage, seconds); one lost to a kill
+                         after the stage's done.json is restored on resume (``"rebuilt": true``)
+    prune/               the prune stage's outputs (scores, plan, checkpoint, report)
+    <train stage>/       metrics.jsonl (one line per epoch), state.safetensors (resumable state),
+                         model.safetensors (plain weights) + done.json (when finished),
+                         checkpoint.safetensors (architecture + plan + weights), student.json
+                         (what it started from), best.safetensors (plain weights of the best epoch
+                         so far; kept when the stage diverges, :mod:`curlprune.recover.divergence`)
+    model.safetensors    the final model (a curlprune checkpoint: ``curlprune.load`` / ``export``)
+    summary.json         accuracies (test top-1 in %), MACs and params, per stage and final
+
+Each stage is skipped when its outputs are complete; a killed run resumes from the last completed
+epoch. Under ``torchrun`` the training stages run on every process (DistributedDataParallel) and
+rank 0 alone prunes and writes the shared files while the other ranks wait.
+
+The file names and the stage-folder protocol are :mod:`curlprune.store.rundir`'s (``model.safetensors``
+is a curlprune checkpoint here and in ``prune/``, plain weights in a training stage's folder).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from curlprune.cost import count
+from curlprune.data import data as datasets
+from curlprune.errors import CurlpruneError
+from curlprune.models import ModelRef, build, input_spec
+from curlprune.models.spec import InputSpec
+from curlprune.models.transfer import at_input_size, build_with_new_head, weights_classes
+from curlprune.recover.dist import init_distributed, on_main
+from curlprune.recover.evaluate import check_classes
+from curlprune.recover.registry import get_stage, is_recovery_stage, run_stage
+from curlprune.run.prune import run_prune
+from curlprune.run.run_config import RunConfig, check_finished_prune, check_same_run, config_to_dict
+from curlprune.run.student_check import check_student_fits
+from curlprune.store import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    PRUNE_STAGE,
+    STAGE_CHECKPOINT_FILE,
+    STUDENT_FILE,
+    PruneStep,
+    RunLock,
+    RunSummary,
+    TrainStep,
+    content_digest,
+    copy_if_changed,
+    file_digest,
+    is_done,
+    log_stage,
+    read_json,
+    write_json,
+    write_run_summary,
+)
+from curlprune.store import checkpoint
+
+# Rank 0 may prune for a long time while the other ranks wait in a collective.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
+
+
+# ----- data -----------------------------------------------------------------------------------
+def load_data(source: str, train_per_class: int | None, seed: int) -> dict[str, Any]:
+    """The two splits a run uses.
+
+    Args:
+        source: "digits" (sklearn's 8x8 digits), or an ImageFolder directory or zip with train/ and test/.
+        train_per_class: keep a seeded class-balanced subset of this many training images per class.
+        seed: seed of the digits split and of the subset.
+    Returns:
+        ``{"train", "test"}`` uint8 :class:`~curlprune.data.data.ImageDataset` s.
+    Raises:
+        CurlpruneError: the data is missing or malformed.
+    """
+    if source == "digits":
+        splits = datasets.load_digits_dataset(seed=seed)
+    else:  # only the two splits a run uses are decoded
+        splits = datasets.load_image_folder(source, splits=("train", "test"))
+    if train_per_class:
+        splits = dict(splits)
+        splits["train"] = datasets.class_balanced_subset(splits["train"], int(train_per_class), seed)
+    return splits
+
+
+# ----- the run --------------------------------------------------------------------------------
+@dataclass
+class Student:
+    """The model a stage starts from, with what is needed to save it as a curlprune checkpoint."""
+
+    model: nn.Module
+    model_ref: ModelRef
+    plan: dict[str, list[int]]
+    input_shape: list[int]
+    extra: dict[str, Any]
+    source: str  # "unpruned" or the checkpoint it was loaded from
+    digest: str | None  # content digest of that checkpoint (canonical.content_digest)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path) -> "Student":
+        """The student saved in a curlprune checkpoint, with the checkpoint's path and content digest
+        (:func:`curlprune.store.canonical.content_digest`: tensors + metadata, not the file's bytes)."""
+        meta = checkpoint.read_metadata(path)
+        return cls(checkpoint.load(path), ModelRef.of(meta["model_ref"]), meta["plan"], meta["input_shape"], meta["extra"], str(path), content_digest(path))
+
+
+class Run:
+    """Executes the stages of a :class:`RunConfig` in order, skipping finished ones.
+
+    ``student``: a curlprune checkpoint the first training stage starts from (for runs without a
+    prune stage); by default such runs start from the unpruned model.
+    """
+
+    def __init__(self, cfg: RunConfig, student: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.student_path = Path(student) if student else None
+        self._data: dict[str, Any] | None = None
+        self._teacher = None
+        self._new_head: bool | None = None
+        self.head_name: str | None = None  # the re-initialised classifier of a transfer run
+        self.ctx = None
+        self.lock = RunLock(self.run_dir)
+        self.summary: RunSummary | None = None  # set when a run completes
+
+    # ----- shared inputs -------------------------------------------------------------------
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = load_data(self.cfg.data, self.cfg.train_per_class, self.cfg.seed)
+        return self._data
+
+    @property
+    def spec(self) -> InputSpec:
+        """The model's input recipe at the run's ``input_size``, with the task's classes in a transfer."""
+        spec = at_input_size(input_spec(self.cfg.model, self.cfg.weights, self.cfg.num_classes), self.cfg.input_size)
+        return dataclasses.replace(spec, num_classes=self.task_classes) if self.new_head else spec
+
+    @property
+    def transfer_first(self) -> bool:
+        """The run starts with a transfer stage (``finetune``; :attr:`RecoveryStage.transfer
+        <curlprune.recover.registry.RecoveryStage.transfer>`) on the unpruned model; the trained model
+        is then the teacher of the later stages and the model the prune stage prunes."""
+        first = self.cfg.stages[0]
+        return is_recovery_stage(first) and get_stage(first).transfer and self.student_path is None
+
+    @property
+    def task_classes(self) -> int:
+        """Classes of the run's task: ``num_classes``, else the training data's."""
+        return self.cfg.num_classes or len(self.data["train"].classes)
+
+    @property
+    def new_head(self) -> bool:
+        """Whether the first stage fine-tunes with a new classifier (a transfer to a new dataset):
+        the transfer stage section's ``new_head`` when set, else whether the weights' classes differ from
+        :attr:`task_classes` (docs/method.md §4)."""
+        if self._new_head is None:
+            flag = self.cfg.sections[self.cfg.stages[0]].new_head if self.transfer_first else False
+            if flag is None:
+                flag = weights_classes(self.cfg.model, self.cfg.weights, self.cfg.num_classes) != self.task_classes
+            self._new_head = bool(flag)
+        return self._new_head
+
+    @property
+    def model_ref(self) -> ModelRef:
+        """The unpruned architecture the checkpoints name: the model with the task's classes in a transfer."""
+        classes = self.task_classes if self.new_head else self.cfg.num_classes
+        return ModelRef(self.cfg.model, {"num_classes": classes} if classes else {})
+
+    def build_unpruned(self) -> nn.Module:
+        """The unpruned model in eval mode; in a transfer, with a new classifier for the task's classes."""
+        if self.new_head:
+            model, self.head_name = build_with_new_head(self.cfg.model, self.cfg.weights, self.task_classes,
+                                                        self.example_input, seed=self.cfg.seed)
+            return model
+        return build(self.cfg.model, weights=self.cfg.weights, num_classes=self.cfg.num_classes).eval()
+
+    @property
+    def teacher(self) -> nn.Module:
+        if self._teacher is None:
+            self._teacher = self.build_unpruned()
+        return self._teacher
+
+    @property
+    def example_input(self) -> torch.Tensor:
+        spec = self.spec
+        return torch.zeros(1, spec.channels, spec.size, spec.size)
+
+    def checkpoint_of(self, stage: str) -> Path:
+        return self.run_dir / stage / STAGE_CHECKPOINT_FILE
+
+    def _process_device(self) -> str:
+        """The device setting of the first training stage decides the process group's backend."""
+        for stage in self.cfg.stages:
+            if is_recovery_stage(stage):
+                return self.cfg.sections[stage].device
+        return "auto"
+
+    # ----- stages --------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run (or skip, or resume) every stage; return the summary (``summary.json``'s object;
+        typed: :attr:`summary`).
+
+        Rank 0 checks the run directory and locks it (:class:`curlprune.store.runlock.RunLock`) before
+        any data or model is loaded, and holds the lock until the run ends in any way.
+
+        Returns:
+            The summary: per-stage records, final MACs/params and their ratios to the unpruned
+            model, test top-1 in % (unpruned, pruned, last and best after training).
+        Raises:
+            CurlpruneError: bad combination of student and stages, a run directory that is not a
+                writable folder, is in use by another process (also: lies inside a run directory
+                in use, or a stage folder of it is in use) or holds another run, a teacher that does not fit the data,
+                a student checkpoint that is damaged or does not fit the run (both before anything is written), or
+                any stage's own errors.
+        """
+        if self.student_path is not None and PRUNE_STAGE in self.cfg.stages:
+            raise CurlpruneError("a starting student cannot be combined with a prune stage: drop --student or the prune stage")
+        if self.student_path is not None and not self.student_path.is_file():
+            raise CurlpruneError(f"student checkpoint {self.student_path} does not exist: pass a curlprune checkpoint (e.g. <run_dir>/model.safetensors)")
+        self.ctx = init_distributed(self._process_device(), timeout=PROCESS_GROUP_TIMEOUT)
+        on_main(self.ctx, lambda: bool(self.lock.acquire()))  # --out checked and locked before any slow work (issue 12)
+        try:
+            return self._run_stages()
+        finally:
+            self.lock.release()
+
+    def _run_stages(self) -> dict[str, Any]:
+        """The stages of :meth:`run`, with the run directory locked."""
+        check_classes("teacher", self.teacher, self.data, self.spec, torch.device("cpu"), channels_last=False)
+        self.base_cost = count(self.teacher, self.example_input)
+        student = self.initial_student()  # read and checked before anything is written (issue 18)
+        on_main(self.ctx, self._claim_run_dir)
+        results: dict[str, PruneStep | TrainStep] = {}
+        for stage in self.cfg.stages:
+            if stage == PRUNE_STAGE:
+                student, results[stage] = self.prune()
+            else:
+                student, results[stage] = self.train(stage, student)
+                if stage == self.cfg.stages[0] and self.transfer_first:  # the teacher of the stages after it
+                    self._teacher = copy.deepcopy(student.model).eval()
+        return self.summarize(results, student).to_json()
+
+    def _claim_run_dir(self) -> None:
+        """Check that the run directory holds this run (or none); a new one gets ``config.json`` now,
+        an existing one when the run completes, so a rerun that fails changes nothing."""
+        current = config_to_dict(self.cfg)
+        config_file = self.run_dir / CONFIG_FILE
+        if config_file.is_file():
+            try:
+                previous = json.loads(config_file.read_text())
+            except json.JSONDecodeError:
+                raise CurlpruneError(f"{config_file} is damaged: delete it (the stages check their own settings)") from None
+            check_same_run(previous, current, self.run_dir)
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(config_file, current, only_if_changed=True)
+
+    def initial_student(self) -> Student | None:
+        """What the first training stage starts from when there is no prune stage before it; a
+        ``--student`` must take the run's input and give the teacher's classes
+        (:func:`curlprune.run.student_check.check_student_fits`)."""
+        if PRUNE_STAGE in self.cfg.stages and not self.transfer_first:
+            return None
+        if self.student_path is not None:
+            student = Student.from_checkpoint(self.student_path)
+            check_student_fits(student.model, self.student_path, student.model_ref, student.input_shape, self.teacher,
+                               self.example_input, self.cfg.model)  # another architecture: one line
+            return student
+        return Student(self.build_unpruned(), self.model_ref, {}, list(self.example_input.shape), {}, "unpruned", None)
+
+    def prune(self) -> tuple[Student, PruneStep]:
+        """Rank 0 prunes (or finds the finished prune stage); every rank then loads its checkpoint."""
+        record = on_main(self.ctx, self._run_prune)
+        return Student.from_checkpoint(Path(record.checkpoint)), record
+
+    def _run_prune(self) -> PruneStep:
+        prune_dir = self.run_dir / PRUNE_STAGE
+        check_finished_prune(prune_dir, self.cfg.sections[PRUNE_STAGE])
+        weights, classes = self.cfg.weights, self.cfg.num_classes
+        if self.transfer_first:  # prune the fine-tuned model (its plain weights file)
+            weights, classes = str(self.run_dir / self.cfg.stages[0] / MODEL_FILE), self.model_ref.kwargs.get("num_classes")
+        started = time.time()
+        with self.lock.stages():  # the run's own stage may lock prune/ inside the locked run directory
+            result = run_prune(self.cfg.sections[PRUNE_STAGE], prune_dir, resume=True, model_name=self.cfg.model,
+                               weights=weights, data=self.data, num_classes=classes, input_size=self.cfg.input_size)
+        # a line lost to a kill after prune/done.json is restored (issue 18)
+        log_stage(self.run_dir, PRUNE_STAGE, None if result.already_done else round(time.time() - started, 2),
+                  did_work=not result.already_done)
+        report = result.report
+        return PruneStep(report.criterion, report.macs_ratio, report.params_ratio, report.accuracy.top1_before,
+                         report.accuracy.top1_after, str(result.checkpoint))
+
+    def train(self, stage: str, student: Student) -> tuple[Student, TrainStep]:
+        """Run one recovery stage (:func:`curlprune.recover.registry.run_stage`) on every rank; rank 0 saves its checkpoint."""
+        stage_dir = self.run_dir / stage
+        on_main(self.ctx, lambda: self._check_student_record(stage_dir, student))
+        was_done = is_done(stage_dir)
+        entry = get_stage(stage)
+        head = self.head_name if entry.transfer and self.transfer_first and self.new_head else None
+        result = run_stage(stage, student.model, self.data, self.spec, self.cfg.sections[stage], self.run_dir,
+                           teacher=self.teacher if entry.needs_teacher else None, head=head)
+        extra = {**student.extra, f"{stage}_last_top1": result.last_top1, f"{stage}_best_top1": result.best_top1}
+        out = self.checkpoint_of(stage)
+
+        def save() -> str:
+            if not out.is_file():
+                checkpoint.save(out, student.model_ref, student.plan, result.model.state_dict(),
+                                input_shape=student.input_shape, extra=extra)
+            log_stage(self.run_dir, stage, round(result.seconds, 2), did_work=not was_done)  # or restored, issue 18
+            return content_digest(out)
+
+        digest = on_main(self.ctx, save)
+        trained = Student(result.model, student.model_ref, student.plan, student.input_shape, extra, str(out), digest)
+        return trained, TrainStep(result.epochs, result.last_top1, result.best_top1, round(result.seconds, 1), str(out))
+
+    def _check_student_record(self, stage_dir: Path, student: Student) -> None:
+        """A stage resumes or is skipped only if it started from the same student as now (same
+        content digest; records written by earlier versions hold the file's SHA-256, also accepted)."""
+        record = {"source": student.source, "sha256": student.digest}
+        path = stage_dir / STUDENT_FILE
+        if path.is_file():
+            previous = read_json(path)
+            same = previous.get("sha256") == record["sha256"]  # tensors + metadata, not file bytes (issue 12)
+            if not same and Path(student.source).is_file():  # a record written before: the file's own SHA-256
+                same = previous.get("sha256") == file_digest(student.source)
+            if not same:
+                raise CurlpruneError(
+                    f"{stage_dir} was started from another student ({previous.get('source')}, now {student.source}): "
+                    f"delete {stage_dir} to run the stage again from the new one"
+                )
+            return
+        write_json(path, record, only_if_changed=True)
+
+    def summarize(self, results: dict[str, PruneStep | TrainStep], final_student: Student) -> RunSummary:
+        """Final accuracies, MACs and params; rank 0 writes ``model.safetensors`` and ``summary.json``.
+
+        The cost is counted on the last stage's model in memory (it is what its checkpoint holds).
+        Returns:
+            The :class:`~curlprune.store.records.RunSummary`, also kept as :attr:`summary`.
+        """
+        final = Path(results[self.cfg.stages[-1]].checkpoint)
+        model = final_student.model
+        cost = count(model, self.example_input.to(next(model.parameters()).device))
+        summary = RunSummary.build(self.cfg.model, results, cost, self.base_cost, str(self.run_dir / MODEL_FILE))
+
+        def write() -> None:
+            write_json(self.run_dir / CONFIG_FILE, config_to_dict(self.cfg), only_if_changed=True)
+            copy_if_changed(final, self.run_dir / MODEL_FILE)
+            write_run_summary(self.run_dir, summary)
+
+        on_main(self.ctx, write)
+        self.summary = summary
+        return summary

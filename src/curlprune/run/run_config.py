@@ -1,0 +1,255 @@
+"""The YAML run config: :class:`RunConfig`, its parsing and checks.
+
+A config names the model, its weights, the data and one section per stage; every key of a
+section is a field of that stage's config dataclass, so every hyperparameter is configurable and
+a misspelt key is an error, not a silent default::
+
+    run_dir: runs/r56-small
+    seed: 0
+    model: cifar:resnet56
+    weights: ../shared/models/resnet56-cifar10jpeg.pt
+    data: ../shared/data/cifar10-jpeg.zip   # or "digits"
+    train_per_class: 500                     # optional class-balanced subset of the train split
+    stages: [prune, distill, refine]
+    prune:   {criterion: kl, target_macs: 0.33}
+    distill: {epochs: 30}
+    refine:  {epochs: 16}
+
+It also holds the checks that a run directory belongs to this config (:func:`check_same_run`,
+:func:`check_finished_prune`); the run itself is :mod:`curlprune.run.pipeline`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from curlprune.errors import CurlpruneError
+from curlprune.recover.registry import get_stage, recovery_stages, stage_names
+from curlprune.run import strict_yaml
+from curlprune.run.prune_config import PruneConfig, canonical_settings
+from curlprune.store import DONE_FILE, LATER, PRUNE_STAGE, check_same_settings
+from curlprune.validate import check_ranges, check_types, check_value
+
+IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed", "input_size")
+DEFAULT_STAGES = ["prune", "distill", "refine"]
+DEFAULT_RUN_DIR = "runs/run"
+
+
+@dataclass
+class RunConfig:
+    """The top level of a run config (stage sections are parsed into their own dataclasses).
+
+    model:           registry name of the unpruned model (also the teacher), e.g. cifar:resnet56.
+    weights:         its weights (state-dict file or torchvision weight name).
+    num_classes:     classifier outputs when they differ from the model's default; in a run that
+                     starts with ``finetune`` on weights of other classes, the classes of the new
+                     classifier (default: the data's; see :attr:`curlprune.run.pipeline.Run.new_head`).
+    data:            "digits", or an ImageFolder directory / zip with train/ and test/.
+    train_per_class: train on a seeded class-balanced subset of this many images per class.
+    input_size:      square input side when not the model's default (transforms resize to it).
+    """
+
+    model: str
+    weights: str | None = None
+    num_classes: int | None = None
+    data: str = "digits"
+    run_dir: str = DEFAULT_RUN_DIR
+    seed: int = 0
+    train_per_class: int | None = None
+    input_size: int | None = field(default=None, metadata=LATER)
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
+    sections: dict[str, Any] = field(default_factory=dict)
+
+
+def all_stages() -> tuple[str, ...]:
+    """Every stage a config may list: ``prune``, then the registered recovery stages
+    (:mod:`curlprune.recover.registry`) in their order."""
+    return (PRUNE_STAGE,) + stage_names()
+
+
+def stage_config(stage: str) -> type:
+    """The settings dataclass of a stage's section: :class:`PruneConfig` or the recovery stage's ``config``.
+
+    Raises:
+        CurlpruneError: ``stage`` is neither ``prune`` nor a registered recovery stage.
+    """
+    return PruneConfig if stage == PRUNE_STAGE else get_stage(stage).config
+
+
+def _build_section(stage: str, values: Any, where: str, defaults: dict[str, Any]) -> Any:
+    """The stage's config dataclass from its section; unknown keys are errors that list the valid
+    ones, and every value is checked against its field's type (:func:`curlprune.validate.check_types`)."""
+    cls = stage_config(stage)
+    if values is not None and not isinstance(values, dict):
+        raise CurlpruneError(f"{where}: section '{stage}' must be a mapping of settings, e.g. {stage}: {{epochs: 10}}")
+    values = dict(values or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise CurlpruneError(f"{where}: unknown key '{unknown[0]}' in section '{stage}'; valid keys: {', '.join(sorted(names))}")
+    for key, value in defaults.items():
+        if key in names:
+            values.setdefault(key, value)
+    values = check_types(cls, values, f"{where}: section '{stage}'")  # 2.5 epochs, "1e-4" (issue 12)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise CurlpruneError(f"{where}: bad value in section '{stage}': {exc}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file.
+
+    Returns:
+        The raw mapping (unchecked; see :func:`parse_config`).
+    Raises:
+        CurlpruneError: the file is missing, not YAML, holds a key twice in one mapping (naming the
+            key and both lines), or is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CurlpruneError(f"config {path} does not exist: write one (see `curlprune run --help` for an example)")
+    try:
+        raw = strict_yaml.safe_load(path.read_text()) or {}  # a key given twice is an error (issue 18)
+    except yaml.YAMLError as exc:
+        raise CurlpruneError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise CurlpruneError(f"config {path} must be a mapping of keys to values (model: ..., data: ..., stages: [...])")
+    return raw
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Parse and check a YAML run config.
+
+    Args:
+        path: the YAML file.
+        overrides: top-level keys that replace the file's (e.g. ``run_dir`` from ``--out``); None values are ignored.
+    Returns:
+        The checked :class:`RunConfig`.
+    Raises:
+        CurlpruneError: see :func:`read_config_file` and :func:`parse_config`.
+    """
+    raw = read_config_file(path)
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return parse_config(raw, str(path))
+
+
+def _check_stages(stages: Any, where: str) -> list[str]:
+    if isinstance(stages, str) or not isinstance(stages, list) or not stages:
+        raise CurlpruneError(f"{where}: 'stages' must be a non-empty list, e.g. stages: [prune, distill, refine]")
+    known = all_stages()
+    bad = [s for s in stages if s not in known]
+    if bad:
+        raise CurlpruneError(f"{where}: unknown stage '{bad[0]}'; stages are {', '.join(known)}")
+    if len(set(stages)) != len(stages):
+        raise CurlpruneError(f"{where}: a stage is listed twice in {stages}: list each stage once")
+    transfer = [entry.name for entry in recovery_stages() if entry.transfer]  # may run before prune (a transfer)
+    before = stages[:stages.index(PRUNE_STAGE)] if PRUNE_STAGE in stages else []
+    if before and not (len(before) == 1 and before[0] in transfer):
+        follow = " or ".join(f"'{name}'" for name in transfer)
+        raise CurlpruneError(f"{where}: 'prune' must be the first stage, or follow only {follow} (got {stages})")
+    return [str(s) for s in stages]
+
+
+def _optional_int(raw: dict[str, Any], key: str, where: str) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CurlpruneError(f"{where}: '{key}' must be a positive whole number (got {value!r})")
+    return value
+
+
+def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
+    """Check a config mapping and turn it into a :class:`RunConfig` with typed stage sections.
+
+    Args:
+        raw: the mapping (top-level keys and one section per stage).
+        where: names the source in error messages (a file name, "command line").
+    Returns:
+        The :class:`RunConfig`; ``sections`` holds a config dataclass per stage listed or given.
+    Raises:
+        CurlpruneError: an unknown key (the message lists the valid ones), a missing model, bad
+            stages, seed or counts, or a bad value in a stage section.
+    """
+    top = {f.name for f in dataclasses.fields(RunConfig)} - {"sections"}
+    known = all_stages()
+    unknown = sorted(set(raw) - top - set(known))
+    if unknown:
+        raise CurlpruneError(f"{where}: unknown key '{unknown[0]}'; valid keys: {', '.join(sorted(top | set(known)))}")
+    if not raw.get("model"):
+        raise CurlpruneError(f"{where}: 'model' is missing (e.g. model: cifar:resnet56)")
+    stages = _check_stages(raw.get("stages", DEFAULT_STAGES), where)
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CurlpruneError(f"{where}: 'seed' must be a whole number (got {seed!r})")
+    check_value("seed", seed, where)  # -1 or 2**32 would crash deep in numpy (issue 18)
+    sections = {s: _build_section(s, raw.get(s), where, {"seed": seed}) for s in known if s in stages or s in raw}
+    cfg = RunConfig(
+        model=str(raw["model"]),
+        weights=None if raw.get("weights") is None else str(raw["weights"]),
+        num_classes=_optional_int(raw, "num_classes", where),
+        data=str(raw.get("data", "digits")),
+        run_dir=str(raw.get("run_dir", DEFAULT_RUN_DIR)),
+        seed=seed,
+        train_per_class=_optional_int(raw, "train_per_class", where),
+        input_size=_optional_int(raw, "input_size", where),
+        stages=stages,
+        sections=sections,
+    )
+    check_ranges(cfg, where)  # every number in its range (curlprune.validate.RANGES)
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain JSON-able values (what ``config.json`` holds): the top-level keys and one mapping per stage section."""
+    top = {k: v for k, v in _as_dict(cfg).items() if k != "sections"}
+    top.update({name: _as_dict(section) for name, section in cfg.sections.items()})
+    return top
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    """``dataclasses.asdict`` without the fields added in a later version (metadata ``LATER``) while they are None."""
+    later = {f.name for f in dataclasses.fields(obj) if f.metadata.get("omit_when_none")}
+    return {k: v for k, v in dataclasses.asdict(obj).items() if not (k in later and v is None)}
+
+
+def check_same_run(previous: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
+    """A run directory belongs to one model, data and seed; its stage list may only grow or shrink at the end.
+
+    Args:
+        previous: the directory's ``config.json``.
+        current: :func:`config_to_dict` of the config now.
+        run_dir: the directory (for the message).
+    Raises:
+        CurlpruneError: the identity settings differ, or the stage lists are not prefixes of each other.
+    """
+    check_same_settings(previous, {k: current.get(k) for k in IDENTITY_KEYS},
+                        f"{run_dir} holds a run with different settings: {{differ}}; use another run_dir (--out) or delete {run_dir}")
+    old, new = list(previous.get("stages", [])), list(current["stages"])
+    shared = min(len(old), len(new))
+    if old[:shared] != new[:shared]:
+        raise CurlpruneError(
+            f"{run_dir} holds a run with stages {old}, not a prefix or extension of {new}: use another run_dir (--out) or delete {run_dir}"
+        )
+
+
+def check_finished_prune(prune_dir: Path, cfg: PruneConfig) -> None:
+    """A finished prune stage is never redone with other settings: the stages after it started from its model.
+    Targets are compared in one canonical form (:func:`curlprune.run.prune_config.canonical_settings`).
+
+    Raises:
+        CurlpruneError: ``prune_dir`` holds a finished prune stage whose settings differ from ``cfg``.
+    """
+    try:
+        previous = json.loads((prune_dir / DONE_FILE).read_text())["settings"]["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not finished (or not readable): the prune stage itself decides
+    check_same_settings(canonical_settings(previous), dataclasses.asdict(cfg),  # "0.5" written before = 0.5 now
+                        f"{prune_dir} holds a finished prune stage with other settings: {{differ}}; "
+                        f"use another run_dir (--out), or delete {prune_dir} and the stages after it")

@@ -1,0 +1,122 @@
+"""What is written to disk: run folders and their files, checkpoints, locks and logs.
+
+    rundir.py             run-folder I/O: file names, atomic writes, digests, JSON lines, done markers, settings comparison
+    records.py            typed records of the run folder: PruneReport, StageSummary, RunSummary (one reader, one writer each)
+    runlog.py             log.jsonl stage lines, and the line a kill after a stage's done.json lost, restored
+    runlock.py            the run-directory lock and the checks that an output path is writable
+    canonical.py          byte-stable safetensors files and content digests
+    scores_io.py          the scores file (scores.npz) of the prune stage
+    checkpoint.py         pickle-free save/load (architecture + plan + weights), ONNX export
+    checkpoint_header.py  the checks of a checkpoint's header as a whole
+"""
+from curlprune.store.canonical import check_finite_state, content_digest, save_safetensors
+from curlprune.store.checkpoint import export_onnx, load, read_metadata, save
+from curlprune.store.records import (
+    GroupWidth,
+    PruneAccuracy,
+    PruneReport,
+    PruneStep,
+    RecordError,
+    RunSummary,
+    StageSummary,
+    TrainStep,
+    read_prune_report,
+    read_run_summary,
+    read_stage_summary,
+    write_prune_report,
+    write_run_summary,
+    write_stage_summary,
+)
+from curlprune.store.rundir import (
+    CONFIG_FILE,
+    DONE_FILE,
+    LATER,
+    LOG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    PLAN_FILE,
+    PRUNE_STAGE,
+    REPORT_FILE,
+    SCORES_FILE,
+    STAGE_CHECKPOINT_FILE,
+    STATE_FILE,
+    STUDENT_FILE,
+    SUMMARY_FILE,
+    append_jsonl,
+    atomic_write,
+    atomic_write_text,
+    changed_settings,
+    check_same_settings,
+    copy_if_changed,
+    file_digest,
+    is_done,
+    jsonl_text,
+    optional_file_digest,
+    read_json,
+    read_metrics,
+    write_done,
+    write_json,
+)
+from curlprune.store.runlock import RunLock, check_writable_file, os_error_message
+from curlprune.store.runlog import log_stage, restore_lost_line
+from curlprune.store.scores_io import changed_fingerprint, read_scores, write_scores
+
+__all__ = [
+    "CONFIG_FILE",
+    "DONE_FILE",
+    "GroupWidth",
+    "LATER",
+    "LOG_FILE",
+    "METRICS_FILE",
+    "MODEL_FILE",
+    "PLAN_FILE",
+    "PRUNE_STAGE",
+    "PruneAccuracy",
+    "PruneReport",
+    "PruneStep",
+    "REPORT_FILE",
+    "RecordError",
+    "RunLock",
+    "RunSummary",
+    "SCORES_FILE",
+    "STAGE_CHECKPOINT_FILE",
+    "STATE_FILE",
+    "STUDENT_FILE",
+    "SUMMARY_FILE",
+    "StageSummary",
+    "TrainStep",
+    "append_jsonl",
+    "atomic_write",
+    "atomic_write_text",
+    "changed_fingerprint",
+    "changed_settings",
+    "check_finite_state",
+    "check_same_settings",
+    "check_writable_file",
+    "content_digest",
+    "copy_if_changed",
+    "export_onnx",
+    "file_digest",
+    "is_done",
+    "jsonl_text",
+    "load",
+    "log_stage",
+    "optional_file_digest",
+    "os_error_message",
+    "read_json",
+    "read_metadata",
+    "read_metrics",
+    "read_prune_report",
+    "read_run_summary",
+    "read_scores",
+    "read_stage_summary",
+    "restore_lost_line",
+    "save",
+    "save_safetensors",
+    "write_done",
+    "write_json",
+    "write_prune_report",
+    "write_run_summary",
+    "write_scores",
+    "write_stage_summary",
+]

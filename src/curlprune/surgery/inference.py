@@ -1,0 +1,118 @@
+"""An inference copy of a model: BN folded into its convs and residual adds done in place.
+
+Removing channels only shortens the convs; what runs between them (batch norm, the residual
+adds) does not shrink with the MACs, and a traced model (what :func:`curlprune.apply` returns)
+loses the original's in-place ``out += identity``, because torch.fx records it as an
+out-of-place add that allocates a fresh output every block. On ResNet-56 at batch 64 on one
+CPU thread these two account for most of the gap between the MACs ratio and the measured
+speed-up (``benchmarks/results/latency.md``, "Where the time goes").
+
+:func:`optimize_for_inference` is what a deployment does to both the unpruned and the pruned
+model, and what :func:`curlprune.cost.latency.prepare` measures:
+
+1. trace with :class:`curlprune.graph.tracing.CurlTracer` (a GraphModule is used as it is);
+2. fold every ``Conv -> BatchNorm`` pair whose conv output feeds only the BN into the conv,
+   with torch's own pass (``torch.fx.experimental.optimization.fuse``);
+3. turn ``a + b`` into ``a += b`` where ``a`` is the output of a conv, linear or batch-norm
+   module that nothing else reads (the add is its only user, so no value anyone else sees
+   changes; those modules' backward passes do not read their own output).
+
+The result is for inference: it is in eval mode, and a forward hook that keeps a reference to
+a conv's output would see the sum, as it would on torchvision's ResNets.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+from torch import fx, nn
+from torch.fx.experimental.optimization import fuse
+from torch.fx.passes.shape_prop import ShapeProp
+
+from curlprune.graph.tracing import symbolic_trace
+
+_FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ADD_FUNCTIONS = (operator.add, torch.add)
+
+
+def _is_add(node: fx.Node) -> bool:
+    """``a + b``, ``torch.add(a, b)`` or ``a.add(b)`` with two positional operands and no
+    keyword (``alpha=`` or ``out=`` change what the add computes)."""
+    if node.kwargs or len(node.args) != 2:
+        return False
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS
+    return node.op == "call_method" and node.target == "add"
+
+
+def _writable(node: object, other: object, modules: dict[str, nn.Module]) -> bool:
+    """Whether the sum of ``node`` and ``other`` may be written into ``node``'s tensor: ``node``
+    is a conv/linear/BN output that nothing else reads, and the sum has ``node``'s shape."""
+    if not isinstance(node, fx.Node) or not isinstance(other, fx.Node) or node is other:
+        return False
+    if node.op != "call_module" or len(node.users) != 1 or not isinstance(modules.get(node.target), _FRESH):
+        return False
+    shapes = [n.meta.get("tensor_meta") for n in (node, other)]
+    if all(s is not None for s in shapes):
+        return shapes[0].shape == torch.broadcast_shapes(shapes[0].shape, shapes[1].shape)
+    return True
+
+
+def inplace_adds(gm: fx.GraphModule) -> int:
+    """Rewrite ``a + b`` as ``a += b`` in ``gm`` (changed in place, recompiled) where ``a`` is
+    the output of a conv/linear/BN module read only by this add and both operands are tensors.
+
+    ``torch.add(a, b)`` and ``a.add(b)`` count as ``a + b``. When only ``b`` qualifies, the add
+    becomes ``b += a`` (tensor addition is commutative, so the values are the same). Without
+    shape metadata (``ShapeProp``) both operands are assumed to have the same shape.
+
+    Returns the number of adds rewritten. The values computed are unchanged.
+    """
+    modules = dict(gm.named_modules())
+    count = 0
+    for node in gm.graph.nodes:
+        if not _is_add(node):
+            continue
+        first, second = node.args
+        if _writable(second, first, modules) and not _writable(first, second, modules):
+            first, second = second, first
+        elif not _writable(first, second, modules):
+            continue
+        node.op, node.target, node.args = "call_function", operator.iadd, (first, second)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
+def optimize_for_inference(model: nn.Module, example_input: torch.Tensor | None = None) -> fx.GraphModule:
+    """An eval-mode, channels_last inference copy of ``model`` that computes the same outputs.
+
+    Args:
+        model: any model :func:`curlprune.trace` handles (the original is not changed).
+        example_input: optional input batch (e.g. ``[1, 3, H, W]``); when given, shapes are
+            propagated so an add whose second operand broadcasts to a larger shape is left as is.
+            Without it, every add whose first operand is a fresh conv/linear/BN output is made
+            in place (what the residual blocks of the CNNs curlprune prunes do).
+
+    Returns:
+        A ``torch.fx.GraphModule``: BN folded into the preceding convs (and linears) whose
+        output only the BN reads, residual adds in place (:func:`inplace_adds`), eval mode,
+        4-D weights in channels_last.
+
+    Raises:
+        curlprune.errors.CurlpruneError: when the model cannot be traced (one line, as in
+        :func:`curlprune.trace`).
+
+    Source: docs/method.md §9 (measured latency).
+    """
+    clone = copy.deepcopy(model).eval()
+    gm = clone if isinstance(clone, fx.GraphModule) else symbolic_trace(clone)
+    gm = fuse(gm, inplace=True, no_trace=True).eval()
+    if example_input is not None:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    inplace_adds(gm)
+    return gm.to(memory_format=torch.channels_last)
