@@ -15,6 +15,7 @@ from curlprune.data.data import (
     evaluate,
     load_digits_dataset,
     load_image_folder,
+    load_splits,
     model_outputs,
     to_input,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "evaluate",
     "load_digits_dataset",
     "load_image_folder",
+    "load_splits",
     "model_outputs",
     "to_input",
     "train_digits_model",

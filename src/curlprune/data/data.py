@@ -298,6 +298,24 @@ def load_digits_dataset(seed: int = 0, test_fraction: float = 0.2) -> dict[str, 
     return {"train": full.subset(sorted(train_idx)), "test": full.subset(sorted(test_idx))}
 
 
+def load_splits(source: str | Path, seed: int = 0, splits: Sequence[str] | None = None) -> dict[str, ImageDataset]:
+    """The datasets of a data source: ``"digits"`` (:func:`load_digits_dataset`) or an ImageFolder
+    folder or zip (:func:`load_image_folder`); the one loader of the prune stage and the run.
+
+    Args:
+        source: ``"digits"``, or a folder or ``.zip`` laid out as :data:`LAYOUT`.
+        seed: seed of the digits' train/test split (a folder has its own splits).
+        splits: decode only these splits of a folder (None = all; the digits have train and test).
+    Returns:
+        split name -> :class:`ImageDataset`.
+    Raises:
+        CurlpruneError: as :func:`load_image_folder`.
+    """
+    if source == "digits":
+        return load_digits_dataset(seed=seed)
+    return load_image_folder(source, splits)
+
+
 # ----------------------------------------------------------------------------- subsets
 
 

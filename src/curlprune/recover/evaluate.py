@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from curlprune.data import ImageDataset, build_transform, count_correct, model_outputs, to_input
+from curlprune.data import ImageDataset, build_transform, count_correct, model_outputs
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
 from curlprune.recover import dist
 from curlprune.recover.dist import DistContext
 
-__all__ = ["TransformedDataset", "check_classes", "place_model", "predict", "prepare_teacher", "to_input", "top1_accuracy"]
+__all__ = ["TransformedDataset", "check_classes", "place_model", "predict", "prepare_teacher", "top1_accuracy"]
 
 
 class TransformedDataset(Dataset):

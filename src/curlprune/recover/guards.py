@@ -2,8 +2,8 @@
 
 * :func:`check_hyperparameters`: finite values in sane ranges, before anything trains.
 * :func:`check_finite_loss`: a NaN or infinite loss stops the stage at once, naming epoch and step.
-* :func:`curlprune.store.canonical.check_finite_state` (re-exported here): weights with NaN/inf are
-  never written as a final model.
+* :func:`curlprune.store.canonical.check_finite_state` (in store/): weights with NaN/inf are never
+  written as a final model.
 """
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ from typing import Any
 import torch
 
 from curlprune.errors import CurlpruneError
-from curlprune.store import check_finite_state
 from curlprune.validate import check_ranges
 
-__all__ = ["MAX_LR", "check_finite_loss", "check_finite_state", "check_hyperparameters"]
+__all__ = ["MAX_LR", "check_finite_loss", "check_hyperparameters"]
 
 MAX_LR = 10.0  # far above any SGD learning rate that trains a CNN; larger is a typo or an inf
 

@@ -43,11 +43,11 @@ from rich.progress import Progress as RichProgress
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from curlprune.data import build_transform
+from curlprune.data import build_transform, to_input
 from curlprune.models.spec import InputSpec
 from curlprune.recover import dist, divergence, guards
 from curlprune.recover.dist import DistContext
-from curlprune.recover.evaluate import TransformedDataset, place_model, to_input, top1_accuracy
+from curlprune.recover.evaluate import TransformedDataset, place_model, top1_accuracy
 from curlprune.recover.resume_check import check_train_state
 from curlprune.recover.schedule import set_lr, warmup_cosine_lr
 from curlprune.recover.stage import (
@@ -80,6 +80,7 @@ from curlprune.store import (
     StageSummary,
     append_jsonl,
     atomic_write_text,
+    check_finite_state,
     is_done,
     jsonl_text,
     save_safetensors,
@@ -325,7 +326,7 @@ class Trainer:
         summary = StageSummary(self.stage.name, last, progress.best_top1, progress.epoch, seconds, settings(self.cfg))
         divergence.check_not_diverged(self.stage.name, self.stage_dir, progress.history, progress.start_top1,
                                       divergence.chance_top1(self.data["test"]), self.cfg.lr)  # every rank: same history
-        guards.check_finite_state(self.model.state_dict(), str(self.stage_dir / MODEL_FILE))  # every rank: same weights
+        check_finite_state(self.model.state_dict(), str(self.stage_dir / MODEL_FILE))  # every rank: same weights
         if self.ctx.is_main:
             weights = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
             # bytes written by Python: a full disk is an OSError naming the file (one line), issue 18

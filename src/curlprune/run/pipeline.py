@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from curlprune import data as datasets
 from curlprune.cost import count
-from curlprune.data import data as datasets
 from curlprune.errors import CurlpruneError
 from curlprune.models import ModelRef, build, input_spec
 from curlprune.models.spec import InputSpec
@@ -86,10 +86,7 @@ def load_data(source: str, train_per_class: int | None, seed: int) -> dict[str, 
     Raises:
         CurlpruneError: the data is missing or malformed.
     """
-    if source == "digits":
-        splits = datasets.load_digits_dataset(seed=seed)
-    else:  # only the two splits a run uses are decoded
-        splits = datasets.load_image_folder(source, splits=("train", "test"))
+    splits = datasets.load_splits(source, seed, splits=("train", "test"))  # only the two splits a run uses are decoded
     if train_per_class:
         splits = dict(splits)
         splits["train"] = datasets.class_balanced_subset(splits["train"], int(train_per_class), seed)

@@ -24,7 +24,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,10 +32,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from curlprune import data as datasets
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.cost import check_pruned_cost, model_cost_fn, trace
 from curlprune.criteria import compute_scores, get, work_items
-from curlprune.data import data as datasets
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, default_protect, input_spec
 from curlprune.models.spec import InputSpec
@@ -160,7 +160,7 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
     groups = _trace(model, example)
     target = config.target()
     protect = _protected(config, model_name, model, groups)
-    cost_fn = _cost_fn(model, example, groups)
+    cost_fn = model_cost_fn(model, example, groups)
     if target is not None:
         _check_reachable(groups, cost_fn, target, config, protect)  # before anything slow is done or written
 
@@ -244,10 +244,6 @@ def _protected(config: PruneConfig, model_name: str, model: nn.Module, groups: l
     return resolve_protect(groups, config.protect)
 
 
-def _cost_fn(model: nn.Module, example: torch.Tensor, groups: list[ChannelGroup]) -> Callable:
-    return model_cost_fn(model, example, groups)
-
-
 def _check_reachable(groups, cost_fn, target, config: PruneConfig, protect: list[str]) -> None:
     """Raise the impossible-target error before scoring: reachability does not depend on scores."""
     zeros = {g.name: np.zeros(g.width) for g in groups if g.prunable}
@@ -290,11 +286,9 @@ def _load_splits(data: str | dict, seed: int) -> dict:
     """``{"train", ...}`` uint8 datasets from "digits", an ImageFolder folder/zip, or given splits."""
     if isinstance(data, dict):
         return data
-    if data == "digits":
-        return datasets.load_digits_dataset(seed=seed)
-    if not Path(data).exists():
+    if data != "digits" and not Path(data).exists():
         raise CurlpruneError(f"data {data} does not exist: pass an ImageFolder folder or .zip (train/<class>/..., test/<class>/...) or 'digits'")
-    return datasets.load_image_folder(data)
+    return datasets.load_splits(data, seed)
 
 
 def _calibration(splits: dict, spec: InputSpec, config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor]:
