@@ -27,7 +27,8 @@ from curlprune.errors import CurlpruneError
 from curlprune.channels import ChannelGroup, Plan, SliceKey
 from curlprune.graph.layer_rules import LayerRule, keep_index, replace_tensor
 from curlprune.graph.layers import rule_for
-from curlprune.graph.tracing import CurlTracer
+from curlprune.graph.reparam import unwrapped
+from curlprune.graph.tracing import CurlTracer, untouched
 
 _MODULE_ROLES = ("out", "in", "channel")
 
@@ -253,8 +254,9 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.Gr
     """
     validate_plan(groups, plan)
     removed = removed_positions(groups, plan)
-    graph = CurlTracer().trace(model)
-    root = copy.deepcopy(model)
+    with untouched(model):  # the tracer's constants go to the copy only
+        graph = CurlTracer().trace(model)
+        root = copy.deepcopy(model)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     for child_name, child in root.named_children():  # keep the containers (``small.layer1[0]``)
         setattr(gm, child_name, child)
@@ -303,7 +305,8 @@ def _retie(shared: dict[int, list[tuple[nn.Module, str]]]) -> None:
 
 def _slice_module(mod: nn.Module, roles: dict[str, list[int]]) -> None:
     """Slice a module with a layer rule in place (it is already a private copy)."""
-    (rule_for(mod) or LayerRule()).slice(mod, roles)  # no rule: the base rule's one-line error
+    with unwrapped(mod):  # weight norm: slice the computed weight, then normalise it again (graph.reparam)
+        (rule_for(mod) or LayerRule()).slice(mod, roles)  # no rule: the base rule's one-line error
 
 
 def _slice_parameter(gm: fx.GraphModule, name: str, positions: list[int], groups: Sequence[ChannelGroup]) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from curlprune.errors import CurlpruneError
 from curlprune.graph.layer_rules import (
@@ -181,6 +182,7 @@ _RULES: dict[type, LayerRule] = {
     nn.modules.conv._ConvTransposeNd: ConvTransposeRule(),
     nn.Linear: LinearRule(),
     **{norm: _NORM for norm in CHANNEL_NORMS},
+    FrozenBatchNorm2d: PerChannel(["weight", "bias", "running_mean", "running_var"]),  # all four are buffers
     nn.PReLU: PReLURule(),
     nn.LayerNorm: LayerNormRule(),
     nn.GroupNorm: CrossChannelNorm(),

@@ -82,13 +82,43 @@ def flatten(st: PassState, node: fx.Node, x: fx.Node, start: int, end: int) -> N
     return None
 
 
-def reshape(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
-    """view/reshape: identity or a flatten of adjacent dims; channel sizes must not be constants."""
-    in_shape, out_shape = st.shape(x), st.shape(node)
-    raw = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("shape"),)
+def shape_entries(node: fx.Node) -> list:
+    """The requested shape of a view/reshape/expand/broadcast_to/repeat call, one entry per dim
+    (ints, -1, or the nodes computing them)."""
+    raw = list(node.args[1:]) if len(node.args) > 1 else [
+        node.kwargs.get("shape", node.kwargs.get("size", node.kwargs.get("repeats")))
+    ]
     if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
-        raw = tuple(raw[0])
+        raw = list(raw[0])
+    return raw
+
+
+def fixed_channel_entry(st: PassState, node: fx.Node, raw: list, pos: int) -> str:
+    """Why entry ``pos`` of a requested shape, the one that holds the channels, would not follow a
+    pruning (a constant, or a value not read from the channels), or "" (-1, or a followed count:
+    ``graph.taint`` checks it is these channels' count)."""
+    if len(raw) != len(st.shape(node)) or pos >= len(raw):
+        return ""
+    entry = raw[pos]
+    what = "reshape" if op_name(node) in ("view", "reshape") else op_name(node)
+    if isinstance(entry, fx.Node):
+        if entry in st.taint:
+            return ""
+        value = st.value(entry)
+        return f"{what} to a size {value!r} not read from the channels at {where(node)}"
+    if isinstance(entry, int) and entry != -1:
+        return f"{what} to a constant size {entry} over channels at {where(node)}"
+    return ""
+
+
+def reshape(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
+    """view/reshape: identity, a flatten of adjacent dims or size-1 dims added/removed; the entry of
+    the requested shape that holds the channels must be -1 or their count read at run time."""
+    in_shape, out_shape = st.shape(x), st.shape(node)
+    raw = shape_entries(node)
     if in_shape == out_shape:
+        if problem := fixed_channel_entry(st, node, raw, lay.dim):
+            return st.unsupported(node, problem)
         st.layouts[node] = lay
         return None
     for start in range(len(in_shape)):
@@ -96,15 +126,16 @@ def reshape(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
             merged = in_shape[:start] + (math.prod(in_shape[start:end + 1]),) + in_shape[end + 1:]
             if merged != out_shape:
                 continue
-            if start <= lay.dim <= end and len(raw) == len(out_shape) and isinstance(raw[start], int) and raw[start] != -1:
-                return st.unsupported(node, f"reshape to a constant size {raw[start]} over channels at {where(node)}")
+            pos = start if start <= lay.dim <= end else lay.dim if lay.dim < start else lay.dim - (end - start)
+            if problem := fixed_channel_entry(st, node, raw, pos):
+                return st.unsupported(node, problem)
             return flatten(st, node, x, start, end)
     real_in = [i for i, d in enumerate(in_shape) if d != 1]
     real_out = [i for i, d in enumerate(out_shape) if d != 1]
     if in_shape[lay.dim] != 1 and [in_shape[i] for i in real_in] == [out_shape[i] for i in real_out]:
         new_dim = real_out[real_in.index(lay.dim)]  # only size-1 dims added or removed
-        if len(raw) == len(out_shape) and isinstance(raw[new_dim], int) and raw[new_dim] != -1:
-            return st.unsupported(node, f"reshape to a constant size {raw[new_dim]} over channels at {where(node)}")
+        if problem := fixed_channel_entry(st, node, raw, new_dim):
+            return st.unsupported(node, problem)
         st.layouts[node] = Layout(new_dim, lay.slots)
         return None
     return st.unsupported(node, f"reshape {tuple(in_shape)} -> {tuple(out_shape)} at {where(node)}")
@@ -116,12 +147,9 @@ def expand(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
     new_dim = lay.dim + len(out_shape) - len(in_shape)
     if out_shape[new_dim] != in_shape[lay.dim]:
         return st.unsupported(node, f"broadcast across channels at {where(node)}")
-    if op_name(node) == "expand":
-        raw = list(node.args[1:])
-        if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
-            raw = list(raw[0])
-        if len(raw) == len(out_shape) and isinstance(raw[new_dim], int) and raw[new_dim] != -1:
-            return st.unsupported(node, f"expand to a constant size {raw[new_dim]} over channels at {where(node)}")
+    if op_name(node) in ("expand", "broadcast_to"):
+        if problem := fixed_channel_entry(st, node, shape_entries(node), new_dim):
+            return st.unsupported(node, problem)
     st.layouts[node] = Layout(new_dim, lay.slots)
     return None
 

@@ -20,6 +20,8 @@ from curlprune.graph.ops import (
     SOFTMAX_OPS,
     SPATIAL_OPS,
     UNARY_OPS,
+    DTYPE_ONLY_OPS,
+    TENSOR_ARG_OPS,
     arg,
     norm_dim,
     op_name,
@@ -29,6 +31,13 @@ from curlprune.graph.pass_state import PassState
 from curlprune.graph.shape_ops import expand, flatten, getitem, move_dims, pixel_shuffle, reduce, reshape
 from curlprune.graph.slots import Layout
 from curlprune.graph.taint import record_shape_value
+
+_MOVES = {
+    "flatten", "view", "reshape", "expand", "expand_as", "broadcast_to", "pixel_shuffle", "pixel_unshuffle",
+    "permute", "transpose", "swapaxes", "unsqueeze", "squeeze", "pad",
+}
+_HANDLED = UNARY_OPS | SPATIAL_OPS | REDUCE_OPS | SOFTMAX_OPS | _MOVES
+"""The ops ``call_op`` follows with one tensor input (others are unsupported whatever their arguments)."""
 
 
 def call_op(st: PassState, node: fx.Node) -> None:
@@ -53,6 +62,12 @@ def call_op(st: PassState, node: fx.Node) -> None:
         return cat(st, node)
     if lay is None:
         return st.unsupported(node)
+    extra = [n for n in st.tensor_inputs(node) if n is not x]
+    if extra and name in UNARY_OPS and name not in DTYPE_ONLY_OPS:
+        # tensor-valued arguments (clamp bounds, ...) are operands: tied or sliced with the channels
+        return binary(st, node, name, [x, *extra])
+    if extra and name in _HANDLED and name not in TENSOR_ARG_OPS:
+        return st.unsupported(node, f"{name} with a tensor argument ({extra[0].name}) at {where(node)}")
     if name in UNARY_OPS:
         st.layouts[node] = lay
         return None
@@ -87,13 +102,18 @@ def call_op(st: PassState, node: fx.Node) -> None:
     return st.unsupported(node)
 
 
-def binary(st: PassState, node: fx.Node, name: str) -> None:
-    """Broadcasting elementwise op: operands carrying the full channel dim are tied."""
+def binary(st: PassState, node: fx.Node, name: str, operands: list | None = None) -> None:
+    """Broadcasting elementwise op: operands carrying the full channel dim are tied; a parameter
+    read directly (``get_attr``) is sliced with them; any other operand that varies along the channel
+    dim makes them unprunable.
+
+    ``operands``: the tensors combined (default: the two operands of a binary op)."""
     out_shape = st.shape(node)
     ndim = len(out_shape)
-    operands = list(node.args[:2])
-    if len(operands) < 2:
-        operands.append(node.kwargs.get("other", node.kwargs.get("exponent")))
+    if operands is None:
+        operands = list(node.args[:2])
+        if len(operands) < 2:
+            operands.append(node.kwargs.get("other", node.kwargs.get("exponent")))
     laid = [(a, st.layout(a)) for a in operands if st.layout(a) is not None]
     dims = {lay.dim + ndim - len(st.shape(a)) for a, lay in laid}
     if len(dims) != 1:

@@ -1,0 +1,362 @@
+"""Issue 23, coverage round two: five kinds of input that gave a crashing or stale pruned model.
+
+1. reparametrised weights (weight norm, spectral norm, orthogonal; hook-based and parametrize);
+2. a view/reshape/expand to a constant channel count;
+3. ops with tensor-valued arguments besides their input (clamp bounds);
+4. constants folded from buffers by tracing, and attributes a trace left on the user's model;
+5. ``optimize_for_inference``'s in-place add into a broadcast destination.
+
+Each kind is tested with the input that showed it and a sibling of the kind; a model that is pruned
+is checked with the engine's invariants (masked == sliced, plan_cost == count(apply)).
+"""
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from test_faults import check_invariants, randomise
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+from curlprune.analysis import trace
+from curlprune.graph import symbolic_trace
+from curlprune.inference import add_in_place, optimize_for_inference
+from curlprune.surgery import apply, random_plan
+
+
+def by_name(groups):
+    return {g.name: g for g in groups}
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. reparametrised weights
+
+
+class TwoNormedConvs(nn.Module):
+    """``norm(Conv2d(3, 16))`` -> relu -> ``norm(Conv2d(16, 8))`` -> mean -> Linear(8, 4)."""
+
+    def __init__(self, norm) -> None:
+        super().__init__()
+        self.a = norm(nn.Conv2d(3, 16, 3, padding=1))
+        self.b = norm(nn.Conv2d(16, 8, 3, padding=1))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.b(F.relu(self.a(x))).mean((2, 3)))
+
+
+def _scrambled(model: nn.Module) -> nn.Module:
+    """Weight-norm magnitudes away from ||v|| (at init g == ||v||, which hides a wrong g)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("weight_g", "original0")):
+                p.mul_(0.5 + torch.rand(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("norm", [nn.utils.weight_norm, parametrizations.weight_norm], ids=["hook", "parametrize"])
+def test_weight_normalised_convs_are_sliced_through_g_and_v(norm):
+    model = _scrambled(TwoNormedConvs(norm))
+    x = torch.randn(2, 3, 8, 8)
+    groups = by_name(trace(model, x))
+    assert groups["a"].prunable and groups["b"].prunable, [g.reason for g in groups.values()]
+    check_invariants(model, x, list(groups.values()), plans=4)
+    small = apply(model, list(groups.values()), {"a": [1, 4, 9], "b": [0, 5]})
+    stored = {n: tuple(p.shape) for n, p in small.named_parameters()}
+    if norm is nn.utils.weight_norm:
+        assert stored["a.weight_g"] == (3, 1, 1, 1) and stored["b.weight_v"] == (2, 3, 3, 3)
+        assert any(type(h).__name__ == "WeightNorm" for h in small.b._forward_pre_hooks.values())
+    else:
+        assert stored["b.parametrizations.weight.original1"] == (2, 3, 3, 3)
+        assert parametrize.is_parametrized(small.b, "weight")
+    # the original model is untouched and still runs
+    assert model.a.weight.shape == (16, 3, 3, 3) and model(x).shape == (2, 4)
+
+
+def test_weight_norm_over_another_dim_and_on_a_linear():
+    """Sibling: ``dim=1`` (one norm per input channel) and a weight-normalised linear head."""
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.utils.weight_norm(nn.Conv2d(3, 12, 3, padding=1), dim=1)
+            self.b = nn.Conv2d(12, 10, 1)
+            self.fc = parametrizations.weight_norm(nn.Linear(10, 5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(F.relu(self.b(F.relu(self.a(x)))).mean((2, 3)))
+
+    model = _scrambled(Head())
+    x = torch.randn(2, 3, 6, 6)
+    groups = trace(model, x)
+    assert by_name(groups)["a"].prunable and by_name(groups)["b"].prunable
+    check_invariants(model, x, groups, plans=4)
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [nn.utils.spectral_norm, parametrizations.spectral_norm, parametrizations.orthogonal],
+    ids=["spectral-hook", "spectral-parametrize", "orthogonal"],
+)
+def test_other_reparametrisations_keep_their_channels_with_the_true_reason(norm):
+    model = TwoNormedConvs(norm).eval()
+    x = torch.randn(2, 3, 8, 8)
+    groups = by_name(trace(model, x))
+    for name in ("a", "b"):
+        reason = groups[name].reason
+        assert not groups[name].prunable and reason.startswith(f"{name}.weight ")
+        assert "shared" not in reason
+        want = "largest singular value" if "spectral" in norm.__module__ + norm.__name__ else "_Orthogonal"
+        assert want in reason
+    check_invariants(model, x, list(groups.values()), plans=1)  # the empty plan still holds
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. a constant channel count in a requested shape
+
+
+class ConstantView(nn.Module):
+    """conv 3->16 -> ``y.view(b, 16, -1).mean(-1)`` (16 stored in __init__) -> Linear(16, 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.channels = 16
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.fc(y.view(x.shape[0], self.channels, -1).mean(-1))
+
+
+class ConstantReshape(nn.Module):
+    """``y.reshape(-1, 16, h, w)`` before a conv: the identity reshape whose -1 takes the slack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head(y.reshape(-1, 16, y.shape[2], y.shape[3]))
+
+
+class ConstantBroadcast(nn.Module):
+    """Sibling: ``broadcast_to`` a literal shape whose channel entry is 16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.conv(x).mean((2, 3), keepdim=True)
+        return self.head(torch.broadcast_to(s, (2, 16, 6, 6)))
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (ConstantView, "reshape to a constant size 16 over channels at node view"),
+        (ConstantReshape, "reshape to a constant size 16 over channels at node reshape"),
+        (ConstantBroadcast, "broadcast_to to a constant size 16 over channels at node broadcast_to"),
+    ],
+)
+def test_a_constant_channel_count_in_a_shape_blocks_the_group(model, reason):
+    groups = by_name(trace(model().eval(), torch.randn(2, 3, 6, 6)))
+    assert not groups["conv"].prunable and groups["conv"].reason == reason
+
+
+def test_a_channel_count_read_at_run_time_in_the_same_view_is_followed():
+    class Followed(ConstantView):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            b, c = y.shape[:2]
+            return self.head(F.relu(y.view(b, c, -1).mean(-1)).unsqueeze(-1).unsqueeze(-1))
+
+    model = randomise(Followed())
+    x = torch.randn(2, 3, 6, 6)
+    groups = trace(model, x)
+    assert by_name(groups)["conv"].prunable
+    check_invariants(model, x, groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. tensor-valued arguments
+
+
+class ClampBetween(nn.Module):
+    """``torch.clamp(y, min=lo, max=hi)`` with (1, 16, 1, 1) Parameters between two convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.lo = nn.Parameter(-0.2 - torch.rand(1, 16, 1, 1))
+        self.hi = nn.Parameter(0.2 + torch.rand(1, 16, 1, 1))
+        self.b = nn.Conv2d(16, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.clamp(self.a(x), min=self.lo, max=self.hi))
+
+
+def test_clamp_bounds_are_sliced_with_the_group():
+    model = randomise(ClampBetween())
+    x = torch.randn(2, 3, 8, 8)
+    groups = trace(model, x)
+    group = by_name(groups)["a"]
+    assert group.prunable and {m.module for m in group.members} >= {"lo", "hi"}
+    check_invariants(model, x, groups, plans=4)
+    small = apply(model, groups, {"a": [2, 3, 11]})
+    assert small.lo.shape == small.hi.shape == (1, 3, 1, 1)
+
+
+def test_a_bound_that_is_another_feature_map_ties_its_channels():
+    """Sibling: ``torch.clip(y, min=z)`` with ``z`` another conv's output: the two groups are one."""
+
+    class FeatureBound(ClampBetween):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.clip(self.a(x), min=self.c(x)))
+
+    model = randomise(FeatureBound())
+    x = torch.randn(2, 3, 8, 8)
+    groups = trace(model, x)
+    group = by_name(groups)["a"]
+    assert group.prunable and {"a", "c"} <= {m.module for m in group.members}
+    check_invariants(model, x, groups, plans=4)
+
+
+def test_a_bound_computed_from_a_parameter_blocks_the_group():
+    """Sibling: a bound computed from a parameter (not the parameter itself) is not sliced."""
+
+    class Computed(ClampBetween):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.clamp_min(self.a(x), self.lo * 2))
+
+    model = Computed().eval()
+    groups = trace(model, torch.randn(2, 3, 8, 8))
+    assert not by_name(groups)["a"].prunable
+    check_invariants(model, torch.randn(2, 3, 8, 8), groups, plans=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. buffers: folded constants and attributes left on the model
+
+
+def _snapshot(model: nn.Module) -> tuple:
+    attrs = {name: sorted(vars(m)) + sorted(m._buffers) + sorted(m._parameters) for name, m in model.named_modules()}
+    return attrs, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def test_frozen_batch_norm_resnet_is_pruned_like_batch_norm_and_left_untouched():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(norm_layer=torchvision.ops.FrozenBatchNorm2d).eval()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torchvision.ops.FrozenBatchNorm2d):
+            for name in ("weight", "bias", "running_mean"):
+                getattr(m, name).copy_(0.5 * torch.randn(m.weight.shape, generator=g) + (name == "weight"))
+            m.running_var.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+    x = torch.randn(1, 3, 32, 32)
+    before = _snapshot(model)
+    groups = trace(model, x)
+    assert _same(before, _snapshot(model)), "tracing changed the user's model"
+    assert not any(n.target.startswith("_tensor_constant") for n in symbolic_trace(model).graph.nodes if n.op == "get_attr")
+    assert _same(before, _snapshot(model))
+    group = by_name(groups)["conv1"]
+    assert group.prunable and ("bn1", "channel") in {(m.module, m.role) for m in group.members}
+    check_invariants(model, x, groups, plans=2)
+    small = apply(model, groups, {"conv1": list(range(0, 64, 2))})
+    assert _same(before, _snapshot(model)), "apply changed the user's model"
+    assert small.state_dict()["bn1.running_mean"].shape == (32,)
+    with torch.no_grad():
+        y = small(x)
+        small.bn1.running_mean.add_(1.0)  # the sliced buffers are what the pruned model computes with
+        assert not torch.allclose(small(x), y)
+
+
+def test_arithmetic_on_a_buffer_stays_tied_to_the_buffer():
+    """Sibling: a module of one's own that scales by ``exp`` of a buffer is traced into ops on the
+    buffer (no constant folded at trace time), and the model keeps no attribute from the trace."""
+
+    class BufferScale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.register_buffer("log_scale", 0.3 * torch.randn(8))
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x) * self.log_scale.exp().view(1, -1, 1, 1))
+
+    model = BufferScale().eval()
+    x = torch.randn(1, 3, 5, 5)
+    before = _snapshot(model)
+    gm = symbolic_trace(model)
+    groups = trace(model, x)
+    assert _same(before, _snapshot(model))
+    assert {n.target for n in gm.graph.nodes if n.op == "get_attr"} == {"log_scale"}
+    with torch.no_grad():
+        y = gm(x)
+        model.log_scale.add_(0.5)
+        assert not torch.allclose(gm(x), y)  # the traced model reads the buffer, not a copy of it
+    check_invariants(model, x, groups, plans=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. in-place adds into a broadcast destination
+
+
+class ChannelAdd(nn.Module):
+    """GCNet's channel add: ``y + conv1x1(y.mean((2, 3), keepdim=True))``."""
+
+    def __init__(self, swapped: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.transform = nn.Conv2d(16, 16, 1)
+        self.swapped = swapped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        context = self.transform(y.mean((2, 3), keepdim=True))
+        return context + y if self.swapped else y + context
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["y+conv", "conv+y"])
+def test_inference_copy_of_a_broadcast_add_runs_and_matches(swapped):
+    torch.manual_seed(0)
+    model = ChannelAdd(swapped).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        fast = optimize_for_inference(model)  # no example input: checked at each call
+        assert torch.allclose(fast(x), expected, atol=1e-5)
+        known = optimize_for_inference(model, x)  # shapes known: left out of place
+        assert not any(n.target in (operator.iadd, add_in_place) for n in known.graph.nodes)
+        assert torch.allclose(known(x), expected, atol=1e-5)
+
+
+def test_add_in_place_writes_only_when_the_sum_fits():
+    a, b = torch.ones(2, 3, 4, 4), torch.ones(2, 3, 1, 1)
+    assert add_in_place(a, b) is a and a.sum() == 2 * a.numel()
+    small = torch.ones(2, 3, 1, 1)
+    out = add_in_place(small, torch.ones(2, 3, 4, 4))
+    assert out is not small and out.shape == (2, 3, 4, 4) and small.sum() == small.numel()
+    half = torch.ones(2, 3, dtype=torch.float16)
+    assert add_in_place(half, torch.ones(2, 3)).dtype == torch.float32  # promotion: out of place
