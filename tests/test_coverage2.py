@@ -360,3 +360,43 @@ def test_add_in_place_writes_only_when_the_sum_fits():
     assert out is not small and out.shape == (2, 3, 4, 4) and small.sum() == small.numel()
     half = torch.ones(2, 3, dtype=torch.float16)
     assert add_in_place(half, torch.ones(2, 3)).dtype == torch.float32  # promotion: out of place
+
+
+# ----------------------------------------------------------------------------------------------
+# needlessly unprunable: GroupNorm
+
+
+class GroupNormed(nn.Module):
+    """conv -> GroupNorm(G, 16) -> relu -> conv -> GroupNorm(8, 8, no affine) -> residual -> head."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn_a = nn.GroupNorm(groups, 16)
+        self.b = nn.Conv2d(16, 8, 3, padding=1)
+        self.gn_b = nn.GroupNorm(8, 8, affine=False)
+        self.skip = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gn_b(self.b(F.relu(self.gn_a(self.a(x))))) + self.skip(x)
+        return self.head(F.relu(y)).mean((2, 3))
+
+
+@pytest.mark.parametrize("norm_groups", [4, 16])
+def test_group_norm_is_pruned_in_whole_norm_groups(norm_groups):
+    model = randomise(GroupNormed(norm_groups))
+    x = torch.randn(2, 3, 6, 6)
+    groups = by_name(trace(model, x))
+    assert groups["a"].prunable and groups["a"].unit == 16 // norm_groups
+    assert groups["b"].prunable and groups["b"].unit == 1  # G == C: per channel
+    check_invariants(model, x, list(groups.values()), plans=4)
+    small = apply(model, list(groups.values()), {"a": list(range(16 // norm_groups)), "b": [0, 3, 5]})
+    assert (small.gn_a.num_groups, small.gn_a.num_channels, small.gn_a.weight.shape) == (1, 16 // norm_groups, (16 // norm_groups,))
+    assert (small.gn_b.num_groups, small.gn_b.num_channels) == (3, 3)
+
+
+def test_group_norm_with_one_group_keeps_its_channels():
+    model = GroupNormed(1).eval()
+    groups = by_name(trace(model, torch.randn(1, 3, 6, 6)))
+    assert not groups["a"].prunable and groups["a"].reason == "normalised across channels by GroupNorm at gn_a"
