@@ -400,3 +400,150 @@ def test_group_norm_with_one_group_keeps_its_channels():
     model = GroupNormed(1).eval()
     groups = by_name(trace(model, torch.randn(1, 3, 6, 6)))
     assert not groups["a"].prunable and groups["a"].reason == "normalised across channels by GroupNorm at gn_a"
+
+
+# ----------------------------------------------------------------------------------------------
+# needlessly unprunable: split / chunk along the channel dim (YOLOv8's C2f)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.cv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.cv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.cv2(F.silu(self.bn(self.cv1(x))))
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f: ``list(cv1(x).chunk(2, 1))``, bottlenecks on the last part, cat of all, cv2."""
+
+    def __init__(self, n: int = 2) -> None:
+        super().__init__()
+        self.c = 8
+        self.cv1 = nn.Conv2d(3, 2 * self.c, 1)
+        self.bn1 = nn.BatchNorm2d(2 * self.c)
+        self.m = nn.ModuleList(Bottleneck(self.c) for _ in range(n))
+        self.cv2 = nn.Conv2d((2 + n) * self.c, 16, 1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.bn1(self.cv1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.stem(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.head(F.silu(self.cv2(torch.cat(y, 1))))
+
+
+class C2fSplit(C2f):
+    """C2f's ``forward_split``: ``split((c, c), 1)`` with constant sizes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.stem(x).split((self.c, self.c), 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.head(F.silu(self.cv2(torch.cat(y, 1))))
+
+
+class UnevenUnpacked(C2f):
+    """Sibling: unequal parts ``split([5, 11], dim=1)`` unpacked into names, used in another order."""
+
+    def __init__(self) -> None:
+        super().__init__(n=0)
+        self.p = nn.Conv2d(5, 6, 3, padding=1)
+        self.cv2 = nn.Conv2d(6 + 11 + 16, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        a, b = torch.split(y, [5, 11], dim=1)
+        return self.head(F.silu(self.cv2(torch.cat([self.p(a), b, y], 1))))
+
+
+@pytest.mark.parametrize("model", [C2f, C2fSplit, UnevenUnpacked])
+def test_channel_split_parts_are_pruned_as_their_own_ranges(model):
+    model = randomise(model())
+    x = torch.randn(2, 3, 8, 8)
+    groups = trace(model, x)
+    parts = [g for g in groups if any(m.role.startswith("part") for m in g.node_members)]
+    assert len(parts) == 2 and all(g.prunable for g in parts), [(g.name, g.reason) for g in groups]
+    assert sorted(g.width for g in parts) == ([5, 11] if isinstance(model, UnevenUnpacked) else [8, 8])
+    check_invariants(model, x, groups, plans=5)
+    plan = {g.name: [0] for g in parts}  # one channel of each part
+    small = apply(model, groups, plan)
+    assert small.cv1.out_channels == 2
+
+
+def test_split_along_a_spatial_dim_keeps_the_channels():
+    """Sibling: CoordAttention's split along H/W: every part carries all channels."""
+
+    class Coord(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 1)
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            h, w = y.shape[2], y.shape[3]
+            pooled = torch.cat([y.mean(3, keepdim=True), y.mean(2, keepdim=True).permute(0, 1, 3, 2)], 2)
+            ph, pw = torch.split(F.relu(self.b(pooled)), [h, w], dim=2)
+            return self.head(y * ph.sigmoid() * pw.permute(0, 1, 3, 2).sigmoid())
+
+    model = randomise(Coord())
+    x = torch.randn(2, 3, 6, 5)
+    groups = by_name(trace(model, x))
+    assert groups["a"].prunable, [(g.name, g.reason) for g in groups.values()]
+    assert ("b", "out") in {(m.module, m.role) for m in groups["a"].members}  # the attention scales tie b to a
+    check_invariants(model, x, list(groups.values()), plans=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# needlessly unprunable: a reshaped per-channel parameter, keepdims=True
+
+
+class LayerScaled(nn.Module):
+    """timm's LayerScale2d (``x * gamma.view(1, -1, 1, 1)``) in a residual block, and an SE whose
+    squeeze is spelled ``mean((2, 3), keepdims=True)`` (timm's SqueezeExciteCl)."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.conv = nn.Conv2d(12, 12, 3, padding=1)
+        self.gamma = nn.Parameter(0.5 + torch.rand(12))
+        self.se_reduce = nn.Conv2d(12, 4, 1)
+        self.se_expand = nn.Conv2d(4, 12, 1)
+        self.head = nn.Conv2d(12, 2, 1)
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        gamma = self.gamma.view(1, -1, 1, 1)
+        z = self.conv(y)
+        y = y + (z.mul_(gamma) if self.inplace else z * gamma)
+        s = self.se_expand(F.relu(self.se_reduce(y.mean((2, 3), keepdims=True))))
+        return self.head(y * s.sigmoid())
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_layer_scale_view_and_keepdims_are_pruned(inplace):
+    model = randomise(LayerScaled(inplace))
+    x = torch.randn(2, 3, 6, 6)
+    groups = by_name(trace(model, x))
+    assert groups["stem"].prunable, [(g.name, g.reason) for g in groups.values()]
+    assert ("gamma", "param") in {(m.module, m.role) for m in groups["stem"].members}
+    assert groups["se_reduce"].prunable
+    check_invariants(model, x, list(groups.values()), plans=4)
+    assert apply(model, list(groups.values()), {"stem": [1, 7]}).gamma.shape == (2,)
+
+
+def test_a_parameter_viewed_to_a_constant_channel_count_blocks():
+    class Constant(LayerScaled):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.stem(x)
+            return self.head(y + self.conv(y) * self.gamma.view(1, 12, 1, 1))
+
+    groups = by_name(trace(Constant().eval(), torch.randn(1, 3, 6, 6)))
+    assert not groups["stem"].prunable

@@ -55,7 +55,7 @@ def reduce(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
     dims = {norm_dim(d, ndim) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
     if lay.dim in dims:
         return st.unsupported(node, f"{op_name(node)} over the channel dim at {where(node)}")
-    keepdim = st.value(arg(node, 2, "keepdim", False))
+    keepdim = st.value(arg(node, 2, "keepdim", node.kwargs.get("keepdims", False)))  # numpy's spelling too
     new_dim = lay.dim if keepdim else lay.dim - sum(1 for d in dims if d < lay.dim)
     st.layouts[node] = Layout(new_dim, lay.slots)
     return None
@@ -193,3 +193,57 @@ def move_dims(st: PassState, node: fx.Node, name: str, x: fx.Node, lay: Layout) 
         new_dim = lay.dim - sum(1 for d in gone if d < lay.dim)
     st.layouts[node] = Layout(new_dim, lay.slots)
     return None
+
+
+SPLIT_OPS = {"split", "chunk"}
+
+
+def split(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
+    """split/chunk: along the channel dim each part is its own channel range, a node member
+    ``(node, "part<i>")`` whose removed positions ``apply`` takes from that part's size (the call is
+    rewritten as a split with the new sizes); along another dim every part keeps the channels."""
+    parts = st.values.get(node)
+    if not isinstance(parts, (tuple, list)) or not all(getattr(p, "shape", None) for p in parts):
+        return st.unsupported(node)
+    ndim = len(st.shape(x))
+    dim = norm_dim(st.value(arg(node, 2, "dim", 0)), ndim)
+    if dim != lay.dim:
+        st.part_layouts[node] = [lay for _ in parts]
+        return None
+    layouts, start = [], 0
+    for i, part in enumerate(parts):
+        size = part.shape[dim]
+        slots = lay.slots[start:start + size]
+        st.add_source(st.node_sources, (node.name, f"part{i}"), lay.dim - ndim, slots)
+        layouts.append(Layout(lay.dim, slots))
+        start += size
+    st.part_layouts[node] = layouts
+    return None
+
+
+PARAM_VIEW_OPS = {"view", "reshape", "unsqueeze"}
+
+
+def param_view(st: PassState, node: fx.Node, x: fx.Node) -> bool:
+    """A per-channel parameter reshaped before use (timm's LayerScale2d: ``gamma.view(1, -1, 1, 1)``):
+    record ``node`` as that parameter with its one non-1 dim moved (``st.param_views``), so an
+    elementwise op slices the parameter with the channels it meets. False when ``node`` is no such view
+    (more than one non-1 dim, or the channel entry of the shape is not -1: a constant would not follow
+    a slice)."""
+    if x.op == "get_attr":
+        real = [i for i, d in enumerate(st.shape(x)) if d != 1]
+        if len(real) != 1:
+            return False
+        target, param_dim, size = str(x.target), real[0], st.shape(x)[real[0]]
+    elif x in st.param_views:
+        target, param_dim, at = st.param_views[x]
+        size = st.shape(x)[at]
+    else:
+        return False
+    out = [i for i, d in enumerate(st.shape(node)) if d != 1]
+    if len(out) != 1 or st.shape(node)[out[0]] != size:
+        return False
+    if op_name(node) != "unsqueeze" and shape_entries(node)[out[0]:out[0] + 1] != [-1]:
+        return False
+    st.param_views[node] = (target, param_dim, out[0])
+    return True

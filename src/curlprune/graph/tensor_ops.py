@@ -28,7 +28,19 @@ from curlprune.graph.ops import (
     where,
 )
 from curlprune.graph.pass_state import PassState
-from curlprune.graph.shape_ops import expand, flatten, getitem, move_dims, pixel_shuffle, reduce, reshape
+from curlprune.graph.shape_ops import (
+    PARAM_VIEW_OPS,
+    SPLIT_OPS,
+    expand,
+    flatten,
+    getitem,
+    move_dims,
+    param_view,
+    pixel_shuffle,
+    reduce,
+    reshape,
+    split,
+)
 from curlprune.graph.slots import Layout
 from curlprune.graph.taint import record_shape_value
 
@@ -47,6 +59,8 @@ def call_op(st: PassState, node: fx.Node) -> None:
         # a non-tensor result: shape queries are harmless (their uses are checked: graph.taint),
         # anything else reading channels is not
         record_shape_value(st, node, name)
+        if name in SPLIT_OPS and st.layout(node.args[0] if node.args else None) is not None:
+            return split(st, node, node.args[0], st.layout(node.args[0]))
         if name in SHAPE_QUERIES or node.target in (builtins.getattr, operator.getitem) or not any(
             st.layout(n) is not None for n in st.tensor_inputs(node)
         ):
@@ -54,12 +68,17 @@ def call_op(st: PassState, node: fx.Node) -> None:
         return st.unsupported(node)
     x = node.args[0] if node.args else None
     lay = st.layout(x)
+    if name == "getitem" and x in st.part_layouts and isinstance(node.args[1], int):
+        st.layouts[node] = st.part_layouts[x][node.args[1]]
+        return None
     if name in BINARY_OPS:
         return binary(st, node, name)
     if name == "getitem" and lay is not None:
         return getitem(st, node, x, lay)
     if name in ("cat", "concat", "concatenate"):
         return cat(st, node)
+    if lay is None and name in PARAM_VIEW_OPS and isinstance(x, fx.Node) and param_view(st, node, x):
+        return None
     if lay is None:
         return st.unsupported(node)
     extra = [n for n in st.tensor_inputs(node) if n is not x]
@@ -138,6 +157,9 @@ def binary(st: PassState, node: fx.Node, name: str, operands: list | None = None
             continue
         if a.op == "get_attr":  # a parameter/buffer used directly, e.g. ConvNeXt's layer_scale
             st.add_source(st.sources, (str(a.target), "param"), op_dim, out.slots)
+        elif a in st.param_views and st.param_views[a][2] == op_dim:  # reshaped first (LayerScale2d)
+            target, param_dim, _ = st.param_views[a]
+            st.add_source(st.sources, (target, "param"), param_dim, out.slots)
         else:
             st.uf.mark(out.slots, f"combined with an untracked tensor at {where(node)}")
     if name in RESIDUAL_OPS and len(full) >= 2:
@@ -149,7 +171,9 @@ def binary(st: PassState, node: fx.Node, name: str, operands: list | None = None
 def cat(st: PassState, node: fx.Node) -> None:
     """``torch.cat``: along the channel dim the channels concatenate, along another they are tied."""
     parts = arg(node, 0, "tensors")
-    lays = [st.layout(p) for p in parts]
+    lays = st.part_layouts.get(parts) if isinstance(parts, fx.Node) else [st.layout(p) for p in parts]
+    if lays is None:
+        return st.unsupported(node)
     if any(lay is None for lay in lays) or len({lay.dim for lay in lays}) != 1:
         return st.unsupported(node)
     cdim = lays[0].dim

@@ -38,11 +38,38 @@ class CurlTracer(fx.Tracer):
         super().__init__()
         self.proxy_buffer_attributes = True
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Parts(node, self) if _part_count(node) is not None else super().proxy(node)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
             isinstance(m, StochasticDepth) or known_leaf(m) or registered_leaf(m)
             or super().is_leaf_module(m, module_qualified_name)
         )
+
+
+def _part_count(node: fx.Node) -> int | None:
+    """How many parts a ``chunk(n)`` / ``split([a, b, ...])`` call returns, known from its arguments."""
+    if node.op not in ("call_method", "call_function"):
+        return None
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    second = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections"))
+    if name == "chunk" and isinstance(second, int):
+        return second
+    if name == "split" and isinstance(second, (list, tuple)):
+        return len(second)
+    return None
+
+
+class _Parts(fx.Proxy):
+    """The result of a chunk/split whose number of parts is known: ``len`` and iteration work, so
+    ``list(x.chunk(2, 1))`` (YOLOv8's C2f) traces into one ``getitem`` per part."""
+
+    def __len__(self) -> int:
+        return _part_count(self.node)
+
+    def __iter__(self) -> Iterator[fx.Proxy]:
+        return iter([self[i] for i in range(_part_count(self.node))])
 
 
 def symbolic_trace(model: nn.Module) -> fx.GraphModule:
