@@ -547,3 +547,25 @@ def test_a_parameter_viewed_to_a_constant_channel_count_blocks():
 
     groups = by_name(trace(Constant().eval(), torch.randn(1, 3, 6, 6)))
     assert not groups["stem"].prunable
+
+
+def test_timm_layer_scale_2d_is_pruned():
+    timm_layers = pytest.importorskip("timm.layers")
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+            self.ls = timm_layers.LayerScale2d(8, 0.5)
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.head(y + self.ls(self.b(y)))
+
+    model = randomise(Block())
+    x = torch.randn(2, 3, 6, 6)
+    groups = trace(model, x)
+    assert by_name(groups)["a"].prunable and ("ls.gamma", "param") in {(m.module, m.role) for m in by_name(groups)["a"].members}
+    check_invariants(model, x, groups, plans=3)
