@@ -569,3 +569,38 @@ def test_timm_layer_scale_2d_is_pruned():
     groups = trace(model, x)
     assert by_name(groups)["a"].prunable and ("ls.gamma", "param") in {(m.module, m.role) for m in by_name(groups)["a"].members}
     check_invariants(model, x, groups, plans=3)
+
+
+class TensorArgs(nn.Module):
+    """conv -> ``op`` with tensor arguments besides its input -> conv."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.rand(1, 8, 1, 1))
+        self.b = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        if self.op == "where":
+            y = torch.where(y > 0, y, self.w)
+        elif self.op == "lerp":
+            y = torch.lerp(y, y.sigmoid(), self.w)
+        elif self.op == "addcmul":
+            y = torch.addcmul(y, self.w, y)
+        else:
+            y = F.hardtanh(y, -0.5, 0.5).clamp(max=self.w)
+        return self.b(y)
+
+
+@pytest.mark.parametrize("op", ["where", "lerp", "addcmul", "hardtanh_then_clamp"])
+def test_ops_with_tensor_arguments_are_sliced_or_block(op):
+    """Sibling kinds of fault 3: each tensor argument is followed (clamp's bound, a Parameter read
+    directly, is sliced) or the group is unprunable; no plan builds a model that fails."""
+    model = randomise(TensorArgs(op))
+    x = torch.randn(2, 3, 6, 6)
+    groups = trace(model, x)
+    group = by_name(groups)["a"]
+    assert group.prunable == (op == "hardtanh_then_clamp"), group.reason
+    check_invariants(model, x, groups, plans=3)
