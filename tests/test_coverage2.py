@@ -604,3 +604,24 @@ def test_ops_with_tensor_arguments_are_sliced_or_block(op):
     group = by_name(groups)["a"]
     assert group.prunable == (op == "hardtanh_then_clamp"), group.reason
     check_invariants(model, x, groups, plans=3)
+
+
+def test_timm_group_norm_act_is_a_group_norm():
+    """timm's GroupNormAct (efficientnet_b0_gn) calls F.group_norm: kept a leaf, it is a GroupNorm."""
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 16, 3, padding=1)
+            self.gn = norm_act.GroupNormAct(16, num_groups=4)
+            self.b = nn.Conv2d(16, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.gn(self.a(x)))
+
+    model = randomise(Block())
+    x = torch.randn(2, 3, 6, 6)
+    groups = by_name(trace(model, x))
+    assert groups["a"].prunable and groups["a"].unit == 4
+    check_invariants(model, x, list(groups.values()), plans=3)

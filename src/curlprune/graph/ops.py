@@ -38,8 +38,12 @@ LEAF_CLASSES = {
     ("torchvision.ops.misc", "FrozenBatchNorm2d"),  # x * scale + bias from four buffers: a per-channel norm (layers)
 }
 ELEMENTWISE_CLASSES = {("timm.layers.drop", "DropPath")}  # per-sample drop of a whole residual branch
-NORM_ACT_CLASSES = {("timm.layers.norm_act", "BatchNormAct2d"), ("timm.layers.norm_act", "SyncBatchNormAct")}
-"""BatchNorm subclasses that add an activation and dropout: leaves when both are elementwise modules."""
+NORM_ACT_CLASSES = {
+    ("timm.layers.norm_act", "BatchNormAct2d"), ("timm.layers.norm_act", "SyncBatchNormAct"),
+    ("timm.layers.norm_act", "GroupNormAct"), ("timm.layers.norm_act", "GroupNorm1Act"),
+}
+"""BatchNorm/GroupNorm subclasses that add an activation and dropout: leaves when both are elementwise
+modules (their norm's layer rule applies)."""
 
 
 def class_key(m: nn.Module) -> tuple[str, str]:
