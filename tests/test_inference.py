@@ -10,7 +10,7 @@ from torch import nn
 import curlprune
 from curlprune.cost.latency import prepare
 from curlprune.models import build
-from curlprune.surgery.inference import inplace_adds, optimize_for_inference
+from curlprune.surgery.inference import add_in_place, inplace_adds, optimize_for_inference
 from curlprune.surgery.surgery import random_plan
 
 
@@ -27,7 +27,8 @@ def nontrivial_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def iadds(gm) -> int:
-    return sum(n.op == "call_function" and n.target is operator.iadd for n in gm.graph.nodes)
+    """In-place adds: ``operator.iadd`` (shapes known) or ``add_in_place`` (checked at each call)."""
+    return sum(n.op == "call_function" and n.target in (operator.iadd, add_in_place) for n in gm.graph.nodes)
 
 
 def test_resnet_inference_copy_folds_every_bn_and_adds_in_place():

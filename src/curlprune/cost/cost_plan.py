@@ -26,6 +26,7 @@ from torch import nn
 from curlprune.channels import ChannelGroup, SliceKey
 from curlprune.graph.layers import rule_for
 from curlprune.graph.op_cost import CostTerm
+from curlprune.graph.reparam import map_param_terms, stable
 from curlprune.graph.shapes import Propagated
 from curlprune.graph.tracing import fetch_attr
 
@@ -125,7 +126,10 @@ def build_cost_table(gm: fx.GraphModule, found: Propagated, param_dims: Mapping[
         if rule is not None:  # MACs per sample: positions (leading dims included) // the example's batch
             shape = getattr(found.values.get(node), "shape", None)
             in_shape = getattr(found.values.get(node.args[0]), "shape", None) if node.args else None
-            structured, param_terms = rule.cost(str(node.target), modules[str(node.target)], in_shape, shape, found.batch)
+            mod = modules[str(node.target)]
+            with stable(mod):  # a reparametrised weight's terms go to the tensors that store it
+                structured, param_terms = rule.cost(str(node.target), mod, in_shape, shape, found.batch)
+                param_terms = map_param_terms(mod, param_terms)
         if structured and sum(t.value({}) for t in structured) == macs:
             terms.extend(structured)
         elif macs:

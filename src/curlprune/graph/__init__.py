@@ -11,9 +11,10 @@ A package of passes over a torch.fx trace, one job per file (like torch.fx's own
     pass_state.py    the channel pass's state and shared moves
     module_ops.py    handlers of module calls (convs, linears, norms, ...)
     tensor_ops.py    handlers of functions and methods (binary ops, cat, pad, ...)
-    shape_ops.py     handlers of dim moves (indexing, flatten, reshape, permute, reductions)
+    shape_ops.py     handlers of dim moves (indexing, flatten, reshape, permute, reductions, split/chunk)
     taint.py         channel counts read as values (size(1), shape, numel): followed or blocked
     shared_params.py tied parameters: one tensor cut by several members is one set of channels
+    reparam.py       reparametrised weights (weight norm, spectral norm, parametrizations)
     channel_pass.py  the pass itself: dispatch over the graph
     groups.py        from slot classes to ChannelGroups (members, units)
 

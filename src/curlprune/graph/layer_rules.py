@@ -133,11 +133,14 @@ def _role_sizes(t: torch.Tensor, spec: Sequence[str | None], name: str) -> tuple
 
 
 def _param_terms(mod: nn.Module, name: str, params: Mapping[str, Sequence[str | None]]) -> dict[int, CostTerm]:
-    """One params term per listed parameter (buffers are not parameters): numel over its channel dims."""
+    """One params term per listed parameter (buffers are not parameters): numel over its channel dims.
+
+    A weight computed from stored parameters (weight norm: ``graph.reparam``) gets a term too, keyed
+    by the tensor read here; the cost table moves it onto the stored tensors."""
     terms: dict[int, CostTerm] = {}
     for pname, spec in params.items():
         p = getattr(mod, pname, None)
-        if isinstance(p, nn.Parameter):
+        if isinstance(p, torch.Tensor) and pname not in mod._buffers:
             sizes = _role_sizes(p, spec, name)
             terms[id(p)] = CostTerm(False, p.numel() // math.prod(s for s, _ in sizes), sizes)
     return terms

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from curlprune.errors import CurlpruneError
 from curlprune.graph.layer_rules import (
@@ -154,12 +155,30 @@ class PReLURule(PerChannel):
         return ([], {}) if mod.num_parameters == 1 else super().cost(name, mod, in_shape, out_shape, batch)
 
 
-class CrossChannelNorm(LayerRule):
-    """A norm whose statistics run across channels (GroupNorm): its channels pass through but
-    cannot be pruned. Nothing of it is ever sliced."""
+class GroupNormRule(PerChannel):
+    """``nn.GroupNorm(G, C)``: statistics over each norm group of ``C/G`` consecutive channels, so a
+    whole norm group can go (the others keep their statistics): pruned in units of ``C/G`` channels,
+    per channel when ``G == C``; with one norm group (``G == 1``) every channel's statistics depend
+    on all the others, so its channels cannot be pruned. Weight and bias are per channel."""
+
+    def __init__(self) -> None:
+        super().__init__(["weight", "bias"], width="num_channels")
 
     def roles(self, mod: nn.Module, name: str, lay_dim: int, in_shape: Shape, out_shape: Shape) -> Roles | str:
-        return Roles(unprunable=f"normalised across channels by {type(mod).__name__} at {name}")
+        if mod.num_groups == 1 and mod.num_channels > 1:
+            return Roles(unprunable=f"normalised across channels by {type(mod).__name__} at {name}")
+        roles = super().roles(mod, name, lay_dim, in_shape, out_shape)
+        if isinstance(roles, str):
+            return roles
+        # a member even without affine parameters: ``apply`` must reach the module to set its counts
+        return Roles(members=(("channel", 0),), unit=mod.num_channels // mod.num_groups)
+
+    def slice(self, mod: nn.Module, removed: Mapping[str, Sequence[int]]) -> None:
+        per_group = mod.num_channels // mod.num_groups
+        gone = len(removed.get("channel", ()))
+        super().slice(mod, removed)
+        mod.num_channels = mod.num_channels if mod.weight is not None else mod.num_channels - gone
+        mod.num_groups = mod.num_channels // per_group
 
 
 class LayerNormRule(LayerRule):
@@ -181,9 +200,10 @@ _RULES: dict[type, LayerRule] = {
     nn.modules.conv._ConvTransposeNd: ConvTransposeRule(),
     nn.Linear: LinearRule(),
     **{norm: _NORM for norm in CHANNEL_NORMS},
+    FrozenBatchNorm2d: PerChannel(["weight", "bias", "running_mean", "running_var"]),  # all four are buffers
     nn.PReLU: PReLURule(),
     nn.LayerNorm: LayerNormRule(),
-    nn.GroupNorm: CrossChannelNorm(),
+    nn.GroupNorm: GroupNormRule(),
 }
 """The table: layer type -> its rule, looked up through the MRO; ``register_layer`` adds to it."""
 

@@ -9,6 +9,8 @@ module is unsupported.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch.fx as fx
 from torch import nn
 
@@ -22,6 +24,7 @@ from curlprune.graph.ops import (
     norm_dim,
 )
 from curlprune.graph.pass_state import PassState
+from curlprune.graph.reparam import reparam_problem
 from curlprune.graph.shape_ops import flatten, pixel_shuffle
 from curlprune.graph.slots import Layout
 
@@ -37,6 +40,9 @@ def call_module(st: PassState, node: fx.Node) -> None:
     rule = rule_for(mod)
     if rule is not None:
         roles = rule.roles(mod, name, lay.dim, st.shape(x), st.shape(node))
+        problem = reparam_problem(mod, name)  # spectral norm, orthogonal, ...: kept whole (graph.reparam)
+        if problem and isinstance(roles, Roles) and not roles.unprunable:
+            roles = dataclasses.replace(roles, unprunable=problem)
         return st.unsupported(node, roles) if isinstance(roles, str) else layer_call(st, node, name, lay, roles)
     if is_elementwise(mod):
         st.layouts[node] = lay

@@ -35,10 +35,15 @@ SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 LEAF_CLASSES = {
     ("timm.layers.conv2d_same", "Conv2dSame"),  # TF "same" padding (spatial) + F.conv2d(x, weight, bias)
     ("timm.layers.linear", "Linear"),  # F.linear(x, weight, bias)
+    ("torchvision.ops.misc", "FrozenBatchNorm2d"),  # x * scale + bias from four buffers: a per-channel norm (layers)
 }
 ELEMENTWISE_CLASSES = {("timm.layers.drop", "DropPath")}  # per-sample drop of a whole residual branch
-NORM_ACT_CLASSES = {("timm.layers.norm_act", "BatchNormAct2d"), ("timm.layers.norm_act", "SyncBatchNormAct")}
-"""BatchNorm subclasses that add an activation and dropout: leaves when both are elementwise modules."""
+NORM_ACT_CLASSES = {
+    ("timm.layers.norm_act", "BatchNormAct2d"), ("timm.layers.norm_act", "SyncBatchNormAct"),
+    ("timm.layers.norm_act", "GroupNormAct"), ("timm.layers.norm_act", "GroupNorm1Act"),
+}
+"""BatchNorm/GroupNorm subclasses that add an activation and dropout: leaves when both are elementwise
+modules (their norm's layer rule applies)."""
 
 
 def class_key(m: nn.Module) -> tuple[str, str]:
@@ -65,6 +70,12 @@ UNARY_OPS = {
     "clamp_min", "clamp_max", "clip", "exp", "abs", "neg", "sqrt", "rsqrt", "square", "log", "contiguous",
     "clone", "float", "half", "double", "bfloat16", "to", "type_as", "detach", "neg_", "abs_",
 }
+DTYPE_ONLY_OPS = {"to", "type_as"}
+"""Unary ops whose tensor argument gives only a dtype/device (``x.to(other)``): not an operand."""
+TENSOR_ARG_OPS = DTYPE_ONLY_OPS | {"expand_as", "view_as", "reshape_as", "layer_norm", "group_norm"}
+"""Ops whose tensor arguments give only a dtype or shape, or whose handler reads them (a layer norm's
+affine parameters span the dims it normalises); any other op with a tensor argument besides its
+input that is no elementwise operand makes the channels unprunable."""
 BINARY_OPS = {
     "add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "mul", "mul_", "imul", "truediv", "div", "div_",
     "itruediv", "maximum", "minimum", "pow",

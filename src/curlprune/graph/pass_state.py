@@ -29,6 +29,8 @@ class PassState:
         self.sources: dict[SliceKey, Source] = {}
         self.node_sources: dict[SliceKey, Source] = {}
         self.units: list[tuple[str, int, list[int]]] = []  # (conv name, channels per conv group, slots)
+        self.part_layouts: dict[fx.Node, list[Layout]] = {}
+        self.param_views: dict[fx.Node, tuple[str, int, int]] = {}  # parameter reshaped: (target, its dim, dim here)  # split/chunk: the layout of each part
         self.tuple_dims: dict[fx.Node, int] = {}  # non-tensor outputs of unsupported ops: their input's channel dim
         # channel counts read as values (graph.taint): node -> (slots whose count it is, where read);
         # a torch.Size / shape tuple: node -> {position: (slots, where read)}

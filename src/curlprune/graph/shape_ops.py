@@ -55,7 +55,7 @@ def reduce(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
     dims = {norm_dim(d, ndim) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
     if lay.dim in dims:
         return st.unsupported(node, f"{op_name(node)} over the channel dim at {where(node)}")
-    keepdim = st.value(arg(node, 2, "keepdim", False))
+    keepdim = st.value(arg(node, 2, "keepdim", node.kwargs.get("keepdims", False)))  # numpy's spelling too
     new_dim = lay.dim if keepdim else lay.dim - sum(1 for d in dims if d < lay.dim)
     st.layouts[node] = Layout(new_dim, lay.slots)
     return None
@@ -82,13 +82,43 @@ def flatten(st: PassState, node: fx.Node, x: fx.Node, start: int, end: int) -> N
     return None
 
 
-def reshape(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
-    """view/reshape: identity or a flatten of adjacent dims; channel sizes must not be constants."""
-    in_shape, out_shape = st.shape(x), st.shape(node)
-    raw = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("shape"),)
+def shape_entries(node: fx.Node) -> list:
+    """The requested shape of a view/reshape/expand/broadcast_to/repeat call, one entry per dim
+    (ints, -1, or the nodes computing them)."""
+    raw = list(node.args[1:]) if len(node.args) > 1 else [
+        node.kwargs.get("shape", node.kwargs.get("size", node.kwargs.get("repeats")))
+    ]
     if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
-        raw = tuple(raw[0])
+        raw = list(raw[0])
+    return raw
+
+
+def fixed_channel_entry(st: PassState, node: fx.Node, raw: list, pos: int) -> str:
+    """Why entry ``pos`` of a requested shape, the one that holds the channels, would not follow a
+    pruning (a constant, or a value not read from the channels), or "" (-1, or a followed count:
+    ``graph.taint`` checks it is these channels' count)."""
+    if len(raw) != len(st.shape(node)) or pos >= len(raw):
+        return ""
+    entry = raw[pos]
+    what = "reshape" if op_name(node) in ("view", "reshape") else op_name(node)
+    if isinstance(entry, fx.Node):
+        if entry in st.taint:
+            return ""
+        value = st.value(entry)
+        return f"{what} to a size {value!r} not read from the channels at {where(node)}"
+    if isinstance(entry, int) and entry != -1:
+        return f"{what} to a constant size {entry} over channels at {where(node)}"
+    return ""
+
+
+def reshape(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
+    """view/reshape: identity, a flatten of adjacent dims or size-1 dims added/removed; the entry of
+    the requested shape that holds the channels must be -1 or their count read at run time."""
+    in_shape, out_shape = st.shape(x), st.shape(node)
+    raw = shape_entries(node)
     if in_shape == out_shape:
+        if problem := fixed_channel_entry(st, node, raw, lay.dim):
+            return st.unsupported(node, problem)
         st.layouts[node] = lay
         return None
     for start in range(len(in_shape)):
@@ -96,15 +126,16 @@ def reshape(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
             merged = in_shape[:start] + (math.prod(in_shape[start:end + 1]),) + in_shape[end + 1:]
             if merged != out_shape:
                 continue
-            if start <= lay.dim <= end and len(raw) == len(out_shape) and isinstance(raw[start], int) and raw[start] != -1:
-                return st.unsupported(node, f"reshape to a constant size {raw[start]} over channels at {where(node)}")
+            pos = start if start <= lay.dim <= end else lay.dim if lay.dim < start else lay.dim - (end - start)
+            if problem := fixed_channel_entry(st, node, raw, pos):
+                return st.unsupported(node, problem)
             return flatten(st, node, x, start, end)
     real_in = [i for i, d in enumerate(in_shape) if d != 1]
     real_out = [i for i, d in enumerate(out_shape) if d != 1]
     if in_shape[lay.dim] != 1 and [in_shape[i] for i in real_in] == [out_shape[i] for i in real_out]:
         new_dim = real_out[real_in.index(lay.dim)]  # only size-1 dims added or removed
-        if len(raw) == len(out_shape) and isinstance(raw[new_dim], int) and raw[new_dim] != -1:
-            return st.unsupported(node, f"reshape to a constant size {raw[new_dim]} over channels at {where(node)}")
+        if problem := fixed_channel_entry(st, node, raw, new_dim):
+            return st.unsupported(node, problem)
         st.layouts[node] = Layout(new_dim, lay.slots)
         return None
     return st.unsupported(node, f"reshape {tuple(in_shape)} -> {tuple(out_shape)} at {where(node)}")
@@ -116,12 +147,9 @@ def expand(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
     new_dim = lay.dim + len(out_shape) - len(in_shape)
     if out_shape[new_dim] != in_shape[lay.dim]:
         return st.unsupported(node, f"broadcast across channels at {where(node)}")
-    if op_name(node) == "expand":
-        raw = list(node.args[1:])
-        if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
-            raw = list(raw[0])
-        if len(raw) == len(out_shape) and isinstance(raw[new_dim], int) and raw[new_dim] != -1:
-            return st.unsupported(node, f"expand to a constant size {raw[new_dim]} over channels at {where(node)}")
+    if op_name(node) in ("expand", "broadcast_to"):
+        if problem := fixed_channel_entry(st, node, shape_entries(node), new_dim):
+            return st.unsupported(node, problem)
     st.layouts[node] = Layout(new_dim, lay.slots)
     return None
 
@@ -165,3 +193,57 @@ def move_dims(st: PassState, node: fx.Node, name: str, x: fx.Node, lay: Layout) 
         new_dim = lay.dim - sum(1 for d in gone if d < lay.dim)
     st.layouts[node] = Layout(new_dim, lay.slots)
     return None
+
+
+SPLIT_OPS = {"split", "chunk"}
+
+
+def split(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
+    """split/chunk: along the channel dim each part is its own channel range, a node member
+    ``(node, "part<i>")`` whose removed positions ``apply`` takes from that part's size (the call is
+    rewritten as a split with the new sizes); along another dim every part keeps the channels."""
+    parts = st.values.get(node)
+    if not isinstance(parts, (tuple, list)) or not all(getattr(p, "shape", None) for p in parts):
+        return st.unsupported(node)
+    ndim = len(st.shape(x))
+    dim = norm_dim(st.value(arg(node, 2, "dim", 0)), ndim)
+    if dim != lay.dim:
+        st.part_layouts[node] = [lay for _ in parts]
+        return None
+    layouts, start = [], 0
+    for i, part in enumerate(parts):
+        size = part.shape[dim]
+        slots = lay.slots[start:start + size]
+        st.add_source(st.node_sources, (node.name, f"part{i}"), lay.dim - ndim, slots)
+        layouts.append(Layout(lay.dim, slots))
+        start += size
+    st.part_layouts[node] = layouts
+    return None
+
+
+PARAM_VIEW_OPS = {"view", "reshape", "unsqueeze"}
+
+
+def param_view(st: PassState, node: fx.Node, x: fx.Node) -> bool:
+    """A per-channel parameter reshaped before use (timm's LayerScale2d: ``gamma.view(1, -1, 1, 1)``):
+    record ``node`` as that parameter with its one non-1 dim moved (``st.param_views``), so an
+    elementwise op slices the parameter with the channels it meets. False when ``node`` is no such view
+    (more than one non-1 dim, or the channel entry of the shape is not -1: a constant would not follow
+    a slice)."""
+    if x.op == "get_attr":
+        real = [i for i, d in enumerate(st.shape(x)) if d != 1]
+        if len(real) != 1:
+            return False
+        target, param_dim, size = str(x.target), real[0], st.shape(x)[real[0]]
+    elif x in st.param_views:
+        target, param_dim, at = st.param_views[x]
+        size = st.shape(x)[at]
+    else:
+        return False
+    out = [i for i, d in enumerate(st.shape(node)) if d != 1]
+    if len(out) != 1 or st.shape(node)[out[0]] != size:
+        return False
+    if op_name(node) != "unsqueeze" and shape_entries(node)[out[0]:out[0] + 1] != [-1]:
+        return False
+    st.param_views[node] = (target, param_dim, out[0])
+    return True

@@ -20,6 +20,7 @@ from torch import nn
 from curlprune.channels import SliceKey
 from curlprune.graph.ops import where
 from curlprune.graph.pass_state import PassState
+from curlprune.graph.reparam import owned, reparametrised, stable, stored
 from curlprune.graph.tracing import fetch_attr
 
 _CUT = {"out": ("weight", "bias"), "in": ("weight",), "channel": ("weight", "bias", "running_mean", "running_var")}
@@ -35,6 +36,13 @@ def cut_tensors(st: PassState, key: SliceKey, dim: int) -> list[tuple[torch.Tens
         cut = [(mod.weight, dim, f"{module}.weight"), (getattr(mod, "bias", None), 0, f"{module}.bias")]
     else:
         cut = [(getattr(mod, n, None), dim if n == "weight" else 0, f"{module}.{n}") for n in _CUT[role]]
+    computed = reparametrised(mod)  # a computed weight is keyed by the tensors that store it (graph.reparam)
+    if computed:
+        with stable(mod):
+            cut = [
+                (s, d, n) for t, d, n in cut for s in ([t] if n.rpartition(".")[2] not in computed else stored(mod, n.rpartition(".")[2]))
+                if n.rpartition(".")[2] not in computed or s.shape == t.shape
+            ]
     return [(t, d, n) for t, d, n in cut if isinstance(t, torch.Tensor)]
 
 
@@ -74,7 +82,7 @@ def _models(st: PassState, node: fx.Node, p: nn.Parameter) -> bool:
     """Whether the channel pass modelled ``node``'s use of ``p`` as a member slice."""
     if node.op == "call_module":
         mod = st.modules[str(node.target)]
-        own = any(q is p for q in mod.parameters(recurse=False))
+        own = any(q is p for q in owned(mod))
         return own and any(key[0] == str(node.target) for key in st.sources)
     found = []
     fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if a.op == "get_attr" else None)

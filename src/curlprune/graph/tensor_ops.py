@@ -20,15 +20,36 @@ from curlprune.graph.ops import (
     SOFTMAX_OPS,
     SPATIAL_OPS,
     UNARY_OPS,
+    DTYPE_ONLY_OPS,
+    TENSOR_ARG_OPS,
     arg,
     norm_dim,
     op_name,
     where,
 )
 from curlprune.graph.pass_state import PassState
-from curlprune.graph.shape_ops import expand, flatten, getitem, move_dims, pixel_shuffle, reduce, reshape
+from curlprune.graph.shape_ops import (
+    PARAM_VIEW_OPS,
+    SPLIT_OPS,
+    expand,
+    flatten,
+    getitem,
+    move_dims,
+    param_view,
+    pixel_shuffle,
+    reduce,
+    reshape,
+    split,
+)
 from curlprune.graph.slots import Layout
 from curlprune.graph.taint import record_shape_value
+
+_MOVES = {
+    "flatten", "view", "reshape", "expand", "expand_as", "broadcast_to", "pixel_shuffle", "pixel_unshuffle",
+    "permute", "transpose", "swapaxes", "unsqueeze", "squeeze", "pad",
+}
+_HANDLED = UNARY_OPS | SPATIAL_OPS | REDUCE_OPS | SOFTMAX_OPS | _MOVES
+"""The ops ``call_op`` follows with one tensor input (others are unsupported whatever their arguments)."""
 
 
 def call_op(st: PassState, node: fx.Node) -> None:
@@ -38,6 +59,8 @@ def call_op(st: PassState, node: fx.Node) -> None:
         # a non-tensor result: shape queries are harmless (their uses are checked: graph.taint),
         # anything else reading channels is not
         record_shape_value(st, node, name)
+        if name in SPLIT_OPS and st.layout(node.args[0] if node.args else None) is not None:
+            return split(st, node, node.args[0], st.layout(node.args[0]))
         if name in SHAPE_QUERIES or node.target in (builtins.getattr, operator.getitem) or not any(
             st.layout(n) is not None for n in st.tensor_inputs(node)
         ):
@@ -45,14 +68,25 @@ def call_op(st: PassState, node: fx.Node) -> None:
         return st.unsupported(node)
     x = node.args[0] if node.args else None
     lay = st.layout(x)
+    if name == "getitem" and x in st.part_layouts and isinstance(node.args[1], int):
+        st.layouts[node] = st.part_layouts[x][node.args[1]]
+        return None
     if name in BINARY_OPS:
         return binary(st, node, name)
     if name == "getitem" and lay is not None:
         return getitem(st, node, x, lay)
     if name in ("cat", "concat", "concatenate"):
         return cat(st, node)
+    if lay is None and name in PARAM_VIEW_OPS and isinstance(x, fx.Node) and param_view(st, node, x):
+        return None
     if lay is None:
         return st.unsupported(node)
+    extra = [n for n in st.tensor_inputs(node) if n is not x]
+    if extra and name in UNARY_OPS and name not in DTYPE_ONLY_OPS:
+        # tensor-valued arguments (clamp bounds, ...) are operands: tied or sliced with the channels
+        return binary(st, node, name, [x, *extra])
+    if extra and name in _HANDLED and name not in TENSOR_ARG_OPS:
+        return st.unsupported(node, f"{name} with a tensor argument ({extra[0].name}) at {where(node)}")
     if name in UNARY_OPS:
         st.layouts[node] = lay
         return None
@@ -87,13 +121,18 @@ def call_op(st: PassState, node: fx.Node) -> None:
     return st.unsupported(node)
 
 
-def binary(st: PassState, node: fx.Node, name: str) -> None:
-    """Broadcasting elementwise op: operands carrying the full channel dim are tied."""
+def binary(st: PassState, node: fx.Node, name: str, operands: list | None = None) -> None:
+    """Broadcasting elementwise op: operands carrying the full channel dim are tied; a parameter
+    read directly (``get_attr``) is sliced with them; any other operand that varies along the channel
+    dim makes them unprunable.
+
+    ``operands``: the tensors combined (default: the two operands of a binary op)."""
     out_shape = st.shape(node)
     ndim = len(out_shape)
-    operands = list(node.args[:2])
-    if len(operands) < 2:
-        operands.append(node.kwargs.get("other", node.kwargs.get("exponent")))
+    if operands is None:
+        operands = list(node.args[:2])
+        if len(operands) < 2:
+            operands.append(node.kwargs.get("other", node.kwargs.get("exponent")))
     laid = [(a, st.layout(a)) for a in operands if st.layout(a) is not None]
     dims = {lay.dim + ndim - len(st.shape(a)) for a, lay in laid}
     if len(dims) != 1:
@@ -118,6 +157,9 @@ def binary(st: PassState, node: fx.Node, name: str) -> None:
             continue
         if a.op == "get_attr":  # a parameter/buffer used directly, e.g. ConvNeXt's layer_scale
             st.add_source(st.sources, (str(a.target), "param"), op_dim, out.slots)
+        elif a in st.param_views and st.param_views[a][2] == op_dim:  # reshaped first (LayerScale2d)
+            target, param_dim, _ = st.param_views[a]
+            st.add_source(st.sources, (target, "param"), param_dim, out.slots)
         else:
             st.uf.mark(out.slots, f"combined with an untracked tensor at {where(node)}")
     if name in RESIDUAL_OPS and len(full) >= 2:
@@ -129,7 +171,9 @@ def binary(st: PassState, node: fx.Node, name: str) -> None:
 def cat(st: PassState, node: fx.Node) -> None:
     """``torch.cat``: along the channel dim the channels concatenate, along another they are tied."""
     parts = arg(node, 0, "tensors")
-    lays = [st.layout(p) for p in parts]
+    lays = st.part_layouts.get(parts) if isinstance(parts, fx.Node) else [st.layout(p) for p in parts]
+    if lays is None:
+        return st.unsupported(node)
     if any(lay is None for lay in lays) or len({lay.dim for lay in lays}) != 1:
         return st.unsupported(node)
     cdim = lays[0].dim

@@ -15,7 +15,10 @@ model, and what :func:`curlprune.cost.latency.prepare` measures:
    with torch's own pass (``torch.fx.experimental.optimization.fuse``);
 3. turn ``a + b`` into ``a += b`` where ``a`` is the output of a conv, linear or batch-norm
    module that nothing else reads (the add is its only user, so no value anyone else sees
-   changes; those modules' backward passes do not read their own output).
+   changes; those modules' backward passes do not read their own output), and the sum has
+   ``a``'s shape and dtype: known from an example input (``ShapeProp``), or else checked at each
+   call (:func:`add_in_place`; a broadcast add such as GCNet's ``y + conv(y.mean((2, 3), keepdim=True))``
+   then stays out of place).
 
 The result is for inference: it is in eval mode, and a forward hook that keeps a reference to
 a conv's output would see the sum, as it would on torchvision's ResNets.
@@ -28,7 +31,7 @@ import operator
 import torch
 from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from curlprune.graph.tracing import symbolic_trace
 
@@ -46,17 +49,43 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target == "add"
 
 
-def _writable(node: object, other: object, modules: dict[str, nn.Module]) -> bool:
-    """Whether the sum of ``node`` and ``other`` may be written into ``node``'s tensor: ``node``
-    is a conv/linear/BN output that nothing else reads, and the sum has ``node``'s shape."""
+def add_in_place(a: torch.Tensor, b: object) -> torch.Tensor:
+    """``a += b`` when the sum has ``a``'s shape and dtype, else ``a + b`` (same values either way).
+
+    The in-place form :func:`inplace_adds` writes where shapes are not known before the call.
+
+    Args:
+        a: a tensor nothing else reads (a fresh conv/linear/BN output).
+        b: the other operand (a tensor or a number).
+
+    Returns:
+        The sum: ``a`` itself when written in place, else a new tensor.
+    """
+    if (
+        isinstance(b, torch.Tensor)
+        and a.shape == torch.broadcast_shapes(a.shape, b.shape)
+        and a.dtype == torch.result_type(a, b)
+    ):
+        a += b
+        return a
+    return a + b
+
+
+def _writable(node: object, other: object, modules: dict[str, nn.Module]) -> object:
+    """How the sum of ``node`` and ``other`` may be written into ``node``'s tensor, when ``node`` is
+    a conv/linear/BN output that nothing else reads: ``operator.iadd`` when the recorded shapes and
+    dtypes show that the sum has ``node``'s, :func:`add_in_place` when none are recorded; None when
+    it may not."""
     if not isinstance(node, fx.Node) or not isinstance(other, fx.Node) or node is other:
-        return False
+        return None
     if node.op != "call_module" or len(node.users) != 1 or not isinstance(modules.get(node.target), _FRESH):
-        return False
-    shapes = [n.meta.get("tensor_meta") for n in (node, other)]
-    if all(s is not None for s in shapes):
-        return shapes[0].shape == torch.broadcast_shapes(shapes[0].shape, shapes[1].shape)
-    return True
+        return None
+    metas = [n.meta.get("tensor_meta") for n in (node, other)]
+    if all(isinstance(m, TensorMetadata) for m in metas):
+        same_shape = metas[0].shape == torch.broadcast_shapes(metas[0].shape, metas[1].shape)
+        same_dtype = metas[0].dtype == torch.promote_types(metas[0].dtype, metas[1].dtype)
+        return operator.iadd if same_shape and same_dtype else None
+    return add_in_place
 
 
 def inplace_adds(gm: fx.GraphModule) -> int:
@@ -64,8 +93,9 @@ def inplace_adds(gm: fx.GraphModule) -> int:
     the output of a conv/linear/BN module read only by this add and both operands are tensors.
 
     ``torch.add(a, b)`` and ``a.add(b)`` count as ``a + b``. When only ``b`` qualifies, the add
-    becomes ``b += a`` (tensor addition is commutative, so the values are the same). Without
-    shape metadata (``ShapeProp``) both operands are assumed to have the same shape.
+    becomes ``b += a`` (tensor addition is commutative, so the values are the same). With shape
+    metadata (``ShapeProp``) the add becomes ``operator.iadd`` where the sum has ``a``'s shape and
+    dtype; without it, :func:`add_in_place`, which checks that at each call.
 
     Returns the number of adds rewritten. The values computed are unchanged.
     """
@@ -75,11 +105,13 @@ def inplace_adds(gm: fx.GraphModule) -> int:
         if not _is_add(node):
             continue
         first, second = node.args
-        if _writable(second, first, modules) and not _writable(first, second, modules):
+        target = _writable(first, second, modules)
+        if target is None:
+            target = _writable(second, first, modules)
             first, second = second, first
-        elif not _writable(first, second, modules):
+        if target is None:
             continue
-        node.op, node.target, node.args = "call_function", operator.iadd, (first, second)
+        node.op, node.target, node.args = "call_function", target, (first, second)
         count += 1
     if count:
         gm.graph.lint()
@@ -94,8 +126,8 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor | None 
         model: any model :func:`curlprune.trace` handles (the original is not changed).
         example_input: optional input batch (e.g. ``[1, 3, H, W]``); when given, shapes are
             propagated so an add whose second operand broadcasts to a larger shape is left as is.
-            Without it, every add whose first operand is a fresh conv/linear/BN output is made
-            in place (what the residual blocks of the CNNs curlprune prunes do).
+            Without it, an add with a fresh conv/linear/BN output as an operand checks the shapes
+            at each call and adds in place where the sum fits (:func:`add_in_place`).
 
     Returns:
         A ``torch.fx.GraphModule``: BN folded into the preceding convs (and linears) whose

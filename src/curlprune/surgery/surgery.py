@@ -27,7 +27,8 @@ from curlprune.errors import CurlpruneError
 from curlprune.channels import ChannelGroup, Plan, SliceKey
 from curlprune.graph.layer_rules import LayerRule, keep_index, replace_tensor
 from curlprune.graph.layers import rule_for
-from curlprune.graph.tracing import CurlTracer
+from curlprune.graph.reparam import unwrapped
+from curlprune.graph.tracing import CurlTracer, untouched
 
 _MODULE_ROLES = ("out", "in", "channel")
 
@@ -253,8 +254,9 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.Gr
     """
     validate_plan(groups, plan)
     removed = removed_positions(groups, plan)
-    graph = CurlTracer().trace(model)
-    root = copy.deepcopy(model)
+    with untouched(model):  # the tracer's constants go to the copy only
+        graph = CurlTracer().trace(model)
+        root = copy.deepcopy(model)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     for child_name, child in root.named_children():  # keep the containers (``small.layer1[0]``)
         setattr(gm, child_name, child)
@@ -275,6 +277,8 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.Gr
                 _slice_parameter(gm, name, roles["param"], groups)
             elif any(r in roles for r in _MODULE_ROLES):
                 _slice_module(gm.get_submodule(name), roles)
+            elif any(role.startswith("part") for role in roles):
+                _shrink_split(nodes[name], name, roles, groups)
             else:
                 dim = next(m.dim for g in groups for m in g.node_members if m.module == name)
                 _shrink_pad(nodes[name], roles, dim)
@@ -303,7 +307,8 @@ def _retie(shared: dict[int, list[tuple[nn.Module, str]]]) -> None:
 
 def _slice_module(mod: nn.Module, roles: dict[str, list[int]]) -> None:
     """Slice a module with a layer rule in place (it is already a private copy)."""
-    (rule_for(mod) or LayerRule()).slice(mod, roles)  # no rule: the base rule's one-line error
+    with unwrapped(mod):  # weight norm: slice the computed weight, then normalise it again (graph.reparam)
+        (rule_for(mod) or LayerRule()).slice(mod, roles)  # no rule: the base rule's one-line error
 
 
 def _slice_parameter(gm: fx.GraphModule, name: str, positions: list[int], groups: Sequence[ChannelGroup]) -> None:
@@ -313,6 +318,23 @@ def _slice_parameter(gm: fx.GraphModule, name: str, positions: list[int], groups
     owner = gm.get_submodule(owner_name) if owner_name else gm
     old = getattr(owner, attr)
     replace_tensor(owner, attr, old.index_select(dim, keep_index(old.shape[dim], positions)))
+
+
+def _shrink_split(node: fx.Node, name: str, roles: dict[str, list[int]], groups: Sequence[ChannelGroup]) -> None:
+    """split/chunk along the channel dim: ``torch.split`` by the sizes the plan keeps of each part.
+
+    A part's size is the number of positions its node member ``part<i>`` holds over all groups
+    (every channel of the part belongs to one group); ``dim`` counts from the end (negative)."""
+    sizes: dict[int, int] = {}
+    dim = -1
+    for g in groups:
+        for m in g.node_members:
+            if m.module == name and m.role.startswith("part"):
+                i = int(m.role[len("part"):])
+                sizes[i] = sizes.get(i, 0) + sum(len(ps) for ps in m.index)
+                dim = m.dim
+    kept = tuple(sizes[i] - len(roles.get(f"part{i}", ())) for i in range(len(sizes)))
+    node.op, node.target, node.args, node.kwargs = "call_function", torch.split, (node.args[0], kept, dim), {}
 
 
 def _shrink_pad(node: fx.Node, roles: dict[str, list[int]], dim: int) -> None:
