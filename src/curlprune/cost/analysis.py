@@ -28,7 +28,7 @@ from curlprune.cost.cost_plan import CostTable, build_cost_table
 from curlprune.errors import CurlpruneError
 from curlprune.graph import build_groups, channel_pass, propagate, symbolic_trace
 from curlprune.graph.layers import table_version
-from curlprune.surgery.surgery import removed_positions, validate_plan
+from curlprune.surgery import removed_positions, validate_plan
 
 
 @dataclass

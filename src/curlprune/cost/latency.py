@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from curlprune.errors import CurlpruneError
-from curlprune.surgery.surgery import optimize_for_inference
+from curlprune.surgery import optimize_for_inference
 
 Clock = Callable[[], float]
 """A clock: returns the current time in seconds (any origin); only differences are used."""
