@@ -243,6 +243,8 @@ def _describe(hint: Any) -> str:
         return "true or false"
     if hint is str:
         return "a string"
+    if origin is dict or hint is dict:
+        return "a mapping"
     if origin is list:
         args = typing.get_args(hint)
         return f"a list of {_describe(args[0]).removeprefix('a ')}s" if args else "a list"
