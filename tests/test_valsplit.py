@@ -203,3 +203,19 @@ def test_rerun_keeps_the_split_and_a_changed_split_is_refused(val_run, teacher):
             Run(parse_config(run_config(val_run, teacher))).run()
     finally:
         (val_run / "val_split.json").write_text(json.dumps(record))
+
+
+def test_prune_command_calibrates_on_what_remains(tmp_path, teacher, capsys):
+    out = tmp_path / "p"
+    args = ["prune", "--model", MODEL, "--weights", str(teacher), "--data", "digits", "--criterion", "kl-approx",
+            "--target-macs", "0.5", "--calib", "48", "--seed", "2", "--val-per-class", "30", "--out", str(out), "--no-report"]
+    assert main(args) == 0
+    remaining = load_splits("digits", None, 2, val_per_class=30)[0]["train"]
+    calib = datasets.calibration_subset(remaining, 48, 2)
+    batch = torch.cat([x for x, _ in datasets.batches(calib, input_spec(MODEL), 256)])
+    assert read_scores(out / "scores.npz")[1]["calib_sha256"] == hashlib.sha256(batch.contiguous().numpy().tobytes()).hexdigest()
+    capsys.readouterr()
+    assert main(["prune", "--model", MODEL, "--criterion", "l1", "--target-macs", "0.5", "--val-fraction", "0.1",
+                 "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give --data too" in err[0], err
