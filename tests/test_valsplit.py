@@ -20,8 +20,11 @@ from curlprune import data as datasets
 from curlprune.cli import main
 from curlprune.digits import train_digits_model
 from curlprune.errors import CurlpruneError
+from curlprune.figures import write_report
 from curlprune.models import input_spec
 from curlprune.pipeline import Run, load_splits
+from curlprune.records import read_run_summary
+from curlprune.report import print_summary
 from curlprune.run_config import parse_config
 from curlprune.scores_io import read_scores
 from curlprune.valsplit import hold_out
@@ -186,6 +189,15 @@ def test_stages_report_validation_top1(val_run, teacher):
     run = Run(parse_config(run_config(val_run, teacher)))
     model = checkpoint.load(val_run / "model.safetensors")
     assert 100.0 * datasets.evaluate(model, run.data["val"], input_spec(MODEL)) == pytest.approx(done["val_top1"])
+
+
+def test_report_shows_validation_top1(val_run, capsys):
+    done = json.loads((val_run / "finetune" / "done.json").read_text())
+    index = write_report(val_run).read_text()
+    assert f"| validation top-1, after finetune | {done['val_top1']:.2f}% |" in index
+    print_summary(read_run_summary(val_run))
+    printed = capsys.readouterr().out
+    assert "val top-1" in printed and f"{done['val_top1']:.2f}%" in printed
 
 
 def test_rerun_keeps_the_split_and_a_changed_split_is_refused(val_run, teacher):

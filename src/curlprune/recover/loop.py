@@ -142,6 +142,7 @@ class Trainer:
         self.ctx = dist.init_distributed(self.cfg.device)
         check_config(self.cfg, self.ctx)
         self.console = Console(stderr=True)
+        self.early: EarlyStopper | None = None  # set by run() when the stage has early_stop
 
     # ---- the whole stage -------------------------------------------------------------------
     def run(self) -> Result:
