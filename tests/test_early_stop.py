@@ -21,7 +21,8 @@ from curlprune import data as datasets
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
 from curlprune.pipeline import Run
-from curlprune.recover import FinetuneConfig, finetune
+from curlprune.digits import train_digits_model
+from curlprune.recover import DistillConfig, FinetuneConfig, distill, finetune
 from curlprune.run_config import parse_config
 from recover_job import MODEL, tiny_data
 
@@ -36,8 +37,12 @@ def run_job(run_dir: Path, *args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def metrics_of(run_dir: Path, stage: str) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+
+
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    return metrics_of(run_dir, "finetune")
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +134,25 @@ def test_bad_early_stop_settings_are_one_line(value, message):
 
 def test_canonical_form_makes_equal_settings_equal():
     assert FinetuneConfig(early_stop={"patience": 3}).early_stop == FinetuneConfig(early_stop={"patience": 3.0, "min_delta": 0}).early_stop
+
+
+def test_distill_stops_on_validation_too(tmp_path):
+    """The same hook in the distill stage (with ce_weight): a random student taught by the trained digits model,
+    patience 1; the output is the best epoch's weights, and a stop comes right after it."""
+    data = tiny_data(None, tmp_path, val=True)
+    teacher = train_digits_model(0, epochs=4)
+    torch.manual_seed(2)
+    student = build(MODEL)
+    cfg = DistillConfig(epochs=6, batch_size=16, lr=0.1, warmup_epochs=0.0, seed=1, progress=False, device="cpu",
+                        early_stop={"patience": 1}, ce_weight=0.5)
+    result = distill(student, teacher, data, input_spec(MODEL), cfg, tmp_path)
+    records = metrics_of(tmp_path, "distill")
+    vals = [r["val_top1"] for r in records]
+    done = json.loads((tmp_path / "distill" / "done.json").read_text())
+    assert done["best_epoch"] == result.best_epoch == vals.index(max(vals)) + 1
+    assert done["val_top1"] == max(vals) == result.val_top1
+    state = load_file(str(tmp_path / "distill" / "state.safetensors"))
+    final = load_file(str(tmp_path / "distill" / "model.safetensors"))
+    assert all(torch.equal(final[k], state["early." + k]) for k in final)
+    if len(records) < cfg.epochs:  # stopped: the epoch after the best did not improve
+        assert len(records) == done["best_epoch"] + 1
