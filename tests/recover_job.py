@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from curlprune.data import ImageDataset, class_balanced_subset, load_digits_dataset
-from curlprune.digits import train_digits_model
+from curlprune.data.data import ImageDataset, class_balanced_subset, load_digits_dataset
+from curlprune.data.digits import train_digits_model
 from curlprune.models import build, input_spec
 from curlprune.recover import DistillConfig, FinetuneConfig, RefineConfig, distill, finetune, refine
-from curlprune.rundir import DONE_FILE, STATE_FILE
+from curlprune.store.rundir import DONE_FILE, STATE_FILE
 from curlprune.recover.dist import shutdown
-from curlprune.valsplit import hold_out
+from curlprune.data.valsplit import hold_out
 
 MODEL = "small:resnet-digits"
 TRIP_AFTER_SAMPLES = 8

@@ -17,13 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from curlprune import data as datasets
+from curlprune.data import data as datasets
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
-from curlprune.pipeline import Run
-from curlprune.digits import train_digits_model
+from curlprune.run.pipeline import Run
+from curlprune.data.digits import train_digits_model
 from curlprune.recover import DistillConfig, FinetuneConfig, distill, finetune
-from curlprune.run_config import parse_config
+from curlprune.run.run_config import parse_config
 from recover_job import MODEL, tiny_data
 
 JOB = Path(__file__).with_name("recover_job.py")

@@ -15,19 +15,19 @@ import pytest
 import torch
 from PIL import Image
 
-from curlprune import checkpoint
-from curlprune import data as datasets
+from curlprune.store import checkpoint
+from curlprune.data import data as datasets
 from curlprune.cli import main
-from curlprune.digits import train_digits_model
+from curlprune.data.digits import train_digits_model
 from curlprune.errors import CurlpruneError
-from curlprune.figures import write_report
+from curlprune.report.figures import write_report
 from curlprune.models import input_spec
-from curlprune.pipeline import Run, load_splits
-from curlprune.records import read_run_summary
-from curlprune.report import print_summary
-from curlprune.run_config import parse_config
-from curlprune.scores_io import read_scores
-from curlprune.valsplit import hold_out
+from curlprune.run.pipeline import Run, load_splits
+from curlprune.store.records import read_run_summary
+from curlprune.report.report import print_summary
+from curlprune.run.run_config import parse_config
+from curlprune.store.scores_io import read_scores
+from curlprune.data.valsplit import hold_out
 
 MODEL = "small:resnet-digits"
 
@@ -83,7 +83,7 @@ def test_train_per_class_draws_from_what_remains(digits_folder):
 
 SPLIT_IN_A_PROCESS = """
 import json, sys
-from curlprune.pipeline import load_splits
+from curlprune.run.pipeline import load_splits
 print(json.dumps(load_splits(sys.argv[1], None, int(sys.argv[2]), val_per_class=5)[1]["indices"]))
 """
 

@@ -19,9 +19,9 @@ from torch import nn
 from torchvision.io import ImageReadMode, decode_image
 
 from curlprune.errors import CurlpruneError
-from curlprune.imagetree import folder_files, zip_files
+from curlprune.data.imagetree import folder_files, zip_files
 from curlprune.models.spec import InputSpec
-from curlprune.transforms import build_transform, transforms_batches
+from curlprune.data.transforms import build_transform, transforms_batches
 
 LAYOUT = "<split>/<class>/<image> or <class>/<image>"
 # Larger images are refused before decoding: a few KiB of PNG can claim gigapixels (a
@@ -118,7 +118,7 @@ def split_names(path: str | Path) -> list[str]:
 def _open_tree(path: Path, stack: contextlib.ExitStack) -> tuple[list[str], Callable[[str], bytes]]:
     """All file paths (POSIX, relative) of a folder or zip, and a function reading one of them.
 
-    Symlinked folders and files are followed (:mod:`curlprune.imagetree`); a symlink cycle, a broken
+    Symlinked folders and files are followed (:mod:`curlprune.data.imagetree`); a symlink cycle, a broken
     link or, in a zip, one leading outside the archive is a :class:`CurlpruneError` naming it.
     """
     if not path.exists():

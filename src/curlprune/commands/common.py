@@ -8,7 +8,7 @@ NO_DEFAULT = "%(default).0s"  # formats to nothing: stops the help formatter fro
 
 def add_val_arguments(parser: argparse.ArgumentParser) -> None:
     """``--val-per-class`` / ``--val-fraction`` (at most one): the validation split held out of the
-    training split (:mod:`curlprune.valsplit`), for the commands that take training data."""
+    training split (:mod:`curlprune.data.valsplit`), for the commands that take training data."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--val-per-class", type=int, default=None, metavar="N",
                        help="hold N training images of every class out as the validation split (seeded by --seed, "

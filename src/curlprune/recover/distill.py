@@ -31,7 +31,7 @@ from curlprune.models.spec import InputSpec
 from curlprune.recover.early_stop import canonical_early_stop
 from curlprune.recover.loop import train_stage
 from curlprune.recover.stage import Result, TeacherStage, TrainConfig, require
-from curlprune.rundir import LATER
+from curlprune.store.rundir import LATER
 
 
 @dataclass

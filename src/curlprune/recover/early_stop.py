@@ -2,7 +2,7 @@
 min_delta: D}`` setting (``finetune`` and ``distill``).
 
 After every epoch the model is evaluated on the validation split (held out of the training
-images, :mod:`curlprune.valsplit`). An epoch *improves* when its validation top-1 exceeds the best
+images, :mod:`curlprune.data.valsplit`). An epoch *improves* when its validation top-1 exceeds the best
 so far by more than ``min_delta`` points (%; the first epoch always improves); its weights are then
 kept as the best. After ``patience`` epochs in a row without an improvement the stage stops. Its
 output (``model.safetensors``, the checkpoint the next stage starts from) holds the best epoch's
@@ -28,7 +28,7 @@ from curlprune.errors import CurlpruneError
 
 __all__ = ["EarlyStop", "EarlyStopper", "canonical_early_stop", "check_early_stop_data"]
 
-VAL_KEY = "val"  # the validation split's key in a stage's data (curlprune.valsplit.VAL_SPLIT)
+VAL_KEY = "val"  # the validation split's key in a stage's data (curlprune.data.valsplit.VAL_SPLIT)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from curlprune.models.spec import InputSpec
 from curlprune.recover.early_stop import canonical_early_stop
 from curlprune.recover.loop import train_stage
 from curlprune.recover.stage import Result, Stage, TrainConfig
-from curlprune.rundir import LATER
+from curlprune.store.rundir import LATER
 
 # The transfer recipe's defaults, measured on real clothing photos (CIFAR-10 ResNet-20, 50 images per
 # class, 15 epochs, 32 px; benchmarks/results/transfer_recipe.md): body at the head's lr 59.05% top-1,
@@ -123,7 +123,7 @@ def finetune(
         spec: the model's input recipe (:func:`curlprune.models.input_spec`), for its transforms.
         cfg: :class:`FinetuneConfig` (defaults for small data); None = the defaults.
         run_dir: outputs go to ``<run_dir>/<stage>/`` (metrics.jsonl, state.safetensors,
-            model.safetensors: plain weights, done.json; see :mod:`curlprune.rundir`).
+            model.safetensors: plain weights, done.json; see :mod:`curlprune.store.rundir`).
         stage: the stage folder's name.
         head: name of a classifier just re-initialised for new classes (a transfer,
             :func:`curlprune.models.transfer.replace_classifier`): the body then trains with

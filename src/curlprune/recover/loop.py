@@ -46,9 +46,9 @@ from rich.progress import Progress as RichProgress
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from curlprune.canonical import save_safetensors
+from curlprune.store.canonical import save_safetensors
 from curlprune.models.spec import InputSpec
-from curlprune.records import StageSummary, write_stage_summary
+from curlprune.store.records import StageSummary, write_stage_summary
 from curlprune.recover import dist, divergence, guards
 from curlprune.recover.dist import DistContext
 from curlprune.recover.early_stop import VAL_KEY, EarlyStopper, check_early_stop_data
@@ -78,7 +78,7 @@ from curlprune.recover.state import (
     set_generator_state,
     unprefixed,
 )
-from curlprune.rundir import (
+from curlprune.store.rundir import (
     METRICS_FILE,
     MODEL_FILE,
     STATE_FILE,
@@ -87,7 +87,7 @@ from curlprune.rundir import (
     is_done,
     jsonl_text,
 )
-from curlprune.transforms import build_transform
+from curlprune.data.transforms import build_transform
 
 
 def rank_seed(seed: int, rank: int, stream: int = 0) -> int:
@@ -353,7 +353,7 @@ class Trainer:
                                best_epoch=self.early.best_epoch if self.early is not None else None)
         divergence.check_not_diverged(self.stage.name, self.stage_dir, kept, progress.start_top1,
                                       divergence.chance_top1(self.data["test"]), self.cfg.lr)  # every rank: same history
-        guards.check_finite_state(self.model.state_dict(), str(self.stage_dir / MODEL_FILE))  # every rank: same weights
+        check_finite_state(self.model.state_dict(), str(self.stage_dir / MODEL_FILE))  # every rank: same weights
         if self.ctx.is_main:
             weights = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
             # bytes written by Python: a full disk is an OSError naming the file (one line), issue 18

@@ -1,7 +1,7 @@
 """What every recovery stage shares: its settings (:class:`TrainConfig`), its hooks into the
 training loop (:class:`Stage`), its :class:`Result`, and its folder ``<run_dir>/<stage>/``.
 
-A stage folder (names and protocol from :mod:`curlprune.rundir`): ``metrics.jsonl`` (one line per
+A stage folder (names and protocol from :mod:`curlprune.store.rundir`): ``metrics.jsonl`` (one line per
 epoch), ``state.safetensors`` (the resumable state, after every epoch), and when finished
 ``model.safetensors`` (**plain weights** of the trained model, a state dict with the summary as
 metadata) and ``done.json`` (the summary, with the result-defining settings). A finished stage is
@@ -23,12 +23,12 @@ from torch.utils.data import Dataset
 from curlprune.models.weights import check_finite_weights, load_state_strict
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
-from curlprune.records import read_stage_summary
+from curlprune.store.records import read_stage_summary
 from curlprune.recover import guards
 from curlprune.recover.dist import DistContext
 from curlprune.recover.evaluate import check_classes, place_model, prepare_teacher
-from curlprune.rundir import DONE_FILE, MODEL_FILE, STATE_FILE
-from curlprune.rundir import check_same_settings as check_settings_match
+from curlprune.store.rundir import DONE_FILE, MODEL_FILE, STATE_FILE
+from curlprune.store.rundir import check_same_settings as check_settings_match
 
 RUNTIME = {"runtime": True}  # field metadata: may change between a run and its resume
 
@@ -173,7 +173,7 @@ class TeacherStage(Stage):
 def check_data(data: Mapping[str, Dataset]) -> None:
     """The stages need ``{"train": ..., "test": ...}`` with a non-empty training set."""
     if not isinstance(data, Mapping) or "train" not in data or "test" not in data:
-        raise CurlpruneError("data must be a dict with 'train' and 'test' datasets, e.g. curlprune.data.load_digits_dataset(seed)")
+        raise CurlpruneError("data must be a dict with 'train' and 'test' datasets, e.g. curlprune.data.data.load_digits_dataset(seed)")
     if len(data["train"]) == 0:
         raise CurlpruneError("the training set is empty: check the dataset path and split")
 
@@ -242,7 +242,7 @@ def finished(model: nn.Module, stage_dir: Path, cfg: TrainConfig, device: torch.
     """The result of a stage that already completed: its weights loaded into ``model``.
 
     Raises:
-        CurlpruneError: its ``done.json`` cannot be read (:class:`curlprune.records.RecordError`), was
+        CurlpruneError: its ``done.json`` cannot be read (:class:`curlprune.store.records.RecordError`), was
             written with other settings, or its weights do not fit ``model``.
     """
     summary = read_stage_summary(stage_dir)

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from curlprune.data import ImageDataset
+from curlprune.data.data import ImageDataset
 from curlprune.errors import CurlpruneError
 
 __all__ = ["VAL_SPLIT", "ValSplit", "check_val_settings", "check_split_record", "hold_out", "images_digest"]
