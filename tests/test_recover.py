@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from curlprune.data.data import class_balanced_subset, evaluate, load_digits_dataset
+from curlprune.data.data import batches, class_balanced_subset, evaluate, load_digits_dataset
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
 from curlprune.recover import (
@@ -180,3 +180,44 @@ def test_pruned_graph_module_student_distills_and_reloads(tmp_path, tiny):
     torch.testing.assert_close(rebuilt.eval()(x), student.eval()(x))
     with pytest.raises(CurlpruneError, match="same module"):
         distill(teacher, teacher, tiny, SPEC, quick(DistillConfig), tmp_path / "self")
+
+
+# ----- ce_weight (issue 19 item 3) ----------------------------------------------------------------
+def distill_step(ce_weight, tiny, mixup_alpha=1.0):
+    """One distill loss on 16 real digits (seeded mixup), with ``ce_weight``; returns the loss and what it saw."""
+    teacher, student = model(0).eval(), model(1).train()
+    stage = DistillStage(DistillConfig(channels_last=False, ce_weight=ce_weight, mixup_alpha=mixup_alpha), teacher)
+    stage.seed(5)
+    x, y = next(iter(batches(tiny["train"], SPEC, 16)))
+    loss, logits = stage.loss(student, x, y, torch.arange(16))
+    rng = np.random.default_rng(5)
+    lam = rng.beta(mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
+    perm = torch.from_numpy(rng.permutation(16))
+    with torch.no_grad():
+        teacher_logits = teacher(lam * x + (1 - lam) * x[perm])
+    return loss, logits, teacher_logits, y, perm, lam
+
+
+def test_ce_weight_zero_is_the_paper_loss_exactly(tiny):
+    default, logits, teacher_logits, y, perm, lam = distill_step(None, tiny)
+    zero = distill_step(0.0, tiny)[0]
+    assert torch.equal(zero, default)
+    assert DistillConfig(ce_weight=0.0).ce_weight is None  # 0 and unset are one setting
+    torch.testing.assert_close(default, distill_loss(logits, teacher_logits, y, y[perm], lam))
+
+
+def test_ce_weight_one_is_plain_mixed_cross_entropy(tiny):
+    loss, logits, _, y, perm, lam = distill_step(1.0, tiny)
+    expected = lam * torch.nn.functional.cross_entropy(logits, y) + (1 - lam) * torch.nn.functional.cross_entropy(logits, y[perm])
+    torch.testing.assert_close(loss, expected)
+    plain, logits, _, y, _, _ = distill_step(1.0, tiny, mixup_alpha=0.0)  # no mixup: cross-entropy on the true labels
+    torch.testing.assert_close(plain, torch.nn.functional.cross_entropy(logits, y))
+
+
+def test_ce_weight_between_mixes_the_two(tiny):
+    loss, logits, teacher_logits, y, perm, lam = distill_step(0.25, tiny)
+    paper = distill_loss(logits, teacher_logits, y, y[perm], lam)
+    ce = lam * torch.nn.functional.cross_entropy(logits, y) + (1 - lam) * torch.nn.functional.cross_entropy(logits, y[perm])
+    torch.testing.assert_close(loss, 0.75 * paper + 0.25 * ce)
+    with pytest.raises(CurlpruneError, match=r"ce_weight must be a finite number in \[0, 1\]"):
+        DistillConfig(ce_weight=1.5)

@@ -64,7 +64,8 @@ _POSITIVE = Range(0, low_open=True)
 RANGES: dict[str, Range | None] = {
     # run (top level) and every stage
     "seed": Range(0, SEED_MAX, whole=True),
-    "num_classes": _COUNT, "train_per_class": _COUNT, "input_size": Range(8, whole=True, hint="pixels"),
+    "num_classes": _COUNT, "train_per_class": _COUNT, "val_per_class": _COUNT,
+    "val_fraction": Range(0, 1, low_open=True, high_open=True), "input_size": Range(8, whole=True, hint="pixels"),
     # prune; the targets are parsed (and checked) by select.Target and latency.LatencyTarget
     "target_macs": None, "target_params": None, "target_latency": None,
     "latency_batch": _COUNT, "latency_threads": _COUNT, "calib": _COUNT, "floor": _FRACTION, "round_to": _COUNT,
@@ -74,7 +75,7 @@ RANGES: dict[str, Range | None] = {
     "lr": Range(0, 10.0, low_open=True),  # (0, curlprune.recover.guards.MAX_LR]
     "warmup_epochs": _NONNEGATIVE, "momentum": _FRACTION, "weight_decay": _FRACTION,
     "temperature": _POSITIVE, "alpha": Range(0, 1), "mixup_alpha": _NONNEGATIVE, "label_lr": _NONNEGATIVE,
-    "label_reference_batch": _COUNT, "body_lr_mult": _NONNEGATIVE, "head_epochs": _NONNEGATIVE,
+    "label_reference_batch": _COUNT, "ce_weight": Range(0, 1), "body_lr_mult": _NONNEGATIVE, "head_epochs": _NONNEGATIVE,
 }
 """Setting name -> its range (None: checked by its own parser). Shared by every config dataclass."""
 
@@ -242,6 +243,8 @@ def _describe(hint: Any) -> str:
         return "true or false"
     if hint is str:
         return "a string"
+    if origin is dict or hint is dict:
+        return "a mapping"
     if origin is list:
         args = typing.get_args(hint)
         return f"a list of {_describe(args[0]).removeprefix('a ')}s" if args else "a list"

@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from curlprune.commands.common import NO_DEFAULT
+from curlprune.commands.common import NO_DEFAULT, add_val_arguments
 from curlprune.commands.report import write_report_and_say
 from curlprune.criteria import CRITERIA, options_by_name
+from curlprune.errors import CurlpruneError
 from curlprune.report import console
+from curlprune.run.pipeline import load_data
 from curlprune.run import DEFAULT_CALIB, PruneConfig, run_prune
 from curlprune.select import ALLOCATIONS, DEFAULT_FLOOR
 from curlprune.store import LOG_FILE, PLAN_FILE, REPORT_FILE, SCORES_FILE
@@ -21,8 +23,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         seed=args.seed, floor=args.floor, protect=protect, normalize=args.normalize, allocation=args.allocation, round_to=args.round_to,
         eval_limit=args.eval_limit, **{name: getattr(args, name) for name in _criterion_options()},
     )
+    data = args.data
+    if args.val_per_class is not None or args.val_fraction is not None:  # calibrate on what remains for training
+        if data is None:
+            raise CurlpruneError("--val-per-class / --val-fraction hold images out of the training data: give --data too")
+        data = load_data(data, None, args.seed, val_per_class=args.val_per_class, val_fraction=args.val_fraction)
     result = run_prune(config, args.out, resume=args.resume, model_name=args.model, weights=args.weights,
-                       data=args.data, num_classes=args.num_classes, input_size=args.input_size)
+                       data=data, num_classes=args.num_classes, input_size=args.input_size)
     if result.already_done:
         console.print(f"{args.out} already holds this finished run; nothing to do")
     console.print(f"wrote {result.checkpoint} (load with curlprune.load), {SCORES_FILE}, {PLAN_FILE}, {REPORT_FILE}, {LOG_FILE} in {args.out}")
@@ -69,7 +76,8 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     p.add_argument("--criterion", default="kl", metavar="{" + ",".join(CRITERIA) + "}",
                    help="; ".join(f"{c.name}: {c.summary}" for c in CRITERIA.values()))
     p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images drawn from the training split (eval transform)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw, random scores and the eval subset")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw, random scores, the eval subset and the validation split")
+    add_val_arguments(p)
     p.add_argument("--floor", type=float, default=DEFAULT_FLOOR, help="stop pruning a group once its kept fraction is below this (CURL: 0.3)")
     p.add_argument("--protect", action="append", default=None, metavar="PATTERN",
                    help="group name or glob never pruned (repeatable); 'none' = protect nothing. Default: the model's "

@@ -17,6 +17,7 @@ from curlprune.data.data import (
     load_image_folder,
     load_splits,
     model_outputs,
+    split_names,
     to_input,
 )
 from curlprune.data.digits import train_digits_model
@@ -34,6 +35,7 @@ __all__ = [
     "load_image_folder",
     "load_splits",
     "model_outputs",
+    "split_names",
     "to_input",
     "train_digits_model",
 ]

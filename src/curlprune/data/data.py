@@ -103,6 +103,18 @@ def load_image_folder(path: str | Path, splits: Sequence[str] | None = None) -> 
         return {split: _decode_split(path, tree[split], classes, reader) for split in wanted}
 
 
+def split_names(path: str | Path) -> list[str]:
+    """The splits of an ImageFolder tree (a folder or a .zip), without decoding any image:
+    the ``<split>`` folder names, or ``["all"]`` for a ``<class>/<image>`` layout.
+
+    Raises:
+        CurlpruneError: as :func:`load_image_folder` for a missing path or a bad layout.
+    """
+    with contextlib.ExitStack() as stack:
+        files, _ = _open_tree(Path(path), stack)
+        return sorted(_parse_layout(Path(path), files))
+
+
 def _open_tree(path: Path, stack: contextlib.ExitStack) -> tuple[list[str], Callable[[str], bytes]]:
     """All file paths (POSIX, relative) of a folder or zip, and a function reading one of them.
 

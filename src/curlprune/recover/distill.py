@@ -7,12 +7,17 @@ and the student both see ``x_mix``. The loss is
     alpha * T^2 * KL(softmax(t / T) || softmax(s / T))   (batch mean, teacher first)
     + (1 - alpha) * (lambda * CE(s, y) + (1 - lambda) * CE(s, y[perm]))
 
-with T = 2 and alpha = 0.7. The "train_top1" of the metrics compares the student's argmax on
+with T = 2 and alpha = 0.7. With ``ce_weight`` w > 0 (issue 19 item 3) the loss is
+
+    (1 - w) * (the loss above) + w * (lambda * CE(s, y) + (1 - lambda) * CE(s, y[perm]))
+
+so w = 0 is the paper's loss exactly and w = 1 is plain (mixed) cross-entropy on the true labels.
+The "train_top1" of the metrics compares the student's argmax on
 the mixed images with the label of the unpermuted image, so it is only a rough signal.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,8 +28,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from curlprune.models.spec import InputSpec
+from curlprune.recover.early_stop import canonical_early_stop
 from curlprune.recover.loop import train_stage
 from curlprune.recover.stage import Result, TeacherStage, TrainConfig, require
+from curlprune.store.rundir import LATER
 
 
 @dataclass
@@ -34,6 +41,10 @@ class DistillConfig(TrainConfig):
 
     temperature: T of the KD term (2).   alpha: weight of the KD term (0.7; CE gets 1 - alpha).
     mixup_alpha: lambda ~ Beta(mixup_alpha, mixup_alpha); 0 turns mixup off (lambda = 1).
+    ce_weight:   w in [0, 1]: loss = (1 - w) * (the mixup-KD loss) + w * CE on the true labels (mixed
+                 CE on both labels under mixup); None or 0 = the paper's loss (default; 0 is stored as None).
+    early_stop:  {patience: P, min_delta: D}: stop on validation top-1 and keep the best epoch
+                 (:mod:`curlprune.recover.early_stop`; needs a validation split). None = off.
     """
 
     epochs: int = 150
@@ -43,9 +54,14 @@ class DistillConfig(TrainConfig):
     temperature: float = 2.0
     alpha: float = 0.7
     mixup_alpha: float = 1.0
+    ce_weight: float | None = field(default=None, metadata=LATER)  # None = 0 (stored so: folders from before it existed match)
+    early_stop: dict[str, float] | None = field(default=None, metadata=LATER)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(self.ce_weight is None or 0.0 <= self.ce_weight <= 1.0, f"ce_weight must be in [0, 1] (got {self.ce_weight})")
+        self.ce_weight = None if not self.ce_weight else float(self.ce_weight)  # 0 and unset: one setting
+        self.early_stop = canonical_early_stop(self.early_stop)
         require(self.temperature > 0, f"temperature must be positive (got {self.temperature})")
         require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1] (got {self.alpha})")
         require(self.mixup_alpha >= 0, f"mixup_alpha must be non-negative (got {self.mixup_alpha}); 0 turns mixup off")
@@ -59,14 +75,24 @@ def distill_loss(
     lam: float,
     temperature: float = 2.0,
     alpha: float = 0.7,
+    ce_weight: float = 0.0,
 ) -> torch.Tensor:
-    """The mixup-KD loss above (``paired_labels`` = ``labels[perm]``)."""
+    """The mixup-KD loss above (``paired_labels`` = ``labels[perm]``), a scalar tensor.
+
+    Args:
+        student_logits, teacher_logits: ``[B, classes]`` on the mixed images.
+        labels, paired_labels: int64 ``[B]``, the true labels of the two images mixed.
+        lam: the mixup weight of ``labels`` (1 without mixup).
+        temperature, alpha: T and the KD weight of the paper's loss (docs/method.md §5).
+        ce_weight: w of ``(1 - w) * paper loss + w * mixed CE`` (issue 19 item 3); 0 leaves the paper's loss untouched.
+    """
     t = temperature
     kd = F.kl_div(
         F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), reduction="batchmean", log_target=True
     )
     ce = lam * F.cross_entropy(student_logits, labels) + (1.0 - lam) * F.cross_entropy(student_logits, paired_labels)
-    return alpha * t * t * kd + (1.0 - alpha) * ce
+    paper = alpha * t * t * kd + (1.0 - alpha) * ce
+    return paper if ce_weight == 0 else (1.0 - ce_weight) * paper + ce_weight * ce
 
 
 class DistillStage(TeacherStage):
@@ -104,7 +130,7 @@ class DistillStage(TeacherStage):
             teacher_logits = self.teacher(mixed)
         logits = model(mixed)
         cfg = self.cfg
-        return distill_loss(logits, teacher_logits, y, y[perm], lam, cfg.temperature, cfg.alpha), logits
+        return distill_loss(logits, teacher_logits, y, y[perm], lam, cfg.temperature, cfg.alpha, cfg.ce_weight or 0.0), logits
 
 
 def distill(

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
+from curlprune.recover.early_stop import canonical_early_stop
 from curlprune.recover.loop import train_stage
 from curlprune.recover.stage import Result, Stage, TrainConfig
 from curlprune.store import LATER
@@ -44,9 +45,13 @@ class FinetuneConfig(TrainConfig):
     new_head: bool | None = field(default=None, metadata=LATER)  # pipeline: re-initialise the classifier (None: when the widths differ)
     body_lr_mult: float | None = field(default=None, metadata=LATER)  # the body's lr = lr x this
     head_epochs: float | None = field(default=None, metadata=LATER)  # the body's lr stays 0 for this many epochs (head-only warm-up)
+    # {patience: P, min_delta: D}: stop after P epochs without a validation top-1 gain > D points and
+    # keep the best epoch's weights (curlprune.recover.early_stop); needs a validation split. None = off.
+    early_stop: dict[str, float] | None = field(default=None, metadata=LATER)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.early_stop = canonical_early_stop(self.early_stop)
         for name in ("body_lr_mult", "head_epochs"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):

@@ -8,7 +8,10 @@ does the rest, identically for all of them:
   the per-iteration warm-up + cosine schedule of :mod:`curlprune.recover.schedule`;
 * channels_last, a rich progress bar (loss, lr, ETA), and one JSON line per epoch in
   ``<run_dir>/<stage>/metrics.jsonl`` (epoch, mean training loss, lr of the epoch's last step,
-  train_top1, test_top1, seconds; accuracies in %, test_top1 with the eval transform);
+  train_top1, test_top1, val_top1 when the data has a validation split, seconds; accuracies in %,
+  test and validation top-1 with the eval transform);
+* with ``early_stop`` (:mod:`curlprune.recover.early_stop`): stop once validation top-1 has not
+  improved for ``patience`` epochs, and finish with the best epoch's weights;
 * after every epoch, ``<run_dir>/<stage>/state.safetensors`` (written atomically): weights,
   optimizer, iteration, every RNG state and the stage's own tensors. A rerun resumes after the
   last completed epoch and then behaves exactly as the uninterrupted run would have;
@@ -47,6 +50,7 @@ from curlprune.data import build_transform, to_input
 from curlprune.models.spec import InputSpec
 from curlprune.recover import dist, divergence, guards
 from curlprune.recover.dist import DistContext
+from curlprune.recover.early_stop import VAL_KEY, EarlyStopper, check_early_stop_data
 from curlprune.recover.evaluate import TransformedDataset, place_model, top1_accuracy
 from curlprune.recover.resume_check import check_train_state
 from curlprune.recover.schedule import set_lr, warmup_cosine_lr
@@ -140,12 +144,15 @@ class Trainer:
         self.ctx = dist.init_distributed(self.cfg.device)
         check_config(self.cfg, self.ctx)
         self.console = Console(stderr=True)
+        self.early: EarlyStopper | None = None  # set by run() when the stage has early_stop
 
     # ---- the whole stage -------------------------------------------------------------------
     def run(self) -> Result:
         cfg, ctx = self.cfg, self.ctx
         if is_done(self.stage_dir):
             return finished(self.model, self.stage_dir, cfg, ctx.device)
+        check_early_stop_data(self.stage.name, cfg, self.data)
+        self.early = EarlyStopper.of(getattr(cfg, "early_stop", None))
         place_model(self.model, ctx.device, cfg.channels_last)
         self.stage.prepare(ctx, self.model, self.data, self.spec)
         self.train_set = self.stage.train_set(self.data["train"])
@@ -166,30 +173,41 @@ class Trainer:
         total, warmup = cfg.epochs * per_epoch, round(cfg.warmup_epochs * per_epoch)
         transform = build_transform(self.spec, train=True)
         for epoch in range(progress.epoch, cfg.epochs):
+            if self.early is not None and self.early.stopped:  # a resume after the stopping epoch was saved
+                break
             started = time.perf_counter()
             loss, train_top1, lr = self.train_epoch(train_model, epoch, progress, transform, local_batch, total, warmup)
             dist.broadcast_buffers(ctx, self.model)
-            top1 = self.test_top1()
-            record = {
-                "epoch": epoch + 1,
-                "loss": loss,
-                "lr": lr,
-                "train_top1": train_top1,
-                "test_top1": top1,
-                "seconds": time.perf_counter() - started,
-            }
+            top1, val = self.test_top1(), self.val_top1()
+            record = {"epoch": epoch + 1, "loss": loss, "lr": lr, "train_top1": train_top1, "test_top1": top1}
+            if val is not None:
+                record["val_top1"] = val
+            record["seconds"] = time.perf_counter() - started
             progress.epoch, progress.history = epoch + 1, progress.history + [record]
+            if self.early is not None:
+                self.early.update(epoch + 1, val, self.model)
             self.save(progress)
             if ctx.is_main and cfg.progress:
+                on_val = "" if val is None else f", val top-1 {val:.2f}%"
                 self.console.print(
                     f"{self.stage.name} epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, train top-1 {train_top1:.2f}%, "
-                    f"test top-1 {top1:.2f}%, {record['seconds']:.1f}s"
+                    f"test top-1 {top1:.2f}%{on_val}, {record['seconds']:.1f}s"
+                    + (f"; early stop: best epoch {self.early.best_epoch}" if self.early is not None and self.early.stopped else "")
                 )
+            if self.early is not None and self.early.stopped:
+                break
         return self.finish(progress)
 
     def test_top1(self) -> float:
         """Test top-1 (%) of the model now, over every process."""
         return top1_accuracy(self.model, self.data["test"], self.spec, ctx=self.ctx, batch_size=self.cfg.eval_batch_size,
+                             channels_last=self.cfg.channels_last)
+
+    def val_top1(self) -> float | None:
+        """Validation top-1 (%) of the model now, over every process; None without a validation split."""
+        if VAL_KEY not in self.data:
+            return None
+        return top1_accuracy(self.model, self.data[VAL_KEY], self.spec, ctx=self.ctx, batch_size=self.cfg.eval_batch_size,
                              channels_last=self.cfg.channels_last)
 
     # ---- one epoch ---------------------------------------------------------------------------
@@ -254,6 +272,7 @@ class Trainer:
                 **prefixed("model.", self.model.state_dict()),
                 **prefixed("optim.", optim_tensors),
                 **prefixed("stage.", self.stage.tensors()),
+                **prefixed("early.", self.early.best_weights if self.early is not None else {}),
             }
             meta = {
                 "stage": self.stage.name,
@@ -267,6 +286,8 @@ class Trainer:
                 "rank_rng": rank_states,
                 "start_top1": progress.start_top1,
             }
+            if self.early is not None:
+                meta["early_stop"] = self.early.meta()
             if divergence.is_new_best(progress.history, progress.start_top1):  # kept should the stage diverge later
                 divergence.save_best(self.stage_dir, self.model, progress.history[-1])
             save_state(self.stage_dir / STATE_FILE, tensors, meta)
@@ -286,6 +307,8 @@ class Trainer:
         set_generator_state(self.order_gen, meta["order_generator"])
         progress = TrainProgress(epoch=meta["epoch"], iteration=meta["iteration"], history=meta["history"],
                                  start_top1=meta.get("start_top1"))
+        if self.early is not None:  # best-so-far and patience counter as they were
+            self.early.load(meta.get("early_stop"), unprefixed("early.", tensors), progress.epoch, str(path))
         if meta["world_size"] == self.ctx.world_size:
             own = meta["rank_rng"][self.ctx.rank]
             restore_rng(own["global"])
@@ -321,10 +344,16 @@ class Trainer:
         chance, far below where it started (:func:`curlprune.recover.divergence.check_not_diverged`,
         issue 18).
         """
-        last = progress.history[-1]["test_top1"]
-        seconds = sum(r["seconds"] for r in progress.history)
-        summary = StageSummary(self.stage.name, last, progress.best_top1, progress.epoch, seconds, settings(self.cfg))
-        divergence.check_not_diverged(self.stage.name, self.stage_dir, progress.history, progress.start_top1,
+        kept = progress.history  # the epochs up to the one whose weights are the output
+        if self.early is not None:  # the best epoch's weights are the stage's output
+            load_stage_tensors(self.model, self.early.best_weights, self.stage_dir / STATE_FILE)
+            kept = progress.history[: self.early.best_epoch]
+        last, seconds = kept[-1]["test_top1"], sum(r["seconds"] for r in progress.history)
+        vals = [r["val_top1"] for r in progress.history if "val_top1" in r]
+        summary = StageSummary(self.stage.name, last, progress.best_top1, progress.epoch, seconds, settings(self.cfg),
+                               val_top1=kept[-1].get("val_top1"), best_val_top1=max(vals) if vals else None,
+                               best_epoch=self.early.best_epoch if self.early is not None else None)
+        divergence.check_not_diverged(self.stage.name, self.stage_dir, kept, progress.start_top1,
                                       divergence.chance_top1(self.data["test"]), self.cfg.lr)  # every rank: same history
         check_finite_state(self.model.state_dict(), str(self.stage_dir / MODEL_FILE))  # every rank: same weights
         if self.ctx.is_main:
@@ -333,7 +362,8 @@ class Trainer:
             save_safetensors(self.stage_dir / MODEL_FILE, weights, {"summary": json.dumps(summary.to_json())})
             write_stage_summary(self.stage_dir, summary)
         dist.barrier(self.ctx)
-        return Result(self.model, last, progress.best_top1, progress.epoch, seconds, self.stage_dir, self.stage.tensors())
+        return Result(self.model, last, progress.best_top1, progress.epoch, seconds, self.stage_dir, self.stage.tensors(),
+                      val_top1=summary.val_top1, best_epoch=summary.best_epoch)
 
 
 def train_stage(

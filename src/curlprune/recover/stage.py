@@ -86,7 +86,8 @@ def settings(cfg: TrainConfig) -> dict[str, Any]:
 
 @dataclass
 class Result:
-    """What a stage returns: the trained model and its test top-1 accuracies (in %)."""
+    """What a stage returns: the trained model and its test top-1 accuracies (in %): ``last_top1``
+    is the output model's (the best epoch's under early stopping), ``best_top1`` the best epoch's by test top-1."""
 
     model: nn.Module = field(repr=False)
     last_top1: float
@@ -95,6 +96,8 @@ class Result:
     seconds: float
     stage_dir: Path
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the stage's own (refine: "labels")
+    val_top1: float | None = None  # validation top-1 (%) of the output model; None without a validation split
+    best_epoch: int | None = None  # early stopping: the epoch whose weights are the output; None without it
 
 
 class Stage:
@@ -258,6 +261,8 @@ def finished(model: nn.Module, stage_dir: Path, cfg: TrainConfig, device: torch.
         seconds=summary.seconds,
         stage_dir=stage_dir,
         tensors=stage_tensors(stage_dir / STATE_FILE),
+        val_top1=summary.val_top1,
+        best_epoch=summary.best_epoch,
     )
 
 

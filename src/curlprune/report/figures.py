@@ -241,7 +241,7 @@ def figure_scores(run: RunFiles):
 
 
 def figure_training(stage: str, records: list[dict]):
-    """Loss, and train/test top-1 (%) per epoch of one recovery stage."""
+    """Loss, and train/test (and validation) top-1 (%) per epoch of one recovery stage."""
     plt = _pyplot()
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9.0, 3.6), dpi=100)
     epochs = [r["epoch"] for r in records]
@@ -254,7 +254,7 @@ def figure_training(stage: str, records: list[dict]):
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("training loss")
     loss_ax.set_title(f"{stage}: loss")
-    for key, label, colour in (("train_top1", "train top-1", "C1"), ("test_top1", "test top-1", "C2")):
+    for key, label, colour in (("train_top1", "train top-1", "C1"), ("test_top1", "test top-1", "C2"), ("val_top1", "val top-1", "C3")):
         xs, ys = series(key)
         if xs:
             acc_ax.plot(xs, ys, marker="o", ms=3, color=colour, label=label)
@@ -277,6 +277,7 @@ def summary_numbers(run: RunFiles) -> dict[str, Any]:
     report.json (:class:`~curlprune.store.records.PruneReport`)."""
     top1: dict[str, float] = {}
     ratios: dict[str, float] = {}
+    val: dict[str, float] = {}  # validation top-1 (%) after each training stage (runs with a validation split)
     latency: dict[str, Any] | None = None
     summary = None
     try:
@@ -292,6 +293,7 @@ def summary_numbers(run: RunFiles) -> dict[str, Any]:
         _put(top1, (("unpruned", summary.unpruned_top1), ("pruned, no training", summary.pruned_top1)))
         _put(top1, ((f"after {name}", step.last_top1) for name, step in summary.stages.items() if isinstance(step, TrainStep)))
         _put(ratios, (("MACs", summary.macs_ratio), ("params", summary.params_ratio)))
+        _put(val, ((f"after {name}", step.val_top1) for name, step in summary.stages.items() if isinstance(step, TrainStep)))
     if report is not None:  # what summary.json does not give
         _put(top1, (("unpruned", report.accuracy.top1_before), ("pruned, no training", report.accuracy.top1_after)))
         _put(ratios, (("MACs", report.macs_ratio), ("params", report.params_ratio)))
@@ -300,7 +302,7 @@ def summary_numbers(run: RunFiles) -> dict[str, Any]:
             ratios["latency"] = float(latency["achieved_fraction"])
     if not top1 and not ratios:
         raise _Missing(f"neither {SUMMARY_FILE} nor the prune {REPORT_FILE} gives accuracy or cost")
-    return {"top1": top1, "ratios": ratios, "latency": latency}
+    return {"top1": top1, "ratios": ratios, "latency": latency, "val_top1": val}
 
 
 def _put(into: dict[str, float], pairs: Iterable[tuple[str, float | None]]) -> None:
@@ -455,6 +457,7 @@ def _summary_lines(summary: dict[str, Any] | None) -> list[str]:
     lines = ["| | value |", "|---|---|"]
     for label, value in summary["top1"].items():
         lines.append(f"| test top-1, {label} | {value:.2f}% |")
+    lines += [f"| validation top-1, {label} | {value:.2f}% |" for label, value in summary.get("val_top1", {}).items()]
     for label, value in summary["ratios"].items():
         lines.append(f"| {label} (fraction of the unpruned model) | {value:.3f} |")
     latency = summary.get("latency")

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from curlprune.channels import ChannelGroup
-from curlprune.store import PruneStep, RunSummary
+from curlprune.store import PruneStep, RunSummary, TrainStep
 
 console = Console(stderr=False)
 
@@ -56,15 +56,19 @@ def print_summary(summary: RunSummary) -> None:
     def percent(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}%"
 
+    with_val = any(isinstance(r, TrainStep) and r.val_top1 is not None for r in summary.stages.values())
     table = Table(title=f"run summary: {summary.model}, test top-1")
-    for col in ("stage", "epochs", "last top-1", "best top-1", "seconds"):
+    for col in ("stage", "epochs", "last top-1", "best top-1") + (("val top-1",) if with_val else ()) + ("seconds",):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for stage, r in summary.stages.items():
         if isinstance(r, PruneStep):
-            table.add_row("unpruned", "", percent(r.top1_before), "", "")
-            table.add_row(f"pruned ({r.criterion}, {100 * r.macs_ratio:.1f}% MACs)", "", percent(r.top1_after), "", "")
+            table.add_row("unpruned", "", percent(r.top1_before), "", *([""] if with_val else []), "")
+            table.add_row(f"pruned ({r.criterion}, {100 * r.macs_ratio:.1f}% MACs)", "", percent(r.top1_after), "",
+                          *([""] if with_val else []), "")
         else:
-            table.add_row(stage, str(r.epochs), percent(r.last_top1), percent(r.best_top1), f"{r.seconds:.1f}")
+            epochs = str(r.epochs) + (f" (best {r.best_epoch})" if r.best_epoch is not None else "")
+            table.add_row(stage, epochs, percent(r.last_top1), percent(r.best_top1), *([percent(r.val_top1)] if with_val else []),
+                          f"{r.seconds:.1f}")
     console.print(table)
     console.print(f"final model: {human(summary.macs)} MACs ({100 * summary.macs_ratio:.1f}%), "
                   f"{human(summary.params)} params ({100 * summary.params_ratio:.1f}%) -> {summary.checkpoint}")

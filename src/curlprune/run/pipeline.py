@@ -44,6 +44,7 @@ from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size, build_with_new_head, weights_classes
 from curlprune.recover.dist import init_distributed, on_main
 from curlprune.recover.evaluate import check_classes
+from curlprune.recover.early_stop import check_early_stop_data
 from curlprune.recover.registry import get_stage, is_recovery_stage, run_stage
 from curlprune.run.prune import run_prune
 from curlprune.run.run_config import RunConfig, check_finished_prune, check_same_run, config_to_dict
@@ -68,29 +69,56 @@ from curlprune.store import (
     write_run_summary,
 )
 from curlprune.store import checkpoint
+from curlprune.data.valsplit import SPLIT_FILE, VAL_SPLIT, check_split_record, check_val_settings, hold_out, images_digest
 
 # Rank 0 may prune for a long time while the other ranks wait in a collective.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
 
 
 # ----- data -----------------------------------------------------------------------------------
-def load_data(source: str, train_per_class: int | None, seed: int) -> dict[str, Any]:
-    """The two splits a run uses.
+def load_data(source: str, train_per_class: int | None, seed: int, *, val_per_class: int | None = None,
+              val_fraction: float | None = None) -> dict[str, Any]:
+    """The splits of :func:`load_splits` (without the record of the validation split)."""
+    return load_splits(source, train_per_class, seed, val_per_class=val_per_class, val_fraction=val_fraction)[0]
+
+
+def load_splits(source: str, train_per_class: int | None, seed: int, *, val_per_class: int | None = None,
+                val_fraction: float | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The splits a run uses: train and test, and val when there is a validation split.
 
     Args:
-        source: "digits" (sklearn's 8x8 digits), or an ImageFolder directory or zip with train/ and test/.
-        train_per_class: keep a seeded class-balanced subset of this many training images per class.
-        seed: seed of the digits split and of the subset.
+        source: "digits" (sklearn's 8x8 digits), or an ImageFolder directory or zip with train/ and test/
+            (and optionally val/: then that is the validation split, :mod:`curlprune.data.valsplit`).
+        train_per_class: keep a seeded class-balanced subset of this many training images per class
+            (drawn from what remains after the validation split is held out).
+        seed: seed of the digits split, of the validation split and of the subset.
+        val_per_class, val_fraction: hold this many images per class (or this share of every class)
+            out of the training split as the validation split (:func:`curlprune.data.valsplit.hold_out`).
     Returns:
-        ``{"train", "test"}`` uint8 :class:`~curlprune.data.data.ImageDataset` s.
+        ``({"train", "test"} (and "val") uint8 ImageDatasets, record)``: the record of the validation split
+        that ``val_split.json`` holds (:meth:`curlprune.data.valsplit.ValSplit.record`; for a data folder's own
+        val/ split its size and digest), None without a validation split.
     Raises:
-        CurlpruneError: the data is missing or malformed.
+        CurlpruneError: the data is missing or malformed; bad validation settings, or settings given for
+            data that has its own val/ split.
     """
-    splits = datasets.load_splits(source, seed, splits=("train", "test"))  # only the two splits a run uses are decoded
+    check_val_settings(val_per_class, val_fraction)
+    own_val = source != "digits" and VAL_SPLIT in datasets.split_names(source)
+    if own_val and (val_per_class is not None or val_fraction is not None):
+        raise CurlpruneError(f"{source} has its own {VAL_SPLIT}/ split, which is the validation split: "
+                             "drop val_per_class / val_fraction (or remove the val/ folder to hold images out of train/)")
+    # only the splits a run uses are decoded
+    splits = datasets.load_splits(source, seed, splits=("train", "test", VAL_SPLIT) if own_val else ("train", "test"))
+    splits, record = dict(splits), None
+    if VAL_SPLIT in splits:
+        record = {"source": f"{VAL_SPLIT}/", "train_images": len(splits["train"]), "indices": None, "sha256": images_digest(splits[VAL_SPLIT])}
+    elif val_per_class is not None or val_fraction is not None:
+        held = hold_out(splits["train"], seed, per_class=val_per_class, fraction=val_fraction)
+        record = held.record(val_per_class, val_fraction, seed, len(splits["train"]))
+        splits.update({"train": held.train, VAL_SPLIT: held.val})
     if train_per_class:
-        splits = dict(splits)
         splits["train"] = datasets.class_balanced_subset(splits["train"], int(train_per_class), seed)
-    return splits
+    return splits, record
 
 
 # ----- the run --------------------------------------------------------------------------------
@@ -126,6 +154,7 @@ class Run:
         self.run_dir = Path(cfg.run_dir)
         self.student_path = Path(student) if student else None
         self._data: dict[str, Any] | None = None
+        self._val_record: dict[str, Any] | None = None  # what val_split.json holds (curlprune.data.valsplit)
         self._teacher = None
         self._new_head: bool | None = None
         self.head_name: str | None = None  # the re-initialised classifier of a transfer run
@@ -137,7 +166,8 @@ class Run:
     @property
     def data(self) -> dict[str, Any]:
         if self._data is None:
-            self._data = load_data(self.cfg.data, self.cfg.train_per_class, self.cfg.seed)
+            self._data, self._val_record = load_splits(self.cfg.data, self.cfg.train_per_class, self.cfg.seed,
+                                                       val_per_class=self.cfg.val_per_class, val_fraction=self.cfg.val_fraction)
         return self._data
 
     @property
@@ -238,6 +268,9 @@ class Run:
     def _run_stages(self) -> dict[str, Any]:
         """The stages of :meth:`run`, with the run directory locked."""
         check_classes("teacher", self.teacher, self.data, self.spec, torch.device("cpu"), channels_last=False)
+        for stage in self.cfg.stages:  # before anything is written
+            if is_recovery_stage(stage):
+                check_early_stop_data(stage, self.cfg.sections[stage], self.data)
         self.base_cost = count(self.teacher, self.example_input)
         student = self.initial_student()  # read and checked before anything is written (issue 18)
         on_main(self.ctx, self._claim_run_dir)
@@ -262,9 +295,25 @@ class Run:
             except json.JSONDecodeError:
                 raise CurlpruneError(f"{config_file} is damaged: delete it (the stages check their own settings)") from None
             check_same_run(previous, current, self.run_dir)
+            self._check_val_split()
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._check_val_split()
         write_json(config_file, current, only_if_changed=True)
+
+    def _check_val_split(self) -> None:
+        """The run keeps the validation split it started with: ``val_split.json`` is written with the
+        first split drawn, and a rerun must draw the same one (:func:`curlprune.data.valsplit.check_split_record`)."""
+        path = self.run_dir / SPLIT_FILE
+        current = self._val_record or {"train_images": None, "indices": None, "sha256": None}
+        if path.is_file():
+            try:
+                previous = read_json(path)
+            except CurlpruneError:
+                raise CurlpruneError(f"{path} is damaged: delete {self.run_dir} to run again") from None
+            check_split_record(previous, current, str(path))
+        elif self._val_record is not None:
+            write_json(path, self._val_record, only_if_changed=True)
 
     def initial_student(self) -> Student | None:
         """What the first training stage starts from when there is no prune stage before it; a
@@ -322,7 +371,8 @@ class Run:
 
         digest = on_main(self.ctx, save)
         trained = Student(result.model, student.model_ref, student.plan, student.input_shape, extra, str(out), digest)
-        return trained, TrainStep(result.epochs, result.last_top1, result.best_top1, round(result.seconds, 1), str(out))
+        return trained, TrainStep(result.epochs, result.last_top1, result.best_top1, round(result.seconds, 1), str(out),
+                                    result.val_top1, result.best_epoch)
 
     def _check_student_record(self, stage_dir: Path, student: Student) -> None:
         """A stage resumes or is skipped only if it started from the same student as now (same

@@ -10,6 +10,7 @@ a misspelt key is an error, not a silent default::
     weights: ../shared/models/resnet56-cifar10jpeg.pt
     data: ../shared/data/cifar10-jpeg.zip   # or "digits"
     train_per_class: 500                     # optional class-balanced subset of the train split
+    val_per_class: 100                       # optional validation split held out of train (or val_fraction)
     stages: [prune, distill, refine]
     prune:   {criterion: kl, target_macs: 0.33}
     distill: {epochs: 30}
@@ -34,8 +35,9 @@ from curlprune.run import strict_yaml
 from curlprune.run.prune_config import PruneConfig, canonical_settings
 from curlprune.store import DONE_FILE, LATER, PRUNE_STAGE, check_same_settings
 from curlprune.validate import check_ranges, check_types, check_value
+from curlprune.data.valsplit import check_val_settings
 
-IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed", "input_size")
+IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed", "input_size", "val_per_class", "val_fraction")
 DEFAULT_STAGES = ["prune", "distill", "refine"]
 DEFAULT_RUN_DIR = "runs/run"
 
@@ -52,6 +54,11 @@ class RunConfig:
     data:            "digits", or an ImageFolder directory / zip with train/ and test/.
     train_per_class: train on a seeded class-balanced subset of this many images per class.
     input_size:      square input side when not the model's default (transforms resize to it).
+    val_per_class:   hold this many training images of every class out as the validation split
+                     (seeded by ``seed``, class-balanced; :mod:`curlprune.data.valsplit`). No stage trains on
+                     them, the calibration set included; the recovery stages report validation top-1.
+    val_fraction:    or hold out this share of every class, in (0, 1). At most one of the two; data
+                     with its own val/ split uses that and refuses both.
     """
 
     model: str
@@ -62,6 +69,8 @@ class RunConfig:
     seed: int = 0
     train_per_class: int | None = None
     input_size: int | None = field(default=None, metadata=LATER)
+    val_per_class: int | None = field(default=None, metadata=LATER)
+    val_fraction: float | None = field(default=None, metadata=LATER)
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     sections: dict[str, Any] = field(default_factory=dict)
 
@@ -165,6 +174,20 @@ def _optional_int(raw: dict[str, Any], key: str, where: str) -> int | None:
     return value
 
 
+def _optional_fraction(raw: dict[str, Any], key: str, where: str) -> float | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise CurlpruneError(f"{where}: '{key}' must be a number in (0, 1), e.g. 0.1 (got {value!r})")
+    return float(value)
+
+
 def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     """Check a config mapping and turn it into a :class:`RunConfig` with typed stage sections.
 
@@ -199,10 +222,13 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         seed=seed,
         train_per_class=_optional_int(raw, "train_per_class", where),
         input_size=_optional_int(raw, "input_size", where),
+        val_per_class=_optional_int(raw, "val_per_class", where),
+        val_fraction=_optional_fraction(raw, "val_fraction", where),
         stages=stages,
         sections=sections,
     )
     check_ranges(cfg, where)  # every number in its range (curlprune.validate.RANGES)
+    check_val_settings(cfg.val_per_class, cfg.val_fraction, where)  # at most one of the two
     return cfg
 
 

@@ -204,6 +204,11 @@ class StageSummary:
     epochs:     completed epochs.   seconds: training time, summed over the epochs.
     config:     the result-defining settings (:func:`curlprune.recover.stage.settings`); a rerun
                 compares them before it skips the stage.
+    val_top1:   validation top-1 in % of the stage's output model (None: no validation split).
+    best_val_top1: the best validation top-1 over the epochs (%).
+    best_epoch: with early stopping, the epoch whose weights are the output (then ``last_top1`` and
+                ``val_top1`` are that epoch's, and ``epochs`` counts the epochs run); None without it.
+    The last three are in the file only when set, so summaries without them read as before.
     """
 
     stage: str | None
@@ -212,15 +217,22 @@ class StageSummary:
     epochs: int | None
     seconds: float | None
     config: dict[str, Any] | None
+    val_top1: float | None = None
+    best_val_top1: float | None = None
+    best_epoch: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"stage": self.stage, "last_top1": self.last_top1, "best_top1": self.best_top1, "epochs": self.epochs,
-                "seconds": self.seconds, "config": self.config}
+        out = {"stage": self.stage, "last_top1": self.last_top1, "best_top1": self.best_top1, "epochs": self.epochs,
+               "seconds": self.seconds, "config": self.config}
+        optional = {"val_top1": self.val_top1, "best_val_top1": self.best_val_top1, "best_epoch": self.best_epoch}
+        out.update({k: v for k, v in optional.items() if v is not None})
+        return out
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> StageSummary:
         return cls(_text(value.get("stage")), _number(value.get("last_top1")), _number(value.get("best_top1")),
-                   _number(value.get("epochs")), _number(value.get("seconds")), _mapping(value.get("config")))
+                   _number(value.get("epochs")), _number(value.get("seconds")), _mapping(value.get("config")),
+                   _number(value.get("val_top1")), _number(value.get("best_val_top1")), _number(value.get("best_epoch")))
 
 
 def read_stage_summary(stage_dir: str | os.PathLike) -> StageSummary:
@@ -264,22 +276,29 @@ class PruneStep:
 @dataclass
 class TrainStep:
     """A training stage in the run summary: ``epochs``, test top-1 % ``last_top1`` / ``best_top1``,
-    ``seconds`` of training (1 decimal) and the stage's curlprune ``checkpoint`` path."""
+    ``seconds`` of training (1 decimal) and the stage's curlprune ``checkpoint`` path; with a
+    validation split ``val_top1`` (% of the output model) and with early stopping ``best_epoch``
+    (both in the file only when set)."""
 
     epochs: int | None
     last_top1: float | None
     best_top1: float | None
     seconds: float | None
     checkpoint: str | None
+    val_top1: float | None = None
+    best_epoch: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "last_top1": self.last_top1, "best_top1": self.best_top1, "seconds": self.seconds,
-                "checkpoint": self.checkpoint}
+        out = {"epochs": self.epochs, "last_top1": self.last_top1, "best_top1": self.best_top1, "seconds": self.seconds,
+               "checkpoint": self.checkpoint}
+        out.update({k: v for k, v in (("val_top1", self.val_top1), ("best_epoch", self.best_epoch)) if v is not None})
+        return out
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> TrainStep:
         return cls(_number(value.get("epochs")), _number(value.get("last_top1")), _number(value.get("best_top1")),
-                   _number(value.get("seconds")), _text(value.get("checkpoint")))
+                   _number(value.get("seconds")), _text(value.get("checkpoint")), _number(value.get("val_top1")),
+                   _number(value.get("best_epoch")))
 
 
 @dataclass
