@@ -94,6 +94,23 @@ def analyse(model: nn.Module, example_input: Any) -> Analysis:
     return result
 
 
+def traced_inputs(model: nn.Module, groups: Sequence[ChannelGroup]) -> list[tuple[int, ...]] | None:
+    """The input shapes ``model`` was traced with when it gave ``groups`` (same names and widths), from
+    the analysis cache; None when no cached trace of ``model`` gave them or an input was no tensor.
+
+    Args:
+        model: the traced model.
+        groups: the groups a ``trace(model, x)`` returned.
+    Returns:
+        One shape per positional input of that trace (``[(1, 3, 32, 32)]``), or None.
+    """
+    want = [(g.name, g.width) for g in groups]
+    for key, found in _CACHE.get(model, {}).items():
+        if [(g.name, g.width) for g in found.groups] == want and all(isinstance(s, tuple) for s in key[0]):
+            return [tuple(s) for s in key[0]]
+    return None
+
+
 def _fingerprint(model: nn.Module) -> tuple:
     """What the analysis depends on besides the code: every module's name, type and settings."""
     return tuple((name, type(m).__qualname__, m.extra_repr()) for name, m in model.named_modules())
