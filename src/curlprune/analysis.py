@@ -96,7 +96,8 @@ def analyse(model: nn.Module, example_input: Any) -> Analysis:
 
 def traced_inputs(model: nn.Module, groups: Sequence[ChannelGroup]) -> list[tuple[int, ...]] | None:
     """The input shapes ``model`` was traced with when it gave ``groups`` (same names and widths), from
-    the analysis cache; None when no cached trace of ``model`` gave them or an input was no tensor.
+    the analysis cache (a trace of another model of the same architecture counts too); None when no
+    cached trace gave them or an input was no tensor.
 
     Args:
         model: the traced model.
@@ -105,8 +106,10 @@ def traced_inputs(model: nn.Module, groups: Sequence[ChannelGroup]) -> list[tupl
         One shape per positional input of that trace (``[(1, 3, 32, 32)]``), or None.
     """
     want = [(g.name, g.width) for g in groups]
-    for key, found in _CACHE.get(model, {}).items():
-        if [(g.name, g.width) for g in found.groups] == want and all(isinstance(s, tuple) for s in key[0]):
+    fingerprint = _fingerprint(model)
+    entries = list(_CACHE.get(model, {}).items()) + [item for traced in list(_CACHE.values()) for item in traced.items()]
+    for key, found in entries:
+        if key[1] == fingerprint and [(g.name, g.width) for g in found.groups] == want and all(isinstance(s, tuple) for s in key[0]):
             return [tuple(s) for s in key[0]]
     return None
 
