@@ -119,6 +119,7 @@ def test_save_then_load_in_a_fresh_process_gives_identical_outputs(tmp_path, for
     file.rename(tmp_path / "gone_file.py")
     proc = subprocess.run([sys.executable, "-m", "curlprune.cli", "count", path], cwd="/", env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert "needs a model of your own that cannot be found" in proc.stderr and "damaged" not in proc.stderr
     assert ("cannot be imported" in proc.stderr and "userpkg2" in proc.stderr) if form == "module" else "nets_file.py does not exist" in proc.stderr
 
 

@@ -228,6 +228,12 @@ def test_load_with_a_model_reapplies_the_plan_to_it(tmp_path):
     assert isinstance(graph, torch.fx.GraphModule)
     with torch.no_grad():
         assert relative_error(graph(x), small(x)) < TOLERANCE
+    # the kind the checkpoint records is the kind loaded: a GraphModule saved by prune loads as one
+    recorded = tmp_path / "graph.safetensors"
+    checkpoint.save(recorded, MyNet, selection.plan, graph.state_dict(), input_shape=[1, 3, 16, 16],
+                    extra={"model_class": {"class": "MyNet", "kept": False, "reason": "keep_class=False"}})
+    assert isinstance(curlprune.load(recorded, model=MyNet(num_classes=4)), torch.fx.GraphModule)
+    assert isinstance(curlprune.load(recorded, model=MyNet(num_classes=4), keep_class=True), MyNet)
 
 
 def test_save_refuses_what_load_could_not_rebuild_and_writes_nothing(tmp_path):

@@ -186,6 +186,14 @@ def build_pruned(model_ref: str | dict[str, Any] | ModelRef, plan: dict[str, lis
     else:
         with header_field(source, "model_ref"):
             ref = ModelRef.of(model_ref)
+        if by_import_path(ref.name):  # the user's code, not the file, is missing: say so, not "damaged"
+            try:
+                check_rebuildable(ref)
+            except CurlpruneError as exc:
+                where = f"checkpoint {source} needs" if source is not None else "cannot build"
+                raise CurlpruneError(f"{where} a model of your own that cannot be found: {exc}; "
+                                     "or build it yourself: curlprune.load(path, model=MyNet(...))") from None
+        with header_field(source, "model_ref"):
             model = build(ref.name, **ref.kwargs).eval()
     if not plan:
         if source is not None:  # count and export feed this shape: it must fit (issue 18)
