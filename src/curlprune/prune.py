@@ -40,7 +40,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.latency_select import measured_cost_fn, select_latency
 from curlprune.analysis import check_pruned_cost, trace
 from curlprune.channels import ChannelGroup, Plan
-from curlprune.models import ModelRef, build, default_protect, input_spec
+from curlprune.models import ModelRef, build, by_import_path, default_protect, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size
 from curlprune.report import console, print_prune_summary
@@ -137,8 +137,9 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
                model_kwargs: dict[str, Any], input_shape: list[int] | None) -> PruneResult:
     """:func:`run_prune` with ``out`` locked."""
     settings = _settings(config, model_name, weights, data, num_classes)
+    own = by_import_path(model_name)  # its build keywords and input are part of its identity, also when unset
     for key, value in (("input_size", input_size), ("model_kwargs", model_kwargs or None), ("input_shape", input_shape)):
-        if value is not None:  # only when set: finished runs from before the option stay valid
+        if value is not None or (own and key != "input_size"):  # else only when set: finished runs from before stay valid
             settings[key] = value
     finished = _finished(out, settings) if resume else None
     if finished is not None:  # its "done" event, if a kill after done.json lost it, is restored (issue 18)
