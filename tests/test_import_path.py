@@ -138,6 +138,9 @@ def test_prune_command_on_real_digits_with_a_model_by_file_path(cli, tmp_path):
     assert type(small).__name__ == "MyNet" and sum(small.widths()) < sum(build(f"{file}:MyNet", width=8).widths())
     meta = checkpoint.read_metadata(out / "model.safetensors")
     assert meta["model_ref"] == {"name": f"{file.resolve()}:MyNet", "kwargs": {"width": 8}} and meta["input_shape"] == [1, 3, 8, 8]
+    proc = cli("prune", "--model", f"{file}:MyNet", "--model-kwargs", '{"width": 16}', "--input-shape", "3,8,8", "--data", data,
+               "--criterion", "kl", "--target-macs", "0.5", "--calib", "32", "--out", out, "--no-report", "--resume")
+    assert proc.returncode == 2 and "computed with other settings (model_kwargs: {'width': 8} (now {'width': 16}))" in proc.stderr
     proc = cli("prune", "--model", f"{file}:MyNet", "--data", data, "--target-macs", "0.5", "--out", tmp_path / "q")
     assert proc.returncode == 2 and "--input-shape C,S,S" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "q" / "model.safetensors").exists()
