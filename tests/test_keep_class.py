@@ -6,6 +6,7 @@ registered); tests/test_import_path.py writes their source into a module file of
 """
 from __future__ import annotations
 
+import random
 import warnings
 
 import pytest
@@ -23,7 +24,7 @@ from curlprune.keep_class import TOLERANCE, KeepClassWarning, slice_model
 from curlprune.models import build
 from curlprune.select import Target, select
 from curlprune.surgery import apply as apply_graph
-from curlprune.surgery import mask
+from curlprune.surgery import mask, random_plan
 
 
 class SqueezeExcite(nn.Module):
@@ -184,19 +185,40 @@ def test_constant_channel_count_falls_back_to_the_graph_with_the_reason(cls, fra
     assert slice_model(model, groups, plan, keep_class=False).reason == "keep_class=False"
 
 
-def test_registry_models_keep_their_classes_and_zero_pad_shortcuts_fall_back():
+def test_registry_models_keep_their_classes_zero_pad_shortcuts_included():
     x = torch.randn(2, 3, 32, 32)
-    for model in (randomised(torchvision.models.resnet18()), randomised(build("cifar:resnet20"))):
-        groups = trace(model, x)
-        plan = {g.name: list(range(0, g.width, 2)) for g in groups if g.prunable}
-        sliced = slice_model(model, groups, plan)  # the input shape comes from the trace
+    model = randomised(torchvision.models.resnet18())
+    groups = trace(model, x)
+    plan = {g.name: list(range(0, g.width, 2)) for g in groups if g.prunable}
+    sliced = slice_model(model, groups, plan)  # the input shape comes from the trace
+    assert sliced.kept and type(sliced.model) is torchvision.models.ResNet
+    assert sliced.model.fc.in_features == 256 and sliced.model.layer1[0].conv1.out_channels == 32
+    with torch.no_grad():
+        assert relative_error(sliced.model(x), sliced.graph(x)) < TOLERANCE
+
+
+def test_cifar_resnet_option_a_shortcuts_shrink_their_pads_and_keep_the_class():
+    """The zero-pad regions of an option-A shortcut lose channels unevenly; the shortcut module
+    shrinks its own pad (``shrink_channel_pad``) and the copy equals the graph and the masked model."""
+    model = randomised(build("cifar:resnet20"))
+    x = torch.randn(2, 3, 32, 32)
+    groups = trace(model, x)
+    plan = {"conv1": list(range(8)), "layer2.0.conv2": [0, 9], "layer3.0.conv2": list(range(0, 32, 2))}
+    sliced = slice_model(model, groups, plan, example_input=x)
+    assert sliced.kept, sliced.reason
+    shortcut = sliced.model.layer2[0].downsample
+    assert type(sliced.model).__name__ == "SmallResNet" and (shortcut.front, shortcut.back) == (1, 1)
+    assert model.layer2[0].downsample.front == 8  # the original is not changed
+    with torch.no_grad():
+        with mask(model, groups, plan):
+            masked = model(x)
+        assert relative_error(sliced.model(x), masked) < 1e-4
+    for seed in range(3):
+        plan = random_plan(groups, random.Random(seed), single_unit_share=0.3)
+        sliced = slice_model(model, groups, plan, example_input=x)
+        assert sliced.kept, sliced.reason
         with torch.no_grad():
             assert relative_error(sliced.model(x), sliced.graph(x)) < TOLERANCE
-        if isinstance(model, torchvision.models.ResNet):
-            assert sliced.kept and type(sliced.model) is torchvision.models.ResNet
-            assert sliced.model.fc.in_features == 256 and sliced.model.layer1[0].conv1.out_channels == 32
-        else:  # option-A shortcuts pad by a fixed count: only the graph can change it
-            assert not sliced.kept and "zero-pads channels by a fixed amount" in sliced.reason
 
 
 def test_timm_model_keeps_its_class():

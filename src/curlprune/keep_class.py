@@ -10,10 +10,14 @@ tensors sliced and its width attributes set, ``in_channels``, ``num_features``, 
 ``groups``, ...), then proven equal to the GraphModule on the example input and on a seeded random
 input of its shape (the masked == sliced check's tolerance, relative error below 1e-4).
 
-Where the user's forward cannot run with smaller layers (a channel count written as a constant, a
-functional op with a fixed-size tensor, a channel zero-pad by a fixed amount such as the CIFAR
-ResNets' option-A shortcuts), or its outputs differ, the GraphModule is returned instead with the
-reason in one line (:class:`Sliced.reason`, a :class:`KeepClassWarning`).
+A channel zero-pad (``F.pad`` along the channels, such as the CIFAR ResNets' option-A shortcuts)
+is no layer: the GraphModule changes the pad's amounts in its graph; the copy asks the module whose
+forward pads to do it, through its method ``shrink_channel_pad(front, back)`` (the numbers of zero
+channels fewer to add before and after; ``models.cifar.ZeroPadShortcut`` has it). Where the user's
+forward cannot run with smaller layers (a channel count written as a constant, a functional op with
+a fixed-size tensor, a channel pad whose module has no such method), or its outputs differ, the
+GraphModule is returned instead with the reason in one line (:class:`Sliced.reason`, a
+:class:`KeepClassWarning`).
 
 Source: docs/method.md §1 (members, slicing).
 """
@@ -95,7 +99,7 @@ def slice_model(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan, *,
     name = type(model).__qualname__
     if not keep_class:
         return Sliced(graph, graph, False, "keep_class=False", name)
-    small, reason = _slice_copy(model, groups, plan)
+    small, reason = _slice_copy(model, groups, plan, graph)
     if not reason:
         inputs = _inputs(model, groups, example_input)
         reason = _differs(small, graph, inputs, name) if inputs else (
@@ -140,19 +144,24 @@ def fallback_message(sliced: Sliced) -> str:
     return f"the pruned model is a torch.fx.GraphModule, not {sliced.class_name}: {sliced.reason}"
 
 
-def _slice_copy(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> tuple[nn.Module, str]:
-    """A deep copy of ``model`` with every module and get_attr member sliced; the reason when a
-    member only the graph can change (a channel zero-pad) is among them."""
+def _slice_copy(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan, graph: fx.GraphModule) -> tuple[nn.Module, str]:
+    """A deep copy of ``model`` with every module and get_attr member sliced, and every channel
+    zero-pad shrunk by the module that pads (``shrink_channel_pad``); the reason when one cannot be."""
     small = copy.deepcopy(model)
     shared = tied_parameters(small)
     by_module = members_by_module(removed_positions(groups, plan))
     try:
-        pads = [name for name, roles in by_module.items() if not slice_member(small, name, roles, groups)]
+        pads = {name: roles for name, roles in by_module.items() if not slice_member(small, name, roles, groups)}
     except (AttributeError, KeyError, IndexError, RuntimeError) as exc:
         return small, f"its members cannot be sliced in place ({exception_summary(exc)})"
-    if pads:
-        return small, (f"its forward zero-pads channels by a fixed amount (graph node {pads[0]}, e.g. an option-A shortcut), "
-                       "which only the traced graph can change")
+    owners = {n.name: [path for path, _ in (n.meta.get("nn_module_stack") or {}).values()] for n in graph.graph.nodes}
+    for name, roles in pads.items():
+        owner = owners.get(name, [])[-1:]
+        padder = small.get_submodule(owner[0]) if owner else None
+        if not callable(getattr(padder, "shrink_channel_pad", None)):
+            return small, (f"its forward zero-pads channels by a fixed amount (graph node {name}, e.g. an option-A shortcut), "
+                           "which only the traced graph can change (or give the padding module a shrink_channel_pad(front, back) method)")
+        padder.shrink_channel_pad(len(roles.get("pad_front", ())), len(roles.get("pad_back", ())))
     retie(shared)
     return small, ""
 
