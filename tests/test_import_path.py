@@ -20,12 +20,12 @@ import yaml
 from PIL import Image
 
 import curlprune
-from curlprune import checkpoint
-from curlprune.analysis import trace
-from curlprune.data import load_digits_dataset
+from curlprune.store import checkpoint
+from curlprune.cost.analysis import trace
+from curlprune.data.data import load_digits_dataset
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
-from curlprune.run_config import parse_config
+from curlprune.run.run_config import parse_config
 
 import test_keep_class
 from trust_support import cli  # noqa: F401 (fixture)

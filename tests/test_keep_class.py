@@ -16,15 +16,15 @@ import torchvision
 from torch import nn
 
 import curlprune
-from curlprune import checkpoint
-from curlprune.analysis import model_cost_fn, trace
+from curlprune.store import checkpoint
+from curlprune.cost.analysis import model_cost_fn, trace
 from curlprune.criteria import compute_scores
 from curlprune.errors import CurlpruneError
-from curlprune.keep_class import TOLERANCE, KeepClassWarning, slice_model
+from curlprune.surgery.keep_class import TOLERANCE, KeepClassWarning, slice_model
 from curlprune.models import build
-from curlprune.select import Target, select
-from curlprune.surgery import apply as apply_graph
-from curlprune.surgery import mask, random_plan
+from curlprune.select.search import Target, select
+from curlprune.surgery.surgery import apply as apply_graph
+from curlprune.surgery.surgery import mask, random_plan
 
 
 class SqueezeExcite(nn.Module):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from curlprune.data import class_balanced_subset, evaluate, load_digits_dataset
+from curlprune.data.data import class_balanced_subset, evaluate, load_digits_dataset
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
 from curlprune.recover import (

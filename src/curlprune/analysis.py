@@ -1,7 +1,7 @@
 """The analysis of one model: its channel groups with their costs, cached; and the cost of a Plan.
 
 This layer sits above the group finder (:mod:`curlprune.graph`), the cost table
-(:mod:`curlprune.cost_plan`) and plan checking (:mod:`curlprune.surgery`) and joins them, so none of
+(:mod:`curlprune.cost.cost_plan`) and plan checking (:mod:`curlprune.surgery.surgery`) and joins them, so none of
 those imports another that imports it back.
 
 * ``trace(model, example_input) -> list[ChannelGroup]`` traces ``model`` with torch.fx (module
@@ -23,12 +23,12 @@ import torch.fx as fx
 from torch import nn
 
 from curlprune.channels import ChannelGroup, Plan
-from curlprune.cost import count
-from curlprune.cost_plan import CostTable, build_cost_table
+from curlprune.cost.cost import count
+from curlprune.cost.cost_plan import CostTable, build_cost_table
 from curlprune.errors import CurlpruneError
 from curlprune.graph import build_groups, channel_pass, propagate, symbolic_trace
 from curlprune.graph.layers import table_version
-from curlprune.surgery import removed_positions, validate_plan
+from curlprune.surgery.surgery import removed_positions, validate_plan
 
 
 @dataclass

@@ -11,7 +11,7 @@ A checkpoint is ONE safetensors file. Its header metadata holds JSON strings:
 Loading rebuilds the architecture by name (a registry name, or an import path such as
 ``mypkg.nets:MyNet`` that is imported and called again), traces it, applies the Plan and loads the
 weights strictly, so no Python code is ever unpickled. The model comes back as its own class where
-its forward allows it (:mod:`curlprune.keep_class`), as ``prune`` gave it; ``extra["model_class"]``
+its forward allows it (:mod:`curlprune.surgery.keep_class`), as ``prune`` gave it; ``extra["model_class"]``
 records which it was.
 """
 from __future__ import annotations
@@ -27,15 +27,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from curlprune.analysis import trace
-from curlprune.canonical import check_finite_state, save_safetensors
-from curlprune.checkpoint_header import header_field, parse_header
+from curlprune.cost.analysis import trace
+from curlprune.store.canonical import check_finite_state, save_safetensors
+from curlprune.store.checkpoint_header import header_field, parse_header
 from curlprune.errors import CurlpruneError, exception_summary
-from curlprune.keep_class import slice_model
+from curlprune.surgery.keep_class import slice_model
 from curlprune.models import ModelRef, build, by_import_path, check_rebuildable, input_spec
 from curlprune.models.import_path import canonical
 from curlprune.models.weights import check_finite_weights, load_state_strict
-from curlprune.rundir import atomic_write, atomic_write_text, file_digest  # re-exported: the writers are rundir's
+from curlprune.store.rundir import atomic_write, atomic_write_text, file_digest  # re-exported: the writers are rundir's
 
 __all__ = [
     "FORMAT_VERSION",
@@ -85,7 +85,7 @@ def save(
     """Save a (pruned) model as architecture reference + Plan + weights, atomically.
 
     The bytes are canonical (the same model saved twice gives the same file,
-    :func:`curlprune.canonical.canonical_bytes`), and weights holding NaN or inf are refused, so a
+    :func:`curlprune.store.canonical.canonical_bytes`), and weights holding NaN or inf are refused, so a
     diverged model is never saved (issue 12).
 
     Args:
@@ -138,7 +138,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         CurlpruneError: the file is missing, empty, truncated, unreadable or not a curlprune
             checkpoint, or a header field is missing, not JSON or not of its form
-            (:func:`curlprune.checkpoint_header.parse_header`, naming the field).
+            (:func:`curlprune.store.checkpoint_header.parse_header`, naming the field).
     """
     path = Path(path)
     if not path.is_file():
@@ -165,11 +165,11 @@ def build_pruned(model_ref: str | dict[str, Any] | ModelRef, plan: dict[str, lis
         plan: group name -> kept channel indices.
         input_shape: the example input shape the plan was traced with.
         source: the checkpoint these come from: a failure then names it and the header field
-            (:func:`curlprune.checkpoint_header.header_field`), and the model must also run at
+            (:func:`curlprune.store.checkpoint_header.header_field`), and the model must also run at
             ``input_shape`` when the plan is empty.
         model: the unpruned model to apply the plan to, built by the caller (``model_ref`` is then
             not built); it is not changed.
-        keep_class: give the model's own class where its forward allows (:mod:`curlprune.keep_class`);
+        keep_class: give the model's own class where its forward allows (:mod:`curlprune.surgery.keep_class`);
             False: the torch.fx GraphModule.
 
     Returns:
@@ -220,7 +220,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, keep_class:
 
     Returns:
         The pruned model (its own class, or a GraphModule where the class cannot be kept, see
-        :mod:`curlprune.keep_class`), weights loaded, eval mode.
+        :mod:`curlprune.surgery.keep_class`), weights loaded, eval mode.
 
     Raises:
         CurlpruneError: the file is missing, unreadable, not a curlprune checkpoint, names an

@@ -16,7 +16,7 @@ a misspelt key is an error, not a silent default::
     refine:  {epochs: 16}
 
 It also holds the checks that a run directory belongs to this config (:func:`check_same_run`,
-:func:`check_finished_prune`); the run itself is :mod:`curlprune.pipeline`.
+:func:`check_finished_prune`); the run itself is :mod:`curlprune.run.pipeline`.
 """
 from __future__ import annotations
 
@@ -28,13 +28,13 @@ from typing import Any
 
 import yaml
 
-from curlprune import strict_yaml
+from curlprune.run import strict_yaml
 from curlprune.errors import CurlpruneError
 from curlprune.models import by_import_path
 from curlprune.models.import_path import parse_input_shape
-from curlprune.prune_config import PruneConfig, canonical_settings
+from curlprune.run.prune_config import PruneConfig, canonical_settings
 from curlprune.recover.registry import get_stage, recovery_stages, stage_names
-from curlprune.rundir import DONE_FILE, LATER, PRUNE_STAGE, check_same_settings
+from curlprune.store.rundir import DONE_FILE, LATER, PRUNE_STAGE, check_same_settings
 from curlprune.validate import check_ranges, check_types, check_value
 
 IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed", "input_size", "model_kwargs", "input_shape")
@@ -54,7 +54,7 @@ class RunConfig:
     weights:         its weights (state-dict file or torchvision weight name).
     num_classes:     classifier outputs when they differ from the model's default; in a run that
                      starts with ``finetune`` on weights of other classes, the classes of the new
-                     classifier (default: the data's; see :attr:`curlprune.pipeline.Run.new_head`).
+                     classifier (default: the data's; see :attr:`curlprune.run.pipeline.Run.new_head`).
     data:            "digits", or an ImageFolder directory / zip with train/ and test/.
     train_per_class: train on a seeded class-balanced subset of this many images per class.
     input_size:      square input side when not the model's default (transforms resize to it).
@@ -277,7 +277,7 @@ def check_same_run(previous: dict[str, Any], current: dict[str, Any], run_dir: P
 
 def check_finished_prune(prune_dir: Path, cfg: PruneConfig) -> None:
     """A finished prune stage is never redone with other settings: the stages after it started from its model.
-    Targets are compared in one canonical form (:func:`curlprune.prune_config.canonical_settings`).
+    Targets are compared in one canonical form (:func:`curlprune.run.prune_config.canonical_settings`).
 
     Raises:
         CurlpruneError: ``prune_dir`` holds a finished prune stage whose settings differ from ``cfg``.

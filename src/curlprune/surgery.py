@@ -299,7 +299,7 @@ def tied_parameters(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 def slice_member(root: nn.Module, name: str, roles: dict[str, list[int]], groups: Sequence[ChannelGroup]) -> bool:
     """Slice one member of ``root`` in place: a module with a layer rule (its rule slices its tensors
     and sets its width attributes) or a get_attr parameter/buffer. The GraphModule of :func:`apply`
-    and a copy of the user's own model (:mod:`curlprune.keep_class`) are sliced by this one function.
+    and a copy of the user's own model (:mod:`curlprune.surgery.keep_class`) are sliced by this one function.
 
     Args:
         root: the module the member names are relative to (a private copy).

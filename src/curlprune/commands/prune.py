@@ -1,18 +1,18 @@
-"""The ``prune`` command: score, select to a MACs/params target, slice, save (:mod:`curlprune.prune`)."""
+"""The ``prune`` command: score, select to a MACs/params target, slice, save (:mod:`curlprune.run.prune`)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
-from curlprune.allocation import ALLOCATIONS
+from curlprune.select.allocation import ALLOCATIONS
 from curlprune.commands.common import INPUT_SHAPE_HELP, MODEL_HELP, MODEL_KWARGS_HELP, NO_DEFAULT, input_shape_arg, model_kwargs_arg
 from curlprune.commands.report import write_report_and_say
 from curlprune.criteria import CRITERIA, options_by_name
-from curlprune.prune import run_prune
-from curlprune.prune_config import DEFAULT_CALIB, PruneConfig
-from curlprune.report import console
-from curlprune.rundir import LOG_FILE, PLAN_FILE, REPORT_FILE, SCORES_FILE
-from curlprune.select import DEFAULT_FLOOR
+from curlprune.run.prune import run_prune
+from curlprune.run.prune_config import DEFAULT_CALIB, PruneConfig
+from curlprune.report.report import console
+from curlprune.store.rundir import LOG_FILE, PLAN_FILE, REPORT_FILE, SCORES_FILE
+from curlprune.select.search import DEFAULT_FLOOR
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

@@ -8,11 +8,11 @@ from typing import Callable
 
 from curlprune.commands.common import INPUT_SHAPE_HELP, MODEL_HELP, MODEL_KWARGS_HELP, NO_DEFAULT, input_shape_arg, model_kwargs_arg
 from curlprune.commands.report import write_report_and_say
-from curlprune.pipeline import Run
+from curlprune.run.pipeline import Run
 from curlprune.recover.dist import shutdown
 from curlprune.recover.registry import recovery_stages
-from curlprune.report import print_summary
-from curlprune.run_config import RunConfig, load_config, parse_config, read_config_file
+from curlprune.report.report import print_summary
+from curlprune.run.run_config import RunConfig, load_config, parse_config, read_config_file
 
 
 def run_and_print(cfg: RunConfig, student: str | Path | None = None, report: bool = True) -> int:
@@ -25,7 +25,7 @@ def run_and_print(cfg: RunConfig, student: str | Path | None = None, report: boo
     Returns:
         0 (the exit status).
     Raises:
-        CurlpruneError: see :meth:`curlprune.pipeline.Run.run`.
+        CurlpruneError: see :meth:`curlprune.run.pipeline.Run.run`.
     """
     runner = Run(cfg, student=student)
     try:

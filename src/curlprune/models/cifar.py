@@ -25,7 +25,7 @@ class ZeroPadShortcut(nn.Module):
     Channel ``j`` of the input continues as channel ``j + planes // 4`` of the output. Written as
     plain tensor ops with Python ints so that torch.fx traces it as ``getitem`` + ``pad``. The zero
     channels added in front and behind (``front``, ``back``; ``pad`` each when built) shrink with a
-    plan (:meth:`shrink_channel_pad`), so a pruned copy keeps this class (:mod:`curlprune.keep_class`).
+    plan (:meth:`shrink_channel_pad`), so a pruned copy keeps this class (:mod:`curlprune.surgery.keep_class`).
     """
 
     def __init__(self, planes: int) -> None:
@@ -38,7 +38,7 @@ class ZeroPadShortcut(nn.Module):
 
     def shrink_channel_pad(self, front: int, back: int) -> None:
         """Add ``front`` fewer zero channels before the input's and ``back`` fewer after them (a plan
-        removed that many channels of each pad region; the protocol of :mod:`curlprune.keep_class`)."""
+        removed that many channels of each pad region; the protocol of :mod:`curlprune.surgery.keep_class`)."""
         self.front -= front
         self.back -= back
 

@@ -14,7 +14,7 @@ ImageNet's mean and std for 3 channels, mean 0.5 and std 0.5 per channel otherwi
 classes is ``num_classes`` when given, else the width of its output on a zero input.
 
 Nothing here is unpickled: a checkpoint stores the reference and the build keywords, and
-:func:`curlprune.checkpoint.load` imports and calls it again.
+:func:`curlprune.store.checkpoint.load` imports and calls it again.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ can change anything the plan touches, also a channel zero-pad written in the for
 want their own object back (``isinstance``, their methods and attributes, their forward, the same
 ``state_dict`` keys), as Torch-Pruning gives it. :func:`slice_model` makes it: a deep copy of the
 model whose members are sliced in place by the same per-member function as the GraphModule
-(:func:`curlprune.surgery.slice_member`: every layer with a rule in ``graph/layers.py`` gets its
+(:func:`curlprune.surgery.surgery.slice_member`: every layer with a rule in ``graph/layers.py`` gets its
 tensors sliced and its width attributes set, ``in_channels``, ``num_features``, ``in_features``,
 ``groups``, ...), then proven equal to the GraphModule on the example input and on a seeded random
 input of its shape (the masked == sliced check's tolerance, relative error below 1e-4).
@@ -34,11 +34,11 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from curlprune.analysis import traced_inputs
+from curlprune.cost.analysis import traced_inputs
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.errors import exception_summary
-from curlprune.surgery import apply as apply_graph
-from curlprune.surgery import members_by_module, removed_positions, retie, slice_member, tied_parameters
+from curlprune.surgery.surgery import apply as apply_graph
+from curlprune.surgery.surgery import members_by_module, removed_positions, retie, slice_member, tied_parameters
 
 __all__ = ["KeepClassWarning", "Sliced", "TOLERANCE", "apply", "slice_model"]
 
@@ -81,7 +81,7 @@ def slice_model(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan, *,
         model: the unpruned model the groups were traced from (not changed).
         groups: its channel groups (``curlprune.trace``).
         plan: group name -> kept channel indices.
-        keep_class: False: the GraphModule, as ``curlprune.surgery.apply`` gives it.
+        keep_class: False: the GraphModule, as ``curlprune.surgery.surgery.apply`` gives it.
         example_input: the input to prove the kept model equal to the GraphModule on (a tensor
             ``[N, C, H, W]`` or a tuple of positional inputs); None: the input shape of the
             ``trace`` that gave ``groups`` (a seeded random input of it).
@@ -122,7 +122,7 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan, *, keep_
         model: the model the groups were traced from.
         groups: its channel groups (``trace``).
         plan: group name -> kept channel indices.
-        keep_class: False: always the GraphModule (``curlprune.surgery.apply``).
+        keep_class: False: always the GraphModule (``curlprune.surgery.surgery.apply``).
         example_input: the input the kept class is checked on (default: the traced input's shape).
 
     Returns:
