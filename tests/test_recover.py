@@ -168,7 +168,7 @@ def test_pruned_graph_module_student_distills_and_reloads(tmp_path, tiny):
     teacher = model(0).eval()
     groups = trace(teacher, torch.zeros(1, 1, 8, 8))
     plan = {g.name: list(range(0, g.width, 2)) for g in groups if g.prunable}
-    student = apply(teacher, groups, plan)
+    student = apply(teacher, groups, plan, keep_class=False)  # the GraphModule (the default keeps SmallResNet)
     assert isinstance(student, torch.fx.GraphModule)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     result = distill(student, teacher, tiny, SPEC, quick(DistillConfig, epochs=2), tmp_path)

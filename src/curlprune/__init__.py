@@ -4,7 +4,7 @@ Public API (imported lazily so that ``import curlprune`` stays cheap):
 
     groups = curlprune.trace(model, example_input)        # list[ChannelGroup]
     with curlprune.mask(model, groups, plan): ...         # zero removed channels in place
-    small = curlprune.apply(model, groups, plan)          # physically smaller copy
+    small = curlprune.apply(model, groups, plan)          # physically smaller copy, your own class kept
     macs, params = curlprune.count(model, example_input)  # paper's convention
     curlprune.save(path, model_ref, plan, state_dict); model = curlprune.load(path)
     fast = curlprune.optimize_for_inference(small)       # BN folded, residual adds in place
@@ -22,7 +22,8 @@ _API = {
     "Member": "curlprune.channels",
     "Plan": "curlprune.channels",
     "mask": "curlprune.surgery.surgery",
-    "apply": "curlprune.surgery.surgery",
+    "apply": "curlprune.surgery.keep_class",
+    "KeepClassWarning": "curlprune.surgery.keep_class",
     "validate_plan": "curlprune.surgery.surgery",
     "count": "curlprune.cost.cost",
     "plan_cost": "curlprune.cost.analysis",

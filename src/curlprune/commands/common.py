@@ -2,8 +2,46 @@
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
+
+from curlprune.errors import CurlpruneError
+from curlprune.models.import_path import parse_input_shape
 
 NO_DEFAULT = "%(default).0s"  # formats to nothing: stops the help formatter from adding "(default: None)"
+
+MODEL_HELP = ("the model: a registry name (cifar:resnet20|32|44|56|110, torchvision:<name>, timm:<name>, "
+              "small:resnet-digits) or your own by import path: mypkg.nets:MyNet (on PYTHONPATH) or "
+              "path/to/file.py:build_fn, called with --model-kwargs; it then needs --input-shape")
+INPUT_SHAPE_HELP = ("C,S,S: the input of a model named by import path, e.g. 3,32,32 (required for one; images are "
+                    "resized to S x S; normalised with ImageNet's mean/std for 3 channels, 0.5/0.5 otherwise)")
+MODEL_KWARGS_HELP = 'keyword arguments of an import-path model, as JSON, e.g. \'{"width": 32}\' (default: none)'
+
+
+def model_kwargs_arg(text: str | None) -> dict[str, Any] | None:
+    """The ``--model-kwargs`` JSON object.
+
+    Raises:
+        CurlpruneError: not JSON, or not an object.
+    """
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise CurlpruneError(f"--model-kwargs {text!r} is not JSON ({exc}): write an object, e.g. '{{\"width\": 32}}'") from None
+    if not isinstance(value, dict):
+        raise CurlpruneError(f"--model-kwargs {text!r} is not a JSON object of keyword arguments, e.g. '{{\"width\": 32}}'")
+    return value
+
+
+def input_shape_arg(text: str | None) -> list[int] | None:
+    """The ``--input-shape C,S,S`` as ``[C, S, S]`` (None when not given).
+
+    Raises:
+        CurlpruneError: not three positive whole numbers.
+    """
+    return None if text is None else parse_input_shape(text)
 
 
 def add_val_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from curlprune.commands.common import INPUT_SHAPE_HELP, MODEL_HELP, MODEL_KWARGS_HELP, NO_DEFAULT, input_shape_arg, model_kwargs_arg
 from curlprune.cost import count, trace
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
@@ -15,7 +16,8 @@ from curlprune.store import check_writable_file, export_onnx
 from curlprune.store import checkpoint as ckpt
 
 
-def example_input_for(model_name: str, input_size: int | None = None, batch: int = 1, weights: str | None = None) -> torch.Tensor:
+def example_input_for(model_name: str, input_size: int | None = None, batch: int = 1, weights: str | None = None,
+                      input_shape: list[int] | None = None, model_kwargs: dict | None = None) -> torch.Tensor:
     """A zero tensor shaped like one input batch of the named model.
 
     Args:
@@ -24,19 +26,22 @@ def example_input_for(model_name: str, input_size: int | None = None, batch: int
             vit_b_16's SWAG weights take 384x384).
         batch: batch size.
         weights: the weights the model will get (they may fix the input size).
+        input_shape, model_kwargs: an import-path model's input ``[C, S, S]`` and keyword arguments.
     Returns:
         float32 zeros ``[batch, C, size, size]``.
     """
-    spec = input_spec(model_name, weights)
+    spec = input_spec(model_name, weights, input_shape=input_shape, model_kwargs=model_kwargs)
     size = input_size or spec.size
     return torch.zeros(batch, spec.channels, size, size)
 
 
-def load_model_arg(model: str | None, weights: str | None, checkpoint: str | None = None) -> tuple[nn.Module, str, list[int]]:
+def load_model_arg(model: str | None, weights: str | None, checkpoint: str | None = None, input_shape: list[int] | None = None,
+                   model_kwargs: dict | None = None) -> tuple[nn.Module, str, list[int]]:
     """The model a command works on, from ``--model``/``--weights`` or a curlprune checkpoint.
 
     Args:
-        model: registry name (e.g. ``cifar:resnet56``); used when ``checkpoint`` is None.
+        model: registry name (e.g. ``cifar:resnet56``) or import path; used when ``checkpoint`` is None.
+        input_shape, model_kwargs: an import-path model's input ``[C, S, S]`` and keyword arguments.
         weights: weights for ``model`` (file or torchvision weight name), or None.
         checkpoint: a curlprune checkpoint (``.safetensors``); wins over ``model``.
     Returns:
@@ -49,12 +54,14 @@ def load_model_arg(model: str | None, weights: str | None, checkpoint: str | Non
         return ckpt.load(checkpoint), meta["model_ref"]["name"], meta["input_shape"]
     if not model:
         raise CurlpruneError("no model given: pass --model NAME (e.g. cifar:resnet56) or a checkpoint file")
-    return build(model, weights=weights).eval(), model, list(example_input_for(model, weights=weights).shape)
+    shape = list(example_input_for(model, weights=weights, input_shape=input_shape, model_kwargs=model_kwargs).shape)
+    return build(model, weights=weights, **(model_kwargs or {})).eval(), model, shape
 
 
 def cmd_groups(args: argparse.Namespace) -> int:
-    model, name, _ = load_model_arg(args.model, args.weights)
-    groups = trace(model, example_input_for(name, args.input_size, weights=args.weights))
+    kwargs, shape = model_kwargs_arg(args.model_kwargs), input_shape_arg(args.input_shape)
+    model, name, _ = load_model_arg(args.model, args.weights, None, shape, kwargs)
+    groups = trace(model, example_input_for(name, args.input_size, weights=args.weights, input_shape=shape, model_kwargs=kwargs))
     console.print(groups_table(groups, title=f"channel groups of {name}"))
     prunable = [g for g in groups if g.prunable]
     console.print(f"{len(groups)} groups, {len(prunable)} prunable, {sum(g.width for g in prunable)} prunable channels")
@@ -62,7 +69,8 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 
 def cmd_count(args: argparse.Namespace) -> int:
-    model, name, shape = load_model_arg(args.model, args.weights, args.checkpoint)
+    model, name, shape = load_model_arg(args.model, args.weights, args.checkpoint, input_shape_arg(args.input_shape),
+                                        model_kwargs_arg(args.model_kwargs))
     if args.input_size:
         shape = [1, shape[1], args.input_size, args.input_size]
     macs, params = count(model, torch.zeros(shape))
@@ -86,7 +94,9 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     p = subparsers.add_parser("groups", help="list the channel groups of a model (what is pruned together)", formatter_class=formatter,
                               description="Trace a model and print its channel groups: channels that must be removed together "
                                           "(inside a block, or along a residual stream), with width and MACs per channel.")
-    p.add_argument("--model", required=True, help="registry name: cifar:resnet20|32|44|56|110, torchvision:<name>, timm:<name>, small:resnet-digits")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--model-kwargs", default=None, metavar="JSON", help=MODEL_KWARGS_HELP + NO_DEFAULT)
+    p.add_argument("--input-shape", default=None, metavar="C,S,S", help=INPUT_SHAPE_HELP + NO_DEFAULT)
     p.add_argument("--weights", default=None, help="weights file or torchvision weight name (not needed to see the groups)")
     p.add_argument("--input-size", type=int, default=None, help="input resolution used for tracing (default: the model's own)")
     p.set_defaults(func=cmd_groups)
@@ -94,7 +104,9 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     p = subparsers.add_parser("count", help="count MACs and parameters (paper convention)", formatter_class=formatter,
                               description="MACs: conv and linear multiply-accumulates for one image; params: conv, linear and norm layers.")
     p.add_argument("checkpoint", nargs="?", default=None, help="a curlprune checkpoint (.safetensors); or use --model")
-    p.add_argument("--model", default=None, help="registry name, e.g. torchvision:resnet50")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--model-kwargs", default=None, metavar="JSON", help=MODEL_KWARGS_HELP + NO_DEFAULT)
+    p.add_argument("--input-shape", default=None, metavar="C,S,S", help=INPUT_SHAPE_HELP + NO_DEFAULT)
     p.add_argument("--weights", default=None, help="weights for --model (optional: counting needs no weights)")
     p.add_argument("--input-size", type=int, default=None, help="input resolution (default: the model's own)")
     p.set_defaults(func=cmd_count)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from curlprune.commands.common import NO_DEFAULT, add_val_arguments
+from curlprune.commands.common import INPUT_SHAPE_HELP, MODEL_HELP, MODEL_KWARGS_HELP, NO_DEFAULT, add_val_arguments, input_shape_arg, model_kwargs_arg
 from curlprune.commands.report import write_report_and_say
 from curlprune.criteria import CRITERIA, options_by_name
 from curlprune.errors import CurlpruneError
@@ -29,7 +29,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise CurlpruneError("--val-per-class / --val-fraction hold images out of the training data: give --data too")
         data = load_data(data, None, args.seed, val_per_class=args.val_per_class, val_fraction=args.val_fraction)
     result = run_prune(config, args.out, resume=args.resume, model_name=args.model, weights=args.weights,
-                       data=data, num_classes=args.num_classes, input_size=args.input_size)
+                       data=data, num_classes=args.num_classes, input_size=args.input_size,
+                       model_kwargs=model_kwargs_arg(args.model_kwargs), input_shape=input_shape_arg(args.input_shape))
     if result.already_done:
         console.print(f"{args.out} already holds this finished run; nothing to do")
     console.print(f"wrote {result.checkpoint} (load with curlprune.load), {SCORES_FILE}, {PLAN_FILE}, {REPORT_FILE}, {LOG_FILE} in {args.out}")
@@ -50,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                     "--allocation), remove the lowest until the target is met (the number of removals is found "
                     "automatically), slice the weights and save the pruned model. "
                     "Prints a table per group and test top-1 before/after (no fine-tuning).")
-    p.add_argument("--model", required=True, help="registry name: cifar:resnet20|32|44|56|110, torchvision:<name>, timm:<name>, small:resnet-digits (required)" + NO_DEFAULT)
+    p.add_argument("--model", required=True, help=MODEL_HELP + " (required)" + NO_DEFAULT)
+    p.add_argument("--model-kwargs", default=None, metavar="JSON", help=MODEL_KWARGS_HELP + NO_DEFAULT)
+    p.add_argument("--input-shape", default=None, metavar="C,S,S", help=INPUT_SHAPE_HELP + NO_DEFAULT)
     p.add_argument("--weights", default=None, help="weights file (.th/.pt/.pth/.safetensors) or torchvision weight name (default: random init)" + NO_DEFAULT)
     p.add_argument("--num-classes", type=int, default=None, help="classifier outputs, when not the model's default (default: the model's)" + NO_DEFAULT)
     p.add_argument("--input-size", type=int, default=None, help="square input side when not the model's default, e.g. 64 "

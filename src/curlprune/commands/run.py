@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from curlprune.commands.common import NO_DEFAULT, add_val_arguments
+from curlprune.commands.common import INPUT_SHAPE_HELP, MODEL_HELP, MODEL_KWARGS_HELP, NO_DEFAULT, add_val_arguments, input_shape_arg, model_kwargs_arg
 from curlprune.commands.report import write_report_and_say
 from curlprune.recover.dist import shutdown
 from curlprune.recover.registry import recovery_stages
@@ -55,6 +55,9 @@ example config (every key of a stage section is a field of that stage's settings
   distill: {epochs: 30, lr: 0.01, batch_size: 32}
   refine:  {epochs: 16, lr: 0.0001}
 
+Your own model by import path (no registration): model: mypkg.nets:MyNet (on PYTHONPATH) or
+model: path/to/file.py:build_fn, with model_kwargs: {width: 32} and input_shape: [3, 32, 32].
+
 A killed run resumes from its last completed epoch: run the same command again.
 Several processes: torchrun --nproc_per_node=2 -m curlprune.cli run config.yaml
 """
@@ -68,7 +71,8 @@ def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         given = {"model": args.model, "weights": args.weights, "num_classes": args.num_classes, "data": args.data,
                  "run_dir": args.out, "seed": args.seed, "train_per_class": args.train_per_class,
-                 "input_size": args.input_size, "val_per_class": args.val_per_class, "val_fraction": args.val_fraction}
+                 "input_size": args.input_size, "val_per_class": args.val_per_class, "val_fraction": args.val_fraction,
+                 "model_kwargs": model_kwargs_arg(args.model_kwargs), "input_shape": input_shape_arg(args.input_shape)}
         raw = read_config_file(args.config) if args.config else {}
         raw.update({k: v for k, v in given.items() if v is not None})
         raw["stages"] = [stage]
@@ -100,7 +104,9 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
         p.add_argument("--config", default=None, help="YAML run config to take model, data and the stage section from" + NO_DEFAULT)
         p.add_argument("--student", default=None, help="curlprune checkpoint to train, e.g. runs/r56/prune/model.safetensors "
                                                         "(default: the unpruned model)" + NO_DEFAULT)
-        p.add_argument("--model", default=None, help="registry name of the unpruned model (the teacher), e.g. cifar:resnet56" + NO_DEFAULT)
+        p.add_argument("--model", default=None, help=MODEL_HELP + "; the unpruned model (the teacher)" + NO_DEFAULT)
+        p.add_argument("--model-kwargs", default=None, metavar="JSON", help=MODEL_KWARGS_HELP + NO_DEFAULT)
+        p.add_argument("--input-shape", default=None, metavar="C,S,S", help=INPUT_SHAPE_HELP + NO_DEFAULT)
         p.add_argument("--weights", default=None, help="weights of the unpruned model" + NO_DEFAULT)
         p.add_argument("--num-classes", type=int, default=None, help="classifier outputs, when not the model's default; "
                                                                   "finetune on weights of other classes: the new classifier's (default: the data's)" + NO_DEFAULT)

@@ -28,7 +28,7 @@ from curlprune.cost.cost_plan import CostTable, build_cost_table
 from curlprune.errors import CurlpruneError
 from curlprune.graph import build_groups, channel_pass, propagate, symbolic_trace
 from curlprune.graph.layers import table_version
-from curlprune.surgery import removed_positions, validate_plan
+from curlprune.surgery.surgery import removed_positions, validate_plan
 
 
 @dataclass
@@ -92,6 +92,26 @@ def analyse(model: nn.Module, example_input: Any) -> Analysis:
     result = Analysis(gm, groups, cost)
     _CACHE.setdefault(model, {})[key] = result
     return result
+
+
+def traced_inputs(model: nn.Module, groups: Sequence[ChannelGroup]) -> list[tuple[int, ...]] | None:
+    """The input shapes ``model`` was traced with when it gave ``groups`` (same names and widths), from
+    the analysis cache (a trace of another model of the same architecture counts too); None when no
+    cached trace gave them or an input was no tensor.
+
+    Args:
+        model: the traced model.
+        groups: the groups a ``trace(model, x)`` returned.
+    Returns:
+        One shape per positional input of that trace (``[(1, 3, 32, 32)]``), or None.
+    """
+    want = [(g.name, g.width) for g in groups]
+    fingerprint = _fingerprint(model)
+    entries = list(_CACHE.get(model, {}).items()) + [item for traced in list(_CACHE.values()) for item in traced.items()]
+    for key, found in entries:
+        if key[1] == fingerprint and [(g.name, g.width) for g in found.groups] == want and all(isinstance(s, tuple) for s in key[0]):
+            return [tuple(s) for s in key[0]]
+    return None
 
 
 def _fingerprint(model: nn.Module) -> tuple:

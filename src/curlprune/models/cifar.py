@@ -23,18 +23,27 @@ class ZeroPadShortcut(nn.Module):
     """Option-A shortcut: subsample by 2 and zero-pad the channel axis, with no parameters.
 
     Channel ``j`` of the input continues as channel ``j + planes // 4`` of the output. Written as
-    plain tensor ops with Python ints so that torch.fx traces it as ``getitem`` + ``pad``.
+    plain tensor ops with Python ints so that torch.fx traces it as ``getitem`` + ``pad``. The zero
+    channels added in front and behind (``front``, ``back``; ``pad`` each when built) shrink with a
+    plan (:meth:`shrink_channel_pad`), so a pruned copy keeps this class (:mod:`curlprune.surgery.keep_class`).
     """
 
     def __init__(self, planes: int) -> None:
         super().__init__()
         self.pad = planes // 4
+        self.front = self.back = self.pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad), "constant", 0)
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.front, self.back), "constant", 0)
+
+    def shrink_channel_pad(self, front: int, back: int) -> None:
+        """Add ``front`` fewer zero channels before the input's and ``back`` fewer after them (a plan
+        removed that many channels of each pad region; the protocol of :mod:`curlprune.surgery.keep_class`)."""
+        self.front -= front
+        self.back -= back
 
     def extra_repr(self) -> str:
-        return f"pad={self.pad}"
+        return f"pad={self.pad}" if self.front == self.back == self.pad else f"front={self.front}, back={self.back}"
 
 
 def projection_shortcut(inplanes: int, planes: int, stride: int) -> nn.Sequential:

@@ -10,6 +10,10 @@ Names have a family prefix (``family:arch``). Each family registers itself with
     small:resnet-digits                a tiny ResNet for 8x8 digits (models/small.py)
     timm:<name>                        any timm.list_models() name, optional extra (models/timm_family.py)
 
+Any other ``MODULE:ATTRIBUTE`` is a model of your own named by import path (``mypkg.nets:MyNet``,
+``path/to/file.py:build_fn``; :mod:`curlprune.models.import_path`): it is built by calling it, and
+its input shape is given (``input_shape``), not looked up.
+
 ``weights`` is a state-dict file (.th/.pt/.pth via ``torch.load(weights_only=True)``, or
 .safetensors) or, for torchvision models, a weight enum name such as ``"IMAGENET1K_V1"``.
 """
@@ -25,6 +29,14 @@ from torch import nn
 
 from curlprune.channels import ChannelGroup
 from curlprune.errors import CurlpruneError
+from curlprune.models.import_path import (
+    check_input_shape,
+    import_build,
+    import_input_spec,
+    is_import_path,
+    reference_to,
+    resolve,
+)
 from curlprune.models.spec import InputSpec
 from curlprune.models.weights import load_weights_file
 
@@ -99,15 +111,22 @@ def register_family(family: Family) -> Family:
 
 def known_names() -> str:
     """Every family's names, for error messages."""
-    return ", ".join(f.names for f in _FAMILIES.values())
+    return ", ".join(f.names for f in _FAMILIES.values()) + ", or a model of your own by import path (mypkg.nets:MyNet, path/to/file.py:build_fn)"
+
+
+def by_import_path(name: str) -> bool:
+    """Whether ``name`` names a model by import path (``MODULE:ATTRIBUTE`` whose prefix is no family)."""
+    return is_import_path(name, tuple(_FAMILIES))
 
 
 @dataclass(frozen=True)
 class ModelRef:
     """An architecture reference: registry name + build keyword arguments (JSON-serialisable).
 
-    name:   a registry name, e.g. ``"cifar:resnet56"``.
-    kwargs: keyword arguments of :func:`build` (e.g. ``{"num_classes": 4}``).
+    name:   a registry name, e.g. ``"cifar:resnet56"``, or an import path (``"mypkg.nets:MyNet"``,
+            ``"/abs/path/file.py:build_fn"``; :mod:`curlprune.models.import_path`).
+    kwargs: keyword arguments of :func:`build` (e.g. ``{"num_classes": 4}``; for an import path,
+            the model's own keyword arguments too).
 
     It is what a curlprune checkpoint's header holds (``model_ref``) and what the pipeline passes
     from one stage to the next with the plan.
@@ -117,19 +136,23 @@ class ModelRef:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, value: str | Mapping[str, Any] | ModelRef) -> ModelRef:
+    def of(cls, value: str | Mapping[str, Any] | ModelRef | type | Callable) -> ModelRef:
         """The reference ``value`` names.
 
         Args:
-            value: a registry name, a mapping ``{"name": ..., "kwargs": {...}}`` (kwargs optional; the
-                form of a checkpoint header) or a ModelRef.
+            value: a registry name or import path, a mapping ``{"name": ..., "kwargs": {...}}`` (kwargs
+                optional; the form of a checkpoint header), a ModelRef, or the model's class or build
+                function itself (its import path, :func:`curlprune.models.import_path.reference_to`).
         Returns:
             The ModelRef (its ``kwargs`` a copy).
         Raises:
             KeyError: a mapping without ``"name"``.
+            CurlpruneError: a class or function no other process could import (``__main__``, local).
         """
         if isinstance(value, str):
             return cls(value, {})
+        if isinstance(value, type) or (callable(value) and not isinstance(value, (ModelRef, nn.Module, Mapping))):
+            return cls(reference_to(value), {})
         if isinstance(value, Mapping):
             return cls(value["name"], dict(value.get("kwargs", {})))
         return cls(value.name, dict(value.kwargs))
@@ -154,6 +177,20 @@ class ModelRef:
             ) from None
 
 
+def check_rebuildable(ref: ModelRef) -> None:
+    """Check that ``build(ref.name, **ref.kwargs)`` could find the architecture in a fresh process:
+    a known registry name, or an import path whose module imports and has the attribute.
+
+    Raises:
+        CurlpruneError: one line naming the unknown name, the module that cannot be imported or the
+            missing attribute.
+    """
+    if by_import_path(ref.name):
+        resolve(ref.name)
+    else:
+        _split_name(ref.name)
+
+
 def build_from_ref(ref: ModelRef) -> nn.Module:
     """Build the (unweighted) architecture a ModelRef names."""
     return build(ref.name, **ref.kwargs)
@@ -176,26 +213,39 @@ def build(name: str, weights: str | None = None, num_classes: int | None = None,
         CurlpruneError: unknown name, options the family does not take, weights that are neither a
             file nor a known enum name, unreadable weights or weights that do not fit.
     """
+    if by_import_path(name):
+        return import_build(name, weights, num_classes, kwargs)
     family, arch = _split_name(name)
     return family.build(arch, weights, num_classes, kwargs)
 
 
-def input_spec(name: str, weights: str | None = None, num_classes: int | None = None) -> InputSpec:
+def input_spec(name: str, weights: str | None = None, num_classes: int | None = None, *,
+               input_shape: Sequence[int] | None = None, model_kwargs: Mapping[str, Any] | None = None) -> InputSpec:
     """The input the model ``name`` expects (size, normalisation, eval resize, classes).
 
     Args:
-        name: a registry name.
+        name: a registry name or an import path.
         weights: as for :func:`build` (torchvision: the enum's preset decides size and normalisation).
         num_classes: overrides the family's number of classes.
+        input_shape: ``[C, S, S]``: required for an import path (whose input is not known
+            otherwise); a registry model's must equal its own (change the side with ``input_size``).
+        model_kwargs: an import-path model's keyword arguments (to find its classes from its output).
 
     Returns:
         The model's :class:`InputSpec`.
 
     Raises:
-        CurlpruneError: unknown name or unknown torchvision weight name.
+        CurlpruneError: unknown name or unknown torchvision weight name; an import path without an
+            input shape; a registry model given another input shape.
     """
+    if by_import_path(name):
+        return import_input_spec(name, weights, num_classes, input_shape, dict(model_kwargs or {}))
     family, arch = _split_name(name)
-    return family.input_spec(arch, weights, num_classes)
+    spec = family.input_spec(arch, weights, num_classes)
+    if input_shape is not None and check_input_shape(input_shape, name) != [spec.channels, spec.size, spec.size]:
+        raise CurlpruneError(f"model {name} takes input [{spec.channels}, {spec.size}, {spec.size}], not {list(input_shape)}: "
+                             "input_shape is for models named by import path; change a registry model's side with input_size")
+    return spec
 
 
 def default_protect(name: str, model: nn.Module, groups: Sequence[ChannelGroup]) -> list[str]:
@@ -215,6 +265,8 @@ def default_protect(name: str, model: nn.Module, groups: Sequence[ChannelGroup])
 
     Source: docs/method.md §3 (protected groups).
     """
+    if by_import_path(name):
+        return []
     family, arch = _split_name(name)
     return family.protect(arch, model, groups)
 

@@ -173,7 +173,8 @@ class Run:
     @property
     def spec(self) -> InputSpec:
         """The model's input recipe at the run's ``input_size``, with the task's classes in a transfer."""
-        spec = at_input_size(input_spec(self.cfg.model, self.cfg.weights, self.cfg.num_classes), self.cfg.input_size)
+        spec = at_input_size(input_spec(self.cfg.model, self.cfg.weights, self.cfg.num_classes, input_shape=self.cfg.input_shape,
+                                        model_kwargs=self.cfg.model_kwargs), self.cfg.input_size)
         return dataclasses.replace(spec, num_classes=self.task_classes) if self.new_head else spec
 
     @property
@@ -205,7 +206,7 @@ class Run:
     def model_ref(self) -> ModelRef:
         """The unpruned architecture the checkpoints name: the model with the task's classes in a transfer."""
         classes = self.task_classes if self.new_head else self.cfg.num_classes
-        return ModelRef(self.cfg.model, {"num_classes": classes} if classes else {})
+        return ModelRef(self.cfg.model, {**(self.cfg.model_kwargs or {}), **({"num_classes": classes} if classes else {})})
 
     def build_unpruned(self) -> nn.Module:
         """The unpruned model in eval mode; in a transfer, with a new classifier for the task's classes."""
@@ -213,7 +214,7 @@ class Run:
             model, self.head_name = build_with_new_head(self.cfg.model, self.cfg.weights, self.task_classes,
                                                         self.example_input, seed=self.cfg.seed)
             return model
-        return build(self.cfg.model, weights=self.cfg.weights, num_classes=self.cfg.num_classes).eval()
+        return build(self.cfg.model, weights=self.cfg.weights, num_classes=self.cfg.num_classes, **(self.cfg.model_kwargs or {})).eval()
 
     @property
     def teacher(self) -> nn.Module:
@@ -342,7 +343,8 @@ class Run:
         started = time.time()
         with self.lock.stages():  # the run's own stage may lock prune/ inside the locked run directory
             result = run_prune(self.cfg.sections[PRUNE_STAGE], prune_dir, resume=True, model_name=self.cfg.model,
-                               weights=weights, data=self.data, num_classes=classes, input_size=self.cfg.input_size)
+                               weights=weights, data=self.data, num_classes=classes, input_size=self.cfg.input_size,
+                               model_kwargs=self.cfg.model_kwargs, input_shape=self.cfg.input_shape)
         # a line lost to a kill after prune/done.json is restored (issue 18)
         log_stage(self.run_dir, PRUNE_STAGE, None if result.already_done else round(time.time() - started, 2),
                   did_work=not result.already_done)

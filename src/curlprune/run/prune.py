@@ -37,7 +37,7 @@ from curlprune.channels import ChannelGroup, Plan
 from curlprune.cost import check_pruned_cost, model_cost_fn, trace
 from curlprune.criteria import compute_scores, get, work_items
 from curlprune.errors import CurlpruneError
-from curlprune.models import build, default_protect, input_spec
+from curlprune.models import ModelRef, build, by_import_path, default_protect, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size
 from curlprune.report import console, print_prune_summary
@@ -77,6 +77,7 @@ from curlprune.store import (
 )
 from curlprune.store import checkpoint
 from curlprune.surgery import apply
+from curlprune.surgery.keep_class import Sliced, fallback_message, slice_model
 from curlprune.validate import check_value
 
 @dataclass
@@ -90,6 +91,7 @@ class PruneResult:
     scores_reused: bool = False
     already_done: bool = False
     groups: list[ChannelGroup] = field(default_factory=list, repr=False)
+    model: nn.Module | None = field(default=None, repr=False)  # the pruned model (None when the run was already done)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,6 +109,8 @@ def run_prune(
     num_classes: int | None = None,
     show: bool = True,
     input_size: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    input_shape: list[int] | None = None,
 ) -> PruneResult:
     """Score, select and slice ``model_name`` (+ ``weights``) to ``config``'s target; save in ``out_dir``.
 
@@ -115,7 +119,8 @@ def run_prune(
         out_dir: the stage folder (see the module docstring for what it holds).
         resume: reuse matching scores and skip a finished run with equal settings; without it a
             folder that already holds a run is an error.
-        model_name: registry name of the unpruned model.
+        model_name: registry name of the unpruned model, or its import path (``mypkg.nets:MyNet``,
+            ``path/to/file.py:build_fn``; :mod:`curlprune.models.import_path`).
         weights: its weights (file or torchvision weight name); None = random init.
         data: "digits", an ImageFolder folder or zip, or already loaded splits
             (``{"train": ImageDataset, "test": ...}``); data-free criteria (l1, bn, random) need none.
@@ -123,6 +128,8 @@ def run_prune(
         show: print the progress bar and the per-group table.
         input_size: square input side when not the model's default (MACs, calibration and
             evaluation all follow it; :func:`curlprune.models.transfer.at_input_size`).
+        model_kwargs: keyword arguments the model is built with (an import-path model's own).
+        input_shape: ``[C, S, S]``, the input of a model named by import path (required for one).
     Returns:
         The :class:`PruneResult` (checkpoint path, plan, report).
     Raises:
@@ -136,15 +143,19 @@ def run_prune(
     """
     check_value("num_classes", num_classes)  # before the folder is locked or anything is loaded
     with RunLock(out_dir):  # one process per folder, also when called from Python (issue 12)
-        return _run_prune(config, Path(out_dir), resume, model_name, weights, data, num_classes, show, input_size)
+        return _run_prune(config, Path(out_dir), resume, model_name, weights, data, num_classes, show, input_size,
+                          dict(model_kwargs or {}), input_shape)
 
 
 def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, weights: str | None,
-               data: str | dict | None, num_classes: int | None, show: bool, input_size: int | None) -> PruneResult:
+               data: str | dict | None, num_classes: int | None, show: bool, input_size: int | None,
+               model_kwargs: dict[str, Any], input_shape: list[int] | None) -> PruneResult:
     """:func:`run_prune` with ``out`` locked."""
     settings = _settings(config, model_name, weights, data, num_classes)
-    if input_size is not None:  # only when set: finished runs from before the option stay valid
-        settings["input_size"] = input_size
+    own = by_import_path(model_name)  # its build keywords and input are part of its identity, also when unset
+    for key, value in (("input_size", input_size), ("model_kwargs", model_kwargs or None), ("input_shape", input_shape)):
+        if value is not None or (own and key != "input_size"):  # else only when set: finished runs from before stay valid
+            settings[key] = value
     finished = _finished(out, settings) if resume else None
     if finished is not None:  # its "done" event, if a kill after done.json lost it, is restored (issue 18)
         restore_lost_line(out / LOG_FILE, out / DONE_FILE, {"event": "done", "checkpoint": MODEL_FILE},
@@ -156,7 +167,7 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
     if criterion.needs_data and data is None:
         raise CurlpruneError(f"criterion {config.criterion!r} needs data: pass --data (a dataset folder/zip, or 'digits')")
 
-    model, spec, example = _build(model_name, weights, num_classes, input_size)
+    model, spec, example = _build(model_name, weights, num_classes, input_size, model_kwargs, input_shape)
     groups = _trace(model, example)
     target = config.target()
     protect = _protected(config, model_name, model, groups)
@@ -170,16 +181,21 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
     scores, reused, seconds = _scores(out, resume, fingerprint, config, model, groups, calib_images, calib_labels, show)
 
     selection, chosen = _select(config, groups, scores, cost_fn, target, protect, model, example)
-    pruned = _apply(model, groups, selection.plan)
+    sliced = _apply(model, groups, selection.plan, example)
+    pruned = sliced.model
     check_pruned_cost(pruned, example, (selection.macs, selection.params))  # the numbers reported are the model's
     accuracy = _accuracies(model, pruned, splits, spec, config)
     report = _report(config, settings, chosen, accuracy, groups, scores_seconds=seconds, scores_reused=reused)
-    checkpoint = _write_outputs(out, model_name, num_classes, example, selection.plan, pruned, report, settings)
+    report.model_class = sliced.as_dict()
+    checkpoint = _write_outputs(out, ModelRef(model_name, {**model_kwargs, **({"num_classes": num_classes} if num_classes else {})}),
+                                example, selection.plan, pruned, report, settings)
     if show:
         print_prune_summary(groups, selection, accuracy, model_name, allocation=report.allocation)
+        if not sliced.kept:
+            console.print(f"note: {fallback_message(sliced)}")
         if report.latency is not None:
             _print_latency(report.latency)
-    return PruneResult(out, checkpoint, selection.plan, report, scores_reused=reused, groups=groups)
+    return PruneResult(out, checkpoint, selection.plan, report, scores_reused=reused, groups=groups, model=pruned)
 
 
 def _settings(config: PruneConfig, model_name: str, weights: str | None, data: Any, num_classes: int | None) -> dict[str, Any]:
@@ -223,10 +239,10 @@ def _splits_digest(splits: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def _build(model_name: str, weights: str | None, num_classes: int | None,
-           input_size: int | None) -> tuple[nn.Module, InputSpec, torch.Tensor]:
-    model = build(model_name, weights=weights, num_classes=num_classes).eval()
-    spec = at_input_size(input_spec(model_name, weights, num_classes), input_size)
+def _build(model_name: str, weights: str | None, num_classes: int | None, input_size: int | None,
+           model_kwargs: dict[str, Any], input_shape: list[int] | None) -> tuple[nn.Module, InputSpec, torch.Tensor]:
+    spec = at_input_size(input_spec(model_name, weights, num_classes, input_shape=input_shape, model_kwargs=model_kwargs), input_size)
+    model = build(model_name, weights=weights, num_classes=num_classes, **model_kwargs).eval()
     return model, spec, torch.zeros(1, spec.channels, spec.size, spec.size)
 
 
@@ -341,8 +357,11 @@ def _compute(config: PruneConfig, model, groups, images, labels, show: bool) -> 
     return scores
 
 
-def _apply(model: nn.Module, groups: list[ChannelGroup], plan: Plan) -> nn.Module:
-    return apply(model, groups, plan).eval()
+def _apply(model: nn.Module, groups: list[ChannelGroup], plan: Plan, example: torch.Tensor) -> Sliced:
+    """The pruned model, of the model's own class where its forward allows (:mod:`curlprune.surgery.keep_class`)."""
+    sliced = slice_model(model, groups, plan, example_input=example)
+    sliced.model.eval()
+    return sliced
 
 
 def _accuracies(model: nn.Module, pruned: nn.Module, splits: dict, spec: InputSpec, config: PruneConfig) -> dict[str, float | int | None]:
@@ -375,13 +394,13 @@ def _report(config: PruneConfig, settings: dict, selection, accuracy: dict, grou
     )
 
 
-def _write_outputs(out: Path, model_name: str, num_classes: int | None, example: torch.Tensor, plan: Plan,
+def _write_outputs(out: Path, ref: ModelRef, example: torch.Tensor, plan: Plan,
                    pruned: nn.Module, report: PruneReport, settings: dict) -> Path:
-    kwargs = {"num_classes": num_classes} if num_classes else {}
     atomic_write_text(out / PLAN_FILE, json.dumps(plan, indent=1) + "\n")
     written = report.to_json()
-    checkpoint.save(out / MODEL_FILE, {"name": model_name, "kwargs": kwargs}, plan, pruned.state_dict(),
-         input_shape=list(example.shape), extra={"prune": {k: written[k] for k in ("criterion", "allocation", "selection", "accuracy")}})
+    checkpoint.save(out / MODEL_FILE, ref, plan, pruned.state_dict(),
+         input_shape=list(example.shape), extra={"prune": {k: written[k] for k in ("criterion", "allocation", "selection", "accuracy")},
+                "model_class": report.model_class})
     write_prune_report(out, report)
     log = out / LOG_FILE
     append_jsonl(log, {"event": "selection", **{k: report.selection[k] for k in ("top_k", "removed_channels", "macs", "params", "macs_ratio", "params_ratio", "latency") if k in report.selection}}, stamp=True)

@@ -185,7 +185,8 @@ def scores_fingerprint(config: PruneConfig, settings: dict[str, Any], images: to
 
     Args:
         config: the prune stage's settings (criterion and its options, seed).
-        settings: the stage's identity (model, weights, weights_sha256, num_classes).
+        settings: the stage's identity (model, weights, weights_sha256, num_classes; model_kwargs and
+            input_shape of a model named by import path, when set).
         images: the calibration batch ``[N, C, H, W]`` (float, eval transform), or None for
             data-free criteria.
     Returns:
@@ -198,6 +199,7 @@ def scores_fingerprint(config: PruneConfig, settings: dict[str, Any], images: to
         "criterion": config.criterion,
         "seed": None,  # set below by a seed option or the calibration draw; None otherwise, as before
     }
+    fingerprint.update({k: settings[k] for k in ("model_kwargs", "input_shape") if k in settings})  # only when set: as before
     values = config.criterion_options()
     fingerprint.update({o.name: values[o.name] for o in get(config.criterion).options if o.changes_scores})
     if images is not None:

@@ -30,6 +30,8 @@ from typing import Any
 import yaml
 
 from curlprune.errors import CurlpruneError
+from curlprune.models import by_import_path
+from curlprune.models.import_path import parse_input_shape
 from curlprune.recover.registry import get_stage, recovery_stages, stage_names
 from curlprune.run import strict_yaml
 from curlprune.run.prune_config import PruneConfig, canonical_settings
@@ -37,7 +39,8 @@ from curlprune.store import DONE_FILE, LATER, PRUNE_STAGE, check_same_settings
 from curlprune.validate import check_ranges, check_types, check_value
 from curlprune.data.valsplit import check_val_settings
 
-IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed", "input_size", "val_per_class", "val_fraction")
+IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed", "input_size", "val_per_class", "val_fraction",
+                 "model_kwargs", "input_shape")
 DEFAULT_STAGES = ["prune", "distill", "refine"]
 DEFAULT_RUN_DIR = "runs/run"
 
@@ -46,7 +49,11 @@ DEFAULT_RUN_DIR = "runs/run"
 class RunConfig:
     """The top level of a run config (stage sections are parsed into their own dataclasses).
 
-    model:           registry name of the unpruned model (also the teacher), e.g. cifar:resnet56.
+    model:           registry name of the unpruned model (also the teacher), e.g. cifar:resnet56, or a
+                     model of your own by import path: ``mypkg.nets:MyNet`` (importable) or
+                     ``path/to/file.py:build_fn`` (:mod:`curlprune.models.import_path`).
+    model_kwargs:    keyword arguments the model is called with (an import-path model's own).
+    input_shape:     ``[C, S, S]``: the input of an import-path model (required for one).
     weights:         its weights (state-dict file or torchvision weight name).
     num_classes:     classifier outputs when they differ from the model's default; in a run that
                      starts with ``finetune`` on weights of other classes, the classes of the new
@@ -71,6 +78,8 @@ class RunConfig:
     input_size: int | None = field(default=None, metadata=LATER)
     val_per_class: int | None = field(default=None, metadata=LATER)
     val_fraction: float | None = field(default=None, metadata=LATER)
+    model_kwargs: dict[str, Any] | None = field(default=None, metadata=LATER)
+    input_shape: list[int] | None = field(default=None, metadata=LATER)
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     sections: dict[str, Any] = field(default_factory=dict)
 
@@ -188,6 +197,32 @@ def _optional_fraction(raw: dict[str, Any], key: str, where: str) -> float | Non
     return float(value)
 
 
+def _model_kwargs(raw: dict[str, Any], where: str) -> dict[str, Any] | None:
+    value = raw.get("model_kwargs")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise CurlpruneError(f"{where}: 'model_kwargs' must be a mapping of keyword arguments, e.g. model_kwargs: {{width: 32}}")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        raise CurlpruneError(f"{where}: 'model_kwargs' must hold plain values (numbers, strings, lists, mappings)") from None
+    return dict(value) or None
+
+
+def _input_shape(raw: dict[str, Any], where: str) -> list[int] | None:
+    value = raw.get("input_shape")
+    if value is None:
+        if by_import_path(str(raw["model"])):
+            raise CurlpruneError(f"{where}: model {raw['model']!r} is named by import path, so its input shape is not known: "
+                                 "add input_shape: [C, S, S] (e.g. [3, 32, 32])")
+        return None
+    try:
+        return parse_input_shape(value)
+    except CurlpruneError as exc:
+        raise CurlpruneError(f"{where}: 'input_shape': {exc}") from None
+
+
 def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     """Check a config mapping and turn it into a :class:`RunConfig` with typed stage sections.
 
@@ -224,6 +259,8 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         input_size=_optional_int(raw, "input_size", where),
         val_per_class=_optional_int(raw, "val_per_class", where),
         val_fraction=_optional_fraction(raw, "val_fraction", where),
+        model_kwargs=_model_kwargs(raw, where),
+        input_shape=_input_shape(raw, where),
         stages=stages,
         sections=sections,
     )

@@ -8,11 +8,15 @@ A checkpoint is ONE safetensors file. Its header metadata holds JSON strings:
     input_shape        [1, 3, 32, 32]   (the example input used to trace the model)
     extra              free-form JSON (scores summary, accuracies, ...)
 
-Loading rebuilds the architecture by name, traces it, applies the Plan and loads the weights
-strictly, so no Python code is ever unpickled.
+Loading rebuilds the architecture by name (a registry name, or an import path such as
+``mypkg.nets:MyNet`` that is imported and called again), traces it, applies the Plan and loads the
+weights strictly, so no Python code is ever unpickled. The model comes back as its own class where
+its forward allows it (:mod:`curlprune.surgery.keep_class`), as ``prune`` gave it; ``extra["model_class"]``
+records which it was.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -25,7 +29,9 @@ from torch import nn
 
 from curlprune.cost import trace
 from curlprune.errors import CurlpruneError, exception_summary
-from curlprune.models import ModelRef, build, input_spec
+from curlprune.surgery.keep_class import slice_model
+from curlprune.models import ModelRef, build, by_import_path, check_rebuildable, input_spec
+from curlprune.models.import_path import canonical
 from curlprune.models.weights import check_finite_weights, load_state_strict
 from curlprune.store.canonical import check_finite_state, save_safetensors
 from curlprune.store.checkpoint_header import header_field, parse_header
@@ -55,8 +61,12 @@ def default_input_shape(model_name: str) -> list[int]:
         ``[1, channels, size, size]`` of the model's InputSpec.
 
     Raises:
-        CurlpruneError: unknown model name.
+        CurlpruneError: unknown model name, or a model named by import path (its input is not known:
+            pass ``input_shape``).
     """
+    if by_import_path(model_name):
+        raise CurlpruneError(f"model {model_name!r} is named by import path, so its input shape is not known: "
+                             "pass input_shape=[1, C, S, S] (the example input the plan was traced with)")
     spec = input_spec(model_name)
     return [1, spec.channels, spec.size, spec.size]
 
@@ -78,7 +88,9 @@ def save(
 
     Args:
         path: the ``.safetensors`` file to write.
-        model_ref: the unpruned architecture: a registry name, ``{"name", "kwargs"}`` or a ModelRef.
+        model_ref: the unpruned architecture: a registry name or import path (``mypkg.nets:MyNet``,
+            ``path/to/file.py:build_fn``), ``{"name", "kwargs"}``, a ModelRef, or the model's class or
+            build function (stored as its import path).
         plan: group name -> kept channel indices (``{}``: unpruned).
         state_dict: the pruned model's weights (copied to the CPU).
         input_shape: the example input the plan was traced with (default: the model's
@@ -86,11 +98,19 @@ def save(
         extra: free-form JSON-serialisable metadata.
 
     Raises:
-        CurlpruneError: ``input_shape`` is not given and the model name is unknown, or a
-            floating-point tensor holds NaN or inf (nothing is written then).
+        CurlpruneError: a reference :func:`load` could not rebuild in a fresh process (an unknown
+            registry name, a module that cannot be imported or lacks the attribute, a class defined in
+            ``__main__`` or inside a function), no ``input_shape`` for a model without a known input,
+            or a floating-point tensor holding NaN or inf (nothing is written then).
         OSError: the file cannot be written (its ``filename`` is ``path``).
     """
-    ref = ModelRef.of(model_ref)
+    try:
+        ref = ModelRef.of(model_ref)
+        if by_import_path(ref.name):
+            ref = ModelRef(canonical(ref.name), ref.kwargs)  # a .py file by its absolute path: loads from any folder
+        check_rebuildable(ref)  # before anything is written: never a file that load refuses
+    except CurlpruneError as exc:
+        raise CurlpruneError(f"not saving {path}: curlprune.load could not rebuild the model ({exc})") from None
     shape = list(input_shape) if input_shape is not None else default_input_shape(ref.name)
     metadata = {
         "curlprune_format": FORMAT_VERSION,
@@ -134,26 +154,45 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_pruned(model_ref: str | dict[str, Any] | ModelRef, plan: dict[str, list[int]], input_shape: list[int], *,
-                 source: str | os.PathLike | None = None) -> nn.Module:
-    """Rebuild the pruned architecture (random weights) from its reference and Plan.
+                 source: str | os.PathLike | None = None, model: nn.Module | None = None,
+                 keep_class: bool = True) -> nn.Module:
+    """Rebuild the pruned architecture (random weights, or ``model``'s) from its reference and Plan.
 
     Args:
-        model_ref: the unpruned architecture (registry name, dict or ModelRef).
+        model_ref: the unpruned architecture (registry name or import path, dict or ModelRef).
         plan: group name -> kept channel indices.
         input_shape: the example input shape the plan was traced with.
         source: the checkpoint these come from: a failure then names it and the header field
             (:func:`curlprune.store.checkpoint_header.header_field`), and the model must also run at
             ``input_shape`` when the plan is empty.
+        model: the unpruned model to apply the plan to, built by the caller (``model_ref`` is then
+            not built); it is not changed.
+        keep_class: give the model's own class where its forward allows (:mod:`curlprune.surgery.keep_class`);
+            False: the torch.fx GraphModule.
 
     Returns:
-        The unpruned model when ``plan`` is empty, else ``apply(model, trace(model, x), plan)``.
+        The unpruned model when ``plan`` is empty, else the model sliced by ``plan``.
 
     Raises:
-        CurlpruneError: unknown model, an input the model does not take, or a plan that does not fit its groups.
+        CurlpruneError: unknown model, a module that cannot be imported, an input the model does not
+            take, or a plan that does not fit its groups.
     """
-    with header_field(source, "model_ref"):
-        ref = ModelRef.of(model_ref)
-        model = build(ref.name, **ref.kwargs).eval()
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise CurlpruneError(f"model= must be the unpruned torch.nn.Module, got {type(model).__name__}")
+        model = copy.deepcopy(model).eval()
+    else:
+        with header_field(source, "model_ref"):
+            ref = ModelRef.of(model_ref)
+        if by_import_path(ref.name):  # the user's code, not the file, is missing: say so, not "damaged"
+            try:
+                check_rebuildable(ref)
+            except CurlpruneError as exc:
+                where = f"checkpoint {source} needs" if source is not None else "cannot build"
+                raise CurlpruneError(f"{where} a model of your own that cannot be found: {exc}; "
+                                     "or build it yourself: curlprune.load(path, model=MyNet(...))") from None
+        with header_field(source, "model_ref"):
+            model = build(ref.name, **ref.kwargs).eval()
     if not plan:
         if source is not None:  # count and export feed this shape: it must fit (issue 18)
             with header_field(source, "input_shape"), torch.no_grad():
@@ -163,25 +202,35 @@ def build_pruned(model_ref: str | dict[str, Any] | ModelRef, plan: dict[str, lis
     with header_field(source, "input_shape"):
         groups = trace(model, example)
     with header_field(source, "plan"):
-        return apply(model, groups, plan)
+        return slice_model(model, groups, plan, keep_class=keep_class, example_input=example).model
 
 
-def load(path: str | os.PathLike) -> nn.Module:
+def load(path: str | os.PathLike, *, model: nn.Module | None = None, keep_class: bool | None = None) -> nn.Module:
     """Load a checkpoint written by :func:`save` into a ready-to-use module.
 
     Args:
         path: a curlprune checkpoint (``.safetensors`` with the curlprune header).
+        model: the unpruned model, built by you (``MyNet(...)``): the checkpoint's plan is applied
+            to it and its weights loaded, instead of rebuilding ``model_ref``. Not changed.
+        keep_class: True: the model's own class where its forward allows it; False: the torch.fx
+            GraphModule; None: as the checkpoint records (``extra["model_class"]["kept"]``, written
+            by ``curlprune prune``), else True.
 
     Returns:
-        The pruned model (a GraphModule when the plan prunes anything), weights loaded, eval mode.
+        The pruned model (its own class, or a GraphModule where the class cannot be kept, see
+        :mod:`curlprune.surgery.keep_class`), weights loaded, eval mode.
 
     Raises:
         CurlpruneError: the file is missing, unreadable, not a curlprune checkpoint, names an
-            unknown model or a plan that does not fit it, or its weights do not fit or hold NaN or
-            inf (the tensor is named).
+            unknown model, a module that cannot be imported or an attribute it lacks (one line naming
+            it), or a plan that does not fit it, or its weights do not fit or hold NaN or inf (the
+            tensor is named).
     """
     meta = read_metadata(path)
-    model = build_pruned(meta["model_ref"], meta["plan"], meta["input_shape"], source=path)
+    if keep_class is None:
+        recorded = meta["extra"].get("model_class")
+        keep_class = not (isinstance(recorded, dict) and recorded.get("kept") is False)
+    model = build_pruned(meta["model_ref"], meta["plan"], meta["input_shape"], source=path, model=model, keep_class=keep_class)
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own types for a damaged data section

@@ -125,6 +125,9 @@ class PruneReport:
     accuracy:       :class:`PruneAccuracy`.
     groups:         group name -> :class:`GroupWidth`, for every prunable group; None when the file has none.
     scores_seconds: seconds spent scoring (0 when reused).   scores_reused: the scores came from scores.npz.
+    model_class:    ``{"class", "kept", "reason"}``: whether the saved pruned model is of the model's own
+                    class or a torch.fx GraphModule, and why not (:meth:`curlprune.surgery.keep_class.Sliced.as_dict`);
+                    None in reports from before it existed (left out of the file while None).
     """
 
     model: str | None
@@ -136,6 +139,7 @@ class PruneReport:
     groups: dict[str, GroupWidth] | None = None
     scores_seconds: float | None = None
     scores_reused: bool | None = None
+    model_class: dict[str, Any] | None = None
 
     @property
     def macs_ratio(self) -> float | None:
@@ -161,6 +165,8 @@ class PruneReport:
         out.update(selection=self.selection, accuracy=self.accuracy.to_json(),
                    groups={name: g.to_json() for name, g in (self.groups or {}).items()},
                    scores_seconds=self.scores_seconds, scores_reused=self.scores_reused)
+        if self.model_class is not None:
+            out["model_class"] = self.model_class
         return out
 
     @classmethod
@@ -177,6 +183,7 @@ class PruneReport:
             groups={n: GroupWidth.from_json(g) for n, g in groups.items() if isinstance(g, Mapping)} if isinstance(groups, Mapping) else None,
             scores_seconds=_number(value.get("scores_seconds")),
             scores_reused=value.get("scores_reused") if isinstance(value.get("scores_reused"), bool) else None,
+            model_class=_mapping(value.get("model_class")),
         )
 
 

@@ -262,22 +262,14 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.Gr
         setattr(gm, child_name, child)
     for sub_name, sub in gm.named_modules():  # containers fx re-creates start in train mode
         sub.training = model.get_submodule(sub_name).training
-    by_module: dict[str, dict[str, list[int]]] = {}
-    for (name, role), positions in removed.items():
-        by_module.setdefault(name, {})[role] = positions
+    by_module = members_by_module(removed)
     nodes = {n.name: n for n in gm.graph.nodes}
-    shared: dict[int, list[tuple[nn.Module, str]]] = {}  # tied parameters (deepcopy keeps them one object)
-    for sub in root.modules():
-        for pname, p in sub._parameters.items():
-            if p is not None:
-                shared.setdefault(id(p), []).append((sub, pname))
+    shared = tied_parameters(root)  # tied parameters (deepcopy keeps them one object)
     try:
         for name, roles in by_module.items():
-            if "param" in roles:
-                _slice_parameter(gm, name, roles["param"], groups)
-            elif any(r in roles for r in _MODULE_ROLES):
-                _slice_module(gm.get_submodule(name), roles)
-            elif any(role.startswith("part") for role in roles):
+            if slice_member(gm, name, roles, groups):
+                continue
+            if any(role.startswith("part") for role in roles):
                 _shrink_split(nodes[name], name, roles, groups)
             else:
                 dim = next(m.dim for g in groups for m in g.node_members if m.module == name)
@@ -287,15 +279,62 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.Gr
             f"the groups do not fit this {type(model).__name__} ({type(exc).__name__}: {exc}); "
             "trace this model and build the plan from its groups"
         ) from None
-    _retie(shared)
+    retie(shared)
     gm.recompile()
     return gm
 
 
-def _retie(shared: dict[int, list[tuple[nn.Module, str]]]) -> None:
+def members_by_module(removed: Mapping[SliceKey, list[int]]) -> dict[str, dict[str, list[int]]]:
+    """``removed_positions`` regrouped: module (or node) name -> role -> removed positions."""
+    by_module: dict[str, dict[str, list[int]]] = {}
+    for (name, role), positions in removed.items():
+        by_module.setdefault(name, {})[role] = positions
+    return by_module
+
+
+def tied_parameters(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Parameter id -> every ``(module, attribute)`` holding it, found before slicing (for :func:`retie`)."""
+    shared: dict[int, list[tuple[nn.Module, str]]] = {}
+    for sub in root.modules():
+        for pname, p in sub._parameters.items():
+            if p is not None:
+                shared.setdefault(id(p), []).append((sub, pname))
+    return shared
+
+
+def slice_member(root: nn.Module, name: str, roles: dict[str, list[int]], groups: Sequence[ChannelGroup]) -> bool:
+    """Slice one member of ``root`` in place: a module with a layer rule (its rule slices its tensors
+    and sets its width attributes) or a get_attr parameter/buffer. The GraphModule of :func:`apply`
+    and a copy of the user's own model (:mod:`curlprune.surgery.keep_class`) are sliced by this one function.
+
+    Args:
+        root: the module the member names are relative to (a private copy).
+        name: the member's module or node name; roles: role -> removed positions.
+        groups: the channel groups (the dim of a get_attr member).
+
+    Returns:
+        False for a node member (a channel zero-pad), which only a graph can change; True when sliced.
+
+    Raises:
+        AttributeError, KeyError, IndexError, RuntimeError: the member does not fit ``root``.
+    """
+    if "param" in roles:
+        _slice_parameter(root, name, roles["param"], groups)
+        return True
+    if any(r in roles for r in _MODULE_ROLES):
+        _slice_module(root.get_submodule(name), roles)
+        return True
+    return False
+
+
+def retie(shared: dict[int, list[tuple[nn.Module, str]]]) -> None:
     """Tie shared parameters again after slicing: one sliced tensor for all users (docs/method.md §1).
 
-    The trace puts all users of a tensor in one group, so every user was sliced the same way."""
+    The trace puts all users of a tensor in one group, so every user was sliced the same way.
+
+    Raises:
+        CurlpruneError: a shared parameter was sliced two ways (an internal error).
+    """
     for users in shared.values():
         if len(users) > 1:
             first = getattr(*users[0])
@@ -311,7 +350,7 @@ def _slice_module(mod: nn.Module, roles: dict[str, list[int]]) -> None:
         (rule_for(mod) or LayerRule()).slice(mod, roles)  # no rule: the base rule's one-line error
 
 
-def _slice_parameter(gm: fx.GraphModule, name: str, positions: list[int], groups: Sequence[ChannelGroup]) -> None:
+def _slice_parameter(gm: nn.Module, name: str, positions: list[int], groups: Sequence[ChannelGroup]) -> None:
     """Slice a get_attr parameter/buffer along its member dim."""
     dim = next(m.dim for g in groups for m in g.members if m.module == name and m.role == "param")
     owner_name, _, attr = name.rpartition(".")
