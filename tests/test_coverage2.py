@@ -24,7 +24,7 @@ from torch.nn.utils import parametrizations, parametrize
 from curlprune.cost.analysis import trace
 from curlprune.graph import symbolic_trace
 from curlprune.surgery.inference import add_in_place, optimize_for_inference
-from curlprune.surgery.surgery import apply, random_plan
+from curlprune.surgery.surgery import apply
 
 
 def by_name(groups):

@@ -76,7 +76,6 @@ from curlprune.store import (
     write_scores,
 )
 from curlprune.store import checkpoint
-from curlprune.surgery import apply
 from curlprune.surgery.keep_class import Sliced, fallback_message, slice_model
 from curlprune.validate import check_value
 

@@ -36,7 +36,6 @@ from curlprune.models.weights import check_finite_weights, load_state_strict
 from curlprune.store.canonical import check_finite_state, save_safetensors
 from curlprune.store.checkpoint_header import header_field, parse_header
 from curlprune.store.rundir import atomic_write
-from curlprune.surgery import apply
 
 __all__ = [
     "FORMAT_VERSION",
