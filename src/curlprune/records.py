@@ -95,21 +95,36 @@ class GroupWidth:
 class PruneAccuracy:
     """Test top-1 of the prune stage, without any training.
 
-    test_images: images evaluated (0: no test split, or evaluation turned off).
-    top1_before, top1_after: top-1 in % of the unpruned and the pruned model (None without images).
+    test_images:   images evaluated (0: no test split, or evaluation turned off).
+    top1_before, top1_after: top-1 in % of the unpruned and the sliced model (None without images).
+    bn_images:     training images the pruned model's batch-norm statistics were re-estimated on
+                   (0: off, no training images or no BN layer; None: a report from before the step existed).
+    top1_after_bn: top-1 in % of the pruned model after the re-estimation (the saved model); None
+                   without test images or without the re-estimation.
+    The last two are left out of the file while None (reports written before them read back equal).
     """
 
     test_images: int | None = 0
     top1_before: float | None = None
     top1_after: float | None = None
+    bn_images: int | None = None
+    top1_after_bn: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"test_images": self.test_images, "top1_before": self.top1_before, "top1_after": self.top1_after}
+        out = {"test_images": self.test_images, "top1_before": self.top1_before, "top1_after": self.top1_after}
+        if self.bn_images is not None:
+            out.update(bn_images=self.bn_images, top1_after_bn=self.top1_after_bn)
+        return out
+
+    @property
+    def top1_final(self) -> float | None:
+        """Top-1 % of the model the stage saved: after the BN re-estimation when there was one, else as sliced."""
+        return self.top1_after_bn if self.top1_after_bn is not None else self.top1_after
 
     @classmethod
     def from_json(cls, value: Any) -> PruneAccuracy:
         value = value if isinstance(value, Mapping) else {}
-        return cls(_number(value.get("test_images")), _number(value.get("top1_before")), _number(value.get("top1_after")))
+        return cls(*(_number(value.get(k)) for k in ("test_images", "top1_before", "top1_after", "bn_images", "top1_after_bn")))
 
 
 @dataclass

@@ -78,7 +78,8 @@ def print_prune_summary(groups: list[ChannelGroup], selection: Any, accuracy: di
         groups: the traced groups.
         selection: :class:`curlprune.select.Selection` (plan, MACs/params before and after, top_k,
             protected); a target it did not meet within its tolerance gets a line of its own (its note).
-        accuracy: ``{"test_images", "top1_before", "top1_after"}`` (top-1 in %).
+        accuracy: ``{"test_images", "top1_before", "top1_after"}`` (top-1 in %), and optionally
+            ``"bn_images", "top1_after_bn"`` (after the BN re-estimation).
         model_name: registry name, for the line.
         allocation: the allocation's name (``PruneConfig.resolved_allocation``), named in the line; None leaves it out.
     """
@@ -96,4 +97,6 @@ def print_prune_summary(groups: list[ChannelGroup], selection: Any, accuracy: di
         console.print(f"{model_name}: {s.note}")
     if accuracy["test_images"]:
         console.print(f"test top-1 on {accuracy['test_images']} images, no fine-tuning: "
-                      f"{accuracy['top1_before']:.2f}% -> {accuracy['top1_after']:.2f}%")
+                      f"{accuracy['top1_before']:.2f}% -> {accuracy['top1_after']:.2f}% sliced"
+                      + (f" -> {accuracy['top1_after_bn']:.2f}% after BN re-estimation ({accuracy['bn_images']} training images)"
+                         if accuracy.get("top1_after_bn") is not None else ""))
