@@ -12,7 +12,9 @@ from curlprune.prune import run_prune
 from curlprune.prune_config import DEFAULT_CALIB, PruneConfig
 from curlprune.report import console
 from curlprune.rundir import LOG_FILE, PLAN_FILE, REPORT_FILE, SCORES_FILE
+from curlprune.recover.bn import DEFAULT_BN_IMAGES
 from curlprune.select import DEFAULT_FLOOR
+from curlprune.select_limits import parse_max_ratio
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -21,7 +23,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         criterion=args.criterion, target_macs=args.target_macs, target_params=args.target_params, target_latency=args.target_latency,
         latency_batch=args.latency_batch, latency_threads=args.latency_threads, calib=args.calib,
         seed=args.seed, floor=args.floor, protect=protect, normalize=args.normalize, allocation=args.allocation, round_to=args.round_to,
-        eval_limit=args.eval_limit, **{name: getattr(args, name) for name in _criterion_options()},
+        eval_limit=args.eval_limit, bn_recalibrate=args.bn_recalibrate, max_ratio=parse_max_ratio(args.max_ratio),
+        **{name: getattr(args, name) for name in _criterion_options()},
     )
     result = run_prune(config, args.out, resume=args.resume, model_name=args.model, weights=args.weights,
                        data=args.data, num_classes=args.num_classes, input_size=args.input_size)
@@ -44,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                     "when the channel is removed), rank all channels globally (by default by score per MAC saved, "
                     "--allocation), remove the lowest until the target is met (the number of removals is found "
                     "automatically), slice the weights and save the pruned model. "
-                    "Prints a table per group and test top-1 before/after (no fine-tuning).")
+                    "Re-estimates the batch-norm statistics of the pruned model on training images (--bn-recalibrate). "
+                    "Prints a table per group and test top-1 before, after slicing and after the re-estimation (no fine-tuning).")
     p.add_argument("--model", required=True, help="registry name: cifar:resnet20|32|44|56|110, torchvision:<name>, timm:<name>, small:resnet-digits (required)" + NO_DEFAULT)
     p.add_argument("--weights", default=None, help="weights file (.th/.pt/.pth/.safetensors) or torchvision weight name (default: random init)" + NO_DEFAULT)
     p.add_argument("--num-classes", type=int, default=None, help="classifier outputs, when not the model's default (default: the model's)" + NO_DEFAULT)
@@ -76,6 +80,9 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     p.add_argument("--protect", action="append", default=None, metavar="PATTERN",
                    help="group name or glob never pruned (repeatable); 'none' = protect nothing. Default: the model's "
                         "default (torchvision ResNets: the stream feeding the classifier)" + NO_DEFAULT)
+    p.add_argument("--max-ratio", action="append", default=None, metavar="PATTERN=R",
+                   help="no group whose name matches PATTERN (a name or glob) loses more than R of its channels, R in [0, 1), "
+                        "e.g. 'layer1.*=0.5' (repeatable); the other groups make up the target (default: no limit)" + NO_DEFAULT)
     p.add_argument("--normalize", default="none", metavar="{none,mean,max,l2}",
                    help="per-group score normalisation before the global ranking (CURL ranks raw scores)")
     p.add_argument("--allocation", default=None, metavar="{" + ",".join(ALLOCATIONS) + "}",
@@ -91,6 +98,10 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                                                            "within 1%% (whole units are added back or exchanged between groups), or "
                                                            "report.json and the terminal say by how much it was missed (default: off)" + NO_DEFAULT)
     p.add_argument("--eval-limit", type=int, default=None, help="test images for top-1 before/after: a seeded subset; 0 skips the evaluation (default: all)" + NO_DEFAULT)
+    p.add_argument("--bn-recalibrate", type=int, default=None, metavar="N",
+                   help="re-estimate the pruned model's batch-norm statistics on N training images (seeded draw, all when fewer; "
+                        "no training) before saving; report.json gives top-1 before and after; 0 = off "
+                        f"(default: {DEFAULT_BN_IMAGES})" + NO_DEFAULT)
     for name, (option, users) in _criterion_options().items():
         p.add_argument("--" + name.replace("_", "-"), type=type(option.default), default=option.default,
                        help=f"{', '.join(users)}: {option.help}")
