@@ -255,11 +255,16 @@ def figure_training(stage: str, records: list[dict]):
     return fig
 
 
+PRUNED_RAW = "pruned, no training"
+PRUNED_BN = "pruned, BN re-estimated"
+
+
 def summary_numbers(run: RunFiles) -> dict[str, Any]:
     """Top-1 (%) by step, and the pruned model's MACs / params / latency as fractions of the unpruned.
 
     From summary.json (pipeline; :class:`~curlprune.records.RunSummary`) when present, else from the prune
-    report.json (:class:`~curlprune.records.PruneReport`)."""
+    report.json (:class:`~curlprune.records.PruneReport`). The top-1 steps are in time order:
+    unpruned, then each stage as it ran (the prune stage as sliced and after the BN re-estimation)."""
     top1: dict[str, float] = {}
     ratios: dict[str, float] = {}
     latency: dict[str, Any] | None = None
@@ -273,12 +278,18 @@ def summary_numbers(run: RunFiles) -> dict[str, Any]:
         report = run.prune_report()
     except _Missing:
         pass
-    if summary is not None:
-        _put(top1, (("unpruned", summary.unpruned_top1), ("pruned, no training", summary.pruned_top1)))
-        _put(top1, ((f"after {name}", step.last_top1) for name, step in summary.stages.items() if isinstance(step, TrainStep)))
+    bn = report.accuracy.top1_after_bn if report is not None else None
+    if summary is not None:  # in time order: a fine-tuning before the prune stage comes before it
+        _put(top1, (("unpruned", summary.unpruned_top1),))
+        for name, step in summary.stages.items():
+            if isinstance(step, TrainStep):
+                _put(top1, ((f"after {name}", step.last_top1),))
+            else:
+                _put(top1, ((PRUNED_RAW, summary.pruned_top1), (PRUNED_BN, step.top1_after_bn if step.top1_after_bn is not None else bn)))
         _put(ratios, (("MACs", summary.macs_ratio), ("params", summary.params_ratio)))
+    if report is not None and summary is None:
+        _put(top1, (("unpruned", report.accuracy.top1_before), (PRUNED_RAW, report.accuracy.top1_after), (PRUNED_BN, bn)))
     if report is not None:  # what summary.json does not give
-        _put(top1, (("unpruned", report.accuracy.top1_before), ("pruned, no training", report.accuracy.top1_after)))
         _put(ratios, (("MACs", report.macs_ratio), ("params", report.params_ratio)))
         latency = report.latency
         if latency is not None and isinstance(latency.get("achieved_fraction"), (int, float)):

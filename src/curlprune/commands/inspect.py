@@ -13,7 +13,7 @@ from curlprune.cost import count
 from curlprune.errors import CurlpruneError
 from curlprune.analysis import trace
 from curlprune.models import build, input_spec
-from curlprune.report import console, groups_table, human
+from curlprune.report import console, groups_table, groups_text, human
 from curlprune.runlock import check_writable_file
 
 
@@ -57,7 +57,11 @@ def load_model_arg(model: str | None, weights: str | None, checkpoint: str | Non
 def cmd_groups(args: argparse.Namespace) -> int:
     model, name, _ = load_model_arg(args.model, args.weights)
     groups = trace(model, example_input_for(name, args.input_size, weights=args.weights))
-    console.print(groups_table(groups, title=f"channel groups of {name}"))
+    title = f"channel groups of {name}"
+    if console.is_terminal:
+        console.print(groups_table(groups, title=title))
+    else:  # piped: plain text, names whole (rich would shorten them to the 80 columns it assumes)
+        print(groups_text(groups, title=title))
     prunable = [g for g in groups if g.prunable]
     console.print(f"{len(groups)} groups, {len(prunable)} prunable, {sum(g.width for g in prunable)} prunable channels")
     return 0
