@@ -255,10 +255,6 @@ def figure_training(stage: str, records: list[dict]):
     return fig
 
 
-PRUNED_RAW = "pruned, no training"
-PRUNED_BN = "pruned, BN re-estimated"
-
-
 def summary_numbers(run: RunFiles) -> dict[str, Any]:
     """Top-1 (%) by step, and the pruned model's MACs / params / latency as fractions of the unpruned.
 
@@ -278,17 +274,13 @@ def summary_numbers(run: RunFiles) -> dict[str, Any]:
         report = run.prune_report()
     except _Missing:
         pass
-    bn = report.accuracy.top1_after_bn if report is not None else None
+    pruned = lambda raw, bn: (("pruned, no training", raw), ("pruned, BN re-estimated", bn))  # noqa: E731
     if summary is not None:  # in time order: a fine-tuning before the prune stage comes before it
-        _put(top1, (("unpruned", summary.unpruned_top1),))
-        for name, step in summary.stages.items():
-            if isinstance(step, TrainStep):
-                _put(top1, ((f"after {name}", step.last_top1),))
-            else:
-                _put(top1, ((PRUNED_RAW, summary.pruned_top1), (PRUNED_BN, step.top1_after_bn if step.top1_after_bn is not None else bn)))
+        _put(top1, [("unpruned", summary.unpruned_top1)] + [kv for name, step in summary.stages.items() for kv in (
+            [(f"after {name}", step.last_top1)] if isinstance(step, TrainStep) else pruned(summary.pruned_top1, step.top1_after_bn))])
         _put(ratios, (("MACs", summary.macs_ratio), ("params", summary.params_ratio)))
-    if report is not None and summary is None:
-        _put(top1, (("unpruned", report.accuracy.top1_before), (PRUNED_RAW, report.accuracy.top1_after), (PRUNED_BN, bn)))
+    elif report is not None:
+        _put(top1, (("unpruned", report.accuracy.top1_before), *pruned(report.accuracy.top1_after, report.accuracy.top1_after_bn)))
     if report is not None:  # what summary.json does not give
         _put(ratios, (("MACs", report.macs_ratio), ("params", report.params_ratio)))
         latency = report.latency

@@ -291,8 +291,7 @@ class _Walk:
         return copy
 
     def allows(self, entry: RankedUnit) -> bool:
-        """CURL's rule: skip when the group's kept fraction is already below the floor; and when
-        one more removal would take more than the group's limit (``max_ratio``) of its units."""
+        """CURL's rule: skip when the group's kept fraction is already below the floor, or past the group's max_ratio."""
         total = self.units_total[entry.group]
         kept = total - len(self.removed.get(entry.group, ()))
         limit = self.limits.get(entry.group, 1.0)
@@ -388,8 +387,7 @@ def select(
             gives the Selection's MACs and params.
         fill: try the fill and give-back steps when the bisection lands below the tolerance band
             (off: the bisection's plan).
-        limits: group name -> the largest fraction of its channels it may lose, next to the floor
-            (``resolve_limits``; ``--max-ratio``).
+        limits: group name -> the largest fraction of its channels it may lose (``select_limits.resolve_limits``).
 
     Returns:
         The :class:`Selection`: the plan, its cost, the unpruned cost and how it was found; when
