@@ -170,7 +170,7 @@ def test_bad_settings_are_the_commands_errors():
     model, x = _mynet(), torch.zeros(1, 1, 8, 8)
     with pytest.raises(CurlpruneError, match="exactly one target"):
         api.prune(model, x, target_macs=0.5, target_params=0.5, criterion="l1")
-    with pytest.raises(CurlpruneError, match="needs training images"):
+    with pytest.raises(CurlpruneError, match="criterion 'kl' needs data"):
         api.prune(model, x, target_macs=0.5)
     with pytest.raises(CurlpruneError, match="calib 256 is more than the 10 training images"):
         api.prune(model, x, data=torch.randn(10, 1, 8, 8), target_macs=0.5)
@@ -198,3 +198,8 @@ def test_distill_trains_the_student_and_resumes_from_its_folder(tmp_path, digits
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(again.eval()(x), trained.eval()(x), atol=1e-5)
+
+
+def test_only_the_cpu_scores():
+    with pytest.raises(CurlpruneError, match="scores on the CPU"):
+        api.prune(_mynet(), torch.zeros(1, 1, 8, 8), target_macs=0.5, criterion="l1", device="cuda")

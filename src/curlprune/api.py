@@ -91,8 +91,8 @@ def prune(
         bn_recalibrate: training images for the BN re-estimation (None = 2,048 or all when fewer; 0 = off).
         eval_limit: evaluation images (a seeded subset; None = all; 0 = none).
         seed: seed of the calibration, BN and evaluation draws and of the random criterion.
-        device: where the model is scored and sliced ("cpu", "cuda"); the model is copied there
-            when it is elsewhere.
+        device: where the model is scored and sliced: "cpu", as ``curlprune prune`` (the criteria
+            run on the CPU); a model elsewhere is copied to it.
         show: print the progress bar, the per-group table and the accuracies.
         criterion_options: the criterion's own options (``budget_mb``, ``approx_classes``).
     Returns:
@@ -100,7 +100,7 @@ def prune(
         ``scores``, ``report`` (MACs/params before and after, accuracies), ``selection``.
     Raises:
         CurlpruneError: a bad setting (the same checks as the command line), no prunable group, an
-            unreachable target, a data-driven criterion without data, unusable data.
+            unreachable target, a data-driven criterion without data, unusable data, a device other than the CPU.
 
     Source: docs/method.md §2 (the KL score), §3 (selection, allocation, limits), §8 (defaults).
     """
@@ -114,6 +114,9 @@ def prune(
     if not isinstance(example_input, torch.Tensor):
         raise CurlpruneError(f"example_input must be a tensor [1, C, H, W], got {type(example_input).__name__}")
     device = torch.device(device)
+    if device.type != "cpu":
+        raise CurlpruneError(f"device {str(device)!r}: the prune stage scores on the CPU, as `curlprune prune` does; pass device='cpu' "
+                             "(the model is copied there)")
     if any(p.device != device for p in model.parameters()):
         model = copy.deepcopy(model).to(device)
     images = load_images(data, input_spec, seed, test=eval_data)

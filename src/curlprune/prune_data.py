@@ -29,6 +29,7 @@ from curlprune.models.spec import InputSpec
 from curlprune.recover.bn import images_of, stack_images
 
 BATCH = 256
+NO_DATA = "no data"
 
 
 class SplitImages:
@@ -111,8 +112,10 @@ class PruneImages:
         Raises:
             CurlpruneError: no training images, or fewer than ``n``.
         """
+        if self.train is None and self.source == NO_DATA:
+            raise CurlpruneError(f"criterion {criterion!r} needs data: pass calibration images (data=..., --data), or use a data-free criterion (l1, bn, random)")
         if self.train is None:
-            raise CurlpruneError(f"criterion {criterion!r} needs training images and {self.source} has none: lay it out as train/<class>/<image>")
+            raise CurlpruneError(f"criterion {criterion!r} needs training images and {self.source} has no 'train' split: lay it out as train/<class>/<image>")
         if n > len(self.train):
             raise CurlpruneError(f"calib {n} is more than the {len(self.train)} training images: use --calib {len(self.train)} or fewer")
         return self.train.draw(n, seed)
@@ -141,7 +144,7 @@ def load_images(data: Any, spec: InputSpec | None, seed: int, test: Any = None) 
             that is none of these.
     """
     if data is None:
-        return PruneImages(None, None if test is None else TensorImages(test), "no data")
+        return PruneImages(None, None if test is None else TensorImages(test), NO_DATA)
     if isinstance(data, (str, Path, dict)):
         splits, name = _splits(data, seed), (data if isinstance(data, str) else "the data" if isinstance(data, dict) else str(data))
         if spec is None:
