@@ -1,5 +1,5 @@
 """Batch-norm re-estimation: recompute the running statistics of a (pruned) model's BN layers from
-training images, without training (docs/method.md §4; the tier-0 figures of
+training images, without training (docs/method.md §8; the tier-0 figures of
 benchmarks/results/cifar_resnet56.md are measured after it).
 
 Slicing a model keeps each BN layer's statistics of the channels it keeps, but the inputs of the
