@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def allocations():
-    from curlprune.allocation import PAPER, Allocation
+    from curlprune.select.allocation import PAPER, Allocation
 
     best = Allocation(**BEST)
     return {"paper": PAPER, "best": best, "best-inside": Allocation(**{**BEST, "protect": "outside"})}
@@ -120,7 +120,7 @@ class Results:
 
     @contextlib.contextmanager
     def update(self):
-        from curlprune.checkpoint import atomic_write_text
+        from curlprune.store.rundir import atomic_write_text
 
         with open(self.lock, "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
@@ -140,9 +140,9 @@ class Results:
 class Bench:
     def __init__(self, out: Path, results: Results) -> None:
         import curlprune
-        from curlprune import data
+        from curlprune.data import data
         from curlprune.models import build, input_spec
-        from curlprune.select import model_cost_fn
+        from curlprune.cost.analysis import model_cost_fn
 
         torch.manual_seed(SEED)
         self.out = out
@@ -165,7 +165,7 @@ class Bench:
     # ------------------------------------------------------------------ measurements
 
     def top1(self, model: nn.Module) -> float:
-        from curlprune.data import evaluate
+        from curlprune.data.data import evaluate
 
         return round(100.0 * evaluate(model, self.splits["test"], self.spec), 2)
 
@@ -226,8 +226,8 @@ class Bench:
 
     def curl_prune(self, criterion: str, allocation, target: float) -> tuple[nn.Module, dict]:
         import curlprune
-        from curlprune.allocation import allocate, iterative_allocate
-        from curlprune.select import Target
+        from curlprune.select.allocation import allocate, iterative_allocate
+        from curlprune.select.search import Target
 
         scores, seconds = self.scores(criterion)
         extra: dict = {}
@@ -255,7 +255,7 @@ class Bench:
         import curlprune
         from safetensors.torch import load_file, save_file
 
-        from curlprune.checkpoint import atomic_write_text
+        from curlprune.store.rundir import atomic_write_text
         from tp_equivalent import load_gather_model, tp_prune
 
         kind, criterion, alloc_name, _ = ROWS[row]
@@ -293,7 +293,7 @@ class Bench:
                 print(f"tier0 {target:g} {row}: {json.dumps({k: entry[k] for k in ('macs_ratio', 'stream_widths', 'top1_raw', 'top1_bn')})}", flush=True)
 
     def run_tier1(self, rows: list[str], targets: list[float], epochs: int) -> None:
-        from curlprune.data import calibration_subset
+        from curlprune.data.data import calibration_subset
         from curlprune.recover.distill import DistillConfig, distill
 
         monitor = calibration_subset(self.splits["test"], MONITOR, SEED)
@@ -346,7 +346,7 @@ class Bench:
         return None
 
     def run_explore(self, names: list[str], targets: list[float]) -> None:
-        from curlprune.allocation import Allocation
+        from curlprune.select.allocation import Allocation
 
         for target in targets:
             for name in names:
@@ -385,7 +385,7 @@ class Bench:
 
 
 def write_markdown(data: dict, path: Path) -> None:
-    from curlprune.checkpoint import atomic_write_text
+    from curlprune.store.rundir import atomic_write_text
 
     teacher = data.get("teacher", {})
     lines = ["# ResNet-56 on lossless CIFAR-10: curlprune vs Torch-Pruning at equal MACs (issue 9)", "",

@@ -40,7 +40,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def calibration(model_name: str, n: int, seed: int, train):
-    from curlprune.data import batches, calibration_subset
+    from curlprune.data.data import batches, calibration_subset
     from curlprune.models import input_spec
 
     subset = calibration_subset(train, n, seed)
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    from curlprune.data import load_image_folder
-    from curlprune.analysis import trace
+    from curlprune.data.data import load_image_folder
+    from curlprune.cost.analysis import trace
     from curlprune.models import build
 
     started = time.time()
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_results(results: dict, out: Path) -> None:
-    from curlprune.checkpoint import atomic_write_text
+    from curlprune.store.rundir import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "score_speed.json", json.dumps(results, indent=2) + "\n")

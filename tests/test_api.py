@@ -1,11 +1,11 @@
-"""The one-call API (issue 22 item 1): ``curlprune.prune`` on a model class defined only here
+"""The one-call API (issue 22 item 1): ``curlprune.run.prune`` on a model class defined only here
 (bottleneck + squeeze-excitation residual blocks, registered nowhere), and the same plan as
 ``curlprune prune`` for the same inputs; ``curlprune.distill`` as a library call.
 
-The name ``curlprune.prune`` is also the module ``curlprune/prune.py`` until it moves to
+The name ``curlprune.run.prune`` is also the module ``curlprune/run/prune.py`` until it moves to
 ``curlprune/run/prune.py``: once that module is imported (as the CLI and the other test files do)
-it shadows the function, so these tests call :func:`curlprune.api.prune`, and one test checks in a
-fresh interpreter that ``import curlprune; curlprune.prune(...)`` is that function.
+it shadows the function, so these tests call :func:`curlprune.run.api.prune`, and one test checks in a
+fresh interpreter that ``import curlprune; curlprune.run.prune(...)`` is that function.
 """
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from torch import nn
 import curlprune
 from curlprune import api
 from curlprune.cli import main
-from curlprune.cost import count
-from curlprune.data import batches, load_digits_dataset
-from curlprune.digits import train_digits_model
+from curlprune.cost.cost import count
+from curlprune.data.data import batches, load_digits_dataset
+from curlprune.data.digits import train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.models import input_spec
-from curlprune.surgery import apply, mask
+from curlprune.surgery.surgery import apply, mask
 
 MODEL = "small:resnet-digits"
 SRC = Path(curlprune.__file__).resolve().parents[1]
@@ -158,12 +158,12 @@ def test_cli_and_api_give_the_same_plan(tmp_path, digits_model):
 def test_the_public_name_is_the_one_call_in_a_fresh_interpreter():
     code = ("import torch, curlprune; from torch import nn\n"
             "m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()\n"
-            "p = curlprune.prune(m, torch.zeros(1, 3, 8, 8), target_params=0.7, criterion='l1')\n"
-            "print(type(p).__name__, curlprune.prune.__module__, curlprune.distill.__module__, curlprune.recalibrate_bn.__module__)")
+            "p = curlprune.run.prune(m, torch.zeros(1, 3, 8, 8), target_params=0.7, criterion='l1')\n"
+            "print(type(p).__name__, curlprune.run.prune.__module__, curlprune.distill.__module__, curlprune.recalibrate_bn.__module__)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["Pruned", "curlprune.api", "curlprune.api", "curlprune.recover.bn"]
+    assert done.stdout.split() == ["Pruned", "curlprune.run.api", "curlprune.run.api", "curlprune.recover.bn"]
 
 
 def test_bad_settings_are_the_commands_errors():

@@ -11,11 +11,11 @@ from torch import nn
 
 from curlprune import api
 from curlprune.cli import main
-from curlprune.data import batches, load_digits_dataset
-from curlprune.digits import train_digits_model
+from curlprune.data.data import batches, load_digits_dataset
+from curlprune.data.digits import train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
-from curlprune.prune_config import PruneConfig
+from curlprune.run.prune_config import PruneConfig
 from curlprune.recover.bn import DEFAULT_BN_IMAGES, bn_layers, recalibrate_bn
 
 from conftest import SHARED  # noqa: E402

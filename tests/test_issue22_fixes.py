@@ -6,15 +6,15 @@ from __future__ import annotations
 import torch
 
 from curlprune.cli import main
-from curlprune.data import load_digits_dataset
-from curlprune.digits import train_digits_model
-from curlprune.figures import RunFiles, summary_numbers
+from curlprune.data.data import load_digits_dataset
+from curlprune.data.digits import train_digits_model
+from curlprune.report.figures import RunFiles, summary_numbers
 from curlprune.models import build
-from curlprune.analysis import trace
-from curlprune.prune import run_prune
-from curlprune.prune_config import PruneConfig
-from curlprune.report import print_summary
-from curlprune.records import GroupWidth, PruneAccuracy, PruneReport, PruneStep, RunSummary, TrainStep, write_prune_report, write_run_summary
+from curlprune.cost.analysis import trace
+from curlprune.run.prune import run_prune
+from curlprune.run.prune_config import PruneConfig
+from curlprune.report.report import print_summary
+from curlprune.store.records import GroupWidth, PruneAccuracy, PruneReport, PruneStep, RunSummary, TrainStep, write_prune_report, write_run_summary
 
 
 def _transfer_summary() -> dict:

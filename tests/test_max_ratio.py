@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from curlprune.allocation import COST_WEIGHTED, allocate
-from curlprune.analysis import model_cost_fn, trace
+from curlprune.select.allocation import COST_WEIGHTED, allocate
+from curlprune.cost.analysis import model_cost_fn, trace
 from curlprune.cli import main
 from curlprune.errors import CurlpruneError
 from curlprune.models import build
-from curlprune.prune_config import PruneConfig
-from curlprune.run_config import parse_config
-from curlprune.select import Target, select
-from curlprune.select_limits import parse_max_ratio, resolve_limits
+from curlprune.run.prune_config import PruneConfig
+from curlprune.run.run_config import parse_config
+from curlprune.select.search import Target, select
+from curlprune.select.search.limits import parse_max_ratio, resolve_limits
 
 MODEL = "cifar:resnet20"
 

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from curlprune import checkpoint
-from curlprune.allocation import COST_WEIGHTED, allocate
+from curlprune.store import checkpoint
+from curlprune.select.allocation import COST_WEIGHTED, allocate
 from curlprune.cli import main
-from curlprune.cost import count
-from curlprune.analysis import model_cost_fn, trace
-from curlprune.data import load_digits_dataset
+from curlprune.cost.cost import count
+from curlprune.cost.analysis import model_cost_fn, trace
+from curlprune.data.data import load_digits_dataset
 from curlprune.models import build, input_spec
-from curlprune.prune_data import SplitImages
+from curlprune.run.prune_data import SplitImages
 from curlprune.recover.bn import recalibrate_bn
-from curlprune.prune import PruneConfig, run_prune
-from curlprune.scores_io import read_scores
-from curlprune.select import Target, select
+from curlprune.run.prune import PruneConfig, run_prune
+from curlprune.store.scores_io import read_scores
+from curlprune.select.search import Target, select
 
 from conftest import SHARED  # noqa: E402
 MODEL = "small:resnet-digits"
@@ -30,7 +30,7 @@ MODEL = "small:resnet-digits"
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     """The digits ResNet trained on the real digits for a few seconds, as a state-dict file."""
-    from curlprune.digits import train_digits_model
+    from curlprune.data.digits import train_digits_model
 
     path = tmp_path_factory.mktemp("digits") / "digits.pt"
     torch.save(train_digits_model(seed=0, epochs=15).state_dict(), path)
@@ -71,7 +71,7 @@ def test_kl_prune_writes_every_output_and_a_faithful_checkpoint(kl_run, weights,
     assert checkpoint.read_metadata(out / "model.safetensors")["plan"] == plan
     # the saved model is the original sliced by the plan (apply() = mask()), its BN statistics then
     # re-estimated on the default number of training images (all 1,437 digits: fewer than 2,048)
-    from curlprune.surgery import apply, mask
+    from curlprune.surgery.surgery import apply, mask
 
     model = build(MODEL, weights=str(weights)).eval()
     groups = trace(model, torch.zeros(1, 1, 8, 8))
@@ -179,7 +179,7 @@ def test_help_explains_every_option_with_its_default(capsys):
 
 def test_run_prune_api_for_the_pipeline(weights, tmp_path):
     """The pipeline's call: a config dataclass, loaded splits, resume=True; a rerun returns at once."""
-    from curlprune.data import load_digits_dataset
+    from curlprune.data.data import load_digits_dataset
 
     splits = load_digits_dataset(seed=0)
     config = PruneConfig(criterion="kl-approx", target_macs=0.5, calib=64)

@@ -19,12 +19,12 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from curlprune import checkpoint
-from curlprune.data import evaluate, load_digits_dataset
+from curlprune.store import checkpoint
+from curlprune.data.data import evaluate, load_digits_dataset
 from curlprune.errors import CurlpruneError
 from curlprune.models import input_spec
 from curlprune.recover.divergence import check_not_diverged
-from curlprune.runlock import RunLock
+from curlprune.store.runlock import RunLock
 
 from trust_support import (  # noqa: F401 (cli, pruned_run, teacher, trained: fixtures)
     MODEL, ONE_THREAD, TINY, assert_one_line_error, cli, one_line, pruned_run, stage_args, teacher, trained,
@@ -230,7 +230,7 @@ def test_full_disk_in_a_training_stage_is_one_line(tmp_path, teacher, fails_at):
 # ================================================================ 13. orphans of killed writes; lost log lines
 def _killed_write(path: Path) -> None:
     """A real atomic write killed (SIGKILL) half-way: it leaves its temporary file behind."""
-    code = ("import os, signal; from pathlib import Path; from curlprune.rundir import atomic_write\n"
+    code = ("import os, signal; from pathlib import Path; from curlprune.store.rundir import atomic_write\n"
             f"atomic_write({str(path)!r}, lambda tmp: (Path(tmp).write_bytes(b'x' * 4096), os.kill(os.getpid(), signal.SIGKILL)))")
     proc = subprocess.run([sys.executable, "-c", code], env=ONE_THREAD, capture_output=True, timeout=120)
     assert proc.returncode == -9
@@ -258,7 +258,7 @@ def test_resumed_run_removes_the_temporary_files_of_killed_writes(cli, tmp_path,
 def test_orphans_of_a_folder_locked_by_another_run_are_kept(tmp_path):
     run = tmp_path / "run"
     (run / "prune").mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from curlprune.runlock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from curlprune.store.runlock import RunLock; "
                                f"RunLock({str(run / 'prune')!r}).acquire(); print('held', flush=True); time.sleep(60)"],
                               env=ONE_THREAD, stdout=subprocess.PIPE, text=True)
     try:

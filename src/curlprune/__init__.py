@@ -2,7 +2,7 @@
 
 Public API (imported lazily so that ``import curlprune`` stays cheap):
 
-    pruned = curlprune.prune(model, example_input, data=images, target_macs=0.5)  # the CLI's prune, one call
+    pruned = curlprune.run.prune(model, example_input, data=images, target_macs=0.5)  # the CLI's prune, one call
     pruned.model, pruned.plan, pruned.report                                    # Pruned
     student = curlprune.distill(pruned.model, model, "data.zip", input_spec=spec, epochs=30)
     curlprune.recalibrate_bn(model, images, 2048)         # re-estimate BN statistics in place
@@ -21,23 +21,23 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "prune": "curlprune.api",
-    "distill": "curlprune.api",
-    "Pruned": "curlprune.prune_core",
+    "prune": "curlprune.run.api",
+    "distill": "curlprune.run.api",
+    "Pruned": "curlprune.run.prune_core",
     "recalibrate_bn": "curlprune.recover.bn",
-    "trace": "curlprune.analysis",
+    "trace": "curlprune.cost.analysis",
     "ChannelGroup": "curlprune.channels",
     "Member": "curlprune.channels",
     "Plan": "curlprune.channels",
-    "mask": "curlprune.surgery",
-    "apply": "curlprune.surgery",
-    "validate_plan": "curlprune.surgery",
-    "count": "curlprune.cost",
-    "plan_cost": "curlprune.analysis",
-    "save": "curlprune.checkpoint",
-    "load": "curlprune.checkpoint",
-    "export_onnx": "curlprune.checkpoint",
-    "optimize_for_inference": "curlprune.inference",
+    "mask": "curlprune.surgery.surgery",
+    "apply": "curlprune.surgery.surgery",
+    "validate_plan": "curlprune.surgery.surgery",
+    "count": "curlprune.cost.cost",
+    "plan_cost": "curlprune.cost.analysis",
+    "save": "curlprune.store.checkpoint",
+    "load": "curlprune.store.checkpoint",
+    "export_onnx": "curlprune.store.checkpoint",
+    "optimize_for_inference": "curlprune.surgery.inference",
     "CurlpruneError": "curlprune.errors",
     "register_layer": "curlprune.graph.layers",
     "LayerRule": "curlprune.graph.layer_rules",

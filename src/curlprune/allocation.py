@@ -1,6 +1,6 @@
 """How the pruning budget is spread over the channel groups: score transforms and iterative selection.
 
-:func:`curlprune.select.select` ranks raw scores globally (CURL). This module holds the
+:func:`curlprune.select.search.select` ranks raw scores globally (CURL). This module holds the
 alternatives measured in issue 9 (``benchmarks/cifar_resnet56.py``), all built on that one
 selection so the target search, the floor and the fill step are shared:
 
@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from curlprune.analysis import trace
+from curlprune.cost.analysis import trace
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.criteria import get
 from curlprune.errors import CurlpruneError
-from curlprune.select import DEFAULT_FLOOR, NORMALIZATIONS, CostFn, Selection, Target, normalize_values, select
-from curlprune.surgery import apply
+from curlprune.select.search import DEFAULT_FLOOR, NORMALIZATIONS, CostFn, Selection, Target, normalize_values, select
+from curlprune.surgery.surgery import apply
 
 ScoreFn = Callable[[nn.Module, Sequence[ChannelGroup]], Mapping[str, np.ndarray]]
 """``(model, its groups) -> scores``: a criterion bound to its calibration data."""
@@ -43,7 +43,7 @@ ScoreFn = Callable[[nn.Module, Sequence[ChannelGroup]], Mapping[str, np.ndarray]
 class Allocation:
     """One way of turning scores into a plan.
 
-    normalize:   per-group normalisation of :func:`curlprune.select.rank_units` (none = CURL); with
+    normalize:   per-group normalisation of :func:`curlprune.select.search.rank_units` (none = CURL); with
                  cost_power > 0 it is applied before the division by the cost (so that it does not
                  cancel the cost weighting).
     floor:       smallest kept fraction of a group (CURL: 0.3), see docs/method.md §3.
@@ -196,7 +196,7 @@ def protect_kind(groups: Sequence[ChannelGroup], kind: str) -> list[str]:
 
 
 def normalize_scores(groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarray], how: str) -> dict[str, np.ndarray]:
-    """Per-channel scores normalised per group as :func:`curlprune.select.rank_units` does it, so that
+    """Per-channel scores normalised per group as :func:`curlprune.select.search.rank_units` does it, so that
     they can be divided by the cost before ``select`` ranks them (:func:`ranking_scores`).
 
     Args:
@@ -230,7 +230,7 @@ def ranking_scores(
     allocation: Allocation,
     metric: str = "macs",
 ) -> tuple[dict[str, np.ndarray], str]:
-    """What :func:`curlprune.select.select` ranks under ``allocation``: (scores, its ``normalize``).
+    """What :func:`curlprune.select.search.select` ranks under ``allocation``: (scores, its ``normalize``).
 
     With ``cost_power == 0`` the scores go to ``select`` unchanged with the allocation's
     normalisation (CURL's path, bit for bit). Otherwise they are normalised per group first
@@ -270,7 +270,7 @@ def allocate(
     """One-shot selection of ``scores`` under ``allocation`` (``allocation.steps`` is ignored here).
 
     Args:
-        groups, scores, cost_fn, target: as for :func:`curlprune.select.select` (a MACs or params target).
+        groups, scores, cost_fn, target: as for :func:`curlprune.select.search.select` (a MACs or params target).
         allocation: how scores become a ranking (:func:`ranking_scores`), the floor and the kind
             of groups protected.
         protect: names of further groups never pruned (``select.resolve_protect``'s result).

@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from curlprune.errors import CurlpruneError
-from curlprune.records import PruneReport, RecordError, RunSummary, TrainStep, read_prune_report, read_run_summary, read_stage_summary
+from curlprune.store.records import PruneReport, RecordError, RunSummary, TrainStep, read_prune_report, read_run_summary, read_stage_summary
 from curlprune.recover.registry import stage_names
-from curlprune.rundir import METRICS_FILE, PLAN_FILE, PRUNE_STAGE, REPORT_FILE, SCORES_FILE, SUMMARY_FILE, atomic_write, read_metrics
+from curlprune.store.rundir import METRICS_FILE, PLAN_FILE, PRUNE_STAGE, REPORT_FILE, SCORES_FILE, SUMMARY_FILE, atomic_write, read_metrics
 
 INSIDE_COLOUR, OUTSIDE_COLOUR, KEPT_COLOUR, REMOVED_COLOUR = "C0", "C1", "C2", "C3"
 REPORT_DIR = "report"
@@ -66,7 +66,7 @@ class RunFiles:
             raise _Missing(f"{self._rel(path)} is not readable JSON ({_short(exc)})") from None
 
     def _record(self, read: Callable[[Path], Any], folder: Path) -> Any:
-        """``read(folder)``, a reader of :mod:`curlprune.records`; None when the file is not a JSON object.
+        """``read(folder)``, a reader of :mod:`curlprune.store.records`; None when the file is not a JSON object.
 
         Raises:
             _Missing: the file is missing or not readable JSON (the note says which)."""
@@ -258,8 +258,8 @@ def figure_training(stage: str, records: list[dict]):
 def summary_numbers(run: RunFiles) -> dict[str, Any]:
     """Top-1 (%) by step, and the pruned model's MACs / params / latency as fractions of the unpruned.
 
-    From summary.json (pipeline; :class:`~curlprune.records.RunSummary`) when present, else from the prune
-    report.json (:class:`~curlprune.records.PruneReport`). The top-1 steps are in time order:
+    From summary.json (pipeline; :class:`~curlprune.store.records.RunSummary`) when present, else from the prune
+    report.json (:class:`~curlprune.store.records.PruneReport`). The top-1 steps are in time order:
     unpruned, then each stage as it ran (the prune stage as sliced and after the BN re-estimation)."""
     top1: dict[str, float] = {}
     ratios: dict[str, float] = {}

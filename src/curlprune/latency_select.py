@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from curlprune.errors import CurlpruneError
-from curlprune.latency import (
+from curlprune.cost.latency import (
     Clock,
     DEFAULT_MAX_ROUNDS,
     DEFAULT_MIN_ROUNDS,
@@ -29,8 +29,8 @@ from curlprune.latency import (
     prepare,
     torch_threads,
 )
-from curlprune.select import DEFAULT_FLOOR, Selection, Target, select
-from curlprune.surgery import apply
+from curlprune.select.search import DEFAULT_FLOOR, Selection, Target, select
+from curlprune.surgery.surgery import apply
 
 def _plan_key(plan: Mapping[str, Sequence[int]]) -> tuple:
     return tuple(sorted((k, tuple(v)) for k, v in plan.items()))
@@ -131,7 +131,7 @@ def measured_cost_fn(
 class LatencySelection:
     """The chosen plan for a latency target: select's Selection (MACs/params of the plan) + latency."""
 
-    selection: Any  # curlprune.select.Selection, with real MACs and params
+    selection: Any  # curlprune.select.search.Selection, with real MACs and params
     target: LatencyTarget
     goal: float  # target as a fraction of the unpruned latency
     achieved: float  # re-measured latency fraction of the chosen plan (fresh timings)
@@ -206,7 +206,7 @@ def select_latency(
 ) -> LatencySelection:
     """The plan, along select's global ranking, whose measured latency meets ``target``.
 
-    Runs :func:`curlprune.select.select` (ranking, floor, protection, rounding and bisection over
+    Runs :func:`curlprune.select.search.select` (ranking, floor, protection, rounding and bisection over
     the number of ranked units, docs/method.md §3) with ``metric_fn=measured`` (relative latency)
     and ``fill=False``. The chosen plan is then re-measured with fresh timings; when it is
     outside ``goal * (1 -/+ tolerance)`` the search is repeated with the goal moved by that miss

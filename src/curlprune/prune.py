@@ -30,19 +30,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from curlprune import checkpoint
+from curlprune.store import checkpoint
 from curlprune.criteria import get
 from curlprune.errors import CurlpruneError
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.models import build, default_protect, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size
-from curlprune.prune_core import prune_model
-from curlprune.prune_data import load_images
-from curlprune.report import console
-from curlprune.runlock import RunLock
-from curlprune.runlog import restore_lost_line
-from curlprune.rundir import (
+from curlprune.run.prune_core import prune_model
+from curlprune.run.prune_data import load_images
+from curlprune.report.report import console
+from curlprune.store.runlock import RunLock
+from curlprune.store.runlog import restore_lost_line
+from curlprune.store.rundir import (
     DONE_FILE,
     LOG_FILE,
     MODEL_FILE,
@@ -54,9 +54,9 @@ from curlprune.rundir import (
     optional_file_digest,
     write_done,
 )
-from curlprune.prune_config import PruneConfig, canonical_settings, scores_fingerprint
-from curlprune.records import PruneReport, RecordError, read_prune_report, write_prune_report
-from curlprune.scores_io import changed_fingerprint, read_scores, write_scores
+from curlprune.run.prune_config import PruneConfig, canonical_settings, scores_fingerprint
+from curlprune.store.records import PruneReport, RecordError, read_prune_report, write_prune_report
+from curlprune.store.scores_io import changed_fingerprint, read_scores, write_scores
 from curlprune.validate import check_value
 
 
@@ -109,7 +109,7 @@ def run_prune(
     Raises:
         CurlpruneError: ``out_dir`` is not a writable folder or is in use by another process, or
             lies inside a run directory in use (it is checked and locked,
-            :class:`curlprune.runlock.RunLock`, before anything is loaded), bad
+            :class:`curlprune.store.runlock.RunLock`, before anything is loaded), bad
             settings, an unreachable target, missing data, stored scores computed with other
             settings, or a folder that already holds a run (without ``resume``).
 

@@ -8,14 +8,14 @@ from typing import Any
 
 import torch
 
-from curlprune.allocation import ALLOCATIONS, default_allocation
+from curlprune.select.allocation import ALLOCATIONS, default_allocation
 from curlprune.criteria import DEFAULT_APPROX_CLASSES, DEFAULT_BUDGET_MB, get
 from curlprune.errors import CurlpruneError
-from curlprune.latency import LatencyTarget
-from curlprune.rundir import LATER
+from curlprune.cost.latency import LatencyTarget
+from curlprune.store.rundir import LATER
 from curlprune.recover.bn import DEFAULT_BN_IMAGES
-from curlprune.select import DEFAULT_FLOOR, NORMALIZATIONS, Target
-from curlprune.select_limits import parse_max_ratio
+from curlprune.select.search import DEFAULT_FLOOR, NORMALIZATIONS, Target
+from curlprune.select.search.limits import parse_max_ratio
 from curlprune.validate import check_ranges
 
 DEFAULT_CALIB = 256  # calibration images (docs/method.md §8)
@@ -36,7 +36,7 @@ class PruneConfig:
     target_params:  parameters to keep, same forms.
     target_latency: measured latency to reach: a fraction of the unpruned model's (0.5) or a time per
                     batch ("12ms"); found by timing the sliced model on this machine
-                    (:func:`curlprune.latency_select.select_latency`). Canonical form: the
+                    (:func:`curlprune.select.latency_select.select_latency`). Canonical form: the
                     fraction, or the time in ms as "12ms".
     latency_batch:  images per timed forward pass (latency target only); None = 1 (unset, so that
                     run folders written before latency targets existed keep their settings).
@@ -61,7 +61,7 @@ class PruneConfig:
                     None = the default, :data:`DEFAULT_BN_IMAGES` (unset, so that run folders
                     written before the option existed keep their settings); 0 = off.
     max_ratio:      ``{pattern: R}``: no group whose name matches the glob loses more than R (in
-                    [0, 1)) of its channels (:mod:`curlprune.select_limits`); None = no limits.
+                    [0, 1)) of its channels (:mod:`curlprune.select.search.limits`); None = no limits.
     budget_mb:      memory for the stacked ablations of the kl criteria.
     approx_classes: most probable classes summed by kl-approx's Fisher form.
 
@@ -133,7 +133,7 @@ class PruneConfig:
 
     def resolved_allocation(self) -> str:
         """The allocation's name: ``allocation``, or when it is unset the criterion's default
-        (:func:`curlprune.allocation.default_allocation`: cost-weighted for criteria whose scores
+        (:func:`curlprune.select.allocation.default_allocation`: cost-weighted for criteria whose scores
         share one scale, kl and kl-approx; paper otherwise)."""
         return self.allocation or default_allocation(self.criterion)
 

@@ -6,10 +6,10 @@
     RunSummary     ``summary.json`` at the run root (with a :class:`PruneStep` or :class:`TrainStep` per stage)
 
 A writer writes exactly the JSON that earlier versions wrote (same keys, key order and form,
-:func:`curlprune.rundir.write_json`), so run folders written before keep resuming without a byte
+:func:`curlprune.store.rundir.write_json`), so run folders written before keep resuming without a byte
 changed. A reader takes the files of earlier versions: a key a file lacks reads as None, and so
 does a value of the wrong type (a damaged or hand-edited file), so that the consumers (the
-pipeline, :mod:`curlprune.figures`) test for None only. File names are :mod:`curlprune.rundir`'s.
+pipeline, :mod:`curlprune.report.figures`) test for None only. File names are :mod:`curlprune.store.rundir`'s.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from curlprune.errors import CurlpruneError
-from curlprune.rundir import DONE_FILE, PRUNE_STAGE, REPORT_FILE, SUMMARY_FILE, write_done, write_json
+from curlprune.store.rundir import DONE_FILE, PRUNE_STAGE, REPORT_FILE, SUMMARY_FILE, write_done, write_json
 
 __all__ = [
     "GroupWidth", "PruneAccuracy", "PruneReport", "PruneStep", "RecordError", "RunSummary", "StageSummary", "TrainStep",
@@ -135,7 +135,7 @@ class PruneReport:
     criterion:      the scoring criterion's name.
     allocation:     the allocation select ranked by; None in reports from before allocations existed
                     (they ranked raw scores, ``"paper"``); left out of the file while None.
-    selection:      :meth:`curlprune.select.Selection.as_dict` (or the latency search's): target, top_k,
+    selection:      :meth:`curlprune.select.search.Selection.as_dict` (or the latency search's): target, top_k,
                     MACs and params before/after and their ratios, protected groups, ``latency`` when measured.
     accuracy:       :class:`PruneAccuracy`.
     groups:         group name -> :class:`GroupWidth`, for every prunable group; None when the file has none.
@@ -205,7 +205,7 @@ def read_prune_report(folder: str | os.PathLike) -> PruneReport:
 
 
 def write_prune_report(folder: str | os.PathLike, report: PruneReport) -> None:
-    """Write ``folder/report.json`` atomically (:func:`curlprune.rundir.write_json`)."""
+    """Write ``folder/report.json`` atomically (:func:`curlprune.store.rundir.write_json`)."""
     write_json(Path(folder) / REPORT_FILE, report.to_json())
 
 
@@ -248,7 +248,7 @@ def read_stage_summary(stage_dir: str | os.PathLike) -> StageSummary:
 
 
 def write_stage_summary(stage_dir: str | os.PathLike, summary: StageSummary) -> None:
-    """Write ``stage_dir/done.json``: the finished-stage marker, last (:func:`curlprune.rundir.write_done`)."""
+    """Write ``stage_dir/done.json``: the finished-stage marker, last (:func:`curlprune.store.rundir.write_done`)."""
     write_done(stage_dir, summary.to_json())
 
 
@@ -308,7 +308,7 @@ class RunSummary:
 
     model:                  the unpruned model's registry name.
     stages:                 stage name -> :class:`PruneStep` (``prune``) or :class:`TrainStep`, in run order.
-    macs, params:           the final model's (paper convention, :func:`curlprune.cost.count`).
+    macs, params:           the final model's (paper convention, :func:`curlprune.cost.cost.count`).
     base_macs, base_params: the unpruned model's.   macs_ratio, params_ratio: final / unpruned.
     checkpoint:             the final model's path (``<run_dir>/model.safetensors``).
     unpruned_top1, pruned_top1: test top-1 % before any recovery; in the file when the run pruned.
@@ -348,7 +348,7 @@ class RunSummary:
                    best_top1=max(s.best_top1 for s in trained) if trained else None)
 
     def to_json(self) -> dict[str, Any]:
-        """The file's JSON object (what :meth:`curlprune.pipeline.Run.run` returns)."""
+        """The file's JSON object (what :meth:`curlprune.run.pipeline.Run.run` returns)."""
         out: dict[str, Any] = {"model": self.model, "stages": {name: s.to_json() for name, s in self.stages.items()},
                                "macs": self.macs, "params": self.params, "base_macs": self.base_macs,
                                "base_params": self.base_params, "macs_ratio": self.macs_ratio,

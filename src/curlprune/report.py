@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from curlprune.channels import ChannelGroup
-from curlprune.records import PruneStep, RunSummary
+from curlprune.store.records import PruneStep, RunSummary
 
 console = Console(stderr=False)
 
@@ -71,7 +71,7 @@ def print_summary(summary: RunSummary) -> None:
     recovery too) and the final cost.
 
     Args:
-        summary: the run's :class:`~curlprune.records.RunSummary` (:attr:`curlprune.pipeline.Run.summary`; accuracies in %).
+        summary: the run's :class:`~curlprune.store.records.RunSummary` (:attr:`curlprune.run.pipeline.Run.summary`; accuracies in %).
     """
     def percent(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}%"
@@ -98,7 +98,7 @@ def print_prune_summary(groups: list[ChannelGroup], selection: Any, accuracy: di
 
     Args:
         groups: the traced groups.
-        selection: :class:`curlprune.select.Selection` (plan, MACs/params before and after, top_k,
+        selection: :class:`curlprune.select.search.Selection` (plan, MACs/params before and after, top_k,
             protected); a target it did not meet within its tolerance gets a line of its own (its note).
         accuracy: ``{"test_images", "top1_before", "top1_after"}`` (top-1 in %), and optionally
             ``"bn_images", "top1_after_bn"`` (after the BN re-estimation).

@@ -1,5 +1,5 @@
 """Global channel selection: turn per-channel scores into a Plan that meets a MACs/params target
-(or, with a measured ``metric_fn``, a latency target: :func:`curlprune.latency_select.select_latency`).
+(or, with a measured ``metric_fn``, a latency target: :func:`curlprune.select.latency_select.select_latency`).
 
 CURL's rule (docs/method.md §3), made automatic:
 
@@ -13,7 +13,7 @@ CURL's rule (docs/method.md §3), made automatic:
    ``top_k``, so a bisection finds the smallest ``top_k`` whose cost is at or below the target. When
    that last removal overshoots by more than ``tolerance`` (a wide group, or with ``round_to`` a
    whole rounded unit), the result is brought into ``[target * (1 - tolerance), target]``
-   (:mod:`curlprune.select_fit`): first the next-ranked units whose removal lands inside are tried
+   (:mod:`curlprune.select.select_fit`): first the next-ranked units whose removal lands inside are tried
    in rank order (a "fill" step), then whole (rounded) units of removed channels are added back,
    the most important first (a "give-back" step), or exchanged between groups. A target no plan
    meets within the tolerance is kept from above and the Selection says by how much it missed and
@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from curlprune.analysis import model_cost_fn  # noqa: F401  (re-exported: select's cost function)
+from curlprune.cost.analysis import model_cost_fn  # noqa: F401  (re-exported: select's cost function)
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.errors import CurlpruneError
-from curlprune.report import human
-from curlprune.select_fit import settle
+from curlprune.report.report import human
+from curlprune.select.select_fit import settle
 
 CostFn = Callable[[Plan], tuple[float, float]]
 """``plan -> (macs, params)`` of the model sliced by ``plan``."""
@@ -408,7 +408,7 @@ def select(
     ranked = rank_units(groups, scores, protect=protected, normalize=normalize)
     full_macs, full_params = cost_fn({})
     if metric_fn is None and target.metric == "latency":
-        raise CurlpruneError("a latency target needs a measured metric_fn (curlprune.latency_select.select_latency)")
+        raise CurlpruneError("a latency target needs a measured metric_fn (curlprune.select.latency_select.select_latency)")
     value_fn = metric_fn or (lambda plan: cost_fn(plan)[0 if target.metric == "macs" else 1])
     full = value_fn({})
     goal = target.value * full if target.is_fraction else target.value

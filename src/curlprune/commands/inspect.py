@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from curlprune import checkpoint as ckpt
-from curlprune.checkpoint import export_onnx
-from curlprune.cost import count
+from curlprune.store import checkpoint as ckpt
+from curlprune.store.checkpoint import export_onnx
+from curlprune.cost.cost import count
 from curlprune.errors import CurlpruneError
-from curlprune.analysis import trace
+from curlprune.cost.analysis import trace
 from curlprune.models import build, input_spec
-from curlprune.report import console, groups_table, groups_text, human
-from curlprune.runlock import check_writable_file
+from curlprune.report.report import console, groups_table, groups_text, human
+from curlprune.store.runlock import check_writable_file
 
 
 def example_input_for(model_name: str, input_size: int | None = None, batch: int = 1, weights: str | None = None) -> torch.Tensor:

@@ -1,20 +1,20 @@
-"""The ``prune`` command: score, select to a MACs/params target, slice, save (:mod:`curlprune.prune`)."""
+"""The ``prune`` command: score, select to a MACs/params target, slice, save (:mod:`curlprune.run.prune`)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
-from curlprune.allocation import ALLOCATIONS
+from curlprune.select.allocation import ALLOCATIONS
 from curlprune.commands.common import NO_DEFAULT
 from curlprune.commands.report import write_report_and_say
 from curlprune.criteria import CRITERIA, options_by_name
-from curlprune.prune import run_prune
-from curlprune.prune_config import DEFAULT_CALIB, PruneConfig
-from curlprune.report import console
-from curlprune.rundir import LOG_FILE, PLAN_FILE, REPORT_FILE, SCORES_FILE
+from curlprune.run.prune import run_prune
+from curlprune.run.prune_config import DEFAULT_CALIB, PruneConfig
+from curlprune.report.report import console
+from curlprune.store.rundir import LOG_FILE, PLAN_FILE, REPORT_FILE, SCORES_FILE
 from curlprune.recover.bn import DEFAULT_BN_IMAGES
-from curlprune.select import DEFAULT_FLOOR
-from curlprune.select_limits import parse_max_ratio
+from curlprune.select.search import DEFAULT_FLOOR
+from curlprune.select.search.limits import parse_max_ratio
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

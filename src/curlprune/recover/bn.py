@@ -29,7 +29,7 @@ def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 def draw_indices(total: int, n: int, seed: int) -> torch.Tensor:
     """``n`` of ``range(total)`` drawn without replacement (seeded; the same draw as
-    :func:`curlprune.data.calibration_subset`), or all of them in order when ``n >= total``."""
+    :func:`curlprune.data.data.calibration_subset`), or all of them in order when ``n >= total``."""
     if n >= total:
         return torch.arange(total)
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]

@@ -1,16 +1,16 @@
 """The images of the prune stage, however they are given: the calibration draw, the images of the
-batch-norm re-estimation and the top-1 evaluation (used by :mod:`curlprune.prune`).
+batch-norm re-estimation and the top-1 evaluation (used by :mod:`curlprune.run.prune`).
 
 Two kinds of source behave alike:
 
-* :class:`SplitImages`: a split of uint8 images (``curlprune.data.ImageDataset``: "digits", an
+* :class:`SplitImages`: a split of uint8 images (``curlprune.data.data.ImageDataset``: "digits", an
   ImageFolder folder or zip) with the model's eval transform (:class:`~curlprune.models.spec.InputSpec`),
   what the command line gives;
 * :class:`TensorImages`: images as the model takes them (already normalised): a float tensor
   ``[N, C, H, W]``, or a map-style ``Dataset`` / ``DataLoader`` of ``(image, label)``, what a
   Python caller has.
 
-Both draw ``n`` images with the same seeded permutation (:func:`curlprune.data.calibration_subset`),
+Both draw ``n`` images with the same seeded permutation (:func:`curlprune.data.data.calibration_subset`),
 so the same images give the same calibration set either way.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curlprune import data as datasets
+from curlprune.data import data as datasets
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
 from curlprune.recover.bn import images_of, stack_images
@@ -51,7 +51,7 @@ class SplitImages:
         return SplitImages(datasets.calibration_subset(self.ds, n, seed), self.spec)
 
     def top1(self, model: nn.Module) -> float:
-        """Top-1 in % with the eval transform (:func:`curlprune.data.evaluate`)."""
+        """Top-1 in % with the eval transform (:func:`curlprune.data.data.evaluate`)."""
         return 100.0 * datasets.evaluate(model, self.ds, self.spec)
 
 
@@ -74,7 +74,7 @@ class TensorImages:
         return torch.as_tensor([int(item[1]) for item in items], dtype=torch.int64)
 
     def draw(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``n`` seeded images (all when ``n >= len``), in the order of :func:`curlprune.data.calibration_subset`'s
+        """``n`` seeded images (all when ``n >= len``), in the order of :func:`curlprune.data.data.calibration_subset`'s
         draw: ``(float [n, ...], int64 labels [n] or None)``."""
         picked = _permutation(len(self), seed)[:n]
         return stack_images(self.images, picked), self.labels(picked)
@@ -122,7 +122,7 @@ class PruneImages:
 
 
 def _permutation(total: int, seed: int) -> torch.Tensor:
-    """The seeded permutation :func:`curlprune.data.calibration_subset` draws from."""
+    """The seeded permutation :func:`curlprune.data.data.calibration_subset` draws from."""
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))
 
 

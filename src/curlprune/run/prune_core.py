@@ -1,8 +1,8 @@
 """The prune stage on a model in memory: trace -> score -> select -> slice -> re-estimate BN -> evaluate.
 
 :func:`prune_model` is the one implementation behind both ``curlprune prune`` (through
-:func:`curlprune.prune.run_prune`, which adds the run folder: cached scores, checkpoint, report) and
-the library call ``curlprune.prune`` (:mod:`curlprune.api`), so the two cannot drift.
+:func:`curlprune.run.prune.run_prune`, which adds the run folder: cached scores, checkpoint, report) and
+the library call ``curlprune.run.prune`` (:mod:`curlprune.run.api`), so the two cannot drift.
 """
 from __future__ import annotations
 
@@ -17,20 +17,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from curlprune.allocation import allocate, named_allocation, ranking_scores
-from curlprune.analysis import check_pruned_cost, trace
+from curlprune.select.allocation import allocate, named_allocation, ranking_scores
+from curlprune.cost.analysis import check_pruned_cost, trace
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.criteria import compute_scores, get, work_items
 from curlprune.errors import CurlpruneError
-from curlprune.latency_select import measured_cost_fn, select_latency
-from curlprune.prune_config import PruneConfig
-from curlprune.prune_data import PruneImages
-from curlprune.records import GroupWidth, PruneAccuracy, PruneReport
+from curlprune.select.latency_select import measured_cost_fn, select_latency
+from curlprune.run.prune_config import PruneConfig
+from curlprune.run.prune_data import PruneImages
+from curlprune.store.records import GroupWidth, PruneAccuracy, PruneReport
 from curlprune.recover.bn import bn_layers, recalibrate_bn
-from curlprune.report import console, print_prune_summary
-from curlprune.select import Target, model_cost_fn, resolve_protect, select
-from curlprune.select_limits import resolve_limits
-from curlprune.surgery import apply
+from curlprune.report.report import console, print_prune_summary
+from curlprune.cost.analysis import model_cost_fn
+from curlprune.select.search import Target, resolve_protect, select
+from curlprune.select.search.limits import resolve_limits
+from curlprune.surgery.surgery import apply
 
 Scores = dict[str, np.ndarray]
 # (calibration images or None, compute) -> (scores, reused from a file, seconds spent)
@@ -46,11 +47,11 @@ class Pruned:
     plan:      group name -> kept channel indices (:class:`curlprune.Plan`).
     groups:    the unpruned model's channel groups (:func:`curlprune.trace`).
     scores:    group name -> one score per channel (float array ``[width]``; higher = more important).
-    report:    :class:`curlprune.records.PruneReport`: criterion, allocation, selection (MACs and
+    report:    :class:`curlprune.store.records.PruneReport`: criterion, allocation, selection (MACs and
                parameters before/after and their ratios, top_k, protected groups), accuracy (test
                top-1 % before, after slicing, after BN re-estimation; None without test images),
                per-group widths; the same object ``report.json`` is written from.
-    selection: the selection (:class:`curlprune.select.Selection`, or the latency search's).
+    selection: the selection (:class:`curlprune.select.search.Selection`, or the latency search's).
     """
 
     model: nn.Module
@@ -72,7 +73,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
         example: an input ``[1, C, H, W]`` (shapes only: tracing and MACs).
         config: the settings (criterion, target, allocation, floor, protect, max_ratio, calib,
             bn_recalibrate, seed, ...), validated when it was made.
-        images: the images (:func:`curlprune.prune_data.load_images`), or a function returning
+        images: the images (:func:`curlprune.run.prune_data.load_images`), or a function returning
             them, called once the target is known to be reachable (loading can be slow).
         name, weights: the model's name and weights, for the report.
         default_protect: the groups protected when ``config.protect`` is None (the model family's
@@ -140,8 +141,8 @@ def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None,
             model: nn.Module, example: torch.Tensor) -> tuple[Any, Any]:
     """(select's Selection, what report.json shows: the Selection or the LatencySelection).
 
-    Both targets rank the same scores: the config's allocation (:func:`curlprune.allocation.ranking_scores`;
-    a latency target weighs by MACs), searched by :func:`curlprune.select.select`.
+    Both targets rank the same scores: the config's allocation (:func:`curlprune.select.allocation.ranking_scores`;
+    a latency target weighs by MACs), searched by :func:`curlprune.select.search.select`.
     """
     allocation = named_allocation(config.resolved_allocation(), floor=config.floor, normalize=config.normalize)
     if target is not None:

@@ -2,7 +2,7 @@
 no group whose name matches the glob PATTERN loses more than R of its channels. They sit next to
 the global floor (no group keeps less than ``floor`` of its channels) and ``--protect`` (R = 0 in
 effect); the selection's walk skips a channel a limit forbids, so the target is still met by the
-other groups (:class:`curlprune.select._Walk`, docs/method.md §3).
+other groups (:class:`curlprune.select.search._Walk`, docs/method.md §3).
 """
 from __future__ import annotations
 

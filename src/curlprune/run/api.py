@@ -1,12 +1,12 @@
-"""The library calls for your own model: ``curlprune.prune`` (the prune stage in one call) and
+"""The library calls for your own model: ``curlprune.run.prune`` (the prune stage in one call) and
 ``curlprune.distill`` (the distillation recovery stage), with the command line's defaults.
 
-    pruned = curlprune.prune(model, torch.zeros(1, 3, 32, 32), data=images, target_macs=0.5)
+    pruned = curlprune.run.prune(model, torch.zeros(1, 3, 32, 32), data=images, target_macs=0.5)
     pruned.model, pruned.plan, pruned.report.accuracy
     student = curlprune.distill(pruned.model, model, "cifar10.zip", input_spec=spec, epochs=30, folder="runs/kd")
 
-:func:`prune` builds the same :class:`~curlprune.prune_config.PruneConfig` as ``curlprune prune``
-(same defaults and checks) and runs the same function, :func:`curlprune.prune_core.prune_model`;
+:func:`prune` builds the same :class:`~curlprune.run.prune_config.PruneConfig` as ``curlprune prune``
+(same defaults and checks) and runs the same function, :func:`curlprune.run.prune_core.prune_model`;
 only the run folder (cached scores, checkpoint, report files) is the command's own.
 """
 from __future__ import annotations
@@ -22,12 +22,12 @@ from torch import nn
 
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
-from curlprune.prune_config import DEFAULT_CALIB, PruneConfig
-from curlprune.prune_core import Pruned, prune_model
-from curlprune.prune_data import SplitImages, load_images
+from curlprune.run.prune_config import DEFAULT_CALIB, PruneConfig
+from curlprune.run.prune_core import Pruned, prune_model
+from curlprune.run.prune_data import SplitImages, load_images
 from curlprune.recover.distill import DistillConfig
 from curlprune.recover.distill import distill as distill_stage
-from curlprune.select import DEFAULT_FLOOR
+from curlprune.select.search import DEFAULT_FLOOR
 
 __all__ = ["Pruned", "distill", "prune"]
 
@@ -96,7 +96,7 @@ def prune(
         show: print the progress bar, the per-group table and the accuracies.
         criterion_options: the criterion's own options (``budget_mb``, ``approx_classes``).
     Returns:
-        :class:`curlprune.prune_core.Pruned`: ``model`` (the pruned model), ``plan``, ``groups``,
+        :class:`curlprune.run.prune_core.Pruned`: ``model`` (the pruned model), ``plan``, ``groups``,
         ``scores``, ``report`` (MACs/params before and after, accuracies), ``selection``.
     Raises:
         CurlpruneError: a bad setting (the same checks as the command line), no prunable group, an
@@ -143,7 +143,7 @@ def distill(
         student: the pruned model, trained in place (and returned).
         teacher: the unpruned model (frozen, eval mode).
         data: ``"digits"``, an ImageFolder folder or zip with ``train/`` and ``test/``, or loaded
-            splits ``{"train": ImageDataset, "test": ImageDataset}`` (:mod:`curlprune.data`).
+            splits ``{"train": ImageDataset, "test": ImageDataset}`` (:mod:`curlprune.data.data`).
         input_spec: the model's input recipe (size, normalisation, train-time augmentation).
         epochs: passes over the training split (the stage's default: the authors' 150).
         folder: the stage's run folder: the stage resumes from it after an interruption and
