@@ -170,17 +170,12 @@ class Bench:
         return round(100.0 * evaluate(model, self.splits["test"], self.spec), 2)
 
     def bn_reestimated(self, model: nn.Module) -> nn.Module:
-        """A copy with BN running statistics re-estimated (cumulative average) on the BN images."""
-        model = copy.deepcopy(model)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
-                m.momentum = None
-        model.train()
-        with torch.no_grad():
-            for i in range(0, len(self.bn_images), 256):
-                model(self.bn_images[i : i + 256])
-        return model.eval()
+        """A copy with BN running statistics re-estimated on the BN images: the product's step
+        (:func:`curlprune.recalibrate_bn`, what ``curlprune prune`` does by default: 2,048 training
+        images drawn with seed + 1, cumulative average, batches of 256)."""
+        import curlprune
+
+        return curlprune.recalibrate_bn(copy.deepcopy(model), self.bn_images, len(self.bn_images)).eval()
 
     def shape(self, model: nn.Module) -> dict:
         import curlprune

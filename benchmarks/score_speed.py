@@ -166,15 +166,11 @@ def approx_comparison(model, groups, images, exact: dict, only: dict | None, nai
 
 
 def recalibrate_bn(model, images: torch.Tensor) -> None:
-    """Re-estimate BN running statistics on ``images`` (cumulative average), then eval mode."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for i in range(0, len(images), 16):
-            model(images[i : i + 16])
+    """Re-estimate BN running statistics on ``images`` (cumulative average, batches of 16: the
+    product's :func:`curlprune.recalibrate_bn`), then eval mode."""
+    import curlprune
+
+    curlprune.recalibrate_bn(model, images, len(images), batch_size=16)
     model.eval()
 
 

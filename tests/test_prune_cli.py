@@ -13,8 +13,11 @@ import torch
 from curlprune.cli import main
 from curlprune.cost.analysis import model_cost_fn, trace
 from curlprune.cost.cost import count
-from curlprune.models import build
+from curlprune.data.data import load_digits_dataset
+from curlprune.models import build, input_spec
+from curlprune.recover.bn import recalibrate_bn
 from curlprune.run.prune import PruneConfig, run_prune
+from curlprune.run.prune_data import SplitImages
 from curlprune.select.allocation import COST_WEIGHTED, allocate
 from curlprune.select.search import Target, select
 from curlprune.store import checkpoint
@@ -66,18 +69,23 @@ def test_kl_prune_writes_every_output_and_a_faithful_checkpoint(kl_run, weights,
     assert report["accuracy"]["top1_after"] is not None
     plan = json.loads((out / "plan.json").read_text())
     assert checkpoint.read_metadata(out / "model.safetensors")["plan"] == plan
-    # the saved model is the original sliced by the plan: same outputs as apply() and as mask()
+    # the saved model is the original sliced by the plan (apply() = mask()), its BN statistics then
+    # re-estimated on the default number of training images (all 1,437 digits: fewer than 2,048)
     from curlprune.surgery.surgery import apply, mask
 
     model = build(MODEL, weights=str(weights)).eval()
     groups = trace(model, torch.zeros(1, 1, 8, 8))
     x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     loaded = checkpoint.load(out / "model.safetensors")
+    assert report["accuracy"]["bn_images"] == 1437 and report["accuracy"]["top1_after_bn"] > report["accuracy"]["top1_after"]
+    train = SplitImages(load_digits_dataset(seed=0)["train"], input_spec(MODEL))
     with torch.no_grad():
-        expected = apply(model, groups, plan)(x)
-        assert torch.allclose(loaded(x), expected, atol=1e-5)
+        sliced = apply(model, groups, plan)(x)
         with mask(model, groups, plan):
-            assert torch.allclose(model(x), expected, atol=1e-4)
+            assert torch.allclose(model(x), sliced, atol=1e-4)
+        expected = recalibrate_bn(apply(model, groups, plan), train.draw(2048, 0 + 1)[0], 2048)(x)
+        assert torch.allclose(loaded(x), expected, atol=1e-5)
+        assert not torch.allclose(loaded(x), sliced, atol=1e-3)
     scores, fingerprint = read_scores(out / "scores.npz")
     assert set(scores) == {g.name for g in groups if g.prunable}
     assert fingerprint["criterion"] == "kl" and fingerprint["calib"] == 64

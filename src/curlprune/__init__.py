@@ -2,6 +2,10 @@
 
 Public API (imported lazily so that ``import curlprune`` stays cheap):
 
+    pruned = curlprune.prune(model, example_input, data=images, target_macs=0.5)  # the CLI's prune, one call
+    pruned.model, pruned.plan, pruned.report                                    # Pruned
+    student = curlprune.distill(pruned.model, model, "data.zip", input_spec=spec, epochs=30)
+    curlprune.recalibrate_bn(model, images, 2048)         # re-estimate BN statistics in place
     groups = curlprune.trace(model, example_input)        # list[ChannelGroup]
     with curlprune.mask(model, groups, plan): ...         # zero removed channels in place
     small = curlprune.apply(model, groups, plan)          # physically smaller copy, your own class kept
@@ -17,6 +21,10 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
+    "prune": "curlprune.run.api",
+    "distill": "curlprune.run.api",
+    "Pruned": "curlprune.run.prune_core",
+    "recalibrate_bn": "curlprune.recover.bn",
     "trace": "curlprune.cost.analysis",
     "ChannelGroup": "curlprune.channels",
     "Member": "curlprune.channels",

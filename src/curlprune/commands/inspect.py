@@ -11,7 +11,7 @@ from curlprune.commands.common import INPUT_SHAPE_HELP, MODEL_HELP, MODEL_KWARGS
 from curlprune.cost import count, trace
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
-from curlprune.report import console, groups_table, human
+from curlprune.report import console, groups_table, groups_text, human
 from curlprune.store import check_writable_file, export_onnx
 from curlprune.store import checkpoint as ckpt
 
@@ -62,7 +62,11 @@ def cmd_groups(args: argparse.Namespace) -> int:
     kwargs, shape = model_kwargs_arg(args.model_kwargs), input_shape_arg(args.input_shape)
     model, name, _ = load_model_arg(args.model, args.weights, None, shape, kwargs)
     groups = trace(model, example_input_for(name, args.input_size, weights=args.weights, input_shape=shape, model_kwargs=kwargs))
-    console.print(groups_table(groups, title=f"channel groups of {name}"))
+    title = f"channel groups of {name}"
+    if console.is_terminal:
+        console.print(groups_table(groups, title=title))
+    else:  # piped: plain text, names whole (rich would shorten them to the 80 columns it assumes)
+        print(groups_text(groups, title=title))
     prunable = [g for g in groups if g.prunable]
     console.print(f"{len(groups)} groups, {len(prunable)} prunable, {sum(g.width for g in prunable)} prunable channels")
     return 0

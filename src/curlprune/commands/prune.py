@@ -13,6 +13,8 @@ from curlprune.run.pipeline import load_data
 from curlprune.run import DEFAULT_CALIB, PruneConfig, run_prune
 from curlprune.select import ALLOCATIONS, DEFAULT_FLOOR
 from curlprune.store import LOG_FILE, PLAN_FILE, REPORT_FILE, SCORES_FILE
+from curlprune.recover.bn import DEFAULT_BN_IMAGES
+from curlprune.select.limits import parse_max_ratio
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -21,7 +23,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         criterion=args.criterion, target_macs=args.target_macs, target_params=args.target_params, target_latency=args.target_latency,
         latency_batch=args.latency_batch, latency_threads=args.latency_threads, calib=args.calib,
         seed=args.seed, floor=args.floor, protect=protect, normalize=args.normalize, allocation=args.allocation, round_to=args.round_to,
-        eval_limit=args.eval_limit, **{name: getattr(args, name) for name in _criterion_options()},
+        eval_limit=args.eval_limit, bn_recalibrate=args.bn_recalibrate, max_ratio=parse_max_ratio(args.max_ratio),
+        **{name: getattr(args, name) for name in _criterion_options()},
     )
     data = args.data
     if args.val_per_class is not None or args.val_fraction is not None:  # calibrate on what remains for training
@@ -50,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                     "when the channel is removed), rank all channels globally (by default by score per MAC saved, "
                     "--allocation), remove the lowest until the target is met (the number of removals is found "
                     "automatically), slice the weights and save the pruned model. "
-                    "Prints a table per group and test top-1 before/after (no fine-tuning).")
+                    "Re-estimates the batch-norm statistics of the pruned model on training images (--bn-recalibrate). "
+                    "Prints a table per group and test top-1 before, after slicing and after the re-estimation (no fine-tuning).")
     p.add_argument("--model", required=True, help=MODEL_HELP + " (required)" + NO_DEFAULT)
     p.add_argument("--model-kwargs", default=None, metavar="JSON", help=MODEL_KWARGS_HELP + NO_DEFAULT)
     p.add_argument("--input-shape", default=None, metavar="C,S,S", help=INPUT_SHAPE_HELP + NO_DEFAULT)
@@ -85,6 +89,9 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     p.add_argument("--protect", action="append", default=None, metavar="PATTERN",
                    help="group name or glob never pruned (repeatable); 'none' = protect nothing. Default: the model's "
                         "default (torchvision ResNets: the stream feeding the classifier)" + NO_DEFAULT)
+    p.add_argument("--max-ratio", action="append", default=None, metavar="PATTERN=R",
+                   help="no group whose name matches PATTERN (a name or glob) loses more than R of its channels, R in [0, 1), "
+                        "e.g. 'layer1.*=0.5' (repeatable); the other groups make up the target (default: no limit)" + NO_DEFAULT)
     p.add_argument("--normalize", default="none", metavar="{none,mean,max,l2}",
                    help="per-group score normalisation before the global ranking (CURL ranks raw scores)")
     p.add_argument("--allocation", default=None, metavar="{" + ",".join(ALLOCATIONS) + "}",
@@ -100,6 +107,10 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                                                            "within 1%% (whole units are added back or exchanged between groups), or "
                                                            "report.json and the terminal say by how much it was missed (default: off)" + NO_DEFAULT)
     p.add_argument("--eval-limit", type=int, default=None, help="test images for top-1 before/after: a seeded subset; 0 skips the evaluation (default: all)" + NO_DEFAULT)
+    p.add_argument("--bn-recalibrate", type=int, default=None, metavar="N",
+                   help="re-estimate the pruned model's batch-norm statistics on N training images (seeded draw, all when fewer; "
+                        "no training) before saving; report.json gives top-1 before and after; 0 = off "
+                        f"(default: {DEFAULT_BN_IMAGES})" + NO_DEFAULT)
     for name, (option, users) in _criterion_options().items():
         p.add_argument("--" + name.replace("_", "-"), type=type(option.default), default=option.default,
                        help=f"{', '.join(users)}: {option.help}")

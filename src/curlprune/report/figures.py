@@ -274,7 +274,8 @@ def summary_numbers(run: RunFiles) -> dict[str, Any]:
     """Top-1 (%) by step, and the pruned model's MACs / params / latency as fractions of the unpruned.
 
     From summary.json (pipeline; :class:`~curlprune.store.records.RunSummary`) when present, else from the prune
-    report.json (:class:`~curlprune.store.records.PruneReport`)."""
+    report.json (:class:`~curlprune.store.records.PruneReport`). The top-1 steps are in time order:
+    unpruned, then each stage as it ran (the prune stage as sliced and after the BN re-estimation)."""
     top1: dict[str, float] = {}
     ratios: dict[str, float] = {}
     val: dict[str, float] = {}  # validation top-1 (%) after each training stage (runs with a validation split)
@@ -289,13 +290,15 @@ def summary_numbers(run: RunFiles) -> dict[str, Any]:
         report = run.prune_report()
     except _Missing:
         pass
-    if summary is not None:
-        _put(top1, (("unpruned", summary.unpruned_top1), ("pruned, no training", summary.pruned_top1)))
-        _put(top1, ((f"after {name}", step.last_top1) for name, step in summary.stages.items() if isinstance(step, TrainStep)))
+    pruned = lambda raw, bn: (("pruned, no training", raw), ("pruned, BN re-estimated", bn))  # noqa: E731
+    if summary is not None:  # in time order: a fine-tuning before the prune stage comes before it
+        _put(top1, [("unpruned", summary.unpruned_top1)] + [kv for name, step in summary.stages.items() for kv in (
+            [(f"after {name}", step.last_top1)] if isinstance(step, TrainStep) else pruned(summary.pruned_top1, step.top1_after_bn))])
         _put(ratios, (("MACs", summary.macs_ratio), ("params", summary.params_ratio)))
         _put(val, ((f"after {name}", step.val_top1) for name, step in summary.stages.items() if isinstance(step, TrainStep)))
+    elif report is not None:
+        _put(top1, (("unpruned", report.accuracy.top1_before), *pruned(report.accuracy.top1_after, report.accuracy.top1_after_bn)))
     if report is not None:  # what summary.json does not give
-        _put(top1, (("unpruned", report.accuracy.top1_before), ("pruned, no training", report.accuracy.top1_after)))
         _put(ratios, (("MACs", report.macs_ratio), ("params", report.params_ratio)))
         latency = report.latency
         if latency is not None and isinstance(latency.get("achieved_fraction"), (int, float)):

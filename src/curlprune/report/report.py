@@ -23,12 +23,32 @@ def human(n: float) -> str:
 def groups_table(groups: list[ChannelGroup], title: str = "channel groups") -> Table:
     """One row per group: what it is, how wide, whether and why not it can be pruned."""
     table = Table(title=title)
-    for col in ("#", "group", "kind", "width", "unit", "MACs/ch", "prunable"):
+    for col in GROUP_COLUMNS:
         table.add_column(col, justify="right" if col in ("#", "width", "unit", "MACs/ch") else "left")
+    for row in _group_rows(groups):
+        table.add_row(*row)
+    return table
+
+
+def groups_text(groups: list[ChannelGroup], title: str = "channel groups") -> str:
+    """:func:`groups_table` as plain aligned text, every name whole (for output that is not a
+    terminal: the group names are what ``--protect`` and ``--max-ratio`` take, and a pipe has no
+    window to widen)."""
+    rows = [GROUP_COLUMNS, *_group_rows(groups)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(GROUP_COLUMNS) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    return "\n".join([title, *lines])
+
+
+GROUP_COLUMNS = ("#", "group", "kind", "width", "unit", "MACs/ch", "prunable")
+
+
+def _group_rows(groups: list[ChannelGroup]) -> list[tuple[str, ...]]:
+    rows = []
     for i, g in enumerate(groups):
         mean_macs = sum(g.macs_per_channel) / max(1, len(g.macs_per_channel))
-        table.add_row(str(i), g.name, g.kind, str(g.width), str(g.unit), human(mean_macs), "yes" if g.prunable else f"no: {g.reason}")
-    return table
+        rows.append((str(i), g.name, g.kind, str(g.width), str(g.unit), human(mean_macs), "yes" if g.prunable else f"no: {g.reason}"))
+    return rows
 
 
 def plan_table(groups: list[ChannelGroup], plan: dict[str, list[int]], macs_before_per_group: dict[str, float] | None = None) -> Table:
@@ -65,6 +85,8 @@ def print_summary(summary: RunSummary) -> None:
             table.add_row("unpruned", "", percent(r.top1_before), "", *([""] if with_val else []), "")
             table.add_row(f"pruned ({r.criterion}, {100 * r.macs_ratio:.1f}% MACs)", "", percent(r.top1_after), "",
                           *([""] if with_val else []), "")
+            if r.top1_after_bn is not None:
+                table.add_row("pruned, BN re-estimated", "", percent(r.top1_after_bn), "", *([""] if with_val else []), "")
         else:
             epochs = str(r.epochs) + (f" (best {r.best_epoch})" if r.best_epoch is not None else "")
             table.add_row(stage, epochs, percent(r.last_top1), percent(r.best_top1), *([percent(r.val_top1)] if with_val else []),
@@ -82,7 +104,8 @@ def print_prune_summary(groups: list[ChannelGroup], selection: Any, accuracy: di
         groups: the traced groups.
         selection: :class:`curlprune.select.search.Selection` (plan, MACs/params before and after, top_k,
             protected); a target it did not meet within its tolerance gets a line of its own (its note).
-        accuracy: ``{"test_images", "top1_before", "top1_after"}`` (top-1 in %).
+        accuracy: ``{"test_images", "top1_before", "top1_after"}`` (top-1 in %), and optionally
+            ``"bn_images", "top1_after_bn"`` (after the BN re-estimation).
         model_name: registry name, for the line.
         allocation: the allocation's name (``PruneConfig.resolved_allocation``), named in the line; None leaves it out.
     """
@@ -100,4 +123,6 @@ def print_prune_summary(groups: list[ChannelGroup], selection: Any, accuracy: di
         console.print(f"{model_name}: {s.note}")
     if accuracy["test_images"]:
         console.print(f"test top-1 on {accuracy['test_images']} images, no fine-tuning: "
-                      f"{accuracy['top1_before']:.2f}% -> {accuracy['top1_after']:.2f}%")
+                      f"{accuracy['top1_before']:.2f}% -> {accuracy['top1_after']:.2f}% sliced"
+                      + (f" -> {accuracy['top1_after_bn']:.2f}% after BN re-estimation ({accuracy['bn_images']} training images)"
+                         if accuracy.get("top1_after_bn") is not None else ""))

@@ -350,7 +350,7 @@ class Run:
                   did_work=not result.already_done)
         report = result.report
         return PruneStep(report.criterion, report.macs_ratio, report.params_ratio, report.accuracy.top1_before,
-                         report.accuracy.top1_after, str(result.checkpoint))
+                         report.accuracy.top1_after, str(result.checkpoint), report.accuracy.top1_after_bn)
 
     def train(self, stage: str, student: Student) -> tuple[Student, TrainStep]:
         """Run one recovery stage (:func:`curlprune.recover.registry.run_stage`) on every rank; rank 0 saves its checkpoint."""

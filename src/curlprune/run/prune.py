@@ -22,44 +22,31 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from curlprune import data as datasets
 from curlprune.channels import ChannelGroup, Plan
-from curlprune.cost import check_pruned_cost, model_cost_fn, trace
-from curlprune.criteria import compute_scores, get, work_items
+from curlprune.criteria import get
 from curlprune.errors import CurlpruneError
 from curlprune.models import ModelRef, build, by_import_path, default_protect, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size
-from curlprune.report import console, print_prune_summary
+from curlprune.report import console
 from curlprune.run.prune_config import PruneConfig, canonical_settings, scores_fingerprint
-from curlprune.select import (
-    Target,
-    allocate,
-    measured_cost_fn,
-    named_allocation,
-    ranking_scores,
-    resolve_protect,
-    select,
-    select_latency,
-)
+from curlprune.run.prune_core import prune_model
+from curlprune.run.prune_data import load_images
 from curlprune.store import (
     DONE_FILE,
     LOG_FILE,
     MODEL_FILE,
     PLAN_FILE,
     SCORES_FILE,
-    GroupWidth,
-    PruneAccuracy,
     PruneReport,
     RecordError,
     RunLock,
@@ -76,8 +63,8 @@ from curlprune.store import (
     write_scores,
 )
 from curlprune.store import checkpoint
-from curlprune.surgery.keep_class import Sliced, fallback_message, slice_model
 from curlprune.validate import check_value
+
 
 @dataclass
 class PruneResult:
@@ -167,34 +154,20 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
         raise CurlpruneError(f"criterion {config.criterion!r} needs data: pass --data (a dataset folder/zip, or 'digits')")
 
     model, spec, example = _build(model_name, weights, num_classes, input_size, model_kwargs, input_shape)
-    groups = _trace(model, example)
-    target = config.target()
-    protect = _protected(config, model_name, model, groups)
-    cost_fn = model_cost_fn(model, example, groups)
-    if target is not None:
-        _check_reachable(groups, cost_fn, target, config, protect)  # before anything slow is done or written
 
-    splits = _load_splits(data, config.seed) if data is not None else {}
-    calib_images, calib_labels = _calibration(splits, spec, config) if criterion.needs_data else (None, None)
-    fingerprint = scores_fingerprint(config, settings, calib_images)
-    scores, reused, seconds = _scores(out, resume, fingerprint, config, model, groups, calib_images, calib_labels, show)
+    def cache(images: torch.Tensor | None, compute: Callable[[], dict]) -> tuple[dict, bool, float]:
+        return _scores(out, resume, scores_fingerprint(config, settings, images), config, compute)
 
-    selection, chosen = _select(config, groups, scores, cost_fn, target, protect, model, example)
-    sliced = _apply(model, groups, selection.plan, example)
-    pruned = sliced.model
-    check_pruned_cost(pruned, example, (selection.macs, selection.params))  # the numbers reported are the model's
-    accuracy = _accuracies(model, pruned, splits, spec, config)
-    report = _report(config, settings, chosen, accuracy, groups, scores_seconds=seconds, scores_reused=reused)
-    report.model_class = sliced.as_dict()
-    checkpoint = _write_outputs(out, ModelRef(model_name, {**model_kwargs, **({"num_classes": num_classes} if num_classes else {})}),
-                                example, selection.plan, pruned, report, settings)
-    if show:
-        print_prune_summary(groups, selection, accuracy, model_name, allocation=report.allocation)
-        if not sliced.kept:
-            console.print(f"note: {fallback_message(sliced)}")
-        if report.latency is not None:
-            _print_latency(report.latency)
-    return PruneResult(out, checkpoint, selection.plan, report, scores_reused=reused, groups=groups, model=pruned)
+    pruned = prune_model(model, example, config, lambda: load_images(data, spec, config.seed), name=model_name,
+                         weights=weights, default_protect=lambda m, groups: default_protect(model_name, m, groups),
+                         cache=cache, show=show)
+    report = pruned.report
+    ref = ModelRef(model_name, {**model_kwargs, **({"num_classes": num_classes} if num_classes else {})})
+    checkpoint = _write_outputs(out, ref, example, pruned.plan, pruned.model, report, settings)
+    if show and report.latency is not None:
+        _print_latency(report.latency)
+    return PruneResult(out, checkpoint, pruned.plan, report, scores_reused=report.scores_reused or False, groups=pruned.groups,
+                       model=pruned.model)
 
 
 def _settings(config: PruneConfig, model_name: str, weights: str | None, data: Any, num_classes: int | None) -> dict[str, Any]:
@@ -245,44 +218,6 @@ def _build(model_name: str, weights: str | None, num_classes: int | None, input_
     return model, spec, torch.zeros(1, spec.channels, spec.size, spec.size)
 
 
-def _trace(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
-    groups = trace(model, example)
-    if not any(g.prunable for g in groups):
-        reasons = "; ".join(sorted({g.reason for g in groups if g.reason})[:3])
-        raise CurlpruneError(f"the model has no prunable channel group ({reasons}): nothing can be pruned")
-    return groups
-
-
-def _protected(config: PruneConfig, model_name: str, model: nn.Module, groups: list[ChannelGroup]) -> list[str]:
-    if config.protect is None:
-        return default_protect(model_name, model, groups)
-    return resolve_protect(groups, config.protect)
-
-
-def _check_reachable(groups, cost_fn, target, config: PruneConfig, protect: list[str]) -> None:
-    """Raise the impossible-target error before scoring: reachability does not depend on scores."""
-    zeros = {g.name: np.zeros(g.width) for g in groups if g.prunable}
-    select(groups, zeros, cost_fn, target, floor=config.floor, protect=protect, round_to=config.round_to)
-
-
-def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None, protect: list[str], model: nn.Module,
-            example: torch.Tensor) -> tuple[Any, Any]:
-    """(select's Selection, what report.json shows: the Selection or the LatencySelection).
-
-    Both targets rank the same scores: the config's allocation (:func:`curlprune.select.allocation.ranking_scores`;
-    a latency target weighs by MACs), searched by :func:`curlprune.select.search.select`.
-    """
-    allocation = named_allocation(config.resolved_allocation(), floor=config.floor, normalize=config.normalize)
-    if target is not None:
-        selection = allocate(groups, scores, cost_fn, target, allocation, protect=protect, round_to=config.round_to)
-        return selection, selection
-    ranked, normalize = ranking_scores(groups, scores, allocation, "latency")
-    measured = measured_cost_fn(model, groups, example, batch=config.latency_batch or 1, threads=config.latency_threads)
-    chosen = select_latency(groups, ranked, measured, cost_fn, config.latency_target(), floor=config.floor,
-                            protect=protect, normalize=normalize, round_to=config.round_to)
-    return chosen.selection, chosen
-
-
 def _print_latency(latency: dict[str, Any]) -> None:
     console.print(f"measured latency (batch {latency['batch']}, {latency['threads']} thread(s)): {latency['reference_ms']:.3g} ms "
                   f"-> {latency['achieved_ms']:.3g} ms ({latency['achieved_fraction']:.3f}, goal {latency['goal_fraction']:.3f} "
@@ -297,29 +232,8 @@ def _met_words(record: dict[str, Any]) -> str:
     return f"NOT met: {abs(missed):.1%} {'below' if missed < 0 else 'above'}" if missed else "NOT met"
 
 
-def _load_splits(data: str | dict, seed: int) -> dict:
-    """``{"train", ...}`` uint8 datasets from "digits", an ImageFolder folder/zip, or given splits."""
-    if isinstance(data, dict):
-        return data
-    if data != "digits" and not Path(data).exists():
-        raise CurlpruneError(f"data {data} does not exist: pass an ImageFolder folder or .zip (train/<class>/..., test/<class>/...) or 'digits'")
-    return datasets.load_splits(data, seed)
-
-
-def _calibration(splits: dict, spec: InputSpec, config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The calibration batch: ``calib`` seeded training images with the eval transform, and labels."""
-    source = splits["train"] if "train" in splits else splits.get("all")
-    if source is None:
-        raise CurlpruneError(f"the data has no 'train' split (splits: {', '.join(sorted(splits))}): lay it out as train/<class>/<image>")
-    if config.calib > len(source):
-        raise CurlpruneError(f"calib {config.calib} is more than the {len(source)} training images: use --calib {len(source)} or fewer")
-    subset = datasets.calibration_subset(source, config.calib, config.seed)
-    images, labels = zip(*datasets.batches(subset, spec, 256))
-    return torch.cat(images), torch.cat(labels)
-
-
-def _scores(out: Path, resume: bool, fingerprint: dict, config: PruneConfig, model: nn.Module, groups,
-            images, labels, show: bool) -> tuple[dict[str, np.ndarray], bool, float]:
+def _scores(out: Path, resume: bool, fingerprint: dict, config: PruneConfig,
+            compute: Callable[[], dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], bool, float]:
     """Reuse matching scores from ``scores.npz`` (with ``resume``) or compute and save them."""
     path = out / SCORES_FILE
     if resume and path.is_file():
@@ -332,65 +246,11 @@ def _scores(out: Path, resume: bool, fingerprint: dict, config: PruneConfig, mod
         append_jsonl(out / LOG_FILE, {"event": "scores", "source": "reused", "file": SCORES_FILE}, stamp=True)
         return stored, True, 0.0
     started = time.time()
-    scores = _compute(config, model, groups, images, labels, show)
+    scores = compute()
     seconds = time.time() - started
     write_scores(path, scores, fingerprint)
     append_jsonl(out / LOG_FILE, {"event": "scores", "source": "computed", "criterion": config.criterion, "seconds": round(seconds, 2)}, stamp=True)
     return scores, False, seconds
-
-
-def _compute(config: PruneConfig, model, groups, images, labels, show: bool) -> dict[str, np.ndarray]:
-    """The criterion's scores with its declared options from ``config``, with a progress bar when it reports progress."""
-    options = config.criterion_options()
-    total = work_items(config.criterion, groups)
-    if not show or not total:
-        return compute_scores(config.criterion, model, groups, images=images, labels=labels, **options)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("units"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        on = "" if images is None else f", {len(images)} images"
-        task = bar.add_task(f"scoring ({config.criterion}{on})", total=total)
-        scores = compute_scores(config.criterion, model, groups, images=images, labels=labels,
-                                progress=lambda done: bar.advance(task, done), **options)
-        bar.update(task, completed=total)
-    return scores
-
-
-def _apply(model: nn.Module, groups: list[ChannelGroup], plan: Plan, example: torch.Tensor) -> Sliced:
-    """The pruned model, of the model's own class where its forward allows (:mod:`curlprune.surgery.keep_class`)."""
-    sliced = slice_model(model, groups, plan, example_input=example)
-    sliced.model.eval()
-    return sliced
-
-
-def _accuracies(model: nn.Module, pruned: nn.Module, splits: dict, spec: InputSpec, config: PruneConfig) -> dict[str, float | int | None]:
-    """Test top-1 (%) of the unpruned and the pruned model, without fine-tuning, when there is a test split."""
-    test = splits.get("test")
-    if test is None or config.eval_limit == 0:
-        return {"test_images": 0, "top1_before": None, "top1_after": None}
-    if config.eval_limit is not None and config.eval_limit < len(test):
-        test = datasets.calibration_subset(test, config.eval_limit, config.seed)
-    return {
-        "test_images": len(test),
-        "top1_before": round(100.0 * datasets.evaluate(model, test, spec), 3),
-        "top1_after": round(100.0 * datasets.evaluate(pruned, test, spec), 3),
-    }
-
-
-def _report(config: PruneConfig, settings: dict, selection, accuracy: dict, groups, *, scores_seconds: float,
-            scores_reused: bool) -> PruneReport:
-    widths = {g.name: GroupWidth(g.kind, g.width, len(selection.plan.get(g.name, range(g.width)))) for g in groups if g.prunable}
-    return PruneReport(
-        model=settings["model"],
-        weights=settings["weights"],
-        criterion=config.criterion,
-        allocation=config.resolved_allocation(),
-        selection=selection.as_dict(),
-        accuracy=PruneAccuracy(**accuracy),
-        groups=widths,
-        scores_seconds=round(scores_seconds, 2),
-        scores_reused=scores_reused,
-    )
 
 
 def _write_outputs(out: Path, ref: ModelRef, example: torch.Tensor, plan: Plan,

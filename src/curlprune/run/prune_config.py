@@ -13,6 +13,8 @@ from curlprune.criteria import DEFAULT_APPROX_CLASSES, DEFAULT_BUDGET_MB, get
 from curlprune.errors import CurlpruneError
 from curlprune.select import ALLOCATIONS, DEFAULT_FLOOR, NORMALIZATIONS, Target, default_allocation
 from curlprune.store import LATER
+from curlprune.recover.bn import DEFAULT_BN_IMAGES
+from curlprune.select.limits import parse_max_ratio
 from curlprune.validate import check_ranges
 
 DEFAULT_CALIB = 256  # calibration images (docs/method.md §8)
@@ -53,6 +55,12 @@ class PruneConfig:
                     their settings); :meth:`resolved_allocation` gives the name used.
     round_to:       round kept widths up to a multiple of this (hardware-friendly); None = off.
     eval_limit:     test images for top-1 before/after (seeded subset); None = all, 0 = skip.
+    bn_recalibrate: training images for re-estimating the pruned model's batch-norm statistics
+                    (:func:`curlprune.recover.bn.recalibrate_bn`; a seeded draw, all when fewer);
+                    None = the default, :data:`DEFAULT_BN_IMAGES` (unset, so that run folders
+                    written before the option existed keep their settings); 0 = off.
+    max_ratio:      ``{pattern: R}``: no group whose name matches the glob loses more than R (in
+                    [0, 1)) of its channels (:mod:`curlprune.select.limits`); None = no limits.
     budget_mb:      memory for the stacked ablations of the kl criteria.
     approx_classes: most probable classes summed by kl-approx's Fisher form.
 
@@ -78,6 +86,8 @@ class PruneConfig:
     allocation: str | None = field(default=None, metadata=LATER)
     round_to: int | None = None
     eval_limit: int | None = None
+    bn_recalibrate: int | None = field(default=None, metadata=LATER)
+    max_ratio: dict[str, float] | None = field(default=None, metadata=LATER)
     budget_mb: float = DEFAULT_BUDGET
     approx_classes: int = DEFAULT_APPROX_CLASSES
 
@@ -104,6 +114,12 @@ class PruneConfig:
             raise CurlpruneError(f"round_to must be a positive channel count, got {self.round_to!r}")
         if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 0):
             raise CurlpruneError(f"eval_limit must be a number of test images >= 0, got {self.eval_limit!r}")
+        if self.bn_recalibrate is not None and (isinstance(self.bn_recalibrate, bool) or not isinstance(self.bn_recalibrate, int)
+                                                or self.bn_recalibrate < 0):
+            raise CurlpruneError(f"bn_recalibrate must be a number of training images >= 0 (0 = off), got {self.bn_recalibrate!r}")
+        if self.max_ratio is not None and not isinstance(self.max_ratio, dict):
+            raise CurlpruneError(f"max_ratio must be a mapping of group name or glob to a fraction, e.g. {{'layer1.*': 0.5}}, got {self.max_ratio!r}")
+        self.max_ratio = parse_max_ratio(self.max_ratio)
         if isinstance(self.approx_classes, bool) or not isinstance(self.approx_classes, int) or self.approx_classes < 1:
             raise CurlpruneError(f"approx_classes must be a positive number of classes, got {self.approx_classes!r}")
         if isinstance(self.protect, str):
@@ -119,6 +135,10 @@ class PruneConfig:
         (:func:`curlprune.select.allocation.default_allocation`: cost-weighted for criteria whose scores
         share one scale, kl and kl-approx; paper otherwise)."""
         return self.allocation or default_allocation(self.criterion)
+
+    def resolved_bn_recalibrate(self) -> int:
+        """Training images for the BN re-estimation: ``bn_recalibrate``, or :data:`DEFAULT_BN_IMAGES` when unset (0 = off)."""
+        return DEFAULT_BN_IMAGES if self.bn_recalibrate is None else self.bn_recalibrate
 
     def criterion_options(self) -> dict[str, Any]:
         """The chosen criterion's declared options with this config's values: ``{name: value}``,

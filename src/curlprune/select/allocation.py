@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from curlprune.cost import trace
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.cost import trace
 from curlprune.criteria import get
@@ -265,6 +266,7 @@ def allocate(
     *,
     protect: Iterable[str] = (),
     round_to: int | None = None,
+    limits: Mapping[str, float] | None = None,
 ) -> Selection:
     """One-shot selection of ``scores`` under ``allocation`` (``allocation.steps`` is ignored here).
 
@@ -274,6 +276,7 @@ def allocate(
             of groups protected.
         protect: names of further groups never pruned (``select.resolve_protect``'s result).
         round_to: keep group widths multiples of this many channels (None: off).
+        limits: group name -> the largest fraction of its channels it may lose (``max_ratio``).
 
     Returns:
         ``select``'s :class:`Selection`.
@@ -287,7 +290,7 @@ def allocate(
     names = protect_kind(groups, allocation.protect)
     names += [name for name in protect if name not in names]
     return select(groups, ranked, cost_fn, target, floor=allocation.floor, protect=names, normalize=normalize,
-                  round_to=round_to)
+                  round_to=round_to, limits=limits)
 
 
 def iterative_allocate(

@@ -202,6 +202,7 @@ def select_latency(
     normalize: str = "none",
     round_to: int | None = None,
     retries: int = 2,
+    limits: Mapping[str, float] | None = None,
 ) -> LatencySelection:
     """The plan, along select's global ranking, whose measured latency meets ``target``.
 
@@ -216,7 +217,7 @@ def select_latency(
     the same plan, or steps of the ranking larger than the tolerance).
 
     Args:
-        groups, scores, floor, protect, normalize, round_to: as for ``select``.
+        groups, scores, floor, protect, normalize, round_to, limits: as for ``select``.
         measured: from :func:`measured_cost_fn` (its tolerance is the stated tolerance).
         analytic_cost_fn: ``plan -> (macs, params)`` (``select.model_cost_fn``) for the report.
         target: a :class:`LatencyTarget`.
@@ -236,7 +237,7 @@ def select_latency(
         # select's bisection with the measured relative latency as its metric (no fill step)
         return select(groups, scores, analytic_cost_fn, Target("latency", min(1.0, fraction)), metric_fn=measured,
                       fill=False, floor=DEFAULT_FLOOR if floor is None else floor, protect=list(protect),
-                      normalize=normalize, round_to=round_to)
+                      normalize=normalize, round_to=round_to, limits=limits)
 
     def result(sel: Selection, comparison: LatencyComparison | None, searches: int, note: str) -> LatencySelection:
         return LatencySelection(

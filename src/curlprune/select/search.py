@@ -266,8 +266,10 @@ def normalize_values(values: np.ndarray, how: str) -> np.ndarray:
 class _Walk:
     """The state of walking the ranking: which units are removed, in which order."""
 
-    def __init__(self, groups: Sequence[ChannelGroup], floor: float, round_to: int | None = None) -> None:
+    def __init__(self, groups: Sequence[ChannelGroup], floor: float, round_to: int | None = None,
+                 limits: Mapping[str, float] | None = None) -> None:
         self.groups = {g.name: g for g in groups}
+        self.limits = dict(limits or {})  # group -> the largest fraction of its units it may lose (--max-ratio)
         self.units_total = {g.name: g.width // g.unit for g in groups}
         self.removed: dict[str, list[int]] = {}
         self.floor = floor
@@ -280,7 +282,7 @@ class _Walk:
 
     def rounded(self, round_to: int | None) -> _Walk:
         """A copy whose removed lists are what ``plan(round_to)`` keeps removed."""
-        copy = _Walk(list(self.groups.values()), self.floor, round_to)
+        copy = _Walk(list(self.groups.values()), self.floor, round_to, self.limits)
         for name, removed in self.removed.items():
             kept = _round_removed(list(removed), self.units_total[name], self.groups[name].unit, round_to) if round_to else list(removed)
             if kept:
@@ -288,10 +290,11 @@ class _Walk:
         return copy
 
     def allows(self, entry: RankedUnit) -> bool:
-        """CURL's rule: skip when the group's kept fraction is already below the floor."""
+        """CURL's rule: skip when the group's kept fraction is already below the floor, or past the group's max_ratio."""
         total = self.units_total[entry.group]
         kept = total - len(self.removed.get(entry.group, ()))
-        return kept > 1 and kept / total >= self.floor
+        limit = self.limits.get(entry.group, 1.0)
+        return kept > 1 and kept / total >= self.floor and total - kept + 1 <= limit * total + 1e-9
 
     def remove(self, entry: RankedUnit) -> None:
         self.removed.setdefault(entry.group, []).append(entry.unit)
@@ -324,7 +327,8 @@ def _round_removed(removed: list[int], units_total: int, unit: int, round_to: in
     return removed[: len(removed) - (rounded - kept)] if rounded > kept else removed
 
 
-def walk(ranked: Sequence[RankedUnit], groups: Sequence[ChannelGroup], top_k: int, floor: float) -> _Walk:
+def walk(ranked: Sequence[RankedUnit], groups: Sequence[ChannelGroup], top_k: int, floor: float,
+         limits: Mapping[str, float] | None = None) -> _Walk:
     """Walk the first ``top_k`` ranked units, removing those the floor allows.
 
     Args:
@@ -332,13 +336,14 @@ def walk(ranked: Sequence[RankedUnit], groups: Sequence[ChannelGroup], top_k: in
         groups: the model's channel groups.
         top_k: how many ranked units to walk (skipped ones count).
         floor: smallest kept fraction of a group, checked before each removal.
+        limits: group name -> the largest fraction of its channels it may lose (``max_ratio``).
 
     Returns:
         The walk's state; ``.plan()`` is the resulting Plan.
 
     Source: docs/method.md §3 (floor).
     """
-    state = _Walk(groups, floor)
+    state = _Walk(groups, floor, limits=limits)
     for entry in ranked[:top_k]:
         if state.allows(entry):
             state.remove(entry)
@@ -362,6 +367,7 @@ def select(
     tolerance: float = DEFAULT_TOLERANCE,
     metric_fn: Callable[[Plan], float] | None = None,
     fill: bool = True,
+    limits: Mapping[str, float] | None = None,
 ) -> Selection:
     """The Plan that removes the lowest-ranked units until ``target`` is met (at or just below it).
 
@@ -380,6 +386,7 @@ def select(
             gives the Selection's MACs and params.
         fill: try the fill and give-back steps when the bisection lands below the tolerance band
             (off: the bisection's plan).
+        limits: group name -> the largest fraction of its channels it may lose (``select_limits.resolve_limits``).
 
     Returns:
         The :class:`Selection`: the plan, its cost, the unpruned cost and how it was found; when
@@ -423,25 +430,25 @@ def select(
         )
 
     if full <= goal:
-        return finish(_Walk(groups, floor), 0, note="the unpruned model already meets the target")
-    smallest = cost_of(walk(ranked, groups, len(ranked), floor))
+        return finish(_Walk(groups, floor, limits=limits), 0, note="the unpruned model already meets the target")
+    smallest = cost_of(walk(ranked, groups, len(ranked), floor, limits))
     if smallest > goal:
         raise CurlpruneError(
             f"target {target.describe()} ({fmt(goal)}) is not reachable: with floor {floor:g}"
-            f"{' and ' + str(len(protected)) + ' protected group(s)' if protected else ''} the smallest reachable "
+            f"{' and ' + str(len(protected)) + ' protected group(s)' if protected else ''}{' and the max_ratio limits' if limits else ''} the smallest reachable "
             f"{target.metric} is {fmt(smallest)}{'' if target.metric == 'latency' else f' ({smallest / full:.4f} of {fmt(full)})'}; "
             f"raise the target, lower --floor or protect fewer groups"
         )
     lo, hi = 0, len(ranked)  # cost(lo) > goal >= cost(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if cost_of(walk(ranked, groups, mid, floor)) <= goal:
+        if cost_of(walk(ranked, groups, mid, floor, limits)) <= goal:
             hi = mid
         else:
             lo = mid
-    state = walk(ranked, groups, hi, floor)
+    state = walk(ranked, groups, hi, floor, limits)
     if not fill or cost_of(state) >= goal * (1.0 - tolerance):
         return finish(state, hi)
-    state, top_k, filled, given, note = settle(ranked, lo, hi, lambda k: walk(ranked, groups, k, floor), round_to,
+    state, top_k, filled, given, note = settle(ranked, lo, hi, lambda k: walk(ranked, groups, k, floor, limits), round_to,
                                                goal, tolerance, cost_of, fmt)
     return finish(state, top_k, filled=filled, note=note, given_back=given)

@@ -95,21 +95,36 @@ class GroupWidth:
 class PruneAccuracy:
     """Test top-1 of the prune stage, without any training.
 
-    test_images: images evaluated (0: no test split, or evaluation turned off).
-    top1_before, top1_after: top-1 in % of the unpruned and the pruned model (None without images).
+    test_images:   images evaluated (0: no test split, or evaluation turned off).
+    top1_before, top1_after: top-1 in % of the unpruned and the sliced model (None without images).
+    bn_images:     training images the pruned model's batch-norm statistics were re-estimated on
+                   (0: off, no training images or no BN layer; None: a report from before the step existed).
+    top1_after_bn: top-1 in % of the pruned model after the re-estimation (the saved model); None
+                   without test images or without the re-estimation.
+    The last two are left out of the file while None (reports written before them read back equal).
     """
 
     test_images: int | None = 0
     top1_before: float | None = None
     top1_after: float | None = None
+    bn_images: int | None = None
+    top1_after_bn: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"test_images": self.test_images, "top1_before": self.top1_before, "top1_after": self.top1_after}
+        out = {"test_images": self.test_images, "top1_before": self.top1_before, "top1_after": self.top1_after}
+        if self.bn_images is not None:
+            out.update(bn_images=self.bn_images, top1_after_bn=self.top1_after_bn)
+        return out
+
+    @property
+    def top1_final(self) -> float | None:
+        """Top-1 % of the model the stage saved: after the BN re-estimation when there was one, else as sliced."""
+        return self.top1_after_bn if self.top1_after_bn is not None else self.top1_after
 
     @classmethod
     def from_json(cls, value: Any) -> PruneAccuracy:
         value = value if isinstance(value, Mapping) else {}
-        return cls(_number(value.get("test_images")), _number(value.get("top1_before")), _number(value.get("top1_after")))
+        return cls(*(_number(value.get(k)) for k in ("test_images", "top1_before", "top1_after", "bn_images", "top1_after_bn")))
 
 
 @dataclass
@@ -261,7 +276,9 @@ def write_stage_summary(stage_dir: str | os.PathLike, summary: StageSummary) -> 
 class PruneStep:
     """The prune stage in the run summary: ``criterion``, the pruned model's ``macs_ratio`` and
     ``params_ratio`` (fractions of the unpruned), test top-1 % ``top1_before`` / ``top1_after``
-    (unpruned / pruned without training; None without a test split) and its ``checkpoint`` path."""
+    (unpruned / sliced without training; None without a test split), its ``checkpoint`` path, and
+    ``top1_after_bn``: top-1 % after the BN re-estimation (the saved model; None without it, and
+    left out of the file then)."""
 
     criterion: str | None
     macs_ratio: float | None
@@ -269,15 +286,18 @@ class PruneStep:
     top1_before: float | None
     top1_after: float | None
     checkpoint: str | None
+    top1_after_bn: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"criterion": self.criterion, "macs_ratio": self.macs_ratio, "params_ratio": self.params_ratio,
-                "top1_before": self.top1_before, "top1_after": self.top1_after, "checkpoint": self.checkpoint}
+        out = {"criterion": self.criterion, "macs_ratio": self.macs_ratio, "params_ratio": self.params_ratio,
+               "top1_before": self.top1_before, "top1_after": self.top1_after, "checkpoint": self.checkpoint}
+        return out if self.top1_after_bn is None else {**out, "top1_after_bn": self.top1_after_bn}
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> PruneStep:
         return cls(_text(value.get("criterion")), _number(value.get("macs_ratio")), _number(value.get("params_ratio")),
-                   _number(value.get("top1_before")), _number(value.get("top1_after")), _text(value.get("checkpoint")))
+                   _number(value.get("top1_before")), _number(value.get("top1_after")), _text(value.get("checkpoint")),
+                   _number(value.get("top1_after_bn")))
 
 
 @dataclass
@@ -318,8 +338,10 @@ class RunSummary:
     base_macs, base_params: the unpruned model's.   macs_ratio, params_ratio: final / unpruned.
     checkpoint:             the final model's path (``<run_dir>/model.safetensors``).
     unpruned_top1, pruned_top1: test top-1 % before any recovery; in the file when the run pruned.
-    last_top1, best_top1:   test top-1 % after the last training stage, and the best of any; in the
-                            file when a training stage ran.
+    last_top1, best_top1:   test top-1 % after the last training stage, and the best of the training
+                            stages of the pruned model (those after ``prune``: a fine-tuning of the
+                            unpruned model before it does not count); in the file when a training
+                            stage ran.
     """
 
     model: str | None
@@ -343,7 +365,9 @@ class RunSummary:
         (ratios, and the accuracies before and after recovery, derived from them)."""
         (macs, params), (base_macs, base_params) = cost, base_cost
         pruned = [s for s in stages.values() if isinstance(s, PruneStep)]
-        trained = [s for s in stages.values() if isinstance(s, TrainStep)]
+        names = list(stages)
+        after_prune = names[names.index(PRUNE_STAGE) + 1 :] if PRUNE_STAGE in stages else names
+        trained = [stages[n] for n in after_prune if isinstance(stages[n], TrainStep)]
         return cls(model, dict(stages), macs, params, base_macs, base_params, macs / base_macs, params / base_params, checkpoint,
                    unpruned_top1=pruned[0].top1_before if pruned else None, pruned_top1=pruned[0].top1_after if pruned else None,
                    last_top1=trained[-1].last_top1 if trained else None,

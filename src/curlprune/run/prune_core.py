@@ -1,0 +1,205 @@
+"""The prune stage on a model in memory: trace -> score -> select -> slice -> re-estimate BN -> evaluate.
+
+:func:`prune_model` is the one implementation behind both ``curlprune prune`` (through
+:func:`curlprune.run.prune.run_prune`, which adds the run folder: cached scores, checkpoint, report) and
+the library call ``curlprune.prune`` (:mod:`curlprune.run.api`), so the two cannot drift.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from curlprune.select.allocation import allocate, named_allocation, ranking_scores
+from curlprune.cost.analysis import check_pruned_cost, trace
+from curlprune.channels import ChannelGroup, Plan
+from curlprune.criteria import compute_scores, get, work_items
+from curlprune.errors import CurlpruneError
+from curlprune.select.latency_select import measured_cost_fn, select_latency
+from curlprune.run.prune_config import PruneConfig
+from curlprune.run.prune_data import PruneImages
+from curlprune.store.records import GroupWidth, PruneAccuracy, PruneReport
+from curlprune.recover.bn import bn_layers, recalibrate_bn
+from curlprune.report.report import console, print_prune_summary
+from curlprune.cost.analysis import model_cost_fn
+from curlprune.select.search import Target, resolve_protect, select
+from curlprune.select.limits import resolve_limits
+from curlprune.surgery.keep_class import fallback_message, slice_model
+
+Scores = dict[str, np.ndarray]
+# (calibration images or None, compute) -> (scores, reused from a file, seconds spent)
+ScoreCache = Callable[[torch.Tensor | None, Callable[[], Scores]], tuple[Scores, bool, float]]
+
+
+@dataclass
+class Pruned:
+    """What pruning a model produced.
+
+    model:     the pruned model (physically smaller, eval mode; BN statistics re-estimated unless
+               ``bn_recalibrate`` was 0 or there were no training images).
+    plan:      group name -> kept channel indices (:class:`curlprune.Plan`).
+    groups:    the unpruned model's channel groups (:func:`curlprune.trace`).
+    scores:    group name -> one score per channel (float array ``[width]``; higher = more important).
+    report:    :class:`curlprune.store.records.PruneReport`: criterion, allocation, selection (MACs and
+               parameters before/after and their ratios, top_k, protected groups), accuracy (test
+               top-1 % before, after slicing, after BN re-estimation; None without test images),
+               per-group widths; the same object ``report.json`` is written from.
+    selection: the selection (:class:`curlprune.select.search.Selection`, or the latency search's).
+    """
+
+    model: nn.Module
+    plan: Plan
+    groups: list[ChannelGroup] = field(repr=False)
+    scores: Scores = field(repr=False)
+    report: PruneReport
+    selection: Any = field(default=None, repr=False)
+
+
+def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
+                images: PruneImages | Callable[[], PruneImages], *, name: str, weights: str | None = None,
+                default_protect: Callable[[nn.Module, list[ChannelGroup]], list[str]] | None = None,
+                cache: ScoreCache | None = None, show: bool = False, keep_class: bool = True) -> Pruned:
+    """Prune ``model`` to ``config``'s target: the prune stage without a run folder.
+
+    Args:
+        model: the unpruned model (eval mode; not changed).
+        example: an input ``[1, C, H, W]`` (shapes only: tracing and MACs).
+        config: the settings (criterion, target, allocation, floor, protect, max_ratio, calib,
+            bn_recalibrate, seed, ...), validated when it was made.
+        images: the images (:func:`curlprune.run.prune_data.load_images`), or a function returning
+            them, called once the target is known to be reachable (loading can be slow).
+        name, weights: the model's name and weights, for the report.
+        default_protect: the groups protected when ``config.protect`` is None (the model family's
+            default); None = none.
+        cache: how scores are reused and stored (the run folder's scores.npz); None = computed.
+        show: print a progress bar while scoring, and the per-group table and accuracies at the end.
+        keep_class: return the model's own class with smaller layers where its forward allows, else
+            the sliced GraphModule (:func:`curlprune.surgery.keep_class.slice_model`; the reason in
+            ``report.model_class``); False = always the GraphModule.
+    Returns:
+        :class:`Pruned`.
+    Raises:
+        CurlpruneError: no prunable group, an unreachable target, a pattern of ``protect`` or
+            ``max_ratio`` matching no group, a data-driven criterion without training images,
+            ``calib`` above the training images.
+
+    Source: docs/method.md §2 (the KL score), §3 (selection, allocation, floor, limits), §8
+    (defaults: 256 calibration images, BN re-estimation on 2,048 training images).
+    """
+    criterion = get(config.criterion)
+    groups = _trace(model, example)
+    target = config.target()
+    protect = resolve_protect(groups, config.protect) if config.protect is not None else (
+        default_protect(model, groups) if default_protect else [])
+    limits = resolve_limits(groups, config.max_ratio or {})
+    cost_fn = model_cost_fn(model, example, groups)
+    if target is not None:
+        _check_reachable(groups, cost_fn, target, config, protect, limits)  # before anything slow is done
+    images = images() if callable(images) else images
+    calib, labels = images.calibration(config.calib, config.seed, config.criterion) if criterion.needs_data else (None, None)
+    compute = lambda: _compute(config, model, groups, calib, labels, show)  # noqa: E731
+    scores, reused, seconds = cache(calib, compute) if cache is not None else _timed(compute)
+
+    selection, chosen = _select(config, groups, scores, cost_fn, target, protect, limits, model, example)
+    sliced = slice_model(model, groups, selection.plan, keep_class=keep_class, example_input=example)
+    pruned = sliced.model.eval()  # the model's own class where its forward allows (docs/method.md §1)
+    check_pruned_cost(pruned, example, (selection.macs, selection.params))  # the numbers reported are the model's
+    accuracy = _accuracies(model, pruned, images, config, show)
+    widths = {g.name: GroupWidth(g.kind, g.width, len(selection.plan.get(g.name, range(g.width)))) for g in groups if g.prunable}
+    report = PruneReport(model=name, weights=weights, criterion=config.criterion, allocation=config.resolved_allocation(),
+                         selection=chosen.as_dict(), accuracy=PruneAccuracy(**accuracy), groups=widths,
+                         scores_seconds=round(seconds, 2), scores_reused=reused)
+    report.model_class = sliced.as_dict()
+    if show:
+        print_prune_summary(groups, selection, accuracy, name, allocation=report.allocation)
+        if not sliced.kept:
+            console.print(f"note: {fallback_message(sliced)}")
+    return Pruned(pruned, selection.plan, groups, scores, report, chosen)
+
+
+def _trace(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
+    groups = trace(model, example)
+    if not any(g.prunable for g in groups):
+        reasons = "; ".join(sorted({g.reason for g in groups if g.reason})[:3])
+        raise CurlpruneError(f"the model has no prunable channel group ({reasons}): nothing can be pruned")
+    return groups
+
+
+def _timed(compute: Callable[[], Scores]) -> tuple[Scores, bool, float]:
+    started = time.time()
+    scores = compute()
+    return scores, False, time.time() - started
+
+
+def _check_reachable(groups, cost_fn, target: Target, config: PruneConfig, protect: list[str], limits: dict[str, float]) -> None:
+    """Raise the impossible-target error before scoring: reachability does not depend on scores."""
+    zeros = {g.name: np.zeros(g.width) for g in groups if g.prunable}
+    select(groups, zeros, cost_fn, target, floor=config.floor, protect=protect, round_to=config.round_to, limits=limits)
+
+
+def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None, protect: list[str], limits: dict[str, float],
+            model: nn.Module, example: torch.Tensor) -> tuple[Any, Any]:
+    """(select's Selection, what report.json shows: the Selection or the LatencySelection).
+
+    Both targets rank the same scores: the config's allocation (:func:`curlprune.select.allocation.ranking_scores`;
+    a latency target weighs by MACs), searched by :func:`curlprune.select.search.select`.
+    """
+    allocation = named_allocation(config.resolved_allocation(), floor=config.floor, normalize=config.normalize)
+    if target is not None:
+        selection = allocate(groups, scores, cost_fn, target, allocation, protect=protect, round_to=config.round_to, limits=limits)
+        return selection, selection
+    ranked, normalize = ranking_scores(groups, scores, allocation, "latency")
+    measured = measured_cost_fn(model, groups, example, batch=config.latency_batch or 1, threads=config.latency_threads)
+    chosen = select_latency(groups, ranked, measured, cost_fn, config.latency_target(), floor=config.floor,
+                            protect=protect, normalize=normalize, round_to=config.round_to, limits=limits)
+    return chosen.selection, chosen
+
+
+def _compute(config: PruneConfig, model, groups, images, labels, show: bool) -> Scores:
+    """The criterion's scores with its declared options from ``config``, with a progress bar when it reports progress."""
+    options = config.criterion_options()
+    total = work_items(config.criterion, groups)
+    if not show or not total:
+        return compute_scores(config.criterion, model, groups, images=images, labels=labels, **options)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("units"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        on = "" if images is None else f", {len(images)} images"
+        task = bar.add_task(f"scoring ({config.criterion}{on})", total=total)
+        scores = compute_scores(config.criterion, model, groups, images=images, labels=labels,
+                                progress=lambda done: bar.advance(task, done), **options)
+        bar.update(task, completed=total)
+    return scores
+
+
+def _accuracies(model: nn.Module, pruned: nn.Module, images: PruneImages, config: PruneConfig, show: bool) -> dict[str, Any]:
+    """Re-estimate ``pruned``'s BN statistics (in place) and measure test top-1 (%) of the unpruned
+    model, the sliced one before and after the re-estimation, when there are test images.
+
+    The BN images are a seeded draw (seed + 1: not the calibration draw) of ``bn_recalibrate``
+    training images, all when there are fewer.
+    """
+    test = images.test
+    evaluate = test is not None and config.eval_limit != 0
+    if test is None and images.train is not None and config.eval_limit != 0 and show:
+        console.print(f"{images.source} has no test split: top-1 is not evaluated (add test/<class>/<image> to evaluate)")
+    if evaluate and config.eval_limit is not None and config.eval_limit < len(test):
+        test = test.subset(config.eval_limit, config.seed)
+    before = round(test.top1(model), 3) if evaluate else None
+    raw = round(test.top1(pruned), 3) if evaluate else None
+    n = config.resolved_bn_recalibrate()
+    bn_images = 0
+    if n and images.train is not None and bn_layers(pruned):
+        bn, _ = images.train.draw(n, config.seed + 1)
+        recalibrate_bn(pruned, bn, len(bn))
+        bn_images = len(bn)
+    after_bn = round(test.top1(pruned), 3) if evaluate and bn_images else None
+    return {"test_images": len(test) if evaluate else 0, "top1_before": before, "top1_after": raw,
+            "bn_images": bn_images, "top1_after_bn": after_bn}
