@@ -4,6 +4,6 @@
     figures.py   the figures of a run directory and write_report
 """
 from curlprune.report.figures import REPORT_DIR, write_report
-from curlprune.report.report import console, groups_table, human, print_prune_summary, print_summary
+from curlprune.report.report import console, groups_table, groups_text, human, print_prune_summary, print_summary
 
-__all__ = ["REPORT_DIR", "console", "groups_table", "human", "print_prune_summary", "print_summary", "write_report"]
+__all__ = ["REPORT_DIR", "console", "groups_table", "groups_text", "human", "print_prune_summary", "print_summary", "write_report"]
