@@ -27,7 +27,7 @@ import numpy as np
 from curlprune.errors import CurlpruneError
 from curlprune.records import PruneReport, RecordError, RunSummary, TrainStep, read_prune_report, read_run_summary, read_stage_summary
 from curlprune.recover.registry import stage_names
-from curlprune.rundir import METRICS_FILE, PLAN_FILE, PRUNE_STAGE, REPORT_FILE, SCORES_FILE, SUMMARY_FILE, atomic_write, read_metrics
+from curlprune.rundir import METRICS_FILE, PLAN_FILE, PRUNE_STAGE, REPORT_FILE, RUN_MARKERS, SCORES_FILE, SUMMARY_FILE, atomic_write, holds_run, read_metrics
 
 INSIDE_COLOUR, OUTSIDE_COLOUR, KEPT_COLOUR, REMOVED_COLOUR = "C0", "C1", "C2", "C3"
 REPORT_DIR = "report"
@@ -401,9 +401,13 @@ def write_report(run_dir: str | Path) -> Path:
     Files are written atomically (a reader never sees half a PNG or index).
 
     Raises:
-        CurlpruneError: ``run_dir`` is not a directory.
+        CurlpruneError: ``run_dir`` is not a directory, or holds no curlprune run
+            (:func:`curlprune.rundir.holds_run`: a dataset or an unrelated folder; nothing is written).
     """
     root = Path(run_dir)
+    if root.is_dir() and not holds_run(root):
+        raise CurlpruneError(f"{root} holds no curlprune run (no {', '.join(RUN_MARKERS[:-1])} or {RUN_MARKERS[-1]}): "
+                             "point it at a run folder (the --out of curlprune run, prune or a training stage, e.g. runs/demo)")
     built = build_figures(root)
     out = root / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,9 +38,9 @@ from curlprune.allocation import allocate, named_allocation, ranking_scores
 from curlprune.criteria import compute_scores, get, work_items
 from curlprune.errors import CurlpruneError
 from curlprune.latency_select import measured_cost_fn, select_latency
-from curlprune.analysis import check_pruned_cost, trace
+from curlprune.analysis import check_pruned_cost
 from curlprune.channels import ChannelGroup, Plan
-from curlprune.models import build, default_protect, input_spec
+from curlprune.models import build, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size
 from curlprune.report import console, print_prune_summary
@@ -58,10 +58,11 @@ from curlprune.rundir import (
     optional_file_digest,
     write_done,
 )
+from curlprune.prune_check import check_calibration_size, check_needs_data, check_reachable
 from curlprune.prune_config import PruneConfig, canonical_settings, scores_fingerprint
 from curlprune.records import GroupWidth, PruneAccuracy, PruneReport, RecordError, read_prune_report, write_prune_report
 from curlprune.scores_io import changed_fingerprint, read_scores, write_scores
-from curlprune.select import Target, model_cost_fn, resolve_protect, select
+from curlprune.select import Target
 from curlprune.surgery import apply
 from curlprune.validate import check_value
 
@@ -139,18 +140,13 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
     if not resume and any((out / name).exists() for name in (SCORES_FILE, MODEL_FILE, DONE_FILE)):
         raise CurlpruneError(f"{out} already holds a prune run: pass --resume to reuse its scores, or choose another --out")
     criterion = get(config.criterion)
-    if criterion.needs_data and data is None:
-        raise CurlpruneError(f"criterion {config.criterion!r} needs data: pass --data (a dataset folder/zip, or 'digits')")
-
+    check_needs_data(config, data is not None)
     model, spec, example = _build(model_name, weights, num_classes, input_size)
-    groups = _trace(model, example)
-    target = config.target()
-    protect = _protected(config, model_name, model, groups)
-    cost_fn = _cost_fn(model, example, groups)
-    if target is not None:
-        _check_reachable(groups, cost_fn, target, config, protect)  # before anything slow is done or written
+    reach = check_reachable(config, model_name, model, example)  # before anything slow is done or written
+    groups, target, protect, cost_fn = reach.groups, reach.target, reach.protect, reach.cost_fn
 
     splits = _load_splits(data, config.seed) if data is not None else {}
+    check_calibration_size(config, splits)  # before scoring writes anything
     calib_images, calib_labels = _calibration(splits, spec, config) if criterion.needs_data else (None, None)
     fingerprint = scores_fingerprint(config, settings, calib_images)
     scores, reused, seconds = _scores(out, resume, fingerprint, config, model, groups, calib_images, calib_labels, show)
@@ -216,30 +212,6 @@ def _build(model_name: str, weights: str | None, num_classes: int | None,
     return model, spec, torch.zeros(1, spec.channels, spec.size, spec.size)
 
 
-def _trace(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
-    groups = trace(model, example)
-    if not any(g.prunable for g in groups):
-        reasons = "; ".join(sorted({g.reason for g in groups if g.reason})[:3])
-        raise CurlpruneError(f"the model has no prunable channel group ({reasons}): nothing can be pruned")
-    return groups
-
-
-def _protected(config: PruneConfig, model_name: str, model: nn.Module, groups: list[ChannelGroup]) -> list[str]:
-    if config.protect is None:
-        return default_protect(model_name, model, groups)
-    return resolve_protect(groups, config.protect)
-
-
-def _cost_fn(model: nn.Module, example: torch.Tensor, groups: list[ChannelGroup]) -> Callable:
-    return model_cost_fn(model, example, groups)
-
-
-def _check_reachable(groups, cost_fn, target, config: PruneConfig, protect: list[str]) -> None:
-    """Raise the impossible-target error before scoring: reachability does not depend on scores."""
-    zeros = {g.name: np.zeros(g.width) for g in groups if g.prunable}
-    select(groups, zeros, cost_fn, target, floor=config.floor, protect=protect, round_to=config.round_to)
-
-
 def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None, protect: list[str], model: nn.Module,
             example: torch.Tensor) -> tuple[Any, Any]:
     """(select's Selection, what report.json shows: the Selection or the LatencySelection).
@@ -286,10 +258,6 @@ def _load_splits(data: str | dict, seed: int) -> dict:
 def _calibration(splits: dict, spec: InputSpec, config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The calibration batch: ``calib`` seeded training images with the eval transform, and labels."""
     source = splits["train"] if "train" in splits else splits.get("all")
-    if source is None:
-        raise CurlpruneError(f"the data has no 'train' split (splits: {', '.join(sorted(splits))}): lay it out as train/<class>/<image>")
-    if config.calib > len(source):
-        raise CurlpruneError(f"calib {config.calib} is more than the {len(source)} training images: use --calib {len(source)} or fewer")
     subset = datasets.calibration_subset(source, config.calib, config.seed)
     images, labels = zip(*datasets.batches(subset, spec, 256))
     return torch.cat(images), torch.cat(labels)
