@@ -23,7 +23,6 @@ from curlprune.prune_config import PruneConfig
 from curlprune.select import Target, model_cost_fn, resolve_protect, select
 
 
-
 @dataclass
 class Reachable:
     """What :func:`check_reachable` traced and checked: the channel groups, the target (None for a
