@@ -273,10 +273,14 @@ class Run:
         check_classes("teacher", self.teacher, self.data, self.spec, torch.device("cpu"), channels_last=False)
         self.base_cost = count(self.teacher, self.example_input)
         student = self.initial_student()
-        if PRUNE_STAGE in self.cfg.stages:  # the model it prunes has the teacher's architecture (the task's head in a transfer)
-            on_main(self.ctx, lambda: preflight_prune(self.cfg.sections[PRUNE_STAGE], self.cfg.model, self.teacher,
-                                                      self.example_input, self.data))
+        if PRUNE_STAGE in self.cfg.stages:
+            on_main(self.ctx, self._preflight_prune)
         return student
+
+    def _preflight_prune(self) -> None:
+        """The prune stage's checks on the model it will prune: the teacher's architecture (with the
+        task's classifier in a transfer). Returns None: under torchrun rank 0's result is sent to the others."""
+        preflight_prune(self.cfg.sections[PRUNE_STAGE], self.cfg.model, self.teacher, self.example_input, self.data)
 
     def _check_run_dir(self) -> None:
         """The run directory holds this run or none, and a finished prune stage in it has this run's settings."""
