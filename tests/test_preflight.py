@@ -13,10 +13,13 @@ Item 9. Was: ``curlprune report`` on any folder exited 0 and wrote ``report/`` i
 dataset it was aimed at by mistake. Now a folder that holds no run is one line, non-zero, and
 nothing is written.
 
-Real inputs throughout: the digits teacher trained here, real sklearn digits, PNG files.
+Real inputs throughout: the digits teacher trained here, real sklearn digits, PNG files, a real
+2-process torchrun.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +33,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.figures import write_report
 from curlprune.models import build
 
-from trust_support import MODEL, assert_one_line_error, cli, poisoned, raw_checkpoint, teacher  # noqa: F401 (cli, teacher: fixtures)
+from trust_support import MODEL, ONE_THREAD, assert_one_line_error, cli, poisoned, raw_checkpoint, teacher  # noqa: F401 (cli, teacher: fixtures)
 
 BASE = {"model": MODEL, "data": "digits", "train_per_class": 20, "seed": 0, "stages": ["prune"],
         "prune": {"criterion": "kl", "target_macs": 0.5, "calib": 64, "eval_limit": 0}}
@@ -147,6 +150,20 @@ def test_bad_input_claims_nothing_and_the_corrected_run_succeeds(cli, tmp_path, 
     proc = cli(*good(tmp_path, teacher, bad_files, out))  # the same folder takes the corrected run
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "model.safetensors").is_file() and (out / "notes.txt").read_bytes() == before["notes.txt"]
+
+
+def test_a_batch_that_does_not_split_over_the_processes_claims_nothing(tmp_path, teacher):
+    """Under torchrun with 2 processes a global batch of 33 is refused before config.json is written
+    (was: after, so the corrected run was refused as "another run")."""
+    out = tmp_path / "run"
+    config = run_args(tmp_path, teacher, "ddp", out, stages=["prune", "distill"], distill={"epochs": 1, "batch_size": 33})[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "curlprune.cli",
+               "run", str(config), "--out", str(out), "--no-report"]
+    proc = subprocess.run(command, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    # each rank says it in one line (torchrun then adds its own report of the failed processes)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert "curlprune: error: batch_size 33 must be a multiple of the number of processes (2)" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists(), snapshot(out)
 
 
 # ------------------------------------------------------------------------------------------------

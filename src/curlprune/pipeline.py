@@ -50,6 +50,7 @@ from curlprune.records import PruneStep, RunSummary, TrainStep, write_run_summar
 from curlprune.recover.dist import init_distributed, on_main
 from curlprune.recover.evaluate import check_classes
 from curlprune.recover.registry import get_stage, is_recovery_stage, run_stage
+from curlprune.recover.stage import check_config
 from curlprune.rundir import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -258,7 +259,8 @@ class Run:
         lock created is removed again, :class:`~curlprune.runlock.RunLock`).
 
         Checked, in order: the run directory holds this run or none (``config.json``), a finished
-        ``prune/`` has this run's prune settings; the data loads and the teacher's weights (finite)
+        ``prune/`` has this run's prune settings; every training stage's batch splits evenly over the
+        processes (:func:`curlprune.recover.stage.check_config`); the data loads and the teacher's weights (finite)
         give the data's classes; a ``--student`` checkpoint (header, finite weights) takes the run's
         input and gives the teacher's classes; the prune stage's target is reachable on the model it
         will prune (floor, protected groups, ``round_to``) and its calibration set fits in the
@@ -270,6 +272,8 @@ class Run:
             CurlpruneError: the first check that fails, in one line.
         """
         on_main(self.ctx, self._check_run_dir)
+        for stage in filter(is_recovery_stage, self.cfg.stages):
+            check_config(self.cfg.sections[stage], self.ctx)  # e.g. a global batch that does not split over the processes
         check_classes("teacher", self.teacher, self.data, self.spec, torch.device("cpu"), channels_last=False)
         self.base_cost = count(self.teacher, self.example_input)
         student = self.initial_student()
