@@ -1,12 +1,12 @@
 """Shared by tests/test_records.py and tests/test_rundir.py: a run-folder record read with its
-reader and written again with its writer (:mod:`curlprune.records`), to compare the two files."""
+reader and written again with its writer (:mod:`curlprune.store.records`), to compare the two files."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from curlprune import records
-from curlprune.rundir import DONE_FILE, REPORT_FILE, SUMMARY_FILE
+from curlprune.store import records
+from curlprune.store.rundir import DONE_FILE, REPORT_FILE, SUMMARY_FILE
 
 # record file -> (reader, writer), each taking the folder that holds the file
 RECORD_IO = {

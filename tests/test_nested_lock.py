@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from curlprune.errors import CurlpruneError
-from curlprune.prune import PruneConfig, run_prune
-from curlprune.runlock import RunLock
+from curlprune.run.prune import PruneConfig, run_prune
+from curlprune.store.runlock import RunLock
 
 from trust_support import MODEL, ONE_THREAD, assert_one_line_error, cli  # noqa: F401 (cli: a fixture)
 
@@ -30,7 +30,7 @@ def held():
     holders = []
 
     def hold(path: Path) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", "import time; from curlprune.runlock import RunLock; "
+        proc = subprocess.Popen([sys.executable, "-c", "import time; from curlprune.store.runlock import RunLock; "
                                  f"RunLock({str(path)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
                                 env=ONE_THREAD, stdout=subprocess.PIPE, text=True)
         holders.append(proc)
@@ -90,7 +90,7 @@ def test_the_runs_own_prune_stage_and_a_dead_holder_do_not_block(cli, tmp_path):
     """The pipeline locks its run directory and its prune stage locks prune/ inside it; a lock
     file left by a killed run in a parent folder is no obstacle either."""
     run_dir = tmp_path / "run"
-    killed = subprocess.Popen([sys.executable, "-c", "import time; from curlprune.runlock import RunLock; "
+    killed = subprocess.Popen([sys.executable, "-c", "import time; from curlprune.store.runlock import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
                               env=ONE_THREAD, stdout=subprocess.PIPE, text=True)
     assert killed.stdout.readline().strip() == "held"

@@ -4,7 +4,7 @@ Item 6. Was: an unreachable target, a calibration set larger than the data, a ta
 above 1, a ``--student`` of another architecture or NaN weights each left ``config.json`` (and
 sometimes ``prune/``, a trained ``finetune/``) in the run folder, and the next run there was refused
 ("holds a run with different settings") though nothing had been done. Now every check that can be
-made runs first (:meth:`curlprune.pipeline.Run.preflight`, :func:`curlprune.prune_check.preflight_prune`):
+made runs first (:meth:`curlprune.run.pipeline.Run.preflight`, :func:`curlprune.run.prune_check.preflight_prune`):
 each bad input below is one line and exit 2, a new ``--out`` (with its missing parent folders) does
 not exist afterwards, an existing one holds the same bytes as before, and the corrected command in
 the same folder then succeeds.
@@ -27,10 +27,10 @@ import torch
 import yaml
 from PIL import Image
 
-from curlprune import checkpoint
-from curlprune.data import load_digits_dataset, load_image_folder
+from curlprune.store import checkpoint
+from curlprune.data.data import load_digits_dataset, load_image_folder
 from curlprune.errors import CurlpruneError
-from curlprune.figures import write_report
+from curlprune.report.figures import write_report
 from curlprune.models import build
 
 from trust_support import MODEL, ONE_THREAD, assert_one_line_error, cli, poisoned, raw_checkpoint, teacher  # noqa: F401 (cli, teacher: fixtures)

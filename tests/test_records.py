@@ -1,4 +1,4 @@
-"""The typed records of a run folder (curlprune.records): each one's writer and reader round-trip,
+"""The typed records of a run folder (curlprune.store.records): each one's writer and reader round-trip,
 the JSON is the form earlier versions wrote, files of earlier versions (keys missing) still read,
 and ModelRef is the checkpoint header's model reference."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from curlprune.errors import CurlpruneError
 from curlprune.models import ModelRef
-from curlprune.records import (
+from curlprune.store.records import (
     GroupWidth,
     PruneAccuracy,
     PruneReport,
@@ -25,7 +25,7 @@ from curlprune.records import (
     write_run_summary,
     write_stage_summary,
 )
-from curlprune.rundir import DONE_FILE, REPORT_FILE, SUMMARY_FILE, json_text
+from curlprune.store.rundir import DONE_FILE, REPORT_FILE, SUMMARY_FILE, json_text
 
 from records_support import rewritten
 

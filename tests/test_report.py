@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from curlprune.errors import CurlpruneError
-from curlprune.figures import build_figures, write_report
+from curlprune.report.figures import build_figures, write_report
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = {  # real digits, 30 training images per class: prune -> distill (2 epochs) -> refine (1 epoch)
@@ -33,7 +33,7 @@ TINY = {  # real digits, 30 training images per class: prune -> distill (2 epoch
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
     """A real `curlprune run` on the digits: a teacher trained for a few epochs, then the tiny pipeline."""
-    from curlprune.digits import train_digits_model
+    from curlprune.data.digits import train_digits_model
 
     directory = tmp_path_factory.mktemp("report-run")
     teacher = directory / "teacher.pt"
@@ -121,7 +121,7 @@ def test_measured_latency_appears_in_the_summary(demo_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(demo_run, run)
     report = json.loads((run / "prune" / "report.json").read_text())
-    # the keys curlprune.latency_select.LatencySelection.latency_dict() writes (checked in test_latency)
+    # the keys curlprune.select.latency_select.LatencySelection.latency_dict() writes (checked in test_latency)
     report["selection"]["latency"] = {"achieved_fraction": 0.62, "achieved_ms": 3.1, "reference_ms": 5.0, "batch": 64, "threads": 1}
     (run / "prune" / "report.json").write_text(json.dumps(report))
     built = build_figures(run)

@@ -16,7 +16,7 @@ import pytest
 
 from curlprune.errors import CurlpruneError
 from curlprune.recover import load_label_store
-from curlprune.rundir import (
+from curlprune.store.rundir import (
     DONE_FILE,
     LOG_FILE,
     METRICS_FILE,
@@ -130,7 +130,7 @@ def test_json_forms_are_those_of_the_old_files(old_run, tmp_path):
 
 @pytest.mark.slow
 def test_records_read_and_rewrite_the_old_files_byte_for_byte(old_run, tmp_path):
-    """The typed records (curlprune.records) of 0.1.0's report.json, done.json and summary.json:
+    """The typed records (curlprune.store.records) of 0.1.0's report.json, done.json and summary.json:
     read, then written again, they are the same bytes."""
     run = old_run / "run"
     report, old, new = rewritten(REPORT_FILE, run / "prune", tmp_path / "prune")

@@ -15,12 +15,12 @@ import pytest
 import yaml
 
 from curlprune.errors import CurlpruneError
-from curlprune.prune_config import PruneConfig, canonical_settings
+from curlprune.run.prune_config import PruneConfig, canonical_settings
 from curlprune.recover.distill import DistillConfig
 from curlprune.recover.finetune import FinetuneConfig
 from curlprune.recover.refine import RefineConfig
-from curlprune.run_config import RunConfig, parse_config
-from curlprune.select import Target
+from curlprune.run.run_config import RunConfig, parse_config
+from curlprune.select.search import Target
 from curlprune.validate import RANGES, numeric_fields
 
 from trust_support import MODEL, assert_one_line_error, cli  # noqa: F401 (cli: a fixture)

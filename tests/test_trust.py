@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from curlprune import checkpoint
+from curlprune.store import checkpoint
 from curlprune.errors import CurlpruneError
 from curlprune.models import build
 
@@ -101,7 +101,7 @@ def test_out_under_a_file_is_one_line(cli, tmp_path, teacher, command):
 
 
 def test_check_writable_dir_accepts_new_folders_and_leaves_nothing(tmp_path):
-    from curlprune.runlock import check_writable_dir
+    from curlprune.store.runlock import check_writable_dir
 
     assert check_writable_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
     assert files_under(tmp_path) == []  # the probe is removed, no folder is created
@@ -145,7 +145,7 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, teacher):
 def test_os_error_message_names_the_path_and_what_to_do():
     import errno
 
-    from curlprune.runlock import os_error_message
+    from curlprune.store.runlock import os_error_message
 
     message = os_error_message(OSError(errno.ENOSPC, "No space left on device", "/data/run/model.safetensors"))
     assert message == "cannot write /data/run/model.safetensors: the disk is full: free some space or choose another --out"
@@ -210,7 +210,7 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def test_mixed_16_and_8_bit_pngs_decode_to_uint8_rgb(tmp_path):
-    from curlprune.data import load_image_folder
+    from curlprune.data.data import load_image_folder
 
     rng = np.random.default_rng(0)
     gray16 = rng.integers(0, 65536, size=(8, 8), dtype=np.uint16)
@@ -232,7 +232,7 @@ def test_mixed_16_and_8_bit_pngs_decode_to_uint8_rgb(tmp_path):
 def test_image_that_cannot_become_8_bit_rgb_is_named(tmp_path):
     from PIL import Image
 
-    from curlprune.data import load_image_folder
+    from curlprune.data.data import load_image_folder
 
     folder = tmp_path / "data"
     (folder / "a").mkdir(parents=True)
@@ -244,7 +244,7 @@ def test_image_that_cannot_become_8_bit_rgb_is_named(tmp_path):
 def test_image_size_reads_png_jpeg_and_other_headers_like_pillow():
     from PIL import Image
 
-    from curlprune.data import image_size
+    from curlprune.data.data import image_size
 
     for fmt, mode, size in (("PNG", "RGB", (37, 21)), ("JPEG", "RGB", (45, 19)), ("JPEG", "L", (8, 300)),
                             ("BMP", "RGB", (5, 7)), ("PNG", "I;16", (3, 9))):
@@ -257,7 +257,7 @@ def test_image_size_reads_png_jpeg_and_other_headers_like_pillow():
 def test_decompression_bomb_is_refused_with_its_limit(tmp_path):
     from PIL import Image
 
-    from curlprune.data import MAX_IMAGE_PIXELS, load_image_folder
+    from curlprune.data.data import MAX_IMAGE_PIXELS, load_image_folder
 
     side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
     folder = tmp_path / "data"
@@ -331,7 +331,7 @@ def test_config_value_of_the_wrong_type_is_one_line_before_anything_runs(cli, tm
     ("batch_size: [32]", ("'batch_size'", "[32]", "whole number")),
 ])
 def test_config_values_are_type_checked(tmp_path, text, fragments):
-    from curlprune.run_config import load_config
+    from curlprune.run.run_config import load_config
 
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {MODEL}\nstages: [distill]\ndistill: {{{text}}}\n")
@@ -343,7 +343,7 @@ def test_config_values_are_type_checked(tmp_path, text, fragments):
 
 
 def test_numbers_written_like_1e_4_are_numbers(tmp_path):
-    from curlprune.run_config import load_config
+    from curlprune.run.run_config import load_config
 
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {MODEL}\nstages: [refine]\nrefine: {{lr: 1e-4, epochs: 3.0, warmup_epochs: 1}}\n")
@@ -355,7 +355,7 @@ def test_numbers_written_like_1e_4_are_numbers(tmp_path):
 
 
 def test_check_types_handles_optional_and_lists():
-    from curlprune.prune import PruneConfig
+    from curlprune.run.prune import PruneConfig
     from curlprune.validate import check_types
 
     assert check_types(PruneConfig, {"round_to": None, "protect": ["a"], "target_macs": "50M"}, "x") == \
@@ -372,7 +372,7 @@ def test_same_model_saved_twice_gives_the_same_bytes(tmp_path):
     for name in ("a", "b", "c"):
         checkpoint.save(tmp_path / f"{name}.safetensors", MODEL, {}, model.state_dict(), extra={"x": 1, "y": 2})
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
-    code = (f"import torch; from curlprune import checkpoint; from curlprune.models import build\n"
+    code = (f"import torch; from curlprune.store import checkpoint; from curlprune.models import build\n"
             f"m = build({MODEL!r}); m.load_state_dict(checkpoint.load({str(tmp_path / 'a.safetensors')!r}).state_dict())\n"
             f"checkpoint.save({str(tmp_path / 'd.safetensors')!r}, {MODEL!r}, {{}}, m.state_dict(), extra={{'x': 1, 'y': 2}})")
     subprocess.run([sys.executable, "-c", code], env=ONE_THREAD, check=True, timeout=120)
@@ -381,7 +381,7 @@ def test_same_model_saved_twice_gives_the_same_bytes(tmp_path):
 
 
 def test_content_digest_ignores_header_order_but_not_content(tmp_path):
-    from curlprune.canonical import canonical_bytes, content_digest
+    from curlprune.store.canonical import canonical_bytes, content_digest
 
     tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}
     meta = {f"k{i}": str(i) for i in range(8)}
@@ -441,10 +441,10 @@ def test_two_runs_into_the_same_folder_one_is_refused_naming_the_holder(tmp_path
 
 
 def test_lock_of_a_killed_process_does_not_block(tmp_path):
-    from curlprune.runlock import RunLock
+    from curlprune.store.runlock import RunLock
 
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from curlprune.runlock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from curlprune.store.runlock import RunLock; "
                                f"RunLock({str(run_dir)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
                               env=ONE_THREAD, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -459,7 +459,7 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path):
 
 
 def test_lock_created_folder_is_removed_when_the_run_wrote_nothing(tmp_path):
-    from curlprune.runlock import RunLock
+    from curlprune.store.runlock import RunLock
 
     with RunLock(tmp_path / "new"):
         assert (tmp_path / "new" / ".lock").is_file()
@@ -467,10 +467,10 @@ def test_lock_created_folder_is_removed_when_the_run_wrote_nothing(tmp_path):
 
 
 def test_run_prune_from_python_takes_the_lock_too(tmp_path):
-    """The library path (curlprune.prune.run_prune) locks its folder as the CLI does: a folder in
+    """The library path (curlprune.run.prune.run_prune) locks its folder as the CLI does: a folder in
     use is refused before anything is loaded or written, and a free one is left unlocked after."""
-    from curlprune.prune import PruneConfig, run_prune
-    from curlprune.runlock import RunLock
+    from curlprune.run.prune import PruneConfig, run_prune
+    from curlprune.store.runlock import RunLock
 
     out = tmp_path / "prune"
     config = PruneConfig(criterion="l1", target_macs=0.7, eval_limit=0)

@@ -20,13 +20,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from curlprune import checkpoint
-from curlprune.canonical import canonical_bytes
-from curlprune.data import load_digits_dataset, load_image_folder
+from curlprune.store import checkpoint
+from curlprune.store.canonical import canonical_bytes
+from curlprune.data.data import load_digits_dataset, load_image_folder
 from curlprune.errors import CurlpruneError
 from curlprune.models import build
 from curlprune.recover import load_stage_model
-from curlprune.run_config import load_config, read_config_file
+from curlprune.run.run_config import load_config, read_config_file
 
 from trust_support import (  # noqa: F401 (cli, teacher, trained: fixtures)
     MODEL, TINY, assert_one_line_error, cli, files_under, one_line, poisoned, raw_checkpoint, teacher, trained, write_config,

@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from curlprune import checkpoint
-from curlprune.canonical import canonical_bytes
+from curlprune.store import checkpoint
+from curlprune.store.canonical import canonical_bytes
 from curlprune.cli import main
-from curlprune.digits import train_digits_model
+from curlprune.data.digits import train_digits_model
 
 
 MODEL = "small:resnet-digits"

@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from curlprune.errors import CurlpruneError
-from curlprune.records import PruneReport, RecordError, RunSummary, TrainStep, read_prune_report, read_run_summary, read_stage_summary
+from curlprune.store.records import PruneReport, RecordError, RunSummary, TrainStep, read_prune_report, read_run_summary, read_stage_summary
 from curlprune.recover.registry import stage_names
-from curlprune.rundir import METRICS_FILE, PLAN_FILE, PRUNE_STAGE, REPORT_FILE, RUN_MARKERS, SCORES_FILE, SUMMARY_FILE, atomic_write, holds_run, read_metrics
+from curlprune.store.rundir import METRICS_FILE, PLAN_FILE, PRUNE_STAGE, REPORT_FILE, RUN_MARKERS, SCORES_FILE, SUMMARY_FILE, atomic_write, holds_run, read_metrics
 
 INSIDE_COLOUR, OUTSIDE_COLOUR, KEPT_COLOUR, REMOVED_COLOUR = "C0", "C1", "C2", "C3"
 REPORT_DIR = "report"
@@ -66,7 +66,7 @@ class RunFiles:
             raise _Missing(f"{self._rel(path)} is not readable JSON ({_short(exc)})") from None
 
     def _record(self, read: Callable[[Path], Any], folder: Path) -> Any:
-        """``read(folder)``, a reader of :mod:`curlprune.records`; None when the file is not a JSON object.
+        """``read(folder)``, a reader of :mod:`curlprune.store.records`; None when the file is not a JSON object.
 
         Raises:
             _Missing: the file is missing or not readable JSON (the note says which)."""
@@ -258,8 +258,8 @@ def figure_training(stage: str, records: list[dict]):
 def summary_numbers(run: RunFiles) -> dict[str, Any]:
     """Top-1 (%) by step, and the pruned model's MACs / params / latency as fractions of the unpruned.
 
-    From summary.json (pipeline; :class:`~curlprune.records.RunSummary`) when present, else from the prune
-    report.json (:class:`~curlprune.records.PruneReport`)."""
+    From summary.json (pipeline; :class:`~curlprune.store.records.RunSummary`) when present, else from the prune
+    report.json (:class:`~curlprune.store.records.PruneReport`)."""
     top1: dict[str, float] = {}
     ratios: dict[str, float] = {}
     latency: dict[str, Any] | None = None
@@ -402,7 +402,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     Raises:
         CurlpruneError: ``run_dir`` is not a directory, or holds no curlprune run
-            (:func:`curlprune.rundir.holds_run`: a dataset or an unrelated folder; nothing is written).
+            (:func:`curlprune.store.rundir.holds_run`: a dataset or an unrelated folder; nothing is written).
     """
     root = Path(run_dir)
     if root.is_dir() and not holds_run(root):

@@ -1,4 +1,4 @@
-"""The resumable run of a :class:`~curlprune.run_config.RunConfig`: prune -> distill -> refine (or finetune;
+"""The resumable run of a :class:`~curlprune.run.run_config.RunConfig`: prune -> distill -> refine (or finetune;
 or finetune -> prune -> distill -> refine, a transfer to a new dataset).
 
 Run directory::
@@ -19,7 +19,7 @@ Each stage is skipped when its outputs are complete; a killed run resumes from t
 epoch. Under ``torchrun`` the training stages run on every process (DistributedDataParallel) and
 rank 0 alone prunes and writes the shared files while the other ranks wait.
 
-The file names and the stage-folder protocol are :mod:`curlprune.rundir`'s (``model.safetensors``
+The file names and the stage-folder protocol are :mod:`curlprune.store.rundir`'s (``model.safetensors``
 is a curlprune checkpoint here and in ``prune/``, plain weights in a training stage's folder).
 """
 from __future__ import annotations
@@ -36,22 +36,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from curlprune import checkpoint
-from curlprune import data as datasets
-from curlprune.canonical import content_digest
-from curlprune.cost import count
+from curlprune.store import checkpoint
+from curlprune.data import data as datasets
+from curlprune.store.canonical import content_digest
+from curlprune.cost.cost import count
 from curlprune.errors import CurlpruneError
 from curlprune.models import ModelRef, build, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size, build_with_new_head, weights_classes
-from curlprune.prune import run_prune
-from curlprune.prune_check import preflight_prune
-from curlprune.records import PruneStep, RunSummary, TrainStep, write_run_summary
+from curlprune.run.prune import run_prune
+from curlprune.run.prune_check import preflight_prune
+from curlprune.store.records import PruneStep, RunSummary, TrainStep, write_run_summary
 from curlprune.recover.dist import init_distributed, on_main
 from curlprune.recover.evaluate import check_classes
 from curlprune.recover.registry import get_stage, is_recovery_stage, run_stage
 from curlprune.recover.stage import check_config
-from curlprune.rundir import (
+from curlprune.store.rundir import (
     CONFIG_FILE,
     MODEL_FILE,
     PRUNE_STAGE,
@@ -63,10 +63,10 @@ from curlprune.rundir import (
     read_json,
     write_json,
 )
-from curlprune.runlock import RunLock
-from curlprune.run_config import RunConfig, check_finished_prune, check_same_run, config_to_dict
-from curlprune.runlog import log_stage
-from curlprune.student_check import check_student_fits
+from curlprune.store.runlock import RunLock
+from curlprune.run.run_config import RunConfig, check_finished_prune, check_same_run, config_to_dict
+from curlprune.store.runlog import log_stage
+from curlprune.run.student_check import check_student_fits
 
 # Rank 0 may prune for a long time while the other ranks wait in a collective.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
@@ -81,7 +81,7 @@ def load_data(source: str, train_per_class: int | None, seed: int) -> dict[str, 
         train_per_class: keep a seeded class-balanced subset of this many training images per class.
         seed: seed of the digits split and of the subset.
     Returns:
-        ``{"train", "test"}`` uint8 :class:`~curlprune.data.ImageDataset` s.
+        ``{"train", "test"}`` uint8 :class:`~curlprune.data.data.ImageDataset` s.
     Raises:
         CurlpruneError: the data is missing or malformed.
     """
@@ -111,7 +111,7 @@ class Student:
     @classmethod
     def from_checkpoint(cls, path: Path) -> "Student":
         """The student saved in a curlprune checkpoint, with the checkpoint's path and content digest
-        (:func:`curlprune.canonical.content_digest`: tensors + metadata, not the file's bytes)."""
+        (:func:`curlprune.store.canonical.content_digest`: tensors + metadata, not the file's bytes)."""
         meta = checkpoint.read_metadata(path)
         return cls(checkpoint.load(path), ModelRef.of(meta["model_ref"]), meta["plan"], meta["input_shape"], meta["extra"], str(path), content_digest(path))
 
@@ -213,7 +213,7 @@ class Run:
         """Run (or skip, or resume) every stage; return the summary (``summary.json``'s object;
         typed: :attr:`summary`).
 
-        Rank 0 checks the run directory and locks it (:class:`curlprune.runlock.RunLock`) before
+        Rank 0 checks the run directory and locks it (:class:`curlprune.store.runlock.RunLock`) before
         any data or model is loaded, and holds the lock until the run ends in any way; then every
         check runs (:meth:`preflight`) before the run writes its first byte (``config.json``).
 
@@ -256,7 +256,7 @@ class Run:
     def preflight(self) -> Student | None:
         """Every check that can be made before the run writes anything (issue 18, item 6): a run that
         would fail on its inputs fails here, and the run directory is left as it was (a folder the
-        lock created is removed again, :class:`~curlprune.runlock.RunLock`).
+        lock created is removed again, :class:`~curlprune.store.runlock.RunLock`).
 
         Checked, in order: the run directory holds this run or none (``config.json``), a finished
         ``prune/`` has this run's prune settings; every training stage's batch splits evenly over the
@@ -264,7 +264,7 @@ class Run:
         give the data's classes; a ``--student`` checkpoint (header, finite weights) takes the run's
         input and gives the teacher's classes; the prune stage's target is reachable on the model it
         will prune (floor, protected groups, ``round_to``) and its calibration set fits in the
-        training split (:func:`curlprune.prune_check.preflight_prune`).
+        training split (:func:`curlprune.run.prune_check.preflight_prune`).
 
         Returns:
             What the first training stage starts from (:meth:`initial_student`).
@@ -310,7 +310,7 @@ class Run:
     def initial_student(self) -> Student | None:
         """What the first training stage starts from when there is no prune stage before it; a
         ``--student`` must take the run's input and give the teacher's classes
-        (:func:`curlprune.student_check.check_student_fits`)."""
+        (:func:`curlprune.run.student_check.check_student_fits`)."""
         if PRUNE_STAGE in self.cfg.stages and not self.transfer_first:
             return None
         if self.student_path is not None:
@@ -388,7 +388,7 @@ class Run:
 
         The cost is counted on the last stage's model in memory (it is what its checkpoint holds).
         Returns:
-            The :class:`~curlprune.records.RunSummary`, also kept as :attr:`summary`.
+            The :class:`~curlprune.store.records.RunSummary`, also kept as :attr:`summary`.
         """
         final = Path(results[self.cfg.stages[-1]].checkpoint)
         model = final_student.model

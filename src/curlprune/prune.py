@@ -32,21 +32,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from curlprune import checkpoint
-from curlprune import data as datasets
-from curlprune.allocation import allocate, named_allocation, ranking_scores
+from curlprune.store import checkpoint
+from curlprune.data import data as datasets
+from curlprune.select.allocation import allocate, named_allocation, ranking_scores
 from curlprune.criteria import compute_scores, get, work_items
 from curlprune.errors import CurlpruneError
-from curlprune.latency_select import measured_cost_fn, select_latency
-from curlprune.analysis import check_pruned_cost
+from curlprune.select.latency_select import measured_cost_fn, select_latency
+from curlprune.cost.analysis import check_pruned_cost
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.models import build, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size
-from curlprune.report import console, print_prune_summary
-from curlprune.runlock import RunLock
-from curlprune.runlog import restore_lost_line
-from curlprune.rundir import (
+from curlprune.report.report import console, print_prune_summary
+from curlprune.store.runlock import RunLock
+from curlprune.store.runlog import restore_lost_line
+from curlprune.store.rundir import (
     DONE_FILE,
     LOG_FILE,
     MODEL_FILE,
@@ -58,12 +58,12 @@ from curlprune.rundir import (
     optional_file_digest,
     write_done,
 )
-from curlprune.prune_check import check_calibration_size, check_needs_data, check_reachable
-from curlprune.prune_config import PruneConfig, canonical_settings, scores_fingerprint
-from curlprune.records import GroupWidth, PruneAccuracy, PruneReport, RecordError, read_prune_report, write_prune_report
-from curlprune.scores_io import changed_fingerprint, read_scores, write_scores
-from curlprune.select import Target
-from curlprune.surgery import apply
+from curlprune.run.prune_check import check_calibration_size, check_needs_data, check_reachable
+from curlprune.run.prune_config import PruneConfig, canonical_settings, scores_fingerprint
+from curlprune.store.records import GroupWidth, PruneAccuracy, PruneReport, RecordError, read_prune_report, write_prune_report
+from curlprune.store.scores_io import changed_fingerprint, read_scores, write_scores
+from curlprune.select.search import Target
+from curlprune.surgery.surgery import apply
 from curlprune.validate import check_value
 
 @dataclass
@@ -115,7 +115,7 @@ def run_prune(
     Raises:
         CurlpruneError: ``out_dir`` is not a writable folder or is in use by another process, or
             lies inside a run directory in use (it is checked and locked,
-            :class:`curlprune.runlock.RunLock`, before anything is loaded), bad
+            :class:`curlprune.store.runlock.RunLock`, before anything is loaded), bad
             settings, an unreachable target, missing data, stored scores computed with other
             settings, or a folder that already holds a run (without ``resume``).
 
@@ -216,8 +216,8 @@ def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None,
             example: torch.Tensor) -> tuple[Any, Any]:
     """(select's Selection, what report.json shows: the Selection or the LatencySelection).
 
-    Both targets rank the same scores: the config's allocation (:func:`curlprune.allocation.ranking_scores`;
-    a latency target weighs by MACs), searched by :func:`curlprune.select.select`.
+    Both targets rank the same scores: the config's allocation (:func:`curlprune.select.allocation.ranking_scores`;
+    a latency target weighs by MACs), searched by :func:`curlprune.select.search.select`.
     """
     allocation = named_allocation(config.resolved_allocation(), floor=config.floor, normalize=config.normalize)
     if target is not None:

@@ -120,7 +120,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes (read in 1 MiB blocks).
 
-    For "is this the same model" use :func:`curlprune.canonical.content_digest` (tensors +
+    For "is this the same model" use :func:`curlprune.store.canonical.content_digest` (tensors +
     metadata, independent of the header's layout).
 
     Args:
@@ -260,7 +260,7 @@ def write_done(stage_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
 # ----- settings comparison ------------------------------------------------------------------------
 # Dataclass field metadata: a setting added after run folders were written; config.json leaves it out
 # while it is None, so resuming a folder from an earlier version rewrites nothing
-# (curlprune.run_config.config_to_dict).
+# (curlprune.run.run_config.config_to_dict).
 LATER = {"omit_when_none": True}
 
 

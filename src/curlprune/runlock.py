@@ -12,9 +12,9 @@ errors on them turned into one line.
   the lock of one of its stage folders (the direct subfolders). The run's own stages lock their
   folders inside :meth:`RunLock.stages`.
 * :func:`os_error_message`: the one line for an ``OSError`` met while writing outputs (the run
-  folder's writers, :mod:`curlprune.rundir`, give such errors the file's name).
+  folder's writers, :mod:`curlprune.store.rundir`, give such errors the file's name).
 * :func:`remove_orphans`: the temporary files of writes that a kill interrupted
-  (``.<name>.<random>.tmp`` of :func:`curlprune.rundir.atomic_write`) are removed when a command
+  (``.<name>.<random>.tmp`` of :func:`curlprune.store.rundir.atomic_write`) are removed when a command
   takes the folder's lock again, so a resumed run leaves none behind (issue 18).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 from curlprune.errors import CurlpruneError
 
 LOCK_FILE = ".lock"
-# the temporary files of curlprune.rundir.atomic_write: mkstemp(prefix=".<name>.", suffix=".tmp"), 8 random characters
+# the temporary files of curlprune.store.rundir.atomic_write: mkstemp(prefix=".<name>.", suffix=".tmp"), 8 random characters
 ORPHAN_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 # lock files of run directories whose own stages are running in this context (RunLock.stages)
@@ -62,7 +62,7 @@ def os_error_message(exc: OSError) -> str | None:
     """One line for an environmental ``OSError`` (disk full, read-only, permissions, bad path).
 
     Args:
-        exc: the error; its ``filename`` (set by :mod:`curlprune.rundir`'s writers) is named.
+        exc: the error; its ``filename`` (set by :mod:`curlprune.store.rundir`'s writers) is named.
     Returns:
         "cannot write <path>: <what happened and what to do>", or None for other errors (those are
         bugs and stay loud).

@@ -1,16 +1,16 @@
-"""The ``report`` command: figures and ``index.md`` of a run directory (:mod:`curlprune.figures`)."""
+"""The ``report`` command: figures and ``index.md`` of a run directory (:mod:`curlprune.report.figures`)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from curlprune.errors import CurlpruneError
-from curlprune.figures import REPORT_DIR, write_report
-from curlprune.report import console
+from curlprune.report.figures import REPORT_DIR, write_report
+from curlprune.report.report import console
 
 
 def write_report_and_say(run_dir: str | Path) -> Path:
-    """Write ``run_dir/report/`` (:func:`curlprune.figures.write_report`) and print its path and any notes.
+    """Write ``run_dir/report/`` (:func:`curlprune.report.figures.write_report`) and print its path and any notes.
 
     Args:
         run_dir: a pipeline run directory or a ``curlprune prune --out`` folder.

@@ -2,7 +2,7 @@
 anything (issue 18, item 6): criterion needs data, the target is reachable given floor, protected
 groups and ``round_to`` (no scores needed), the calibration set fits in the training split.
 
-:func:`curlprune.prune.run_prune` runs these checks before scoring; :meth:`curlprune.pipeline.Run.preflight`
+:func:`curlprune.run.prune.run_prune` runs these checks before scoring; :meth:`curlprune.run.pipeline.Run.preflight`
 runs :func:`preflight_prune` before the run folder is claimed.
 """
 from __future__ import annotations
@@ -14,13 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from curlprune.analysis import trace
+from curlprune.cost.analysis import trace
 from curlprune.channels import ChannelGroup
 from curlprune.criteria import get
 from curlprune.errors import CurlpruneError
 from curlprune.models import default_protect
-from curlprune.prune_config import PruneConfig
-from curlprune.select import Target, model_cost_fn, resolve_protect, select
+from curlprune.run.prune_config import PruneConfig
+from curlprune.cost.analysis import model_cost_fn
+from curlprune.select.search import Target, resolve_protect, select
 
 
 @dataclass
@@ -48,7 +49,7 @@ def check_reachable(config: PruneConfig, model_name: str, model: nn.Module, exam
     """Trace ``model`` and check that ``config``'s MACs/params target is reachable (no scores needed).
 
     The smallest reachable cost follows from the floor, the protected groups and ``round_to``
-    alone: :func:`curlprune.select.select` is run on all-zero scores. A latency target is measured
+    alone: :func:`curlprune.select.search.select` is run on all-zero scores. A latency target is measured
     while selecting and is not checked here.
 
     Args:
@@ -93,7 +94,7 @@ def check_calibration_size(config: PruneConfig, splits: dict) -> None:
 
 def preflight_prune(config: PruneConfig, model_name: str, model: nn.Module, example: torch.Tensor, splits: dict) -> Reachable:
     """Every check of the prune stage that needs no scores, for a run that must not write before it
-    is valid (:meth:`curlprune.pipeline.Run.preflight`, issue 18): data needed, target reachable,
+    is valid (:meth:`curlprune.run.pipeline.Run.preflight`, issue 18): data needed, target reachable,
     calibration size. Writes nothing.
 
     Args:
