@@ -9,7 +9,6 @@ them, or the lock object held in this process.
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -22,30 +21,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.run.prune import PruneConfig, run_prune
 from curlprune.store.runlock import RunLock
 
-MODEL = "small:resnet-digits"
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture
-def cli(capsys):
-    def call(*args) -> subprocess.CompletedProcess:
-        from curlprune.cli import main
-
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
-    return call
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("curlprune: error: "), proc.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
+from trust_support import MODEL, ONE_THREAD, assert_one_line_error, cli  # noqa: F401 (cli: a fixture)
 
 
 @pytest.fixture
@@ -79,11 +55,11 @@ def test_prune_resume_into_the_prune_folder_of_a_working_run_is_refused(cli, tmp
     assert cli(*args, "--out", prune_dir).returncode == 0  # the run's finished prune stage
     before = _snapshot(run_dir)
     holder = held(run_dir)  # the run is working
-    line = one_line_error(cli(*args, "--target-macs", "0.4", "--resume", "--out", prune_dir),
+    line = assert_one_line_error(cli(*args, "--target-macs", "0.4", "--resume", "--out", prune_dir),
                           str(run_dir), "in use by another run", f"pid {holder.pid}")
     assert "inside" in line
     for out in (run_dir / "distill", prune_dir / "deeper"):  # any folder inside it, existing or not
-        one_line_error(cli("distill", "--model", MODEL, "--epochs", "1", "--out", out, "--no-report"), f"pid {holder.pid}")
+        assert_one_line_error(cli("distill", "--model", MODEL, "--epochs", "1", "--out", out, "--no-report"), f"pid {holder.pid}")
         assert not out.exists()
     assert _snapshot(run_dir) == before  # nothing under the run was written
 
@@ -106,7 +82,7 @@ def test_a_run_does_not_start_while_a_command_works_in_one_of_its_stage_folders(
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"model": MODEL, "data": "digits", "stages": ["prune"],
                                       "prune": {"criterion": "l1", "target_macs": 0.5, "eval_limit": 0}}))
-    one_line_error(cli("run", config, "--out", run_dir, "--no-report"), "prune", f"pid {holder.pid}")
+    assert_one_line_error(cli("run", config, "--out", run_dir, "--no-report"), "prune", f"pid {holder.pid}")
     assert sorted(p.name for p in run_dir.iterdir()) == ["prune"]  # no config.json, no lock left behind
 
 

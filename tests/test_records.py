@@ -27,6 +27,8 @@ from curlprune.store.records import (
 )
 from curlprune.store.rundir import DONE_FILE, REPORT_FILE, SUMMARY_FILE, json_text
 
+from records_support import rewritten
+
 SELECTION = {"target": {"metric": "macs", "value": 0.5, "absolute": 1000.0}, "top_k": 12, "removed_channels": 12,
              "macs": 990.0, "params": 500, "full_macs": 2000.0, "full_params": 900, "macs_ratio": 0.495,
              "params_ratio": 0.5555, "protected": [], "floor": 0.05, "filled": False, "note": ""}
@@ -66,10 +68,9 @@ def test_prune_report_of_an_earlier_version_reads_and_rewrites_unchanged(tmp_pat
     old = prune_report(allocation=None).to_json()
     assert "allocation" not in old
     (tmp_path / REPORT_FILE).write_text(json_text(old))
-    report = read_prune_report(tmp_path)
+    report, old_bytes, new_bytes = rewritten(REPORT_FILE, tmp_path, tmp_path / "again")
     assert report.allocation is None and report.criterion == "kl" and report.groups["conv1"].after == 9
-    write_prune_report(tmp_path / "again", report)
-    assert (tmp_path / "again" / REPORT_FILE).read_text() == (tmp_path / REPORT_FILE).read_text()
+    assert new_bytes == old_bytes
     # a damaged or partial file: what is missing or of the wrong type reads as None
     (tmp_path / REPORT_FILE).write_text(json.dumps({"model": "m", "accuracy": {"top1_before": "n/a"}, "groups": {"g": 3}}))
     partial = read_prune_report(tmp_path)

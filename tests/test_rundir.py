@@ -16,14 +16,6 @@ import pytest
 
 from curlprune.errors import CurlpruneError
 from curlprune.recover import load_label_store
-from curlprune.store.records import (
-    read_prune_report,
-    read_run_summary,
-    read_stage_summary,
-    write_prune_report,
-    write_run_summary,
-    write_stage_summary,
-)
 from curlprune.store.rundir import (
     DONE_FILE,
     LOG_FILE,
@@ -38,6 +30,8 @@ from curlprune.store.rundir import (
     read_done,
     write_json,
 )
+
+from records_support import rewritten
 
 REPO = Path(__file__).resolve().parents[1]
 OLD_CONFIG = Path(__file__).parent / "data" / "run-v0.1" / "config.yaml"
@@ -139,17 +133,15 @@ def test_records_read_and_rewrite_the_old_files_byte_for_byte(old_run, tmp_path)
     """The typed records (curlprune.store.records) of 0.1.0's report.json, done.json and summary.json:
     read, then written again, they are the same bytes."""
     run = old_run / "run"
-    report = read_prune_report(run / "prune")
+    report, old, new = rewritten(REPORT_FILE, run / "prune", tmp_path / "prune")
     assert report.allocation is None and report.groups  # 0.1.0 wrote no allocation
-    write_prune_report(tmp_path / "prune", report)
-    assert (tmp_path / "prune" / REPORT_FILE).read_bytes() == (run / "prune" / REPORT_FILE).read_bytes()
+    assert new == old
     for stage in ("distill", "refine"):
-        summary = read_stage_summary(run / stage)
+        summary, old, new = rewritten(DONE_FILE, run / stage, tmp_path / stage)
         assert summary.stage == stage and summary.config is not None
-        write_stage_summary(tmp_path / stage, summary)
-        assert (tmp_path / stage / DONE_FILE).read_bytes() == (run / stage / DONE_FILE).read_bytes()
-    write_run_summary(tmp_path, read_run_summary(run))
-    assert (tmp_path / SUMMARY_FILE).read_bytes() == (run / SUMMARY_FILE).read_bytes()
+        assert new == old
+    _, old, new = rewritten(SUMMARY_FILE, run, tmp_path)
+    assert new == old
 
 
 def test_write_json_only_if_changed_leaves_an_equal_file_alone(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 
 import pytest
 import yaml
@@ -24,32 +23,7 @@ from curlprune.run.run_config import RunConfig, parse_config
 from curlprune.select.search import Target
 from curlprune.validate import RANGES, numeric_fields
 
-MODEL = "small:resnet-digits"
-
-
-@pytest.fixture
-def cli(capsys):
-    """``curlprune ARGS`` in this process: a CompletedProcess-like result."""
-
-    def call(*args) -> subprocess.CompletedProcess:
-        from curlprune.cli import main
-
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
-    return call
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("curlprune: error: "), proc.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
+from trust_support import MODEL, assert_one_line_error, cli  # noqa: F401 (cli: a fixture)
 
 # ------------------------------------------------------------------------------------------------
 # ambiguous targets
@@ -70,7 +44,7 @@ def test_fractions_and_counts_still_parse(text, value):
 def test_the_command_refuses_an_ambiguous_target_before_writing(cli, tmp_path):
     """Was: read as 1.5 MACs and refused as "target 2 macs (2) is not reachable"."""
     out = tmp_path / "p"
-    one_line_error(cli("prune", "--model", MODEL, "--criterion", "l1", "--target-macs", "1.5", "--out", out), "ambiguous", "1.5")
+    assert_one_line_error(cli("prune", "--model", MODEL, "--criterion", "l1", "--target-macs", "1.5", "--out", out), "ambiguous", "1.5")
     assert not out.exists()
     with pytest.raises(CurlpruneError, match="ambiguous"):
         parse_config({"model": MODEL, "stages": ["prune"], "prune": {"target_params": 3}})
@@ -188,5 +162,5 @@ def test_out_of_range_options_stop_before_anything_is_written(cli, tmp_path, arg
     """Was: a scikit-learn traceback ("random_state ... must be an int in the range [0, 4294967295]") after loading."""
     out = tmp_path / "out"
     proc = cli(*argv, "--out", out, "--no-report")
-    one_line_error(proc, "must be")
+    assert_one_line_error(proc, "must be")
     assert "Traceback" not in proc.stderr and not out.exists()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -31,8 +30,8 @@ from curlprune.errors import CurlpruneError
 from curlprune.models import build
 from curlprune.store import checkpoint
 
-MODEL = "small:resnet-digits"
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+from trust_support import MODEL, ONE_THREAD, assert_one_line_error, cli, files_under, teacher  # noqa: F401 (cli, teacher: fixtures)
+
 TINY = {  # real digits, 50 training images per class; runs in seconds
     "model": MODEL,
     "data": "digits",
@@ -50,48 +49,11 @@ def curlprune(*args: str, timeout: float = 300, **kwargs) -> subprocess.Complete
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-@pytest.fixture
-def cli(capsys):
-    """``curlprune ARGS`` in this process (no interpreter start-up): a CompletedProcess-like result."""
-
-    def call(*args) -> subprocess.CompletedProcess:
-        from curlprune.cli import main
-
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
-    return call
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Exit 2, no traceback, one line on stderr that contains every fragment."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("curlprune: error: "), proc.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(train_digits_model(seed=0).state_dict(), path)
-    return path
-
-
 def tiny_config(directory: Path, teacher: Path, run_dir: Path | None = None, **changes) -> Path:
     content = {**TINY, "weights": str(teacher), "run_dir": str(run_dir or directory / "run"), **changes}
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump({k: v for k, v in content.items() if v is not None}))
     return path
-
-
-def files_under(path: Path) -> list[str]:
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
 
 
 # ---------------------------------------------------------------- private tmpfs (full / read-only)

@@ -29,7 +29,7 @@ from curlprune.store import checkpoint
 from curlprune.store.canonical import canonical_bytes
 
 from trust_support import (  # noqa: F401 (cli, teacher, trained: fixtures)
-    MODEL, TINY, assert_one_line_error, cli, files_under, one_line, teacher, trained, write_config,
+    MODEL, TINY, assert_one_line_error, cli, files_under, one_line, poisoned, raw_checkpoint, teacher, trained, write_config,
 )
 
 
@@ -178,27 +178,9 @@ def test_yaml_merge_keys_and_distinct_nested_keys_are_accepted(tmp_path):
 
 
 # ================================================================ 5. NaN / inf in weights that are read
-def _poison(state: dict, value: float) -> tuple[dict, str]:
-    state = {k: v.clone() for k, v in state.items()}
-    name = "layer1.0.conv2.weight"
-    state[name].view(-1)[3] = value
-    return state, name
-
-
-def _raw_checkpoint(path: Path, state: dict) -> Path:
-    """A curlprune checkpoint written past curlprune.save's own check (as a damaged or foreign file would be)."""
-    clean = path.with_suffix(".clean.safetensors")
-    checkpoint.save(clean, MODEL, {}, {k: torch.zeros_like(v) for k, v in state.items()})
-    metadata = checkpoint.read_metadata(clean)
-    header = {"curlprune_format": "1", **{k: json.dumps(v) for k, v in metadata.items()}}
-    path.write_bytes(canonical_bytes(state, header))
-    clean.unlink()
-    return path
-
-
 @pytest.mark.parametrize("suffix, value", [(".pt", float("nan")), (".safetensors", float("inf"))])
 def test_teacher_weights_with_nan_or_inf_are_one_line_naming_the_tensor(cli, tmp_path, teacher, suffix, value):
-    state, name = _poison(torch.load(teacher, weights_only=True), value)
+    state, name = poisoned(torch.load(teacher, weights_only=True), value)
     bad = tmp_path / f"teacher{suffix}"
     torch.save(state, bad) if suffix == ".pt" else save_file(state, bad)
     kind = "NaN" if value != value else "inf"
@@ -212,8 +194,8 @@ def test_teacher_weights_with_nan_or_inf_are_one_line_naming_the_tensor(cli, tmp
 
 
 def test_checkpoint_with_nan_is_refused_by_load_export_count_and_student(cli, tmp_path, teacher):
-    state, name = _poison(torch.load(teacher, weights_only=True), float("nan"))
-    ckpt = _raw_checkpoint(tmp_path / "model.safetensors", state)
+    state, name = poisoned(torch.load(teacher, weights_only=True), float("nan"))
+    ckpt = raw_checkpoint(tmp_path / "model.safetensors", state)
     with pytest.raises(CurlpruneError) as info:
         checkpoint.load(ckpt)
     one_line(info, str(ckpt), name, "NaN")
@@ -228,7 +210,7 @@ def test_stage_weights_with_inf_are_one_line(tmp_path, teacher, trained):
     run = tmp_path / "distill"
     shutil.copytree(trained["distill"], run)
     weights = run / "distill" / "model.safetensors"
-    state, name = _poison(load_file(str(weights)), float("inf"))
+    state, name = poisoned(load_file(str(weights)), float("inf"))
     save_file(state, str(weights))
     with pytest.raises(CurlpruneError) as info:
         load_stage_model(build(MODEL), run, "distill")

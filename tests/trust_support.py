@@ -1,7 +1,9 @@
-"""Shared by the issue-18 trust tests (tests/test_trust_inputs.py, tests/test_trust_runs.py): the
-in-process CLI, the one-line error check, and real digits models and run folders built once per module."""
+"""Shared by the trust tests (tests/test_trust.py, test_trust_inputs.py, test_trust_runs.py,
+test_settings.py, test_nested_lock.py, test_preflight.py): the in-process CLI, the one-line error
+check, weights with NaN/inf, and real digits models and run folders built once per module."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +13,8 @@ import pytest
 import torch
 import yaml
 
+from curlprune.store import checkpoint
+from curlprune.store.canonical import canonical_bytes
 from curlprune.cli import main
 from curlprune.data.digits import train_digits_model
 
@@ -60,6 +64,25 @@ def teacher(tmp_path_factory) -> Path:
 
 def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+def poisoned(state: dict, value: float) -> tuple[dict, str]:
+    """A copy of the state dict with one value of one tensor set to ``value`` (NaN, inf); and that tensor's name."""
+    state = {k: v.clone() for k, v in state.items()}
+    name = "layer1.0.conv2.weight"
+    state[name].view(-1)[3] = value
+    return state, name
+
+
+def raw_checkpoint(path: Path, state: dict) -> Path:
+    """A curlprune checkpoint written past curlprune.save's own check (as a damaged or foreign file would be)."""
+    clean = path.with_suffix(".clean.safetensors")
+    checkpoint.save(clean, MODEL, {}, {k: torch.zeros_like(v) for k, v in state.items()})
+    metadata = checkpoint.read_metadata(clean)
+    header = {"curlprune_format": "1", **{k: json.dumps(v) for k, v in metadata.items()}}
+    path.write_bytes(canonical_bytes(state, header))
+    clean.unlink()
+    return path
 
 
 TINY = {  # real digits, 50 training images per class (as tests/test_trust.py)

@@ -16,7 +16,7 @@ def write_report_and_say(run_dir: str | Path) -> Path:
     Returns:
         The path of ``index.md``.
     Raises:
-        CurlpruneError: ``run_dir`` is not a directory.
+        CurlpruneError: ``run_dir`` is not a directory or holds no curlprune run (nothing is written).
     """
     if not Path(run_dir).is_dir():
         raise CurlpruneError(f"{run_dir} is not a directory: pass a run directory (curlprune run) or a prune --out folder")

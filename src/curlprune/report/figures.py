@@ -31,6 +31,7 @@ from curlprune.store import (
     PLAN_FILE,
     PRUNE_STAGE,
     REPORT_FILE,
+    RUN_MARKERS,
     SCORES_FILE,
     SUMMARY_FILE,
     PruneReport,
@@ -38,6 +39,7 @@ from curlprune.store import (
     RunSummary,
     TrainStep,
     atomic_write,
+    holds_run,
     read_metrics,
     read_prune_report,
     read_run_summary,
@@ -421,9 +423,13 @@ def write_report(run_dir: str | Path) -> Path:
     Files are written atomically (a reader never sees half a PNG or index).
 
     Raises:
-        CurlpruneError: ``run_dir`` is not a directory.
+        CurlpruneError: ``run_dir`` is not a directory, or holds no curlprune run
+            (:func:`curlprune.store.rundir.holds_run`: a dataset or an unrelated folder; nothing is written).
     """
     root = Path(run_dir)
+    if root.is_dir() and not holds_run(root):
+        raise CurlpruneError(f"{root} holds no curlprune run (no {', '.join(RUN_MARKERS[:-1])} or {RUN_MARKERS[-1]}): "
+                             "point it at a run folder (the --out of curlprune run, prune or a training stage, e.g. runs/demo)")
     built = build_figures(root)
     out = root / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)

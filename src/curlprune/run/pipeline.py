@@ -42,10 +42,12 @@ from curlprune.errors import CurlpruneError
 from curlprune.models import ModelRef, build, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size, build_with_new_head, weights_classes
+from curlprune.run.prune_check import preflight_prune
 from curlprune.recover.dist import init_distributed, on_main
 from curlprune.recover.evaluate import check_classes
 from curlprune.recover.early_stop import check_early_stop_data
 from curlprune.recover.registry import get_stage, is_recovery_stage, run_stage
+from curlprune.recover.stage import check_config
 from curlprune.run.prune import run_prune
 from curlprune.run.run_config import RunConfig, check_finished_prune, check_same_run, config_to_dict
 from curlprune.run.student_check import check_student_fits
@@ -243,7 +245,8 @@ class Run:
         typed: :attr:`summary`).
 
         Rank 0 checks the run directory and locks it (:class:`curlprune.store.runlock.RunLock`) before
-        any data or model is loaded, and holds the lock until the run ends in any way.
+        any data or model is loaded, and holds the lock until the run ends in any way; then every
+        check runs (:meth:`preflight`) before the run writes its first byte (``config.json``).
 
         Returns:
             The summary: per-stage records, final MACs/params and their ratios to the unpruned
@@ -252,8 +255,9 @@ class Run:
             CurlpruneError: bad combination of student and stages, a run directory that is not a
                 writable folder, is in use by another process (also: lies inside a run directory
                 in use, or a stage folder of it is in use) or holds another run, a teacher that does not fit the data,
-                a student checkpoint that is damaged or does not fit the run (both before anything is written), or
-                any stage's own errors.
+                a student checkpoint that is damaged or does not fit the run, a prune target that cannot be
+                reached or a calibration set larger than the data (all of these before anything is written,
+                :meth:`preflight`), or any stage's own errors.
         """
         if self.student_path is not None and PRUNE_STAGE in self.cfg.stages:
             raise CurlpruneError("a starting student cannot be combined with a prune stage: drop --student or the prune stage")
@@ -268,13 +272,8 @@ class Run:
 
     def _run_stages(self) -> dict[str, Any]:
         """The stages of :meth:`run`, with the run directory locked."""
-        check_classes("teacher", self.teacher, self.data, self.spec, torch.device("cpu"), channels_last=False)
-        for stage in self.cfg.stages:  # before anything is written
-            if is_recovery_stage(stage):
-                check_early_stop_data(stage, self.cfg.sections[stage], self.data)
-        self.base_cost = count(self.teacher, self.example_input)
-        student = self.initial_student()  # read and checked before anything is written (issue 18)
-        on_main(self.ctx, self._claim_run_dir)
+        student = self.preflight()
+        on_main(self.ctx, self._claim_run_dir)  # the first byte the run writes
         results: dict[str, PruneStep | TrainStep] = {}
         for stage in self.cfg.stages:
             if stage == PRUNE_STAGE:
@@ -285,26 +284,69 @@ class Run:
                     self._teacher = copy.deepcopy(student.model).eval()
         return self.summarize(results, student).to_json()
 
-    def _claim_run_dir(self) -> None:
-        """Check that the run directory holds this run (or none); a new one gets ``config.json`` now,
-        an existing one when the run completes, so a rerun that fails changes nothing."""
-        current = config_to_dict(self.cfg)
+    def preflight(self) -> Student | None:
+        """Every check that can be made before the run writes anything (issue 18, item 6): a run that
+        would fail on its inputs fails here, and the run directory is left as it was (a folder the
+        lock created is removed again, :class:`~curlprune.store.runlock.RunLock`).
+
+        Checked, in order: the run directory holds this run or none (``config.json``), a finished
+        ``prune/`` has this run's prune settings; every training stage's batch splits evenly over the
+        processes (:func:`curlprune.recover.stage.check_config`); the data loads and the teacher's weights (finite)
+        give the data's classes; a ``--student`` checkpoint (header, finite weights) takes the run's
+        input and gives the teacher's classes; the prune stage's target is reachable on the model it
+        will prune (floor, protected groups, ``round_to``) and its calibration set fits in the
+        training split (:func:`curlprune.run.prune_check.preflight_prune`).
+
+        Returns:
+            What the first training stage starts from (:meth:`initial_student`).
+        Raises:
+            CurlpruneError: the first check that fails, in one line.
+        """
+        on_main(self.ctx, self._check_run_dir)
+        for stage in filter(is_recovery_stage, self.cfg.stages):
+            check_config(self.cfg.sections[stage], self.ctx)  # e.g. a global batch that does not split over the processes
+        check_classes("teacher", self.teacher, self.data, self.spec, torch.device("cpu"), channels_last=False)
+        for stage in filter(is_recovery_stage, self.cfg.stages):
+            check_early_stop_data(stage, self.cfg.sections[stage], self.data)  # early stopping needs a validation split
+        on_main(self.ctx, lambda: self._check_val_split(write=False))  # a rerun draws the split it started with
+        self.base_cost = count(self.teacher, self.example_input)
+        student = self.initial_student()
+        if PRUNE_STAGE in self.cfg.stages:
+            on_main(self.ctx, self._preflight_prune)
+        return student
+
+    def _preflight_prune(self) -> None:
+        """The prune stage's checks on the model it will prune: the teacher's architecture (with the
+        task's classifier in a transfer). Returns None: under torchrun rank 0's result is sent to the others."""
+        preflight_prune(self.cfg.sections[PRUNE_STAGE], self.cfg.model, self.teacher, self.example_input, self.data)
+
+    def _check_run_dir(self) -> None:
+        """The run directory holds this run or none, and a finished prune stage in it has this run's settings."""
         config_file = self.run_dir / CONFIG_FILE
         if config_file.is_file():
             try:
                 previous = json.loads(config_file.read_text())
             except json.JSONDecodeError:
                 raise CurlpruneError(f"{config_file} is damaged: delete it (the stages check their own settings)") from None
-            check_same_run(previous, current, self.run_dir)
-            self._check_val_split()
+            check_same_run(previous, config_to_dict(self.cfg), self.run_dir)
+        if PRUNE_STAGE in self.cfg.stages:
+            check_finished_prune(self.run_dir / PRUNE_STAGE, self.cfg.sections[PRUNE_STAGE])
+
+    def _claim_run_dir(self) -> None:
+        """After :meth:`preflight`: a new run directory gets ``config.json`` (and ``val_split.json``)
+        now, an existing one when the run completes, so a rerun that fails changes nothing."""
+        config_file = self.run_dir / CONFIG_FILE
+        if config_file.is_file():
+            self._check_val_split()  # a run folder from before the split record gets it now
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._check_val_split()
-        write_json(config_file, current, only_if_changed=True)
+        write_json(config_file, config_to_dict(self.cfg), only_if_changed=True)
 
-    def _check_val_split(self) -> None:
+    def _check_val_split(self, write: bool = True) -> None:
         """The run keeps the validation split it started with: ``val_split.json`` is written with the
-        first split drawn, and a rerun must draw the same one (:func:`curlprune.data.valsplit.check_split_record`)."""
+        first split drawn (unless ``write`` is False), and a rerun must draw the same one
+        (:func:`curlprune.data.valsplit.check_split_record`)."""
         path = self.run_dir / SPLIT_FILE
         current = self._val_record or {"train_images": None, "indices": None, "sha256": None}
         if path.is_file():
@@ -313,7 +355,7 @@ class Run:
             except CurlpruneError:
                 raise CurlpruneError(f"{path} is damaged: delete {self.run_dir} to run again") from None
             check_split_record(previous, current, str(path))
-        elif self._val_record is not None:
+        elif write and self._val_record is not None:
             write_json(path, self._val_record, only_if_changed=True)
 
     def initial_student(self) -> Student | None:

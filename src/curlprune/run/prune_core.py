@@ -17,20 +17,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from curlprune.select.allocation import allocate, named_allocation, ranking_scores
-from curlprune.cost.analysis import check_pruned_cost, trace
 from curlprune.channels import ChannelGroup, Plan
+from curlprune.cost import check_pruned_cost, model_cost_fn
 from curlprune.criteria import compute_scores, get, work_items
-from curlprune.errors import CurlpruneError
-from curlprune.select.latency_select import measured_cost_fn, select_latency
+from curlprune.recover.bn import bn_layers, recalibrate_bn
+from curlprune.report import console, print_prune_summary
+from curlprune.run.prune_check import check_target_reachable, traced_groups
 from curlprune.run.prune_config import PruneConfig
 from curlprune.run.prune_data import PruneImages
-from curlprune.store.records import GroupWidth, PruneAccuracy, PruneReport
-from curlprune.recover.bn import bn_layers, recalibrate_bn
-from curlprune.report.report import console, print_prune_summary
-from curlprune.cost.analysis import model_cost_fn
-from curlprune.select.search import Target, resolve_protect, select
+from curlprune.select import Target, allocate, measured_cost_fn, named_allocation, ranking_scores, resolve_protect, select_latency
 from curlprune.select.limits import resolve_limits
+from curlprune.store import GroupWidth, PruneAccuracy, PruneReport
 from curlprune.surgery.keep_class import fallback_message, slice_model
 
 Scores = dict[str, np.ndarray]
@@ -94,14 +91,14 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     (defaults: 256 calibration images, BN re-estimation on 2,048 training images).
     """
     criterion = get(config.criterion)
-    groups = _trace(model, example)
+    groups = traced_groups(model, example)
     target = config.target()
     protect = resolve_protect(groups, config.protect) if config.protect is not None else (
         default_protect(model, groups) if default_protect else [])
     limits = resolve_limits(groups, config.max_ratio or {})
     cost_fn = model_cost_fn(model, example, groups)
     if target is not None:
-        _check_reachable(groups, cost_fn, target, config, protect, limits)  # before anything slow is done
+        check_target_reachable(groups, cost_fn, target, config, protect, limits)  # before anything slow is done
     images = images() if callable(images) else images
     calib, labels = images.calibration(config.calib, config.seed, config.criterion) if criterion.needs_data else (None, None)
     compute = lambda: _compute(config, model, groups, calib, labels, show)  # noqa: E731
@@ -124,24 +121,10 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     return Pruned(pruned, selection.plan, groups, scores, report, chosen)
 
 
-def _trace(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
-    groups = trace(model, example)
-    if not any(g.prunable for g in groups):
-        reasons = "; ".join(sorted({g.reason for g in groups if g.reason})[:3])
-        raise CurlpruneError(f"the model has no prunable channel group ({reasons}): nothing can be pruned")
-    return groups
-
-
 def _timed(compute: Callable[[], Scores]) -> tuple[Scores, bool, float]:
     started = time.time()
     scores = compute()
     return scores, False, time.time() - started
-
-
-def _check_reachable(groups, cost_fn, target: Target, config: PruneConfig, protect: list[str], limits: dict[str, float]) -> None:
-    """Raise the impossible-target error before scoring: reachability does not depend on scores."""
-    zeros = {g.name: np.zeros(g.width) for g in groups if g.prunable}
-    select(groups, zeros, cost_fn, target, floor=config.floor, protect=protect, round_to=config.round_to, limits=limits)
 
 
 def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None, protect: list[str], limits: dict[str, float],

@@ -40,7 +40,7 @@ __all__ = [
     "CHECKPOINT_FILE", "CONFIG_FILE", "DONE_FILE", "LOG_FILE", "METRICS_FILE", "MODEL_FILE", "PLAN_FILE",
     "PRUNE_STAGE", "REPORT_FILE", "SCORES_FILE", "STAGE_CHECKPOINT_FILE", "STATE_FILE", "STUDENT_FILE", "SUMMARY_FILE",
     "append_jsonl", "atomic_write", "atomic_write_text", "changed_settings", "check_same_settings",
-    "copy_if_changed", "file_digest", "is_done", "jsonl_text", "optional_file_digest", "read_done", "read_metrics",
+    "copy_if_changed", "file_digest", "holds_run", "is_done", "jsonl_text", "optional_file_digest", "read_done", "read_metrics",
     "read_json", "write_done", "write_json",
 ]
 
@@ -65,6 +65,16 @@ REPORT_FILE = "report.json"  # prune: selection, costs, accuracy
 PRUNE_STAGE = "prune"
 """The prune stage's name in a run config and its folder ``<run_dir>/prune/`` (a recovery stage's
 folder is its registered name, :mod:`curlprune.recover.registry`)."""
+RUN_MARKERS = (CONFIG_FILE, SUMMARY_FILE, DONE_FILE, LOG_FILE, METRICS_FILE, STATE_FILE, SCORES_FILE, PLAN_FILE, REPORT_FILE)
+"""Files of which a folder that holds a curlprune run has at least one at its top: a run directory
+(``config.json`` from its start), a ``prune --out`` folder or a stage folder, also one a kill cut short."""
+
+
+def holds_run(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a curlprune run: a run directory, a ``prune --out`` folder or a stage
+    folder (one of :data:`RUN_MARKERS` at its top), finished or not. A dataset folder, an empty
+    folder or one of other files does not (``curlprune report`` writes nothing there, issue 18)."""
+    return any((Path(folder) / name).is_file() for name in RUN_MARKERS)
 
 
 # ----- writing ----------------------------------------------------------------------------------

@@ -149,14 +149,15 @@ class RunLock:
     holder's details; a held lock is a :class:`CurlpruneError` naming its holder, and so is a held
     lock of a folder it lies inside (a run directory at work) or of one of its direct subfolders
     (a command at work in a stage folder). ``release()`` removes the lock file (and the folder when
-    the lock created it and nothing else was written). Usable as a context manager.
+    the lock created it and nothing else was written; so are the missing parents it created).
+    Usable as a context manager.
     """
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self._fd: int | None = None
-        self._created_dir = False
+        self._created: list[Path] = []  # the folders acquire() created, deepest first
 
     def acquire(self) -> "RunLock":
         """Check the folder, create it if needed and take the lock without waiting; then remove the
@@ -172,7 +173,7 @@ class RunLock:
         if self._fd is not None:
             return self
         check_writable_dir(self.run_dir)
-        self._created_dir = not self.run_dir.exists()
+        self._created = [folder for folder in (self.run_dir, *self.run_dir.parents) if not folder.exists()]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -220,8 +221,9 @@ class RunLock:
             _OWN_STAGES.reset(token)
 
     def release(self) -> None:
-        """Remove the lock file and drop the lock (a no-op when not held); a folder the lock created
-        is removed again when nothing else was written into it."""
+        """Remove the lock file and drop the lock (a no-op when not held); the folders the lock
+        created (the run directory and any missing parents) are removed again when nothing else was
+        written into them, so a command that fails before writing leaves no trace (issue 18)."""
         if self._fd is None:
             return
         try:
@@ -233,11 +235,11 @@ class RunLock:
         self._cleanup_dir()
 
     def _cleanup_dir(self) -> None:
-        if self._created_dir:
+        for folder in self._created:
             try:
-                self.run_dir.rmdir()  # only when empty: the run wrote nothing
+                folder.rmdir()  # only when empty: the run wrote nothing there
             except OSError:
-                pass
+                return
 
     @property
     def held(self) -> bool:
