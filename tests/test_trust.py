@@ -25,7 +25,6 @@ import pytest
 import torch
 import yaml
 
-from curlprune.data.digits import train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.models import build
 from curlprune.store import checkpoint
