@@ -17,6 +17,7 @@ A package of passes over a torch.fx trace, one job per file (like torch.fx's own
     reparam.py       reparametrised weights (weight norm, spectral norm, parametrizations)
     channel_pass.py  the pass itself: dispatch over the graph
     groups.py        from slot classes to ChannelGroups (members, units)
+    op_cost.py       the per-op MACs/params counter (CostTerm, CostMode) of the shape pass and count
 
 It only finds groups; their costs and the cached analysis (``trace``, ``analyse``, ``plan_cost``)
 are in :mod:`curlprune.cost.analysis`, which sits above this package and the cost table.
