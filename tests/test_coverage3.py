@@ -6,6 +6,7 @@ dense-prediction models.
 2. ConvNeXt-V2's global response norm: its normaliser is a mean over channels, so its channels
    stay whole, with that reason (checked numerically);
 3. fixed per-channel filters (timm BlurPool2d) pass channels through, the filter buffer sliced;
+   GCNet's matmul over H*W and CoordAttention's split along H / W do not mix channels;
 4. ``out[:, :oup]`` after a cat (GhostNet's GhostModule with odd ``oup``): a constant channel range;
 5. torchvision segmentation models (dict outputs) and detector backbones with an FPN.
 
@@ -26,7 +27,8 @@ from curlprune.errors import CurlpruneError
 from curlprune.surgery.surgery import apply
 
 timm = pytest.importorskip("timm", reason="timm (optional extra) is not installed")
-from timm.layers import BlurPool2d, ScaledStdConv2d, StdConv2d, StdConv2dSame  # noqa: E402
+from timm.layers import BlurPool2d, GlobalContext, ScaledStdConv2d, StdConv2d, StdConv2dSame  # noqa: E402
+from timm.layers.coord_attn import CoordAttn  # noqa: E402
 from timm.layers.grn import GlobalResponseNorm  # noqa: E402
 
 
@@ -314,3 +316,46 @@ def test_kl_on_a_segmentation_model_is_refused_naming_the_weight_criteria(criter
     assert "l1" in message and "bn" in message and "random" in message and "kl-approx" not in message.split(": ")[-1]
     scores = compute_scores("l1", model, groups, images=x)  # a weight criterion works there
     assert set(scores) == {g.name for g in groups if g.prunable}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3b. ops that contract or split only spatial dims
+
+
+class WithAttention(nn.Module):
+    """conv(3->16) -> BN -> ReLU -> attention block (GCNet's GlobalContext or CoordAttn) -> conv(16->8)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.block = block
+        self.b = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.block(F.relu(self.bn(self.a(x)))))
+
+
+def _attention_blocks():
+    return {
+        "global_context": GlobalContext(16, use_attn=True, fuse_add=True, fuse_scale=True),
+        "coord_attn": CoordAttn(16),
+    }
+
+
+@pytest.mark.parametrize("block", ["global_context", "coord_attn"])
+def test_spatial_only_attention_passes_channels_through(block):
+    model = randomise(WithAttention(_attention_blocks()[block]))
+    x = torch.randn(2, 3, 8, 6)  # H != W: CoordAttn's split along H / W
+    groups = by_name(trace(model, x))
+    assert groups["a"].prunable, groups["a"].reason
+    check_invariants(model, x, list(groups.values()), plans=4)
+
+
+def test_gcresnet33ts():
+    model = randomise(timm.create_model("gcresnet33ts", pretrained=False))
+    x = torch.randn(1, 3, 64, 64)
+    groups = trace(model, x)
+    assert sum(g.prunable for g in groups) >= 25
+    assert not any("matmul" in g.reason for g in groups)
+    check_invariants(model, x, groups, plans=1)
