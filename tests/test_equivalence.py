@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
 import torchvision
 from torch import nn
 
@@ -66,8 +67,12 @@ def make_model(name: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
+def relative_error(a, b) -> float:
+    """Largest relative difference over the tensors of two outputs (a tensor, or a dict/tuple of them:
+    segmentation models, detector backbones with an FPN)."""
+    left, right = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    assert len(left) == len(right) and all(p.shape == q.shape for p, q in zip(left, right))
+    return max(float((p - q).abs().max() / q.abs().max()) for p, q in zip(left, right))
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -20,7 +20,7 @@ scores fingerprint, the allocation defaults and the ``prune`` command all read i
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -144,6 +144,33 @@ def get(name: str) -> Criterion:
     return CRITERIA[name]
 
 
+def check_logits(name: str, model: nn.Module, images: torch.Tensor) -> None:
+    """Refuse a criterion that reads class probabilities on a model without a single logits output.
+
+    Args:
+        name: the criterion; model: the model to score; images: ``[N, C, H, W]`` calibration batch
+            (one image is run, in eval mode, without gradients).
+
+    Raises:
+        CurlpruneError: the model's output is not one ``[N, classes]`` tensor (a dict, tuple, or a
+            dense ``[N, K, H, W]`` map); the message names the criteria that read only weights.
+    """
+    with torch.no_grad(), eval_mode(model):
+        out = model(images[:1])
+    if isinstance(out, torch.Tensor) and out.dim() == 2:
+        return
+    if isinstance(out, torch.Tensor):
+        got = f"a tensor of shape {list(out.shape)}"
+    else:
+        kind = "dict" if isinstance(out, Mapping) else "tuple" if isinstance(out, (tuple, list)) else type(out).__name__
+        got = f"a {kind} of {len(out) if hasattr(out, '__len__') else 'several'} outputs"
+    working = ", ".join(c.name for c in CRITERIA.values() if not c.needs_logits)
+    raise CurlpruneError(
+        f"criterion {name!r} needs a classifier whose output is one [N, classes] logits tensor, but the model returns {got} "
+        f"(dense or several outputs); use a criterion that reads only the weights: {working}"
+    )
+
+
 def compute_scores(
     name: str,
     model: nn.Module,
@@ -188,6 +215,8 @@ def compute_scores(
     values = {"seed": seed, **options}
     kwargs = {option.argument: values.get(option.name, option.default) for option in criterion.options}
     kwargs.update({k: v for k, v in options.items() if k not in criterion.defaults()})
+    if criterion.needs_logits:
+        check_logits(name, model, images)
     if criterion.needs_data:
         kwargs["images"] = images
     if criterion.needs_labels:
@@ -217,14 +246,15 @@ _BUDGET = Option("budget_mb", float(DEFAULT_BUDGET_MB), "memory (MiB) for the st
 
 for _criterion in (
     Criterion("kl", kl_scores, "CURL: KL(q_masked || p) per channel, exact", needs_data=True,
-              options=(_BUDGET,), work=unit_count, one_scale=True),
+              options=(_BUDGET,), work=unit_count, one_scale=True, needs_logits=True),
     Criterion("kl-approx", kl_approx_scores, "Fisher (2nd-order) approximation of the KL score from a few backward passes",
-              needs_data=True, work=unit_count, one_scale=True,
+              needs_data=True, work=unit_count, one_scale=True, needs_logits=True,
               options=(_BUDGET, Option("approx_classes", DEFAULT_APPROX_CLASSES, "most probable classes in its Fisher sum",
                                        keyword="classes"))),
     Criterion("l1", l1_scores, "L1 norm of the producing filters"),
     Criterion("bn", bn_scores, "|gamma| of the group's batch norms"),
-    Criterion("taylor", taylor_scores, "first-order Taylor |sum a*dL/da| (uses labels)", needs_data=True, needs_labels=True),
+    Criterion("taylor", taylor_scores, "first-order Taylor |sum a*dL/da| (uses labels)", needs_data=True, needs_labels=True,
+              needs_logits=True),
     Criterion("random", random_scores, "seeded random scores (control)",
               options=(Option("seed", 0, "seed of the random scores", shared=True),)),
 ):

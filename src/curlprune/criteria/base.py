@@ -80,6 +80,9 @@ class Criterion:
                  producers), and dividing them by the cost made ResNet-56 worse (50% of the MACs, top-1
                  after BN re-estimation: l1 84.74% paper vs 52.78% cost-weighted, taylor 70.51% vs
                  67.36%; benchmarks/results/cifar_resnet56.md). Source: docs/method.md §3 (allocation).
+    needs_logits: it reads the model's class distribution (a softmax over the last dim of one
+                 ``[N, classes]`` output): refused for models with dense or several outputs
+                 (segmentation, detector backbones), where it would be a distribution over pixels.
     """
 
     name: str
@@ -90,6 +93,7 @@ class Criterion:
     options: tuple[Option, ...] = ()
     work: Callable[[Sequence[ChannelGroup]], int] | None = None
     one_scale: bool = False
+    needs_logits: bool = False
 
     @property
     def reports_progress(self) -> bool:

@@ -49,6 +49,8 @@ class Roles:
                 (a depthwise conv with a channel multiplier).
     unit:       channels go in blocks of ``unit`` (a grouped conv with as many in as out channels).
     unprunable: why the call's input and output channels cannot be pruned; empty when they can.
+    unprunable_in: why only the call's input channels cannot be pruned (a weight-standardised
+                conv: its output channels can go, its input channels cannot); empty when they can.
     """
 
     fresh: bool = False
@@ -57,6 +59,7 @@ class Roles:
     repeat: int = 1
     unit: int = 1
     unprunable: str = ""
+    unprunable_in: str = ""
 
 
 def unsupported_module(mod: nn.Module, name: str) -> str:

@@ -14,6 +14,7 @@ Source: docs/method.md §1 (channel groups and their members), §8 (the MACs con
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -35,7 +36,7 @@ from curlprune.graph.layer_rules import (
     unsupported_module,
 )
 from curlprune.graph.op_cost import CostTerm
-from curlprune.graph.ops import normalises_channels
+from curlprune.graph.ops import BLUR_POOL_CLASSES, STD_CONV_CLASSES, class_key, normalises_channels
 
 
 
@@ -96,6 +97,76 @@ class ConvRule(LayerRule):
         if mod.transposed or mod.groups != 1:
             return None
         return lambda x, positions: mod._conv_forward(x, mod.weight.index_select(1, positions), None)
+
+
+class StdConvRule(ConvRule):
+    """timm's weight-standardised convs (``StdConv2d``, ``ScaledStdConv2d`` and their ``Same``
+    forms; BiT / ResNetV2, NFNet): each call convolves with ``(W[o] - mean(W[o])) / std(W[o])``,
+    the statistics taken per output channel over its ``Cin/groups x kh x kw`` weights (times
+    ``gain[o] * fan_in**-0.5`` when scaled).
+
+    Output channels: channel ``o`` is standardised with its own weights only, so removing others
+    leaves it exact: prunable like a conv's. Input channels (``groups == 1``): removing one removes
+    weights from every output channel's statistics; the standardised kept weights have mean 0 over
+    fewer terms, which the full model's (mean over all inputs) generally has not, so no sliced
+    standardised conv equals the masked one: the group it reads stays whole. Depthwise and tied
+    grouped forms lose whole conv groups (a group's statistics go with it): prunable like a conv's.
+    """
+
+    def roles(self, mod: nn.Module, name: str, lay_dim: int, in_shape: Shape, out_shape: Shape) -> Roles | str:
+        roles = super().roles(mod, name, lay_dim, in_shape, out_shape)
+        if isinstance(roles, Roles) and mod.groups == 1:
+            why = (
+                f"input channels of weight-standardised conv {name} ({type(mod).__name__}): removing one changes "
+                "the mean and variance that every output channel's weights are standardised with"
+            )
+            return dataclasses.replace(roles, unprunable_in=why)
+        return roles
+
+    def slice(self, mod: nn.Module, removed: Mapping[str, Sequence[int]]) -> None:
+        if mod.groups == 1 and removed.get("in"):
+            raise CurlpruneError(f"cannot remove input channels of weight-standardised conv {type(mod).__name__}: the groups were traced from a different model")
+        out_keep = keep_index(mod.out_channels, removed.get("out"))
+        super().slice(mod, removed)
+        if isinstance(getattr(mod, "gain", None), nn.Parameter):  # ScaledStdConv2d: [Cout, 1, 1, 1]
+            replace_tensor(mod, "gain", mod.gain.index_select(0, out_keep))
+
+    def cost(self, name: str, mod: nn.Module, in_shape: Shape | None, out_shape: Shape | None, batch: int) -> Terms:
+        """A conv's terms, plus ``gain`` (one parameter per output channel) when scaled."""
+        macs, params = super().cost(name, mod, in_shape, out_shape, batch)
+        gain = getattr(mod, "gain", None)
+        if out_shape is not None and isinstance(gain, nn.Parameter):
+            sliced = mod.groups == 1 or mod.in_channels == mod.out_channels or mod.groups == mod.in_channels
+            params[id(gain)] = CostTerm(False, 1, ((mod.out_channels, (name, "out")),)) if sliced else CostTerm(False, gain.numel(), ())
+        return macs, params
+
+    def input_part(self, mod: nn.Module) -> InputPart | None:
+        return None  # the standardised weight is no stored tensor; the score runs the layer
+
+
+class BlurPoolRule(LayerRule):
+    """timm's ``BlurPool2d``: pad, then a depthwise conv with a fixed binomial filter (a buffer
+    ``filt`` of ``[C, 1, k, k]``, or ``[1, 1, k, k]`` expanded to the input's channels). Each
+    output channel is its own input channel blurred: channels pass through; a per-channel filter
+    is sliced with them. MACs: ``k*k`` per output element (a depthwise conv's)."""
+
+    def roles(self, mod: nn.Module, name: str, lay_dim: int, in_shape: Shape, out_shape: Shape) -> Roles | str:
+        if lay_dim != 1:
+            return unsupported_module(mod, name)
+        return Roles(members=(("channel", 0),))
+
+    def slice(self, mod: nn.Module, removed: Mapping[str, Sequence[int]]) -> None:
+        if mod.channels is None or not removed.get("channel"):
+            return
+        keep = keep_index(mod.channels, removed.get("channel"))
+        replace_tensor(mod, "filt", mod.filt.index_select(0, keep))
+        mod.channels = len(keep)
+
+    def cost(self, name: str, mod: nn.Module, in_shape: Shape | None, out_shape: Shape | None, batch: int) -> Terms:
+        if out_shape is None:
+            return [], {}
+        per = mod.filt_size**2 * math.prod(out_shape[2:]) * out_shape[0] // batch
+        return [CostTerm(True, per, ((out_shape[1], (name, "channel")),))], {}
 
 
 class ConvTransposeRule(LayerRule):
@@ -211,9 +282,20 @@ _LEAVES: set[type] = set()  # the types registered by users: the tracer keeps ex
 _VERSION = [0]  # bumped by every registration, so cached analyses of older tables are not reused
 
 
+CLASS_RULES: dict[tuple[str, str], LayerRule] = {
+    **{key: StdConvRule() for key in STD_CONV_CLASSES},
+    **{key: BlurPoolRule() for key in BLUR_POOL_CLASSES},
+}
+"""Rules of other libraries' layers, keyed by (module, qualname) so no optional library is imported;
+the exact class only (these are tracer leaves: ``ops.LEAF_CLASSES``)."""
+
+
 def rule_for(module: nn.Module) -> LayerRule | None:
     """The rule of ``module``'s type: its own, else that of the nearest base class in its MRO; None
-    for a module that is no parameter-bearing layer the table knows."""
+    for a module that is no parameter-bearing layer the table knows. A registered type wins, then
+    ``CLASS_RULES`` (exact class), then the MRO."""
+    if type(module) not in _RULES and (keyed := CLASS_RULES.get(class_key(module))) is not None:
+        return keyed
     for cls in type(module).__mro__:
         rule = _RULES.get(cls)
         if rule is not None:

@@ -82,5 +82,7 @@ def layer_call(st: PassState, node: fx.Node, name: str, lay: Layout, roles: Role
     if roles.unprunable:
         st.uf.mark(out.slots, roles.unprunable)
         st.uf.mark(lay.slots, roles.unprunable)
+    if roles.unprunable_in:
+        st.uf.mark(lay.slots, roles.unprunable_in)
     st.layouts[node] = out
     return None

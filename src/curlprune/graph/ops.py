@@ -30,12 +30,21 @@ SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 # Modules of other libraries that are exactly a torch.nn leaf (matched by (module, qualname), so no
 # optional library is imported). fx only stops at torch.nn's own classes; traced through, these become
 # functional ops on get_attr parameters, fail to trace (data-dependent padding), or freeze their
-# train/eval branch into the traced graph. Never weight-standardised convs (StdConv2d): slicing their
-# input channels changes the standardisation, so they must stay traced (and unprunable).
+# train/eval branch into the traced graph. The last ones have their own layer rules keyed by the same
+# (module, qualname) (``layers.CLASS_RULES``): timm's weight-standardised convs and BlurPool2d.
+STD_CONV_CLASSES = {
+    ("timm.layers.std_conv", "StdConv2d"), ("timm.layers.std_conv", "StdConv2dSame"),
+    ("timm.layers.std_conv", "ScaledStdConv2d"), ("timm.layers.std_conv", "ScaledStdConv2dSame"),
+}
+"""Convs whose weight is standardised per output channel before each call (BiT / NFNet)."""
+BLUR_POOL_CLASSES = {("timm.layers.blur_pool", "BlurPool2d")}
+"""A depthwise conv with a fixed (buffer) blur filter: per-channel, channels pass through."""
 LEAF_CLASSES = {
     ("timm.layers.conv2d_same", "Conv2dSame"),  # TF "same" padding (spatial) + F.conv2d(x, weight, bias)
     ("timm.layers.linear", "Linear"),  # F.linear(x, weight, bias)
     ("torchvision.ops.misc", "FrozenBatchNorm2d"),  # x * scale + bias from four buffers: a per-channel norm (layers)
+    *STD_CONV_CLASSES,
+    *BLUR_POOL_CLASSES,
 }
 ELEMENTWISE_CLASSES = {("timm.layers.drop", "DropPath")}  # per-sample drop of a whole residual branch
 NORM_ACT_CLASSES = {
@@ -87,7 +96,8 @@ SPATIAL_OPS = {
     "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "interpolate", "upsample", "upsample_nearest",
     "upsample_bilinear",
 }
-REDUCE_OPS = {"mean", "sum", "amax", "amin"}
+REDUCE_OPS = {"mean", "sum", "amax", "amin", "norm"}
+"""Reductions; ``norm`` (p, dim, keepdim) has its dims one argument later."""
 SOFTMAX_OPS = {"softmax", "log_softmax", "softmin", "normalize"}
 SHAPE_QUERIES = {"size", "dim", "numel", "nelement", "get_device"}
 TORCH_MODULES = ("torch", "_operator", "builtins")

@@ -17,23 +17,31 @@ from curlprune.graph.slots import Layout
 
 
 def getitem(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
-    """Basic indexing that keeps every channel (e.g. ``x[:, :, ::2, ::2]``)."""
+    """Basic indexing that keeps every channel (e.g. ``x[:, :, ::2, ::2]``), or a contiguous range
+    of channels given by constants (``out[:, :oup]`` after GhostNet's cat): a node member
+    ``(node, "select<i>")`` over the input's channels, whose removed positions ``apply`` takes
+    from the bounds of index entry ``i``."""
     index = st.value(node.args[1])
     index = index if isinstance(index, tuple) else (index,)
+    literal = _literal_slices(node.args[1])
     in_shape = st.shape(x)
+    slots = lay.slots
     if any(i is Ellipsis for i in index):
         at = index.index(Ellipsis)
         consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
         index = index[:at] + (slice(None),) * (len(in_shape) - consumed) + index[at + 1:]
     in_dim = out_dim = 0
     new_dim = None
-    for item in index:
+    for pos, item in enumerate(index):
         if item is None:
             out_dim += 1
             continue
         if in_dim == lay.dim:
             if not isinstance(item, slice) or range(*item.indices(in_shape[in_dim])) != range(in_shape[in_dim]):
-                return st.unsupported(node, f"channel selection {fmt_index(item)} at {where(node)}")
+                if not (literal and _plain_range(item)):
+                    return st.unsupported(node, f"channel selection {fmt_index(item)} at {where(node)}")
+                st.add_source(st.node_sources, (node.name, f"select{pos}"), lay.dim - len(in_shape), lay.slots)
+                slots = lay.slots[item]
             new_dim = out_dim
         if isinstance(item, slice):
             out_dim += 1
@@ -42,20 +50,40 @@ def getitem(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
         in_dim += 1
     if new_dim is None:
         new_dim = lay.dim - in_dim + out_dim
-    st.layouts[node] = Layout(new_dim, lay.slots)
+    st.layouts[node] = Layout(new_dim, slots)
     return None
 
 
+def _literal_slices(index: object) -> bool:
+    """Whether an index is written with constants only (no traced value: a bound computed from a
+    size would change by itself in the pruned model) and without Ellipsis (entry positions fixed)."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(
+        item is None or isinstance(item, int)
+        or (isinstance(item, slice) and all(b is None or type(b) is int for b in (item.start, item.stop, item.step)))
+        for item in items
+    )
+
+
+def _plain_range(item: object) -> bool:
+    """A slice ``[a:b]`` with step 1 and non-negative (or omitted) bounds."""
+    return (
+        isinstance(item, slice) and item.step in (None, 1)
+        and all(b is None or b >= 0 for b in (item.start, item.stop))
+    )
+
+
 def reduce(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
-    """mean/sum/amax/amin over other dims keep the channels; over the channel dim they mix them."""
+    """mean/sum/amax/amin/norm over other dims keep the channels; over the channel dim they mix them."""
     ndim = len(st.shape(x))
-    dims = st.value(arg(node, 1, "dim"))
+    at = 2 if op_name(node) == "norm" else 1  # norm(input, p, dim, keepdim)
+    dims = st.value(arg(node, at, "dim"))
     if dims is None:
         return st.unsupported(node)
     dims = {norm_dim(d, ndim) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
     if lay.dim in dims:
         return st.unsupported(node, f"{op_name(node)} over the channel dim at {where(node)}")
-    keepdim = st.value(arg(node, 2, "keepdim", node.kwargs.get("keepdims", False)))  # numpy's spelling too
+    keepdim = st.value(arg(node, at + 1, "keepdim", node.kwargs.get("keepdims", False)))  # numpy's spelling too
     new_dim = lay.dim if keepdim else lay.dim - sum(1 for d in dims if d < lay.dim)
     st.layouts[node] = Layout(new_dim, lay.slots)
     return None

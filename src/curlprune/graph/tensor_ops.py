@@ -77,6 +77,8 @@ def call_op(st: PassState, node: fx.Node) -> None:
         return getitem(st, node, x, lay)
     if name in ("cat", "concat", "concatenate"):
         return cat(st, node)
+    if name in ("matmul", "bmm") and len(node.args) == 2:
+        return matmul(st, node, *node.args)
     if lay is None and name in PARAM_VIEW_OPS and isinstance(x, fx.Node) and param_view(st, node, x):
         return None
     if lay is None:
@@ -208,4 +210,22 @@ def pad(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
     st.add_source(st.node_sources, (node.name, "pad_front"), from_end, front_slots)
     st.add_source(st.node_sources, (node.name, "pad_back"), from_end, back_slots)
     st.layouts[node] = Layout(lay.dim, front_slots + lay.slots + back_slots)
+    return None
+
+
+def matmul(st: PassState, node: fx.Node, a: object, b: object) -> None:
+    """``a @ b`` that contracts only non-channel dims: GCNet's context ``x.reshape(B, 1, C, H*W) @
+    attn`` (attn ``[B, 1, H*W, 1]``) sums over positions, so row ``c`` of the result is channel ``c``
+    alone. Followed when the channels are the rows of ``a`` (its dim -2) and ``b`` carries no channels
+    of more than one position (an attention map from a 1-channel conv, or a constant); anything
+    else (channels contracted, or on both sides) mixes them."""
+    la, lb = st.layout(a), st.layout(b)
+    sa, sb, out = st.shape(a), st.shape(b), st.shape(node)
+    if la is None or sa is None or sb is None or out is None or len(sa) < 2 or len(sb) < 2:
+        return st.unsupported(node)
+    if la.dim != len(sa) - 2:
+        return st.unsupported(node, f"matmul over the channel dim at {where(node)}")
+    if lb is not None and len(lb.slots) > 1:
+        return st.unsupported(node, f"matmul of two tensors with channels at {where(node)}")
+    st.layouts[node] = Layout(len(out) - 2, la.slots)
     return None

@@ -271,6 +271,8 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.Gr
                 continue
             if any(role.startswith("part") for role in roles):
                 _shrink_split(nodes[name], name, roles, groups)
+            elif any(role.startswith("select") for role in roles):
+                _shrink_selection(nodes[name], roles)
             else:
                 dim = next(m.dim for g in groups for m in g.node_members if m.module == name)
                 _shrink_pad(nodes[name], roles, dim)
@@ -374,6 +376,23 @@ def _shrink_split(node: fx.Node, name: str, roles: dict[str, list[int]], groups:
                 dim = m.dim
     kept = tuple(sizes[i] - len(roles.get(f"part{i}", ())) for i in range(len(sizes)))
     node.op, node.target, node.args, node.kwargs = "call_function", torch.split, (node.args[0], kept, dim), {}
+
+
+def _shrink_selection(node: fx.Node, roles: dict[str, list[int]]) -> None:
+    """A constant channel range ``x[:, a:b]``: each bound less the removed input positions before it.
+
+    The role ``select<i>`` names the index entry ``i`` holding the range (graph.shape_ops.getitem)."""
+    index = node.args[1]
+    items = list(index) if isinstance(index, tuple) else [index]
+    for role, removed in roles.items():
+        pos = int(role[len("select"):])
+        item = items[pos]
+
+        def moved(bound: int | None) -> int | None:
+            return None if bound is None else bound - sum(1 for r in removed if r < bound)
+
+        items[pos] = slice(moved(item.start), moved(item.stop), item.step)
+    node.args = (node.args[0], tuple(items) if isinstance(index, tuple) else items[0]) + tuple(node.args[2:])
 
 
 def _shrink_pad(node: fx.Node, roles: dict[str, list[int]], dim: int) -> None:
