@@ -26,13 +26,15 @@ from curlprune.run.prune_check import check_target_reachable, traced_groups
 from curlprune.run.prune_config import PruneConfig
 from curlprune.run.prune_data import PruneImages
 from curlprune.select import Target, allocate, measured_cost_fn, named_allocation, ranking_scores, resolve_protect, select_latency
+from curlprune.select.iterative import StepScoreFn, iterative_allocate
 from curlprune.select.limits import resolve_limits
 from curlprune.store import GroupWidth, PruneAccuracy, PruneReport
 from curlprune.surgery.keep_class import fallback_message, slice_model
 
 Scores = dict[str, np.ndarray]
-# (calibration images or None, compute) -> (scores, reused from a file, seconds spent)
-ScoreCache = Callable[[torch.Tensor | None, Callable[[], Scores]], tuple[Scores, bool, float]]
+# (calibration images or None, compute, step, plan the scored model was sliced by) -> (scores, reused from a file, seconds spent);
+# step 1 (plan {}) scores the unpruned model, steps 2..n the model pruned by the earlier steps (iterative pruning)
+ScoreCache = Callable[[torch.Tensor | None, Callable[[], Scores], int, Plan], tuple[Scores, bool, float]]
 
 
 @dataclass
@@ -101,10 +103,21 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
         check_target_reachable(groups, cost_fn, target, config, protect, limits)  # before anything slow is done
     images = images() if callable(images) else images
     calib, labels = images.calibration(config.calib, config.seed, config.criterion) if criterion.needs_data else (None, None)
-    compute = lambda: _compute(config, model, groups, calib, labels, show)  # noqa: E731
-    scores, reused, seconds = cache(calib, compute) if cache is not None else _timed(compute)
 
-    selection, chosen = _select(config, groups, scores, cost_fn, target, protect, limits, model, example)
+    def score(scored: nn.Module, scored_groups, step: int, plan: Plan) -> tuple[Scores, bool, float]:
+        compute = lambda: _compute(config, scored, scored_groups, calib, labels, show)  # noqa: E731
+        return cache(calib, compute, step, plan) if cache is not None else _timed(compute)
+
+    scores, reused, seconds = score(model, groups, 1, {})
+    spent = [seconds]
+
+    def rescore(scored: nn.Module, scored_groups, step: int, plan: Plan) -> Scores:
+        step_scores, _, step_seconds = score(scored, scored_groups, step, plan)
+        spent.append(step_seconds)
+        return step_scores
+
+    selection, chosen = _select(config, groups, scores, cost_fn, target, protect, limits, model, example, rescore)
+    seconds = sum(spent)
     sliced = slice_model(model, groups, selection.plan, keep_class=keep_class, example_input=example)
     pruned = sliced.model.eval()  # the model's own class where its forward allows (docs/method.md §1)
     check_pruned_cost(pruned, example, (selection.macs, selection.params))  # the numbers reported are the model's
@@ -128,13 +141,20 @@ def _timed(compute: Callable[[], Scores]) -> tuple[Scores, bool, float]:
 
 
 def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None, protect: list[str], limits: dict[str, float],
-            model: nn.Module, example: torch.Tensor) -> tuple[Any, Any]:
+            model: nn.Module, example: torch.Tensor, rescore: StepScoreFn) -> tuple[Any, Any]:
     """(select's Selection, what report.json shows: the Selection or the LatencySelection).
 
     Both targets rank the same scores: the config's allocation (:func:`curlprune.select.allocation.ranking_scores`;
-    a latency target weighs by MACs), searched by :func:`curlprune.select.search.select`.
+    a latency target weighs by MACs), searched by :func:`curlprune.select.search.select`. With
+    ``steps > 1`` :func:`curlprune.select.iterative.iterative_allocate` reaches the target in steps,
+    scoring the pruned model with ``rescore`` between them; its step records go to ``selection.steps``.
     """
     allocation = named_allocation(config.resolved_allocation(), floor=config.floor, normalize=config.normalize)
+    if target is not None and config.resolved_steps() > 1:
+        selection, steps = iterative_allocate(model, example, groups, rescore, cost_fn, target, allocation, steps=config.resolved_steps(),
+                                              first_scores=scores, protect=protect, round_to=config.round_to, limits=limits)
+        selection.steps = steps
+        return selection, selection
     if target is not None:
         selection = allocate(groups, scores, cost_fn, target, allocation, protect=protect, round_to=config.round_to, limits=limits)
         return selection, selection
