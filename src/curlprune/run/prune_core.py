@@ -13,13 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.cost import check_pruned_cost, model_cost_fn
 from curlprune.criteria import compute_scores, get, work_items
+from curlprune.progress import progress
 from curlprune.recover.bn import bn_layers, recalibrate_bn
 from curlprune.report import console, print_prune_summary
 from curlprune.run.prune_check import check_target_reachable, traced_groups
@@ -166,19 +165,16 @@ def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None,
 
 
 def _compute(config: PruneConfig, model, groups, images, labels, show: bool) -> Scores:
-    """The criterion's scores with its declared options from ``config``, with a progress bar when it reports progress."""
+    """The criterion's scores with its declared options from ``config``, with its progress
+    (:func:`curlprune.progress.progress`: a bar on a terminal, a line every 30 s otherwise) when it reports progress."""
     options = config.criterion_options()
     total = work_items(config.criterion, groups)
     if not show or not total:
         return compute_scores(config.criterion, model, groups, images=images, labels=labels, **options)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("units"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        on = "" if images is None else f", {len(images)} images"
-        task = bar.add_task(f"scoring ({config.criterion}{on})", total=total)
-        scores = compute_scores(config.criterion, model, groups, images=images, labels=labels,
-                                progress=lambda done: bar.advance(task, done), **options)
-        bar.update(task, completed=total)
+    on = "" if images is None else f", {len(images)} images"
+    with progress(f"scoring ({config.criterion}{on})", total, unit="units") as bar:
+        scores = compute_scores(config.criterion, model, groups, images=images, labels=labels, progress=bar.advance, **options)
+        bar.update(total)
     return scores
 
 
