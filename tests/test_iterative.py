@@ -22,6 +22,7 @@ from curlprune.data.digits import train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.models import input_spec
 from curlprune.run.prune_config import PruneConfig
+from curlprune.run.run_config import parse_config
 from curlprune.surgery.surgery import apply, mask
 
 MODEL = "small:resnet-digits"
@@ -110,3 +111,10 @@ def test_cli_and_api_give_the_same_iterative_plan_and_resume_per_step(tmp_path, 
 def test_bad_steps_are_one_line(settings, message):
     with pytest.raises(CurlpruneError, match=message):
         PruneConfig(**settings)
+
+
+def test_a_run_config_sets_steps_in_its_prune_section():
+    cfg = parse_config({"model": MODEL, "stages": ["prune"], "prune": {"target_macs": 0.5, "steps": 3}}, "c.yaml")
+    assert cfg.sections["prune"].steps == 3 and cfg.sections["prune"].resolved_steps() == 3
+    with pytest.raises(CurlpruneError, match="steps"):
+        parse_config({"model": MODEL, "stages": ["prune"], "prune": {"target_macs": 0.5, "steps": 0}}, "c.yaml")
