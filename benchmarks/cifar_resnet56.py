@@ -219,22 +219,31 @@ class Bench:
 
         images, labels = self.calib
 
-        def score(model, groups):
+        def score(model, groups, step=1, plan=None):  # curlprune.select.iterative.StepScoreFn
             return compute_scores(criterion, model, groups, images=images, labels=labels, seed=SEED)
 
         return score
 
     def curl_prune(self, criterion: str, allocation, target: float) -> tuple[nn.Module, dict]:
         import curlprune
-        from curlprune.select.allocation import allocate, iterative_allocate
+        from curlprune.select.allocation import allocate
+        from curlprune.select.iterative import iterative_allocate
         from curlprune.select.search import Target
 
         scores, seconds = self.scores(criterion)
         extra: dict = {}
         if allocation.steps > 1:
-            selection, steps = iterative_allocate(self.teacher, self.example, self.groups, self.score_fn(criterion),
+            score, spent = self.score_fn(criterion), []
+
+            def timed(model, groups, step, plan):
+                started = time.time()
+                out = score(model, groups)
+                spent.append(time.time() - started)
+                return out
+
+            selection, steps = iterative_allocate(self.teacher, self.example, self.groups, timed,
                                                   self.cost_fn, Target("macs", target), allocation, first_scores=scores)
-            seconds += sum(s["score_seconds"] for s in steps[1:])
+            seconds += sum(spent)
             extra["steps"] = steps
         else:
             selection = allocate(self.groups, scores, self.cost_fn, Target("macs", target), allocation)

@@ -157,3 +157,63 @@ def test_prune_only_and_empty_run_dirs(demo_run, tmp_path):
     assert list(empty.iterdir()) == []
     with pytest.raises(CurlpruneError, match="does not exist"):
         write_report(tmp_path / "nowhere")
+
+
+def layout_problems(fig) -> list[str]:
+    """What a reader would see wrong: a legend over the data area, a text running off the canvas."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    canvas = fig.bbox
+    problems = []
+    tight = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)  # inches -> pixels
+    if tight.x0 < canvas.x0 - 1 or tight.y0 < canvas.y0 - 1 or tight.x1 > canvas.x1 + 1 or tight.y1 > canvas.y1 + 1:
+        problems.append(f"drawn extent {tight.bounds} outside the canvas {canvas.bounds}")
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:
+            if box.overlaps(ax.get_window_extent(renderer)):
+                problems.append(f"legend {box.bounds} over the axes {ax.get_window_extent(renderer).bounds}")
+    return problems
+
+
+def test_group_figures_keep_the_legend_off_the_data_and_every_text_on_the_canvas(demo_run):
+    built = build_figures(demo_run)
+    try:
+        for name in ("widths", "scores"):
+            fig = built.figures[name]
+            assert fig.legends, name  # the legend is the figure's, below the axes
+            assert layout_problems(fig) == [], name
+    finally:
+        built.close()
+
+
+@pytest.fixture(scope="module")
+def many_groups_run(tmp_path_factory) -> Path:
+    """A real prune run of torchvision's EfficientNet-B0 (40 channel groups; random weights, l1, 64 px input)."""
+    out = tmp_path_factory.mktemp("effnet") / "run"
+    done = subprocess.run([sys.executable, "-m", "curlprune.cli", "prune", "--model", "torchvision:efficientnet_b0", "--criterion", "l1",
+                           "--target-macs", "0.5", "--input-size", "64", "--out", str(out), "--no-report"],
+                          env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_forty_groups_become_rows_that_can_be_read(many_groups_run):
+    report = json.loads((many_groups_run / "report.json").read_text())
+    assert len(report["groups"]) >= 40
+    built = build_figures(many_groups_run)
+    try:
+        for name in ("widths", "scores"):
+            fig = built.figures[name]
+            ax = fig.axes[0]
+            assert ax.get_ylabel() == "channel group"  # groups are rows
+            assert [t.get_text() for t in ax.get_yticklabels()] == list(report["groups"])
+            assert min(t.get_fontsize() for t in ax.get_yticklabels()) >= 7
+            fig.canvas.draw()
+            renderer = fig.canvas.get_renderer()
+            boxes = [t.get_window_extent(renderer) for t in ax.get_yticklabels()]
+            assert all(a.y0 >= b.y1 - 0.5 or b.y0 >= a.y1 - 0.5 for a, b in zip(boxes, boxes[1:])), name  # no two names overlap
+            assert layout_problems(fig) == [], name
+    finally:
+        built.close()

@@ -71,6 +71,7 @@ RANGES: dict[str, Range | None] = {
     "latency_batch": _COUNT, "latency_threads": _COUNT, "calib": _COUNT, "floor": _FRACTION, "round_to": _COUNT,
     "eval_limit": Range(0, whole=True), "budget_mb": _POSITIVE, "approx_classes": _COUNT,
     "bn_recalibrate": Range(0, whole=True, hint="training images; 0 = off"), "max_ratio": None,  # max_ratio: select_limits
+    "steps": Range(1, 100, whole=True, hint="pruning steps; 1 = one shot"),
     # training stages
     "epochs": _COUNT, "batch_size": _COUNT, "eval_batch_size": _COUNT, "num_workers": Range(0, whole=True),
     "lr": Range(0, 10.0, low_open=True),  # (0, curlprune.recover.guards.MAX_LR]

@@ -24,6 +24,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         latency_batch=args.latency_batch, latency_threads=args.latency_threads, calib=args.calib,
         seed=args.seed, floor=args.floor, protect=protect, normalize=args.normalize, allocation=args.allocation, round_to=args.round_to,
         eval_limit=args.eval_limit, bn_recalibrate=args.bn_recalibrate, max_ratio=parse_max_ratio(args.max_ratio),
+        steps=args.steps,
         **{name: getattr(args, name) for name in _criterion_options()},
     )
     data = args.data
@@ -111,6 +112,10 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                    help="re-estimate the pruned model's batch-norm statistics on N training images (seeded draw, all when fewer; "
                         "no training) before saving; report.json gives top-1 before and after; 0 = off "
                         f"(default: {DEFAULT_BN_IMAGES})" + NO_DEFAULT)
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="reach the target in N steps, scoring the pruned model again before each step after the first "
+                        "(iterative pruning; step k keeps target**(k/N) of the cost; floor, --protect, --max-ratio and --round-to "
+                        "stay relative to the original widths). MACs/params targets only (default: 1, one shot)" + NO_DEFAULT)
     for name, (option, users) in _criterion_options().items():
         p.add_argument("--" + name.replace("_", "-"), type=type(option.default), default=option.default,
                        help=f"{', '.join(users)}: {option.help}")

@@ -22,6 +22,7 @@ from curlprune.data.imagetree import folder_files, zip_files
 from curlprune.data.transforms import build_transform, transforms_batches
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
+from curlprune.progress import progress
 
 LAYOUT = "<split>/<class>/<image> or <class>/<image>"
 # Larger images are refused before decoding: a few KiB of PNG can claim gigapixels (a
@@ -173,12 +174,14 @@ def _common_classes(path: Path, tree: dict[str, dict[str, list[str]]]) -> list[s
 
 def _decode_split(path: Path, by_class: dict[str, list[str]], classes: list[str], reader: Callable[[str], bytes]) -> ImageDataset:
     images, labels = [], []
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders on every call
-        warnings.simplefilter("ignore", DeprecationWarning)
+    total = sum(len(by_class[cls]) for cls in classes)
+    with warnings.catch_warnings(), progress(f"loading {path.name}", total, unit="images", final_line=False, plain_only=True) as bar:
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates its decoders on every call
         for label, cls in enumerate(classes):
             for name in by_class[cls]:
                 images.append(decode_rgb(_read(reader, name, f"{path}:{name}"), f"{path}:{name}"))
                 labels.append(label)
+                bar.advance()
     return ImageDataset(images, labels, classes)
 
 
@@ -451,7 +454,12 @@ def count_correct(
         The number of correct top-1 predictions (0 .. ``len(ds)``).
     """
     outputs = model_outputs(model, batches(ds, spec, batch_size), device=device, channels_last=channels_last)
-    return sum(int((logits.argmax(1).cpu() == labels).sum()) for logits, labels in outputs)
+    correct = 0
+    with progress(f"evaluating on {len(ds)} images", len(ds), unit="images", final_line=False, plain_only=True) as bar:
+        for logits, labels in outputs:  # a line every 30 s off a terminal (curlprune.progress)
+            correct += int((logits.argmax(1).cpu() == labels).sum())
+            bar.advance(len(labels))
+    return correct
 
 
 def evaluate(model: nn.Module, ds: ImageDataset, spec: InputSpec, batch_size: int = 256) -> float:

@@ -6,7 +6,7 @@ does the rest, identically for all of them:
 
 * SGD (momentum 0.9, weight decay 4e-5 on every parameter, BN included, as in the paper) with
   the per-iteration warm-up + cosine schedule of :mod:`curlprune.recover.schedule`;
-* channels_last, a rich progress bar (loss, lr, ETA), and one JSON line per epoch in
+* channels_last, a progress bar (loss, lr, ETA; plain lines every 30 s off a terminal: curlprune.progress), and one JSON line per epoch in
   ``<run_dir>/<stage>/metrics.jsonl`` (epoch, mean training loss, lr of the epoch's last step,
   train_top1, test_top1, val_top1 when the data has a validation split, seconds; accuracies in %,
   test and validation top-1 with the eval transform);
@@ -41,13 +41,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.progress import Progress as RichProgress
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from curlprune.data import build_transform, to_input
 from curlprune.models.spec import InputSpec
+from curlprune.progress import progress as show_progress
 from curlprune.recover import dist, divergence, guards
 from curlprune.recover.dist import DistContext
 from curlprune.recover.early_stop import VAL_KEY, EarlyStopper, check_early_stop_data
@@ -239,8 +238,9 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
         seen, lr = 0, 0.0
-        with progress_bar(enabled=cfg.progress and ctx.is_main) as bar:
-            task = bar.add_task(f"{self.stage.name} {epoch + 1}/{cfg.epochs}", total=len(batches), loss=float("nan"), lr=0.0)
+        with show_progress(f"{self.stage.name} {epoch + 1}/{cfg.epochs}", len(batches), unit="batches", enabled=cfg.progress and ctx.is_main,
+                      fields_format="loss {loss:.4f}  lr {lr:.2e}", fields={"loss": float("nan"), "lr": 0.0},
+                      final_line=False, transient=True) as bar:  # the epoch's own line follows
             for step, (x, y, index) in enumerate(loader):
                 lr = warmup_cosine_lr(progress.iteration, total, warmup, cfg.lr)
                 set_lr(self.optimizer, lr, epoch=progress.iteration * cfg.epochs / max(total, 1))
@@ -257,7 +257,7 @@ class Trainer:
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
                 if step % 10 == 0 or step == len(batches) - 1:
-                    bar.update(task, completed=step + 1, loss=float(loss_sum) / seen, lr=lr)
+                    bar.update(step + 1, loss=float(loss_sum) / seen, lr=lr)
         loss_total, correct_total, seen_total = dist.all_reduce_sum(ctx, [float(loss_sum), float(correct), float(seen)])
         return loss_total / max(seen_total, 1.0), 100.0 * correct_total / max(seen_total, 1.0), lr
 
@@ -393,19 +393,3 @@ def train_stage(
     if folder is not None:
         stage.name = folder
     return Trainer(stage, student, data, spec, run_dir).run()
-
-
-def progress_bar(enabled: bool) -> RichProgress:
-    """A rich progress bar with loss, lr and ETA (silent when disabled or not on a terminal)."""
-    console = Console(stderr=True)
-    return RichProgress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not (enabled and console.is_terminal),
-        transient=True,
-    )

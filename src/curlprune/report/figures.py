@@ -26,6 +26,7 @@ import numpy as np
 
 from curlprune.errors import CurlpruneError
 from curlprune.recover.registry import stage_names
+from curlprune.report.group_figures import _Missing, _pyplot, figure_scores, figure_widths
 from curlprune.store import (
     METRICS_FILE,
     PLAN_FILE,
@@ -46,21 +47,7 @@ from curlprune.store import (
     read_stage_summary,
 )
 
-INSIDE_COLOUR, OUTSIDE_COLOUR, KEPT_COLOUR, REMOVED_COLOUR = "C0", "C1", "C2", "C3"
 REPORT_DIR = "report"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-class _Missing(Exception):
-    """A part of the run directory that is absent or unreadable (message: which file, why)."""
 
 
 @dataclass
@@ -166,80 +153,6 @@ def _short(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- figures
-
-
-def figure_widths(run: RunFiles):
-    """Kept width per prunable group before/after pruning; inside and outside groups coloured apart."""
-    report = run.prune_report()
-    rows = [(name, g) for name, g in report.groups.items() if g.before is not None and g.after is not None]
-    if not rows:
-        raise _Missing(f"prune {REPORT_FILE} lists no prunable group")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(rows) + 2), 4.2), dpi=100)
-    x = np.arange(len(rows))
-    colours = [INSIDE_COLOUR if g.kind == "inside" else OUTSIDE_COLOUR for _, g in rows]
-    ax.bar(x, [g.before for _, g in rows], color="none", edgecolor=colours, linewidth=1.0)
-    ax.bar(x, [g.after for _, g in rows], color=colours, alpha=0.85)
-    ax.set_xticks(x, [name for name, _ in rows], rotation=90, fontsize=7 if len(rows) < 40 else 5)
-    ax.set_xlabel("channel group")
-    ax.set_ylabel("channels (outline: before, filled: kept)")
-    ax.set_title(f"kept width per group ({report.model or 'model'})")
-    from matplotlib.patches import Patch
-
-    ax.legend(handles=[Patch(color=INSIDE_COLOUR, label="inside (within a block)"),
-                       Patch(color=OUTSIDE_COLOUR, label="outside (residual stream)"),
-                       Patch(facecolor="none", edgecolor="k", label="width before")], fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def figure_scores(run: RunFiles):
-    """Per-channel scores of every scored group (log scale): kept vs removed, with the global cut."""
-    scores = run.scores()
-    plan = run.plan()
-    names = [n for n in scores if scores[n].ndim == 1 and scores[n].size]
-    if not names:
-        raise _Missing(f"{SCORES_FILE} holds no per-group scores")
-    removed_scores = []
-    kept_masks = {}
-    for name in names:
-        width = scores[name].size
-        kept = plan.get(name, range(width))
-        mask = np.zeros(width, dtype=bool)
-        mask[[i for i in kept if 0 <= int(i) < width]] = True
-        kept_masks[name] = mask
-        removed_scores.extend(scores[name][~mask].tolist())
-    everything = np.concatenate([scores[n] for n in names])
-    positive = everything[np.isfinite(everything) & (everything > 0)]
-    floor_value = positive.min() / 10 if positive.size else 1e-12
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(names) + 2), 4.2), dpi=100)
-    rng = np.random.default_rng(0)
-    for i, name in enumerate(names):
-        values = np.where(np.isfinite(scores[name]) & (scores[name] > 0), scores[name], floor_value)
-        jitter = i + rng.uniform(-0.3, 0.3, values.size)
-        mask = kept_masks[name]
-        ax.scatter(jitter[mask], values[mask], s=6, color=KEPT_COLOUR, alpha=0.7, linewidths=0)
-        ax.scatter(jitter[~mask], values[~mask], s=6, color=REMOVED_COLOUR, alpha=0.7, linewidths=0)
-    ax.set_yscale("log")
-    ax.scatter([], [], color=KEPT_COLOUR, label="kept channel")
-    ax.scatter([], [], color=REMOVED_COLOUR, label="removed channel")
-    finite_removed = [s for s in removed_scores if math.isfinite(s) and s > 0]
-    if finite_removed:
-        cut = max(finite_removed)
-        try:  # a report from before allocations existed: the paper's raw ranking
-            paper = (run.prune_report().allocation or "paper") == "paper"
-        except _Missing:
-            paper = True
-        ax.axhline(cut, color="k", ls="--", lw=1, label=f"cut (highest removed score {cut:.3g})" if paper else
-                   f"highest removed score {cut:.3g} (ranked by score / cost saved: kept channels of cheap groups can lie below)")
-    ax.set_xticks(np.arange(len(names)), names, rotation=90, fontsize=7 if len(names) < 40 else 5)
-    ax.set_xlabel("channel group")
-    ax.set_ylabel("channel score (log scale)")
-    ax.set_title("score distribution per group")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
 
 
 def figure_training(stage: str, records: list[dict]):
@@ -438,7 +351,7 @@ def write_report(run_dir: str | Path) -> Path:
     try:
         for name, fig in built.figures.items():
             buffer = io.BytesIO()
-            fig.savefig(buffer, format="png")
+            fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.1)  # nothing cut at the edges
             _write_if_changed(out / f"{name}.png", buffer.getvalue(), atomic_write)
             lines += [f"## {name.replace('-', ' ')}", "", built.captions[name], "", f"![{name}]({name}.png)", ""]
     finally:

@@ -52,6 +52,7 @@ def prune(
     normalize: str = "none",
     bn_recalibrate: int | None = None,
     eval_limit: int | None = None,
+    steps: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     show: bool = False,
@@ -91,6 +92,9 @@ def prune(
         normalize: per-group score normalisation before ranking (none = CURL).
         bn_recalibrate: training images for the BN re-estimation (None = 2,048 or all when fewer; 0 = off).
         eval_limit: evaluation images (a seeded subset; None = all; 0 = none).
+        steps: reach the target in this many steps, scoring the pruned model again between them
+            (iterative pruning, docs/method.md §3; the plan is still one of ``model``'s channels);
+            None or 1 = one shot. MACs/params targets only.
         seed: seed of the calibration, BN and evaluation draws and of the random criterion.
         device: where the model is scored and sliced: "cpu", as ``curlprune prune`` (the criteria
             run on the CPU); a model elsewhere is copied to it.
@@ -111,7 +115,7 @@ def prune(
     config = PruneConfig(
         criterion=criterion, target_macs=target_macs, target_params=target_params, target_latency=target_latency,
         calib=calib, seed=seed, floor=floor, protect=None if protect is None else list(protect), normalize=normalize,
-        allocation=allocation, round_to=round_to, eval_limit=eval_limit, bn_recalibrate=bn_recalibrate,
+        allocation=allocation, round_to=round_to, eval_limit=eval_limit, bn_recalibrate=bn_recalibrate, steps=steps,
         max_ratio=None if max_ratio is None else dict(max_ratio), **criterion_options)
     if not isinstance(model, nn.Module):
         raise CurlpruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")

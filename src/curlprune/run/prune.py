@@ -12,6 +12,10 @@ Outputs in the run's folder (every file written atomically)::
     done.json           written last: the settings of the finished run (a rerun with the same
                         settings and ``resume`` returns at once and writes nothing)
 
+With ``steps`` > 1 (iterative pruning) every later step's scores go to ``scores_step<k>.npz``, with
+the fingerprint of ``scores.npz`` plus steps, k and the digest of the plan the scored model was
+sliced by: a resumed run is resumable per step (each step's file is reused when it matches).
+
 ``resume`` reuses ``scores.npz`` when its fingerprint matches the current settings and is an error
 when it does not (the message names the settings that differ): scores can take hours, so they are
 never silently thrown away. Without ``resume``, a folder that already holds a run is an error.
@@ -155,8 +159,12 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
 
     model, spec, example = _build(model_name, weights, num_classes, input_size, model_kwargs, input_shape)
 
-    def cache(images: torch.Tensor | None, compute: Callable[[], dict]) -> tuple[dict, bool, float]:
-        return _scores(out, resume, scores_fingerprint(config, settings, images), config, compute)
+    def cache(images: torch.Tensor | None, compute: Callable[[], dict], step: int, plan: Plan) -> tuple[dict, bool, float]:
+        fingerprint = scores_fingerprint(config, settings, images)
+        if step > 1:  # iterative pruning: the scores of the model pruned by the earlier steps (scores_step<k>.npz)
+            fingerprint.update(steps=config.resolved_steps(), step=step,
+                               plan_sha256=hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest())
+        return _scores(out, resume, fingerprint, config, compute, step_scores_file(step))
 
     pruned = prune_model(model, example, config, lambda: load_images(data, spec, config.seed), name=model_name,
                          weights=weights, default_protect=lambda m, groups: default_protect(model_name, m, groups),
@@ -232,10 +240,17 @@ def _met_words(record: dict[str, Any]) -> str:
     return f"NOT met: {abs(missed):.1%} {'below' if missed < 0 else 'above'}" if missed else "NOT met"
 
 
+def step_scores_file(step: int) -> str:
+    """The scores file of iterative pruning's step ``step``: ``scores.npz`` for step 1 (the unpruned
+    model's scores, the same as one shot's: they do not depend on ``steps``), ``scores_step<k>.npz``
+    for the model pruned by steps 1..k-1 (its fingerprint adds steps, k and the plan's digest)."""
+    return SCORES_FILE if step == 1 else f"scores_step{step}.npz"
+
+
 def _scores(out: Path, resume: bool, fingerprint: dict, config: PruneConfig,
-            compute: Callable[[], dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], bool, float]:
-    """Reuse matching scores from ``scores.npz`` (with ``resume``) or compute and save them."""
-    path = out / SCORES_FILE
+            compute: Callable[[], dict[str, np.ndarray]], name: str = SCORES_FILE) -> tuple[dict[str, np.ndarray], bool, float]:
+    """Reuse matching scores from ``name`` (``scores.npz`` or a step's file; with ``resume``) or compute and save them."""
+    path = out / name
     if resume and path.is_file():
         stored, stored_fp = read_scores(path)
         differ = changed_fingerprint(stored_fp, fingerprint)
@@ -243,13 +258,14 @@ def _scores(out: Path, resume: bool, fingerprint: dict, config: PruneConfig,
             raise CurlpruneError(
                 f"{path} was computed with other settings ({'; '.join(differ)[:300]}): delete it to score again, or choose another --out"
             )
-        append_jsonl(out / LOG_FILE, {"event": "scores", "source": "reused", "file": SCORES_FILE}, stamp=True)
+        append_jsonl(out / LOG_FILE, {"event": "scores", "source": "reused", "file": name}, stamp=True)
         return stored, True, 0.0
     started = time.time()
     scores = compute()
     seconds = time.time() - started
     write_scores(path, scores, fingerprint)
-    append_jsonl(out / LOG_FILE, {"event": "scores", "source": "computed", "criterion": config.criterion, "seconds": round(seconds, 2)}, stamp=True)
+    append_jsonl(out / LOG_FILE, {"event": "scores", "source": "computed", "criterion": config.criterion, "seconds": round(seconds, 2),
+                                  **({} if name == SCORES_FILE else {"file": name})}, stamp=True)
     return scores, False, seconds
 
 

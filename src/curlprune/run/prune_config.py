@@ -61,6 +61,10 @@ class PruneConfig:
                     written before the option existed keep their settings); 0 = off.
     max_ratio:      ``{pattern: R}``: no group whose name matches the glob loses more than R (in
                     [0, 1)) of its channels (:mod:`curlprune.select.limits`); None = no limits.
+    steps:          reach the target in this many steps, scoring the pruned model again between
+                    them (:func:`curlprune.select.iterative.iterative_allocate`; geometric schedule,
+                    docs/method.md §3); None = 1, one shot (unset, so that run folders written before
+                    the option existed keep their settings). MACs/params targets only.
     budget_mb:      memory for the stacked ablations of the kl criteria.
     approx_classes: most probable classes summed by kl-approx's Fisher form.
 
@@ -88,6 +92,7 @@ class PruneConfig:
     eval_limit: int | None = None
     bn_recalibrate: int | None = field(default=None, metadata=LATER)
     max_ratio: dict[str, float] | None = field(default=None, metadata=LATER)
+    steps: int | None = field(default=None, metadata=LATER)
     budget_mb: float = DEFAULT_BUDGET
     approx_classes: int = DEFAULT_APPROX_CLASSES
 
@@ -117,6 +122,10 @@ class PruneConfig:
         if self.bn_recalibrate is not None and (isinstance(self.bn_recalibrate, bool) or not isinstance(self.bn_recalibrate, int)
                                                 or self.bn_recalibrate < 0):
             raise CurlpruneError(f"bn_recalibrate must be a number of training images >= 0 (0 = off), got {self.bn_recalibrate!r}")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
+            raise CurlpruneError(f"steps must be a positive number of pruning steps (1 = one shot), got {self.steps!r}")
+        if self.resolved_steps() > 1 and self.target_latency is not None:
+            raise CurlpruneError("steps > 1 needs target_macs or target_params: a latency target is reached in one shot (use steps: 1)")
         if self.max_ratio is not None and not isinstance(self.max_ratio, dict):
             raise CurlpruneError(f"max_ratio must be a mapping of group name or glob to a fraction, e.g. {{'layer1.*': 0.5}}, got {self.max_ratio!r}")
         self.max_ratio = parse_max_ratio(self.max_ratio)
@@ -139,6 +148,10 @@ class PruneConfig:
     def resolved_bn_recalibrate(self) -> int:
         """Training images for the BN re-estimation: ``bn_recalibrate``, or :data:`DEFAULT_BN_IMAGES` when unset (0 = off)."""
         return DEFAULT_BN_IMAGES if self.bn_recalibrate is None else self.bn_recalibrate
+
+    def resolved_steps(self) -> int:
+        """Pruning steps: ``steps``, or 1 (one shot) when unset."""
+        return 1 if self.steps is None else self.steps
 
     def criterion_options(self) -> dict[str, Any]:
         """The chosen criterion's declared options with this config's values: ``{name: value}``,

@@ -13,26 +13,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.cost import check_pruned_cost, model_cost_fn
 from curlprune.criteria import compute_scores, get, work_items
+from curlprune.progress import progress
 from curlprune.recover.bn import bn_layers, recalibrate_bn
 from curlprune.report import console, print_prune_summary
 from curlprune.run.prune_check import check_target_reachable, traced_groups
 from curlprune.run.prune_config import PruneConfig
 from curlprune.run.prune_data import PruneImages
 from curlprune.select import Target, allocate, measured_cost_fn, named_allocation, ranking_scores, resolve_protect, select_latency
+from curlprune.select.iterative import StepScoreFn, iterative_allocate
 from curlprune.select.limits import resolve_limits
 from curlprune.store import GroupWidth, PruneAccuracy, PruneReport
 from curlprune.surgery.keep_class import fallback_message, slice_model
 
 Scores = dict[str, np.ndarray]
-# (calibration images or None, compute) -> (scores, reused from a file, seconds spent)
-ScoreCache = Callable[[torch.Tensor | None, Callable[[], Scores]], tuple[Scores, bool, float]]
+# (calibration images or None, compute, step, plan the scored model was sliced by) -> (scores, reused from a file, seconds spent);
+# step 1 (plan {}) scores the unpruned model, steps 2..n the model pruned by the earlier steps (iterative pruning)
+ScoreCache = Callable[[torch.Tensor | None, Callable[[], Scores], int, Plan], tuple[Scores, bool, float]]
 
 
 @dataclass
@@ -101,10 +102,21 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
         check_target_reachable(groups, cost_fn, target, config, protect, limits)  # before anything slow is done
     images = images() if callable(images) else images
     calib, labels = images.calibration(config.calib, config.seed, config.criterion) if criterion.needs_data else (None, None)
-    compute = lambda: _compute(config, model, groups, calib, labels, show)  # noqa: E731
-    scores, reused, seconds = cache(calib, compute) if cache is not None else _timed(compute)
 
-    selection, chosen = _select(config, groups, scores, cost_fn, target, protect, limits, model, example)
+    def score(scored: nn.Module, scored_groups, step: int, plan: Plan) -> tuple[Scores, bool, float]:
+        compute = lambda: _compute(config, scored, scored_groups, calib, labels, show)  # noqa: E731
+        return cache(calib, compute, step, plan) if cache is not None else _timed(compute)
+
+    scores, reused, seconds = score(model, groups, 1, {})
+    spent = [seconds]
+
+    def rescore(scored: nn.Module, scored_groups, step: int, plan: Plan) -> Scores:
+        step_scores, _, step_seconds = score(scored, scored_groups, step, plan)
+        spent.append(step_seconds)
+        return step_scores
+
+    selection, chosen = _select(config, groups, scores, cost_fn, target, protect, limits, model, example, rescore)
+    seconds = sum(spent)
     sliced = slice_model(model, groups, selection.plan, keep_class=keep_class, example_input=example)
     pruned = sliced.model.eval()  # the model's own class where its forward allows (docs/method.md §1)
     check_pruned_cost(pruned, example, (selection.macs, selection.params))  # the numbers reported are the model's
@@ -128,13 +140,20 @@ def _timed(compute: Callable[[], Scores]) -> tuple[Scores, bool, float]:
 
 
 def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None, protect: list[str], limits: dict[str, float],
-            model: nn.Module, example: torch.Tensor) -> tuple[Any, Any]:
+            model: nn.Module, example: torch.Tensor, rescore: StepScoreFn) -> tuple[Any, Any]:
     """(select's Selection, what report.json shows: the Selection or the LatencySelection).
 
     Both targets rank the same scores: the config's allocation (:func:`curlprune.select.allocation.ranking_scores`;
-    a latency target weighs by MACs), searched by :func:`curlprune.select.search.select`.
+    a latency target weighs by MACs), searched by :func:`curlprune.select.search.select`. With
+    ``steps > 1`` :func:`curlprune.select.iterative.iterative_allocate` reaches the target in steps,
+    scoring the pruned model with ``rescore`` between them; its step records go to ``selection.steps``.
     """
     allocation = named_allocation(config.resolved_allocation(), floor=config.floor, normalize=config.normalize)
+    if target is not None and config.resolved_steps() > 1:
+        selection, steps = iterative_allocate(model, example, groups, rescore, cost_fn, target, allocation, steps=config.resolved_steps(),
+                                              first_scores=scores, protect=protect, round_to=config.round_to, limits=limits)
+        selection.steps = steps
+        return selection, selection
     if target is not None:
         selection = allocate(groups, scores, cost_fn, target, allocation, protect=protect, round_to=config.round_to, limits=limits)
         return selection, selection
@@ -146,19 +165,16 @@ def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None,
 
 
 def _compute(config: PruneConfig, model, groups, images, labels, show: bool) -> Scores:
-    """The criterion's scores with its declared options from ``config``, with a progress bar when it reports progress."""
+    """The criterion's scores with its declared options from ``config``, with its progress
+    (:func:`curlprune.progress.progress`: a bar on a terminal, a line every 30 s otherwise) when it reports progress."""
     options = config.criterion_options()
     total = work_items(config.criterion, groups)
     if not show or not total:
         return compute_scores(config.criterion, model, groups, images=images, labels=labels, **options)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("units"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        on = "" if images is None else f", {len(images)} images"
-        task = bar.add_task(f"scoring ({config.criterion}{on})", total=total)
-        scores = compute_scores(config.criterion, model, groups, images=images, labels=labels,
-                                progress=lambda done: bar.advance(task, done), **options)
-        bar.update(task, completed=total)
+    on = "" if images is None else f", {len(images)} images"
+    with progress(f"scoring ({config.criterion}{on})", total, unit="units") as bar:
+        scores = compute_scores(config.criterion, model, groups, images=images, labels=labels, progress=bar.advance, **options)
+        bar.update(total)
     return scores
 
 

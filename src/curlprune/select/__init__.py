@@ -3,6 +3,7 @@
     search.py           global ranking, floor, protected groups, bisection to a target (select)
     select_fit.py       bringing the bisection's plan into the target's tolerance: fill, give-back, exchange
     allocation.py       what select ranks: the prune stage's allocations (cost-weighted, the default; paper) and variants
+    iterative.py        iterative pruning (steps > 1): the schedule, re-scoring the pruned model between steps
     latency_select.py   the latency-target search: select with the measured latency as its metric
 """
 from curlprune.select.allocation import ALLOCATIONS, allocate, default_allocation, named_allocation, ranking_scores

@@ -13,32 +13,23 @@ selection so the target search, the floor and the fill step are shared:
   ``protect=`` (the paper's "hourglass" question: prune the blocks only, or the stream too).
 * :class:`Allocation` + :func:`allocate`: one named combination of the above with ``select``'s
   own options (per-group ``normalize``, ``floor``), applied to given scores.
-* :func:`iterative_allocate`: prune part of the way, score the pruned model again, continue.
+* iterative re-scoring (prune part of the way, score the pruned model again, continue) is
+  :func:`curlprune.select.iterative.iterative_allocate`, the prune stage's ``steps``.
 
 Scores here are per channel (``{group name: float array [width]}``), as the criteria return them.
 """
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-import torch
-from torch import nn
 
-from curlprune.cost import trace
-from curlprune.channels import ChannelGroup, Plan
-from curlprune.cost import trace
+from curlprune.channels import ChannelGroup
 from curlprune.criteria import get
 from curlprune.errors import CurlpruneError
 from curlprune.select.search import DEFAULT_FLOOR, NORMALIZATIONS, CostFn, Selection, Target, normalize_values, select
-from curlprune.surgery import apply
-
-ScoreFn = Callable[[nn.Module, Sequence[ChannelGroup]], Mapping[str, np.ndarray]]
-"""``(model, its groups) -> scores``: a criterion bound to its calibration data."""
-
 
 @dataclass(frozen=True)
 class Allocation:
@@ -51,8 +42,9 @@ class Allocation:
     cost_power:  scores are divided by (cost saved per channel) ** cost_power; 0 = raw (CURL). The
                  cost is the target's metric: parameters for a params target, MACs otherwise.
     protect:     "none", "outside" (prune inside channels only) or "inside" (stream only).
-    steps:       1 = one-shot (CURL); n > 1 = reach the target in n equal steps of the MACs
-                 fraction, scoring the pruned model again before every step after the first.
+    steps:       1 = one-shot (CURL); n > 1 = reach the target in n steps, scoring the pruned
+                 model again before every step after the first
+                 (:func:`curlprune.select.iterative.iterative_allocate`, docs/method.md §3).
     """
 
     normalize: str = "none"
@@ -291,68 +283,3 @@ def allocate(
     names += [name for name in protect if name not in names]
     return select(groups, ranked, cost_fn, target, floor=allocation.floor, protect=names, normalize=normalize,
                   round_to=round_to, limits=limits)
-
-
-def iterative_allocate(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    groups: Sequence[ChannelGroup],
-    score_fn: ScoreFn,
-    cost_fn: CostFn,
-    target: Target,
-    allocation: Allocation = PAPER,
-    *,
-    first_scores: Mapping[str, np.ndarray] | None = None,
-) -> tuple[Selection, list[dict]]:
-    """Reach ``target`` (a fraction of the MACs) in ``allocation.steps`` steps, re-scoring in between.
-
-    Step i selects to the fraction ``1 - i/n * (1 - target)`` with the scores of the model pruned by
-    step i - 1 (sliced with :func:`curlprune.apply` and traced again; group names are kept by
-    slicing). Channels removed earlier get score -inf, so every later selection contains the
-    earlier one (the walk removes them first, in the same per-group order, under the same floor).
-    Returns the last Selection (on ``model``'s groups) and one record per step (fraction, seconds).
-
-    Raises CurlpruneError for a params target or an absolute count (the steps are MACs fractions).
-    """
-    if target.metric != "macs" or not target.is_fraction:
-        raise CurlpruneError("iterative allocation needs a MACs fraction target (e.g. 0.5)")
-    n = allocation.steps
-    plan: Plan = {}
-    steps: list[dict] = []
-    selection: Selection | None = None
-    for i in range(1, n + 1):
-        fraction = 1.0 - i / n * (1.0 - target.value)
-        started = time.time()
-        if i == 1 and first_scores is not None:
-            scores = {k: np.asarray(v, dtype=np.float64) for k, v in first_scores.items()}
-        else:
-            pruned = apply(model, groups, plan).eval() if plan else model
-            sub_groups = trace(pruned, example_input) if plan else groups
-            sub_scores = score_fn(pruned, sub_groups)
-            scores = _lift(groups, plan, sub_scores)
-        seconds = time.time() - started
-        selection = allocate(groups, scores, cost_fn, Target("macs", fraction), allocation)
-        widths = {g.name: g.width for g in groups}
-        missing = [name for name, kept in plan.items() if not set(selection.plan.get(name, range(widths[name]))) <= set(kept)]
-        if missing:
-            raise CurlpruneError(f"iterative step {i} restored channels of {missing[:3]}: the floor or protection changed between steps")
-        plan = selection.plan
-        steps.append({"step": i, "fraction": fraction, "score_seconds": round(seconds, 2), "macs": selection.macs})
-    assert selection is not None
-    return selection, steps
-
-
-def _lift(groups: Sequence[ChannelGroup], plan: Plan, sub_scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Scores of a sliced model's groups back on the full groups; removed channels get -inf."""
-    out: dict[str, np.ndarray] = {}
-    for g in groups:
-        if not g.prunable or g.name not in sub_scores:
-            continue
-        full = np.full(g.width, -np.inf)
-        kept = plan.get(g.name, list(range(g.width)))
-        values = np.asarray(sub_scores[g.name], dtype=np.float64)
-        if values.shape != (len(kept),):
-            raise CurlpruneError(f"group {g.name!r}: {values.shape} scores for {len(kept)} kept channels after slicing")
-        full[np.asarray(kept, dtype=np.int64)] = values
-        out[g.name] = full
-    return out

@@ -136,6 +136,7 @@ class Selection:
     tolerance: float = DEFAULT_TOLERANCE  # how far below the target (a fraction of it) still meets it
     met: bool = True  # the searched value lies in [target * (1 - tolerance), target]
     missed_by: float = 0.0  # when not met: searched value / target - 1 (negative: below the target)
+    steps: list[dict] = field(default_factory=list)  # iterative pruning: one record per step (select.iterative); [] = one shot
 
     @property
     def achieved(self) -> float:
@@ -160,7 +161,7 @@ class Selection:
             "met": self.met,
             "missed_by": round(self.missed_by, 6),
             "note": self.note,
-        }
+        } | ({"steps": list(self.steps)} if self.steps else {})
 
 
 # ----------------------------------------------------------------------------------------------
