@@ -231,8 +231,6 @@ def _tp_run(model, example, importance, target_macs, count, calib, max_pruning_r
         previous = copy.deepcopy(conv_model)
         pruner.step()
         history.append(macs())
-        if history[-1] == history[-2] and len(history) > iterative_steps // 2 and max_pruning_ratio < 1.0:
-            break  # every layer at its limit: the target is out of reach
     best = nearest_step(history, target_macs)
     chosen = conv_model if best == len(history) - 1 or previous is None else previous
     chosen.zero_grad(set_to_none=True)
