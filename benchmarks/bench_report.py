@@ -1,0 +1,169 @@
+"""The markdown of the ResNet-56 benchmark (issue 21), regenerated from the rows file alone."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import bench_plan as bp
+from bench_stats import fmt_mean_std, paired_difference, verdict
+
+RUN = """How to run (two background processes, one thread each, sharing the rows file; a finished row is
+never recomputed, so the same commands resume after a stop):
+
+    cd <checkout> && export OMP_NUM_THREADS=1 PYTHONPATH=$PWD/src
+    python benchmarks/cifar_resnet56.py --list        # planned rows in order, estimated cost
+    setsid nohup python benchmarks/cifar_resnet56.py --shard 0/2 > runs/bench-r56-shard0.log 2>&1 &
+    setsid nohup python benchmarks/cifar_resnet56.py --shard 1/2 > runs/bench-r56-shard1.log 2>&1 &
+    python benchmarks/cifar_resnet56.py --report      # rewrite this file from benchmarks/results/cifar_resnet56.jsonl
+
+Each process rewrites this file after every row it finishes. `--rows 'kl-best@0.5/*,tp-*@0.5/*'`
+restricts to rows whose id matches; `--smoke` runs a few-minute end-to-end check on a tiny subset
+(into runs/bench-r56-smoke/).
+
+Estimated one-thread CPU time per row kind (the smoke run scaled up, bench_plan.COST): a curlprune
+row with 2 recovery epochs ~0.36 h; a Torch-Pruning variant with 2 epochs ~0.56 h (taylor, its
+stepped pruning with a backward pass per step) or ~0.37 h (l1, l2); a 10-epoch row ~1.7 h; an
+allocation-study row (no training) ~0.03 h; the timing row ~0.1 h. The whole plan: ~25 h of CPU,
+so ~12-13 h on two free cores (2-3x longer when the cores are shared)."""
+
+SETUP = """Protocol. 5,000 training images (500 per class, seeded) are held out as the validation split
+(val); calibration ({calib} images), BN re-estimation ({bn} images) and recovery use only the other
+training images. Every choice is made on val top-1: the allocation study, and "TP best" = the
+Torch-Pruning variant with the best val top-1 after the seed-0 recovery. The test split (10,000
+images) only reports. Recovery: curlprune's distill stage (mixup KD from the unpruned teacher, T=2,
+alpha=0.7, batch 64, lr 0.02, warm-up 0.2 epoch + cosine, SGD momentum 0.9) from the BN-re-estimated
+pruned model; the seed sets the data order and mixup; top-1 of the last epoch. Mean ± std over seeds
+(n in brackets); paired difference a - b over the same seeds with its standard error
+std(d)/sqrt(n); "ahead"/"behind" only beyond 2 SE, else "on par". MACs ratio: achieved MACs / unpruned;
+a row outside 1% of its target is flagged.
+
+Caveat on the validation split: the published ResNet-56 was trained on all 50,000 training images,
+so the held-out images are training images of the unpruned model (its val top-1 is near 100%).
+Val top-1 of a pruned model partly measures what it retains of images its parent memorised: a
+biased but test-free basis for the choices. Every row reports test top-1 next to val top-1, so a
+choice that val and test would make differently is visible in the tables."""
+
+
+def _by(rows: dict, family: str, target: float, epochs: int) -> list[dict]:
+    return sorted((r for r in rows.values() if r.get("family") == family and r.get("target") == target
+                   and r.get("epochs") == epochs), key=lambda r: r["seed"])
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _diff(d) -> str:
+    if d is None:
+        return "-"
+    return f"{d['mean']:+.2f}" + ("" if d["se"] is None else f" ± {d['se']:.2f}")
+
+
+def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, settings: dict, smoke: bool = False) -> None:
+    """Write the report of the finished ``rows`` (id -> row) to ``path`` (atomically)."""
+    from curlprune.store.rundir import atomic_write_text
+
+    lines = ["# ResNet-56 on lossless CIFAR-10: curlprune vs Torch-Pruning at equal MACs (issues 9, 21)", ""]
+    if smoke:
+        lines += ["**SMOKE RUN**: a tiny subset, 1 epoch: proves the script, the numbers mean nothing.", ""]
+    lines += [RUN, "", SETUP.format(calib=settings["calib"], bn=settings["bn_images"]), ""]
+    timing = rows.get("timing")
+    if timing:
+        t, v = timing["teacher"], timing["versions"]
+        lines += [f"Unpruned ResNet-56: val {t['val_top1']:.2f}%, test {t['test_top1']:.2f}%, {t['macs'] / 1e6:.2f} M MACs, "
+                  f"{t['params'] / 1e6:.3f} M params; images {timing['images']}; torch {v['torch']}, torch-pruning "
+                  f"{v['torch_pruning']}. Scoring the unpruned model on {timing['calib']} calibration images, side by side "
+                  f"in one process, {timing['threads']} thread: exact kl {timing['score_seconds']['kl']:.1f} s, kl-approx "
+                  f"{timing['score_seconds']['kl-approx']:.1f} s (wall; CPU {timing['score_cpu_seconds']['kl']:.1f} s and "
+                  f"{timing['score_cpu_seconds']['kl-approx']:.1f} s).", ""]
+    epochs_seeded = variant_epochs
+    targets = sorted({r["target"] for r in rows.values() if r.get("target")}, reverse=True)
+    for target in targets:
+        lines += [f"## {target:.0%} of the MACs: the claims ({epochs_seeded}-epoch recovery)", "",
+                  "| row | method | MACs ratio | val top-1 | test top-1 | test top-1 BN, no training |", "|---|---|---|---|---|---|"]
+        per_seed = {}
+        for family in bp.CLAIM:
+            found = _by(rows, family, target, epochs_seeded)
+            if family == "tp-best":  # its seed 0 is the chosen variant's seed-0 row
+                chosen = {r.get("resolved_to") for r in found} - {None}
+                if chosen:
+                    found = _by(rows, chosen.pop(), target, epochs_seeded)[:1] + found
+            if not found:
+                continue
+            per_seed[family] = {r["seed"]: r for r in found}
+            label = bp.CURL.get(family, ("", "", "Torch-Pruning's best by val"))[2]
+            if family == "tp-best":
+                label += f" ({found[0]['family']})"
+            ratios = sorted({r["macs_ratio"] for r in found})
+            flag = "" if all(r["within_1pct"] for r in found) else " **outside 1%**"
+            lines.append(f"| {family} | {label} | {'/'.join(f'{x:.3f}' for x in ratios)}{flag} | "
+                         f"{fmt_mean_std([r['val_top1'] for r in found])} | {fmt_mean_std([r['test_top1'] for r in found])} | "
+                         f"{fmt_mean_std([r['test_bn'] for r in found])} |")
+        lines += ["", "| comparison (a - b, same seeds) | n | val diff ± SE | test diff ± SE | verdict (test) |", "|---|---|---|---|---|"]
+        for a, b, what in bp.COMPARISONS:
+            if a in per_seed and b in per_seed:
+                dv = paired_difference({s: r["val_top1"] for s, r in per_seed[a].items()}, {s: r["val_top1"] for s, r in per_seed[b].items()})
+                dt = paired_difference({s: r["test_top1"] for s, r in per_seed[a].items()}, {s: r["test_top1"] for s, r in per_seed[b].items()})
+                lines.append(f"| {what} | {dt['n'] if dt else 0} | {_diff(dv)} | {_diff(dt)} | a {verdict(dt)} |")
+        lines.append("")
+    long_rows = [r for r in rows.values() if r.get("family") in ("kl-best", "tp-best") and r.get("epochs", 0) > epochs_seeded]
+    if long_rows:
+        lines += ["## Longer recovery", "", "| row | target | epochs | seed | MACs ratio | val top-1 | test top-1 | same seed, "
+                  f"{epochs_seeded} epochs: test |", "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(long_rows, key=lambda r: (-r["target"], r["family"], r["epochs"], r["seed"])):
+            family = r["family"] if r["family"] != "tp-best" else f"tp-best ({r.get('resolved_to')})"
+            short = rows.get(bp.Row(r["family"], r["target"], epochs_seeded, r["seed"]).id)
+            if short is None and r["family"] == "tp-best" and r["seed"] == 0:
+                short = rows.get(bp.Row(r.get("resolved_to", ""), r["target"], epochs_seeded, 0).id)
+            lines.append(f"| {family} | {r['target']:.0%} | {r['epochs']} | {r['seed']} | {r['macs_ratio']:.3f} | "
+                         f"{_pct(r['val_top1'])} | {_pct(r['test_top1'])} | {_pct(short['test_top1'] if short else None)} |")
+        lines.append("")
+    for target in targets:
+        found = [r for v in variants for r in _by(rows, v, target, variant_epochs) if r["seed"] == 0]
+        if not found:
+            continue
+        best = max(found, key=lambda r: r["val_top1"]) if len(found) == len(variants) else None
+        lines += [f"## Torch-Pruning 1.6.1 variants at {target:.0%} (seed 0, {variant_epochs} epochs; best chosen on val)", "",
+                  "| variant | importance | max_pruning_ratio | shortcuts in importance | MACs ratio | steps | val BN | val top-1 | test top-1 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in found:
+            p = r["prune"]
+            ratio = f"{r['macs_ratio']:.3f}" + ("" if r["within_1pct"] else " **outside 1%**")
+            name = f"**{r['family']}** (TP best)" if best is r else r["family"]
+            lines.append(f"| {name} | {p['importance']} | {p['max_pruning_ratio']:g} | {'yes' if p['shortcuts_in'] else 'no'} | {ratio} | "
+                         f"{p['tp']['steps']}/{p['tp']['of_steps']} | {_pct(r['val_bn'])} | {_pct(r['val_top1'])} | {_pct(r['test_top1'])} |")
+        lines.append("")
+    others = [r for r in rows.values() if r.get("family") in ("kla-best", "taylor", "random")]
+    if others:
+        lines += ["## Other curlprune criteria (seed 0)", "", "| row | target | MACs ratio | val BN | val top-1 | test top-1 |",
+                  "|---|---|---|---|---|---|"]
+        for r in sorted(others, key=lambda r: (-r["target"], r["family"])):
+            lines.append(f"| {r['family']} | {r['target']:.0%} | {r['macs_ratio']:.3f} | {_pct(r['val_bn'])} | {_pct(r['val_top1'])} | "
+                         f"{_pct(r['test_top1'])} |")
+        lines.append("")
+    for target in targets:
+        study = [r for r in rows.values() if r.get("kind") == "alloc" and r.get("target") == target]
+        if not study:
+            continue
+        best = max(study, key=lambda r: r["val_bn"])
+        lines += [f"## Allocation study at {target:.0%}, no training (chosen on val top-1 after BN re-estimation)", "",
+                  f"Best by val: **{best['family'][6:]}**; curlprune's default is kl / MACs, floor 0.3.", "",
+                  "| allocation | MACs ratio | stream widths | val raw | val BN | test BN |", "|---|---|---|---|---|---|"]
+        for r in sorted(study, key=lambda r: -r["val_bn"]):
+            lines.append(f"| {r['family'][6:]} | {r['macs_ratio']:.3f} | {'/'.join(map(str, r['stream_widths']))} | "
+                         f"{_pct(r['val_raw'])} | {_pct(r['val_bn'])} | {_pct(r['test_bn'])} |")
+        lines.append("")
+    flagged = sorted(r["id"] for r in rows.values() if r.get("within_1pct") is False)
+    if flagged:
+        lines += ["## Flagged: achieved MACs outside 1% of the target", "", *[f"- {i}" for i in flagged], ""]
+    finished = [r for r in rows.values() if r["kind"] != "timing"]
+    lines += [] if not finished else ["## Every finished row", "", "| id | MACs ratio | val raw | val BN | val top-1 | test top-1 | CPU s: prune | evaluation | recovery |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(finished, key=lambda r: r["id"]):
+        lines.append(f"| {r['id']}{' -> ' + r['resolved_to'] if r.get('resolved_to') else ''} | {r['macs_ratio']:.3f} | "
+                     f"{_pct(r['val_raw'])} | {_pct(r['val_bn'])} | {_pct(r['val_top1'])} | {_pct(r['test_top1'])} | "
+                     f"{r.get('prune_cpu_seconds', 0):.0f} | {r.get('eval_cpu_seconds', 0):.0f} | {r.get('recovery_cpu_seconds', 0):.0f} |")
+    if not rows:
+        lines += ["", "No row has finished yet with this protocol. The single-seed results of the issue-9 protocol (no "
+                  "validation split, test-chosen allocation, one seed) are in [cifar_resnet56_issue9.md](cifar_resnet56_issue9.md) "
+                  "(data: cifar_resnet56.json)."]
+    atomic_write_text(path, "\n".join(lines) + "\n")

@@ -1,0 +1,154 @@
+"""Pure helpers of the ResNet-56 benchmark (issue 21): the resumable rows file, sharding, the
+Torch-Pruning stopping rule, and the statistics the claims rest on.
+
+No torch here: tests/test_bench_stats.py checks every function on real numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+TOLERANCE = 0.01  # a row's achieved MACs must be within 1% of its target
+
+
+# ---------------------------------------------------------------------------------- rows file
+
+
+class RowsFile:
+    """JSON lines, one finished row per line, keyed by ``row["id"]``; append-only.
+
+    A row is written once, when it has finished; the first line of an id wins (a second writer of
+    the same id, e.g. two shards started by mistake, never replaces it). Appends hold an exclusive
+    lock and re-check the id under it, so two processes can share the file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.lock = self.path.with_name(self.path.name + ".lock")
+
+    def read(self) -> dict[str, dict]:
+        """id -> row of every finished row (first line of an id wins; a torn last line is ignored)."""
+        rows: dict[str, dict] = {}
+        if not self.path.is_file():
+            return rows
+        for line in self.path.read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a killed process: that row is simply not finished
+            rows.setdefault(row["id"], row)
+        return rows
+
+    @contextlib.contextmanager
+    def locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock, "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
+
+    def append(self, row: Mapping) -> bool:
+        """Append ``row`` (needs an ``id``) unless that id is already there; True when written."""
+        with self.locked():
+            if row["id"] in self.read():
+                return False
+            text = json.dumps(row, sort_keys=True)
+            with open(self.path, "a") as fh:
+                fh.write(text + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            return True
+
+
+def pending(planned: Sequence[str], done: Iterable[str]) -> list[str]:
+    """The planned ids not yet finished, in plan order."""
+    finished = set(done)
+    return [row for row in planned if row not in finished]
+
+
+def shard(items: Sequence, spec: str | None) -> list:
+    """Items of shard ``"i/n"`` (every n-th item from the i-th, by plan position); None = all.
+
+    Interleaving keeps both shards on the rows that decide the claim first.
+    """
+    if not spec:
+        return list(items)
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {spec!r}: give i/n, e.g. 0/2") from None
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"--shard {spec!r}: need 0 <= i < n")
+    return [item for position, item in enumerate(items) if position % count == index]
+
+
+# ---------------------------------------------------------------------------------- stopping rule
+
+
+def nearest_step(history: Sequence[float], target: float) -> int:
+    """Index of the step whose MACs are nearest ``target`` (ties: the earlier step).
+
+    ``history[k]``: the MACs after k steps (history[0] = unpruned).
+    """
+    return min(range(len(history)), key=lambda k: (abs(history[k] - target), k))
+
+
+def within(achieved: float, target: float, tolerance: float = TOLERANCE) -> bool:
+    """|achieved / target - 1| <= tolerance."""
+    return abs(achieved / target - 1.0) <= tolerance
+
+
+# ---------------------------------------------------------------------------------- statistics
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); std None for one value."""
+    if not values:
+        raise ValueError("no values")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> dict | None:
+    """Paired difference a - b over the seeds both have.
+
+    Returns ``{"mean", "se", "n", "seeds"}``: mean of d_s = a_s - b_s and its standard error
+    std(d, n - 1) / sqrt(n) (None with one seed); None when no seed is shared.
+    """
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    mean, std = mean_std(diffs)
+    se = None if std is None else std / math.sqrt(len(diffs))
+    return {"mean": mean, "se": se, "n": len(diffs), "seeds": seeds}
+
+
+def verdict(diff: Mapping | None) -> str:
+    """"ahead" / "behind" only beyond two standard errors, else "on par"; one seed: "one seed"."""
+    if diff is None:
+        return "-"
+    if diff["se"] is None:
+        return "one seed, no SE"
+    if diff["mean"] > 2 * diff["se"]:
+        return "ahead"
+    if diff["mean"] < -2 * diff["se"]:
+        return "behind"
+    return "on par"
+
+
+def fmt_mean_std(values: Sequence[float]) -> str:
+    """"91.52 ± 0.11 (3)" (n in brackets); one value: "91.52 (1)"."""
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.2f} ({len(values)})" if std is None else f"{mean:.2f} ± {std:.2f} ({len(values)})"

@@ -1,0 +1,164 @@
+"""The ResNet-56 benchmark's pure parts (issue 21): paired differences and their standard error,
+the "ahead only beyond 2 SE" rule, the resumable rows file (a finished row is never recomputed),
+sharding without overlap, the Torch-Pruning stopping rule, and the plan's order."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_plan as bp  # noqa: E402
+import cifar_resnet56 as bench  # noqa: E402
+from bench_report import write_markdown  # noqa: E402
+from bench_stats import (RowsFile, mean_std, nearest_step, paired_difference, pending, shard, verdict,  # noqa: E402
+                         within)
+
+A = {0: 91.71, 1: 91.50, 2: 91.62}
+B = {0: 91.31, 1: 91.40, 2: 91.10}
+
+
+def test_paired_difference_matches_a_paired_t_test():
+    d = paired_difference(A, B)
+    diffs = np.array([A[s] - B[s] for s in (0, 1, 2)])
+    assert d["n"] == 3 and d["seeds"] == [0, 1, 2]
+    assert d["mean"] == pytest.approx(diffs.mean())
+    assert d["se"] == pytest.approx(diffs.std(ddof=1) / math.sqrt(3))
+    t = stats.ttest_rel(list(A.values()), list(B.values())).statistic  # t = mean / SE
+    assert d["mean"] / d["se"] == pytest.approx(t)
+
+
+def test_paired_difference_uses_only_shared_seeds():
+    d = paired_difference({**A, 5: 10.0}, {1: 91.40, 2: 91.10, 7: 0.0})
+    assert d["seeds"] == [1, 2] and d["mean"] == pytest.approx(((91.50 - 91.40) + (91.62 - 91.10)) / 2)
+    assert paired_difference({0: 1.0}, {1: 1.0}) is None
+    one = paired_difference({0: 91.7}, {0: 91.3})
+    assert one["se"] is None and verdict(one) == "one seed, no SE"
+
+
+def test_verdict_needs_two_standard_errors():
+    assert verdict({"mean": 0.40, "se": 0.21}) == "on par"
+    assert verdict({"mean": 0.43, "se": 0.21}) == "ahead"
+    assert verdict({"mean": -0.43, "se": 0.21}) == "behind"
+
+
+def test_verdict_on_the_example_numbers():
+    d = paired_difference(A, B)
+    expected = "ahead" if d["mean"] > 2 * d["se"] else "on par"
+    assert verdict(d) == expected
+
+
+def test_mean_std_is_the_sample_std():
+    values = [91.71, 91.50, 91.62]
+    mean, std = mean_std(values)
+    assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
+    assert mean_std([3.0]) == (3.0, None)
+
+
+def test_rows_file_first_write_wins_and_torn_lines_are_ignored(tmp_path):
+    store = RowsFile(tmp_path / "rows.jsonl")
+    assert store.read() == {}
+    assert store.append({"id": "kl-best@0.5/e2/s0", "test_top1": 91.7})
+    assert not store.append({"id": "kl-best@0.5/e2/s0", "test_top1": 12.3})
+    with open(store.path, "a") as fh:
+        fh.write('{"id": "l1@0.5/e2/s0", "test_to')  # a process killed mid-line
+    rows = store.read()
+    assert list(rows) == ["kl-best@0.5/e2/s0"] and rows["kl-best@0.5/e2/s0"]["test_top1"] == 91.7
+    assert pending(["kl-best@0.5/e2/s0", "l1@0.5/e2/s0"], rows) == ["l1@0.5/e2/s0"]
+
+
+class Counting:
+    """Stands in for the benchmark (which takes hours) in run(): counts what it is asked to compute."""
+
+    def __init__(self):
+        self.ran = []
+
+    def run_row(self, row, done):
+        self.ran.append(row.id)
+        return {"id": row.id, "family": row.family, "val_top1": 50.0 + len(self.ran)}
+
+
+def test_a_finished_row_is_never_recomputed(tmp_path):
+    store = RowsFile(tmp_path / "rows.jsonl")
+    rows = [bp.Row("kl-best", 0.5, 2, s) for s in (0, 1, 2)]
+    store.append({"id": rows[1].id, "family": "kl-best", "val_top1": 91.0})
+    first = Counting()
+    bench.run(first, rows, store, report=lambda: None, wait=False)
+    assert first.ran == [rows[0].id, rows[2].id]
+    again = Counting()
+    bench.run(again, rows, store, report=lambda: None, wait=False)
+    assert again.ran == []
+    assert store.read()[rows[1].id]["val_top1"] == 91.0
+    assert len(store.path.read_text().splitlines()) == 3
+
+
+def test_shards_split_the_plan_without_overlap():
+    plan = [r.id for r in bp.plan()]
+    assert len(set(plan)) == len(plan)
+    halves = [shard(plan, "0/2"), shard(plan, "1/2")]
+    assert not set(halves[0]) & set(halves[1]) and sorted(halves[0] + halves[1]) == sorted(plan)
+    assert halves[0][0] == "timing" and halves[1][0] == "kl-best@0.5/e2/s0"  # both start on the headline
+    with pytest.raises(ValueError):
+        shard(plan, "2/2")
+
+
+def test_plan_order_and_ids():
+    plan = bp.plan()
+    assert [r.id for r in plan[1:4]] == [f"kl-best@0.5/e2/s{s}" for s in (0, 1, 2)]
+    assert all(bp.parse_id(r.id) == r for r in plan)
+    ids = {r.id for r in plan}
+    for target in bp.TARGETS:
+        for family in ("kl-best", "l1", "kl-paper"):
+            assert {f"{family}@{target:g}/e2/s{s}" for s in bp.SEEDS} <= ids
+        assert {f"tp-best@{target:g}/e2/s{s}" for s in (1, 2)} <= ids  # seed 0: the chosen variant's row
+        assert {f"{v}@{target:g}/e2/s0" for v in bp.TP_VARIANTS} <= ids
+    assert {"kl-best@0.5/e10/s0", "tp-best@0.5/e10/s0"} <= ids
+    assert len(bp.TP_VARIANTS) == 12 and bp.tp_settings("tp-l2-cap-in") == {
+        "importance": "l2", "max_pruning_ratio": pytest.approx(0.7), "shortcuts_in": True}
+
+
+def test_nearest_step_and_tolerance():
+    history = [125.5, 70.0, 63.1, 62.2, 61.86]
+    assert nearest_step(history, 62.6) == 3  # 62.2 (0.40 off) is nearer than 63.1 (0.50) and 61.86 (0.74)
+    assert nearest_step(history, 62.74) == 2  # 63.1 (0.36 off) is nearer than 62.2 (0.54): above the target is allowed
+    assert within(62.2, 62.6) and not within(61.0, 62.6)
+    assert nearest_step([10.0, 8.0, 6.0], 7.0) == 1  # a tie goes to the earlier step
+
+
+def test_tp_best_is_chosen_on_val_not_test():
+    b = bench.Bench.__new__(bench.Bench)
+    b.variants, b.variant_epochs = ["tp-l1-cap-out", "tp-l2-cap-out"], 2
+    done = {"tp-l1-cap-out@0.5/e2/s0": {"family": "tp-l1-cap-out", "val_top1": 90.1, "test_top1": 91.0},
+            "tp-l2-cap-out@0.5/e2/s0": {"family": "tp-l2-cap-out", "val_top1": 90.4, "test_top1": 90.2}}
+    row = bp.Row("tp-best", 0.5, 2, 1)
+    assert b.resolve(row, done) == "tp-l2-cap-out"
+    del done["tp-l1-cap-out@0.5/e2/s0"]
+    assert b.resolve(row, done) is None
+
+
+def _row(family, seed, val, test, **extra):
+    return {"id": bp.Row(family, 0.5, 2, seed).id, "family": family, "target": 0.5, "epochs": 2, "seed": seed, "kind": "x",
+            "macs_ratio": 0.499, "within_1pct": True, "val_top1": val, "test_top1": test, "val_bn": 80.0, "test_bn": 80.0,
+            "val_raw": 50.0, "test_raw": 50.0, "eval_seconds": 1.0, "prune": {}, "stream_widths": [16, 32, 64], **extra}
+
+
+def test_report_shows_mean_std_and_the_paired_verdict(tmp_path):
+    rows = {}
+    for s in (0, 1, 2):
+        rows[bp.Row("kl-best", 0.5, 2, s).id] = _row("kl-best", s, 90.0 + s / 10, A[s])
+        rows[bp.Row("l1", 0.5, 2, s).id] = _row("l1", s, 90.0, B[s])
+    path = tmp_path / "report.md"
+    write_markdown(rows, path, variants=[], variant_epochs=2, settings=bench.FULL)
+    text = path.read_text()
+    mean, std = mean_std(list(A.values()))
+    assert f"{mean:.2f} ± {std:.2f} (3)" in text
+    d = paired_difference(A, B)
+    assert f"{d['mean']:+.2f} ± {d['se']:.2f}" in text and f"a {verdict(d)}" in text
+    assert "setsid nohup" in text and "--shard 1/2" in text
+    json.dumps(rows)  # rows are plain JSON
