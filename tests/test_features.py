@@ -207,3 +207,23 @@ def test_a_folder_from_before_features_resumes(tmp_path, tiny):
         record["config"].pop(key, None)
     path.write_text(json.dumps(record))
     distill(build("small:resnet-digits"), teacher, tiny, SPEC, DistillConfig(**{**cfg.__dict__, "feature_weight": 0}), tmp_path)
+
+
+# ----- recipe: paper (issue 19 item 3) ----------------------------------------------------------------
+def test_recipe_paper_is_the_authors_constants_and_sections_override_it():
+    from curlprune.run.run_config import config_to_dict, parse_config
+
+    base = {"model": "small:resnet-digits", "stages": ["prune", "distill", "refine"], "prune": {"target_macs": 0.5}}
+    paper = parse_config({**base, "recipe": "paper", "distill": {"epochs": 30}, "refine": {"lr": 2e-4}})
+    distill_cfg, refine_cfg = paper.sections["distill"], paper.sections["refine"]
+    assert (distill_cfg.epochs, distill_cfg.batch_size, distill_cfg.lr, distill_cfg.warmup_epochs) == (30, 32, 0.01, 5.0)
+    assert (distill_cfg.temperature, distill_cfg.alpha, distill_cfg.mixup_alpha, distill_cfg.ce_weight, distill_cfg.feature_weight) \
+        == (2.0, 0.7, 1.0, None, None)
+    assert (refine_cfg.epochs, refine_cfg.lr, refine_cfg.warmup_epochs, refine_cfg.temperature, refine_cfg.label_lr,
+            refine_cfg.expand, refine_cfg.bn) == (16, 2e-4, 0.0, 1.0, 1.0, True, "update")
+    assert config_to_dict(paper)["recipe"] == "paper"
+    plain = parse_config(base)
+    assert plain.recipe is None and "recipe" not in config_to_dict(plain)  # old run folders compare unchanged
+    assert plain.sections["refine"].bn is None  # refine's own defaults are untouched without the preset
+    with pytest.raises(CurlpruneError, match="unknown recipe 'fast': use one of paper"):
+        parse_config({**base, "recipe": "fast"})
