@@ -16,6 +16,7 @@ from curlprune.recover import DistillConfig, distill
 from curlprune.recover.distill import DistillStage
 from curlprune.recover.features import FeatureMap, FeatureTap, feature_loss, feature_maps
 from curlprune.recover.loop import train_stage
+from curlprune.store import STAGE_CHECKPOINT_FILE, checkpoint
 from curlprune.surgery.keep_class import apply as apply_kept
 from curlprune.surgery.surgery import apply, mask
 
@@ -227,3 +228,26 @@ def test_recipe_paper_is_the_authors_constants_and_sections_override_it():
     assert plain.sections["refine"].bn is None  # refine's own defaults are untouched without the preset
     with pytest.raises(CurlpruneError, match="unknown recipe 'fast': use one of paper"):
         parse_config({**base, "recipe": "fast"})
+
+
+def test_the_pipeline_gives_distill_the_students_plan(tmp_path):
+    """prune -> distill with features on a real run: the pruned student's features are compared through
+    the plan the prune stage made (without it the shapes would not match: one line, no result)."""
+    from curlprune.data.digits import train_digits_model
+    from curlprune.run.pipeline import Run
+    from curlprune.run.run_config import parse_config
+
+    FEATURES = ["layer1.0.conv1", "layer1.1.relu", "layer1", "layer2"]
+    weights = tmp_path / "teacher.pt"
+    torch.save(train_digits_model(seed=0).state_dict(), weights)
+    cfg = parse_config({"model": "small:resnet-digits", "weights": str(weights), "data": "digits", "train_per_class": 20,
+                        "run_dir": str(tmp_path / "run"), "stages": ["prune", "distill"],
+                        "prune": {"criterion": "l1", "target_macs": 0.5, "calib": 32},
+                        "distill": {"epochs": 1, "batch_size": 32, "progress": False, "device": "cpu",
+                                    "features": FEATURES, "feature_weight": 1.0}})
+    summary = Run(cfg).run()
+    plan = checkpoint.read_metadata(tmp_path / "run" / "distill" / STAGE_CHECKPOINT_FILE)["plan"]
+    assert all(len(plan[name]) < width for name, width in (("layer1.0.conv1", 16), ("layer1.1.conv1", 16)))
+    assert summary["stages"]["distill"]["last_top1"] > 10.0
+    done = json.loads((tmp_path / "run" / "distill" / "done.json").read_text())
+    assert done["config"]["features"] == FEATURES and done["config"]["feature_weight"] == 1.0
