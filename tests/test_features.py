@@ -251,3 +251,20 @@ def test_the_pipeline_gives_distill_the_students_plan(tmp_path):
     assert summary["stages"]["distill"]["last_top1"] > 10.0
     done = json.loads((tmp_path / "run" / "distill" / "done.json").read_text())
     assert done["config"]["features"] == FEATURES and done["config"]["feature_weight"] == 1.0
+
+
+def test_library_distill_takes_the_plan(tiny):
+    """curlprune.distill(pruned.model, teacher, ..., plan=pruned.plan, feature_weight=...) on a real
+    pruned model; without the plan the pruned features do not match (one line)."""
+    import curlprune
+
+    torch.manual_seed(0)
+    teacher = build("small:resnet-digits").eval()
+    pruned = curlprune.prune(teacher, torch.zeros(1, 1, 8, 8), data=tiny["train"], target_macs=0.5, criterion="l1", calib=32,
+                             bn_recalibrate=0)
+    assert len(pruned.plan["layer1.0.conv1"]) < 16
+    settings = {"input_spec": SPEC, "epochs": 1, "batch_size": 16, "feature_weight": 1.0, "features": ["layer1.0.conv1"]}
+    student = curlprune.distill(pruned.model, teacher, tiny, plan=pruned.plan, **settings)
+    assert student is pruned.model
+    with pytest.raises(CurlpruneError, match="give the plan the student was sliced by"):
+        curlprune.distill(pruned.model, teacher, tiny, **settings)
