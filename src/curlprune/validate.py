@@ -77,7 +77,7 @@ RANGES: dict[str, Range | None] = {
     "lr": Range(0, 10.0, low_open=True),  # (0, curlprune.recover.guards.MAX_LR]
     "warmup_epochs": _NONNEGATIVE, "momentum": _FRACTION, "weight_decay": _FRACTION,
     "temperature": _POSITIVE, "alpha": Range(0, 1), "mixup_alpha": _NONNEGATIVE, "label_lr": _NONNEGATIVE,
-    "label_reference_batch": _COUNT, "ce_weight": Range(0, 1), "body_lr_mult": _NONNEGATIVE, "head_epochs": _NONNEGATIVE,
+    "label_reference_batch": _COUNT, "ce_weight": Range(0, 1), "feature_weight": _NONNEGATIVE, "body_lr_mult": _NONNEGATIVE, "head_epochs": _NONNEGATIVE,
 }
 """Setting name -> its range (None: checked by its own parser). Shared by every config dataclass."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from curlprune.channels import ChannelGroup, Plan
 from curlprune.cost.cost import count
 from curlprune.cost.cost_plan import CostTable, build_cost_table
 from curlprune.errors import CurlpruneError
-from curlprune.graph import build_groups, channel_pass, propagate, symbolic_trace
+from curlprune.graph import build_groups, channel_pass, node_channels, propagate, symbolic_trace
 from curlprune.graph.layers import table_version
 from curlprune.surgery.surgery import removed_positions, validate_plan
 
@@ -39,11 +39,14 @@ class Analysis:
             in ``ChannelGroup.nodes`` (for partial evaluation, e.g. by the KL criterion).
     groups: the channel groups (do not modify; ``trace`` returns copies).
     cost:   the cost table behind ``plan_cost`` and the per-channel savings.
+    channels: fx node name -> (channel dim, (group index in ``groups``, group channel) per position)
+            of the node's output (:func:`curlprune.graph.groups.node_channels`; the channel map of a feature).
     """
 
     gm: fx.GraphModule
     groups: list[ChannelGroup]
     cost: CostTable
+    channels: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = field(default_factory=dict)
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Analysis]]" = weakref.WeakKeyDictionary()
@@ -89,7 +92,7 @@ def analyse(model: nn.Module, example_input: Any) -> Analysis:
             g.prunable, g.reason = False, f"the sliced cost of {bad[0]} differs from its measured cost"
     for g in groups:
         g.macs_per_channel, g.params_per_channel = cost.channel_savings(g)
-    result = Analysis(gm, groups, cost)
+    result = Analysis(gm, groups, cost, node_channels(an))
     _CACHE.setdefault(model, {})[key] = result
     return result
 

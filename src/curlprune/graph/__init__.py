@@ -24,7 +24,7 @@ are in :mod:`curlprune.cost.analysis`, which sits above this package and the cos
 """
 from curlprune.channels import ChannelGroup, Member, Plan, SliceKey
 from curlprune.graph.channel_pass import channel_pass
-from curlprune.graph.groups import build_groups
+from curlprune.graph.groups import build_groups, node_channels
 from curlprune.graph.layer_rules import ChannelMixing, LayerRule, PerChannel, Roles
 from curlprune.graph.layers import CHANNEL_NORMS, register_layer, rule_for
 from curlprune.graph.shapes import Propagated, TensorInfo, propagate, propagate_shapes
@@ -44,6 +44,7 @@ __all__ = [
     "SliceKey",
     "TensorInfo",
     "build_groups",
+    "node_channels",
     "channel_pass",
     "eval_mode",
     "fetch_attr",

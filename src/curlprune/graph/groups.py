@@ -14,16 +14,10 @@ from curlprune.graph.pass_state import PassState
 from curlprune.graph.slots import Source
 
 
-def build_groups(an: PassState) -> list[ChannelGroup]:
-    """The channel groups the finished channel pass ``an`` found, in topological order.
-
-    Args:
-        an: the state ``channel_pass`` returned.
-
-    Returns:
-        ChannelGroups with members, node members, units, reasons and kinds; ``macs_per_channel`` and
-        ``params_per_channel`` are empty (the analysis fills them from the cost table).
-    """
+def _channel_classes(an: PassState) -> tuple[list, list[tuple[int, ...]], list[list[int]], dict[int, tuple[int, int]]]:
+    """The pass's channel classes sorted into groups: ``(nodes with a layout in topological order,
+    one signature (node indices) per group, each group's class roots in channel order,
+    class root -> (group id, channel))``; group ids are the order :func:`build_groups` returns."""
     uf = an.uf
     nodes = [n for n in an.gm.graph.nodes if n in an.layouts]
     # where every class appears: node list (topological) and first position
@@ -48,6 +42,35 @@ def build_groups(an: PassState) -> list[ChannelGroup]:
         roots_of.append(roots)
         for ch, r in enumerate(roots):
             where[r] = (gid, ch)
+    return nodes, signatures, roots_of, where
+
+
+def node_channels(an: PassState) -> dict[str, tuple[int, tuple[tuple[int, int], ...]]]:
+    """Where every channel of every node's output comes from: the channel map a feature needs.
+
+    Args:
+        an: the state ``channel_pass`` returned.
+    Returns:
+        fx node name -> ``(dim, ((group id, channel), ...))``: the tensor dim that holds the channels and,
+        for each position along it, the group (its index in :func:`build_groups`' list) and the group
+        channel it is. Nodes without a channel layout are left out.
+    """
+    nodes, _, _, where = _channel_classes(an)
+    return {n.name: (an.layouts[n].dim, tuple(where[an.uf.find(s)] for s in an.layouts[n].slots)) for n in nodes}
+
+
+def build_groups(an: PassState) -> list[ChannelGroup]:
+    """The channel groups the finished channel pass ``an`` found, in topological order.
+
+    Args:
+        an: the state ``channel_pass`` returned.
+
+    Returns:
+        ChannelGroups with members, node members, units, reasons and kinds; ``macs_per_channel`` and
+        ``params_per_channel`` are empty (the analysis fills them from the cost table).
+    """
+    uf = an.uf
+    nodes, signatures, roots_of, where = _channel_classes(an)
 
     def members_of(table: dict[SliceKey, Source]) -> list[list[Member]]:
         out: list[list[Member]] = [[] for _ in signatures]

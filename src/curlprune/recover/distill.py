@@ -12,6 +12,9 @@ with T = 2 and alpha = 0.7. With ``ce_weight`` w > 0 (issue 19 item 3) the loss 
     (1 - w) * (the loss above) + w * (lambda * CE(s, y) + (1 - lambda) * CE(s, y[perm]))
 
 so w = 0 is the paper's loss exactly and w = 1 is plain (mixed) cross-entropy on the true labels.
+With ``feature_weight`` f > 0 (issue 19 item 2) the loss adds ``f * feature loss``: the student's
+features against the teacher's at the channels the plan kept (:mod:`curlprune.recover.features`);
+f = 0 (the default) is the loss above exactly, with no hooks on either model.
 The "train_top1" of the metrics compares the student's argmax on
 the mixed images with the label of the unpermuted image, so it is only a rough signal.
 """
@@ -28,7 +31,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from curlprune.models.spec import InputSpec
+from curlprune.recover.dist import DistContext
 from curlprune.recover.early_stop import canonical_early_stop
+from curlprune.recover.features import AUTO, FeatureMap, FeatureTap, feature_loss, feature_maps
 from curlprune.recover.loop import train_stage
 from curlprune.recover.stage import Result, TeacherStage, TrainConfig, require
 from curlprune.store.rundir import LATER
@@ -43,6 +48,10 @@ class DistillConfig(TrainConfig):
     mixup_alpha: lambda ~ Beta(mixup_alpha, mixup_alpha); 0 turns mixup off (lambda = 1).
     ce_weight:   w in [0, 1]: loss = (1 - w) * (the mixup-KD loss) + w * CE on the true labels (mixed
                  CE on both labels under mixup); None or 0 = the paper's loss (default; 0 is stored as None).
+    features:    the features to match: module (or group) names, or "auto" (the output of every
+                 residual stage; :mod:`curlprune.recover.features`). Unset with feature_weight > 0: "auto".
+    feature_weight: f >= 0: loss += f * the mean normalised feature MSE; None or 0 = off (default;
+                 0 is stored as None, and features too while it is off).
     early_stop:  {patience: P, min_delta: D}: stop on validation top-1 and keep the best epoch
                  (:mod:`curlprune.recover.early_stop`; needs a validation split). None = off.
     """
@@ -56,15 +65,36 @@ class DistillConfig(TrainConfig):
     mixup_alpha: float = 1.0
     ce_weight: float | None = field(default=None, metadata=LATER)  # None = 0 (stored so: folders from before it existed match)
     early_stop: dict[str, float] | None = field(default=None, metadata=LATER)
+    features: list[str] | str | None = field(default=None, metadata=LATER)
+    feature_weight: float | None = field(default=None, metadata=LATER)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.ce_weight is None or 0.0 <= self.ce_weight <= 1.0, f"ce_weight must be in [0, 1] (got {self.ce_weight})")
         self.ce_weight = None if not self.ce_weight else float(self.ce_weight)  # 0 and unset: one setting
         self.early_stop = canonical_early_stop(self.early_stop)
+        self.feature_weight, self.features = canonical_features(self.feature_weight, self.features)
         require(self.temperature > 0, f"temperature must be positive (got {self.temperature})")
         require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1] (got {self.alpha})")
         require(self.mixup_alpha >= 0, f"mixup_alpha must be non-negative (got {self.mixup_alpha}); 0 turns mixup off")
+
+
+def canonical_features(weight: float | None, features: Any) -> tuple[float | None, list[str] | str | None]:
+    """``(feature_weight, features)`` as stored: both None while off (weight unset or 0), so a folder
+    written before they existed resumes; "auto" when the weight is set and the features are not.
+
+    Raises:
+        CurlpruneError: a weight that is not a finite number >= 0, or features that are neither "auto"
+            nor a non-empty list of module names.
+    """
+    ok = weight is None or (isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 <= weight < float("inf"))
+    require(ok, f"feature_weight must be a finite number >= 0 (got {weight!r}); 0 turns feature distillation off")
+    names_ok = features is None or features == AUTO or (
+        isinstance(features, (list, tuple)) and features and all(isinstance(f, str) and f for f in features))
+    require(names_ok, f"features must be 'auto' or a non-empty list of module names (got {features!r})")
+    if not weight:
+        return None, None
+    return float(weight), AUTO if features is None else (AUTO if features == AUTO else list(features))
 
 
 def distill_loss(
@@ -103,6 +133,28 @@ class DistillStage(TeacherStage):
     def __init__(self, cfg: DistillConfig, teacher: nn.Module) -> None:
         super().__init__(cfg, teacher)
         self.rng = np.random.default_rng(cfg.seed)
+        self.plan: dict[str, list[int]] = {}
+        self.maps: list[FeatureMap] = []
+        self.taps: tuple[FeatureTap, FeatureTap] | None = None  # (teacher, student) while training with features
+
+    def use_plan(self, plan: Mapping[str, list[int]] | None) -> None:
+        self.plan = dict(plan or {})
+
+    def prepare(self, ctx: DistContext, model: nn.Module, data: Mapping[str, Dataset], spec: InputSpec) -> None:
+        super().prepare(ctx, model, data, spec)
+        if not self.cfg.feature_weight:
+            return
+        example = torch.zeros(1, spec.channels, spec.size, spec.size, device=next(self.teacher.parameters()).device)
+        self.maps = feature_maps(self.teacher, example, self.plan, self.cfg.features)
+        modules = list(dict.fromkeys(m.hook for m in self.maps))
+        self.release()
+        self.taps = (FeatureTap(self.teacher, modules), FeatureTap(model, modules))
+
+    def release(self) -> None:
+        if self.taps is not None:
+            for tap in self.taps:
+                tap.remove()
+            self.taps = None
 
     def seed(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
@@ -125,12 +177,17 @@ class DistillStage(TeacherStage):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mixed, perm, lam = self.mix(x)
+        if self.taps is not None:  # outputs of an evaluation in between are not this batch's
+            self.taps[0].take(), self.taps[1].take()
         self.teacher.eval()
         with torch.no_grad():
             teacher_logits = self.teacher(mixed)
         logits = model(mixed)
         cfg = self.cfg
-        return distill_loss(logits, teacher_logits, y, y[perm], lam, cfg.temperature, cfg.alpha, cfg.ce_weight or 0.0), logits
+        loss = distill_loss(logits, teacher_logits, y, y[perm], lam, cfg.temperature, cfg.alpha, cfg.ce_weight or 0.0)
+        if self.taps is not None:
+            loss = loss + cfg.feature_weight * feature_loss(self.taps[1].take(), self.taps[0].take(), self.maps)
+        return loss, logits
 
 
 def distill(
@@ -142,6 +199,7 @@ def distill(
     run_dir: str | Path = "runs/recover",
     *,
     stage: str = "distill",
+    plan: Mapping[str, list[int]] | None = None,
 ) -> Result:
     """Train ``student`` in place by mixup-KD from ``teacher``; resumable, skipped when done.
 
@@ -150,6 +208,8 @@ def distill(
             training device and put in eval mode, never updated.
         student, data, spec, cfg, run_dir, stage: as in :func:`curlprune.recover.finetune.finetune`
             (``cfg``: :class:`DistillConfig`).
+        plan: the plan ``student`` was sliced from ``teacher`` by (group name -> kept channels), the
+            channel map of feature distillation; None = the student is unpruned (identity maps).
     Returns:
         The :class:`~curlprune.recover.stage.Result` (test top-1 in %).
     Raises:
@@ -157,4 +217,6 @@ def distill(
 
     Source: docs/method.md §5.
     """
-    return train_stage(DistillStage(cfg or DistillConfig(), teacher), student, data, spec, run_dir, folder=stage)
+    hooks = DistillStage(cfg or DistillConfig(), teacher)
+    hooks.use_plan(plan)
+    return train_stage(hooks, student, data, spec, run_dir, folder=stage)

@@ -147,9 +147,16 @@ class Trainer:
 
     # ---- the whole stage -------------------------------------------------------------------
     def run(self) -> Result:
-        cfg, ctx = self.cfg, self.ctx
         if is_done(self.stage_dir):
-            return finished(self.model, self.stage_dir, cfg, ctx.device)
+            return finished(self.model, self.stage_dir, self.cfg, self.ctx.device)
+        try:
+            return self.train()
+        finally:
+            self.stage.release()
+
+    def train(self) -> Result:
+        """Train (fresh or resumed) to the end; :meth:`run` without the skip of a finished stage."""
+        cfg, ctx = self.cfg, self.ctx
         check_early_stop_data(self.stage.name, cfg, self.data)
         self.early = EarlyStopper.of(getattr(cfg, "early_stop", None))
         place_model(self.model, ctx.device, cfg.channels_last)

@@ -138,6 +138,7 @@ def run_stage(
     teacher: nn.Module | None = None,
     head: str | None = None,
     folder: str | None = None,
+    plan: Mapping[str, list[int]] | None = None,
 ) -> Result:
     """Train ``student`` in place with the recovery stage ``name``; resumable, skipped when done.
 
@@ -148,6 +149,8 @@ def run_stage(
         teacher: the model it learns from; required when the stage ``needs_teacher``, else ignored.
         head: a classifier just re-initialised for the data's classes (transfer stages; else ignored).
         folder: the stage folder's name under ``run_dir`` (default: ``name``).
+        plan: the plan the student was sliced from the teacher by (group name -> kept channels of the
+            original model; :meth:`Stage.use_plan <curlprune.recover.stage.Stage.use_plan>`); None = unpruned.
     Returns:
         The :class:`~curlprune.recover.stage.Result` (test top-1 in %, epochs, seconds).
     Raises:
@@ -158,6 +161,7 @@ def run_stage(
     if entry.needs_teacher and teacher is None:
         raise CurlpruneError(f"the {name} stage needs a teacher (the unpruned model): pass teacher=")
     stage = entry.build(cfg or entry.config(), teacher if entry.needs_teacher else None, head if entry.transfer else None)
+    stage.use_plan(plan)
     return train_stage(stage, student, data, spec, run_dir, folder=folder or name)
 
 

@@ -108,6 +108,13 @@ class Stage:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
 
+    def use_plan(self, plan: Mapping[str, list[int]] | None) -> None:
+        """The plan the student was sliced from the teacher by (group name -> kept channels of the
+        original model; None or empty: unpruned), before training; default: not needed."""
+
+    def release(self) -> None:
+        """Undo what :meth:`prepare` attached to the models (hooks) when the stage ends in any way."""
+
     def train_set(self, train: Dataset) -> Dataset:
         """The dataset the stage trains on; items are ``(uint8 image, label, ...)``."""
         return train

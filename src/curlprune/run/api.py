@@ -143,6 +143,7 @@ def distill(
     seed: int = 0,
     device: str = "auto",
     progress: bool = False,
+    plan: dict[str, list[int]] | None = None,
     **settings: Any,
 ) -> nn.Module:
     """Recover ``student``'s accuracy by distillation from ``teacher`` (mixup + KD): the ``distill``
@@ -161,8 +162,10 @@ def distill(
         seed: data order, augmentation and mixup.
         device: "auto" (a GPU when there is one), "cpu", "cuda", ...
         progress: show a progress bar (on a terminal).
+        plan: the plan ``student`` was sliced from ``teacher`` by (``pruned.plan``): the channel map of
+            feature distillation (``feature_weight``, ``features``); None = the student is unpruned.
         settings: any other :class:`curlprune.recover.distill.DistillConfig` field (``lr``,
-            ``batch_size``, ``temperature``, ``alpha``, ``mixup_alpha``, ...).
+            ``batch_size``, ``temperature``, ``alpha``, ``mixup_alpha``, ``feature_weight``, ...).
     Returns:
         The trained student (the same object, when it was trained in this call).
     Raises:
@@ -178,7 +181,7 @@ def distill(
                              "give 'digits', an ImageFolder folder/zip with train/ and test/, or {'train': ..., 'test': ...}")
     split_data = {"train": splits.train.ds, "test": splits.test.ds}
     if folder is not None:
-        return distill_stage(student, teacher, split_data, input_spec, config, folder).model
+        return distill_stage(student, teacher, split_data, input_spec, config, folder, plan=plan).model
     with tempfile.TemporaryDirectory(prefix="curlprune-distill-") as tmp:
-        return distill_stage(student, teacher, split_data, input_spec, config, tmp).model
+        return distill_stage(student, teacher, split_data, input_spec, config, tmp, plan=plan).model
 

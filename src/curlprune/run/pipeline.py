@@ -402,7 +402,7 @@ class Run:
         entry = get_stage(stage)
         head = self.head_name if entry.transfer and self.transfer_first and self.new_head else None
         result = run_stage(stage, student.model, self.data, self.spec, self.cfg.sections[stage], self.run_dir,
-                           teacher=self.teacher if entry.needs_teacher else None, head=head)
+                           teacher=self.teacher if entry.needs_teacher else None, head=head, plan=student.plan)
         extra = {**student.extra, f"{stage}_last_top1": result.last_top1, f"{stage}_best_top1": result.best_top1}
         out = self.checkpoint_of(stage)
 

@@ -32,6 +32,7 @@ import yaml
 from curlprune.errors import CurlpruneError
 from curlprune.models import by_import_path
 from curlprune.models.import_path import parse_input_shape
+from curlprune.recover.recipes import recipe_settings
 from curlprune.recover.registry import get_stage, recovery_stages, stage_names
 from curlprune.run import strict_yaml
 from curlprune.run.prune_config import PruneConfig, canonical_settings
@@ -66,6 +67,8 @@ class RunConfig:
                      them, the calibration set included; the recovery stages report validation top-1.
     val_fraction:    or hold out this share of every class, in (0, 1). At most one of the two; data
                      with its own val/ split uses that and refuses both.
+    recipe:          a named preset of the recovery stages' settings (:mod:`curlprune.recover.recipes`;
+                     ``paper``: the authors' constants); a section's own keys override it. None = the defaults.
     """
 
     model: str
@@ -80,6 +83,7 @@ class RunConfig:
     val_fraction: float | None = field(default=None, metadata=LATER)
     model_kwargs: dict[str, Any] | None = field(default=None, metadata=LATER)
     input_shape: list[int] | None = field(default=None, metadata=LATER)
+    recipe: str | None = field(default=None, metadata=LATER)
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     sections: dict[str, Any] = field(default_factory=dict)
 
@@ -247,7 +251,12 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise CurlpruneError(f"{where}: 'seed' must be a whole number (got {seed!r})")
     check_value("seed", seed, where)  # -1 or 2**32 would crash deep in numpy (issue 18)
-    sections = {s: _build_section(s, raw.get(s), where, {"seed": seed}) for s in known if s in stages or s in raw}
+    recipe = raw.get("recipe")
+    if recipe is not None and not isinstance(recipe, str):
+        raise CurlpruneError(f"{where}: 'recipe' must be a name, e.g. recipe: paper (got {recipe!r})")
+    recipe_settings(recipe, PRUNE_STAGE, where)  # an unknown name is an error whatever the stages
+    sections = {s: _build_section(s, raw.get(s), where, {"seed": seed, **recipe_settings(recipe, s, where)})
+                for s in known if s in stages or s in raw}
     cfg = RunConfig(
         model=str(raw["model"]),
         weights=None if raw.get("weights") is None else str(raw["weights"]),
@@ -261,6 +270,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         val_fraction=_optional_fraction(raw, "val_fraction", where),
         model_kwargs=_model_kwargs(raw, where),
         input_shape=_input_shape(raw, where),
+        recipe=recipe,
         stages=stages,
         sections=sections,
     )
