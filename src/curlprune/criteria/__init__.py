@@ -217,7 +217,7 @@ _BUDGET = Option("budget_mb", float(DEFAULT_BUDGET_MB), "memory (MiB) for the st
 
 for _criterion in (
     Criterion("kl", kl_scores, "CURL: KL(q_masked || p) per channel, exact", needs_data=True,
-              options=(_BUDGET,), work=unit_count, one_scale=True),
+              options=(_BUDGET,), work=unit_count, one_scale=True, per_group=True),
     Criterion("kl-approx", kl_approx_scores, "Fisher (2nd-order) approximation of the KL score from a few backward passes",
               needs_data=True, work=unit_count, one_scale=True,
               options=(_BUDGET, Option("approx_classes", DEFAULT_APPROX_CLASSES, "most probable classes in its Fisher sum",

@@ -80,6 +80,13 @@ class Criterion:
                  producers), and dividing them by the cost made ResNet-56 worse (50% of the MACs, top-1
                  after BN re-estimation: l1 84.74% paper vs 52.78% cost-weighted, taylor 70.51% vs
                  67.36%; benchmarks/results/cifar_resnet56.md). Source: docs/method.md §3 (allocation).
+    per_group:   a group's scores do not depend on which other groups are given (bit for bit): the
+                 prune stage then scores the groups in blocks and saves the finished ones after each
+                 block (``scores.partial.npz``), so a killed run resumes where it stopped
+                 (docs/method.md §10). ``kl``: every unit's ablation is independent given the model and
+                 the calibration batch. False: the criterion is run once over all groups, and a killed
+                 run scores again from the start (``kl-approx`` and ``taylor`` accumulate over
+                 calibration batches for all groups at once; the data-free ones take seconds).
     """
 
     name: str
@@ -90,6 +97,7 @@ class Criterion:
     options: tuple[Option, ...] = ()
     work: Callable[[Sequence[ChannelGroup]], int] | None = None
     one_scale: bool = False
+    per_group: bool = False
 
     @property
     def reports_progress(self) -> bool:

@@ -12,6 +12,9 @@ Outputs in the run's folder (every file written atomically)::
     done.json           written last: the settings of the finished run (a rerun with the same
                         settings and ``resume`` returns at once and writes nothing)
 
+While ``kl`` scores, ``scores.partial.npz`` holds the groups finished so far (same form); a killed
+run continued with ``resume`` scores only the rest and ends with the same scores, bit for bit.
+
 ``resume`` reuses ``scores.npz`` when its fingerprint matches the current settings and is an error
 when it does not (the message names the settings that differ): scores can take hours, so they are
 never silently thrown away. Without ``resume``, a folder that already holds a run is an error.
@@ -22,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +41,13 @@ from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size
 from curlprune.report import console
 from curlprune.run.prune_config import PruneConfig, canonical_settings, scores_fingerprint
-from curlprune.run.prune_core import prune_model
+from curlprune.run.prune_core import Compute, prune_model
 from curlprune.run.prune_data import load_images
 from curlprune.store import (
     DONE_FILE,
     LOG_FILE,
     MODEL_FILE,
+    PARTIAL_SCORES_FILE,
     PLAN_FILE,
     SCORES_FILE,
     PruneReport,
@@ -147,7 +150,7 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
         restore_lost_line(out / LOG_FILE, out / DONE_FILE, {"event": "done", "checkpoint": MODEL_FILE},
                           lambda event: event.get("event") == "done", last_only=True)
         return finished
-    if not resume and any((out / name).exists() for name in (SCORES_FILE, MODEL_FILE, DONE_FILE)):
+    if not resume and any((out / name).exists() for name in (SCORES_FILE, PARTIAL_SCORES_FILE, MODEL_FILE, DONE_FILE)):
         raise CurlpruneError(f"{out} already holds a prune run: pass --resume to reuse its scores, or choose another --out")
     criterion = get(config.criterion)
     if criterion.needs_data and data is None:
@@ -155,7 +158,7 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
 
     model, spec, example = _build(model_name, weights, num_classes, input_size, model_kwargs, input_shape)
 
-    def cache(images: torch.Tensor | None, compute: Callable[[], dict]) -> tuple[dict, bool, float]:
+    def cache(images: torch.Tensor | None, compute: Compute) -> tuple[dict, bool, float]:
         return _scores(out, resume, scores_fingerprint(config, settings, images), config, compute)
 
     pruned = prune_model(model, example, config, lambda: load_images(data, spec, config.seed), name=model_name,
@@ -233,24 +236,47 @@ def _met_words(record: dict[str, Any]) -> str:
 
 
 def _scores(out: Path, resume: bool, fingerprint: dict, config: PruneConfig,
-            compute: Callable[[], dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], bool, float]:
-    """Reuse matching scores from ``scores.npz`` (with ``resume``) or compute and save them."""
+            compute: Compute) -> tuple[dict[str, np.ndarray], bool, float]:
+    """Reuse matching scores from ``scores.npz`` (with ``resume``) or compute and save them.
+
+    While a per-group criterion (``kl``) scores, the groups finished so far are saved after each
+    block in ``scores.partial.npz`` (atomically, with the fingerprint); with ``resume`` a partial
+    file with the same fingerprint is continued (only the remaining groups are scored) and one with
+    another fingerprint is an error, as for ``scores.npz``. The partial file is removed once
+    ``scores.npz`` is written. Source: docs/method.md §10.
+    """
     path = out / SCORES_FILE
     if resume and path.is_file():
-        stored, stored_fp = read_scores(path)
-        differ = changed_fingerprint(stored_fp, fingerprint)
-        if differ:
-            raise CurlpruneError(
-                f"{path} was computed with other settings ({'; '.join(differ)[:300]}): delete it to score again, or choose another --out"
-            )
+        stored, _ = _matching(path, fingerprint)
         append_jsonl(out / LOG_FILE, {"event": "scores", "source": "reused", "file": SCORES_FILE}, stamp=True)
         return stored, True, 0.0
+    partial = out / PARTIAL_SCORES_FILE
+    done = _matching(partial, fingerprint)[0] if resume and partial.is_file() else {}
     started = time.time()
-    scores = compute()
+    scores = compute(dict(done), lambda finished: write_scores(partial, finished, fingerprint))
     seconds = time.time() - started
     write_scores(path, scores, fingerprint)
-    append_jsonl(out / LOG_FILE, {"event": "scores", "source": "computed", "criterion": config.criterion, "seconds": round(seconds, 2)}, stamp=True)
+    partial.unlink(missing_ok=True)
+    resumed = [name for name in scores if name in done]
+    append_jsonl(out / LOG_FILE, {"event": "scores", "source": "computed", "criterion": config.criterion, "seconds": round(seconds, 2),
+                                  "groups_resumed": len(resumed), "groups_scored": len(scores) - len(resumed),
+                                  "channels_scored": int(sum(len(v) for name, v in scores.items() if name not in done))}, stamp=True)
     return scores, False, seconds
+
+
+def _matching(path: Path, fingerprint: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """The scores in ``path`` (``scores.npz`` or its partial file) when their fingerprint matches ``fingerprint``.
+
+    Raises:
+        CurlpruneError: unreadable, or computed with other settings (the message names them).
+    """
+    stored, stored_fp = read_scores(path)
+    differ = changed_fingerprint(stored_fp, fingerprint)
+    if differ:
+        raise CurlpruneError(
+            f"{path} was computed with other settings ({'; '.join(differ)[:300]}): delete it to score again, or choose another --out"
+        )
+    return stored, stored_fp
 
 
 def _write_outputs(out: Path, ref: ModelRef, example: torch.Tensor, plan: Plan,

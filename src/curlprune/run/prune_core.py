@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +32,15 @@ from curlprune.store import GroupWidth, PruneAccuracy, PruneReport
 from curlprune.surgery.keep_class import fallback_message, slice_model
 
 Scores = dict[str, np.ndarray]
+# compute(done, save) -> scores: ``done`` = the groups already scored (a killed run's partial file),
+# ``save(scores so far)`` is called after each block of groups (None = nothing saved)
+Compute = Callable[[Scores, Callable[[Scores], None] | None], Scores]
 # (calibration images or None, compute) -> (scores, reused from a file, seconds spent)
-ScoreCache = Callable[[torch.Tensor | None, Callable[[], Scores]], tuple[Scores, bool, float]]
+ScoreCache = Callable[[torch.Tensor | None, Compute], tuple[Scores, bool, float]]
+
+SAVE_BLOCKS = 32
+"""A per-group criterion's groups are scored in about this many blocks of equal work, the finished
+ones saved after each (each block re-runs the reference pass: a small share of the ablations)."""
 
 
 @dataclass
@@ -101,7 +109,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
         check_target_reachable(groups, cost_fn, target, config, protect, limits)  # before anything slow is done
     images = images() if callable(images) else images
     calib, labels = images.calibration(config.calib, config.seed, config.criterion) if criterion.needs_data else (None, None)
-    compute = lambda: _compute(config, model, groups, calib, labels, show)  # noqa: E731
+    compute = lambda done, save: _compute(config, model, groups, calib, labels, show, done, save)  # noqa: E731
     scores, reused, seconds = cache(calib, compute) if cache is not None else _timed(compute)
 
     selection, chosen = _select(config, groups, scores, cost_fn, target, protect, limits, model, example)
@@ -121,9 +129,9 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     return Pruned(pruned, selection.plan, groups, scores, report, chosen)
 
 
-def _timed(compute: Callable[[], Scores]) -> tuple[Scores, bool, float]:
+def _timed(compute: Compute) -> tuple[Scores, bool, float]:
     started = time.time()
-    scores = compute()
+    scores = compute({}, None)
     return scores, False, time.time() - started
 
 
@@ -145,21 +153,64 @@ def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None,
     return chosen.selection, chosen
 
 
-def _compute(config: PruneConfig, model, groups, images, labels, show: bool) -> Scores:
-    """The criterion's scores with its declared options from ``config``, with a progress bar when it reports progress."""
+def _compute(config: PruneConfig, model, groups, images, labels, show: bool, done: Scores,
+             save: Callable[[Scores], None] | None) -> Scores:
+    """The criterion's scores with its declared options from ``config``, with a progress bar when it reports progress.
+
+    A per-group criterion (:attr:`curlprune.criteria.Criterion.per_group`: ``kl``) scores only the
+    groups not in ``done``, in blocks (:func:`score_blocks`), and calls ``save`` with everything
+    finished after each block; the bar starts from the finished share. Any other criterion scores
+    all groups at once (``done`` must then be empty). The result is in the groups' order, equal bit
+    for bit to one uninterrupted call (docs/method.md §10).
+    """
+    criterion = get(config.criterion)
     options = config.criterion_options()
+    scored = [g for g in groups if g.prunable]
+    done = {name: v for name, v in done.items() if name in {g.name for g in scored}} if criterion.per_group else {}
+    blocks = score_blocks(config.criterion, [g for g in scored if g.name not in done]) if criterion.per_group else [list(groups)]
     total = work_items(config.criterion, groups)
-    if not show or not total:
-        return compute_scores(config.criterion, model, groups, images=images, labels=labels, **options)
+    with _progress_bar(show and bool(total), config, images, total, work_items(config.criterion, [g for g in scored if g.name in done])) as advance:
+        for block in blocks:
+            scores = compute_scores(config.criterion, model, block, images=images, labels=labels,
+                                    progress=advance, **options)
+            if not criterion.per_group:
+                return scores
+            done.update(scores)
+            if save is not None:
+                save(done)
+    return {g.name: done[g.name] for g in scored}
+
+
+def score_blocks(name: str, groups: list[ChannelGroup]) -> list[list[ChannelGroup]]:
+    """``groups`` (prunable, in order) cut into consecutive blocks of about 1/:data:`SAVE_BLOCKS` of
+    their work (:func:`curlprune.criteria.work_items`) each, at least one group per block."""
+    share = max(1, work_items(name, groups) // SAVE_BLOCKS)
+    blocks: list[list[ChannelGroup]] = []
+    size = share
+    for g in groups:
+        if size >= share:
+            blocks.append([])
+            size = 0
+        blocks[-1].append(g)
+        size += work_items(name, [g])
+    return blocks
+
+
+@contextmanager
+def _progress_bar(show: bool, config: PruneConfig, images, total: int, finished: int):
+    """A function to advance the scoring bar by finished work items (None when nothing is shown);
+    the bar starts at ``finished`` of ``total``."""
+    if not show:
+        yield None
+        return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("units"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         on = "" if images is None else f", {len(images)} images"
-        task = bar.add_task(f"scoring ({config.criterion}{on})", total=total)
-        scores = compute_scores(config.criterion, model, groups, images=images, labels=labels,
-                                progress=lambda done: bar.advance(task, done), **options)
+        resumed = f", resumed at {finished}" if finished else ""
+        task = bar.add_task(f"scoring ({config.criterion}{on}{resumed})", total=total, completed=finished)
+        yield lambda items: bar.advance(task, items)
         bar.update(task, completed=total)
-    return scores
 
 
 def _accuracies(model: nn.Module, pruned: nn.Module, images: PruneImages, config: PruneConfig, show: bool) -> dict[str, Any]:
