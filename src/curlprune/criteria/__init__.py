@@ -157,7 +157,9 @@ def compute_scores(
 ) -> Scores:
     """Score every prunable group of ``model`` with the criterion ``name``.
 
-    The model is scored in eval mode (its modes are restored).
+    The model is scored in eval mode (its modes are restored), on its own device: ``images`` and
+    ``labels`` are moved there (every criterion makes its tensors on the images' device, so a
+    model on a GPU is scored there; docs/method.md §10).
 
     Args:
         name: the criterion (``CRITERIA``).
@@ -188,10 +190,11 @@ def compute_scores(
     values = {"seed": seed, **options}
     kwargs = {option.argument: values.get(option.name, option.default) for option in criterion.options}
     kwargs.update({k: v for k, v in options.items() if k not in criterion.defaults()})
+    device = next((p.device for p in model.parameters()), None)
     if criterion.needs_data:
-        kwargs["images"] = images
+        kwargs["images"] = images if device is None else images.to(device)
     if criterion.needs_labels:
-        kwargs["labels"] = labels
+        kwargs["labels"] = labels if device is None else labels.to(device)
     if criterion.reports_progress:
         kwargs["progress"] = progress
     with eval_mode(model):

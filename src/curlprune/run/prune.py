@@ -39,6 +39,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.models import ModelRef, build, by_import_path, default_protect, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size
+from curlprune.recover.dist import resolve_device
 from curlprune.report import console
 from curlprune.run.prune_config import PruneConfig, canonical_settings, scores_fingerprint
 from curlprune.run.prune_core import Compute, prune_model
@@ -122,7 +123,7 @@ def run_prune(
     Returns:
         The :class:`PruneResult` (checkpoint path, plan, report).
     Raises:
-        CurlpruneError: ``out_dir`` is not a writable folder or is in use by another process, or
+        CurlpruneError: ``config.device`` is a CUDA device and there is none, ``out_dir`` is not a writable folder or is in use by another process, or
             lies inside a run directory in use (it is checked and locked,
             :class:`curlprune.store.runlock.RunLock`, before anything is loaded), bad
             settings, an unreachable target, missing data, stored scores computed with other
@@ -131,6 +132,7 @@ def run_prune(
     Source: docs/method.md §2 (the KL score) and §3 (selection, allocation).
     """
     check_value("num_classes", num_classes)  # before the folder is locked or anything is loaded
+    resolve_device(config.device or "auto")  # --device cuda without CUDA: one line, nothing written
     with RunLock(out_dir):  # one process per folder, also when called from Python (issue 12)
         return _run_prune(config, Path(out_dir), resume, model_name, weights, data, num_classes, show, input_size,
                           dict(model_kwargs or {}), input_shape)
@@ -181,7 +183,7 @@ def _settings(config: PruneConfig, model_name: str, weights: str | None, data: A
         "weights_sha256": optional_file_digest(weights),
         "num_classes": num_classes,
         "data": data if isinstance(data, str) or data is None else _splits_digest(data),
-        "config": dataclasses.asdict(config),
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "device"},  # where, not what (§10)
     }
 
 
@@ -259,6 +261,7 @@ def _scores(out: Path, resume: bool, fingerprint: dict, config: PruneConfig,
     partial.unlink(missing_ok=True)
     resumed = [name for name in scores if name in done]
     append_jsonl(out / LOG_FILE, {"event": "scores", "source": "computed", "criterion": config.criterion, "seconds": round(seconds, 2),
+                                  "device": str(resolve_device(config.device or "auto")),
                                   "groups_resumed": len(resumed), "groups_scored": len(scores) - len(resumed),
                                   "channels_scored": int(sum(len(v) for name, v in scores.items() if name not in done))}, stamp=True)
     return scores, False, seconds

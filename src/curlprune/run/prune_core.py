@@ -6,6 +6,7 @@ the library call ``curlprune.prune`` (:mod:`curlprune.run.api`), so the two cann
 """
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from curlprune.channels import ChannelGroup, Plan
 from curlprune.cost import check_pruned_cost, model_cost_fn
 from curlprune.criteria import compute_scores, get, work_items
 from curlprune.recover.bn import bn_layers, recalibrate_bn
+from curlprune.recover.dist import resolve_device
 from curlprune.report import console, print_prune_summary
 from curlprune.run.prune_check import check_target_reachable, traced_groups
 from curlprune.run.prune_config import PruneConfig
@@ -74,7 +76,10 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     """Prune ``model`` to ``config``'s target: the prune stage without a run folder.
 
     Args:
-        model: the unpruned model (eval mode; not changed).
+        model: the unpruned model, on the CPU (eval mode; not changed). With ``config.device``
+            another device (docs/method.md §10), a copy of it is scored and evaluated there, the
+            pruned model is BN-re-estimated and evaluated there, and latency is timed there;
+            the returned pruned model is on the CPU.
         example: an input ``[1, C, H, W]`` (shapes only: tracing and MACs).
         config: the settings (criterion, target, allocation, floor, protect, max_ratio, calib,
             bn_recalibrate, seed, ...), validated when it was made.
@@ -91,7 +96,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     Returns:
         :class:`Pruned`.
     Raises:
-        CurlpruneError: no prunable group, an unreachable target, a pattern of ``protect`` or
+        CurlpruneError: a CUDA device asked for where there is none, no prunable group, an unreachable target, a pattern of ``protect`` or
             ``max_ratio`` matching no group, a data-driven criterion without training images,
             ``calib`` above the training images.
 
@@ -99,6 +104,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     (defaults: 256 calibration images, BN re-estimation on 2,048 training images).
     """
     criterion = get(config.criterion)
+    device = resolve_device(config.device or "auto")  # one line when CUDA is asked for and absent
     groups = traced_groups(model, example)
     target = config.target()
     protect = resolve_protect(groups, config.protect) if config.protect is not None else (
@@ -109,14 +115,18 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
         check_target_reachable(groups, cost_fn, target, config, protect, limits)  # before anything slow is done
     images = images() if callable(images) else images
     calib, labels = images.calibration(config.calib, config.seed, config.criterion) if criterion.needs_data else (None, None)
-    compute = lambda done, save: _compute(config, model, groups, calib, labels, show, done, save)  # noqa: E731
+    scorer = on_device(model, device)  # the criteria, the evaluation; tracing, selection, slicing on the CPU
+    on = [None if t is None else t.to(device) for t in (calib, labels)]
+    def compute(done: Scores, save: Callable[[Scores], None] | None) -> Scores:
+        with full_float32():
+            return _compute(config, scorer, groups, on[0], on[1], show, done, save)
     scores, reused, seconds = cache(calib, compute) if cache is not None else _timed(compute)
 
-    selection, chosen = _select(config, groups, scores, cost_fn, target, protect, limits, model, example)
+    selection, chosen = _select(config, groups, scores, cost_fn, target, protect, limits, model, example, device)
     sliced = slice_model(model, groups, selection.plan, keep_class=keep_class, example_input=example)
     pruned = sliced.model.eval()  # the model's own class where its forward allows (docs/method.md §1)
     check_pruned_cost(pruned, example, (selection.macs, selection.params))  # the numbers reported are the model's
-    accuracy = _accuracies(model, pruned, images, config, show)
+    accuracy = _accuracies(scorer, pruned, images, config, show, device)
     widths = {g.name: GroupWidth(g.kind, g.width, len(selection.plan.get(g.name, range(g.width)))) for g in groups if g.prunable}
     report = PruneReport(model=name, weights=weights, criterion=config.criterion, allocation=config.resolved_allocation(),
                          selection=chosen.as_dict(), accuracy=PruneAccuracy(**accuracy), groups=widths,
@@ -136,7 +146,7 @@ def _timed(compute: Compute) -> tuple[Scores, bool, float]:
 
 
 def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None, protect: list[str], limits: dict[str, float],
-            model: nn.Module, example: torch.Tensor) -> tuple[Any, Any]:
+            model: nn.Module, example: torch.Tensor, device: torch.device) -> tuple[Any, Any]:
     """(select's Selection, what report.json shows: the Selection or the LatencySelection).
 
     Both targets rank the same scores: the config's allocation (:func:`curlprune.select.allocation.ranking_scores`;
@@ -147,7 +157,8 @@ def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None,
         selection = allocate(groups, scores, cost_fn, target, allocation, protect=protect, round_to=config.round_to, limits=limits)
         return selection, selection
     ranked, normalize = ranking_scores(groups, scores, allocation, "latency")
-    measured = measured_cost_fn(model, groups, example, batch=config.latency_batch or 1, threads=config.latency_threads)
+    measured = measured_cost_fn(model, groups, example, batch=config.latency_batch or 1, threads=config.latency_threads,
+                                device=device)
     chosen = select_latency(groups, ranked, measured, cost_fn, config.latency_target(), floor=config.floor,
                             protect=protect, normalize=normalize, round_to=config.round_to, limits=limits)
     return chosen.selection, chosen
@@ -206,20 +217,51 @@ def _progress_bar(show: bool, config: PruneConfig, images, total: int, finished:
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("units"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        on = "" if images is None else f", {len(images)} images"
+        on = ("" if images is None else f", {len(images)} images") + f", {images.device if images is not None else 'cpu'}"
         resumed = f", resumed at {finished}" if finished else ""
         task = bar.add_task(f"scoring ({config.criterion}{on}{resumed})", total=total, completed=finished)
         yield lambda items: bar.advance(task, items)
         bar.update(task, completed=total)
 
 
-def _accuracies(model: nn.Module, pruned: nn.Module, images: PruneImages, config: PruneConfig, show: bool) -> dict[str, Any]:
+@contextmanager
+def full_float32():
+    """TF32 off for CUDA convolutions and matmuls (cuDNN's default is on): scores on a GPU in
+    float32, as on the CPU (docs/method.md §10); the previous settings are restored."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` when all its parameters and buffers are on ``device``, else a copy moved there (``model`` unchanged)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device == device for t in tensors):
+        return model
+    return copy.deepcopy(model).to(device)
+
+
+def _accuracies(model: nn.Module, pruned: nn.Module, images: PruneImages, config: PruneConfig, show: bool,
+                device: torch.device) -> dict[str, Any]:
     """Re-estimate ``pruned``'s BN statistics (in place) and measure test top-1 (%) of the unpruned
-    model, the sliced one before and after the re-estimation, when there are test images.
+    model, the sliced one before and after the re-estimation, when there are test images; on
+    ``device`` (``model`` is there already; ``pruned`` is moved there and back to the CPU).
 
     The BN images are a seeded draw (seed + 1: not the calibration draw) of ``bn_recalibrate``
     training images, all when there are fewer.
     """
+    pruned.to(device)
+    try:
+        return _measure(model, pruned, images, config, show)
+    finally:
+        pruned.to("cpu")
+
+
+def _measure(model: nn.Module, pruned: nn.Module, images: PruneImages, config: PruneConfig, show: bool) -> dict[str, Any]:
+    """:func:`_accuracies` with both models on the device."""
     test = images.test
     evaluate = test is not None and config.eval_limit != 0
     if test is None and images.train is not None and config.eval_limit != 0 and show:
