@@ -47,6 +47,10 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
 def timed(device: torch.device, model, groups, images) -> tuple[dict, float]:
     model = model.to(device)
     with full_float32():
@@ -66,7 +70,7 @@ def main(out_file: Path) -> None:
     for path in (WEIGHTS, DATA):
         if not path.exists():
             sys.exit(f"gpu_check: {path} is missing: put ../shared beside the repository or set CURLPRUNE_SHARED")
-    lines = [f"# GPU check: exact KL on ResNet-56 (CIFAR-10), GPU vs CPU", "",
+    lines = ["# GPU check: exact KL on ResNet-56 (CIFAR-10), GPU vs CPU", "",
              f"{torch.cuda.get_device_name(0) if DEVICE.startswith('cuda') else 'DRY RUN on the CPU'}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
              "float32, TF32 off.", ""]
     started = time.perf_counter()
@@ -74,11 +78,14 @@ def main(out_file: Path) -> None:
     images = load_images(str(DATA), spec, 0)
     calib, _ = images.calibration(CALIB, 0, "kl")
     load_s = time.perf_counter() - started
+    say(f"loaded {DATA.name} in {load_s:.0f} s; {len(calib)} calibration images")
     model = build(MODEL, weights=str(WEIGHTS)).eval()
     example = torch.zeros(1, spec.channels, spec.size, spec.size)
     groups = trace(model, example)
     gpu, gpu_s = timed(torch.device(DEVICE), model, groups, calib)
+    say(f"exact KL on {DEVICE}: {gpu_s:.1f} s")
     cpu, cpu_s = timed(torch.device("cpu"), build(MODEL, weights=str(WEIGHTS)).eval(), groups, calib)
+    say(f"exact KL on the CPU: {cpu_s:.1f} s")
     rows, worst_abs, worst_rel = [], 0.0, 0.0
     for name in cpu:
         a, b = cpu[name], gpu[name]
@@ -109,6 +116,7 @@ def main(out_file: Path) -> None:
         argv = [sys.executable, "-m", "curlprune.cli", "prune", "--model", MODEL, "--weights", str(WEIGHTS), "--data", str(DATA),
                 "--target-macs", "0.5", "--device", DEVICE, "--calib", str(CALIB), "--eval-limit", "2000", "--no-report", "--out", f"{tmp}/run"]
         started = time.perf_counter()
+        say("curlprune prune --device " + DEVICE)
         done = subprocess.run(argv, capture_output=True, text=True)
         wall = time.perf_counter() - started
         lines += ["", f"`curlprune prune --device {DEVICE} --target-macs 0.5 --eval-limit 2000`: exit {done.returncode}, {wall:.0f} s wall."]

@@ -21,7 +21,6 @@ never silently thrown away. Without ``resume``, a folder that already holds a ru
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -41,7 +40,7 @@ from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size
 from curlprune.recover.dist import resolve_device
 from curlprune.report import console
-from curlprune.run.prune_config import PruneConfig, canonical_settings, scores_fingerprint
+from curlprune.run.prune_config import PruneConfig, canonical_settings, scores_fingerprint, stage_identity
 from curlprune.run.prune_core import Compute, prune_model
 from curlprune.run.prune_data import load_images
 from curlprune.store import (
@@ -183,7 +182,7 @@ def _settings(config: PruneConfig, model_name: str, weights: str | None, data: A
         "weights_sha256": optional_file_digest(weights),
         "num_classes": num_classes,
         "data": data if isinstance(data, str) or data is None else _splits_digest(data),
-        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "device"},  # where, not what (§10)
+        "config": stage_identity(config),  # not the device: where, not what (docs/method.md §10)
     }
 
 

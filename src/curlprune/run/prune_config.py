@@ -2,6 +2,7 @@
 their defaults, and the fingerprint of what its scores depend on."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -165,6 +166,12 @@ class PruneConfig:
     def latency_target(self) -> LatencyTarget | None:
         """The parsed latency target (a fraction or a duration), or None."""
         return None if self.target_latency is None else LatencyTarget.parse(self.target_latency)
+
+
+def stage_identity(config: PruneConfig) -> dict[str, Any]:
+    """The settings that define the prune stage's outputs (``done.json``'s ``config``): every field
+    but ``device``, which says where they are computed, not what they are (docs/method.md §10)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k != "device"}
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
