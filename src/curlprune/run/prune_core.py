@@ -41,8 +41,10 @@ Compute = Callable[[Scores, Callable[[Scores], None] | None], Scores]
 ScoreCache = Callable[[torch.Tensor | None, Compute], tuple[Scores, bool, float]]
 
 SAVE_BLOCKS = 32
-"""A per-group criterion's groups are scored in about this many blocks of equal work, the finished
-ones saved after each (each block re-runs the reference pass: a small share of the ablations)."""
+"""A per-group criterion's first block of groups holds about 1/SAVE_BLOCKS of the work; later blocks
+grow to about :data:`SAVE_SECONDS` each (every block repeats the criterion's set-up and reference
+pass, which dominates small blocks of a small model)."""
+SAVE_SECONDS = 60.0
 
 
 @dataclass
@@ -117,6 +119,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     calib, labels = images.calibration(config.calib, config.seed, config.criterion) if criterion.needs_data else (None, None)
     scorer = on_device(model, device)  # the criteria, the evaluation; tracing, selection, slicing on the CPU
     on = [None if t is None else t.to(device) for t in (calib, labels)]
+
     def compute(done: Scores, save: Callable[[Scores], None] | None) -> Scores:
         with full_float32():
             return _compute(config, scorer, groups, on[0], on[1], show, done, save)
@@ -171,17 +174,20 @@ def _compute(config: PruneConfig, model, groups, images, labels, show: bool, don
     A per-group criterion (:attr:`curlprune.criteria.Criterion.per_group`: ``kl``) scores only the
     groups not in ``done``, in blocks (:func:`score_blocks`), and calls ``save`` with everything
     finished after each block; the bar starts from the finished share. Any other criterion scores
-    all groups at once (``done`` must then be empty). The result is in the groups' order, equal bit
+    all groups at once (``done`` is ignored: it scores again from the start). The result is in the groups' order, equal bit
     for bit to one uninterrupted call (docs/method.md §10).
     """
     criterion = get(config.criterion)
     options = config.criterion_options()
     scored = [g for g in groups if g.prunable]
     done = {name: v for name, v in done.items() if name in {g.name for g in scored}} if criterion.per_group else {}
-    blocks = score_blocks(config.criterion, [g for g in scored if g.name not in done]) if criterion.per_group else [list(groups)]
+    pending = [g for g in scored if g.name not in done] if criterion.per_group else list(groups)
+    share = max(1, work_items(config.criterion, pending) // SAVE_BLOCKS)
     total = work_items(config.criterion, groups)
     with _progress_bar(show and bool(total), config, images, total, work_items(config.criterion, [g for g in scored if g.name in done])) as advance:
-        for block in blocks:
+        while pending:
+            block = score_blocks(config.criterion, pending, share)[0] if criterion.per_group else pending
+            started = time.perf_counter()
             scores = compute_scores(config.criterion, model, block, images=images, labels=labels,
                                     progress=advance, **options)
             if not criterion.per_group:
@@ -189,13 +195,15 @@ def _compute(config: PruneConfig, model, groups, images, labels, show: bool, don
             done.update(scores)
             if save is not None:
                 save(done)
+            pending = pending[len(block):]
+            seconds = max(time.perf_counter() - started, 1e-3)
+            share = max(share, int(work_items(config.criterion, block) * SAVE_SECONDS / seconds))
     return {g.name: done[g.name] for g in scored}
 
 
-def score_blocks(name: str, groups: list[ChannelGroup]) -> list[list[ChannelGroup]]:
-    """``groups`` (prunable, in order) cut into consecutive blocks of about 1/:data:`SAVE_BLOCKS` of
-    their work (:func:`curlprune.criteria.work_items`) each, at least one group per block."""
-    share = max(1, work_items(name, groups) // SAVE_BLOCKS)
+def score_blocks(name: str, groups: list[ChannelGroup], share: int) -> list[list[ChannelGroup]]:
+    """``groups`` (prunable, in order) cut into consecutive blocks of at least ``share`` work items
+    (:func:`curlprune.criteria.work_items`) each, the last one possibly less; at least one group per block."""
     blocks: list[list[ChannelGroup]] = []
     size = share
     for g in groups:
