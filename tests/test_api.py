@@ -197,6 +197,10 @@ def test_distill_trains_the_student_and_resumes_from_its_folder(tmp_path, digits
         assert torch.allclose(again.eval()(x), trained.eval()(x), atol=1e-5)
 
 
-def test_only_the_cpu_scores():
-    with pytest.raises(CurlpruneError, match="scores on the CPU"):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_cuda_without_cuda_is_refused():
+    """device= is the prune stage's device (issue 20: auto, cpu, cuda[:i]); CUDA asked for where there is none: one line."""
+    with pytest.raises(CurlpruneError, match="CUDA is not available"):
         curlprune.prune(_mynet(), torch.zeros(1, 1, 8, 8), target_macs=0.5, criterion="l1", device="cuda")
+    with pytest.raises(CurlpruneError, match="device must be auto, cpu, cuda"):
+        curlprune.prune(_mynet(), torch.zeros(1, 1, 8, 8), target_macs=0.5, criterion="l1", device="tpu")

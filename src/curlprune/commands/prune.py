@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from curlprune.commands.common import INPUT_SHAPE_HELP, MODEL_HELP, MODEL_KWARGS_HELP, NO_DEFAULT, add_val_arguments, input_shape_arg, model_kwargs_arg
 from curlprune.commands.report import write_report_and_say
@@ -18,13 +19,15 @@ from curlprune.select.limits import parse_max_ratio
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun rank 0 alone locks --out, scores, selects and writes (the ranks do not share the scoring yet)
     protect = None if args.protect is None else [p for p in args.protect if p.lower() != "none"]
     config = PruneConfig(
         criterion=args.criterion, target_macs=args.target_macs, target_params=args.target_params, target_latency=args.target_latency,
         latency_batch=args.latency_batch, latency_threads=args.latency_threads, calib=args.calib,
         seed=args.seed, floor=args.floor, protect=protect, normalize=args.normalize, allocation=args.allocation, round_to=args.round_to,
         eval_limit=args.eval_limit, bn_recalibrate=args.bn_recalibrate, max_ratio=parse_max_ratio(args.max_ratio),
-        steps=args.steps,
+        steps=args.steps, device=args.device,
         **{name: getattr(args, name) for name in _criterion_options()},
     )
     data = args.data
@@ -116,6 +119,11 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
                    help="reach the target in N steps, scoring the pruned model again before each step after the first "
                         "(iterative pruning; step k keeps target**(k/N) of the cost; floor, --protect, --max-ratio and --round-to "
                         "stay relative to the original widths). MACs/params targets only (default: 1, one shot)" + NO_DEFAULT)
+    p.add_argument("--device", default=None, metavar="{auto,cpu,cuda,cuda:i}",
+                   help="where the criterion, the BN re-estimation, the evaluation and the latency measurement run: auto = a CUDA "
+                        "GPU when there is one, else the CPU; tracing, selection and slicing stay on the CPU. Scores on a GPU agree "
+                        "with the CPU's to float32 round-off (docs/method.md §10); resuming on another device reuses them "
+                        "(default: auto)" + NO_DEFAULT)
     for name, (option, users) in _criterion_options().items():
         p.add_argument("--" + name.replace("_", "-"), type=type(option.default), default=option.default,
                        help=f"{', '.join(users)}: {option.help}")

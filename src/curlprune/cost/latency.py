@@ -246,7 +246,10 @@ def forward_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
 
     def run() -> Any:
         with torch.inference_mode():
-            return model(x)
+            out = model(x)
+        if x.is_cuda:  # kernels run asynchronously: the pass is over when the device says so
+            torch.cuda.synchronize(x.device)
+        return out
 
     return run
 
@@ -281,6 +284,7 @@ def compare_latency(
     min_time_s: float = DEFAULT_MIN_TIME_S,
     clock: Clock = time.perf_counter,
     prepared: bool = False,
+    device: torch.device | None = None,
 ) -> LatencyComparison:
     """Latency of ``candidate`` relative to ``reference`` on this machine (interleaved, one run).
 
@@ -290,6 +294,8 @@ def compare_latency(
         example_input: one example ``[1, C, H, W]`` (only its shape and dtype are used).
         batch: images per forward pass; threads: intra-op threads (None: the current setting).
         tolerance, min_rounds, max_rounds, warmup, min_time_s, clock: see :func:`time_interleaved`.
+        device: where both are timed (moved there; on CUDA every timed pass ends with a
+            synchronisation); None = where they are.
 
     Returns:
         a :class:`LatencyComparison`: the median ratio, both median ms per batch, the ratio's noise.
@@ -297,6 +303,8 @@ def compare_latency(
     x = example_batch(example_input, batch)
     cand = candidate if prepared else prepare(candidate)
     ref = reference if prepared else prepare(reference)
+    if device is not None:
+        x, cand, ref = x.to(device), cand.to(device), ref.to(device)
     with torch_threads(threads) as used:
         timing = time_interleaved(
             {"reference": forward_runner(ref, x), "candidate": forward_runner(cand, x)},

@@ -184,7 +184,9 @@ def compute_scores(
 ) -> Scores:
     """Score every prunable group of ``model`` with the criterion ``name``.
 
-    The model is scored in eval mode (its modes are restored).
+    The model is scored in eval mode (its modes are restored), on its own device: ``images`` and
+    ``labels`` are moved there (every criterion makes its tensors on the images' device, so a
+    model on a GPU is scored there; docs/method.md §10).
 
     Args:
         name: the criterion (``CRITERIA``).
@@ -215,12 +217,11 @@ def compute_scores(
     values = {"seed": seed, **options}
     kwargs = {option.argument: values.get(option.name, option.default) for option in criterion.options}
     kwargs.update({k: v for k, v in options.items() if k not in criterion.defaults()})
-    if criterion.needs_logits:
-        check_logits(name, model, images)
+    device = next((p.device for p in model.parameters()), None)
     if criterion.needs_data:
-        kwargs["images"] = images
+        kwargs["images"] = images if device is None else images.to(device)
     if criterion.needs_labels:
-        kwargs["labels"] = labels
+        kwargs["labels"] = labels if device is None else labels.to(device)
     if criterion.reports_progress:
         kwargs["progress"] = progress
     with eval_mode(model):
@@ -246,7 +247,7 @@ _BUDGET = Option("budget_mb", float(DEFAULT_BUDGET_MB), "memory (MiB) for the st
 
 for _criterion in (
     Criterion("kl", kl_scores, "CURL: KL(q_masked || p) per channel, exact", needs_data=True,
-              options=(_BUDGET,), work=unit_count, one_scale=True, needs_logits=True),
+              options=(_BUDGET,), work=unit_count, one_scale=True, needs_logits=True, per_group=True),
     Criterion("kl-approx", kl_approx_scores, "Fisher (2nd-order) approximation of the KL score from a few backward passes",
               needs_data=True, work=unit_count, one_scale=True, needs_logits=True,
               options=(_BUDGET, Option("approx_classes", DEFAULT_APPROX_CLASSES, "most probable classes in its Fisher sum",

@@ -83,6 +83,13 @@ class Criterion:
     needs_logits: it reads the model's class distribution (a softmax over the last dim of one
                  ``[N, classes]`` output): refused for models with dense or several outputs
                  (segmentation, detector backbones), where it would be a distribution over pixels.
+    per_group:   a group's scores do not depend on which other groups are given (bit for bit): the
+                 prune stage then scores the groups in blocks and saves the finished ones after each
+                 block (``scores.partial.npz``), so a killed run resumes where it stopped
+                 (docs/method.md §10). ``kl``: every unit's ablation is independent given the model and
+                 the calibration batch. False: the criterion is run once over all groups, and a killed
+                 run scores again from the start (``kl-approx`` and ``taylor`` accumulate over
+                 calibration batches for all groups at once; the data-free ones take seconds).
     """
 
     name: str
@@ -94,6 +101,7 @@ class Criterion:
     work: Callable[[Sequence[ChannelGroup]], int] | None = None
     one_scale: bool = False
     needs_logits: bool = False
+    per_group: bool = False
 
     @property
     def reports_progress(self) -> bool:

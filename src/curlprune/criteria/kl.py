@@ -98,7 +98,7 @@ def kl_scores(
     """
     stats = stats if stats is not None else KLStats()
     runner = GraphRunner(model, channels_last=channels_last, fold_bn=fold_bn)
-    works = [_Work(g, runner.cuts(g), runner) for g in prunable(groups)]
+    works = [_Work(g, runner.cuts(g), runner, images.device) for g in prunable(groups)]
     if only is not None:
         works = [w for w in works if w.group.name in only]
         for w in works:
@@ -162,8 +162,9 @@ def _without_unit(group: ChannelGroup, u: int) -> Plan:
 class _Work:
     """One group's ablations: its cuts, where its suffix starts, whether rank-1 applies."""
 
-    def __init__(self, group: ChannelGroup, cuts: list[Cut], runner: GraphRunner) -> None:
+    def __init__(self, group: ChannelGroup, cuts: list[Cut], runner: GraphRunner, device: torch.device) -> None:
         self.group = group
+        self.device = device  # of the images and the model: index tensors are made there
         self.cuts = cuts
         self.units = list(range(group.width // group.unit))
         self.start = runner.index[cuts[0].node] if cuts else None
@@ -179,7 +180,8 @@ class _Work:
     def positions(self, cut_index: int, u: int) -> torch.Tensor:
         key = (cut_index, u)
         if key not in self._positions:
-            self._positions[key] = torch.tensor(unit_positions(self.cuts[cut_index], u, self.group.unit), dtype=torch.long)
+            self._positions[key] = torch.tensor(unit_positions(self.cuts[cut_index], u, self.group.unit), dtype=torch.long,
+                                                  device=self.device)
         return self._positions[key]
 
 
@@ -234,9 +236,9 @@ def _active_rows(w: _Work, nonzero: dict[str, torch.Tensor], batch: int, skip_in
     rows = []
     for u in w.units:
         if not skip_inactive:
-            rows.append((u, torch.arange(batch)))
+            rows.append((u, torch.arange(batch, device=w.device)))
             continue
-        active = torch.zeros(batch, dtype=torch.bool)
+        active = torch.zeros(batch, dtype=torch.bool, device=w.device)
         for k, cut in enumerate(w.cuts):
             active |= nonzero[cut.node].index_select(1, w.positions(k, u)).any(1)
         rows.append((u, torch.nonzero(active).flatten()))
@@ -338,7 +340,7 @@ def _zeroing(w: _Work, k: int, spans, n_rows: int):
 
     def apply(arg: torch.Tensor) -> torch.Tensor:
         d = cut.dim % arg.dim()
-        keep = torch.ones(n_rows, arg.shape[d], dtype=arg.dtype)
+        keep = torch.ones(n_rows, arg.shape[d], dtype=arg.dtype, device=arg.device)
         for _, u, a, b in spans:
             keep[a:b, w.positions(k, u)] = 0
         shape = [n_rows] + [1] * (arg.dim() - 1)

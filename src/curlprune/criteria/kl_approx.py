@@ -50,7 +50,7 @@ def kl_approx_scores(
     for p in runner.model.parameters():
         p.requires_grad_(False)
     work = [(g, runner.cuts(g)) for g in prunable(groups)]
-    unit_maps = {(g.name, k): _unit_index(g, cut) for g, cuts in work for k, cut in enumerate(cuts)}
+    unit_maps = {(g.name, k): tuple(t.to(images.device) for t in _unit_index(g, cut)) for g, cuts in work for k, cut in enumerate(cuts)}
     cut_nodes = {c.node: c.dim for _, cuts in work for c in cuts}
     sums = {g.name: np.zeros(g.width // g.unit) for g, _ in work}
     n = len(images)
@@ -78,12 +78,12 @@ def kl_approx_scores(
                 weight = probs.gather(1, top[:, m : m + 1]).flatten()  # p_{n,y}
                 per_position = {k: _contribution(taps[k].detach(), g, cut_nodes[k]) for k, g in zip(names, grads) if g is not None}
                 for g, cuts in work:
-                    delta = torch.zeros(x.shape[0], g.width // g.unit, dtype=torch.float64)
+                    delta = torch.zeros(x.shape[0], g.width // g.unit, dtype=torch.float64, device=x.device)
                     for k, cut in enumerate(cuts):
                         if cut.node in per_position:
                             positions, units = unit_maps[(g.name, k)]
                             delta.index_add_(1, units, per_position[cut.node].index_select(1, positions))
-                    sums[g.name] += (0.5 * weight[:, None] * delta**2).sum(0).numpy()
+                    sums[g.name] += (0.5 * weight[:, None] * delta**2).sum(0).cpu().numpy()
         if progress:
             progress(sum(g.width // g.unit for g, _ in work) * x.shape[0] / n)
     return {g.name: unit_broadcast(sums[g.name] / n, g.unit) for g, _ in work}

@@ -27,7 +27,7 @@ def taylor_scores(
 ) -> Scores:
     """Mean over images of |sum a * dL/da| per channel, summed over each group's producers."""
     producers = _producers(model, groups)
-    totals = {name: torch.zeros(module_width, dtype=torch.float64) for name, (_, module_width) in producers.items()}
+    totals = {name: torch.zeros(module_width, dtype=torch.float64, device=images.device) for name, (_, module_width) in producers.items()}
     captured: dict[str, torch.Tensor] = {}
     handles = [
         module.register_forward_hook(_capture(name, captured))

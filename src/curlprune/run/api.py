@@ -54,7 +54,7 @@ def prune(
     eval_limit: int | None = None,
     steps: int | None = None,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     show: bool = False,
     keep_class: bool = True,
     **criterion_options: Any,
@@ -96,8 +96,11 @@ def prune(
             (iterative pruning, docs/method.md §3; the plan is still one of ``model``'s channels);
             None or 1 = one shot. MACs/params targets only.
         seed: seed of the calibration, BN and evaluation draws and of the random criterion.
-        device: where the model is scored and sliced: "cpu", as ``curlprune prune`` (the criteria
-            run on the CPU); a model elsewhere is copied to it.
+        device: where the criteria, the BN re-estimation, the evaluation and the latency
+            measurement run: "auto" (a CUDA GPU when there is one, else the CPU), "cpu", "cuda",
+            "cuda:<i>", as ``curlprune prune --device`` (docs/method.md §10). Tracing, selection and
+            slicing run on the CPU (a model elsewhere is copied there); the pruned model is returned
+            on the CPU.
         show: print the progress bar, the per-group table and the accuracies.
         keep_class: return an object of the model's own class with smaller layers (proven equal to the
             sliced GraphModule; where its forward cannot run smaller, the GraphModule and the reason in
@@ -108,7 +111,7 @@ def prune(
         ``scores``, ``report`` (MACs/params before and after, accuracies), ``selection``.
     Raises:
         CurlpruneError: a bad setting (the same checks as the command line), no prunable group, an
-            unreachable target, a data-driven criterion without data, unusable data, a device other than the CPU.
+            unreachable target, a data-driven criterion without data, unusable data, a device that is not auto/cpu/cuda[:i] or a CUDA device where there is none.
 
     Source: docs/method.md §2 (the KL score), §3 (selection, allocation, limits), §8 (defaults).
     """
@@ -116,19 +119,16 @@ def prune(
         criterion=criterion, target_macs=target_macs, target_params=target_params, target_latency=target_latency,
         calib=calib, seed=seed, floor=floor, protect=None if protect is None else list(protect), normalize=normalize,
         allocation=allocation, round_to=round_to, eval_limit=eval_limit, bn_recalibrate=bn_recalibrate, steps=steps,
-        max_ratio=None if max_ratio is None else dict(max_ratio), **criterion_options)
+        max_ratio=None if max_ratio is None else dict(max_ratio), device=device, **criterion_options)
     if not isinstance(model, nn.Module):
         raise CurlpruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, torch.Tensor):
         raise CurlpruneError(f"example_input must be a tensor [1, C, H, W], got {type(example_input).__name__}")
-    device = torch.device(device)
-    if device.type != "cpu":
-        raise CurlpruneError(f"device {str(device)!r}: the prune stage scores on the CPU, as `curlprune prune` does; pass device='cpu' "
-                             "(the model is copied there)")
-    if any(p.device != device for p in model.parameters()):
-        model = copy.deepcopy(model).to(device)
+    cpu = torch.device("cpu")
+    if any(t.device != cpu for t in (*model.parameters(), *model.buffers())):
+        model = copy.deepcopy(model).to(cpu)
     images = load_images(data, input_spec, seed, test=eval_data)
-    return prune_model(model.eval(), example_input.to(device), config, images, name=type(model).__name__, show=show,
+    return prune_model(model.eval(), example_input.to(cpu), config, images, name=type(model).__name__, show=show,
                         keep_class=keep_class)
 
 

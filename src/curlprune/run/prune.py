@@ -15,6 +15,8 @@ Outputs in the run's folder (every file written atomically)::
 With ``steps`` > 1 (iterative pruning) every later step's scores go to ``scores_step<k>.npz``, with
 the fingerprint of ``scores.npz`` plus steps, k and the digest of the plan the scored model was
 sliced by: a resumed run is resumable per step (each step's file is reused when it matches).
+While ``kl`` scores, ``scores.partial.npz`` holds the groups finished so far (same form); a killed
+run continued with ``resume`` scores only the rest and ends with the same scores, bit for bit.
 
 ``resume`` reuses ``scores.npz`` when its fingerprint matches the current settings and is an error
 when it does not (the message names the settings that differ): scores can take hours, so they are
@@ -22,11 +24,9 @@ never silently thrown away. Without ``resume``, a folder that already holds a ru
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,14 +41,16 @@ from curlprune.errors import CurlpruneError
 from curlprune.models import ModelRef, build, by_import_path, default_protect, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size
+from curlprune.recover.dist import resolve_device
 from curlprune.report import console
-from curlprune.run.prune_config import PruneConfig, canonical_settings, scores_fingerprint
-from curlprune.run.prune_core import prune_model
+from curlprune.run.prune_config import PruneConfig, canonical_settings, scores_fingerprint, stage_identity
+from curlprune.run.prune_core import Compute, prune_model
 from curlprune.run.prune_data import load_images
 from curlprune.store import (
     DONE_FILE,
     LOG_FILE,
     MODEL_FILE,
+    PARTIAL_SCORES_FILE,
     PLAN_FILE,
     SCORES_FILE,
     PruneReport,
@@ -123,7 +125,7 @@ def run_prune(
     Returns:
         The :class:`PruneResult` (checkpoint path, plan, report).
     Raises:
-        CurlpruneError: ``out_dir`` is not a writable folder or is in use by another process, or
+        CurlpruneError: ``config.device`` is a CUDA device and there is none, ``out_dir`` is not a writable folder or is in use by another process, or
             lies inside a run directory in use (it is checked and locked,
             :class:`curlprune.store.runlock.RunLock`, before anything is loaded), bad
             settings, an unreachable target, missing data, stored scores computed with other
@@ -132,6 +134,7 @@ def run_prune(
     Source: docs/method.md §2 (the KL score) and §3 (selection, allocation).
     """
     check_value("num_classes", num_classes)  # before the folder is locked or anything is loaded
+    resolve_device(config.device or "auto")  # --device cuda without CUDA: one line, nothing written
     with RunLock(out_dir):  # one process per folder, also when called from Python (issue 12)
         return _run_prune(config, Path(out_dir), resume, model_name, weights, data, num_classes, show, input_size,
                           dict(model_kwargs or {}), input_shape)
@@ -151,7 +154,7 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
         restore_lost_line(out / LOG_FILE, out / DONE_FILE, {"event": "done", "checkpoint": MODEL_FILE},
                           lambda event: event.get("event") == "done", last_only=True)
         return finished
-    if not resume and any((out / name).exists() for name in (SCORES_FILE, MODEL_FILE, DONE_FILE)):
+    if not resume and any((out / name).exists() for name in (SCORES_FILE, PARTIAL_SCORES_FILE, MODEL_FILE, DONE_FILE)):
         raise CurlpruneError(f"{out} already holds a prune run: pass --resume to reuse its scores, or choose another --out")
     criterion = get(config.criterion)
     if criterion.needs_data and data is None:
@@ -159,7 +162,7 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
 
     model, spec, example = _build(model_name, weights, num_classes, input_size, model_kwargs, input_shape)
 
-    def cache(images: torch.Tensor | None, compute: Callable[[], dict], step: int, plan: Plan) -> tuple[dict, bool, float]:
+    def cache(images: torch.Tensor | None, compute: Compute, step: int, plan: Plan) -> tuple[dict, bool, float]:
         fingerprint = scores_fingerprint(config, settings, images)
         if step > 1:  # iterative pruning: the scores of the model pruned by the earlier steps (scores_step<k>.npz)
             fingerprint.update(steps=config.resolved_steps(), step=step,
@@ -186,7 +189,7 @@ def _settings(config: PruneConfig, model_name: str, weights: str | None, data: A
         "weights_sha256": optional_file_digest(weights),
         "num_classes": num_classes,
         "data": data if isinstance(data, str) or data is None else _splits_digest(data),
-        "config": dataclasses.asdict(config),
+        "config": stage_identity(config),  # not the device: where, not what (docs/method.md §10)
     }
 
 
@@ -248,25 +251,50 @@ def step_scores_file(step: int) -> str:
 
 
 def _scores(out: Path, resume: bool, fingerprint: dict, config: PruneConfig,
-            compute: Callable[[], dict[str, np.ndarray]], name: str = SCORES_FILE) -> tuple[dict[str, np.ndarray], bool, float]:
-    """Reuse matching scores from ``name`` (``scores.npz`` or a step's file; with ``resume``) or compute and save them."""
+            compute: Compute, name: str = SCORES_FILE) -> tuple[dict[str, np.ndarray], bool, float]:
+    """Reuse matching scores from ``name`` (``scores.npz`` or an iterative step's file; with ``resume``)
+    or compute and save them.
+
+    While a per-group criterion (``kl``) scores, the groups finished so far are saved after each
+    block in the partial file next to ``name`` (``scores.partial.npz``, atomically, with the
+    fingerprint); with ``resume`` a partial file with the same fingerprint is continued (only the
+    remaining groups are scored) and one with another fingerprint is an error, as for ``scores.npz``.
+    The partial file is removed once ``name`` is written. Source: docs/method.md §10.
+    """
     path = out / name
     if resume and path.is_file():
-        stored, stored_fp = read_scores(path)
-        differ = changed_fingerprint(stored_fp, fingerprint)
-        if differ:
-            raise CurlpruneError(
-                f"{path} was computed with other settings ({'; '.join(differ)[:300]}): delete it to score again, or choose another --out"
-            )
+        stored, _ = _matching(path, fingerprint)
         append_jsonl(out / LOG_FILE, {"event": "scores", "source": "reused", "file": name}, stamp=True)
         return stored, True, 0.0
+    partial = out / (PARTIAL_SCORES_FILE if name == SCORES_FILE else name.replace(".npz", ".partial.npz"))
+    done = _matching(partial, fingerprint)[0] if resume and partial.is_file() else {}
     started = time.time()
-    scores = compute()
+    scores = compute(dict(done), lambda finished: write_scores(partial, finished, fingerprint))
     seconds = time.time() - started
     write_scores(path, scores, fingerprint)
+    partial.unlink(missing_ok=True)
+    resumed = [group for group in scores if group in done]
     append_jsonl(out / LOG_FILE, {"event": "scores", "source": "computed", "criterion": config.criterion, "seconds": round(seconds, 2),
+                                  "device": str(resolve_device(config.device or "auto")),
+                                  "groups_resumed": len(resumed), "groups_scored": len(scores) - len(resumed),
+                                  "channels_scored": int(sum(len(v) for group, v in scores.items() if group not in done)),
                                   **({} if name == SCORES_FILE else {"file": name})}, stamp=True)
     return scores, False, seconds
+
+
+def _matching(path: Path, fingerprint: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """The scores in ``path`` (``scores.npz`` or its partial file) when their fingerprint matches ``fingerprint``.
+
+    Raises:
+        CurlpruneError: unreadable, or computed with other settings (the message names them).
+    """
+    stored, stored_fp = read_scores(path)
+    differ = changed_fingerprint(stored_fp, fingerprint)
+    if differ:
+        raise CurlpruneError(
+            f"{path} was computed with other settings ({'; '.join(differ)[:300]}): delete it to score again, or choose another --out"
+        )
+    return stored, stored_fp
 
 
 def _write_outputs(out: Path, ref: ModelRef, example: torch.Tensor, plan: Plan,

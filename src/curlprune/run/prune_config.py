@@ -2,7 +2,9 @@
 their defaults, and the fingerprint of what its scores depend on."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,12 @@ class PruneConfig:
                     them (:func:`curlprune.select.iterative.iterative_allocate`; geometric schedule,
                     docs/method.md §3); None = 1, one shot (unset, so that run folders written before
                     the option existed keep their settings). MACs/params targets only.
+    device:         where the prune stage computes: the criteria, the BN re-estimation, the
+                    evaluation and the latency measurement: "auto" (a CUDA GPU when there is one,
+                    else the CPU), "cpu", "cuda" or "cuda:<i>"; None = auto (unset, so that run
+                    folders written before the option existed keep their settings). Tracing,
+                    selection and slicing stay on the CPU. Not part of the stage's identity nor
+                    of the scores fingerprint (docs/method.md §10).
     budget_mb:      memory for the stacked ablations of the kl criteria.
     approx_classes: most probable classes summed by kl-approx's Fisher form.
 
@@ -93,6 +101,7 @@ class PruneConfig:
     bn_recalibrate: int | None = field(default=None, metadata=LATER)
     max_ratio: dict[str, float] | None = field(default=None, metadata=LATER)
     steps: int | None = field(default=None, metadata=LATER)
+    device: str | None = field(default=None, metadata=LATER)
     budget_mb: float = DEFAULT_BUDGET
     approx_classes: int = DEFAULT_APPROX_CLASSES
 
@@ -129,6 +138,8 @@ class PruneConfig:
         if self.max_ratio is not None and not isinstance(self.max_ratio, dict):
             raise CurlpruneError(f"max_ratio must be a mapping of group name or glob to a fraction, e.g. {{'layer1.*': 0.5}}, got {self.max_ratio!r}")
         self.max_ratio = parse_max_ratio(self.max_ratio)
+        if self.device is not None:
+            self.device = check_device_name(self.device)
         if isinstance(self.approx_classes, bool) or not isinstance(self.approx_classes, int) or self.approx_classes < 1:
             raise CurlpruneError(f"approx_classes must be a positive number of classes, got {self.approx_classes!r}")
         if isinstance(self.protect, str):
@@ -168,6 +179,28 @@ class PruneConfig:
     def latency_target(self) -> LatencyTarget | None:
         """The parsed latency target (a fraction or a duration), or None."""
         return None if self.target_latency is None else LatencyTarget.parse(self.target_latency)
+
+
+def stage_identity(config: PruneConfig) -> dict[str, Any]:
+    """The settings that define the prune stage's outputs (``done.json``'s ``config``): every field
+    but ``device``, which says where they are computed, not what they are (docs/method.md §10)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k != "device"}
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device_name(device: object) -> str:
+    """``device`` as the prune stage takes it: "auto", "cpu", "cuda" or "cuda:<i>" (a ``torch.device`` as its string).
+
+    Raises:
+        CurlpruneError: anything else (whether CUDA is there is checked when the stage runs:
+            :func:`curlprune.recover.dist.resolve_device`).
+    """
+    text = str(device) if isinstance(device, (str, torch.device)) else None
+    if text is None or not DEVICE_PATTERN.fullmatch(text):
+        raise CurlpruneError(f"device must be auto, cpu, cuda or cuda:<index>, got {device!r}")
+    return text
 
 
 TARGET_FIELDS = ("target_macs", "target_params", "target_latency")

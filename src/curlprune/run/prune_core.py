@@ -6,8 +6,10 @@ the library call ``curlprune.prune`` (:mod:`curlprune.run.api`), so the two cann
 """
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,7 @@ from curlprune.cost import check_pruned_cost, model_cost_fn
 from curlprune.criteria import compute_scores, get, work_items
 from curlprune.progress import progress
 from curlprune.recover.bn import bn_layers, recalibrate_bn
+from curlprune.recover.dist import resolve_device
 from curlprune.report import console, print_prune_summary
 from curlprune.run.prune_check import check_target_reachable, traced_groups
 from curlprune.run.prune_config import PruneConfig
@@ -31,9 +34,18 @@ from curlprune.store import GroupWidth, PruneAccuracy, PruneReport
 from curlprune.surgery.keep_class import fallback_message, slice_model
 
 Scores = dict[str, np.ndarray]
+# compute(done, save) -> scores: ``done`` = the groups already scored (a killed run's partial file),
+# ``save(scores so far)`` is called after each block of groups (None = nothing saved)
+Compute = Callable[[Scores, Callable[[Scores], None] | None], Scores]
 # (calibration images or None, compute, step, plan the scored model was sliced by) -> (scores, reused from a file, seconds spent);
 # step 1 (plan {}) scores the unpruned model, steps 2..n the model pruned by the earlier steps (iterative pruning)
-ScoreCache = Callable[[torch.Tensor | None, Callable[[], Scores], int, Plan], tuple[Scores, bool, float]]
+ScoreCache = Callable[[torch.Tensor | None, Compute, int, Plan], tuple[Scores, bool, float]]
+
+SAVE_BLOCKS = 32
+"""A per-group criterion's first block of groups holds about 1/SAVE_BLOCKS of the work; later blocks
+grow to about :data:`SAVE_SECONDS` each (every block repeats the criterion's set-up and reference
+pass, which dominates small blocks of a small model)."""
+SAVE_SECONDS = 60.0
 
 
 @dataclass
@@ -67,7 +79,10 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     """Prune ``model`` to ``config``'s target: the prune stage without a run folder.
 
     Args:
-        model: the unpruned model (eval mode; not changed).
+        model: the unpruned model, on the CPU (eval mode; not changed). With ``config.device``
+            another device (docs/method.md §10), a copy of it is scored and evaluated there, the
+            pruned model is BN-re-estimated and evaluated there, and latency is timed there;
+            the returned pruned model is on the CPU.
         example: an input ``[1, C, H, W]`` (shapes only: tracing and MACs).
         config: the settings (criterion, target, allocation, floor, protect, max_ratio, calib,
             bn_recalibrate, seed, ...), validated when it was made.
@@ -84,7 +99,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     Returns:
         :class:`Pruned`.
     Raises:
-        CurlpruneError: no prunable group, an unreachable target, a pattern of ``protect`` or
+        CurlpruneError: a CUDA device asked for where there is none, no prunable group, an unreachable target, a pattern of ``protect`` or
             ``max_ratio`` matching no group, a data-driven criterion without training images,
             ``calib`` above the training images.
 
@@ -92,6 +107,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     (defaults: 256 calibration images, BN re-estimation on 2,048 training images).
     """
     criterion = get(config.criterion)
+    device = resolve_device(config.device or "auto")  # one line when CUDA is asked for and absent
     groups = traced_groups(model, example)
     target = config.target()
     protect = resolve_protect(groups, config.protect) if config.protect is not None else (
@@ -102,9 +118,15 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
         check_target_reachable(groups, cost_fn, target, config, protect, limits)  # before anything slow is done
     images = images() if callable(images) else images
     calib, labels = images.calibration(config.calib, config.seed, config.criterion) if criterion.needs_data else (None, None)
+    scorer = on_device(model, device)  # the criteria, the evaluation; tracing, selection, slicing on the CPU
+    on = [None if t is None else t.to(device) for t in (calib, labels)]
 
     def score(scored: nn.Module, scored_groups, step: int, plan: Plan) -> tuple[Scores, bool, float]:
-        compute = lambda: _compute(config, scored, scored_groups, calib, labels, show)  # noqa: E731
+        scored_on = scorer if step == 1 else on_device(scored, device)
+
+        def compute(done: Scores, save: Callable[[Scores], None] | None) -> Scores:
+            with full_float32():
+                return _compute(config, scored_on, scored_groups, on[0], on[1], show, done, save)
         return cache(calib, compute, step, plan) if cache is not None else _timed(compute)
 
     scores, reused, seconds = score(model, groups, 1, {})
@@ -115,12 +137,12 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
         spent.append(step_seconds)
         return step_scores
 
-    selection, chosen = _select(config, groups, scores, cost_fn, target, protect, limits, model, example, rescore)
+    selection, chosen = _select(config, groups, scores, cost_fn, target, protect, limits, model, example, rescore, device)
     seconds = sum(spent)
     sliced = slice_model(model, groups, selection.plan, keep_class=keep_class, example_input=example)
     pruned = sliced.model.eval()  # the model's own class where its forward allows (docs/method.md §1)
     check_pruned_cost(pruned, example, (selection.macs, selection.params))  # the numbers reported are the model's
-    accuracy = _accuracies(model, pruned, images, config, show)
+    accuracy = _accuracies(scorer, pruned, images, config, show, device)
     widths = {g.name: GroupWidth(g.kind, g.width, len(selection.plan.get(g.name, range(g.width)))) for g in groups if g.prunable}
     report = PruneReport(model=name, weights=weights, criterion=config.criterion, allocation=config.resolved_allocation(),
                          selection=chosen.as_dict(), accuracy=PruneAccuracy(**accuracy), groups=widths,
@@ -133,14 +155,14 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     return Pruned(pruned, selection.plan, groups, scores, report, chosen)
 
 
-def _timed(compute: Callable[[], Scores]) -> tuple[Scores, bool, float]:
+def _timed(compute: Compute) -> tuple[Scores, bool, float]:
     started = time.time()
-    scores = compute()
+    scores = compute({}, None)
     return scores, False, time.time() - started
 
 
 def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None, protect: list[str], limits: dict[str, float],
-            model: nn.Module, example: torch.Tensor, rescore: StepScoreFn) -> tuple[Any, Any]:
+            model: nn.Module, example: torch.Tensor, rescore: StepScoreFn, device: torch.device) -> tuple[Any, Any]:
     """(select's Selection, what report.json shows: the Selection or the LatencySelection).
 
     Both targets rank the same scores: the config's allocation (:func:`curlprune.select.allocation.ranking_scores`;
@@ -158,33 +180,108 @@ def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None,
         selection = allocate(groups, scores, cost_fn, target, allocation, protect=protect, round_to=config.round_to, limits=limits)
         return selection, selection
     ranked, normalize = ranking_scores(groups, scores, allocation, "latency")
-    measured = measured_cost_fn(model, groups, example, batch=config.latency_batch or 1, threads=config.latency_threads)
+    measured = measured_cost_fn(model, groups, example, batch=config.latency_batch or 1, threads=config.latency_threads,
+                                device=device)
     chosen = select_latency(groups, ranked, measured, cost_fn, config.latency_target(), floor=config.floor,
                             protect=protect, normalize=normalize, round_to=config.round_to, limits=limits)
     return chosen.selection, chosen
 
 
-def _compute(config: PruneConfig, model, groups, images, labels, show: bool) -> Scores:
-    """The criterion's scores with its declared options from ``config``, with its progress
-    (:func:`curlprune.progress.progress`: a bar on a terminal, a line every 30 s otherwise) when it reports progress."""
+def _compute(config: PruneConfig, model, groups, images, labels, show: bool, done: Scores,
+             save: Callable[[Scores], None] | None) -> Scores:
+    """The criterion's scores with its declared options from ``config``, with its progress (:func:`curlprune.progress.progress`: a bar on a
+    terminal, a line every 30 s otherwise) when it reports progress.
+
+    A per-group criterion (:attr:`curlprune.criteria.Criterion.per_group`: ``kl``) scores only the
+    groups not in ``done``, in blocks (:func:`score_blocks`), and calls ``save`` with everything
+    finished after each block; the bar starts from the finished share. Any other criterion scores
+    all groups at once (``done`` is ignored: it scores again from the start). The result is in the groups' order, equal bit
+    for bit to one uninterrupted call (docs/method.md §10).
+    """
+    criterion = get(config.criterion)
     options = config.criterion_options()
+    scored = [g for g in groups if g.prunable]
+    done = {name: v for name, v in done.items() if name in {g.name for g in scored}} if criterion.per_group else {}
+    pending = [g for g in scored if g.name not in done] if criterion.per_group else list(groups)
+    share = max(1, work_items(config.criterion, pending) // SAVE_BLOCKS)
     total = work_items(config.criterion, groups)
-    if not show or not total:
-        return compute_scores(config.criterion, model, groups, images=images, labels=labels, **options)
-    on = "" if images is None else f", {len(images)} images"
-    with progress(f"scoring ({config.criterion}{on})", total, unit="units") as bar:
-        scores = compute_scores(config.criterion, model, groups, images=images, labels=labels, progress=bar.advance, **options)
+    finished = work_items(config.criterion, [g for g in scored if g.name in done])
+    on_text = "" if images is None else f", {len(images)} images, {images.device}"
+    resumed = f", resumed at {finished}" if finished else ""
+    shown = show and bool(total)
+    with progress(f"scoring ({config.criterion}{on_text}{resumed})", total, unit="units", enabled=shown) as bar:
+        if finished:
+            bar.update(finished)
+        while pending:
+            block = score_blocks(config.criterion, pending, share)[0] if criterion.per_group else pending
+            started = time.perf_counter()
+            scores = compute_scores(config.criterion, model, block, images=images, labels=labels,
+                                    progress=bar.advance if shown else None, **options)
+            if not criterion.per_group:
+                bar.update(total)
+                return scores
+            done.update(scores)
+            if save is not None:
+                save(done)
+            pending = pending[len(block):]
+            seconds = max(time.perf_counter() - started, 1e-3)
+            share = max(share, int(work_items(config.criterion, block) * SAVE_SECONDS / seconds))
         bar.update(total)
-    return scores
+    return {g.name: done[g.name] for g in scored}
 
 
-def _accuracies(model: nn.Module, pruned: nn.Module, images: PruneImages, config: PruneConfig, show: bool) -> dict[str, Any]:
+def score_blocks(name: str, groups: list[ChannelGroup], share: int) -> list[list[ChannelGroup]]:
+    """``groups`` (prunable, in order) cut into consecutive blocks of at least ``share`` work items
+    (:func:`curlprune.criteria.work_items`) each, the last one possibly less; at least one group per block."""
+    blocks: list[list[ChannelGroup]] = []
+    size = share
+    for g in groups:
+        if size >= share:
+            blocks.append([])
+            size = 0
+        blocks[-1].append(g)
+        size += work_items(name, [g])
+    return blocks
+
+
+@contextmanager
+def full_float32():
+    """TF32 off for CUDA convolutions and matmuls (cuDNN's default is on): scores on a GPU in
+    float32, as on the CPU (docs/method.md §10); the previous settings are restored."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` when all its parameters and buffers are on ``device``, else a copy moved there (``model`` unchanged)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device == device for t in tensors):
+        return model
+    return copy.deepcopy(model).to(device)
+
+
+def _accuracies(model: nn.Module, pruned: nn.Module, images: PruneImages, config: PruneConfig, show: bool,
+                device: torch.device) -> dict[str, Any]:
     """Re-estimate ``pruned``'s BN statistics (in place) and measure test top-1 (%) of the unpruned
-    model, the sliced one before and after the re-estimation, when there are test images.
+    model, the sliced one before and after the re-estimation, when there are test images; on
+    ``device`` (``model`` is there already; ``pruned`` is moved there and back to the CPU).
 
     The BN images are a seeded draw (seed + 1: not the calibration draw) of ``bn_recalibrate``
     training images, all when there are fewer.
     """
+    pruned.to(device)
+    try:
+        return _measure(model, pruned, images, config, show)
+    finally:
+        pruned.to("cpu")
+
+
+def _measure(model: nn.Module, pruned: nn.Module, images: PruneImages, config: PruneConfig, show: bool) -> dict[str, Any]:
+    """:func:`_accuracies` with both models on the device."""
     test = images.test
     evaluate = test is not None and config.eval_limit != 0
     if test is None and images.train is not None and config.eval_limit != 0 and show:

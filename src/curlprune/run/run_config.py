@@ -35,7 +35,7 @@ from curlprune.models.import_path import parse_input_shape
 from curlprune.recover.recipes import recipe_settings
 from curlprune.recover.registry import get_stage, recovery_stages, stage_names
 from curlprune.run import strict_yaml
-from curlprune.run.prune_config import PruneConfig, canonical_settings
+from curlprune.run.prune_config import PruneConfig, canonical_settings, stage_identity
 from curlprune.store import DONE_FILE, LATER, PRUNE_STAGE, check_same_settings
 from curlprune.validate import check_ranges, check_types, check_value
 from curlprune.data.valsplit import check_val_settings
@@ -323,6 +323,6 @@ def check_finished_prune(prune_dir: Path, cfg: PruneConfig) -> None:
         previous = json.loads((prune_dir / DONE_FILE).read_text())["settings"]["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # not finished (or not readable): the prune stage itself decides
-    check_same_settings(canonical_settings(previous), dataclasses.asdict(cfg),  # "0.5" written before = 0.5 now
+    check_same_settings(canonical_settings(previous), stage_identity(cfg),  # "0.5" written before = 0.5 now
                         f"{prune_dir} holds a finished prune stage with other settings: {{differ}}; "
                         f"use another run_dir (--out), or delete {prune_dir} and the stages after it")

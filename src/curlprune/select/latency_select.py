@@ -56,6 +56,7 @@ class MeasuredCost:
     warmup: int = DEFAULT_WARMUP
     min_time_s: float = DEFAULT_MIN_TIME_S
     clock: Clock = time.perf_counter
+    device: torch.device | None = None
     cache: dict[tuple, LatencyComparison] = field(default_factory=dict)
     measurements: list[LatencyComparison] = field(default_factory=list)
     _reference: nn.Module | None = field(default=None, repr=False)
@@ -73,7 +74,7 @@ class MeasuredCost:
             result = compare_latency(
                 candidate, self._reference, self.example_input, batch=self.batch, threads=self.threads,
                 tolerance=self.tolerance, min_rounds=self.min_rounds, max_rounds=self.max_rounds,
-                warmup=self.warmup, min_time_s=self.min_time_s, clock=self.clock, prepared=True,
+                warmup=self.warmup, min_time_s=self.min_time_s, clock=self.clock, prepared=True, device=self.device,
             )
             self.measurements.append(result)
             self.cache[key] = result
@@ -99,6 +100,7 @@ def measured_cost_fn(
     warmup: int = DEFAULT_WARMUP,
     min_time_s: float = DEFAULT_MIN_TIME_S,
     clock: Clock = time.perf_counter,
+    device: torch.device | None = None,
 ) -> MeasuredCost:
     """A cost function ``plan -> relative latency`` (float; the unpruned model is 1.0).
 
@@ -110,6 +112,7 @@ def measured_cost_fn(
         tolerance: the relative tolerance the ratios are measured to (rounds stop once the noise
             estimate is below half of it) and the search's tolerance in :func:`select_latency`.
         min_rounds, max_rounds, warmup, min_time_s, clock: see :func:`time_interleaved`.
+        device: where both models are timed (sliced on the CPU, then moved); None = the CPU.
 
     Returns:
         a :class:`MeasuredCost` (callable, cached per plan).
@@ -120,7 +123,8 @@ def measured_cost_fn(
     with torch_threads(threads):
         pass  # validates threads
     return MeasuredCost(model, list(groups), example_input, batch=batch, threads=threads, tolerance=tolerance,
-                        min_rounds=min_rounds, max_rounds=max_rounds, warmup=warmup, min_time_s=min_time_s, clock=clock)
+                        min_rounds=min_rounds, max_rounds=max_rounds, warmup=warmup, min_time_s=min_time_s, clock=clock,
+                        device=device)
 
 
 # ----------------------------------------------------------------------------------------------

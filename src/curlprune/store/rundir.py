@@ -38,7 +38,7 @@ from curlprune.errors import CurlpruneError
 
 __all__ = [
     "CHECKPOINT_FILE", "CONFIG_FILE", "DONE_FILE", "LOG_FILE", "METRICS_FILE", "MODEL_FILE", "PLAN_FILE",
-    "PRUNE_STAGE", "REPORT_FILE", "SCORES_FILE", "STAGE_CHECKPOINT_FILE", "STATE_FILE", "STUDENT_FILE", "SUMMARY_FILE",
+    "PARTIAL_SCORES_FILE", "PRUNE_STAGE", "REPORT_FILE", "SCORES_FILE", "STAGE_CHECKPOINT_FILE", "STATE_FILE", "STUDENT_FILE", "SUMMARY_FILE",
     "append_jsonl", "atomic_write", "atomic_write_text", "changed_settings", "check_same_settings",
     "copy_if_changed", "file_digest", "holds_run", "is_done", "jsonl_text", "optional_file_digest", "read_done", "read_metrics",
     "read_json", "write_done", "write_json",
@@ -60,6 +60,7 @@ STUDENT_FILE = "student.json"  # which model a training stage started from (path
 CONFIG_FILE = "config.json"  # the run's resolved config
 SUMMARY_FILE = "summary.json"  # the run's accuracies and costs
 SCORES_FILE = "scores.npz"  # prune: the channel scores and their fingerprint
+PARTIAL_SCORES_FILE = "scores.partial.npz"  # prune: the groups scored so far (resumable scoring), same form
 PLAN_FILE = "plan.json"  # prune: group -> kept channel indices
 REPORT_FILE = "report.json"  # prune: selection, costs, accuracy
 PRUNE_STAGE = "prune"
