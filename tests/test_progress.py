@@ -72,5 +72,5 @@ def test_prune_piped_to_a_file_writes_progress_lines(tmp_path):
                               env={"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     text = log.read_text()
     assert done.returncode == 0, text[-2000:]
-    assert re.search(r"^scoring \(kl, 32 images\): (\d+)/\1 units, done in \d+:\d\d$", text, re.M), text[-2000:]
+    assert re.search(r"^scoring \(kl, 32 images, cpu\): (\d+)/\1 units, done in \d+:\d\d$", text, re.M), text[-2000:]
     assert "\x1b[" not in text  # no terminal escapes in a log file

@@ -218,6 +218,8 @@ def compute_scores(
     kwargs = {option.argument: values.get(option.name, option.default) for option in criterion.options}
     kwargs.update({k: v for k, v in options.items() if k not in criterion.defaults()})
     device = next((p.device for p in model.parameters()), None)
+    if criterion.needs_logits:  # one [N, classes] output, or one line naming the criteria that work
+        check_logits(name, model, images if device is None or images is None else images.to(device))
     if criterion.needs_data:
         kwargs["images"] = images if device is None else images.to(device)
     if criterion.needs_labels:
