@@ -80,7 +80,7 @@ def analyse(model: nn.Module, example_input: Any) -> Analysis:
     cached = _CACHE.get(model, {})
     if key in cached:
         return cached[key]
-    gm = symbolic_trace(model)
+    gm = symbolic_trace(model, inputs)
     found = propagate(gm, model, example_input)
     an = channel_pass(gm, found)
     groups = build_groups(an)

@@ -97,7 +97,7 @@ def kl_scores(
     Source: docs/method.md §2.
     """
     stats = stats if stats is not None else KLStats()
-    runner = GraphRunner(model, channels_last=channels_last, fold_bn=fold_bn)
+    runner = GraphRunner(model, channels_last=channels_last, fold_bn=fold_bn, example_input=images[:1])
     works = [_Work(g, runner.cuts(g), runner, images.device) for g in prunable(groups)]
     if only is not None:
         works = [w for w in works if w.group.name in only]

@@ -46,7 +46,7 @@ def kl_approx_scores(
     progress: Progress | None = None,
 ) -> Scores:
     """Fisher approximation of the KL score of every unit (see the module docstring)."""
-    runner = GraphRunner(model, channels_last=True)
+    runner = GraphRunner(model, channels_last=True, example_input=images[:1])
     for p in runner.model.parameters():
         p.requires_grad_(False)
     work = [(g, runner.cuts(g)) for g in prunable(groups)]

@@ -50,12 +50,14 @@ class GraphRunner:
     ``fold_bn`` folds each eval-mode BatchNorm into the conv before it (when that conv feeds only
     the BN): one pass over the activations less per conv, the same function up to float round-off.
     Cuts are unaffected: they zero conv *inputs*, and the folded conv keeps its name.
+    ``example_input`` (a batch ``[N, C, H, W]``) is needed only for a model that iterates the parts
+    of a split by an int size (``graph.tracing.CurlTracer``).
     """
 
-    def __init__(self, model: nn.Module, channels_last: bool = True, fold_bn: bool = True) -> None:
+    def __init__(self, model: nn.Module, channels_last: bool = True, fold_bn: bool = True, example_input: torch.Tensor | None = None) -> None:
         self.model = copy.deepcopy(model).eval()
         self.channels_last = channels_last
-        self.gm = symbolic_trace(self.model)
+        self.gm = symbolic_trace(self.model, None if example_input is None else (example_input,))
         if fold_bn:
             from torch.fx.experimental.optimization import fuse
 

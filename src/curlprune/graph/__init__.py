@@ -2,7 +2,7 @@
 
 A package of passes over a torch.fx trace, one job per file (like torch.fx's own passes):
 
-    tracing.py       CurlTracer, symbolic_trace, fetch_attr, eval_mode
+    tracing.py       CurlTracer, trace_graph (int-size splits iterated), symbolic_trace, fetch_attr, eval_mode
     shapes.py        the shape recording pass (TensorInfo; each node's cost measured as count does)
     slots.py         union-find over channel slots, channel layouts
     ops.py           the op tables and node helpers

@@ -141,7 +141,7 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor | None 
     Source: docs/method.md §9 (measured latency).
     """
     clone = copy.deepcopy(model).eval()
-    gm = clone if isinstance(clone, fx.GraphModule) else symbolic_trace(clone)
+    gm = clone if isinstance(clone, fx.GraphModule) else symbolic_trace(clone, None if example_input is None else (example_input,))
     gm = fuse(gm, inplace=True, no_trace=True).eval()
     if example_input is not None:
         with torch.no_grad():

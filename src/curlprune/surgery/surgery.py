@@ -28,7 +28,7 @@ from curlprune.channels import ChannelGroup, Plan, SliceKey
 from curlprune.graph.layer_rules import LayerRule, keep_index, replace_tensor
 from curlprune.graph.layers import rule_for
 from curlprune.graph.reparam import unwrapped
-from curlprune.graph.tracing import CurlTracer, untouched
+from curlprune.graph.tracing import PartsUnknown, trace_graph, untouched
 
 _MODULE_ROLES = ("out", "in", "channel")
 
@@ -255,7 +255,10 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.Gr
     validate_plan(groups, plan)
     removed = removed_positions(groups, plan)
     with untouched(model):  # the tracer's constants go to the copy only
-        graph = CurlTracer().trace(model)
+        try:
+            graph = trace_graph(model, part_counts=split_part_counts(groups))
+        except PartsUnknown as exc:
+            raise CurlpruneError(f"cannot slice {type(model).__name__}: {exc}") from None
         root = copy.deepcopy(model)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     for child_name, child in root.named_children():  # keep the containers (``small.layer1[0]``)
@@ -284,6 +287,17 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.Gr
     retie(shared)
     gm.recompile()
     return gm
+
+
+def split_part_counts(groups: Sequence[ChannelGroup]) -> dict[str, int]:
+    """fx node name of a split along the channel dim -> its number of parts, from the groups' node
+    members ``part<i>`` (every part of such a split holds channels of some group)."""
+    counts: dict[str, int] = {}
+    for g in groups:
+        for m in g.node_members:
+            if m.role.startswith("part"):
+                counts[m.module] = max(counts.get(m.module, 0), int(m.role[len("part"):]) + 1)
+    return counts
 
 
 def members_by_module(removed: Mapping[SliceKey, list[int]]) -> dict[str, dict[str, list[int]]]:
