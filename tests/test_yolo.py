@@ -29,6 +29,8 @@ from curlprune.criteria import compute_scores
 from curlprune.errors import CurlpruneError
 from curlprune.graph import symbolic_trace
 from curlprune.select.search import Target, select
+from curlprune.surgery.inference import optimize_for_inference
+from curlprune.surgery.keep_class import slice_model
 from curlprune.surgery.surgery import apply, mask
 
 
@@ -164,6 +166,16 @@ def test_iterated_int_split_without_an_example_input_is_one_line():
     assert sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "getitem") == 3
 
 
+def test_inference_copy_of_an_iterated_int_split_traces_with_its_example_input():
+    model = randomise(IntSplit("list", 6))
+    x = torch.randn(2, 3, 8, 8)
+    fast = optimize_for_inference(model, x)
+    with torch.no_grad():
+        assert relative_error(fast(x), model(x)) < 1e-5
+    small = apply(model, trace(model, x), {})  # a pruned model is its graph: traced as it is, no input needed
+    assert isinstance(optimize_for_inference(small), torch.fx.GraphModule)
+
+
 @pytest.mark.parametrize("criterion", ["kl", "kl-approx"])
 def test_kl_scores_a_classifier_with_an_iterated_int_split(criterion):
     """The KL criteria trace their own copy of the model: it gets the calibration batch's shape."""
@@ -274,3 +286,21 @@ def test_yolov8n_with_c2f_forward_split_is_pruned_the_same_way():
     groups = trace(model, x)
     assert [g.name for g in groups if g.prunable] == [g.name for g in trace(randomise(DetectionModel("n")), x) if g.prunable]
     check_invariants(model, x, groups, plans=1, seed="yolov8n-split")
+
+
+def test_yolov8n_keeps_its_class_where_the_c2f_parts_shrink_equally(yolo):
+    """The user's C2f forward cuts ``chunk(2, 1)`` of whatever width it gets: right when both parts
+    keep as many channels (the class is kept, proven equal to the graph), wrong otherwise (the
+    GraphModule, with the reason naming the split)."""
+    model, x, groups = yolo
+    even = {"model.4.cv1.conv": [0, *range(3, 32)], "model.4.cv1.conv#2": [*range(0, 29), 31]}  # 30 and 30
+    sliced = slice_model(model, groups, even, example_input=x)
+    assert sliced.kept and isinstance(sliced.model, DetectionModel), sliced.reason
+    assert sliced.model.model[4].m[0].cv1.conv.in_channels == 30
+    uneven = {"model.4.cv1.conv": list(range(30)), "model.4.cv1.conv#2": list(range(31))}
+    sliced = slice_model(model, groups, uneven, example_input=x)
+    assert not sliced.kept and "parts of [32, 32]" in sliced.reason and "keeps [30, 31]" in sliced.reason
+    with torch.no_grad():
+        with mask(model, groups, uneven):
+            masked = model(x)
+        assert relative_error(sliced.model(x), masked) < 1e-5

@@ -38,7 +38,7 @@ from curlprune.cost.analysis import traced_inputs
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.errors import exception_summary
 from curlprune.surgery.surgery import apply as apply_graph
-from curlprune.surgery.surgery import members_by_module, removed_positions, retie, slice_member, tied_parameters
+from curlprune.surgery.surgery import members_by_module, removed_positions, retie, slice_member, split_sizes, tied_parameters
 
 __all__ = ["KeepClassWarning", "Sliced", "TOLERANCE", "apply", "slice_model"]
 
@@ -146,7 +146,9 @@ def fallback_message(sliced: Sliced) -> str:
 
 def _slice_copy(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan, graph: fx.GraphModule) -> tuple[nn.Module, str]:
     """A deep copy of ``model`` with every module and get_attr member sliced, and every channel
-    zero-pad shrunk by the module that pads (``shrink_channel_pad``); the reason when one cannot be."""
+    zero-pad shrunk by the module that pads (``shrink_channel_pad``); the reason when one cannot be
+    (also a channel split whose parts the plan shrinks to unequal sizes, or a constant channel range
+    the plan moves: the user's forward would cut at the old places)."""
     small = copy.deepcopy(model)
     shared = tied_parameters(small)
     by_module = members_by_module(removed_positions(groups, plan))
@@ -156,6 +158,15 @@ def _slice_copy(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan, gr
         return small, f"its members cannot be sliced in place ({exception_summary(exc)})"
     owners = {n.name: [path for path, _ in (n.meta.get("nn_module_stack") or {}).values()] for n in graph.graph.nodes}
     for name, roles in pads.items():
+        if any(role.startswith("part") for role in roles):
+            full, kept, _ = split_sizes(name, roles, groups)
+            if len(set(kept)) > 1:  # equal parts: a chunk of the new width still cuts there (checked after)
+                return small, (f"its forward cuts the channels into parts of {list(full)} (graph node {name}, a split/chunk) and the "
+                               f"plan keeps {list(kept)} of them; only the traced graph can cut at the new sizes")
+            continue
+        if any(role.startswith("select") for role in roles):
+            return small, (f"its forward takes a constant channel range (graph node {name}, x[:, a:b]) that the plan moves; "
+                           "only the traced graph can move its bounds")
         owner = owners.get(name, [])[-1:]
         padder = small.get_submodule(owner[0]) if owner else None
         if not callable(getattr(padder, "shrink_channel_pad", None)):

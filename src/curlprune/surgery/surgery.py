@@ -375,11 +375,12 @@ def _slice_parameter(gm: nn.Module, name: str, positions: list[int], groups: Seq
     replace_tensor(owner, attr, old.index_select(dim, keep_index(old.shape[dim], positions)))
 
 
-def _shrink_split(node: fx.Node, name: str, roles: dict[str, list[int]], groups: Sequence[ChannelGroup]) -> None:
-    """split/chunk along the channel dim: ``torch.split`` by the sizes the plan keeps of each part.
+def split_sizes(name: str, roles: Mapping[str, list[int]], groups: Sequence[ChannelGroup]) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """The parts of the channel split/chunk node ``name``: ``(sizes, kept sizes, dim)``.
 
     A part's size is the number of positions its node member ``part<i>`` holds over all groups
-    (every channel of the part belongs to one group); ``dim`` counts from the end (negative)."""
+    (every channel of the part belongs to one group); a kept size is that less the positions
+    ``roles["part<i>"]`` removes; ``dim`` counts from the end (negative)."""
     sizes: dict[int, int] = {}
     dim = -1
     for g in groups:
@@ -388,7 +389,14 @@ def _shrink_split(node: fx.Node, name: str, roles: dict[str, list[int]], groups:
                 i = int(m.role[len("part"):])
                 sizes[i] = sizes.get(i, 0) + sum(len(ps) for ps in m.index)
                 dim = m.dim
-    kept = tuple(sizes[i] - len(roles.get(f"part{i}", ())) for i in range(len(sizes)))
+    full = tuple(sizes[i] for i in range(len(sizes)))
+    return full, tuple(size - len(roles.get(f"part{i}", ())) for i, size in enumerate(full)), dim
+
+
+def _shrink_split(node: fx.Node, name: str, roles: dict[str, list[int]], groups: Sequence[ChannelGroup]) -> None:
+    """split/chunk along the channel dim: ``torch.split`` by the sizes the plan keeps of each part
+    (:func:`split_sizes`)."""
+    _, kept, dim = split_sizes(name, roles, groups)
     node.op, node.target, node.args, node.kwargs = "call_function", torch.split, (node.args[0], kept, dim), {}
 
 
