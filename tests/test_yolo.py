@@ -23,6 +23,7 @@ from test_faults import check_invariants, randomise
 from torch import nn
 from yolo_support import DetectionModel
 
+import curlprune
 from curlprune.cost.analysis import model_cost_fn, plan_cost, trace
 from curlprune.cost.cost import count
 from curlprune.criteria import compute_scores
@@ -304,3 +305,16 @@ def test_yolov8n_keeps_its_class_where_the_c2f_parts_shrink_equally(yolo):
         with mask(model, groups, uneven):
             masked = model(x)
         assert relative_error(sliced.model(x), masked) < 1e-5
+
+
+def test_curlprune_prune_takes_yolov8n_with_l1_and_refuses_the_default_kl_in_one_line(yolo):
+    """The one-call API: ``criterion="l1"`` needs no data; the default ``kl`` with data is refused
+    before any scoring, naming the criteria that work."""
+    model, x, _ = yolo
+    pruned = curlprune.prune(model, torch.zeros(X), criterion="l1", target_macs=0.7)
+    assert pruned.report.selection["macs_ratio"] <= 0.7
+    with torch.no_grad():
+        out, full = pruned.model(x), model(x)
+    assert out[0].shape == full[0].shape and [t.shape for t in out[1]] == [t.shape for t in full[1]]
+    with pytest.raises(CurlpruneError, match=r"returns a tuple of 2 outputs .*: l1, bn, random$"):
+        curlprune.prune(model, torch.zeros(X), data=torch.randn(4, *X[1:]), calib=4, target_macs=0.7)
