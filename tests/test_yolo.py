@@ -51,7 +51,7 @@ class IntSplit(nn.Module):
     """conv(3->16) -> BN -> SiLU -> split by an int size along dim 1 -> one conv per part -> cat -> conv(->2).
 
     ``form``: ``list`` (``list(y.split(k, 1))``), ``function`` (``list(torch.split(y, k, dim=1))``)
-    or ``indexed`` (``y.split(k, dim=1)[i]``, no iteration)."""
+    ``unpacked`` (``a, b, c = y.split(k, 1)``) or ``indexed`` (``y.split(k, dim=1)[i]``, no iteration)."""
 
     def __init__(self, form: str, k: int) -> None:
         super().__init__()
@@ -68,6 +68,9 @@ class IntSplit(nn.Module):
             parts = list(y.split(self.k, 1))
         elif self.form == "function":
             parts = list(torch.split(y, self.k, dim=1))
+        elif self.form == "unpacked":
+            a, b, c = y.split(self.k, 1)
+            parts = [a, b, c]
         else:
             cut = y.split(self.k, dim=1)
             parts = [cut[i] for i in range(len(self.parts))]
@@ -96,6 +99,7 @@ FORMS = {
     "list-even": lambda: IntSplit("list", 8),
     "function-uneven": lambda: IntSplit("function", 5),  # 5, 5, 5, 1
     "indexed-uneven": lambda: IntSplit("indexed", 6),
+    "unpacked-uneven": lambda: IntSplit("unpacked", 6),
     "c2f": IntSplitC2f,
 }
 
@@ -175,6 +179,12 @@ def test_inference_copy_of_an_iterated_int_split_traces_with_its_example_input()
         assert relative_error(fast(x), model(x)) < 1e-5
     small = apply(model, trace(model, x), {})  # a pruned model is its graph: traced as it is, no input needed
     assert isinstance(optimize_for_inference(small), torch.fx.GraphModule)
+
+
+def test_unpacked_int_split_traces_without_an_example_input():
+    """``a, b, c = y.split(k, 1)`` says how many parts it takes (as torch.fx's own unpacking)."""
+    gm = symbolic_trace(IntSplit("unpacked", 6))
+    assert sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "getitem") == 3
 
 
 @pytest.mark.parametrize("criterion", ["kl", "kl-approx"])

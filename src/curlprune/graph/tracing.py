@@ -7,9 +7,13 @@ eval mode and gives every submodule back its own mode.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
+import dis
+import inspect
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from types import FrameType
 from typing import Any
 
 import torch
@@ -157,7 +161,18 @@ class _Parts(fx.Proxy):
         return self.tracer.count_parts(self.node)
 
     def __iter__(self) -> Iterator[fx.Proxy]:
-        return iter([self[i] for i in range(len(self))])
+        caller = inspect.currentframe().f_back
+        unpacked = _unpacked_count(caller) if caller is not None else None
+        return iter([self[i] for i in range(unpacked if unpacked is not None else len(self))])
+
+
+def _unpacked_count(frame: FrameType) -> int | None:
+    """``n`` when ``frame`` is at an ``UNPACK_SEQUENCE n`` (``a, b = x.split(k, 1)``), else None: as
+    torch.fx's own ``Proxy.__iter__`` does, so unpacking needs no part count."""
+    instructions = list(dis.get_instructions(frame.f_code))
+    at = bisect.bisect_left(instructions, frame.f_lasti, key=lambda ins: ins.offset)
+    inst = instructions[at] if at < len(instructions) else None
+    return inst.argval if inst is not None and inst.opname == "UNPACK_SEQUENCE" else None
 
 
 def symbolic_trace(
