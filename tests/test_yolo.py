@@ -279,15 +279,17 @@ def test_yolov8n_pruned_by_l1_to_70_percent_of_its_macs(yolo):
     assert macs <= 0.7 * count(model, x)[0]
 
 
-@pytest.mark.parametrize("criterion", ["kl", "kl-approx"])
-def test_kl_on_yolov8_is_refused_naming_the_weight_criteria(yolo, criterion):
+@pytest.mark.parametrize("criterion", ["kl", "kl-approx", "taylor"])
+def test_output_criteria_on_yolov8_are_refused_naming_the_weight_criteria(yolo, criterion):
     model, x, groups = yolo
     with pytest.raises(CurlpruneError) as err:
-        compute_scores(criterion, model, groups, images=x)
+        compute_scores(criterion, model, groups, images=x, labels=torch.zeros(1, dtype=torch.long))
     message = str(err.value)
     assert "\n" not in message and "returns a tuple of 2 outputs" in message
     working = message.split(": ")[-1].split(", ")
-    assert {"l1", "bn", "random"} <= set(working) and "kl" not in working and "kl-approx" not in working
+    assert {"l1", "bn", "random"} <= set(working) and not {"kl", "kl-approx", "taylor"} & set(working)
+    for name in working:  # and each of those scores every prunable group
+        assert set(compute_scores(name, model, groups, images=x)) == {g.name for g in groups if g.prunable}
 
 
 def test_yolov8n_with_c2f_forward_split_is_pruned_the_same_way():
