@@ -8,7 +8,7 @@ docs/coverage.md from the results.
 Models (scripts/coverage_measure.py): every classification model of torchvision, a member of every
 timm family (``TIMM_MODELS``; timm is the optional extra ``curlprune[timm]``), torchvision's
 segmentation models whole and its detectors' backbones with their FPN. Each (model, tool) runs in its
-own subprocess with a time limit, so a crash, a hang or an out-of-memory kill of one never stops the
+own forked process with a time limit, so a crash, a hang or an out-of-memory kill of one never stops the
 sweep. Tools: ``curl`` (curlprune: trace, masked == sliced for a random plan pruning every prunable
 group, plan_cost == count; coverage_measure.measure) and ``tp`` (Torch-Pruning 1.6.1's group L2-norm
 pruner at 50% per layer, optional extra ``curlprune[bench]``; coverage_tp.measure_tp).
@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +43,7 @@ import coverage_report
 from coverage_measure import all_names, family_of, first_line, measure, source_of, status_of
 from coverage_rows import RowsFile, matching, shard, todo
 from coverage_tp import measure_tp, tp_version
+import curlprune
 from curlprune.errors import CurlpruneError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +51,7 @@ ROWS = ROOT / "docs" / "coverage.jsonl"
 DOC = ROOT / "docs" / "coverage.md"
 TOOLS = ("curl", "tp")
 RETRY = ("timeout", "killed")
+FORK = multiprocessing.get_context("fork")
 
 
 def git_commit() -> str:
@@ -65,6 +67,7 @@ def git_commit() -> str:
 
 def child(name: str, tool: str, out: Path) -> int:
     """Measure ``name`` with ``tool`` in this process and write its row to ``out`` (also on failure)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     begin = time.perf_counter()
     row: dict = {"name": name, "tool": tool}
@@ -101,19 +104,23 @@ def finish(row: dict, commit: str) -> dict:
 
 
 def run_one(name: str, tool: str, timeout: float, commit: str, folder: Path) -> dict:
-    """One (model, tool) in a child process with a time limit; its finished row."""
+    """One (model, tool) in a forked child process with a time limit; its finished row.
+
+    Forked from this process, which has torch, torchvision, timm, Torch-Pruning and curlprune imported
+    already (importing them takes 10-20 s on a busy 2-core machine, more than most models take), and
+    which never runs a torch op itself, so the child starts with no thread pool to inherit."""
     out = folder / f"{tool}-{name.replace(':', '__').replace('/', '_')}.json"
     out.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", name, tool, str(out)], env=env, start_new_session=True)
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc = FORK.Process(target=child, args=(name, tool, out), daemon=True)
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
         rc = None
+    else:
+        rc = proc.exitcode
     wall = round(time.perf_counter() - start, 1)
     row = json.loads(out.read_text()) if rc == 0 and out.is_file() else None
     if row is None or row.get("name") != name:
@@ -134,7 +141,8 @@ def sweep(store: RowsFile, names: list[str], tools: list[str], timeout: float, r
     again = set(redo) | ({i for i, r in rows.items() if r.get("status") in RETRY} if retry else set())
     pairs = todo(names, tools, rows, again)
     commit = git_commit()
-    print(f"{len(pairs)} to measure ({len(names)} models x {len(tools)} tools; the rest finished) in {store.path}", flush=True)
+    print(f"{len(pairs)} to measure ({len(names)} models x {len(tools)} tools; the rest finished) in {store.path}; "
+          f"curlprune from {Path(curlprune.__file__).parent} at {commit}", flush=True)
     with tempfile.TemporaryDirectory(prefix="coverage-") as folder:
         for k, (name, tool) in enumerate(pairs, 1):
             row = run_one(name, tool, timeout, commit, Path(folder))
