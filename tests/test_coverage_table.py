@@ -102,10 +102,17 @@ def test_a_finished_model_is_not_measured_again_and_redo_replaces_it(tmp_path, c
     assert coverage_table.main(["--models", name, "--tool", "curl", "--rows", str(rows)]) == 0
     assert "0 to measure" in capsys.readouterr().out
     assert rows.read_bytes() == before  # nothing measured, nothing written
+    store = RowsFile(rows)
+    store.replace({**row, "status": "timeout"})  # as a shard killed by its time limit leaves it
+    assert coverage_table.main(["--models", name, "--tool", "curl", "--rows", str(rows)]) == 0
+    assert "0 to measure" in capsys.readouterr().out  # a timeout is finished too, unless --retry
+    assert coverage_table.main(["--models", name, "--tool", "curl", "--rows", str(rows), "--retry"]) == 0
+    assert "1 to measure" in capsys.readouterr().out and store.read()[f"curl:{name}"]["status"] == "ok"
+    store.replace({**row, "stale": True})
     assert coverage_table.main(["--models", name, "--tool", "curl", "--rows", str(rows), "--redo", name]) == 0
-    again = RowsFile(rows).read()
+    again = store.read()
     assert list(again) == [f"curl:{name}"] and len(rows.read_text().splitlines()) == 1
-    assert again[f"curl:{name}"]["wall_s"] > 0 and again[f"curl:{name}"]["channels_all"] == row["channels_all"]
+    assert "stale" not in again[f"curl:{name}"] and again[f"curl:{name}"]["channels_all"] == row["channels_all"]
     out = tmp_path / "coverage.md"
     assert coverage_table.main(["--report", "--rows", str(rows), "--out", str(out)]) == 0
     text = out.read_text()
