@@ -33,16 +33,16 @@ import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import timm
 import torch
 import torchvision
 
 import coverage_report
 from coverage_measure import all_names, family_of, first_line, measure, source_of, status_of
 from coverage_rows import RowsFile, matching, shard, todo
-from coverage_tp import measure_tp, tp_version
+from coverage_tp import measure_tp, tp, tp_version
 import curlprune
 from curlprune.errors import CurlpruneError
 
@@ -63,6 +63,13 @@ def git_commit() -> str:
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
+
+
+def timm_version() -> str | None:
+    try:
+        return version("timm")
+    except PackageNotFoundError:
+        return None
 
 
 def child(name: str, tool: str, out: Path) -> int:
@@ -97,7 +104,7 @@ def finish(row: dict, commit: str) -> dict:
         row["status"] = status_of(row)
     else:
         row["status"] = row.get("tp") or row.get("kind_of_error", "crash")
-    row["versions"] = {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+    row["versions"] = {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm_version(),
                        "torch_pruning": tp_version(), "python": platform.python_version(), "curlprune_commit": commit}
     row["measured_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return row
@@ -195,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(names))
         return 0
     tools = list(TOOLS) if args.tool == "both" else [args.tool]
+    if any(n.startswith("timm:") for n in names) and timm_version() is None:
+        parser.error("the timm models need timm: pip install curlprune[timm] (or --models without timm:*)")
+    if "tp" in tools and tp is None:  # no rows for it, so that installing it later measures them
+        if args.tool == "tp":
+            parser.error("Torch-Pruning is not installed: pip install curlprune[bench]")
+        print("Torch-Pruning is not installed (pip install curlprune[bench]): curlprune's rows only", flush=True)
+        tools.remove("tp")
     return sweep(store, names, tools, args.timeout, [n for n in redo if n in names], args.retry)
 
 
