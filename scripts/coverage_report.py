@@ -26,7 +26,7 @@ for i in 0 1; do
   PYTHONPATH=src OMP_NUM_THREADS=1 setsid nohup .venv/bin/python scripts/coverage_table.py --shard $i/2 \\
     > runs/coverage-shard$i.log 2>&1 < /dev/null &
 done
-tail -f runs/coverage-shard*.log          # progress: "[k/n] tool model: status (seconds)"
+tail -f runs/coverage-shard*.log  # first line: "pid N (stop: kill N ...)"; then "[k/n] tool model: status (s)"
 ```
 
 Then regenerate this file from `docs/coverage.jsonl` alone (also while the shards run):

@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -121,13 +122,14 @@ def run_one(name: str, tool: str, timeout: float, commit: str, folder: Path) -> 
     start = time.perf_counter()
     proc = FORK.Process(target=child, args=(name, tool, out), daemon=True)
     proc.start()
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-        rc = None
-    else:
-        rc = proc.exitcode
+    try:
+        proc.join(timeout)
+    finally:  # the time limit, or this process stopped (SIGTERM, Ctrl-C): the model's process goes too
+        timed_out = proc.is_alive()
+        if timed_out:
+            proc.kill()
+            proc.join()
+    rc = None if timed_out else proc.exitcode
     wall = round(time.perf_counter() - start, 1)
     row = json.loads(out.read_text()) if rc == 0 and out.is_file() else None
     if row is None or row.get("name") != name:
@@ -148,6 +150,8 @@ def sweep(store: RowsFile, names: list[str], tools: list[str], timeout: float, r
     again = set(redo) | ({i for i, r in rows.items() if r.get("status") in RETRY} if retry else set())
     pairs = todo(names, tools, rows, again)
     commit = git_commit()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # `kill PID` stops cleanly
+    print(f"pid {os.getpid()} (stop: kill {os.getpid()}; a rerun resumes)", flush=True)
     print(f"{len(pairs)} to measure ({len(names)} models x {len(tools)} tools; the rest finished) in {store.path}; "
           f"curlprune from {Path(curlprune.__file__).parent} at {commit}", flush=True)
     with tempfile.TemporaryDirectory(prefix="coverage-") as folder:
