@@ -35,10 +35,12 @@ Then regenerate this file from `docs/coverage.jsonl` alone (also while the shard
 PYTHONPATH=src .venv/bin/python scripts/coverage_table.py --report
 ```
 
-Time: about 1.5 h of one thread for both tools on all 215 models at this machine's usual load
-(estimated from a 15-model subset: curlprune 1-8 s and Torch-Pruning 1-31 s per model, and the previous
-sweep's 2,008 s for 201 models), so about 45-90 min of wall time with two shards; the largest
-(vit_h_14, regnet_y_128gf, vit_l_16) come last in the list and need a few GB of memory each.
+Time: about 1-1.5 h of one thread for both tools on all 215 models (estimated from a 24-model subset
+on this busy 2-core machine: curlprune 1-35 s per model, Torch-Pruning 0.6-1x that, 3-5x on models
+torch.fx cannot trace; and the previous sweep's 2,008 s for 201 models, which included about 5 s of
+imports per model that the forked processes no longer pay), so 30-60 min of wall time with two shards
+when each gets a core, longer under load; the largest (vit_h_14, regnet_y_128gf, vit_l_16) come last
+in the list and need a few GB of memory each.
 
 Measure again: `--redo 'timm:vgg*'` (those rows are replaced), `--retry` (rows that timed out or were
 killed); a subset: `--models 'segmentation:*,detection:*'`; one tool: `--tool curl`; what a shard
