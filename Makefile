@@ -20,13 +20,12 @@ demo: $(STAMP)
 	$(VENV)/bin/curlprune demo
 
 docs: $(STAMP)  ## regenerate the generated tables in docs/
-	$(PY) scripts/coverage_table.py render --out docs/coverage.md
+	PYTHONPATH=src $(PY) scripts/coverage_table.py --report
 	$(PY) scripts/macs_table.py > docs/macs.md
 
-coverage-sweep: $(STAMP)  ## measure every torchvision/timm model (resumable; hours on a small CPU), then docs
-	$(PY) -m pip install -q -c constraints.txt -e '.[timm]'
-	OMP_NUM_THREADS=1 $(PY) scripts/coverage_table.py sweep
-	$(PY) scripts/coverage_table.py render --out docs/coverage.md
+coverage-sweep: $(STAMP)  ## measure every model with curlprune and Torch-Pruning (resumable; hours on a small CPU), then docs
+	PYTHONPATH=src OMP_NUM_THREADS=1 $(PY) scripts/coverage_table.py
+	PYTHONPATH=src $(PY) scripts/coverage_table.py --report
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
