@@ -265,11 +265,13 @@ def main() -> None:
     if args.list:
         done = store.read()
         teacher_epochs = {r["set"]: r["epochs_run"] for r in done.values() if r.get("kind") == "t"}
-        total = 0.0
+        total, phases = 0.0, {}
         for position, row in enumerate(rows):
             cost = sp.estimate(row, settings, teacher_epochs)
             total += 0 if row.id in done else cost
+            phases[sp.phase(row)] = phases.get(sp.phase(row), 0.0) + (0 if row.id in done else cost)
             print(f"{position:3d}  {row.id:28s}  {'done' if row.id in done else f'~{cost / 3600:.2f} h'}")
+        print("left per phase: " + ", ".join(f"{name} ~{seconds / 3600:.1f} h" for name, seconds in phases.items()))
         print(f"{len(rows)} rows, {sum(r.id in done for r in rows)} done; ~{total / 3600:.1f} h of one-thread CPU left "
               "(the teacher at its epoch cap; wall time on shared cores is longer)")
         return

@@ -218,8 +218,8 @@ def smoke_plan() -> list[Row]:
 COST = {"r56_ce": 0.022, "pruned_ce": 0.009, "r20_ce": 0.006, "kd": 0.013, "kd_feat": 0.014, "refine": 0.012,
         "eval_r56": 0.007, "eval_small": 0.003, "prune": 330.0}
 TEST_IMAGES = 713
-TRAIN_IMAGES = {"50": 500, "full": 2610}
-VAL_IMAGES = {"50": 200, "full": 458}
+TRAIN_IMAGES = {"50": 500, "full": 2608}  # the splits of seed 0 (benchmarks/small_data.py)
+VAL_IMAGES = {"50": 200, "full": 460}
 
 
 def estimate(row: Row, settings: dict = SETTINGS, expected_teacher_epochs: dict | None = None) -> float:
@@ -246,3 +246,8 @@ def estimate(row: Row, settings: dict = SETTINGS, expected_teacher_epochs: dict 
     distill = recipe.distill_epochs(budget) * (n * COST["kd_feat" if recipe.feature_weight else "kd"] + per_epoch_eval)
     refine = EXPANSION * recipe.refine * n * COST["refine"] + recipe.refine_epochs() * per_epoch_eval
     return distill + refine + final_eval
+
+
+def phase(row: Row) -> str:
+    """The phase a row belongs to in --list's subtotals: ``<set> teacher``, ``<set> choice`` or ``<set> report``."""
+    return f"{row.set} " + ("teacher" if row.kind == "t" else "choice" if row.kind.startswith("choose") else "report")

@@ -166,3 +166,4 @@ def test_estimates_are_positive_and_the_teacher_bounds_d1():
     t = sp.estimate(sp.Row("50", "t"))
     assert sp.estimate(sp.Row("50", "d1"), expected_teacher_epochs={"50": 10}) < sp.estimate(sp.Row("50", "d1"), expected_teacher_epochs={"50": 40})
     assert t > sp.estimate(sp.Row("50", "d1"))
+    assert {sp.phase(r) for r in sp.plan()} == {f"{s} {p}" for s in sp.SETS for p in ("teacher", "report")} | {"50 choice"}
