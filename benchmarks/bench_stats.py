@@ -10,7 +10,8 @@ import fcntl
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 TOLERANCE = 0.01  # a row's achieved MACs must be within 1% of its target
@@ -87,6 +88,47 @@ def shard(items: Sequence, spec: str | None) -> list:
     if not (count >= 1 and 0 <= index < count):
         raise ValueError(f"--shard {spec!r}: need 0 <= i < n")
     return [item for position, item in enumerate(items) if position % count == index]
+
+
+def run_pending(ids: Sequence[str], store: RowsFile, compute: Callable[[str, dict], dict | None],
+                report: Callable[[], None], wait: bool = True, poll_seconds: float = 60.0,
+                log: Callable[[str], None] = print) -> list[str]:
+    """Compute the unfinished rows of ``ids`` in plan order and append each to ``store`` as it finishes.
+
+    ``compute(row_id, done)`` returns the row (a JSON-able dict with ``id``), or None while the row
+    cannot run yet (it waits for rows another shard computes); such a row is retried after every
+    finished row. With nothing runnable: wait ``poll_seconds`` and look again (``wait``), or stop.
+    A row found finished in the file (e.g. written by another process) is never computed.
+
+    Returns:
+        The ids left unfinished (empty unless ``wait`` is False).
+    """
+    todo = pending(ids, store.read())
+    waiting_since = None
+    while todo:
+        progressed = False
+        for row_id in list(todo):
+            done = store.read()
+            if row_id in done:
+                todo.remove(row_id)
+                continue
+            record = compute(row_id, done)
+            if record is None:
+                continue
+            store.append(record)
+            todo.remove(row_id)
+            progressed, waiting_since = True, None
+            report()
+            log(f"{row_id}: finished")
+            break  # from the top again: earlier rows may have become runnable
+        if todo and not progressed:
+            if not wait:
+                log(f"stopping: {len(todo)} row(s) wait for rows not finished (another shard?): {', '.join(todo[:3])}")
+                return todo
+            waiting_since = waiting_since or time.time()
+            log(f"waiting for the rows {todo[0]} needs ({time.time() - waiting_since:.0f} s)")
+            time.sleep(poll_seconds)
+    return []
 
 
 # ---------------------------------------------------------------------------------- stopping rule
