@@ -22,6 +22,9 @@ import torch
 from PIL import Image
 
 from curlprune.cli import main
+from curlprune.criteria import Criterion, compute_scores, register_criterion
+from curlprune.criteria.base import BlockShare
+from curlprune.errors import CurlpruneError
 from curlprune.cost.analysis import trace
 from curlprune.cost.latency import torch_threads
 from curlprune.data.data import load_digits_dataset
@@ -115,6 +118,35 @@ def test_groups_are_split_by_ablation_cost():
     assert sorted(g.name for share in shares for g in share) == sorted(g.name for g in groups)
     loads = [sum(costs[g.name] for g in share) for share in shares]
     assert max(loads) / min(loads) < 1.1  # longest first: within one small group's cost
+
+
+@pytest.mark.parametrize("criterion", ["kl-approx", "taylor"])
+def test_image_blocks_run_by_two_ranks_add_up_to_one_process_bit_for_bit(criterion):
+    """What each rank of ``_per_block`` does, in one process: rank r runs blocks r, r+2, ...; their sums,
+    given to rank 0, are added in block order: equal (np.array_equal) to all blocks run at once."""
+    torch.manual_seed(0)
+    model = build(MODEL).eval()
+    groups = trace(model, torch.zeros(1, 3, 16, 16))
+    x = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(1))  # blocks of 16, 16, 8
+    y = torch.arange(40) % 10
+    whole = compute_scores(criterion, model, groups, images=x, labels=y)
+    shares = [BlockShare(rank, 2) for rank in range(2)]
+    for share in shares:
+        compute_scores(criterion, model, groups, images=x, labels=y, blocks=share)
+    assert sorted(shares[0].sums) == [0, 2] and sorted(shares[1].sums) == [1]  # each rank its own blocks only
+    given = {**shares[0].sums, **shares[1].sums}
+    combined = compute_scores(criterion, model, groups, images=x, labels=y, blocks=BlockShare(0, 1, given))
+    assert list(combined) == list(whole)
+    for name in whole:
+        assert np.array_equal(combined[name], whole[name]), name
+        assert np.any(whole[name] > 0), name
+
+
+def test_a_per_block_criterion_must_take_blocks():
+    def scores(model, groups, images):
+        return {}
+    with pytest.raises(CurlpruneError, match="blocks"):
+        register_criterion(Criterion("no-blocks", scores, "x", needs_data=True, per_block=True))
 
 
 def test_two_torchrun_processes_share_kl_and_write_the_one_process_scores(setup, tmp_path):
