@@ -23,7 +23,7 @@ from curlprune.criteria import compute_scores
 from curlprune.criteria.base import prunable
 from curlprune.data.data import load_digits_dataset
 from curlprune.models import build
-from curlprune.run.prune_core import score_blocks
+from curlprune.run.prune_shard import score_blocks
 from curlprune.store.scores_io import read_scores
 
 MODEL = "cifar:resnet20"

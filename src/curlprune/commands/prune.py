@@ -10,7 +10,8 @@ from curlprune.commands.report import write_report_and_say
 from curlprune.criteria import CRITERIA, options_by_name
 from curlprune.errors import CurlpruneError
 from curlprune.report import console
-from curlprune.run.pipeline import load_data
+from curlprune.recover.dist import DistContext, init_distributed, shutdown
+from curlprune.run.pipeline import PROCESS_GROUP_TIMEOUT, load_data
 from curlprune.run import DEFAULT_CALIB, PruneConfig, run_prune
 from curlprune.select import ALLOCATIONS, DEFAULT_FLOOR
 from curlprune.store import LOG_FILE, PLAN_FILE, REPORT_FILE, SCORES_FILE
@@ -19,8 +20,22 @@ from curlprune.select.limits import parse_max_ratio
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
-        return 0  # under torchrun rank 0 alone locks --out, scores, selects and writes (the ranks do not share the scoring yet)
+    """Under torchrun every rank runs this: the ranks share the scoring, rank 0 alone locks --out,
+    selects and writes (docs/method.md §10)."""
+    config = _config(args)  # bad settings: one line on every rank, before the ranks join
+    ctx = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        ctx = init_distributed(config.device or "auto", timeout=PROCESS_GROUP_TIMEOUT)
+    try:
+        done = _prune(args, config, ctx)
+    except BaseException:
+        shutdown(wait=False)
+        raise
+    shutdown()
+    return done
+
+
+def _config(args: argparse.Namespace) -> PruneConfig:
     protect = None if args.protect is None else [p for p in args.protect if p.lower() != "none"]
     config = PruneConfig(
         criterion=args.criterion, target_macs=args.target_macs, target_params=args.target_params, target_latency=args.target_latency,
@@ -30,6 +45,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         steps=args.steps, device=args.device,
         **{name: getattr(args, name) for name in _criterion_options()},
     )
+    return config
+
+
+def _prune(args: argparse.Namespace, config: PruneConfig, ctx: DistContext | None) -> int:
     data = args.data
     if args.val_per_class is not None or args.val_fraction is not None:  # calibrate on what remains for training
         if data is None:
@@ -37,7 +56,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         data = load_data(data, None, args.seed, val_per_class=args.val_per_class, val_fraction=args.val_fraction)
     result = run_prune(config, args.out, resume=args.resume, model_name=args.model, weights=args.weights,
                        data=data, num_classes=args.num_classes, input_size=args.input_size,
-                       model_kwargs=model_kwargs_arg(args.model_kwargs), input_shape=input_shape_arg(args.input_shape))
+                       model_kwargs=model_kwargs_arg(args.model_kwargs), input_shape=input_shape_arg(args.input_shape), ctx=ctx)
+    if result is None:  # a rank other than 0: its share is scored and gathered
+        return 0
     if result.already_done:
         console.print(f"{args.out} already holds this finished run; nothing to do")
     console.print(f"wrote {result.checkpoint} (load with curlprune.load), {SCORES_FILE}, {PLAN_FILE}, {REPORT_FILE}, {LOG_FILE} in {args.out}")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from curlprune.channels import ChannelGroup
-from curlprune.criteria.base import DEFAULT_BUDGET_MB, Criterion, Option, Progress, Scores, unit_count
+from curlprune.criteria.base import DEFAULT_BUDGET_MB, BlockShare, Criterion, Option, Progress, Scores, unit_count
 from curlprune.criteria.kl import kl_scores
 from curlprune.criteria.kl_approx import DEFAULT_CLASSES as DEFAULT_APPROX_CLASSES
 from curlprune.criteria.kl_approx import kl_approx_scores
@@ -36,7 +36,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.graph import eval_mode
 
 __all__ = [
-    "CRITERIA", "DEFAULT_APPROX_CLASSES", "DEFAULT_BUDGET_MB", "Criterion", "Option", "Progress", "Scores",
+    "CRITERIA", "DEFAULT_APPROX_CLASSES", "DEFAULT_BUDGET_MB", "BlockShare", "Criterion", "Option", "Progress", "Scores",
     "compute_scores", "get", "options_by_name", "register_criterion", "work_items",
 ]
 
@@ -65,7 +65,7 @@ def register_criterion(criterion: Criterion, *, replace: bool = False) -> Criter
     Raises:
         CurlpruneError: the name is taken (without ``replace``), an option is declared twice, an
             option name is declared by another criterion with another default, or the function's
-            keywords do not match the declaration.
+            keywords do not match the declaration (``blocks`` when it declares ``per_block``).
     """
     if not isinstance(criterion.name, str) or not criterion.name:
         raise CurlpruneError(f"a criterion needs a non-empty name, got {criterion.name!r}")
@@ -92,7 +92,7 @@ def _check_function(criterion: Criterion) -> None:
         return  # no signature to read (a builtin): the declaration is trusted
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     given = [name for name, wanted in (("images", criterion.needs_data), ("labels", criterion.needs_labels),
-                                        ("progress", criterion.reports_progress)) if wanted]
+                                        ("progress", criterion.reports_progress), ("blocks", criterion.per_block)) if wanted]
     given += [option.argument for option in criterion.options]
     missing = [name for name in given if name not in params and not takes_any]
     required = [name for name, p in params.items() if p.default is inspect.Parameter.empty and name not in given
@@ -253,11 +253,11 @@ for _criterion in (
     Criterion("kl-approx", kl_approx_scores, "Fisher (2nd-order) approximation of the KL score from a few backward passes",
               needs_data=True, work=unit_count, one_scale=True, needs_logits=True,
               options=(_BUDGET, Option("approx_classes", DEFAULT_APPROX_CLASSES, "most probable classes in its Fisher sum",
-                                       keyword="classes"))),
+                                       keyword="classes")), per_block=True),
     Criterion("l1", l1_scores, "L1 norm of the producing filters"),
     Criterion("bn", bn_scores, "|gamma| of the group's batch norms"),
     Criterion("taylor", taylor_scores, "first-order Taylor |sum a*dL/da| (uses labels)", needs_data=True, needs_labels=True,
-              needs_logits=True),
+              needs_logits=True, per_block=True),
     Criterion("random", random_scores, "seeded random scores (control)",
               options=(Option("seed", 0, "seed of the random scores", shared=True),)),
 ):

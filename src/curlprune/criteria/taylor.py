@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curlprune.channels import ChannelGroup
-from curlprune.criteria.base import Scores, per_channel, prunable, submodule
+from curlprune.criteria.base import BLOCK_IMAGES, BlockShare, Scores, add_blocks, per_channel, prunable, submodule
 
 
 def taylor_scores(
@@ -23,31 +23,35 @@ def taylor_scores(
     groups: Sequence[ChannelGroup],
     images: torch.Tensor,
     labels: torch.Tensor,
-    batch_size: int = 64,
+    batch_size: int = BLOCK_IMAGES,
+    blocks: BlockShare | None = None,
 ) -> Scores:
-    """Mean over images of |sum a * dL/da| per channel, summed over each group's producers."""
+    """Mean over images of |sum a * dL/da| per channel, summed over each group's producers.
+
+    Args:
+        model: the unpruned model; groups: ``trace(model, x)``.
+        images: calibration batch ``[N, C, H, W]``, float, transformed; labels: ``[N]`` int64.
+        batch_size: images per block (one forward and backward pass each).
+        blocks: which image blocks this process runs, and the sums of blocks run elsewhere
+            (:class:`curlprune.criteria.base.BlockShare`; torchrun ranks); None = all.
+
+    Returns:
+        Scores: group name -> float64 ``(width,)``. With ``blocks``, complete only once every
+        block was run or given.
+
+    Source: Molchanov et al., ICLR 2017; docs/method.md §10 (blocks shared by processes).
+    """
     producers = _producers(model, groups)
-    totals = {name: torch.zeros(module_width, dtype=torch.float64, device=images.device) for name, (_, module_width) in producers.items()}
+    totals = {name: np.zeros(module_width, dtype=np.float64) for name, (_, module_width) in producers.items()}
     captured: dict[str, torch.Tensor] = {}
     handles = [
         module.register_forward_hook(_capture(name, captured))
         for name, (module, _) in producers.items()
     ]
     try:
-        for start in range(0, len(images), batch_size):
-            captured.clear()
-            x = images[start : start + batch_size].detach().requires_grad_(True)  # also when weights are frozen
-            y = labels[start : start + batch_size]
-            with torch.enable_grad():
-                loss = F.cross_entropy(model(x), y, reduction="sum")  # per-image gradients stay separate
-                names = list(captured)
-                grads = torch.autograd.grad(loss, [captured[n] for n in names], allow_unused=True)
-            for name, grad in zip(names, grads):
-                if grad is None:
-                    continue
-                act = captured[name]
-                contribution = (act * grad).flatten(2).sum(2) if act.dim() > 2 else act * grad
-                totals[name] += contribution.abs().sum(0).double()
+        for index, start in enumerate(range(0, len(images), batch_size)):
+            x, y = images[start : start + batch_size], labels[start : start + batch_size]
+            add_blocks(totals, blocks, index, lambda: _block_sums(model, producers, captured, x, y))
     finally:
         for handle in handles:
             handle.remove()
@@ -56,9 +60,29 @@ def taylor_scores(
         total = np.zeros(g.width, dtype=np.float64)
         for member in g.members:
             if member.role == "out" and member.module in totals:
-                total += per_channel(totals[member.module], g, member.index)
+                total += per_channel(torch.from_numpy(totals[member.module]), g, member.index)
         scores[g.name] = total / len(images)
     return scores
+
+
+def _block_sums(model: nn.Module, producers: dict[str, tuple[nn.Module, int]], captured: dict[str, torch.Tensor],
+                images: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
+    """One block's Σ_images |Σ_{h,w} a * dL/da| per producer channel (float64; zeros where no gradient)."""
+    captured.clear()
+    x = images.detach().requires_grad_(True)  # also when weights are frozen
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x), labels, reduction="sum")  # per-image gradients stay separate
+        names = list(captured)
+        grads = torch.autograd.grad(loss, [captured[n] for n in names], allow_unused=True)
+    sums = {name: np.zeros(width, dtype=np.float64) for name, (_, width) in producers.items()}
+    for name, grad in zip(names, grads):
+        if grad is None:
+            continue
+        act = captured[name]
+        contribution = (act * grad).flatten(2).sum(2) if act.dim() > 2 else act * grad
+        sums[name] += contribution.detach().abs().sum(0).double().cpu().numpy()
+    captured.clear()
+    return sums
 
 
 def _producers(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, tuple[nn.Module, int]]:

@@ -17,6 +17,9 @@ the fingerprint of ``scores.npz`` plus steps, k and the digest of the plan the s
 sliced by: a resumed run is resumable per step (each step's file is reused when it matches).
 While ``kl`` scores, ``scores.partial.npz`` holds the groups finished so far (same form); a killed
 run continued with ``resume`` scores only the rest and ends with the same scores, bit for bit.
+Under torchrun (``ctx``) every rank calls :func:`run_prune`: rank 0 alone locks the folder, reads
+and writes its files (``scores.partial.npz`` included) and selects; the ranks share the scoring
+(:mod:`curlprune.run.prune_shard`), and a rerun with any number of processes continues a partial file.
 
 ``resume`` reuses ``scores.npz`` when its fingerprint matches the current settings and is an error
 when it does not (the message names the settings that differ): scores can take hours, so they are
@@ -41,7 +44,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.models import ModelRef, build, by_import_path, default_protect, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size
-from curlprune.recover.dist import resolve_device
+from curlprune.recover.dist import DistContext, on_main, resolve_device
 from curlprune.report import console
 from curlprune.run.prune_config import PruneConfig, canonical_settings, scores_fingerprint, stage_identity
 from curlprune.run.prune_core import Compute, prune_model
@@ -103,7 +106,8 @@ def run_prune(
     input_size: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     input_shape: list[int] | None = None,
-) -> PruneResult:
+    ctx: DistContext | None = None,
+) -> PruneResult | None:
     """Score, select and slice ``model_name`` (+ ``weights``) to ``config``'s target; save in ``out_dir``.
 
     Args:
@@ -122,8 +126,13 @@ def run_prune(
             evaluation all follow it; :func:`curlprune.models.transfer.at_input_size`).
         model_kwargs: keyword arguments the model is built with (an import-path model's own).
         input_shape: ``[C, S, S]``, the input of a model named by import path (required for one).
+        ctx: the torchrun ranks (:func:`curlprune.recover.dist.init_distributed`), when every rank
+            calls this: rank 0 locks, reads and writes ``out_dir``, the ranks share the scoring
+            (docs/method.md §10); an error found on rank 0 before the scoring is raised on every
+            rank. None = one process.
     Returns:
-        The :class:`PruneResult` (checkpoint path, plan, report).
+        The :class:`PruneResult` (checkpoint path, plan, report); None on the ranks other than 0
+        (also a finished run's result goes to rank 0 only).
     Raises:
         CurlpruneError: ``config.device`` is a CUDA device and there is none, ``out_dir`` is not a writable folder or is in use by another process, or
             lies inside a run directory in use (it is checked and locked,
@@ -134,44 +143,58 @@ def run_prune(
     Source: docs/method.md §2 (the KL score) and §3 (selection, allocation).
     """
     check_value("num_classes", num_classes)  # before the folder is locked or anything is loaded
-    resolve_device(config.device or "auto")  # --device cuda without CUDA: one line, nothing written
-    with RunLock(out_dir):  # one process per folder, also when called from Python (issue 12)
-        return _run_prune(config, Path(out_dir), resume, model_name, weights, data, num_classes, show, input_size,
-                          dict(model_kwargs or {}), input_shape)
+    ctx = ctx if ctx is not None and ctx.enabled else None
+    resolve_device(config.device or "auto", ctx.local_rank if ctx else 0)  # --device cuda without CUDA: one line, nothing written
+    lock = RunLock(out_dir)  # one process per folder, also when called from Python (issue 12); under torchrun rank 0's
+    _on_main(ctx, lambda: bool(lock.acquire()))
+    try:
+        result = _run_prune(config, Path(out_dir), resume, model_name, weights, data, num_classes, show and _main(ctx), input_size,
+                            dict(model_kwargs or {}), input_shape, ctx)
+    finally:
+        lock.release()  # a no-op where not held
+    return result if _main(ctx) else None
+
+
+def _main(ctx: DistContext | None) -> bool:
+    return ctx is None or ctx.is_main
+
+
+def _on_main(ctx: DistContext | None, work):
+    """``work()`` on rank 0, its result (or its error) on every rank; in one process just ``work()``."""
+    return work() if ctx is None else on_main(ctx, work)
 
 
 def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, weights: str | None,
                data: str | dict | None, num_classes: int | None, show: bool, input_size: int | None,
-               model_kwargs: dict[str, Any], input_shape: list[int] | None) -> PruneResult:
-    """:func:`run_prune` with ``out`` locked."""
+               model_kwargs: dict[str, Any], input_shape: list[int] | None, ctx: DistContext | None) -> PruneResult | None:
+    """:func:`run_prune` with ``out`` locked (by rank 0)."""
     settings = _settings(config, model_name, weights, data, num_classes)
     own = by_import_path(model_name)  # its build keywords and input are part of its identity, also when unset
     for key, value in (("input_size", input_size), ("model_kwargs", model_kwargs or None), ("input_shape", input_shape)):
         if value is not None or (own and key != "input_size"):  # else only when set: finished runs from before stay valid
             settings[key] = value
-    finished = _finished(out, settings) if resume else None
-    if finished is not None:  # its "done" event, if a kill after done.json lost it, is restored (issue 18)
-        restore_lost_line(out / LOG_FILE, out / DONE_FILE, {"event": "done", "checkpoint": MODEL_FILE},
-                          lambda event: event.get("event") == "done", last_only=True)
+    finished = _on_main(ctx, lambda: _claim(out, resume, settings))  # rank 0 reads the folder; its error stops every rank
+    if finished is not None:
         return finished
-    if not resume and any((out / name).exists() for name in (SCORES_FILE, PARTIAL_SCORES_FILE, MODEL_FILE, DONE_FILE)):
-        raise CurlpruneError(f"{out} already holds a prune run: pass --resume to reuse its scores, or choose another --out")
     criterion = get(config.criterion)
     if criterion.needs_data and data is None:
         raise CurlpruneError(f"criterion {config.criterion!r} needs data: pass --data (a dataset folder/zip, or 'digits')")
 
     model, spec, example = _build(model_name, weights, num_classes, input_size, model_kwargs, input_shape)
 
-    def cache(images: torch.Tensor | None, compute: Compute, step: int, plan: Plan) -> tuple[dict, bool, float]:
+    def cache(images: torch.Tensor | None, compute: Compute, step: int, plan: Plan,
+              ranks: DistContext | None) -> tuple[dict, bool, float]:
         fingerprint = scores_fingerprint(config, settings, images)
         if step > 1:  # iterative pruning: the scores of the model pruned by the earlier steps (scores_step<k>.npz)
             fingerprint.update(steps=config.resolved_steps(), step=step,
                                plan_sha256=hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest())
-        return _scores(out, resume, fingerprint, config, compute, step_scores_file(step))
+        return _scores(out, resume, fingerprint, config, compute, step_scores_file(step), ranks)
 
     pruned = prune_model(model, example, config, lambda: load_images(data, spec, config.seed), name=model_name,
                          weights=weights, default_protect=lambda m, groups: default_protect(model_name, m, groups),
-                         cache=cache, show=show)
+                         cache=cache, show=show, ctx=ctx)
+    if pruned is None:  # a rank other than 0: its share of the scores is gathered on rank 0
+        return None
     report = pruned.report
     ref = ModelRef(model_name, {**model_kwargs, **({"num_classes": num_classes} if num_classes else {})})
     checkpoint = _write_outputs(out, ref, example, pruned.plan, pruned.model, report, settings)
@@ -179,6 +202,23 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
         _print_latency(report.latency)
     return PruneResult(out, checkpoint, pruned.plan, report, scores_reused=report.scores_reused or False, groups=pruned.groups,
                        model=pruned.model)
+
+
+def _claim(out: Path, resume: bool, settings: dict[str, Any]) -> PruneResult | None:
+    """The finished run in ``out`` with these settings (with ``resume``), else None when ``out`` may
+    take this run; its "done" event, if a kill after done.json lost it, is restored (issue 18).
+
+    Raises:
+        CurlpruneError: ``out`` already holds a prune run and ``resume`` is not set.
+    """
+    finished = _finished(out, settings) if resume else None
+    if finished is not None:
+        restore_lost_line(out / LOG_FILE, out / DONE_FILE, {"event": "done", "checkpoint": MODEL_FILE},
+                          lambda event: event.get("event") == "done", last_only=True)
+        return finished
+    if not resume and any((out / name).exists() for name in (SCORES_FILE, PARTIAL_SCORES_FILE, MODEL_FILE, DONE_FILE)):
+        raise CurlpruneError(f"{out} already holds a prune run: pass --resume to reuse its scores, or choose another --out")
+    return None
 
 
 def _settings(config: PruneConfig, model_name: str, weights: str | None, data: Any, num_classes: int | None) -> dict[str, Any]:
@@ -250,8 +290,8 @@ def step_scores_file(step: int) -> str:
     return SCORES_FILE if step == 1 else f"scores_step{step}.npz"
 
 
-def _scores(out: Path, resume: bool, fingerprint: dict, config: PruneConfig,
-            compute: Compute, name: str = SCORES_FILE) -> tuple[dict[str, np.ndarray], bool, float]:
+def _scores(out: Path, resume: bool, fingerprint: dict, config: PruneConfig, compute: Compute, name: str = SCORES_FILE,
+            ctx: DistContext | None = None) -> tuple[dict[str, np.ndarray], bool, float]:
     """Reuse matching scores from ``name`` (``scores.npz`` or an iterative step's file; with ``resume``)
     or compute and save them.
 
@@ -259,26 +299,39 @@ def _scores(out: Path, resume: bool, fingerprint: dict, config: PruneConfig,
     block in the partial file next to ``name`` (``scores.partial.npz``, atomically, with the
     fingerprint); with ``resume`` a partial file with the same fingerprint is continued (only the
     remaining groups are scored) and one with another fingerprint is an error, as for ``scores.npz``.
-    The partial file is removed once ``name`` is written. Source: docs/method.md §10.
+    The partial file is removed once ``name`` is written. Under torchrun (``ctx``) rank 0 alone reads
+    and writes the files and sends what it found to the others, which score their share of the rest.
+    Source: docs/method.md §10.
     """
     path = out / name
-    if resume and path.is_file():
-        stored, _ = _matching(path, fingerprint)
-        append_jsonl(out / LOG_FILE, {"event": "scores", "source": "reused", "file": name}, stamp=True)
-        return stored, True, 0.0
     partial = out / (PARTIAL_SCORES_FILE if name == SCORES_FILE else name.replace(".npz", ".partial.npz"))
-    done = _matching(partial, fingerprint)[0] if resume and partial.is_file() else {}
+
+    def stored() -> dict[str, Any]:  # rank 0: the scores to reuse, or the finished groups to continue from
+        if resume and path.is_file():
+            return {"reused": _matching(path, fingerprint)[0]}
+        return {"done": _matching(partial, fingerprint)[0] if resume and partial.is_file() else {}}
+
+    found = _on_main(ctx, stored)
+    main = _main(ctx)
+    if "reused" in found:
+        if main:
+            append_jsonl(out / LOG_FILE, {"event": "scores", "source": "reused", "file": name}, stamp=True)
+        return found["reused"], True, 0.0
+    done = found["done"]
     started = time.time()
-    scores = compute(dict(done), lambda finished: write_scores(partial, finished, fingerprint))
+    split: dict[str, Any] = {}
+    scores = compute(dict(done), (lambda finished: write_scores(partial, finished, fingerprint)) if main else None, split)
     seconds = time.time() - started
+    if not main:
+        return scores, False, seconds
     write_scores(path, scores, fingerprint)
     partial.unlink(missing_ok=True)
     resumed = [group for group in scores if group in done]
     append_jsonl(out / LOG_FILE, {"event": "scores", "source": "computed", "criterion": config.criterion, "seconds": round(seconds, 2),
-                                  "device": str(resolve_device(config.device or "auto")),
+                                  "device": str(resolve_device(config.device or "auto", ctx.local_rank if ctx else 0)),
                                   "groups_resumed": len(resumed), "groups_scored": len(scores) - len(resumed),
                                   "channels_scored": int(sum(len(v) for group, v in scores.items() if group not in done)),
-                                  **({} if name == SCORES_FILE else {"file": name})}, stamp=True)
+                                  **split, **({} if name == SCORES_FILE else {"file": name})}, stamp=True)
     return scores, False, seconds
 
 

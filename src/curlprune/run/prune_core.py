@@ -19,14 +19,14 @@ from torch import nn
 
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.cost import check_pruned_cost, model_cost_fn
-from curlprune.criteria import compute_scores, get, work_items
-from curlprune.progress import progress
+from curlprune.criteria import get
 from curlprune.recover.bn import bn_layers, recalibrate_bn
-from curlprune.recover.dist import resolve_device
+from curlprune.recover.dist import DistContext, resolve_device
 from curlprune.report import console, print_prune_summary
 from curlprune.run.prune_check import check_target_reachable, traced_groups
 from curlprune.run.prune_config import PruneConfig
 from curlprune.run.prune_data import PruneImages
+from curlprune.run.prune_shard import ablation_costs, compute
 from curlprune.select import Target, allocate, measured_cost_fn, named_allocation, ranking_scores, resolve_protect, select_latency
 from curlprune.select.iterative import StepScoreFn, iterative_allocate
 from curlprune.select.limits import resolve_limits
@@ -34,19 +34,14 @@ from curlprune.store import GroupWidth, PruneAccuracy, PruneReport
 from curlprune.surgery.keep_class import fallback_message, slice_model
 
 Scores = dict[str, np.ndarray]
-# compute(done, save) -> scores: ``done`` = the groups already scored (a killed run's partial file),
-# ``save(scores so far)`` is called after each block of groups (None = nothing saved)
-Compute = Callable[[Scores, Callable[[Scores], None] | None], Scores]
-# (calibration images or None, compute, step, plan the scored model was sliced by) -> (scores, reused from a file, seconds spent);
-# step 1 (plan {}) scores the unpruned model, steps 2..n the model pruned by the earlier steps (iterative pruning)
-ScoreCache = Callable[[torch.Tensor | None, Compute, int, Plan], tuple[Scores, bool, float]]
-
-SAVE_BLOCKS = 32
-"""A per-group criterion's first block of groups holds about 1/SAVE_BLOCKS of the work; later blocks
-grow to about :data:`SAVE_SECONDS` each (every block repeats the criterion's set-up and reference
-pass, which dominates small blocks of a small model)."""
-SAVE_SECONDS = 60.0
-
+# compute(done, save, record) -> scores: ``done`` = the groups already scored (a killed run's partial file),
+# ``save(scores so far)`` is called after each block of groups (None = nothing saved), ``record`` is
+# filled with how the work was split over the torchrun ranks (:func:`curlprune.run.prune_shard.compute`)
+Compute = Callable[[Scores, Callable[[Scores], None] | None, dict], Scores]
+# (calibration images or None, compute, step, plan the scored model was sliced by, ranks) -> (scores, reused from a file, seconds spent);
+# step 1 (plan {}) scores the unpruned model, shared by the torchrun ranks (``ranks``; None = this process alone),
+# steps 2..n the model pruned by the earlier steps (iterative pruning; rank 0 alone)
+ScoreCache = Callable[[torch.Tensor | None, Compute, int, Plan, DistContext | None], tuple[Scores, bool, float]]
 
 @dataclass
 class Pruned:
@@ -75,7 +70,8 @@ class Pruned:
 def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
                 images: PruneImages | Callable[[], PruneImages], *, name: str, weights: str | None = None,
                 default_protect: Callable[[nn.Module, list[ChannelGroup]], list[str]] | None = None,
-                cache: ScoreCache | None = None, show: bool = False, keep_class: bool = True) -> Pruned:
+                cache: ScoreCache | None = None, show: bool = False, keep_class: bool = True,
+                ctx: DistContext | None = None) -> Pruned | None:
     """Prune ``model`` to ``config``'s target: the prune stage without a run folder.
 
     Args:
@@ -96,8 +92,12 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
         keep_class: return the model's own class with smaller layers where its forward allows, else
             the sliced GraphModule (:func:`curlprune.surgery.keep_class.slice_model`; the reason in
             ``report.model_class``); False = always the GraphModule.
+        ctx: the torchrun ranks (:func:`curlprune.recover.dist.init_distributed`); every rank calls
+            this function, the ranks share the first scoring (:mod:`curlprune.run.prune_shard`), rank
+            0 alone selects, slices and evaluates (and scores later steps of iterative pruning).
+            None = one process.
     Returns:
-        :class:`Pruned`.
+        :class:`Pruned`; None on the ranks other than 0, once the shared scoring is done.
     Raises:
         CurlpruneError: a CUDA device asked for where there is none, no prunable group, an unreachable target, a pattern of ``protect`` or
             ``max_ratio`` matching no group, a data-driven criterion without training images,
@@ -107,7 +107,9 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     (defaults: 256 calibration images, BN re-estimation on 2,048 training images).
     """
     criterion = get(config.criterion)
-    device = resolve_device(config.device or "auto")  # one line when CUDA is asked for and absent
+    ranks = ctx if ctx is not None and ctx.enabled else None
+    show = show and (ranks is None or ranks.is_main)
+    device = resolve_device(config.device or "auto", ranks.local_rank if ranks else 0)  # one line when CUDA is asked for and absent
     groups = traced_groups(model, example)
     target = config.target()
     protect = resolve_protect(groups, config.protect) if config.protect is not None else (
@@ -121,15 +123,21 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     scorer = on_device(model, device)  # the criteria, the evaluation; tracing, selection, slicing on the CPU
     on = [None if t is None else t.to(device) for t in (calib, labels)]
 
+    costs = ablation_costs(model, groups, example) if ranks is not None and criterion.per_group else None
+
     def score(scored: nn.Module, scored_groups, step: int, plan: Plan) -> tuple[Scores, bool, float]:
         scored_on = scorer if step == 1 else on_device(scored, device)
+        shared = ranks if step == 1 else None  # later steps of iterative pruning: rank 0 alone
 
-        def compute(done: Scores, save: Callable[[Scores], None] | None) -> Scores:
+        def run(done: Scores, save: Callable[[Scores], None] | None, record: dict) -> Scores:
             with full_float32():
-                return _compute(config, scored_on, scored_groups, on[0], on[1], show, done, save)
-        return cache(calib, compute, step, plan) if cache is not None else _timed(compute)
+                return compute(config, scored_on, scored_groups, on[0], on[1], show, done, save, ctx=shared,
+                               costs=costs, record=record)
+        return cache(calib, run, step, plan, shared) if cache is not None else _timed(run)
 
     scores, reused, seconds = score(model, groups, 1, {})
+    if ranks is not None and not ranks.is_main:
+        return None  # this rank's share is scored and gathered; rank 0 selects and writes
     spent = [seconds]
 
     def rescore(scored: nn.Module, scored_groups, step: int, plan: Plan) -> Scores:
@@ -157,7 +165,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
 
 def _timed(compute: Compute) -> tuple[Scores, bool, float]:
     started = time.time()
-    scores = compute({}, None)
+    scores = compute({}, None, {})
     return scores, False, time.time() - started
 
 
@@ -185,63 +193,6 @@ def _select(config: PruneConfig, groups, scores, cost_fn, target: Target | None,
     chosen = select_latency(groups, ranked, measured, cost_fn, config.latency_target(), floor=config.floor,
                             protect=protect, normalize=normalize, round_to=config.round_to, limits=limits)
     return chosen.selection, chosen
-
-
-def _compute(config: PruneConfig, model, groups, images, labels, show: bool, done: Scores,
-             save: Callable[[Scores], None] | None) -> Scores:
-    """The criterion's scores with its declared options from ``config``, with its progress (:func:`curlprune.progress.progress`: a bar on a
-    terminal, a line every 30 s otherwise) when it reports progress.
-
-    A per-group criterion (:attr:`curlprune.criteria.Criterion.per_group`: ``kl``) scores only the
-    groups not in ``done``, in blocks (:func:`score_blocks`), and calls ``save`` with everything
-    finished after each block; the bar starts from the finished share. Any other criterion scores
-    all groups at once (``done`` is ignored: it scores again from the start). The result is in the groups' order, equal bit
-    for bit to one uninterrupted call (docs/method.md §10).
-    """
-    criterion = get(config.criterion)
-    options = config.criterion_options()
-    scored = [g for g in groups if g.prunable]
-    done = {name: v for name, v in done.items() if name in {g.name for g in scored}} if criterion.per_group else {}
-    pending = [g for g in scored if g.name not in done] if criterion.per_group else list(groups)
-    share = max(1, work_items(config.criterion, pending) // SAVE_BLOCKS)
-    total = work_items(config.criterion, groups)
-    finished = work_items(config.criterion, [g for g in scored if g.name in done])
-    on_text = "" if images is None else f", {len(images)} images, {images.device}"
-    resumed = f", resumed at {finished}" if finished else ""
-    shown = show and bool(total)
-    with progress(f"scoring ({config.criterion}{on_text}{resumed})", total, unit="units", enabled=shown) as bar:
-        if finished:
-            bar.update(finished)
-        while pending:
-            block = score_blocks(config.criterion, pending, share)[0] if criterion.per_group else pending
-            started = time.perf_counter()
-            scores = compute_scores(config.criterion, model, block, images=images, labels=labels,
-                                    progress=bar.advance if shown else None, **options)
-            if not criterion.per_group:
-                bar.update(total)
-                return scores
-            done.update(scores)
-            if save is not None:
-                save(done)
-            pending = pending[len(block):]
-            seconds = max(time.perf_counter() - started, 1e-3)
-            share = max(share, int(work_items(config.criterion, block) * SAVE_SECONDS / seconds))
-        bar.update(total)
-    return {g.name: done[g.name] for g in scored}
-
-
-def score_blocks(name: str, groups: list[ChannelGroup], share: int) -> list[list[ChannelGroup]]:
-    """``groups`` (prunable, in order) cut into consecutive blocks of at least ``share`` work items
-    (:func:`curlprune.criteria.work_items`) each, the last one possibly less; at least one group per block."""
-    blocks: list[list[ChannelGroup]] = []
-    size = share
-    for g in groups:
-        if size >= share:
-            blocks.append([])
-            size = 0
-        blocks[-1].append(g)
-        size += work_items(name, [g])
-    return blocks
 
 
 @contextmanager
