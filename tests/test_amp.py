@@ -225,7 +225,7 @@ def test_the_loss_scaler_state_round_trips_and_is_checked():
     other = Precision("fp16", torch.device("cpu"))
     other.load_state(state, "state.safetensors")
     assert other.grad_scale() == 1024.0 and other.state() == state
-    for bad in (None, {"scale": 1.0}, {**state, "scale": "big"}):
+    for bad in (None, {"scale": 1.0}, {**state, "scale": "big"}, {**state, "scale": 0.0}, {**state, "scale": float("inf")}):
         with pytest.raises(CurlpruneError) as exc:
             Precision("fp16", torch.device("cpu")).load_state(bad, "state.safetensors")
         one_line(exc, "state.safetensors", "amp_scaler", "delete it")

@@ -24,6 +24,7 @@ result; on GPUs with tensor cores (and 224x224 models) ``bf16`` is the setting t
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Any, Iterator
 
@@ -146,7 +147,7 @@ class Precision:
 
     def state(self) -> dict[str, Any] | None:
         """The loss scaler's state as JSON (scale, growth tracker, factors), None without one."""
-        return {k: (float(v) if isinstance(v, float) else v) for k, v in self.scaler.state_dict().items()} if self.scaler is not None else None
+        return dict(self.scaler.state_dict()) if self.scaler is not None else None
 
     def load_state(self, state: Any, where: str) -> None:
         """Restore :meth:`state` (a resumed stage continues with the scale it had).
@@ -157,7 +158,9 @@ class Precision:
         if self.scaler is None:
             return
         keys = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
-        if not isinstance(state, dict) or set(state) != keys or not all(isinstance(state[k], (int, float)) for k in keys):
+        numbers = isinstance(state, dict) and set(state) == keys and all(
+            isinstance(state[k], (int, float)) and not isinstance(state[k], bool) and math.isfinite(state[k]) for k in keys)
+        if not numbers or state["scale"] <= 0:
             raise CurlpruneError(f"training state {where} does not fit this stage: 'amp_scaler' does not hold the fp16 loss "
                                  "scaler's state; it was edited, damaged or written by another run: delete it to restart the stage from scratch")
         self.scaler.load_state_dict(dict(state))
