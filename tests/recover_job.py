@@ -3,6 +3,7 @@
     python tests/recover_job.py RUN_DIR [--stages finetune,distill,refine] [--trip STAGE] [--trip-epoch N]
     python tests/recover_job.py RUN_DIR --early-stop [--trip finetune --trip-epoch N]
     torchrun --standalone --nproc_per_node=2 tests/recover_job.py RUN_DIR --dump-ranks
+    python tests/recover_job.py RUN_DIR --amp bf16 [--trip STAGE]
 
 --early-stop: finetune only, on a validation split held out of the training images, with
 early_stop {patience: 2}, from a pretrained digits model with a new classifier and a learning rate
@@ -11,6 +12,7 @@ warmed up far too high, so that validation top-1 peaks early (a real computation
 after a few training samples have been read, write RUN_DIR/tripped and sleep, so the test can
 SIGKILL the process in the middle of an epoch.
 --dump-ranks: every rank writes its final weights and label store to RUN_DIR/rank<r>.safetensors.
+--amp MODE: the stages' amp setting (off, bf16, fp16; unset when not given).
 """
 from __future__ import annotations
 
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--trip-epoch", type=int, default=2)
     parser.add_argument("--early-stop", action="store_true")
     parser.add_argument("--dump-ranks", action="store_true")
+    parser.add_argument("--amp", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -108,6 +111,8 @@ def main() -> None:
     teacher = seeded_model(1)
     student = seeded_model(2)
     common = dict(epochs=2, batch_size=32, seed=3, progress=False, device="cpu")
+    if args.amp is not None:
+        common["amp"] = args.amp
     stages = args.stages.split(",")
     if "finetune" in stages:
         finetune(student, data, spec, FinetuneConfig(lr=0.05, warmup_epochs=0.5, **common), args.run_dir)

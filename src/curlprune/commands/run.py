@@ -8,6 +8,7 @@ from typing import Callable
 
 from curlprune.commands.common import INPUT_SHAPE_HELP, MODEL_HELP, MODEL_KWARGS_HELP, NO_DEFAULT, add_val_arguments, input_shape_arg, model_kwargs_arg
 from curlprune.commands.report import write_report_and_say
+from curlprune.recover.amp import AMP_MODES
 from curlprune.recover.dist import shutdown
 from curlprune.recover.registry import recovery_stages
 from curlprune.report import print_summary
@@ -77,7 +78,7 @@ def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
         raw.update({k: v for k, v in given.items() if v is not None})
         raw["stages"] = [stage]
         section = dict(raw.get(stage) or {})
-        section.update({key: getattr(args, key) for key in ("epochs", "lr", "batch_size") if getattr(args, key) is not None})
+        section.update({key: getattr(args, key) for key in ("epochs", "lr", "batch_size", "amp") if getattr(args, key) is not None})
         if getattr(args, "new_head", False):
             section["new_head"] = True
         raw[stage] = section
@@ -118,6 +119,9 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
         p.add_argument("--epochs", type=int, default=None, help="epochs (default: the stage's own)" + NO_DEFAULT)
         p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the stage's own)" + NO_DEFAULT)
         p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the stage's own)" + NO_DEFAULT)
+        p.add_argument("--amp", default=None, choices=AMP_MODES,
+                       help="mixed precision of the forward passes: off (float32, default), bf16, or fp16 (with loss scaling); "
+                            "weights and losses stay float32" + NO_DEFAULT)
         p.add_argument("--seed", type=int, default=None, help="seed for data order, augmentation and mixup (default: 0)" + NO_DEFAULT)
         p.add_argument("--out", default=None, help="run directory (default: runs/run)" + NO_DEFAULT)
         p.add_argument("--no-report", action="store_true", help="do not write <run_dir>/report/ at the end" + NO_DEFAULT)

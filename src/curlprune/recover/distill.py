@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from curlprune.models.spec import InputSpec
+from curlprune.recover.amp import full_precision
 from curlprune.recover.dist import DistContext
 from curlprune.recover.early_stop import canonical_early_stop
 from curlprune.recover.features import AUTO, FeatureMap, FeatureTap, feature_loss, feature_maps
@@ -180,13 +181,14 @@ class DistillStage(TeacherStage):
         if self.taps is not None:  # outputs of an evaluation in between are not this batch's
             self.taps[0].take(), self.taps[1].take()
         self.teacher.eval()
-        with torch.no_grad():
+        with torch.inference_mode():  # under the loop's autocast, as the student
             teacher_logits = self.teacher(mixed)
         logits = model(mixed)
         cfg = self.cfg
-        loss = distill_loss(logits, teacher_logits, y, y[perm], lam, cfg.temperature, cfg.alpha, cfg.ce_weight or 0.0)
-        if self.taps is not None:
-            loss = loss + cfg.feature_weight * feature_loss(self.taps[1].take(), self.taps[0].take(), self.maps)
+        with full_precision(logits.device):  # softmax, KL and CE in float32
+            loss = distill_loss(logits.float(), teacher_logits.float(), y, y[perm], lam, cfg.temperature, cfg.alpha, cfg.ce_weight or 0.0)
+            if self.taps is not None:
+                loss = loss + cfg.feature_weight * feature_loss(self.taps[1].take(), self.taps[0].take(), self.maps)
         return loss, logits
 
 

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
+from curlprune.recover.amp import full_precision
 from curlprune.recover.early_stop import canonical_early_stop
 from curlprune.recover.loop import train_stage
 from curlprune.recover.stage import Result, Stage, TrainConfig
@@ -102,7 +103,8 @@ class FinetuneStage(Stage):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(x)
-        return F.cross_entropy(logits, y), logits
+        with full_precision(logits.device):
+            return F.cross_entropy(logits.float(), y), logits
 
 
 def finetune(

@@ -6,6 +6,8 @@ does the rest, identically for all of them:
 
 * SGD (momentum 0.9, weight decay 4e-5 on every parameter, BN included, as in the paper) with
   the per-iteration warm-up + cosine schedule of :mod:`curlprune.recover.schedule`;
+* mixed precision with ``amp: bf16|fp16`` (:mod:`curlprune.recover.amp`: autocast for the forward
+  passes, float32 weights and losses, a loss scaler for fp16 saved with the state); off by default;
 * channels_last, a progress bar (loss, lr, ETA; plain lines every 30 s off a terminal: curlprune.progress), and one JSON line per epoch in
   ``<run_dir>/<stage>/metrics.jsonl`` (epoch, mean training loss, lr of the epoch's last step,
   train_top1, test_top1, val_top1 when the data has a validation split, seconds; accuracies in %,
@@ -48,6 +50,7 @@ from curlprune.data import build_transform, to_input
 from curlprune.models.spec import InputSpec
 from curlprune.progress import progress as show_progress
 from curlprune.recover import dist, divergence, guards
+from curlprune.recover.amp import Precision
 from curlprune.recover.dist import DistContext
 from curlprune.recover.early_stop import VAL_KEY, EarlyStopper, check_early_stop_data
 from curlprune.recover.evaluate import TransformedDataset, place_model, top1_accuracy
@@ -142,6 +145,7 @@ class Trainer:
         self.stage_dir = Path(run_dir) / stage.name
         self.ctx = dist.init_distributed(self.cfg.device)
         check_config(self.cfg, self.ctx)
+        self.precision = Precision(self.cfg.amp, self.ctx.device)  # autocast, fp16 loss scaler (off: neither)
         self.console = Console(stderr=True)
         self.early: EarlyStopper | None = None  # set by run() when the stage has early_stop
 
@@ -253,12 +257,14 @@ class Trainer:
                 set_lr(self.optimizer, lr, epoch=progress.iteration * cfg.epochs / max(total, 1))
                 x = to_input(x, ctx.device, cfg.channels_last)
                 y = y.to(ctx.device, non_blocking=True)
-                loss, logits = self.stage.loss(train_model, x, y, index)
+                with self.precision.autocast():  # student and teacher forward, loss (in float32) under amp
+                    loss, logits = self.stage.loss(train_model, x, y, index)
                 guards.check_finite_loss(loss, epoch, step, lr)  # a diverged run stops here, nothing of the epoch saved
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.precision.backward(loss)
+                self.stage.grad_scale = self.precision.grad_scale()
                 self.stage.after_backward(ctx)
-                self.optimizer.step()
+                self.precision.step(self.optimizer)
                 progress.iteration += 1
                 loss_sum += loss.detach().double() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
@@ -295,6 +301,8 @@ class Trainer:
             }
             if self.early is not None:
                 meta["early_stop"] = self.early.meta()
+            if self.precision.scaler is not None:
+                meta["amp_scaler"] = self.precision.state()
             if divergence.is_new_best(progress.history, progress.start_top1):  # kept should the stage diverge later
                 divergence.save_best(self.stage_dir, self.model, progress.history[-1])
             save_state(self.stage_dir / STATE_FILE, tensors, meta)
@@ -311,6 +319,7 @@ class Trainer:
         load_stage_tensors(self.model, unprefixed("model.", tensors), path)
         load_optimizer_state(self.optimizer, unprefixed("optim.", tensors), meta["optimizer"])
         self.stage.load_tensors(unprefixed("stage.", tensors))
+        self.precision.load_state(meta.get("amp_scaler"), str(path))
         set_generator_state(self.order_gen, meta["order_generator"])
         progress = TrainProgress(epoch=meta["epoch"], iteration=meta["iteration"], history=meta["history"],
                                  start_top1=meta.get("start_top1"))

@@ -32,6 +32,7 @@ from curlprune.data import build_transform
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
 from curlprune.recover import dist
+from curlprune.recover.amp import autocast, full_precision
 from curlprune.recover.dist import DistContext
 from curlprune.recover.evaluate import predict
 from curlprune.recover.expand import ExpandedDataset
@@ -110,18 +111,20 @@ def write_rows(ctx: DistContext, store: torch.Tensor, index: torch.Tensor, rows:
 def teacher_logits(ctx: DistContext, teacher: nn.Module, dataset: Dataset, spec: InputSpec, cfg: TrainConfig) -> torch.Tensor:
     """Raw teacher logits (N x C, float32, CPU) on ``dataset`` with the eval transform.
 
-    Each rank computes a contiguous share; the shares are all-gathered.
+    Each rank computes a contiguous share; the shares are all-gathered. Under ``amp`` the teacher
+    runs under the same autocast as in training; the logits are stored as float32.
     """
     share = Subset(dataset, dist.chunk_range(ctx, len(dataset)))
-    local, _ = predict(
-        teacher,
-        share,
-        build_transform(spec, train=False),
-        batch_size=cfg.eval_batch_size,
-        device=ctx.device,
-        channels_last=cfg.channels_last,
-        num_workers=cfg.num_workers,
-    )
+    with autocast(cfg.amp, ctx.device):
+        local, _ = predict(
+            teacher,
+            share,
+            build_transform(spec, train=False),
+            batch_size=cfg.eval_batch_size,
+            device=ctx.device,
+            channels_last=cfg.channels_last,
+            num_workers=cfg.num_workers,
+        )
     return dist.gather_rows(ctx, local, len(dataset)).contiguous()
 
 
@@ -154,12 +157,14 @@ class RefineStage(TeacherStage):
         self._index = index
         self._rows = self.labels[index].to(x.device).requires_grad_(True)
         logits = model(x)
-        return refine_loss(logits, self._rows, y, self.cfg.temperature, self.cfg.alpha), logits
+        with full_precision(logits.device):  # the store and the loss stay float32 under amp
+            return refine_loss(logits.float(), self._rows, y, self.cfg.temperature, self.cfg.alpha), logits
 
     def after_backward(self, ctx: DistContext) -> None:
         rows, index = self._rows, self._index
         assert rows is not None and rows.grad is not None and index is not None
-        updated = (rows - label_step(self.cfg, len(index)) * rows.grad).detach()
+        grad = rows.grad if self.grad_scale == 1.0 else rows.grad / self.grad_scale  # fp16: the loss was scaled
+        updated = (rows - label_step(self.cfg, len(index)) * grad).detach()
         write_rows(ctx, self.labels, index.to(ctx.comm_device), updated.to(ctx.comm_device))
         self._rows = self._index = None
 

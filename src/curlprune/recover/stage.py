@@ -24,10 +24,12 @@ from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
 from curlprune.models.weights import check_finite_weights, load_state_strict
 from curlprune.recover import guards
-from curlprune.recover.dist import DistContext
+from curlprune.recover.amp import canonical_amp, check_amp
+from curlprune.recover.dist import DistContext, resolve_device
 from curlprune.recover.evaluate import check_classes, place_model, prepare_teacher
 from curlprune.store import (
     DONE_FILE,
+    LATER,
     MODEL_FILE,
     STATE_FILE,
     check_same_settings as check_settings_match,
@@ -47,6 +49,9 @@ class TrainConfig:
     warmup_epochs: linear warm-up from 0, in epochs (fractions allowed).
     momentum, weight_decay: SGD; weight decay applies to every parameter, as in the paper.
     seed:          data order, augmentations, mixup, data expansion.
+    amp:           mixed precision of the forward passes and losses: "off" (float32, the default,
+                   stored as None), "bf16" or "fp16" (with loss scaling); :mod:`curlprune.recover.amp`.
+                   It changes the result, so a stage resumes only with the amp it started with.
     Runtime settings (may differ when resuming): eval_batch_size, num_workers (DataLoader worker
     processes), device ("auto" = this process's GPU if any, else CPU), channels_last, progress.
     """
@@ -58,6 +63,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 4e-5
     seed: int = 0
+    amp: str | bool | None = field(default=None, metadata=LATER)  # YAML reads `amp: off` as false
     eval_batch_size: int = field(default=128, metadata=RUNTIME)
     num_workers: int = field(default=0, metadata=RUNTIME)
     device: str = field(default="auto", metadata=RUNTIME)
@@ -70,6 +76,7 @@ class TrainConfig:
         for name in ("lr", "warmup_epochs", "momentum", "weight_decay"):
             require(getattr(self, name) >= 0, f"{name} must be non-negative (got {getattr(self, name)})")
         require(self.eval_batch_size >= 1 and self.num_workers >= 0, "eval_batch_size must be >= 1 and num_workers >= 0")
+        self.amp = canonical_amp(self.amp)
         guards.check_hyperparameters(self)  # finite, sane ranges (issue 12)
 
 
@@ -104,6 +111,10 @@ class Stage:
     """What one recovery stage adds to the shared loop. Subclasses override what they need."""
 
     name = "stage"
+    # The factor the gradients of the last backward pass carry: 1, or the fp16 loss scale
+    # (curlprune.recover.amp); set by the loop before after_backward. A stage that reads the
+    # gradients of its own tensors (refine's label store) divides by it.
+    grad_scale: float = 1.0
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -138,7 +149,11 @@ class Stage:
         """Seed the stage's own random generator(s) for this process."""
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss, student logits)`` for one batch; ``index`` are the dataset indices."""
+        """``(loss, student logits)`` for one batch; ``index`` are the dataset indices.
+
+        Called under the stage's autocast (``amp``); the loss itself is to be computed in float32
+        (:func:`curlprune.recover.amp.full_precision` on float32 logits).
+        """
         raise NotImplementedError
 
     def train_mode(self, model: nn.Module) -> None:
@@ -146,7 +161,7 @@ class Stage:
         model.train()
 
     def after_backward(self, ctx: DistContext) -> None:
-        """Called after ``loss.backward()`` and before the optimizer step."""
+        """Called after ``loss.backward()`` and before the optimizer step (gradients carry :attr:`grad_scale`)."""
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Stage tensors to keep in the resumable state (identical on every rank)."""
@@ -190,12 +205,19 @@ def check_data(data: Mapping[str, Dataset]) -> None:
 
 
 def check_config(cfg: TrainConfig, ctx: DistContext) -> None:
-    """The global batch must split evenly over the processes."""
+    """The global batch must split evenly over the processes, and the stage's device must do its ``amp``.
+
+    Raises:
+        CurlpruneError: a batch that does not split, or an ``amp`` the stage's device cannot train
+            with (:func:`curlprune.recover.amp.check_amp`: one line saying what to use instead).
+    """
     require(
         cfg.batch_size % ctx.world_size == 0,
         f"batch_size {cfg.batch_size} must be a multiple of the number of processes ({ctx.world_size}): "
         "it is the global batch, split evenly over the processes",
     )
+    if cfg.amp is not None:
+        check_amp(cfg.amp, resolve_device(cfg.device, ctx.local_rank))
 
 
 def load_stage_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
