@@ -37,6 +37,7 @@ from torch import nn
 
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.criteria import get
+from curlprune.data.streaming import DataSettings, StreamingDataset
 from curlprune.errors import CurlpruneError
 from curlprune.models import ModelRef, build, by_import_path, default_protect, input_spec
 from curlprune.models.spec import InputSpec
@@ -103,6 +104,7 @@ def run_prune(
     input_size: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     input_shape: list[int] | None = None,
+    data_settings: DataSettings | None = None,
 ) -> PruneResult:
     """Score, select and slice ``model_name`` (+ ``weights``) to ``config``'s target; save in ``out_dir``.
 
@@ -122,6 +124,9 @@ def run_prune(
             evaluation all follow it; :func:`curlprune.models.transfer.at_input_size`).
         model_kwargs: keyword arguments the model is built with (an import-path model's own).
         input_shape: ``[C, S, S]``, the input of a model named by import path (required for one).
+        data_settings: whether a data folder or zip is decoded into memory or streamed
+            (:class:`curlprune.data.streaming.DataSettings`; None = auto). Not part of the settings:
+            both paths draw the same images.
     Returns:
         The :class:`PruneResult` (checkpoint path, plan, report).
     Raises:
@@ -137,12 +142,12 @@ def run_prune(
     resolve_device(config.device or "auto")  # --device cuda without CUDA: one line, nothing written
     with RunLock(out_dir):  # one process per folder, also when called from Python (issue 12)
         return _run_prune(config, Path(out_dir), resume, model_name, weights, data, num_classes, show, input_size,
-                          dict(model_kwargs or {}), input_shape)
+                          dict(model_kwargs or {}), input_shape, data_settings)
 
 
 def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, weights: str | None,
                data: str | dict | None, num_classes: int | None, show: bool, input_size: int | None,
-               model_kwargs: dict[str, Any], input_shape: list[int] | None) -> PruneResult:
+               model_kwargs: dict[str, Any], input_shape: list[int] | None, data_settings: DataSettings | None = None) -> PruneResult:
     """:func:`run_prune` with ``out`` locked."""
     settings = _settings(config, model_name, weights, data, num_classes)
     own = by_import_path(model_name)  # its build keywords and input are part of its identity, also when unset
@@ -169,7 +174,7 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
                                plan_sha256=hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest())
         return _scores(out, resume, fingerprint, config, compute, step_scores_file(step))
 
-    pruned = prune_model(model, example, config, lambda: load_images(data, spec, config.seed), name=model_name,
+    pruned = prune_model(model, example, config, lambda: load_images(data, spec, config.seed, settings=data_settings), name=model_name,
                          weights=weights, default_protect=lambda m, groups: default_protect(model_name, m, groups),
                          cache=cache, show=show)
     report = pruned.report
@@ -211,7 +216,11 @@ def _finished(out: Path, settings: dict[str, Any]) -> PruneResult | None:
 
 
 def _splits_digest(splits: dict) -> str:
-    """A short identity of in-memory splits (sizes, classes and a sample of labels/pixels)."""
+    """A short identity of loaded splits (sizes, classes and a sample of labels/pixels).
+
+    A streamed split (:class:`~curlprune.data.streaming.StreamingDataset`) decodes the same sample of
+    images and hashes it when they share one size, as an in-memory split of one size does: the
+    identity does not depend on the path the data was read by."""
     digest = hashlib.sha256()
     for name in sorted(splits):
         ds = splits[name]
@@ -219,6 +228,10 @@ def _splits_digest(splits: dict) -> str:
         digest.update(ds.labels.numpy().tobytes())
         if ds.uniform:
             digest.update(ds.images[:: max(1, len(ds) // 64)].numpy().tobytes())
+        elif isinstance(ds, StreamingDataset):
+            sample = [ds[i][0] for i in range(0, len(ds), max(1, len(ds) // 64))]
+            if len({tuple(image.shape) for image in sample}) == 1:
+                digest.update(torch.stack(sample).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
