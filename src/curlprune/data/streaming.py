@@ -249,7 +249,9 @@ def stream(dataset: Dataset, spec: InputSpec, index_batches: list[list[int]], *,
 
     Workers read, decode and apply the fixed part of the transform; the random part
     (:func:`curlprune.data.transforms.split_transform`) runs here, image by image in batch order,
-    so the result does not depend on ``workers``.
+    so the result does not depend on ``workers``. With ``train`` the global RNG gives one draw for
+    the DataLoader (as the training loop's in-memory DataLoader does), without it none (as the
+    in-memory evaluation).
 
     Args:
         dataset: a :class:`StreamingDataset`, or a dataset built on one (e.g. the 6x expansion).
@@ -260,7 +262,12 @@ def stream(dataset: Dataset, spec: InputSpec, index_batches: list[list[int]], *,
         CurlpruneError: an image cannot be read or decoded (one line naming the file).
     """
     fixed, random = split_transform(spec, train)
-    loader = DataLoader(_Prepared(dataset, fixed), batch_sampler=index_batches, num_workers=workers, collate_fn=_collate)
+    # The global torch RNG is drawn from as in memory: a DataLoader takes its workers' base seed from
+    # it unless given a generator. The training loop's in-memory DataLoader draws it (once per
+    # epoch), the in-memory evaluation has no DataLoader and draws nothing.
+    own = None if train else torch.Generator().manual_seed(0)
+    loader = DataLoader(_Prepared(dataset, fixed), batch_sampler=index_batches, num_workers=workers, collate_fn=_collate,
+                        generator=own)
     for batch in loader:
         if isinstance(batch, tuple):
             images, labels, indices = batch
