@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torch.utils.data import Subset
 
 from curlprune.data.data import ImageDataset, batches, load_digits_dataset, load_image_folder
 from curlprune.data.streaming import DataSettings, StreamingDataset, open_splits, stream
@@ -25,7 +26,7 @@ from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size
 from curlprune.recover import FinetuneConfig
 from curlprune.recover.dist import DistContext
-from curlprune.recover.evaluate import TransformedDataset
+from curlprune.recover.evaluate import TransformedDataset, predict
 from curlprune.recover.finetune import FinetuneStage
 from curlprune.recover.loop import epoch_batches, train_stage
 from curlprune.run.prune_data import load_images
@@ -138,6 +139,17 @@ def test_calibration_and_bn_draws_are_the_same_images(mixed):
         a, b = memory.calibration(n, seed, "kl"), streamed.calibration(n, seed, "kl")
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert torch.equal(memory.test.subset(5, 2).draw(5, 0)[0], streamed.test.subset(5, 2).draw(5, 0)[0])
+
+
+def test_teacher_logits_read_streamed_data_alike(mixed):
+    """``predict`` (refine's teacher logits, the class check) on a share of a streamed split, read in
+    its workers, equals the in-memory result."""
+    torch.manual_seed(0)
+    model = build("cifar:resnet20", num_classes=CLASSES).eval()
+    share = list(range(3, 20))
+    memory = predict(model, Subset(load_image_folder(mixed)["train"], share), build_transform(SPEC, False), batch_size=5)
+    streamed = predict(model, Subset(_streamed(mixed)["train"], share), build_transform(SPEC, False), batch_size=5)
+    assert torch.equal(memory[0], streamed[0]) and torch.equal(memory[1], streamed[1]) and memory[0].shape == (17, CLASSES)
 
 
 class Interrupted(Exception):

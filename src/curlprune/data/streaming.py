@@ -62,7 +62,7 @@ from curlprune.data.transforms import split_transform
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
 
-__all__ = ["DataSettings", "StreamingDataset", "open_splits", "stream", "streams", "workers_of"]
+__all__ = ["DataSettings", "StreamingDataset", "open_splits", "read", "stream", "streams", "workers_of"]
 
 STREAMING = ("auto", "true", "false")
 SAMPLED_HEADERS = 32  # files whose headers give the decoded-size estimate
@@ -262,40 +262,58 @@ def stream(dataset: Dataset, spec: InputSpec, index_batches: list[list[int]], *,
         CurlpruneError: an image cannot be read or decoded (one line naming the file).
     """
     fixed, random = split_transform(spec, train)
+    for images, labels, indices in read(dataset, fixed, index_batches, workers, draw_seed=train):
+        if random is not None:
+            images = torch.stack([random(image) for image in images])
+        yield images, labels, indices
+
+
+def read(dataset: Dataset, fixed: Callable[[torch.Tensor], torch.Tensor] | None, index_batches: list[list[int]], workers: int,
+         draw_seed: bool = False) -> Iterator[tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+    """The batches ``index_batches`` of ``dataset`` read in ``workers`` processes, with ``fixed``
+    (a transform that draws no random number, or None) applied there: ``(images, labels, indices)``,
+    the images one tensor when they share a shape, else a list.
+
+    Args:
+        draw_seed: let the DataLoader draw its base seed from the global torch RNG (else it has its own
+            generator and the global RNG is left as it is).
+    Raises:
+        CurlpruneError: an image cannot be read or decoded (one line naming the file).
+    """
     # The global torch RNG is drawn from as in memory: a DataLoader takes its workers' base seed from
     # it unless given a generator. The training loop's in-memory DataLoader draws it (once per
     # epoch), the in-memory evaluation has no DataLoader and draws nothing.
-    own = None if train else torch.Generator().manual_seed(0)
+    own = None if draw_seed else torch.Generator().manual_seed(0)
     loader = DataLoader(_Prepared(dataset, fixed), batch_sampler=index_batches, num_workers=workers, collate_fn=_collate,
                         generator=own)
     for batch in loader:
         if isinstance(batch, tuple):
             images, labels, indices = batch
-            if random is not None:
-                images = torch.stack([random(image) for image in images])
         else:
             failed = next((item for item in batch if isinstance(item, _Failure)), None)
             if failed is not None:
                 raise CurlpruneError(failed.message)
-            images = torch.stack([item[0] if random is None else random(item[0]) for item in batch])
-            labels, indices = [item[1] for item in batch], [item[2] for item in batch]
+            images, labels, indices = [item[0] for item in batch], [item[1] for item in batch], [item[2] for item in batch]
         yield images, torch.as_tensor(labels, dtype=torch.int64), torch.as_tensor(indices, dtype=torch.int64)
 
 
+def _streamed_under(dataset: Any) -> StreamingDataset | None:
+    """The :class:`StreamingDataset` under ``dataset`` (through ``.base``: the 6x expansion, ``.dataset``:
+    a torch ``Subset``), or None."""
+    while dataset is not None and not isinstance(dataset, StreamingDataset):
+        dataset = getattr(dataset, "base", None) or getattr(dataset, "dataset", None)
+    return dataset
+
+
 def streams(dataset: Any) -> bool:
-    """Whether ``dataset`` is streamed: a :class:`StreamingDataset` or a dataset over one (``.base``)."""
-    while dataset is not None:
-        if isinstance(dataset, StreamingDataset):
-            return True
-        dataset = getattr(dataset, "base", None)
-    return False
+    """Whether ``dataset`` is streamed: a :class:`StreamingDataset` or a dataset over one."""
+    return _streamed_under(dataset) is not None
 
 
 def workers_of(dataset: Any) -> int:
     """The worker processes of the streamed dataset under ``dataset`` (0 when none is)."""
-    while dataset is not None and not isinstance(dataset, StreamingDataset):
-        dataset = getattr(dataset, "base", None)
-    return 0 if dataset is None else dataset.workers
+    found = _streamed_under(dataset)
+    return 0 if found is None else found.workers
 
 
 # ----------------------------------------------------------------------------- choosing the path
