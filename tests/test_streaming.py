@@ -7,6 +7,7 @@ as JPEG and PNG files with Pillow.
 """
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
+from curlprune.cli import main
 from curlprune.data.data import ImageDataset, batches, load_digits_dataset, load_image_folder
 from curlprune.data.streaming import DataSettings, StreamingDataset, open_splits, stream
 from curlprune.data.transforms import build_transform
@@ -31,6 +33,7 @@ from curlprune.recover.finetune import FinetuneStage
 from curlprune.recover.loop import epoch_batches, train_stage
 from curlprune.run.prune_data import load_images
 from curlprune.run.run_config import parse_config
+from curlprune.store.scores_io import read_scores
 
 SPEC = input_spec("cifar:resnet20")  # 32 px: resize in the workers, pad-crop-flip in the training process
 LARGE = at_input_size(SPEC, 72)  # above 64 px: RandomResizedCrop, nothing fixed to run in a worker
@@ -251,3 +254,25 @@ def test_settings_are_checked_in_the_config_and_refused_for_digits():
             parse_config({**base, key: value}, "run.yaml")
     with pytest.raises(CurlpruneError, match="digits are always held in memory"):
         open_splits("digits", settings=DataSettings.of(True))
+
+
+def test_prune_command_streams_and_scores_alike(mixed, tmp_path, capsys):
+    """``curlprune prune --streaming true`` reads the folder on the fly (and says so) and writes the
+    scores, plan and top-1 of ``--streaming false``: the same calibration, BN and test images."""
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet20.safetensors"
+    save_file({k: v.contiguous() for k, v in build("cifar:resnet20", num_classes=CLASSES).state_dict().items()}, str(weights))
+    outs = {}
+    for mode in ("false", "true"):
+        outs[mode] = tmp_path / mode
+        assert main(["prune", "--model", "cifar:resnet20", "--num-classes", str(CLASSES), "--weights", str(weights),
+                     "--data", str(mixed), "--criterion", "kl-approx",
+                     "--calib", "12", "--bn-recalibrate", "16", "--target-macs", "0.7", "--streaming", mode, "--data-workers", "1",
+                     "--out", str(outs[mode]), "--no-report"]) == 0
+        said = capsys.readouterr().err
+        assert ("streamed, decoded on the fly in 1 DataLoader worker" in said) == (mode == "true"), said
+    scores = [read_scores(outs[mode] / "scores.npz")[0] for mode in ("false", "true")]
+    assert scores[0].keys() == scores[1].keys() and all(np.array_equal(scores[0][k], scores[1][k]) for k in scores[0])
+    assert (outs["false"] / "plan.json").read_text() == (outs["true"] / "plan.json").read_text()
+    reports = [json.loads((outs[mode] / "report.json").read_text()) for mode in ("false", "true")]
+    assert reports[0]["accuracy"] == reports[1]["accuracy"] and reports[0]["accuracy"]["bn_images"] == 16
