@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
 from curlprune.cli import main
-from curlprune.data.data import ImageDataset, batches, load_digits_dataset, load_image_folder
+from curlprune.data.data import ImageDataset, batches, class_balanced_subset, load_digits_dataset, load_image_folder
 from curlprune.data.streaming import DataSettings, StreamingDataset, open_splits, stream
 from curlprune.data.transforms import build_transform
+from curlprune.data.valsplit import hold_out
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
 from curlprune.models.spec import InputSpec
@@ -153,6 +154,17 @@ def test_teacher_logits_read_streamed_data_alike(mixed):
     memory = predict(model, Subset(load_image_folder(mixed)["train"], share), build_transform(SPEC, False), batch_size=5)
     streamed = predict(model, Subset(_streamed(mixed)["train"], share), build_transform(SPEC, False), batch_size=5)
     assert torch.equal(memory[0], streamed[0]) and torch.equal(memory[1], streamed[1]) and memory[0].shape == (17, CLASSES)
+
+
+def test_validation_split_and_subsets_are_the_same_images(mixed):
+    """The validation split held out of a streamed train split, its record (indices, content digest)
+    and a class-balanced subset equal the in-memory ones: a run folder may be resumed on either path."""
+    memory, streamed = load_image_folder(mixed)["train"], _streamed(mixed)["train"]
+    held = [hold_out(ds, 4, per_class=2) for ds in (memory, streamed)]
+    assert held[0].record(2, None, 4, 24) == held[1].record(2, None, 4, 24)
+    assert isinstance(held[1].train, StreamingDataset) and torch.equal(held[0].train.labels, held[1].train.labels)
+    subsets = [class_balanced_subset(split.train, 3, 0) for split in held]
+    assert all(torch.equal(subsets[0][i][0], subsets[1][i][0]) for i in range(len(subsets[0])))
 
 
 class Interrupted(Exception):

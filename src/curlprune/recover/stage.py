@@ -48,7 +48,8 @@ class TrainConfig:
     momentum, weight_decay: SGD; weight decay applies to every parameter, as in the paper.
     seed:          data order, augmentations, mixup, data expansion.
     Runtime settings (may differ when resuming): eval_batch_size, num_workers (DataLoader worker
-    processes), device ("auto" = this process's GPU if any, else CPU), channels_last, progress.
+    processes for in-memory data; streamed data is decoded in its own ``data_workers``,
+    :mod:`curlprune.data.streaming`), device ("auto" = this process's GPU if any, else CPU), channels_last, progress.
     """
 
     epochs: int = 30
