@@ -8,6 +8,9 @@ as JPEG and PNG files with Pillow.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from curlprune.store.scores_io import read_scores
 SPEC = input_spec("cifar:resnet20")  # 32 px: resize in the workers, pad-crop-flip in the training process
 LARGE = at_input_size(SPEC, 72)  # above 64 px: RandomResizedCrop, nothing fixed to run in a worker
 CLASSES = 3
+JOB = Path(__file__).with_name("stream_job.py")
 
 
 def _write_tree(root: Path, per_class: dict[str, int], sides: tuple[int, ...]) -> Path:
@@ -209,6 +213,26 @@ def test_streamed_training_resumes_exactly_and_equals_in_memory_training(mixed, 
     assert (tmp_path / "killed" / "finetune" / "state.safetensors").is_file()
     _, resumed = _finetune(_streamed(mixed), tmp_path / "killed")
     assert resumed.keys() == streamed_weights.keys() and all(torch.equal(resumed[k], streamed_weights[k]) for k in resumed)
+
+
+def test_two_torchrun_processes_train_alike_in_memory_and_streamed(mixed, tmp_path):
+    """Under torchrun (2 gloo processes) a fine-tuning stage on the streamed folder ends with the
+    weights of the in-memory one on every rank: each rank read the same shard (the loop's seeded
+    per-rank split) and the same pixels; the line naming the path is printed once (rank 0)."""
+    weights, said = {}, {}
+    for mode in ("false", "true"):
+        run_dir = tmp_path / mode
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(JOB), str(mixed), str(run_dir),
+                   "--streaming", mode]
+        done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        weights[mode] = [load_file(str(run_dir / f"rank{r}.safetensors")) for r in (0, 1)]
+        said[mode] = done.stderr
+    assert said["true"].count("streamed, decoded on the fly") == 1 and said["false"].count("decoded into memory") == 1
+    for rank in (0, 1):
+        a, b = weights["false"][rank], weights["true"][rank]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(weights["true"][0][k], weights["true"][1][k]) for k in weights["true"][0])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
