@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from torch import nn
 
-from curlprune.data.decode import MAX_IMAGE_PIXELS, decode_rgb, image_size, read_file  # noqa: F401  (re-exported)
+from curlprune.data.decode import decode_rgb, read_file
 from curlprune.data.imagetree import folder_files, zip_files
 from curlprune.data.transforms import build_transform, transforms_batches
 from curlprune.errors import CurlpruneError
