@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from curlprune.channels import ChannelGroup
-from curlprune.graph import fetch_attr, symbolic_trace
+from curlprune.graph import capture, fetch_attr
 from curlprune.surgery import consumer_input_dim
 
 Env = dict[str, Any]
@@ -55,7 +55,7 @@ class GraphRunner:
     def __init__(self, model: nn.Module, channels_last: bool = True, fold_bn: bool = True) -> None:
         self.model = copy.deepcopy(model).eval()
         self.channels_last = channels_last
-        self.gm = symbolic_trace(self.model)
+        self.gm = capture(self.model)  # a specialised trace: with the example input of its last trace
         if fold_bn:
             from torch.fx.experimental.optimization import fuse
 
