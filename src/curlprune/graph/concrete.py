@@ -99,6 +99,19 @@ class ConcreteTracer(CurlTracer):
         self.guards: list[str] = []
         self._running = 0  # > 0 while a node runs: module calls and attribute reads are plain ones
         self._placeholders = 0
+        self._defaults: list[Any] = []  # values of the forward's arguments after ``inputs`` (their defaults)
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """Trace ``root`` at ``inputs``; the forward's later arguments keep their plain defaults
+        (``mask=None``: fixed, as torch.fx's ``concrete_args``, instead of a proxy that is never None)."""
+        if concrete_args is None and isinstance(root, nn.Module):
+            kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            params = [p for p in list(inspect.signature(type(root).forward).parameters.values())[1:] if p.kind in kinds]
+            later = params[len(self.inputs):]
+            if all(p.default is not inspect.Parameter.empty for p in later):
+                self._defaults = [p.default for p in later]
+                concrete_args = {p.name: p.default for p in later if p.default is None or isinstance(p.default, (bool, int, float, str))}
+        return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
@@ -135,7 +148,10 @@ class ConcreteTracer(CurlTracer):
     def _evaluate(self, node: fx.Node) -> Any:
         if node.op == "placeholder":
             i, self._placeholders = self._placeholders, self._placeholders + 1
-            return self.inputs[i] if i < len(self.inputs) else (node.args[0] if node.args else None)
+            if i < len(self.inputs):
+                return self.inputs[i]
+            later = i - len(self.inputs)
+            return self._defaults[later] if later < len(self._defaults) else (node.args[0] if node.args else None)
         self._running += 1
         try:
             if node.op == "get_attr":
