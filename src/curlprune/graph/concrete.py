@@ -44,6 +44,9 @@ SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device",
 """Tensor methods that read a tensor's metadata, not its values."""
 SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_sparse", "is_quantized"}
 """Tensor attributes that are metadata, not values."""
+PLAIN_ATTRIBUTES = {"dtype", "device", "is_cuda", "layout"}
+"""Tensor attributes a concrete proxy answers with the example's plain value (``torch.autocast(device_type=
+x.device.type)`` needs a str): the graph is specialised to the example's dtype and device, never to a size."""
 
 
 class SpecialisedInputError(CurlpruneError):
@@ -235,7 +238,10 @@ def _reads_values(node: fx.Node, data: set[fx.Node]) -> bool:
 class _ConcreteProxy(fx.Proxy):
     """A proxy whose tracer knows its value: ``len``, iteration, ``int``/``float``/index work."""
 
-    def __getattr__(self, k: str) -> Attribute:
+    def __getattr__(self, k: str) -> Any:
+        value = self.tracer.values.get(self.node) if k in PLAIN_ATTRIBUTES else None
+        if isinstance(value, torch.Tensor):
+            return getattr(value, k)
         return _ConcreteAttribute(self, k)
 
     def __len__(self) -> int:
