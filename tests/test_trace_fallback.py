@@ -18,6 +18,7 @@ from test_faults import check_invariants, randomise
 from torch import nn
 
 import curlprune
+from curlprune.cli import main
 from curlprune.cost.analysis import analyse, trace
 from curlprune.criteria import compute_scores
 from curlprune.errors import CurlpruneError
@@ -287,3 +288,11 @@ def test_kl_scores_a_specialised_model():
     scores = compute_scores("kl", model, groups, images=x)
     assert set(scores) == {g.name for g in groups if g.prunable}
     assert all(torch.as_tensor(s).abs().sum() > 0 for s in scores.values())
+
+
+def test_groups_command_says_the_trace_is_specialised(capsys):
+    assert main(["groups", "--model", "timm:mobilevitv2_050", "--input-size", "64"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    said = [line for line in out if "was traced against the example input" in line]
+    assert said == [said[0]] and said[0].startswith("timm:mobilevitv2_050 was traced against the example input [(1, 3, 64, 64)]")
+    assert "the groups and costs hold at that input size" in said[0]
