@@ -296,3 +296,15 @@ def test_groups_command_says_the_trace_is_specialised(capsys):
     said = [line for line in out if "was traced against the example input" in line]
     assert said == [said[0]] and said[0].startswith("timm:mobilevitv2_050 was traced against the example input [(1, 3, 64, 64)]")
     assert "the groups and costs hold at that input size" in said[0]
+
+
+def test_the_pruned_model_of_an_untraceable_class_is_optimised_for_inference():
+    """``optimize_for_inference`` (what ``--target-latency`` times) traces the pruned copy without an input."""
+    model = randomise(ShapeBranching())
+    x = torch.randn(1, 3, 34, 34)
+    groups = traced(model, x)
+    small = curlprune.apply(model, groups, {g.name: list(range(0, g.width, 2)) for g in groups if g.prunable})
+    assert type(small) is ShapeBranching
+    fast = curlprune.optimize_for_inference(small)
+    with torch.no_grad():
+        assert (fast(x) - small(x)).abs().max() <= 1e-4 * small(x).abs().max()

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from curlprune.errors import CurlpruneError, exception_summary
-from curlprune.graph.concrete import ConcreteTracer, DataDependentError, _EvaluationError
+from curlprune.graph.concrete import ConcreteTracer, DataDependentError, EvaluationError
 from curlprune.graph.tracing import CurlTracer, eval_mode, untouched
 
 TRACE_META = "curlprune_trace"
@@ -147,6 +147,24 @@ def capture(model: nn.Module, example_input: Any = None) -> fx.GraphModule:
     return gm
 
 
+def inherit_trace(model: nn.Module, source: nn.Module) -> None:
+    """Let ``model`` (e.g. ``source`` pruned, the user's class) be captured without an example input
+    as ``source`` was: the same example input and opaque leaves. Nothing when ``source`` needed none.
+
+    Args:
+        model: a model of ``source``'s forward that takes the same inputs (a sliced copy).
+        source: a model captured before (against an example input).
+    """
+    recipe = _OWN_RECIPES.get(source)
+    if recipe is None:
+        return
+    key = architecture_key(model)
+    _RECIPES[key] = (recipe[0], dict(recipe[1]), key)
+    _OWN_RECIPES[model] = _RECIPES[key]
+    while len(_RECIPES) > _MAX_RECIPES:
+        _RECIPES.popitem(last=False)
+
+
 def _specialised(model: nn.Module, inputs: tuple, leaves: dict[str, str], symbolic: str) -> Capture:
     """Trace against ``inputs``, making each submodule that cannot be traced a leaf, then check the graph."""
     name = type(model).__name__
@@ -155,7 +173,7 @@ def _specialised(model: nn.Module, inputs: tuple, leaves: dict[str, str], symbol
         try:
             with torch.no_grad(), eval_mode(model):
                 graph = tracer.trace(model)
-        except _EvaluationError as exc:
+        except EvaluationError as exc:
             shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
             raise CurlpruneError(
                 f"{name} failed on the example input of shape {shapes} ({exc}); pass an input the model accepts, "

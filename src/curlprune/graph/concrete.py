@@ -37,7 +37,7 @@ from torch.fx.node import has_side_effect
 from torch.fx.proxy import Attribute
 
 from curlprune.errors import CurlpruneError
-from curlprune.graph.tracing import CurlTracer, _part_count, fetch_attr
+from curlprune.graph.tracing import CurlTracer, part_count, fetch_attr
 
 SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device", "is_contiguous",
                  "is_floating_point", "is_complex", "element_size"}
@@ -169,7 +169,7 @@ class ConcreteTracer(CurlTracer):
             except CurlpruneError:
                 raise
             except Exception as exc:  # the model's own forward fails here: no trace can help
-                raise _EvaluationError(exc, site(self)) from exc
+                raise EvaluationError(exc, site(self)) from exc
         finally:
             self._running -= 1
 
@@ -199,21 +199,24 @@ class ConcreteTracer(CurlTracer):
         return expected
 
     def to_bool(self, obj: fx.Proxy) -> bool:
+        """A branch on a traced value: the example's answer, guarded (``concretise``)."""
         return self.concretise(obj, "branch")
 
     def iter(self, obj: fx.Proxy) -> Iterator:
+        """Iterating a traced value: one ``getitem`` per item, as many as the example has (guarded)."""
         return iter([obj[i] for i in range(len(obj))])
 
     def length(self, obj: fx.Proxy) -> int:
         """``len(obj)``: the part count of a chunk/split, else the example's, guarded."""
-        parts = _part_count(obj.node)
+        parts = part_count(obj.node)
         if parts is not None:
             return parts
         return self.concretise(self.create_proxy("call_function", builtins.len, (obj,), {}), "length")
 
 
-class _EvaluationError(Exception):
-    """The model's own code failed on the example input while a node ran (not a tracing limit)."""
+class EvaluationError(Exception):
+    """The model's own code failed on the example input while a node ran (not a tracing limit):
+    ``graph.capture`` turns it into one line asking for an input the model accepts."""
 
     def __init__(self, exc: Exception, where: str) -> None:
         super().__init__(f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]} at {where}")
