@@ -37,7 +37,7 @@ from torch.fx.node import has_side_effect
 from torch.fx.proxy import Attribute
 
 from curlprune.errors import CurlpruneError
-from curlprune.graph.tracing import CurlTracer, part_count, fetch_attr
+from curlprune.graph.tracing import CurlTracer, _part_count, fetch_attr
 
 SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device", "is_contiguous",
                  "is_floating_point", "is_complex", "element_size"}
@@ -208,7 +208,7 @@ class ConcreteTracer(CurlTracer):
 
     def length(self, obj: fx.Proxy) -> int:
         """``len(obj)``: the part count of a chunk/split, else the example's, guarded."""
-        parts = part_count(obj.node)
+        parts = _part_count(obj.node)
         if parts is not None:
             return parts
         return self.concretise(self.create_proxy("call_function", builtins.len, (obj,), {}), "length")

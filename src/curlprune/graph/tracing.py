@@ -39,7 +39,7 @@ class CurlTracer(fx.Tracer):
         self.proxy_buffer_attributes = True
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _Parts(node, self) if part_count(node) is not None else super().proxy(node)
+        return _Parts(node, self) if _part_count(node) is not None else super().proxy(node)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
@@ -48,7 +48,7 @@ class CurlTracer(fx.Tracer):
         )
 
 
-def part_count(node: fx.Node) -> int | None:
+def _part_count(node: fx.Node) -> int | None:
     """How many parts a ``chunk(n)`` / ``split([a, b, ...])`` call returns, known from its arguments."""
     if node.op not in ("call_method", "call_function"):
         return None
@@ -66,10 +66,10 @@ class _Parts(fx.Proxy):
     ``list(x.chunk(2, 1))`` (YOLOv8's C2f) traces into one ``getitem`` per part."""
 
     def __len__(self) -> int:
-        return part_count(self.node)
+        return _part_count(self.node)
 
     def __iter__(self) -> Iterator[fx.Proxy]:
-        return iter([self[i] for i in range(part_count(self.node))])
+        return iter([self[i] for i in range(_part_count(self.node))])
 
 
 def symbolic_trace(model: nn.Module) -> fx.GraphModule:
