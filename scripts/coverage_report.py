@@ -74,6 +74,11 @@ NOT_TAKEN = (  # hand-written: what stays unprunable and why (kept from the prev
     '  itself is not installed: it pulls opencv and polars, 130+ MB): C2f, SPPF, the FPN/PAN neck and the',
     '  Detect head with two outputs traced; 59 of its 81 groups prunable (every conv channel but the',
     "  head's box and class outputs, 4,960 of 5,392); masked == sliced on every output, `plan_cost == count`.",
+    '- Taken since (tests/test_trace_fallback.py): models torch.fx cannot trace symbolically (a branch on a',
+    "  shape, `int()`/`len()` of a size, TF 'same' padding's `max(pad, 0)`) are traced against the example",
+    '  input, the graph specialised to its size with a guard at each such place (README, "Models torch.fx',
+    '  cannot trace"; docs/method.md §1); a submodule that branches on tensor values is kept whole with the',
+    '  reason (timm vgg11_bn, nasnetalarge, pnasnet5large, the MobileViTs and several hybrids now trace).',
     '- A channel count used as a value (`y * y.size(1) ** -0.5`): the group is unprunable with a reason naming',
     '  both nodes (a pruned model would compute with the new count).',
 )

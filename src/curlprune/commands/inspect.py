@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import torch
@@ -9,6 +10,8 @@ from torch import nn
 
 from curlprune.commands.common import INPUT_SHAPE_HELP, MODEL_HELP, MODEL_KWARGS_HELP, NO_DEFAULT, input_shape_arg, model_kwargs_arg
 from curlprune.cost import count, trace
+from curlprune.cost.analysis import analyse
+from curlprune.graph.capture import SpecialisedTraceWarning
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
 from curlprune.report import console, groups_table, groups_text, human
@@ -61,7 +64,10 @@ def load_model_arg(model: str | None, weights: str | None, checkpoint: str | Non
 def cmd_groups(args: argparse.Namespace) -> int:
     kwargs, shape = model_kwargs_arg(args.model_kwargs), input_shape_arg(args.input_shape)
     model, name, _ = load_model_arg(args.model, args.weights, None, shape, kwargs)
-    groups = trace(model, example_input_for(name, args.input_size, weights=args.weights, input_shape=shape, model_kwargs=kwargs))
+    x = example_input_for(name, args.input_size, weights=args.weights, input_shape=shape, model_kwargs=kwargs)
+    with warnings.catch_warnings():  # said below, as a line of the listing
+        warnings.simplefilter("ignore", SpecialisedTraceWarning)
+        groups = trace(model, x)
     title = f"channel groups of {name}"
     if console.is_terminal:
         console.print(groups_table(groups, title=title))
@@ -69,6 +75,9 @@ def cmd_groups(args: argparse.Namespace) -> int:
         print(groups_text(groups, title=title))
     prunable = [g for g in groups if g.prunable]
     console.print(f"{len(groups)} groups, {len(prunable)} prunable, {sum(g.width for g in prunable)} prunable channels")
+    how = analyse(model, x).capture
+    if how.specialised:
+        print(f"{name} was {how.summary()}")  # one line, also on a terminal
     return 0
 
 

@@ -13,6 +13,7 @@ those imports another that imports it back.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from curlprune.channels import ChannelGroup, Plan
 from curlprune.cost.cost import count
 from curlprune.cost.cost_plan import CostTable, build_cost_table
 from curlprune.errors import CurlpruneError
-from curlprune.graph import build_groups, channel_pass, node_channels, propagate, symbolic_trace
+from curlprune.graph import build_groups, capture, channel_pass, node_channels, propagate
+from curlprune.graph.capture import TRACE_META, Capture, SpecialisedTraceWarning
 from curlprune.graph.layers import table_version
 from curlprune.surgery.surgery import removed_positions, validate_plan
 
@@ -41,12 +43,16 @@ class Analysis:
     cost:   the cost table behind ``plan_cost`` and the per-channel savings.
     channels: fx node name -> (channel dim, (group index in ``groups``, group channel) per position)
             of the node's output (:func:`curlprune.graph.groups.node_channels`; the channel map of a feature).
+    capture: how the graph was captured (:class:`curlprune.graph.capture.Capture`, without its graph):
+            ``capture.specialised`` when torch.fx could not trace the model symbolically and it was
+            traced against the example input (groups and costs hold at that input size).
     """
 
     gm: fx.GraphModule
     groups: list[ChannelGroup]
     cost: CostTable
     channels: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = field(default_factory=dict)
+    capture: Capture = field(default_factory=lambda: Capture(None))
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Analysis]]" = weakref.WeakKeyDictionary()
@@ -67,8 +73,12 @@ def analyse(model: nn.Module, example_input: Any) -> Analysis:
         The cached :class:`Analysis` (shared: do not modify its groups).
 
     Raises:
-        CurlpruneError: ``model`` is not an ``nn.Module``, cannot be traced by torch.fx, or fails
-            on ``example_input``.
+        CurlpruneError: ``model`` is not an ``nn.Module``, cannot be traced (neither by torch.fx nor
+            against ``example_input``), or fails on ``example_input``.
+
+    Warns:
+        SpecialisedTraceWarning: torch.fx cannot trace ``model`` symbolically, so it was traced against
+            ``example_input``: the groups and costs hold at that input size (one line, how).
 
     Source: docs/method.md §1.
     """
@@ -80,7 +90,10 @@ def analyse(model: nn.Module, example_input: Any) -> Analysis:
     cached = _CACHE.get(model, {})
     if key in cached:
         return cached[key]
-    gm = symbolic_trace(model, inputs)
+    gm = capture(model, inputs)  # symbolic, else specialised to example_input (graph.capture)
+    how: Capture = gm.meta[TRACE_META]
+    if how.specialised:
+        warnings.warn(f"{type(model).__name__} was {how.summary()}", SpecialisedTraceWarning, stacklevel=3)
     found = propagate(gm, model, example_input)
     an = channel_pass(gm, found)
     groups = build_groups(an)
@@ -92,7 +105,7 @@ def analyse(model: nn.Module, example_input: Any) -> Analysis:
             g.prunable, g.reason = False, f"the sliced cost of {bad[0]} differs from its measured cost"
     for g in groups:
         g.macs_per_channel, g.params_per_channel = cost.channel_savings(g)
-    result = Analysis(gm, groups, cost, node_channels(an))
+    result = Analysis(gm, groups, cost, node_channels(an), how)
     _CACHE.setdefault(model, {})[key] = result
     return result
 

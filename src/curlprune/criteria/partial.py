@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from curlprune.channels import ChannelGroup
-from curlprune.graph import fetch_attr, symbolic_trace
+from curlprune.graph import capture, fetch_attr
 from curlprune.surgery import consumer_input_dim
 
 Env = dict[str, Any]
@@ -57,7 +57,7 @@ class GraphRunner:
     def __init__(self, model: nn.Module, channels_last: bool = True, fold_bn: bool = True, example_input: torch.Tensor | None = None) -> None:
         self.model = copy.deepcopy(model).eval()
         self.channels_last = channels_last
-        self.gm = symbolic_trace(self.model, None if example_input is None else (example_input,))
+        self.gm = capture(self.model, example_input)  # symbolic, else specialised to example_input (or the last trace's)
         if fold_bn:
             from torch.fx.experimental.optimization import fuse
 

@@ -3,6 +3,8 @@
 A package of passes over a torch.fx trace, one job per file (like torch.fx's own passes):
 
     tracing.py       CurlTracer, trace_graph (int-size splits iterated), symbolic_trace, fetch_attr, eval_mode
+    concrete.py      ConcreteTracer: a trace against an example input, with guards (specialised graphs)
+    capture.py       capture: symbolic trace, else specialised, else with untraceable modules kept whole
     shapes.py        the shape recording pass (TensorInfo; each node's cost measured as count does)
     slots.py         union-find over channel slots, channel layouts
     ops.py           the op tables and node helpers
@@ -23,6 +25,7 @@ It only finds groups; their costs and the cached analysis (``trace``, ``analyse`
 are in :mod:`curlprune.cost.analysis`, which sits above this package and the cost table.
 """
 from curlprune.channels import ChannelGroup, Member, Plan, SliceKey
+from curlprune.graph.capture import Capture, capture, capture_graph
 from curlprune.graph.channel_pass import channel_pass
 from curlprune.graph.groups import build_groups, node_channels
 from curlprune.graph.layer_rules import ChannelMixing, LayerRule, PerChannel, Roles
@@ -32,6 +35,7 @@ from curlprune.graph.tracing import CurlTracer, eval_mode, fetch_attr, symbolic_
 
 __all__ = [
     "CHANNEL_NORMS",
+    "Capture",
     "ChannelGroup",
     "ChannelMixing",
     "CurlTracer",
@@ -44,6 +48,8 @@ __all__ = [
     "SliceKey",
     "TensorInfo",
     "build_groups",
+    "capture",
+    "capture_graph",
     "node_channels",
     "channel_pass",
     "eval_mode",

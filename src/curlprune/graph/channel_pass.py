@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from curlprune.graph.concrete import check_specialised
 from curlprune.graph.module_ops import call_module
 from curlprune.graph.ops import op_name
 from curlprune.graph.pass_state import PassState
 from curlprune.graph.shapes import Propagated
 from curlprune.graph.shared_params import tie_shared_parameters
-from curlprune.graph.taint import check_followed, check_taint
+from curlprune.graph.taint import check_followed, check_taint, tainted_args
 from curlprune.graph.tensor_ops import call_op
 
 
@@ -49,6 +50,8 @@ def channel_pass(gm: fx.GraphModule, found: Propagated) -> PassState:
         elif node.op == "call_module":
             call_module(st, node)
             check_taint(st, node, None)
+        elif node.op == "call_function" and node.target is check_specialised:
+            specialised_on(st, node)
         elif node.op in ("call_function", "call_method"):
             call_op(st, node)
             check_taint(st, node, op_name(node))
@@ -60,3 +63,11 @@ def channel_pass(gm: fx.GraphModule, found: Propagated) -> PassState:
     tie_shared_parameters(st, found.node_params)
     check_followed(st)
     return st
+
+
+def specialised_on(st: PassState, node: fx.Node) -> None:
+    """A guard of a trace specialised to its example input (``graph.concrete``): the traced forward
+    branched on (or read as a Python number) this value. A channel count there would branch another
+    way, or keep its old value, once channels are removed, so its channels become unprunable."""
+    for slots, read in tainted_args(st, node):
+        st.uf.mark(slots, f"channel count read at {read} is fixed by the trace at {node.args[2]}")

@@ -5,7 +5,7 @@ layers) does what its rule's ``Roles`` say: fresh output channels with the input
 input's channels passed through, with the member slices the groups own. Of the other modules,
 PixelShuffle/Unshuffle move whole blocks of r*r channels; activations, dropout and pooling pass
 channels through; cross-channel ops and softmax over channels make them unprunable; any other
-module is unsupported.
+module is unsupported, and so is a module the trace kept whole (``graph.capture``'s opaque leaves).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import dataclasses
 import torch.fx as fx
 from torch import nn
 
+from curlprune.graph.capture import TRACE_META
 from curlprune.graph.layer_rules import Roles, unsupported_module
 from curlprune.graph.layers import rule_for
 from curlprune.graph.ops import (
@@ -33,6 +34,9 @@ def call_module(st: PassState, node: fx.Node) -> None:
     """A module call: dispatch on the module type (unknown modules are unsupported)."""
     name = str(node.target)
     mod = st.modules[name]
+    opaque = getattr(st.gm.meta.get(TRACE_META), "opaque", {})
+    if name in opaque:  # a submodule the trace could not enter (graph.capture): kept whole
+        return st.unsupported(node, opaque[name])
     x = node.args[0] if node.args else None
     lay = st.layout(x)
     if st.shape(node) is None or lay is None:

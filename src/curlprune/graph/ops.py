@@ -99,7 +99,8 @@ SPATIAL_OPS = {
 REDUCE_OPS = {"mean", "sum", "amax", "amin", "norm"}
 """Reductions; ``norm`` (p, dim, keepdim) has its dims one argument later."""
 SOFTMAX_OPS = {"softmax", "log_softmax", "softmin", "normalize"}
-SHAPE_QUERIES = {"size", "dim", "numel", "nelement", "get_device"}
+SHAPE_QUERIES = {"size", "dim", "numel", "nelement", "get_device", "len"}
+"""Reads of a tensor's metadata (``len``: its first dim, in a trace against an example input)."""
 TORCH_MODULES = ("torch", "_operator", "builtins")
 
 

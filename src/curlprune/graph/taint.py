@@ -39,7 +39,7 @@ def record_shape_value(st: PassState, node: fx.Node, name: str | None) -> None:
     if lay is not None and node.target is builtins.getattr and node.args[1] == "shape":
         st.size_taint[node] = {lay.dim: (lay.slots, here)}
         return
-    if lay is not None and name in ("numel", "nelement"):
+    if lay is not None and (name in ("numel", "nelement") or (node.target is builtins.len and lay.dim == 0)):
         st.taint[node] = (lay.slots, here)
         return
     if node.target is operator.getitem and x in st.size_taint:

@@ -33,7 +33,7 @@ from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from curlprune.graph.tracing import symbolic_trace
+from curlprune.graph.capture import capture
 
 _FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ADD_FUNCTIONS = (operator.add, torch.add)
@@ -141,7 +141,7 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor | None 
     Source: docs/method.md §9 (measured latency).
     """
     clone = copy.deepcopy(model).eval()
-    gm = clone if isinstance(clone, fx.GraphModule) else symbolic_trace(clone, None if example_input is None else (example_input,))
+    gm = clone if isinstance(clone, fx.GraphModule) else capture(clone, example_input)
     gm = fuse(gm, inplace=True, no_trace=True).eval()
     if example_input is not None:
         with torch.no_grad():

@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten
 from curlprune.cost.analysis import traced_inputs
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.errors import exception_summary
+from curlprune.graph.capture import inherit_trace
 from curlprune.surgery.surgery import apply as apply_graph
 from curlprune.surgery.surgery import members_by_module, removed_positions, retie, slice_member, split_sizes, tied_parameters
 
@@ -106,6 +107,7 @@ def slice_model(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan, *,
             "no example input to prove the kept class equal to the sliced graph: pass example_input")
     if reason:
         return Sliced(graph, graph, False, reason, name)
+    inherit_trace(small, model)  # a model fx cannot trace: traced again against the same example input
     return Sliced(small, graph, True, "", name)
 
 

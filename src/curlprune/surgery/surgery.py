@@ -28,7 +28,8 @@ from curlprune.channels import ChannelGroup, Plan, SliceKey
 from curlprune.graph.layer_rules import LayerRule, keep_index, replace_tensor
 from curlprune.graph.layers import rule_for
 from curlprune.graph.reparam import unwrapped
-from curlprune.graph.tracing import PartsUnknown, trace_graph, untouched
+from curlprune.graph.capture import TRACE_META, capture_graph
+from curlprune.graph.tracing import untouched
 
 _MODULE_ROLES = ("out", "in", "channel")
 
@@ -255,12 +256,11 @@ def apply(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan) -> fx.Gr
     validate_plan(groups, plan)
     removed = removed_positions(groups, plan)
     with untouched(model):  # the tracer's constants go to the copy only
-        try:
-            graph = trace_graph(model, part_counts=split_part_counts(groups))
-        except PartsUnknown as exc:
-            raise CurlpruneError(f"cannot slice {type(model).__name__}: {exc}") from None
+        cap = capture_graph(model, part_counts=split_part_counts(groups))  # specialised to the traced example input where fx needs it (graph.capture)
         root = copy.deepcopy(model)
-    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm = fx.GraphModule(root, cap.graph, class_name=type(model).__name__)
+    cap.graph = None
+    gm.meta[TRACE_META] = cap
     for child_name, child in root.named_children():  # keep the containers (``small.layer1[0]``)
         setattr(gm, child_name, child)
     for sub_name, sub in gm.named_modules():  # containers fx re-creates start in train mode
