@@ -244,7 +244,7 @@ def test_image_that_cannot_become_8_bit_rgb_is_named(tmp_path):
 def test_image_size_reads_png_jpeg_and_other_headers_like_pillow():
     from PIL import Image
 
-    from curlprune.data.data import image_size
+    from curlprune.data.decode import image_size
 
     for fmt, mode, size in (("PNG", "RGB", (37, 21)), ("JPEG", "RGB", (45, 19)), ("JPEG", "L", (8, 300)),
                             ("BMP", "RGB", (5, 7)), ("PNG", "I;16", (3, 9))):
@@ -257,7 +257,8 @@ def test_image_size_reads_png_jpeg_and_other_headers_like_pillow():
 def test_decompression_bomb_is_refused_with_its_limit(tmp_path):
     from PIL import Image
 
-    from curlprune.data.data import MAX_IMAGE_PIXELS, load_image_folder
+    from curlprune.data.data import load_image_folder
+    from curlprune.data.decode import MAX_IMAGE_PIXELS
 
     side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
     folder = tmp_path / "data"

@@ -66,6 +66,7 @@ RANGES: dict[str, Range | None] = {
     "seed": Range(0, SEED_MAX, whole=True),
     "num_classes": _COUNT, "train_per_class": _COUNT, "val_per_class": _COUNT,
     "val_fraction": Range(0, 1, low_open=True, high_open=True), "input_size": Range(8, whole=True, hint="pixels"),
+    "memory_budget_gb": _POSITIVE, "data_workers": Range(0, whole=True),
     # prune; the targets are parsed (and checked) by select.Target and latency.LatencyTarget
     "target_macs": None, "target_params": None, "target_latency": None,
     "latency_batch": _COUNT, "latency_threads": _COUNT, "calib": _COUNT, "floor": _FRACTION, "round_to": _COUNT,

@@ -5,6 +5,7 @@ import argparse
 import json
 from typing import Any
 
+from curlprune.data.streaming import DataSettings
 from curlprune.errors import CurlpruneError
 from curlprune.models.import_path import parse_input_shape
 
@@ -54,3 +55,26 @@ def add_val_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--val-fraction", type=float, default=None, metavar="F",
                        help="or hold this share (0 < F < 1) of every class out; data with its own val/ split uses "
                             "that instead" + NO_DEFAULT)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--streaming`` / ``--memory-budget-gb`` / ``--data-workers``: whether a data folder or zip is
+    decoded into memory or on the fly (:mod:`curlprune.data.streaming`), for the commands that take ``--data``."""
+    parser.add_argument("--streaming", default=None, choices=("auto", "true", "false"),
+                        help="auto: decode the data into memory unless its estimated decoded size is above --memory-budget-gb, "
+                             "then decode it on the fly in DataLoader workers (the same batches either way); true / false: "
+                             "always / never stream (default: auto)" + NO_DEFAULT)
+    parser.add_argument("--memory-budget-gb", type=float, default=None, metavar="GB",
+                        help="memory budget of --streaming auto, in GB (default: half of this machine's memory)" + NO_DEFAULT)
+    parser.add_argument("--data-workers", type=int, default=None, metavar="N",
+                        help="DataLoader worker processes that decode streamed images; 0 = in the main process "
+                             "(default: min(4, CPUs))" + NO_DEFAULT)
+
+
+def data_settings_arg(args: argparse.Namespace) -> DataSettings:
+    """The :class:`~curlprune.data.streaming.DataSettings` of :func:`add_data_arguments`.
+
+    Raises:
+        CurlpruneError: a budget that is not positive, or negative workers.
+    """
+    return DataSettings.of(args.streaming, args.memory_budget_gb, args.data_workers, "command line")

@@ -5,7 +5,17 @@ import argparse
 import dataclasses
 import os
 
-from curlprune.commands.common import INPUT_SHAPE_HELP, MODEL_HELP, MODEL_KWARGS_HELP, NO_DEFAULT, add_val_arguments, input_shape_arg, model_kwargs_arg
+from curlprune.commands.common import (
+    INPUT_SHAPE_HELP,
+    MODEL_HELP,
+    MODEL_KWARGS_HELP,
+    NO_DEFAULT,
+    add_data_arguments,
+    add_val_arguments,
+    data_settings_arg,
+    input_shape_arg,
+    model_kwargs_arg,
+)
 from curlprune.commands.report import write_report_and_say
 from curlprune.criteria import CRITERIA, options_by_name
 from curlprune.errors import CurlpruneError
@@ -49,14 +59,15 @@ def _config(args: argparse.Namespace) -> PruneConfig:
 
 
 def _prune(args: argparse.Namespace, config: PruneConfig, ctx: DistContext | None) -> int:
-    data = args.data
+    data, settings = args.data, data_settings_arg(args)
     if args.val_per_class is not None or args.val_fraction is not None:  # calibrate on what remains for training
         if data is None:
             raise CurlpruneError("--val-per-class / --val-fraction hold images out of the training data: give --data too")
-        data = load_data(data, None, args.seed, val_per_class=args.val_per_class, val_fraction=args.val_fraction)
+        data = load_data(data, None, args.seed, val_per_class=args.val_per_class, val_fraction=args.val_fraction, settings=settings)
     result = run_prune(config, args.out, resume=args.resume, model_name=args.model, weights=args.weights,
                        data=data, num_classes=args.num_classes, input_size=args.input_size,
-                       model_kwargs=model_kwargs_arg(args.model_kwargs), input_shape=input_shape_arg(args.input_shape), ctx=ctx)
+                       model_kwargs=model_kwargs_arg(args.model_kwargs), input_shape=input_shape_arg(args.input_shape), ctx=ctx,
+                       data_settings=settings)
     if result is None:  # a rank other than 0: its share is scored and gathered
         return 0
     if result.already_done:
@@ -110,6 +121,7 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images drawn from the training split (eval transform)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw, random scores, the eval subset and the validation split")
     add_val_arguments(p)
+    add_data_arguments(p)
     p.add_argument("--floor", type=float, default=DEFAULT_FLOOR, help="stop pruning a group once its kept fraction is below this (CURL: 0.3)")
     p.add_argument("--protect", action="append", default=None, metavar="PATTERN",
                    help="group name or glob never pruned (repeatable); 'none' = protect nothing. Default: the model's "

@@ -6,7 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from curlprune.commands.common import INPUT_SHAPE_HELP, MODEL_HELP, MODEL_KWARGS_HELP, NO_DEFAULT, add_val_arguments, input_shape_arg, model_kwargs_arg
+from curlprune.commands.common import (
+    INPUT_SHAPE_HELP,
+    MODEL_HELP,
+    MODEL_KWARGS_HELP,
+    NO_DEFAULT,
+    add_data_arguments,
+    add_val_arguments,
+    input_shape_arg,
+    model_kwargs_arg,
+)
 from curlprune.commands.report import write_report_and_say
 from curlprune.recover.amp import AMP_MODES
 from curlprune.recover.dist import shutdown
@@ -49,6 +58,7 @@ example config (every key of a stage section is a field of that stage's settings
   data: ../shared/data/cifar10-jpeg.zip      # ImageFolder dir or zip with train/ and test/, or "digits"
   train_per_class: 500                        # optional: a seeded class-balanced subset
   val_per_class: 100                          # optional: a validation split held out of train (or val_fraction: 0.1)
+  streaming: auto                             # optional: decode on the fly above memory_budget_gb (true/false: always/never)
   run_dir: runs/r56-small
   seed: 0
   stages: [prune, distill, refine]
@@ -73,7 +83,8 @@ def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
         given = {"model": args.model, "weights": args.weights, "num_classes": args.num_classes, "data": args.data,
                  "run_dir": args.out, "seed": args.seed, "train_per_class": args.train_per_class,
                  "input_size": args.input_size, "val_per_class": args.val_per_class, "val_fraction": args.val_fraction,
-                 "model_kwargs": model_kwargs_arg(args.model_kwargs), "input_shape": input_shape_arg(args.input_shape)}
+                 "model_kwargs": model_kwargs_arg(args.model_kwargs), "input_shape": input_shape_arg(args.input_shape),
+                 "streaming": args.streaming, "memory_budget_gb": args.memory_budget_gb, "data_workers": args.data_workers}
         raw = read_config_file(args.config) if args.config else {}
         raw.update({k: v for k, v in given.items() if v is not None})
         raw["stages"] = [stage]
@@ -116,6 +127,7 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
         p.add_argument("--input-size", type=int, default=None, help="square input side when not the model's default, e.g. 64 "
                                                                  "(images are resized to it)" + NO_DEFAULT)
         add_val_arguments(p)
+        add_data_arguments(p)
         p.add_argument("--epochs", type=int, default=None, help="epochs (default: the stage's own)" + NO_DEFAULT)
         p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the stage's own)" + NO_DEFAULT)
         p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the stage's own)" + NO_DEFAULT)

@@ -1,7 +1,9 @@
-"""Images in memory: ImageFolder folders or zips and the sklearn digits, their transforms, batches
-and top-1 evaluation, and the demo's digits model.
+"""Images in memory or streamed: ImageFolder folders or zips and the sklearn digits, their transforms,
+batches and top-1 evaluation, and the demo's digits model.
 
     data.py        datasets held in memory as uint8 (ImageDataset), subsets, batches, evaluation
+    decode.py      image bytes to uint8 RGB, the one decoder
+    streaming.py   folders/zips above a memory budget, decoded on the fly in DataLoader workers (StreamingDataset)
     transforms.py  image transforms for an InputSpec
     imagetree.py   the files of an ImageFolder folder or zip, directory symlinks followed, cycles refused
     digits.py      the demo model trained on scikit-learn digits

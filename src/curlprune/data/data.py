@@ -7,17 +7,15 @@ epochs never decode again and whole batches are transformed with a few tensor op
 from __future__ import annotations
 
 import contextlib
-import io
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
-import numpy as np
 import torch
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image
 
+from curlprune.data.decode import decode_rgb, read_file
 from curlprune.data.imagetree import folder_files, zip_files
 from curlprune.data.transforms import build_transform, transforms_batches
 from curlprune.errors import CurlpruneError
@@ -25,9 +23,6 @@ from curlprune.models.spec import InputSpec
 from curlprune.progress import progress
 
 LAYOUT = "<split>/<class>/<image> or <class>/<image>"
-# Larger images are refused before decoding: a few KiB of PNG can claim gigapixels (a
-# "decompression bomb"). 8192 x 8192; far above any training image.
-MAX_IMAGE_PIXELS = 8192 * 8192
 SINGLE_SPLIT = "all"
 
 
@@ -94,14 +89,23 @@ def load_image_folder(path: str | Path, splits: Sequence[str] | None = None) -> 
     """
     path = Path(path)
     with contextlib.ExitStack() as stack:
-        files, reader = _open_tree(path, stack)
-        tree = _parse_layout(path, files)
-        classes = _common_classes(path, tree)
-        wanted = list(tree) if splits is None else list(splits)
-        for split in wanted:
-            if split not in tree:
-                raise CurlpruneError(f"{path} has no split {split!r}: it has {sorted(tree)}; lay the images out as {split}/<class>/<image>")
-        return {split: _decode_split(path, tree[split], classes, reader) for split in wanted}
+        files, reader = open_tree(path, stack)
+        tree = parse_layout(path, files)
+        classes = common_classes(path, tree)
+        return {split: _decode_split(path, tree[split], classes, reader) for split in wanted_splits(path, tree, splits)}
+
+
+def wanted_splits(path: Path, tree: dict[str, dict[str, list[str]]], splits: Sequence[str] | None) -> list[str]:
+    """The splits to load: ``splits``, or every split of ``tree`` when None.
+
+    Raises:
+        CurlpruneError: a split asked for is not in the tree (the message lists those it has).
+    """
+    wanted = list(tree) if splits is None else list(splits)
+    for split in wanted:
+        if split not in tree:
+            raise CurlpruneError(f"{path} has no split {split!r}: it has {sorted(tree)}; lay the images out as {split}/<class>/<image>")
+    return wanted
 
 
 def split_names(path: str | Path) -> list[str]:
@@ -112,11 +116,11 @@ def split_names(path: str | Path) -> list[str]:
         CurlpruneError: as :func:`load_image_folder` for a missing path or a bad layout.
     """
     with contextlib.ExitStack() as stack:
-        files, _ = _open_tree(Path(path), stack)
-        return sorted(_parse_layout(Path(path), files))
+        files, _ = open_tree(Path(path), stack)
+        return sorted(parse_layout(Path(path), files))
 
 
-def _open_tree(path: Path, stack: contextlib.ExitStack) -> tuple[list[str], Callable[[str], bytes]]:
+def open_tree(path: Path, stack: contextlib.ExitStack) -> tuple[list[str], Callable[[str], bytes]]:
     """All file paths (POSIX, relative) of a folder or zip, and a function reading one of them.
 
     Symlinked folders and files are followed (:mod:`curlprune.data.imagetree`); a symlink cycle, a broken
@@ -141,7 +145,7 @@ def _visible(files: list[str]) -> list[str]:
     return sorted(f for f in files if not any(part.startswith((".", "__MACOSX")) for part in PurePosixPath(f).parts))
 
 
-def _parse_layout(path: Path, files: list[str]) -> dict[str, dict[str, list[str]]]:
+def parse_layout(path: Path, files: list[str]) -> dict[str, dict[str, list[str]]]:
     """Group file paths into ``{split: {class: [files]}}``."""
     if not files:
         raise CurlpruneError(f"{path} contains no files: expected images laid out as {LAYOUT}")
@@ -158,7 +162,7 @@ def _parse_layout(path: Path, files: list[str]) -> dict[str, dict[str, list[str]
     return tree
 
 
-def _common_classes(path: Path, tree: dict[str, dict[str, list[str]]]) -> list[str]:
+def common_classes(path: Path, tree: dict[str, dict[str, list[str]]]) -> list[str]:
     """The sorted class names, which every split must share."""
     per_split = {split: sorted(classes) for split, classes in tree.items()}
     first, classes = next(iter(per_split.items()))
@@ -179,113 +183,11 @@ def _decode_split(path: Path, by_class: dict[str, list[str]], classes: list[str]
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates its decoders on every call
         for label, cls in enumerate(classes):
             for name in by_class[cls]:
-                images.append(decode_rgb(_read(reader, name, f"{path}:{name}"), f"{path}:{name}"))
+                images.append(decode_rgb(read_file(reader, name, f"{path}:{name}"), f"{path}:{name}"))
                 labels.append(label)
                 bar.advance()
     return ImageDataset(images, labels, classes)
 
-
-def _read(reader: Callable[[str], bytes], name: str, where: str) -> bytes:
-    try:
-        return reader(name)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise CurlpruneError(f"cannot read {where} ({exc}): the archive or disk is damaged; copy or download the data again") from None
-
-
-def decode_rgb(data: bytes, where: str) -> torch.Tensor:
-    """Decode image bytes to 8-bit RGB, uint8 ``[3, H, W]``; ``where`` names the file in errors.
-
-    16-bit images are scaled to 8 bits (v * 255 / 65535); grey, palette and alpha images become RGB.
-
-    Args:
-        data: the file's bytes.
-        where: names the file in errors.
-    Returns:
-        uint8 ``[3, H, W]``.
-    Raises:
-        CurlpruneError: naming the file when it is damaged, not an image, has more than
-            :data:`MAX_IMAGE_PIXELS` pixels, or cannot be represented as 8-bit RGB (e.g. float data).
-    """
-    _check_size(data, where)
-    try:  # libjpeg/libpng/libwebp through torchvision: fast
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        image = _decode_pil(data, where)
-    if image.dtype == torch.uint16:  # 16-bit PNG
-        image = ((image.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
-    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-        raise CurlpruneError(f"cannot use image {where}: it decodes to {image.dtype} {list(image.shape)}, not 8-bit RGB; convert it to 8-bit RGB")
-    return image
-
-
-def _check_size(data: bytes, where: str) -> None:
-    """Refuse images with more than MAX_IMAGE_PIXELS pixels from their header, before decoding."""
-    size = image_size(data)
-    if size is None:
-        return  # not something we can size: the decoders below decide
-    width, height = size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise CurlpruneError(
-            f"image {where} is {width} x {height} = {width * height:,} pixels, more than the limit of "
-            f"{MAX_IMAGE_PIXELS:,} (8192 x 8192; a decompression bomb or a mistake): resize or remove it"
-        )
-
-
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """An image's size from its header, without decoding it (PNG and JPEG read directly, other
-    formats through Pillow's lazy open).
-
-    Args:
-        data: the file's bytes.
-    Returns:
-        ``(width, height)`` in pixels, or None when the bytes are not a recognised image.
-    """
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data[:2] == b"\xff\xd8":  # JPEG: walk the segments to the frame header (SOFn)
-        i = 2
-        while i + 9 <= len(data) and data[i] == 0xFF:
-            marker = data[i + 1]
-            if marker == 0xFF:
-                i += 1
-            elif marker == 0x01 or 0xD0 <= marker <= 0xD8:
-                i += 2
-            elif marker in _SOF_MARKERS:
-                return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
-            else:
-                i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    from PIL import Image, UnidentifiedImageError  # only for formats other than PNG/JPEG
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            return img.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        return None
-
-
-def _decode_pil(data: bytes, where: str) -> torch.Tensor:
-    """Other formats (BMP, TIFF, ...) through Pillow, as uint8 RGB ``[3, H, W]``."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked
-            with Image.open(io.BytesIO(data)) as img:
-                if img.mode.startswith("I;16"):
-                    array = np.asarray(img).astype(np.int64)
-                    return torch.from_numpy(((array * 255 + 32767) // 65535).astype(np.uint8)).expand(3, -1, -1).contiguous()
-                if img.mode in ("I", "F") or img.mode.startswith(("I;", "F;")):
-                    raise CurlpruneError(
-                        f"cannot use image {where}: it holds {img.mode!r} (32-bit integer or float) pixels, which have no "
-                        "fixed 8-bit scale; convert it to 8-bit RGB"
-                    )
-                array = torch.from_numpy(np.array(img.convert("RGB")))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise CurlpruneError(f"cannot decode image {where} ({exc}): the file is damaged or not an image; replace or remove it") from None
-    return array.permute(2, 0, 1).contiguous()
 
 
 # ----------------------------------------------------------------------------- digits
@@ -382,7 +284,12 @@ def batches(
 
     Uniformly sized data is transformed a whole batch at a time where the transform allows it;
     otherwise image by image. Augmentation draws from the global torch RNG, order from ``generator``.
+    A dataset that is not held in memory (:class:`curlprune.data.streaming.StreamingDataset`) makes
+    its own batches, in the same order, decoded in DataLoader worker processes.
     """
+    if not isinstance(ds, ImageDataset):
+        yield from ds.batches(spec, batch_size, train=train, shuffle=shuffle, generator=generator, drop_last=drop_last)
+        return
     transform = build_transform(spec, train)
     order = torch.randperm(len(ds), generator=generator) if shuffle else torch.arange(len(ds))
     whole_batches = ds.uniform and transforms_batches(spec, train)

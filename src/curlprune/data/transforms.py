@@ -60,9 +60,8 @@ def normalize_batch(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     return normalizer(spec)(images)
 
 
-def build_transform(spec: InputSpec, train: bool, flip: bool | None = None) -> Transform:
-    """The train or eval transform for a model's InputSpec (``flip`` overrides ``spec.flip``)."""
-    flip = spec.flip if flip is None else flip
+def _steps(spec: InputSpec, train: bool, flip: bool) -> list[Callable]:
+    """The geometric steps of the transform (before normalisation), in order."""
     steps: list[Callable] = []
     if spec.size <= SMALL_INPUT:
         # Images of another size (e.g. 96 px photos for a 32 px model) first get their short side
@@ -75,7 +74,30 @@ def build_transform(spec: InputSpec, train: bool, flip: bool | None = None) -> T
             steps.append(v2.RandomHorizontalFlip())
     else:
         steps += [v2.Resize(spec.resize or spec.size, antialias=True), v2.CenterCrop(spec.size)]
-    return v2.Compose([*steps, normalizer(spec)])
+    return steps
+
+
+def build_transform(spec: InputSpec, train: bool, flip: bool | None = None) -> Transform:
+    """The train or eval transform for a model's InputSpec (``flip`` overrides ``spec.flip``)."""
+    return v2.Compose([*_steps(spec, train, spec.flip if flip is None else flip), normalizer(spec)])
+
+
+def split_transform(spec: InputSpec, train: bool) -> tuple[Transform | None, Transform | None]:
+    """:func:`build_transform` cut in two: ``(fixed, random)``, where ``random(fixed(x))`` equals
+    ``build_transform(spec, train)(x)`` exactly.
+
+    ``fixed`` is the leading run of steps that draw no random number (resize, centre crop, and the
+    normalisation when nothing random follows), so it may run anywhere, e.g. in a DataLoader worker
+    process; ``random`` is the rest, which draws from the global torch RNG and so runs where that
+    RNG is (the training process) in the order of the batches. Either is None when empty (the eval
+    transform has no random part; RandomResizedCrop leaves no fixed part).
+    """
+    steps = [*_steps(spec, train, spec.flip), normalizer(spec)]
+    cut = 0
+    while cut < len(steps) and isinstance(steps[cut], (v2.Resize, v2.CenterCrop, v2.Compose)):
+        cut += 1  # the normaliser (a Compose of ToDtype, Normalize) draws nothing either
+    fixed, random = steps[:cut], steps[cut:]
+    return (v2.Compose(fixed) if fixed else None), (v2.Compose(random) if random else None)
 
 
 def transforms_batches(spec: InputSpec, train: bool) -> bool:

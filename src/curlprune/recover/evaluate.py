@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from curlprune.data import ImageDataset, build_transform, count_correct, model_outputs
+from curlprune.data.streaming import read, streams, workers_of
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
 from curlprune.recover import dist
@@ -57,16 +58,23 @@ def predict(
     Args:
         model: the classifier (its train/eval mode is restored after).
         dataset: items ``(uint8 image [C, H, W], label, ...)``.
-        transform: uint8 image -> float input (e.g. the eval transform).
-        batch_size, num_workers: of the DataLoader.
+        transform: uint8 image -> float input (e.g. the eval transform); for a streamed dataset it
+            runs in the worker processes, so it must draw no random number.
+        batch_size, num_workers: of the DataLoader; a streamed dataset (:mod:`curlprune.data.streaming`)
+            is read in its own ``data_workers`` instead.
         device: default: the model's.
         channels_last: feed images in channels_last layout.
     Returns:
         ``(logits [N, classes] float32 on CPU, labels [N] int64)``; empty tensors for an empty dataset.
     """
-    loader = DataLoader(TransformedDataset(dataset, transform), batch_size=batch_size, num_workers=num_workers)
+    if streams(dataset):  # decoded in the data's own workers; a damaged file is one line
+        size = len(dataset)
+        order = [list(range(start, min(start + batch_size, size))) for start in range(0, size, batch_size)]
+        batches = ((x if isinstance(x, torch.Tensor) else torch.stack(x), y) for x, y, _ in read(dataset, transform, order, workers_of(dataset)))
+    else:
+        batches = ((x, y) for x, y, _ in DataLoader(TransformedDataset(dataset, transform), batch_size=batch_size, num_workers=num_workers))
     logits, labels = [], []
-    for out, y in model_outputs(model, ((x, y) for x, y, _ in loader), device=device, channels_last=channels_last):
+    for out, y in model_outputs(model, batches, device=device, channels_last=channels_last):
         logits.append(out.float().cpu())
         labels.append(y)
     if not logits:

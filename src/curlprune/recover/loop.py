@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from curlprune.data import build_transform, to_input
+from curlprune.data.streaming import stream, streams, workers_of
 from curlprune.models.spec import InputSpec
 from curlprune.progress import progress as show_progress
 from curlprune.recover import dist, divergence, guards
@@ -239,12 +240,15 @@ class Trainer:
         """
         cfg, ctx = self.cfg, self.ctx
         batches = epoch_batches(ctx, self.order_gen, len(self.train_set), local_batch)
-        loader = DataLoader(
-            TransformedDataset(self.train_set, transform),
-            batch_sampler=batches,
-            num_workers=cfg.num_workers,
-            pin_memory=ctx.device.type == "cuda",
-        )
+        if streams(self.train_set):  # decoded in the data's workers; the random transform here, as in memory
+            loader = stream(self.train_set, self.spec, batches, train=True, workers=workers_of(self.train_set))
+        else:
+            loader = DataLoader(
+                TransformedDataset(self.train_set, transform),
+                batch_sampler=batches,
+                num_workers=cfg.num_workers,
+                pin_memory=ctx.device.type == "cuda",
+            )
         self.stage.train_mode(train_model)
         loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         correct = torch.zeros((), dtype=torch.int64, device=ctx.device)

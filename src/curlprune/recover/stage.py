@@ -53,7 +53,8 @@ class TrainConfig:
                    stored as None), "bf16" or "fp16" (with loss scaling); :mod:`curlprune.recover.amp`.
                    It changes the result, so a stage resumes only with the amp it started with.
     Runtime settings (may differ when resuming): eval_batch_size, num_workers (DataLoader worker
-    processes), device ("auto" = this process's GPU if any, else CPU), channels_last, progress.
+    processes for in-memory data; streamed data is decoded in its own ``data_workers``,
+    :mod:`curlprune.data.streaming`), device ("auto" = this process's GPU if any, else CPU), channels_last, progress.
     """
 
     epochs: int = 30

@@ -49,7 +49,7 @@ from curlprune.recover.early_stop import check_early_stop_data
 from curlprune.recover.registry import get_stage, is_recovery_stage, run_stage
 from curlprune.recover.stage import check_config
 from curlprune.run.prune import run_prune
-from curlprune.run.run_config import RunConfig, check_finished_prune, check_same_run, config_to_dict
+from curlprune.run.run_config import RunConfig, check_finished_prune, check_same_run, config_to_dict, data_settings
 from curlprune.run.student_check import check_student_fits
 from curlprune.store import (
     CONFIG_FILE,
@@ -71,6 +71,7 @@ from curlprune.store import (
     write_run_summary,
 )
 from curlprune.store import checkpoint
+from curlprune.data.streaming import DataSettings, open_splits
 from curlprune.data.valsplit import SPLIT_FILE, VAL_SPLIT, check_split_record, check_val_settings, hold_out, images_digest
 
 # Rank 0 may prune for a long time while the other ranks wait in a collective.
@@ -79,13 +80,13 @@ PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
 
 # ----- data -----------------------------------------------------------------------------------
 def load_data(source: str, train_per_class: int | None, seed: int, *, val_per_class: int | None = None,
-              val_fraction: float | None = None) -> dict[str, Any]:
+              val_fraction: float | None = None, settings: DataSettings | None = None) -> dict[str, Any]:
     """The splits of :func:`load_splits` (without the record of the validation split)."""
-    return load_splits(source, train_per_class, seed, val_per_class=val_per_class, val_fraction=val_fraction)[0]
+    return load_splits(source, train_per_class, seed, val_per_class=val_per_class, val_fraction=val_fraction, settings=settings)[0]
 
 
 def load_splits(source: str, train_per_class: int | None, seed: int, *, val_per_class: int | None = None,
-                val_fraction: float | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                val_fraction: float | None = None, settings: DataSettings | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The splits a run uses: train and test, and val when there is a validation split.
 
     Args:
@@ -96,8 +97,9 @@ def load_splits(source: str, train_per_class: int | None, seed: int, *, val_per_
         seed: seed of the digits split, of the validation split and of the subset.
         val_per_class, val_fraction: hold this many images per class (or this share of every class)
             out of the training split as the validation split (:func:`curlprune.data.valsplit.hold_out`).
+        settings: in memory or streamed (:class:`curlprune.data.streaming.DataSettings`; None = auto).
     Returns:
-        ``({"train", "test"} (and "val") uint8 ImageDatasets, record)``: the record of the validation split
+        ``({"train", "test"} (and "val") uint8 ImageDatasets (or StreamingDatasets), record)``: the record of the validation split
         that ``val_split.json`` holds (:meth:`curlprune.data.valsplit.ValSplit.record`; for a data folder's own
         val/ split its size and digest), None without a validation split.
     Raises:
@@ -110,7 +112,7 @@ def load_splits(source: str, train_per_class: int | None, seed: int, *, val_per_
         raise CurlpruneError(f"{source} has its own {VAL_SPLIT}/ split, which is the validation split: "
                              "drop val_per_class / val_fraction (or remove the val/ folder to hold images out of train/)")
     # only the splits a run uses are decoded
-    splits = datasets.load_splits(source, seed, splits=("train", "test", VAL_SPLIT) if own_val else ("train", "test"))
+    splits = open_splits(source, seed, ("train", "test", VAL_SPLIT) if own_val else ("train", "test"), settings)
     splits, record = dict(splits), None
     if VAL_SPLIT in splits:
         record = {"source": f"{VAL_SPLIT}/", "train_images": len(splits["train"]), "indices": None, "sha256": images_digest(splits[VAL_SPLIT])}
@@ -169,7 +171,8 @@ class Run:
     def data(self) -> dict[str, Any]:
         if self._data is None:
             self._data, self._val_record = load_splits(self.cfg.data, self.cfg.train_per_class, self.cfg.seed,
-                                                       val_per_class=self.cfg.val_per_class, val_fraction=self.cfg.val_fraction)
+                                                       val_per_class=self.cfg.val_per_class, val_fraction=self.cfg.val_fraction,
+                                                       settings=data_settings(self.cfg))
         return self._data
 
     @property

@@ -40,6 +40,7 @@ from torch import nn
 
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.criteria import get
+from curlprune.data.streaming import DataSettings, StreamingDataset
 from curlprune.errors import CurlpruneError
 from curlprune.models import ModelRef, build, by_import_path, default_protect, input_spec
 from curlprune.models.spec import InputSpec
@@ -107,6 +108,7 @@ def run_prune(
     model_kwargs: dict[str, Any] | None = None,
     input_shape: list[int] | None = None,
     ctx: DistContext | None = None,
+    data_settings: DataSettings | None = None,
 ) -> PruneResult | None:
     """Score, select and slice ``model_name`` (+ ``weights``) to ``config``'s target; save in ``out_dir``.
 
@@ -130,6 +132,9 @@ def run_prune(
             calls this: rank 0 locks, reads and writes ``out_dir``, the ranks share the scoring
             (docs/method.md §10); an error found on rank 0 before the scoring is raised on every
             rank. None = one process.
+        data_settings: whether a data folder or zip is decoded into memory or streamed
+            (:class:`curlprune.data.streaming.DataSettings`; None = auto). Not part of the settings:
+            both paths draw the same images.
     Returns:
         The :class:`PruneResult` (checkpoint path, plan, report); None on the ranks other than 0
         (also a finished run's result goes to rank 0 only).
@@ -149,7 +154,7 @@ def run_prune(
     _on_main(ctx, lambda: bool(lock.acquire()))
     try:
         result = _run_prune(config, Path(out_dir), resume, model_name, weights, data, num_classes, show and _main(ctx), input_size,
-                            dict(model_kwargs or {}), input_shape, ctx)
+                            dict(model_kwargs or {}), input_shape, ctx, data_settings)
     finally:
         lock.release()  # a no-op where not held
     return result if _main(ctx) else None
@@ -166,7 +171,8 @@ def _on_main(ctx: DistContext | None, work):
 
 def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, weights: str | None,
                data: str | dict | None, num_classes: int | None, show: bool, input_size: int | None,
-               model_kwargs: dict[str, Any], input_shape: list[int] | None, ctx: DistContext | None) -> PruneResult | None:
+               model_kwargs: dict[str, Any], input_shape: list[int] | None, ctx: DistContext | None,
+               data_settings: DataSettings | None = None) -> PruneResult | None:
     """:func:`run_prune` with ``out`` locked (by rank 0)."""
     settings = _settings(config, model_name, weights, data, num_classes)
     own = by_import_path(model_name)  # its build keywords and input are part of its identity, also when unset
@@ -190,7 +196,7 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
                                plan_sha256=hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest())
         return _scores(out, resume, fingerprint, config, compute, step_scores_file(step), ranks)
 
-    pruned = prune_model(model, example, config, lambda: load_images(data, spec, config.seed), name=model_name,
+    pruned = prune_model(model, example, config, lambda: load_images(data, spec, config.seed, settings=data_settings), name=model_name,
                          weights=weights, default_protect=lambda m, groups: default_protect(model_name, m, groups),
                          cache=cache, show=show, ctx=ctx)
     if pruned is None:  # a rank other than 0: its share of the scores is gathered on rank 0
@@ -251,7 +257,11 @@ def _finished(out: Path, settings: dict[str, Any]) -> PruneResult | None:
 
 
 def _splits_digest(splits: dict) -> str:
-    """A short identity of in-memory splits (sizes, classes and a sample of labels/pixels)."""
+    """A short identity of loaded splits (sizes, classes and a sample of labels/pixels).
+
+    A streamed split (:class:`~curlprune.data.streaming.StreamingDataset`) decodes the same sample of
+    images and hashes it when they share one size, as an in-memory split of one size does: the
+    identity does not depend on the path the data was read by."""
     digest = hashlib.sha256()
     for name in sorted(splits):
         ds = splits[name]
@@ -259,6 +269,10 @@ def _splits_digest(splits: dict) -> str:
         digest.update(ds.labels.numpy().tobytes())
         if ds.uniform:
             digest.update(ds.images[:: max(1, len(ds) // 64)].numpy().tobytes())
+        elif isinstance(ds, StreamingDataset):
+            sample = [ds[i][0] for i in range(0, len(ds), max(1, len(ds) // 64))]
+            if len({tuple(image.shape) for image in sample}) == 1:
+                digest.update(torch.stack(sample).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

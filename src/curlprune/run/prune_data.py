@@ -4,7 +4,7 @@ batch-norm re-estimation and the top-1 evaluation (used by :mod:`curlprune.run.p
 Two kinds of source behave alike:
 
 * :class:`SplitImages`: a split of uint8 images (``curlprune.data.data.ImageDataset``: "digits", an
-  ImageFolder folder or zip) with the model's eval transform (:class:`~curlprune.models.spec.InputSpec`),
+  ImageFolder folder or zip; or a ``curlprune.data.streaming.StreamingDataset``, decoded as drawn) with the model's eval transform (:class:`~curlprune.models.spec.InputSpec`),
   what the command line gives;
 * :class:`TensorImages`: images as the model takes them (already normalised): a float tensor
   ``[N, C, H, W]``, or a map-style ``Dataset`` / ``DataLoader`` of ``(image, label)``, what a
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from curlprune.data import data as datasets
+from curlprune.data.streaming import DataSettings, open_splits
 from curlprune.errors import CurlpruneError
 from curlprune.models.spec import InputSpec
 from curlprune.recover.bn import images_of, stack_images
@@ -126,7 +127,7 @@ def _permutation(total: int, seed: int) -> torch.Tensor:
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))
 
 
-def load_images(data: Any, spec: InputSpec | None, seed: int, test: Any = None) -> PruneImages:
+def load_images(data: Any, spec: InputSpec | None, seed: int, test: Any = None, settings: DataSettings | None = None) -> PruneImages:
     """The prune stage's images from what the caller gives.
 
     Args:
@@ -137,6 +138,8 @@ def load_images(data: Any, spec: InputSpec | None, seed: int, test: Any = None) 
         seed: seed of the digits train/test split.
         test: evaluation images for the tensor/dataset forms (same forms); None = no evaluation,
             except for split data, whose ``test`` split is used.
+        settings: how a folder or zip is read, in memory or streamed (:class:`curlprune.data.streaming.DataSettings`;
+            None = auto); streamed splits are drawn from alike (the same seeded images).
     Returns:
         :class:`PruneImages`.
     Raises:
@@ -146,7 +149,7 @@ def load_images(data: Any, spec: InputSpec | None, seed: int, test: Any = None) 
     if data is None:
         return PruneImages(None, None if test is None else TensorImages(test), NO_DATA)
     if isinstance(data, (str, Path, dict)):
-        splits, name = _splits(data, seed), (data if isinstance(data, str) else "the data" if isinstance(data, dict) else str(data))
+        splits, name = _splits(data, seed, settings), (data if isinstance(data, str) else "the data" if isinstance(data, dict) else str(data))
         if spec is None:
             raise CurlpruneError(f"{name} holds uint8 images: give input_spec= (how the model's images are resized and normalised), "
                                  "or pass the images as a float tensor / Dataset as the model takes them")
@@ -156,12 +159,11 @@ def load_images(data: Any, spec: InputSpec | None, seed: int, test: Any = None) 
     return PruneImages(TensorImages(data), None if test is None else TensorImages(test), type(data).__name__)
 
 
-def _splits(data: str | Path | dict, seed: int) -> dict:
-    """``{"train", ...}`` uint8 datasets from "digits", an ImageFolder folder/zip, or given splits."""
+def _splits(data: str | Path | dict, seed: int, settings: DataSettings | None) -> dict:
+    """``{"train", ...}`` uint8 datasets from "digits", an ImageFolder folder/zip (in memory or
+    streamed, :func:`curlprune.data.streaming.open_splits`), or given splits."""
     if isinstance(data, dict):
         return data
-    if str(data) == "digits":
-        return datasets.load_digits_dataset(seed=seed)
-    if not Path(data).exists():
+    if str(data) != "digits" and not Path(data).exists():
         raise CurlpruneError(f"data {data} does not exist: pass an ImageFolder folder or .zip (train/<class>/..., test/<class>/...) or 'digits'")
-    return datasets.load_image_folder(data)
+    return open_splits(data, seed, None, settings)

@@ -38,6 +38,7 @@ from curlprune.run import strict_yaml
 from curlprune.run.prune_config import PruneConfig, canonical_settings, stage_identity
 from curlprune.store import DONE_FILE, LATER, PRUNE_STAGE, check_same_settings
 from curlprune.validate import check_ranges, check_types, check_value
+from curlprune.data.streaming import DataSettings
 from curlprune.data.valsplit import check_val_settings
 
 IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed", "input_size", "val_per_class", "val_fraction",
@@ -67,6 +68,12 @@ class RunConfig:
                      them, the calibration set included; the recovery stages report validation top-1.
     val_fraction:    or hold out this share of every class, in (0, 1). At most one of the two; data
                      with its own val/ split uses that and refuses both.
+    streaming:       how an ImageFolder folder or zip is read (:mod:`curlprune.data.streaming`): ``auto``
+                     (None; decoded into memory unless its estimated decoded size exceeds
+                     ``memory_budget_gb``, then decoded on the fly), ``true`` (always on the fly) or ``false``.
+    memory_budget_gb: the budget of ``auto``, in GB; None = half of this machine's memory.
+    data_workers:    DataLoader worker processes that decode streamed images; None = min(4, CPUs).
+                     Where and how the images are read, not which: no part of a run's identity.
     recipe:          a named preset of the recovery stages' settings (:mod:`curlprune.recover.recipes`;
                      ``paper``: the authors' constants); a section's own keys override it. None = the defaults.
     """
@@ -84,6 +91,9 @@ class RunConfig:
     model_kwargs: dict[str, Any] | None = field(default=None, metadata=LATER)
     input_shape: list[int] | None = field(default=None, metadata=LATER)
     recipe: str | None = field(default=None, metadata=LATER)
+    streaming: str | None = field(default=None, metadata=LATER)
+    memory_budget_gb: float | None = field(default=None, metadata=LATER)
+    data_workers: int | None = field(default=None, metadata=LATER)
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     sections: dict[str, Any] = field(default_factory=dict)
 
@@ -255,6 +265,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     if recipe is not None and not isinstance(recipe, str):
         raise CurlpruneError(f"{where}: 'recipe' must be a name, e.g. recipe: paper (got {recipe!r})")
     recipe_settings(recipe, PRUNE_STAGE, where)  # an unknown name is an error whatever the stages
+    data_settings = DataSettings.of(raw.get("streaming"), raw.get("memory_budget_gb"), raw.get("data_workers"), where)
     sections = {s: _build_section(s, raw.get(s), where, {"seed": seed, **recipe_settings(recipe, s, where)})
                 for s in known if s in stages or s in raw}
     cfg = RunConfig(
@@ -271,12 +282,20 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         model_kwargs=_model_kwargs(raw, where),
         input_shape=_input_shape(raw, where),
         recipe=recipe,
+        streaming=None if raw.get("streaming") is None else data_settings.streaming,
+        memory_budget_gb=data_settings.memory_budget_gb,
+        data_workers=data_settings.workers,
         stages=stages,
         sections=sections,
     )
     check_ranges(cfg, where)  # every number in its range (curlprune.validate.RANGES)
     check_val_settings(cfg.val_per_class, cfg.val_fraction, where)  # at most one of the two
     return cfg
+
+
+def data_settings(cfg: RunConfig) -> DataSettings:
+    """How the run reads its data folder (:class:`curlprune.data.streaming.DataSettings`)."""
+    return DataSettings.of(cfg.streaming, cfg.memory_budget_gb, cfg.data_workers)
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
