@@ -290,6 +290,7 @@ def _context(results: dict[str, Any]) -> list[str]:
 def _streaming(s: dict[str, Any] | None) -> str:
     if s is None or "skipped" in s:
         return f"Not measured yet{': ' + s['skipped'] if s else ' (part not run)'}."
+    runs, pss = s.get("runs") or [{}], s.get("streaming_peak_pss_mb_small_vs_full") or ["?", "?"]
     rows = [f"| {r.get('mode')} | {r.get('train_images', 0):,} | {r.get('workers')} | {_fmt(r.get('load_s'))} s "
             f"| {_fmt(r.get('epoch_images_per_s'))} | {_fmt(r.get('end_to_end_images_per_s'))} "
             f"| {_fmt(r.get('peak_rss_main_mb'), ',.0f')} MB | {_fmt(r.get('peak_pss_total_mb'), ',.0f')} MB |"
@@ -298,8 +299,10 @@ def _streaming(s: dict[str, Any] | None) -> str:
             "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
             f"\n\nFrom `{s.get('source')}` (command `{s.get('command', '?')}`, {s.get('machine', '?')}, {s.get('date', '?')}; "
             f"decoded size of the full set {_fmt(s.get('decoded_size_gb'), '.2f')} GB). One distill epoch of a small model "
-            "on generated 256x256 JPEGs, resized to the model's input side; streaming's peak memory is that of "
-            "the subset and of the full set alike: it does not grow with the dataset.")
+            f"on generated 256x256 JPEGs resized to a {runs[0].get('side', '?')}-pixel input, batch {runs[0].get('batch', '?')}. "
+            f"Streaming, peak PSS of all its processes (main + workers): {pss[0]} MB on {runs[0].get('train_images', 0):,} "
+            f"images, {pss[1]} MB on {runs[1].get('train_images', 0):,}; in memory: {_fmt(s.get('memory_peak_rss_main_mb'), ',.0f')} MB "
+            f"RSS on {runs[-1].get('train_images', 0):,}. Images/s in memory vs streaming: {s.get('memory_vs_streaming_images_per_s')}.")
 
 
 def markdown(results: dict[str, Any]) -> str:
