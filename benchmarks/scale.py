@@ -305,8 +305,9 @@ def _streaming(s: dict[str, Any] | None) -> str:
             f"RSS on {runs[-1].get('train_images', 0):,}. Images/s in memory vs streaming: {s.get('memory_vs_streaming_images_per_s')}.")
 
 
-def markdown(results: dict[str, Any]) -> str:
-    """``scale.md`` from ``scale.json``'s records alone (missing parts are said to be missing)."""
+def markdown(results: dict[str, Any], source: str = "benchmarks/results/scale.json") -> str:
+    """``scale.md`` from ``scale.json``'s records alone (missing parts are said to be missing);
+    ``source`` names the json in the page."""
     sharing = results.get("sharing")
     shared_ok = sharing is not None and "skipped" not in sharing
     ratio = sharing.get("ratio") if shared_ok else None
@@ -323,7 +324,7 @@ def markdown(results: dict[str, Any]) -> str:
     device = model.get("device", "cpu")
     return f"""# At the paper's scale: ResNet-50 and MobileNetV2 at 224x224, torchrun, streaming
 
-Written by `python benchmarks/scale.py --report` from `benchmarks/results/scale.json` alone.
+Written by `python benchmarks/scale.py --report` from `{source}` alone.
 Every figure is **measured here on {device.upper() if device != 'cpu' else 'CPU'}** or **extrapolated** from such a
 measurement, as labelled. **No GPU figure has been measured**: no GPU has been lent to this project
 yet; `python benchmarks/scale.py --device cuda --redo resnet50 --redo mobilenet_v2` measures them
@@ -416,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scale.py: error: {args.json} does not exist: run the parts first", file=sys.stderr)
         return 2
     md = args.json.with_suffix(".md")
-    atomic_write_text(md, markdown(json.loads(args.json.read_text())))
+    json_path = args.json.resolve()
+    source = str(json_path.relative_to(ROOT)) if json_path.is_relative_to(ROOT) else str(json_path)
+    atomic_write_text(md, markdown(json.loads(args.json.read_text()), source))
     print(f"wrote {md}")
     return 0
 
