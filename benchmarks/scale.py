@@ -380,7 +380,8 @@ where one exists (`benchmarks/gpu_check.sh` runs the other GPU checks).
 {chr(10).join(_context(results))}
 
 Times on this machine vary with the other jobs' load (the load averages above); the per-(unit,
-image) costs are wall-clock seconds of one thread.
+image) costs and the CPU-thread hours are CPU seconds of the one scoring thread, the wall-clock
+columns elapsed time under that load.
 """
 
 
