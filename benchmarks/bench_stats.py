@@ -60,9 +60,13 @@ class RowsFile:
         with self.locked():
             if row["id"] in self.read():
                 return False
-            text = json.dumps(row, sort_keys=True)
+            prefix = ""
+            if self.path.is_file() and self.path.stat().st_size:
+                with open(self.path, "rb") as fh:
+                    fh.seek(-1, os.SEEK_END)
+                    prefix = "" if fh.read(1) == b"\n" else "\n"  # after a line cut by a killed process
             with open(self.path, "a") as fh:
-                fh.write(text + "\n")
+                fh.write(prefix + json.dumps(row, sort_keys=True) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
             return True
