@@ -95,13 +95,17 @@ def tp_settings(family: str) -> dict:
 
 
 def plan(targets=TARGETS, seeds=SEEDS, epochs=EPOCHS, long_epochs=LONG_EPOCHS, tp_variants=TP_VARIANTS,
-         explore=tuple(EXPLORE)) -> list[Row]:
+         explore=tuple(EXPLORE), extra_long_epochs=0) -> list[Row]:
     """Every row, in the order that decides the claim.
 
     Per target (50% first): the timing row; curlprune's default with every seed; the Torch-Pruning
     variants (seed 0, they choose "TP best" on val); TP best with the other seeds; curlprune l1 and
     kl as published with every seed. Then the long-recovery rows (curlprune default and TP best at
     the first target, seed 0), the other curlprune criteria (seed 0) and the tier-0 allocation study.
+
+    ``extra_long_epochs`` N > 0 (default 0: none) appends the literature's longer recovery (N = 100,
+    meant for a GPU): curlprune's default and TP best at the first target, seed 0, N epochs. They
+    come after every other row, so the positions (and shards) of the others do not move.
     """
     rows = [Row("timing")]
     for target in targets:
@@ -116,7 +120,15 @@ def plan(targets=TARGETS, seeds=SEEDS, epochs=EPOCHS, long_epochs=LONG_EPOCHS, t
         rows += [Row(f, target, epochs, seeds[0]) for f in ("kla-best", "taylor", "random")]
     for target in targets:
         rows += [Row(f"alloc:{name}", target, 0, seeds[0]) for name in explore]
+    if extra_long_epochs and extra_long_epochs not in (epochs, long_epochs):
+        rows += [Row(f, targets[0], extra_long_epochs, seeds[0]) for f in ("kl-best", "tp-best")]
     return rows
+
+
+def variants_of(rows: list[Row]) -> list[str]:
+    """The Torch-Pruning variants planned in ``rows``, each once, in plan order (a variant is planned
+    at every target; "TP best" is chosen among them, and the report lists each once per target)."""
+    return list(dict.fromkeys(r.family for r in rows if r.family in TP_VARIANTS))
 
 
 def smoke_plan() -> list[Row]:

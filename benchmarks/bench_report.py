@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import bench_plan as bp
-from bench_stats import fmt_mean_std, paired_difference, verdict
+from bench_stats import fmt_mean_std, mixed_devices, paired_difference, run_on, verdict
 
 RUN = """How to run (two background processes, one thread each, sharing the rows file; a finished row is
 never recomputed, so the same commands resume after a stop):
@@ -14,6 +14,11 @@ never recomputed, so the same commands resume after a stop):
     setsid nohup python benchmarks/cifar_resnet56.py --shard 0/2 > runs/bench-r56-shard0.log 2>&1 &
     setsid nohup python benchmarks/cifar_resnet56.py --shard 1/2 > runs/bench-r56-shard1.log 2>&1 &
     python benchmarks/cifar_resnet56.py --report      # rewrite this file from benchmarks/results/cifar_resnet56.jsonl
+
+On a GPU (the literature's 100-epoch recovery of curlprune's default and TP best at 50%, seed 0;
+carry runs/bench-r56/scores/ and runs/bench-r56/t0.5/ along so the rows prune the same models):
+
+    python benchmarks/cifar_resnet56.py --device cuda --amp bf16 --extra-long-epochs 100 --rows '*/e100/*'
 
 Each process rewrites this file after every row it finishes. `--rows 'kl-best@0.5/*,tp-*@0.5/*'`
 restricts to rows whose id matches; `--smoke` runs a few-minute end-to-end check on a tiny subset
@@ -36,6 +41,14 @@ pruned model; the seed sets the data order and mixup; top-1 of the last epoch. M
 std(d)/sqrt(n); "ahead"/"behind" only beyond 2 SE, else "on par". MACs ratio: achieved MACs / unpruned;
 a row outside 1% of its target is flagged.
 
+Devices. Every row records where it ran: `device` (cpu | cuda) and `amp` (off | bf16) of its
+scoring, BN re-estimation, evaluation and recovery (Torch-Pruning's stepped pruning always runs on
+the CPU); a row without the fields ran on the CPU in float32. The device is not part of a row's id:
+a finished row is kept, never recomputed on another device. GPU kernels (and bf16 more so) round
+differently from the CPU's, so a row is the same measurement up to that noise, not the same
+numbers: a mean or a paired difference over rows from more than one device is flagged **mixed
+devices**, and the device of each row is in the last table.
+
 Caveat on the validation split: the published ResNet-56 was trained on all 50,000 training images,
 so the held-out images are training images of the unpruned model (its val top-1 is near 100%).
 Val top-1 of a pruned model partly measures what it retains of images its parent memorised: a
@@ -50,6 +63,11 @@ def _by(rows: dict, family: str, target: float, epochs: int) -> list[dict]:
 
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _mixed(rows) -> str:
+    labels = mixed_devices(rows)
+    return f" **mixed devices: {' / '.join(labels)}**" if labels else ""
 
 
 def _diff(d) -> str:
@@ -95,7 +113,7 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
                 label += f" ({found[0]['family']})"
             ratios = sorted({r["macs_ratio"] for r in found})
             flag = "" if all(r["within_1pct"] for r in found) else " **outside 1%**"
-            lines.append(f"| {family} | {label} | {'/'.join(f'{x:.3f}' for x in ratios)}{flag} | "
+            lines.append(f"| {family} | {label}{_mixed(found)} | {'/'.join(f'{x:.3f}' for x in ratios)}{flag} | "
                          f"{fmt_mean_std([r['val_top1'] for r in found])} | {fmt_mean_std([r['test_top1'] for r in found])} | "
                          f"{fmt_mean_std([r['test_bn'] for r in found])} |")
         lines += ["", "| comparison (a - b, same seeds) | n | val diff ± SE | test diff ± SE | verdict (test) |", "|---|---|---|---|---|"]
@@ -103,18 +121,19 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
             if a in per_seed and b in per_seed:
                 dv = paired_difference({s: r["val_top1"] for s, r in per_seed[a].items()}, {s: r["val_top1"] for s, r in per_seed[b].items()})
                 dt = paired_difference({s: r["test_top1"] for s, r in per_seed[a].items()}, {s: r["test_top1"] for s, r in per_seed[b].items()})
-                lines.append(f"| {what} | {dt['n'] if dt else 0} | {_diff(dv)} | {_diff(dt)} | a {verdict(dt)} |")
+                paired = [per_seed[f][s] for f in (a, b) for s in (dt["seeds"] if dt else [])]
+                lines.append(f"| {what}{_mixed(paired)} | {dt['n'] if dt else 0} | {_diff(dv)} | {_diff(dt)} | a {verdict(dt)} |")
         lines.append("")
     long_rows = [r for r in rows.values() if r.get("family") in ("kl-best", "tp-best") and r.get("epochs", 0) > epochs_seeded]
     if long_rows:
-        lines += ["## Longer recovery", "", "| row | target | epochs | seed | MACs ratio | val top-1 | test top-1 | same seed, "
-                  f"{epochs_seeded} epochs: test |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["## Longer recovery", "", "| row | target | epochs | seed | device | MACs ratio | val top-1 | test top-1 | same seed, "
+                  f"{epochs_seeded} epochs: test |", "|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(long_rows, key=lambda r: (-r["target"], r["family"], r["epochs"], r["seed"])):
             family = r["family"] if r["family"] != "tp-best" else f"tp-best ({r.get('resolved_to')})"
             short = rows.get(bp.Row(r["family"], r["target"], epochs_seeded, r["seed"]).id)
             if short is None and r["family"] == "tp-best" and r["seed"] == 0:
                 short = rows.get(bp.Row(r.get("resolved_to", ""), r["target"], epochs_seeded, 0).id)
-            lines.append(f"| {family} | {r['target']:.0%} | {r['epochs']} | {r['seed']} | {r['macs_ratio']:.3f} | "
+            lines.append(f"| {family} | {r['target']:.0%} | {r['epochs']} | {r['seed']} | {run_on(r)} | {r['macs_ratio']:.3f} | "
                          f"{_pct(r['val_top1'])} | {_pct(r['test_top1'])} | {_pct(short['test_top1'] if short else None)} |")
         lines.append("")
     for target in targets:
@@ -122,7 +141,7 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
         if not found:
             continue
         best = max(found, key=lambda r: r["val_top1"]) if len(found) == len(variants) else None
-        lines += [f"## Torch-Pruning 1.6.1 variants at {target:.0%} (seed 0, {variant_epochs} epochs; best chosen on val)", "",
+        lines += [f"## Torch-Pruning 1.6.1 variants at {target:.0%} (seed 0, {variant_epochs} epochs; best chosen on val){_mixed(found)}", "",
                   "| variant | importance | max_pruning_ratio | shortcuts in importance | MACs ratio | steps | val BN | val top-1 | test top-1 |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in found:
@@ -156,10 +175,12 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
     if flagged:
         lines += ["## Flagged: achieved MACs outside 1% of the target", "", *[f"- {i}" for i in flagged], ""]
     finished = [r for r in rows.values() if r["kind"] != "timing"]
-    lines += [] if not finished else ["## Every finished row", "", "| id | MACs ratio | val raw | val BN | val top-1 | test top-1 | CPU s: prune | evaluation | recovery |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    devices = {label: sum(run_on(r) == label for r in finished) for label in sorted({run_on(r) for r in finished})}
+    lines += [] if not finished else ["## Every finished row", "", "Rows by device: " + ", ".join(f"{k} {n}" for k, n in devices.items()) + ".", "",
+                                      "| id | device | MACs ratio | val raw | val BN | val top-1 | test top-1 | CPU s: prune | evaluation | recovery |",
+                                      "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(finished, key=lambda r: r["id"]):
-        lines.append(f"| {r['id']}{' -> ' + r['resolved_to'] if r.get('resolved_to') else ''} | {r['macs_ratio']:.3f} | "
+        lines.append(f"| {r['id']}{' -> ' + r['resolved_to'] if r.get('resolved_to') else ''} | {run_on(r)} | {r['macs_ratio']:.3f} | "
                      f"{_pct(r['val_raw'])} | {_pct(r['val_bn'])} | {_pct(r['val_top1'])} | {_pct(r['test_top1'])} | "
                      f"{r.get('prune_cpu_seconds', 0):.0f} | {r.get('eval_cpu_seconds', 0):.0f} | {r.get('recovery_cpu_seconds', 0):.0f} |")
     if not rows:

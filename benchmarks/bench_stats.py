@@ -96,13 +96,14 @@ def shard(items: Sequence, spec: str | None) -> list:
 
 def run_pending(ids: Sequence[str], store: RowsFile, compute: Callable[[str, dict], dict | None],
                 report: Callable[[], None], wait: bool = True, poll_seconds: float = 60.0,
-                log: Callable[[str], None] = print) -> list[str]:
+                log: Callable[[str], None] = print, summary: Callable[[dict], str] | None = None) -> list[str]:
     """Compute the unfinished rows of ``ids`` in plan order and append each to ``store`` as it finishes.
 
     ``compute(row_id, done)`` returns the row (a JSON-able dict with ``id``), or None while the row
     cannot run yet (it waits for rows another shard computes); such a row is retried after every
     finished row. With nothing runnable: wait ``poll_seconds`` and look again (``wait``), or stop.
     A row found finished in the file (e.g. written by another process) is never computed.
+    ``summary(row)``: what the log line of a finished row says after its id ("finished" when None).
 
     Returns:
         The ids left unfinished (empty unless ``wait`` is False).
@@ -123,7 +124,7 @@ def run_pending(ids: Sequence[str], store: RowsFile, compute: Callable[[str, dic
             todo.remove(row_id)
             progressed, waiting_since = True, None
             report()
-            log(f"{row_id}: finished")
+            log(f"{row_id}: {summary(record) if summary else 'finished'}")
             break  # from the top again: earlier rows may have become runnable
         if todo and not progressed:
             if not wait:
@@ -133,6 +134,23 @@ def run_pending(ids: Sequence[str], store: RowsFile, compute: Callable[[str, dic
             log(f"waiting for the rows {todo[0]} needs ({time.time() - waiting_since:.0f} s)")
             time.sleep(poll_seconds)
     return []
+
+
+# ---------------------------------------------------------------------------------- devices
+
+
+def run_on(row: Mapping) -> str:
+    """Where a row was computed: its ``device`` ("cpu" | "cuda") and, when not off, its ``amp``
+    ("cuda, bf16"). Rows recorded before the fields existed ran on the CPU in float32: "cpu"."""
+    device, amp = row.get("device") or "cpu", row.get("amp") or "off"
+    return device if amp == "off" else f"{device}, {amp}"
+
+
+def mixed_devices(rows: Iterable[Mapping]) -> list[str]:
+    """The sorted :func:`run_on` labels of ``rows`` when there are two or more (their numbers come
+    from kernels that round differently: a mean or a difference over them is flagged), else []."""
+    labels = sorted({run_on(row) for row in rows})
+    return labels if len(labels) > 1 else []
 
 
 # ---------------------------------------------------------------------------------- stopping rule

@@ -15,13 +15,26 @@ ResNet-56 (../shared/models/resnet56-4bfd9763.th). Targets: 50% and 30% of the u
 * Torch-Pruning: 12 variants per target (bench_plan.py), each stopped at the step nearest the
   target (a finer schedule when outside 1%; a row outside 1% is flagged in the report).
 * Resumable: one JSON line per finished row in --rows-file, keyed by the row id; a finished row
-  is never recomputed. Pruned models are cached under --out/t<target>/<family>/, scores under
-  --out/scores/. --shard i/n splits the plan between processes without overlap.
+  is never recomputed (bench_stats.run_pending). Pruned models are cached under
+  --out/t<target>/<family>/, scores under --out/scores/. --shard i/n splits the plan between
+  processes without overlap.
+* Device: --device cpu (default, one thread: the recorded rows' setting) | cuda[:i] | auto, and
+  --amp off (default) | bf16. The device takes the prune stage's part (scoring the unpruned model,
+  BN re-estimation, evaluation, docs/method.md §10; Torch-Pruning's stepped pruning, selection and
+  slicing stay on the CPU) and the distill stage (device, amp: docs/method.md §11) of every row,
+  Torch-Pruning's included; on a GPU evaluation runs in batches of 1,024, the training batches
+  come from 4 DataLoader workers (--workers) and cuDNN picks its fastest kernels. Every row
+  records `device` and `amp` (rows without them ran on the CPU in float32); they are not part of
+  the row id: a finished row is not recomputed on another device, and the report flags means and
+  differences over rows from more than one device. --extra-long-epochs 100 adds the literature's
+  100-epoch recovery of kl-best and TP best at 50% (seed 0) after every other row (GPU only, in
+  practice; the default plan has none).
 
     python benchmarks/cifar_resnet56.py --list            # planned rows, estimated cost
     python benchmarks/cifar_resnet56.py --shard 0/2       # one of two background processes
     python benchmarks/cifar_resnet56.py --report          # rewrite the markdown from the rows file
-    python benchmarks/cifar_resnet56.py --smoke           # a few minutes, end to end, runs/bench-smoke
+    python benchmarks/cifar_resnet56.py --smoke           # a few minutes, end to end, runs/bench-r56-smoke
+    python benchmarks/cifar_resnet56.py --device cuda --amp bf16 --extra-long-epochs 100 --rows '*/e100/*'
 """
 from __future__ import annotations
 
@@ -30,6 +43,7 @@ import copy
 import fcntl
 import fnmatch
 import json
+import re
 import sys
 import time
 from importlib.metadata import version
@@ -43,7 +57,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_plan as bp  # noqa: E402
 from bench_report import write_markdown  # noqa: E402
-from bench_stats import RowsFile, pending, shard, within  # noqa: E402
+from bench_stats import RowsFile, run_pending, shard, within  # noqa: E402
+from curlprune.errors import CurlpruneError  # noqa: E402
+from curlprune.recover.amp import canonical_amp, check_amp  # noqa: E402
+from curlprune.recover.dist import resolve_device  # noqa: E402
+from curlprune.run.prune_core import full_float32, on_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -57,10 +75,33 @@ FULL = {"val_per_class": 500, "calib": 256, "bn_images": 2048, "monitor": 1000, 
         "tp_steps": 400}
 SMOKE = {"val_per_class": 20, "calib": 32, "bn_images": 128, "monitor": 100, "train": 1500, "test": 500,
          "tp_steps": 100}
+EVAL_BATCH = {"cpu": 256, "cuda": 1024}  # evaluation batch (images) by device type
+GPU_WORKERS = 4  # DataLoader workers of the recovery on a GPU (--workers); the CPU rows use none
+DEVICE_FORMAT = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def choose_device(device: str, amp: str) -> tuple[torch.device, str | None]:
+    """The torch device of ``--device`` (auto | cpu | cuda | cuda:<i>) and the canonical ``--amp``
+    (None = off), checked before anything is loaded.
+
+    Raises:
+        CurlpruneError: a malformed device, CUDA (or that GPU) absent here, or an amp the device
+            cannot run (one line each; docs/method.md §10, §11).
+    """
+    if not DEVICE_FORMAT.fullmatch(device):
+        raise CurlpruneError(f"--device {device!r}: give auto, cpu, cuda or cuda:<index>")
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise CurlpruneError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s): "
+                             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    canonical = canonical_amp(amp)
+    check_amp(canonical, resolved)
+    return resolved, canonical
 
 
 class Bench:
-    def __init__(self, out: Path, settings: dict) -> None:
+    def __init__(self, out: Path, settings: dict, device: torch.device = torch.device("cpu"), amp: str | None = None,
+                 workers: int = 0) -> None:
         import curlprune
         from curlprune.cost.analysis import model_cost_fn
         from curlprune.data import data
@@ -68,6 +109,8 @@ class Bench:
         from curlprune.models import build, input_spec
 
         self.out, self.s = out, settings
+        self.device, self.amp, self.workers = device, amp, workers
+        self.eval_batch = EVAL_BATCH[device.type]
         started = time.time()
         splits = data.load_image_folder(DATA, splits=["train", "test"])
         train, test = splits["train"], splits["test"]
@@ -89,18 +132,29 @@ class Bench:
         self.bn_images = torch.cat([x for x, _ in data.batches(bn, self.spec, 256)])
         self.monitor = data.calibration_subset(self.val, settings["monitor"], SPLIT_SEED)
         self.score_cpu: dict[str, float] = {}
+        self.score_device: dict[str, str] = {}
 
     # ------------------------------------------------------------------ measurements
 
     def top1(self, model: nn.Module, split: str) -> float:
+        """Top-1 (%) on val or test, on the bench's device (a copy of ``model`` moved there when it is elsewhere)."""
         from curlprune.data.data import evaluate
 
-        return round(100.0 * evaluate(model, self.val if split == "val" else self.test, self.spec), 2)
+        ds = self.val if split == "val" else self.test
+        return round(100.0 * evaluate(on_device(model, self.device), ds, self.spec, batch_size=self.eval_batch), 2)
 
     def bn_reestimated(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` on the bench's device with its BN statistics re-estimated."""
         import curlprune
 
-        return curlprune.recalibrate_bn(copy.deepcopy(model), self.bn_images, len(self.bn_images)).eval()
+        return curlprune.recalibrate_bn(copy.deepcopy(model).to(self.device), self.bn_images, len(self.bn_images)).eval()
+
+    def device_fields(self) -> dict:
+        """What every row records about where it ran (bench_stats.run_on reads them)."""
+        fields = {"device": self.device.type, "amp": self.amp or "off"}
+        if self.device.type == "cuda":
+            fields.update(gpu=torch.cuda.get_device_name(self.device), workers=self.workers)
+        return fields
 
     def shape(self, model: nn.Module, target: float) -> dict:
         import curlprune
@@ -116,7 +170,9 @@ class Bench:
 
     def scores(self, criterion: str, fresh: bool = False) -> tuple[dict, float]:
         """Scores of the unpruned model on the calibration images and their seconds; cached in
-        --out/scores/<criterion>.npz (computed by one process at a time)."""
+        --out/scores/<criterion>.npz (computed by one process at a time, on the bench's device in
+        float32, TF32 off; a cached file is used whatever device computed it, as the prune stage
+        does, docs/method.md §10; its meta names the device)."""
         from curlprune.criteria import compute_scores
 
         path = self.out / "scores" / f"{criterion}.npz"
@@ -130,14 +186,18 @@ class Bench:
                 if meta.get("calib") != self.s["calib"] or meta.get("seed") != SPLIT_SEED:
                     raise SystemExit(f"{path} was computed with other settings ({meta}): delete it")
                 self.score_cpu[criterion] = float(meta.get("cpu_seconds", meta["seconds"]))
+                self.score_device[criterion] = meta.get("device", "cpu")
                 return scores, float(meta["seconds"])
             images, labels = self.calib
+            scorer = on_device(self.teacher, self.device)  # the teacher itself on the CPU
             started, cpu = time.time(), time.process_time()
-            scores = compute_scores(criterion, self.teacher, self.groups, images=images, labels=labels, seed=SPLIT_SEED)
+            with full_float32():
+                scores = compute_scores(criterion, scorer, self.groups, images=images, labels=labels, seed=SPLIT_SEED)
             meta = {"criterion": criterion, "calib": self.s["calib"], "seed": SPLIT_SEED, "seconds": time.time() - started,
-                    "cpu_seconds": time.process_time() - cpu}
+                    "cpu_seconds": time.process_time() - cpu, "device": self.device.type}
             np.savez(path, __meta__=np.array(json.dumps(meta)), **scores)
             self.score_cpu[criterion] = meta["cpu_seconds"]
+            self.score_device[criterion] = self.device.type
             return scores, meta["seconds"]
 
     # ------------------------------------------------------------------ pruned models (cached per family and target)
@@ -182,8 +242,11 @@ class Bench:
         scores, score_seconds = self.scores(criterion)
         selection = allocate(self.groups, scores, self.cost_fn, Target("macs", target), allocation)
         model = curlprune.apply(self.teacher, self.groups, selection.plan).eval()
-        return model, {"plan": selection.plan, "criterion": criterion, "allocation": allocation.as_dict(),
-                       "score_seconds": round(score_seconds, 1), "prune_seconds": round(time.time() - started, 1)}
+        info = {"plan": selection.plan, "criterion": criterion, "allocation": allocation.as_dict(),
+                "score_seconds": round(score_seconds, 1), "prune_seconds": round(time.time() - started, 1)}
+        if self.score_device[criterion] != "cpu":  # unset: scored on the CPU (every row before --device)
+            info["score_device"] = self.score_device[criterion]
+        return model, info
 
     def tp_prune(self, family: str, target: float) -> tuple[nn.Module, dict]:
         import curlprune
@@ -219,7 +282,7 @@ class Bench:
         started, cpu = time.time(), time.process_time()
         model, info = self.pruned(family, row.target)
         record.update(id=row.id, family=row.family, target=row.target, epochs=row.epochs, seed=row.seed, kind=row.kind,
-                      **self.shape(model, row.target), prune=info)
+                      **self.shape(model, row.target), prune=info, **self.device_fields())
         record["prune_cpu_seconds"] = round(time.process_time() - cpu, 1)  # ~0 when the pruned model was cached
         wall, cpu = time.time(), time.process_time()
         bn_model = self.bn_reestimated(model)
@@ -238,11 +301,14 @@ class Bench:
     def recover(self, student: nn.Module, row: bp.Row) -> dict:
         from curlprune.recover.distill import DistillConfig, distill
 
-        cfg = DistillConfig(epochs=row.epochs, batch_size=64, lr=0.02, warmup_epochs=0.2, seed=row.seed, progress=False)
-        folder = self.out / f"t{row.target:g}" / row.family / f"distill-e{row.epochs}-s{row.seed}"
+        cfg = DistillConfig(epochs=row.epochs, batch_size=64, lr=0.02, warmup_epochs=0.2, seed=row.seed, progress=False,
+                            device=str(self.device), amp=self.amp, num_workers=self.workers,
+                            eval_batch_size=self.eval_batch if self.device.type == "cuda" else DistillConfig.eval_batch_size)
+        amp_tag = f"-{self.amp}" if self.amp else ""  # a stage resumes only with its own amp (docs/method.md §11)
+        folder = self.out / f"t{row.target:g}" / row.family / f"distill-e{row.epochs}-s{row.seed}{amp_tag}"
         result = distill(student, copy.deepcopy(self.teacher), {"train": self.train, "test": self.monitor}, self.spec, cfg,
                          run_dir=folder)
-        model = result.model.cpu().eval()
+        model = result.model.eval()  # top1 evaluates it on the bench's device
         return {"val_top1": self.top1(model, "val"), "test_top1": self.top1(model, "test"),
                 "recovery_seconds": round(result.seconds, 1), "monitor_val_top1_last": result.last_top1,
                 "train_images": len(self.train),
@@ -256,7 +322,7 @@ class Bench:
             _, seconds[criterion] = self.scores(criterion, fresh=True)
         import curlprune
 
-        return {"id": "timing", "family": "timing", "kind": "timing", "calib": self.s["calib"],
+        return {"id": "timing", "family": "timing", "kind": "timing", "calib": self.s["calib"], **self.device_fields(),
                 "threads": torch.get_num_threads(), "score_seconds": {k: round(v, 1) for k, v in seconds.items()},
                 "score_cpu_seconds": {k: round(self.score_cpu[k], 1) for k in seconds},
                 "teacher": {"val_top1": self.top1(self.teacher, "val"), "test_top1": self.top1(self.teacher, "test"),
@@ -272,35 +338,18 @@ def select(rows: list[bp.Row], pattern: str | None, shard_spec: str | None) -> l
     return shard(rows, shard_spec)
 
 
-def run(bench: Bench, rows: list[bp.Row], store: RowsFile, report, wait: bool) -> None:
-    """Run the unfinished rows in order; a TP-best row waits (polling) for its variants."""
-    todo = pending([r.id for r in rows], store.read())
-    waiting_since = None
-    while todo:
-        progressed = False
-        for row_id in list(todo):
-            done = store.read()
-            if row_id in done:
-                todo.remove(row_id)
-                continue
-            row = bp.parse_id(row_id)
-            record = bench.run_row(row, done)
-            if record is None:
-                continue  # TP best not resolvable yet: try the next row
-            store.append(record)
-            todo.remove(row_id)
-            progressed = True
-            report()
-            print(f"{row_id}: " + json.dumps({k: record.get(k) for k in ("macs_ratio", "val_top1", "test_top1",
-                                                                       "resolved_to", "score_seconds")}), flush=True)
-            break  # re-read the plan from the top: earlier rows may have become runnable
-        if todo and not progressed:
-            if not wait:
-                print(f"stopping: {todo} wait for Torch-Pruning variants not finished (another shard?)", flush=True)
-                return
-            waiting_since = waiting_since or time.time()
-            print(f"waiting for the Torch-Pruning variants of {todo[0]} ({time.time() - waiting_since:.0f} s)", flush=True)
-            time.sleep(60)
+SUMMARY = ("macs_ratio", "val_top1", "test_top1", "resolved_to", "score_seconds")
+
+
+def run(bench: Bench, rows: list[bp.Row], store: RowsFile, report, wait: bool) -> list[str]:
+    """Run the unfinished rows in order with :func:`bench_stats.run_pending`: each finished row is
+    appended to ``store`` and ``report()`` rewrites the markdown; a TP-best row waits (polling every
+    60 s) for its variants, or with ``wait`` False is left. Returns the ids left unfinished."""
+    def compute(row_id: str, done: dict) -> dict | None:
+        return bench.run_row(bp.parse_id(row_id), done)  # None: TP best not resolvable yet
+
+    return run_pending([r.id for r in rows], store, compute, report, wait=wait, log=lambda m: print(m, flush=True),
+                       summary=lambda record: json.dumps({k: record.get(k) for k in SUMMARY}))
 
 
 def main() -> None:
@@ -317,14 +366,21 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny subset, 1 epoch, a few rows: proves the script end to end")
     parser.add_argument("--out", default=None, help="scores, pruned models, distill runs (default runs/bench-r56[-smoke])")
     parser.add_argument("--rows-file", default=None, help="JSON lines of finished rows (default benchmarks/results/cifar_resnet56.jsonl)")
+    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:<i>: scoring, BN re-estimation, evaluation and "
+                        "recovery of every row (default cpu, one thread: the setting of the recorded rows)")
+    parser.add_argument("--amp", default="off", choices=["off", "bf16"], help="mixed precision of the recovery (distill stage)")
+    parser.add_argument("--workers", type=int, default=None, help=f"DataLoader workers of the recovery (default {GPU_WORKERS} on a GPU, 0 on the CPU)")
+    parser.add_argument("--extra-long-epochs", type=int, default=0, help="also plan kl-best and TP best at the first target, "
+                        "seed 0, with this many recovery epochs (100: the literature's setting, for a GPU), after every other row")
     args = parser.parse_args()
     settings = SMOKE if args.smoke else FULL
     out = Path(args.out or ("runs/bench-r56-smoke" if args.smoke else "runs/bench-r56"))
     store = RowsFile(args.rows_file or (out / "rows.jsonl" if args.smoke else RESULTS / "cifar_resnet56.jsonl"))
     md = store.path.with_suffix(".md")
-    plan = bp.smoke_plan() if args.smoke else bp.plan(args.targets, args.seeds, args.epochs, args.long_epochs)
+    plan = bp.smoke_plan() if args.smoke else bp.plan(args.targets, args.seeds, args.epochs, args.long_epochs,
+                                                      extra_long_epochs=args.extra_long_epochs)
     rows = select(plan, args.rows, args.shard)
-    variants = [r.family for r in plan if r.family in bp.TP_VARIANTS]
+    variants = bp.variants_of(plan)
     variant_epochs = next((r.epochs for r in plan if r.family in bp.TP_VARIANTS), args.epochs)
     report = lambda: write_markdown(store.read(), md, variants=variants, variant_epochs=variant_epochs,  # noqa: E731
                                     settings=settings, smoke=args.smoke)
@@ -341,13 +397,25 @@ def main() -> None:
         report()
         print(f"wrote {md}")
         return
+    try:
+        device, amp = choose_device(args.device, args.amp)
+        if args.workers is not None and args.workers < 0:
+            raise CurlpruneError(f"--workers {args.workers}: give 0 or more DataLoader worker processes")
+    except CurlpruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     torch.set_num_threads(1)
     if not DATA.is_file() or not WEIGHTS.is_file():
         raise SystemExit(f"needs {DATA} and {WEIGHTS}")
-    bench = Bench(out, settings)
+    workers = args.workers if args.workers is not None else (GPU_WORKERS if device.type == "cuda" else 0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # batch shapes repeat: cuDNN's fastest kernels for them
+    bench = Bench(out, settings, device, amp, workers)
     bench.variants, bench.variant_epochs = variants, variant_epochs
     print(f"decoded and split the data in {bench.decode_seconds:.0f} s: train {len(bench.train)}, val {len(bench.val)}, "
           f"test {len(bench.test)}; {len(rows)} rows selected", flush=True)
+    if device.type != "cpu" or amp:
+        print(f"device {device}, amp {amp or 'off'}, {workers} DataLoader workers", flush=True)
     run(bench, rows, store, report, wait=not args.no_wait)
     report()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -17,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_plan as bp  # noqa: E402
 import cifar_resnet56 as bench  # noqa: E402
 from bench_report import write_markdown  # noqa: E402
-from bench_stats import (RowsFile, mean_std, nearest_step, paired_difference, pending, shard, verdict,  # noqa: E402
-                         within)
+from bench_stats import (RowsFile, mean_std, mixed_devices, nearest_step, paired_difference, pending, run_on,  # noqa: E402
+                         shard, verdict, within)
+from curlprune.errors import CurlpruneError  # noqa: E402
 
 A = {0: 91.71, 1: 91.50, 2: 91.62}
 B = {0: 91.31, 1: 91.40, 2: 91.10}
@@ -98,6 +100,18 @@ def test_a_finished_row_is_never_recomputed(tmp_path):
     assert len(store.path.read_text().splitlines()) == 3
 
 
+def test_run_logs_each_finished_row_with_its_numbers_and_reports_after_it(tmp_path, capsys):
+    store = RowsFile(tmp_path / "rows.jsonl")
+    rows = [bp.Row("kl-best", 0.5, 2, s) for s in (0, 1)]
+    reports = []
+    left = bench.run(Counting(), rows, store, report=lambda: reports.append(len(store.read())), wait=False)
+    assert left == [] and reports == [1, 2]  # the markdown is rewritten after every row, the row already in the file
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("kl-best@")]
+    assert lines == [f'{rows[0].id}: {{"macs_ratio": null, "val_top1": 51.0, "test_top1": null, "resolved_to": null, '
+                     f'"score_seconds": null}}', f'{rows[1].id}: {{"macs_ratio": null, "val_top1": 52.0, "test_top1": null, '
+                     f'"resolved_to": null, "score_seconds": null}}']
+
+
 def test_shards_split_the_plan_without_overlap():
     plan = [r.id for r in bp.plan()]
     assert len(set(plan)) == len(plan)
@@ -119,6 +133,7 @@ def test_plan_order_and_ids():
         assert {f"tp-best@{target:g}/e2/s{s}" for s in (1, 2)} <= ids  # seed 0: the chosen variant's row
         assert {f"{v}@{target:g}/e2/s0" for v in bp.TP_VARIANTS} <= ids
     assert {"kl-best@0.5/e10/s0", "tp-best@0.5/e10/s0"} <= ids
+    assert bp.variants_of(plan) == bp.TP_VARIANTS  # once each, though planned at both targets
     assert len(bp.TP_VARIANTS) == 12 and bp.tp_settings("tp-l2-cap-in") == {
         "importance": "l2", "max_pruning_ratio": pytest.approx(0.7), "shortcuts_in": True}
 
@@ -162,3 +177,53 @@ def test_report_shows_mean_std_and_the_paired_verdict(tmp_path):
     assert f"{d['mean']:+.2f} ± {d['se']:.2f}" in text and f"a {verdict(d)}" in text
     assert "setsid nohup" in text and "--shard 1/2" in text
     json.dumps(rows)  # rows are plain JSON
+
+
+def test_rows_without_a_device_read_as_cpu_float32_and_mixing_is_detected():
+    old = _row("kl-best", 0, 90.0, 91.0)  # a row recorded before the device fields
+    cpu = _row("kl-best", 1, 90.0, 91.0, device="cpu", amp="off")
+    gpu = _row("kl-best", 2, 90.0, 91.0, device="cuda", amp="bf16", gpu="NVIDIA H200", workers=4)
+    assert run_on(old) == run_on(cpu) == "cpu" and run_on(gpu) == "cuda, bf16"
+    assert run_on({"device": "cuda", "amp": "off"}) == "cuda"
+    assert mixed_devices([old, cpu]) == []
+    assert mixed_devices([old, cpu, gpu]) == ["cpu", "cuda, bf16"]
+
+
+def test_report_flags_a_comparison_over_rows_from_two_devices(tmp_path):
+    rows = {}
+    for s in (0, 1, 2):
+        rows[bp.Row("kl-best", 0.5, 2, s).id] = _row("kl-best", s, 90.0, A[s])
+        rows[bp.Row("l1", 0.5, 2, s).id] = _row("l1", s, 90.0, B[s])
+    path = tmp_path / "report.md"
+    write_markdown(rows, path, variants=[], variant_epochs=2, settings=bench.FULL)
+    assert "**mixed devices:" not in path.read_text() and "Rows by device: cpu 6." in path.read_text()
+    rows[bp.Row("l1", 0.5, 2, 2).id].update(device="cuda", amp="bf16")
+    write_markdown(rows, path, variants=[], variant_epochs=2, settings=bench.FULL)
+    text = path.read_text()
+    l1_line = next(line for line in text.splitlines() if line.startswith("| l1 |"))
+    kl_line = next(line for line in text.splitlines() if line.startswith("| kl-best |"))
+    assert "**mixed devices: cpu / cuda, bf16**" in l1_line and "mixed" not in kl_line
+    vs_l1 = next(line for line in text.splitlines() if line.startswith("| curlprune default vs curlprune l1"))
+    assert "**mixed devices: cpu / cuda, bf16**" in vs_l1
+    assert "Rows by device: cpu 5, cuda, bf16 1." in text and "| l1@0.5/e2/s2 | cuda, bf16 |" in text
+
+
+def test_the_long_gpu_rows_come_after_the_default_plan():
+    default = bp.plan()
+    extended = bp.plan(extra_long_epochs=100)
+    assert extended[:len(default)] == default  # every default row keeps its position (and shard)
+    assert [r.id for r in extended[len(default):]] == ["kl-best@0.5/e100/s0", "tp-best@0.5/e100/s0"]
+    assert bp.plan(extra_long_epochs=bp.LONG_EPOCHS) == default  # no duplicate of the 10-epoch rows
+
+
+def test_the_device_is_checked_before_anything_runs():
+    assert bench.choose_device("cpu", "off") == (torch.device("cpu"), None)
+    assert bench.choose_device("cpu", "bf16") == (torch.device("cpu"), "bf16")  # torch's CPU autocast has bf16
+    with pytest.raises(CurlpruneError, match="give auto, cpu, cuda or cuda:<index>"):
+        bench.choose_device("gpu0", "off")
+    if torch.cuda.is_available():
+        with pytest.raises(CurlpruneError, match="CUDA device"):
+            bench.choose_device(f"cuda:{torch.cuda.device_count()}", "off")
+    else:
+        with pytest.raises(CurlpruneError, match="CUDA is not available"):
+            bench.choose_device("cuda", "off")
