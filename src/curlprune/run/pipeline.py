@@ -16,8 +16,9 @@ Run directory::
     summary.json         accuracies (test top-1 in %), MACs and params, per stage and final
 
 Each stage is skipped when its outputs are complete; a killed run resumes from the last completed
-epoch. Under ``torchrun`` the training stages run on every process (DistributedDataParallel) and
-rank 0 alone prunes and writes the shared files while the other ranks wait.
+epoch. Under ``torchrun`` the training stages run on every process (DistributedDataParallel); the
+prune stage's scoring is shared by the processes (every step's; docs/method.md §10) and rank 0 alone
+selects and writes the shared files.
 
 The file names and the stage-folder protocol are :mod:`curlprune.store.rundir`'s (``model.safetensors``
 is a curlprune checkpoint here and in ``prune/``, plain weights in a training stage's folder).
@@ -74,7 +75,7 @@ from curlprune.store import checkpoint
 from curlprune.data.streaming import DataSettings, open_splits
 from curlprune.data.valsplit import SPLIT_FILE, VAL_SPLIT, check_split_record, check_val_settings, hold_out, images_digest
 
-# Rank 0 may prune for a long time while the other ranks wait in a collective.
+# Rank 0 may select, evaluate (or score with a criterion it runs alone) for a long time while the other ranks wait in a collective.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
 
 
@@ -375,13 +376,14 @@ class Run:
         return Student(self.build_unpruned(), self.model_ref, {}, list(self.example_input.shape), {}, "unpruned", None)
 
     def prune(self) -> tuple[Student, PruneStep]:
-        """Rank 0 prunes (or finds the finished prune stage); every rank then loads its checkpoint."""
-        record = on_main(self.ctx, self._run_prune)
+        """Every rank prunes (sharing the scoring; rank 0 selects and writes) or finds it done, then loads its checkpoint."""
+        record = self._run_prune()
         return Student.from_checkpoint(Path(record.checkpoint)), record
 
     def _run_prune(self) -> PruneStep:
+        """``run_prune`` on every rank: it returns (or raises rank 0's error) on all, then rank 0's record goes to all."""
         prune_dir = self.run_dir / PRUNE_STAGE
-        check_finished_prune(prune_dir, self.cfg.sections[PRUNE_STAGE])
+        on_main(self.ctx, lambda: check_finished_prune(prune_dir, self.cfg.sections[PRUNE_STAGE]))
         weights, classes = self.cfg.weights, self.cfg.num_classes
         if self.transfer_first:  # prune the fine-tuned model (its plain weights file)
             weights, classes = str(self.run_dir / self.cfg.stages[0] / MODEL_FILE), self.model_ref.kwargs.get("num_classes")
@@ -389,13 +391,16 @@ class Run:
         with self.lock.stages():  # the run's own stage may lock prune/ inside the locked run directory
             result = run_prune(self.cfg.sections[PRUNE_STAGE], prune_dir, resume=True, model_name=self.cfg.model,
                                weights=weights, data=self.data, num_classes=classes, input_size=self.cfg.input_size,
-                               model_kwargs=self.cfg.model_kwargs, input_shape=self.cfg.input_shape)
-        # a line lost to a kill after prune/done.json is restored (issue 18)
-        log_stage(self.run_dir, PRUNE_STAGE, None if result.already_done else round(time.time() - started, 2),
-                  did_work=not result.already_done)
-        report = result.report
-        return PruneStep(report.criterion, report.macs_ratio, report.params_ratio, report.accuracy.top1_before,
-                         report.accuracy.top1_after, str(result.checkpoint), report.accuracy.top1_after_bn)
+                               model_kwargs=self.cfg.model_kwargs, input_shape=self.cfg.input_shape, ctx=self.ctx)
+
+        def record() -> PruneStep:  # rank 0 (the others got None); a line lost to a kill after done.json is restored
+            log_stage(self.run_dir, PRUNE_STAGE, None if result.already_done else round(time.time() - started, 2),
+                      did_work=not result.already_done)
+            report = result.report
+            return PruneStep(report.criterion, report.macs_ratio, report.params_ratio, report.accuracy.top1_before,
+                             report.accuracy.top1_after, str(result.checkpoint), report.accuracy.top1_after_bn)
+
+        return on_main(self.ctx, record)
 
     def train(self, stage: str, student: Student) -> tuple[Student, TrainStep]:
         """Run one recovery stage (:func:`curlprune.recover.registry.run_stage`) on every rank; rank 0 saves its checkpoint."""

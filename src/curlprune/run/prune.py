@@ -19,7 +19,8 @@ While ``kl`` scores, ``scores.partial.npz`` holds the groups finished so far (sa
 run continued with ``resume`` scores only the rest and ends with the same scores, bit for bit.
 Under torchrun (``ctx``) every rank calls :func:`run_prune`: rank 0 alone locks the folder, reads
 and writes its files (``scores.partial.npz`` included) and selects; the ranks share the scoring
-(:mod:`curlprune.run.prune_shard`), and a rerun with any number of processes continues a partial file.
+(:mod:`curlprune.run.prune_shard`; every step's with ``steps`` > 1), and a rerun with any number of
+processes continues a partial file. Every rank returns (or raises rank 0's error) when rank 0 is done.
 
 ``resume`` reuses ``scores.npz`` when its fingerprint matches the current settings and is an error
 when it does not (the message names the settings that differ): scores can take hours, so they are
@@ -30,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ from curlprune.recover.dist import DistContext, on_main, resolve_device
 from curlprune.report import console
 from curlprune.run.prune_config import PruneConfig, canonical_settings, scores_fingerprint, stage_identity
 from curlprune.run.prune_core import Compute, prune_model
+from curlprune.run.prune_shard import Lead
 from curlprune.run.prune_data import load_images
 from curlprune.store import (
     DONE_FILE,
@@ -130,8 +133,9 @@ def run_prune(
         input_shape: ``[C, S, S]``, the input of a model named by import path (required for one).
         ctx: the torchrun ranks (:func:`curlprune.recover.dist.init_distributed`), when every rank
             calls this: rank 0 locks, reads and writes ``out_dir``, the ranks share the scoring
-            (docs/method.md §10); an error found on rank 0 before the scoring is raised on every
-            rank. None = one process.
+            (every step's, with ``steps`` > 1; docs/method.md §10); an error rank 0 finds is raised
+            on every rank, and every rank returns only once rank 0 is done (a finished run found:
+            at once, on every rank). None = one process.
         data_settings: whether a data folder or zip is decoded into memory or streamed
             (:class:`curlprune.data.streaming.DataSettings`; None = auto). Not part of the settings:
             both paths draw the same images.
@@ -196,14 +200,18 @@ def _run_prune(config: PruneConfig, out: Path, resume: bool, model_name: str, we
                                plan_sha256=hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest())
         return _scores(out, resume, fingerprint, config, compute, step_scores_file(step), ranks)
 
+    lead = Lead(ctx) if ctx is not None else None
     pruned = prune_model(model, example, config, lambda: load_images(data, spec, config.seed, settings=data_settings), name=model_name,
                          weights=weights, default_protect=lambda m, groups: default_protect(model_name, m, groups),
-                         cache=cache, show=show, ctx=ctx)
-    if pruned is None:  # a rank other than 0: its share of the scores is gathered on rank 0
+                         cache=cache, show=show, ctx=ctx, lead=lead)
+    if pruned is None:  # a rank other than 0: it shared the scorings and waited for rank 0's files (or raised its error)
         return None
     report = pruned.report
     ref = ModelRef(model_name, {**model_kwargs, **({"num_classes": num_classes} if num_classes else {})})
-    checkpoint = _write_outputs(out, ref, example, pruned.plan, pruned.model, report, settings)
+    with lead.leading() if lead is not None else nullcontext():
+        checkpoint = _write_outputs(out, ref, example, pruned.plan, pruned.model, report, settings)
+    if lead is not None:
+        lead.done()  # the other ranks return once the files are written
     if show and report.latency is not None:
         _print_latency(report.latency)
     return PruneResult(out, checkpoint, pruned.plan, report, scores_reused=report.scores_reused or False, groups=pruned.groups,

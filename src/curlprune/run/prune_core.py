@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from curlprune.channels import ChannelGroup, Plan
-from curlprune.cost import check_pruned_cost, model_cost_fn
+from curlprune.cost import check_pruned_cost, model_cost_fn, trace
 from curlprune.criteria import get
 from curlprune.recover.bn import bn_layers, recalibrate_bn
 from curlprune.recover.dist import DistContext, resolve_device
@@ -26,11 +26,12 @@ from curlprune.report import console, print_prune_summary
 from curlprune.run.prune_check import check_target_reachable, traced_groups
 from curlprune.run.prune_config import PruneConfig
 from curlprune.run.prune_data import PruneImages
-from curlprune.run.prune_shard import ablation_costs, compute
+from curlprune.run.prune_shard import Lead, ablation_costs, compute
 from curlprune.select import Target, allocate, measured_cost_fn, named_allocation, ranking_scores, resolve_protect, select_latency
 from curlprune.select.iterative import StepScoreFn, iterative_allocate
 from curlprune.select.limits import resolve_limits
 from curlprune.store import GroupWidth, PruneAccuracy, PruneReport
+from curlprune.surgery import apply
 from curlprune.surgery.keep_class import fallback_message, slice_model
 
 Scores = dict[str, np.ndarray]
@@ -39,8 +40,8 @@ Scores = dict[str, np.ndarray]
 # filled with how the work was split over the torchrun ranks (:func:`curlprune.run.prune_shard.compute`)
 Compute = Callable[[Scores, Callable[[Scores], None] | None, dict], Scores]
 # (calibration images or None, compute, step, plan the scored model was sliced by, ranks) -> (scores, reused from a file, seconds spent);
-# step 1 (plan {}) scores the unpruned model, shared by the torchrun ranks (``ranks``; None = this process alone),
-# steps 2..n the model pruned by the earlier steps (iterative pruning; rank 0 alone)
+# step 1 (plan {}) scores the unpruned model, steps 2..n the model pruned by the earlier steps (iterative pruning);
+# every step is shared by the torchrun ranks (``ranks``; None = this process alone)
 ScoreCache = Callable[[torch.Tensor | None, Compute, int, Plan, DistContext | None], tuple[Scores, bool, float]]
 
 @dataclass
@@ -71,7 +72,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
                 images: PruneImages | Callable[[], PruneImages], *, name: str, weights: str | None = None,
                 default_protect: Callable[[nn.Module, list[ChannelGroup]], list[str]] | None = None,
                 cache: ScoreCache | None = None, show: bool = False, keep_class: bool = True,
-                ctx: DistContext | None = None) -> Pruned | None:
+                ctx: DistContext | None = None, lead: Lead | None = None) -> Pruned | None:
     """Prune ``model`` to ``config``'s target: the prune stage without a run folder.
 
     Args:
@@ -93,11 +94,15 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
             the sliced GraphModule (:func:`curlprune.surgery.keep_class.slice_model`; the reason in
             ``report.model_class``); False = always the GraphModule.
         ctx: the torchrun ranks (:func:`curlprune.recover.dist.init_distributed`); every rank calls
-            this function, the ranks share the first scoring (:mod:`curlprune.run.prune_shard`), rank
-            0 alone selects, slices and evaluates (and scores later steps of iterative pruning).
+            this function, the ranks share every scoring (:mod:`curlprune.run.prune_shard`; the
+            later steps of iterative pruning too), rank 0 alone selects, slices and evaluates; an
+            error rank 0 finds is raised on every rank (:class:`curlprune.run.prune_shard.Lead`).
             None = one process.
+        lead: under ``ctx``, the :class:`~curlprune.run.prune_shard.Lead` of a caller that continues
+            rank 0's work after this returns and then calls its ``done()`` (the other ranks wait
+            until then); None = ended here.
     Returns:
-        :class:`Pruned`; None on the ranks other than 0, once the shared scoring is done.
+        :class:`Pruned`; None on the ranks other than 0, once rank 0 is done.
     Raises:
         CurlpruneError: a CUDA device asked for where there is none, no prunable group, an unreachable target, a pattern of ``protect`` or
             ``max_ratio`` matching no group, a data-driven criterion without training images,
@@ -123,24 +128,51 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneConfig,
     scorer = on_device(model, device)  # the criteria, the evaluation; tracing, selection, slicing on the CPU
     on = [None if t is None else t.to(device) for t in (calib, labels)]
 
-    costs = ablation_costs(model, groups, example) if ranks is not None and criterion.per_group else None
+    shared = ranks is not None and criterion.per_group  # kl's groups are split by their ablation cost
 
     def score(scored: nn.Module, scored_groups, step: int, plan: Plan) -> tuple[Scores, bool, float]:
         scored_on = scorer if step == 1 else on_device(scored, device)
-        shared = ranks if step == 1 else None  # later steps of iterative pruning: rank 0 alone
+        costs = ablation_costs(scored, scored_groups, example) if shared else None
 
         def run(done: Scores, save: Callable[[Scores], None] | None, record: dict) -> Scores:
             with full_float32():
-                return compute(config, scored_on, scored_groups, on[0], on[1], show, done, save, ctx=shared,
+                return compute(config, scored_on, scored_groups, on[0], on[1], show, done, save, ctx=ranks,
                                costs=costs, record=record)
-        return cache(calib, run, step, plan, shared) if cache is not None else _timed(run)
+        found = cache(calib, run, step, plan, ranks) if cache is not None else _timed(run)
+        if follow is not None:
+            follow.joined()  # the other ranks are back waiting for rank 0's next message
+        return found
 
+    follow = (lead or Lead(ranks)) if ranks is not None else None
     scores, reused, seconds = score(model, groups, 1, {})
-    if ranks is not None and not ranks.is_main:
-        return None  # this rank's share is scored and gathered; rank 0 selects and writes
+    if ranks is not None and not ranks.is_main:  # this rank's share is scored and gathered; it joins every later
+        follow.follow(lambda step, plan: score(*_sliced(model, groups, plan, example), step, plan))  # scoring
+        return None
+    with follow.leading() if follow is not None else nullcontext():
+        pruned = _finish(model, example, config, images, name, weights, groups, scores, reused, seconds, score, follow,
+                         cost_fn, target, protect, limits, scorer, show, keep_class, device)
+    if follow is not None and lead is None:  # else the caller ends what rank 0 leads
+        follow.done()
+    return pruned
+
+
+def _sliced(model: nn.Module, groups: list[ChannelGroup], plan: Plan, example: torch.Tensor) -> tuple[nn.Module, list[ChannelGroup]]:
+    """``model`` sliced by ``plan`` and its groups, as :func:`curlprune.select.iterative.iterative_allocate` makes them."""
+    pruned = apply(model, groups, plan).eval()
+    return pruned, trace(pruned, example)
+
+
+def _finish(model: nn.Module, example: torch.Tensor, config: PruneConfig, images: PruneImages, name: str, weights: str | None,
+            groups: list[ChannelGroup], scores: Scores, reused: bool, seconds: float, score, follow: Lead | None, cost_fn,
+            target: Target | None, protect: list[str], limits: dict[str, float], scorer: nn.Module, show: bool,
+            keep_class: bool, device: torch.device) -> Pruned:
+    """:func:`prune_model` after the first scoring, on rank 0: select (iterative pruning's later
+    scorings shared through ``follow``), slice, re-estimate BN, evaluate."""
     spent = [seconds]
 
     def rescore(scored: nn.Module, scored_groups, step: int, plan: Plan) -> Scores:
+        if follow is not None:
+            follow.step(step, plan)  # every rank slices the same model and joins this scoring
         step_scores, _, step_seconds = score(scored, scored_groups, step, plan)
         spent.append(step_seconds)
         return step_scores

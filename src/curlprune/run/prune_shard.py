@@ -19,20 +19,26 @@
 
 Bit-exact means the same float operations on the same inputs: the same device type and the same
 number of threads per process (a torchrun process has ``OMP_NUM_THREADS=1`` unless set).
+
+After the first scoring rank 0 leads the rest of the stage and the other ranks follow (:class:`Lead`):
+every later scoring of iterative pruning is shared the same way, and every rank leaves the stage
+together, with rank 0's result or with its error.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from curlprune.channels import ChannelGroup
+from curlprune.channels import ChannelGroup, Plan
 from curlprune.criteria import compute_scores, get, work_items
 from curlprune.criteria.base import BlockShare, Scores, prunable
 from curlprune.criteria.partial import GraphRunner
+from curlprune.errors import CurlpruneError
 from curlprune.graph.op_cost import CostMode
 from curlprune.progress import progress
 from curlprune.recover.dist import DistContext, all_gather_object
@@ -256,3 +262,71 @@ def ablation_costs(model: nn.Module, groups: Sequence[ChannelGroup], example: to
         units = g.width // g.unit
         costs[g.name] = float(max(units, units * macs_from(runner.index[cuts[0].node]) if cuts else units))
     return costs
+
+
+class Lead:
+    """Rank 0 leads the prune stage after its first shared scoring; the other ranks follow.
+
+    Rank 0 alone selects, slices, evaluates and writes. Before every later scoring of iterative
+    pruning (``steps`` > 1) it sends the step and the plan the scored model is sliced by; every
+    rank slices the same model and joins that scoring (:func:`compute`). At the end rank 0 sends
+    "done" (:meth:`done`) or its error (:meth:`leading`), which the other ranks raise in one line: so
+    every rank leaves the stage the same way and none is left waiting in a collective.
+
+    Rank 0 sends only while the others wait for its next message (:attr:`waiting`, set by
+    :meth:`joined` after each shared scoring): an error inside a shared scoring is raised there on
+    every rank (an error rank 0 finds before it: :func:`curlprune.recover.dist.on_main`), or ends
+    rank 0's process and with it the torchrun job, and is not sent again.
+
+    Source: docs/method.md §10.
+    """
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+        self.waiting = False  # rank 0: the other ranks wait in :meth:`follow` for its next message
+
+    def joined(self) -> None:
+        """Rank 0, after a shared scoring (or its reuse) returned: the others are back in :meth:`follow`."""
+        self.waiting = True
+
+    def step(self, step: int, plan: Plan) -> None:
+        """Rank 0: tell the others to score iterative pruning's ``step`` (the model sliced by ``plan``) with it."""
+        self._send({"step": step, "plan": plan})
+
+    def done(self) -> None:
+        """Rank 0: the stage is finished (its files written); the others return from :meth:`follow`."""
+        if self.waiting:
+            self._send({"done": True})
+
+    @contextmanager
+    def leading(self) -> Iterator[None]:
+        """Rank 0's own work: an error leaving it is sent to the waiting ranks (once), then raised here."""
+        try:
+            yield
+        except CurlpruneError as exc:
+            if self.waiting:
+                self._send({"error": str(exc)})
+            raise
+        except BaseException as exc:
+            if self.waiting:
+                self._send({"error": f"rank 0 failed ({type(exc).__name__}: {exc}); see its traceback"})
+            raise
+
+    def follow(self, rescore: Callable[[int, Plan], object]) -> None:
+        """The other ranks: join every later scoring rank 0 asks for (``rescore(step, plan)``) until it is done.
+
+        Raises:
+            CurlpruneError: rank 0's error, in its words.
+        """
+        while True:
+            message = all_gather_object(self.ctx, None)[0]
+            if "step" in message:
+                rescore(message["step"], message["plan"])
+            elif "error" in message:
+                raise CurlpruneError(message["error"])
+            else:
+                return
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self.waiting = False
+        all_gather_object(self.ctx, message)
