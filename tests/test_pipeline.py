@@ -228,7 +228,7 @@ def test_on_main_runs_work_on_rank_0_only_and_shares_its_result_or_error():
     "content, message",
     [
         ({"model": MODEL, "epochs": 3}, "unknown key 'epochs'; valid keys:"),
-        ({"model": MODEL, "stages": ["distill"], "distill": {"epoch": 3}}, "unknown key 'epoch' in section 'distill'; valid keys: alpha, batch_size"),
+        ({"model": MODEL, "stages": ["distill"], "distill": {"epoch": 3}}, "unknown key 'epoch' in section 'distill'; valid keys: alpha, amp, batch_size"),
         ({"model": MODEL, "stages": ["distill", "polish"]}, "unknown stage 'polish'"),
         ({"data": "digits", "stages": ["distill"]}, "'model' is missing"),
         ({"model": MODEL, "stages": ["distill", "prune"]}, "'prune' must be the first stage"),
