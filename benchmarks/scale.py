@@ -313,7 +313,7 @@ def markdown(results: dict[str, Any], source: str = "benchmarks/results/scale.js
     ratio = sharing.get("ratio") if shared_ok else None
     share = (f"Exact `kl` of CIFAR ResNet-56 ({sharing['weights']}) on {sharing['calib']} images, "
              f"{sharing['threads_per_process']} thread per process: 1 process **{sharing['one_process_s']:.1f} s**, "
-             f"{sharing['nproc']} torchrun processes **{sharing['n_process_s']:.1f} s**: **{sharing['ratio']:.2f}x** "
+             f"{sharing['nproc']} torchrun processes **{sharing['n_process_s']:.1f} s**: **{sharing['ratio']:.3f}x** "
              f"(target {sharing['target_ratio']}x, {'met' if sharing['met'] else 'not met'}); scores equal bit for bit: "
              f"{sharing['scores_equal']}, plan equal: {sharing['plan_equal']}; load average "
              f"{sharing['load_average_before']} before, {sharing['load_average_after']} after, on {sharing['cpu_count']} CPUs. "
@@ -361,7 +361,7 @@ where one exists (`benchmarks/gpu_check.sh` runs the other GPU checks).
   the whole (plus the reference passes) is scaled linearly to {TARGET_IMAGES} images.
 - `kl-approx`: every unit, measured on the stated images, scaled linearly to {TARGET_IMAGES}.
 - 2 torchrun processes: **not measured** for these models (hours on 2 loaded cores); the estimate is
-  the 1-process extrapolation x the ResNet-56 ratio below ({_fmt(ratio, '.2f')}). N ranks split the
+  the 1-process extrapolation x the ResNet-56 ratio below ({_fmt(ratio, '.3f')}). N ranks split the
   groups balanced by cost, so with N free cores or GPUs expect about 1/N of the time plus the
   imbalance of the largest group (docs/method.md §10).
 - Peak RSS: each model part runs in its own spawned process (Linux `ru_maxrss`), model, trace,
