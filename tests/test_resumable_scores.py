@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from curlprune.cli import main
+from scoring_support import write_resnet20_and_digits
 from curlprune.cost.analysis import trace
 from curlprune.criteria import compute_scores
 from curlprune.criteria.base import prunable
-from curlprune.data.data import load_digits_dataset
 from curlprune.models import build
 from curlprune.run.prune_shard import score_blocks
 from curlprune.store.scores_io import read_scores
@@ -32,23 +31,7 @@ MODEL = "cifar:resnet20"
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[Path, Path]:
     """(weights of a seeded cifar:resnet20, an ImageFolder of 20 RGB digits per class and split)."""
-    root = tmp_path_factory.mktemp("resumable")
-    torch.manual_seed(0)
-    model = build(MODEL).eval()
-    for m in model.modules():  # BN statistics away from the init, so that the scores differ per channel
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.running_var.uniform_(0.5, 2.0)
-    weights = root / "r20.pt"
-    torch.save(model.state_dict(), weights)
-    data = root / "digits-rgb"
-    for split, images in load_digits_dataset(seed=0).items():
-        for label in range(10):
-            folder = data / split / f"digit{label}"
-            folder.mkdir(parents=True)
-            for j, i in enumerate(torch.nonzero(images.labels == label).flatten()[:20].tolist()):
-                Image.fromarray(images.images[i][0].numpy()).convert("RGB").save(folder / f"{j}.png")
-    return weights, data
+    return write_resnet20_and_digits(tmp_path_factory.mktemp("resumable"))
 
 
 def _argv(weights: Path, data: Path, out: Path, *extra: str) -> list[str]:

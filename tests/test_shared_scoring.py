@@ -19,15 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from curlprune.cli import main
+from scoring_support import write_resnet20_and_digits
 from curlprune.criteria import Criterion, compute_scores, register_criterion
 from curlprune.criteria.base import BlockShare
 from curlprune.errors import CurlpruneError
 from curlprune.cost.analysis import trace
 from curlprune.cost.latency import torch_threads
-from curlprune.data.data import load_digits_dataset
 from curlprune.models import build
 from curlprune.run.prune_shard import ablation_costs, assign_groups
 from curlprune.store.scores_io import read_scores
@@ -39,23 +38,7 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[Path, Path]:
     """(weights of a seeded cifar:resnet20, an ImageFolder of 20 RGB digits per class and split)."""
-    root = tmp_path_factory.mktemp("shared")
-    torch.manual_seed(0)
-    model = build(MODEL).eval()
-    for m in model.modules():  # BN statistics away from the init, so that the scores differ per channel
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.running_var.uniform_(0.5, 2.0)
-    weights = root / "r20.pt"
-    torch.save(model.state_dict(), weights)
-    data = root / "digits-rgb"
-    for split, images in load_digits_dataset(seed=0).items():
-        for label in range(10):
-            folder = data / split / f"digit{label}"
-            folder.mkdir(parents=True)
-            for j, i in enumerate(torch.nonzero(images.labels == label).flatten()[:20].tolist()):
-                Image.fromarray(images.images[i][0].numpy()).convert("RGB").save(folder / f"{j}.png")
-    return weights, data
+    return write_resnet20_and_digits(tmp_path_factory.mktemp("shared"))
 
 
 def _argv(weights: Path, data: Path, out: Path, criterion: str, calib: int, *extra: str) -> list[str]:
