@@ -11,8 +11,8 @@ never recomputed, so the same commands resume after a stop):
 
     cd <checkout> && export OMP_NUM_THREADS=1 PYTHONPATH=$PWD/src
     python benchmarks/cifar_resnet56.py --list        # planned rows in order, estimated cost
-    setsid nohup python benchmarks/cifar_resnet56.py --shard 0/2 > runs/bench-r56-shard0.log 2>&1 &
-    setsid nohup python benchmarks/cifar_resnet56.py --shard 1/2 > runs/bench-r56-shard1.log 2>&1 &
+    setsid nohup python benchmarks/cifar_resnet56.py > runs/bench-r56-0.log 2>&1 < /dev/null &
+    setsid nohup python benchmarks/cifar_resnet56.py > runs/bench-r56-1.log 2>&1 < /dev/null &   # a second process takes the next free row
     python benchmarks/cifar_resnet56.py --report      # rewrite this file from benchmarks/results/cifar_resnet56.jsonl
 
 On a GPU (the literature's 100-epoch recovery of curlprune's default and TP best at 50%, seed 0;

@@ -31,6 +31,7 @@ class RowsFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.lock = self.path.with_name(self.path.name + ".lock")
+        self.claims = self.path.with_name(self.path.name + ".claims")
 
     def read(self) -> dict[str, dict]:
         """id -> row of every finished row (first line of an id wins; a torn last line is ignored)."""
@@ -72,6 +73,53 @@ class RowsFile:
             return True
 
 
+    def _read_claims(self) -> dict[str, int]:
+        try:
+            return {str(k): int(v) for k, v in json.loads(self.claims.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}  # no file yet, or one cut by a killed process: no live claims
+
+    def claim(self, row_id: str, pid: int | None = None) -> bool:
+        """Mark ``row_id`` as being computed by process ``pid`` (default: this one), so that other
+        processes sharing the file leave it alone. False when the row is finished or another live
+        process holds it; a claim by a process that no longer runs (killed) is taken over."""
+        pid = os.getpid() if pid is None else pid
+        with self.locked():
+            if row_id in self.read():
+                return False
+            claims = self._read_claims()
+            holder = claims.get(row_id)
+            if holder is not None and holder != pid and _alive(holder):
+                return False
+            claims = {k: v for k, v in claims.items() if _alive(v)}
+            claims[row_id] = pid
+            tmp = self.claims.with_name(self.claims.name + ".tmp")
+            tmp.write_text(json.dumps(claims, sort_keys=True))
+            os.replace(tmp, self.claims)
+            return True
+
+    def release(self, row_id: str) -> None:
+        """Drop this process's claim on ``row_id`` (after it finished, or could not run yet)."""
+        with self.locked():
+            claims = self._read_claims()
+            if claims.get(row_id) == os.getpid():
+                del claims[row_id]
+                tmp = self.claims.with_name(self.claims.name + ".tmp")
+                tmp.write_text(json.dumps(claims, sort_keys=True))
+                os.replace(tmp, self.claims)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (signal 0 probes without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by another user
+    return True
+
+
 def pending(planned: Sequence[str], done: Iterable[str]) -> list[str]:
     """The planned ids not yet finished, in plan order."""
     finished = set(done)
@@ -102,7 +150,9 @@ def run_pending(ids: Sequence[str], store: RowsFile, compute: Callable[[str, dic
     ``compute(row_id, done)`` returns the row (a JSON-able dict with ``id``), or None while the row
     cannot run yet (it waits for rows another shard computes); such a row is retried after every
     finished row. With nothing runnable: wait ``poll_seconds`` and look again (``wait``), or stop.
-    A row found finished in the file (e.g. written by another process) is never computed.
+    A row found finished in the file (e.g. written by another process) is never computed, and a
+    row another live process has claimed (:meth:`RowsFile.claim`) is left to it: processes sharing
+    ``store`` split the plan dynamically, each taking the next row that is free and can run.
     ``summary(row)``: what the log line of a finished row says after its id ("finished" when None).
 
     Returns:
@@ -117,10 +167,16 @@ def run_pending(ids: Sequence[str], store: RowsFile, compute: Callable[[str, dic
             if row_id in done:
                 todo.remove(row_id)
                 continue
-            record = compute(row_id, done)
+            if not store.claim(row_id):
+                continue  # finished meanwhile, or another process computes it
+            try:
+                record = compute(row_id, done)
+                if record is not None:
+                    store.append(record)
+            finally:
+                store.release(row_id)
             if record is None:
                 continue
-            store.append(record)
             todo.remove(row_id)
             progressed, waiting_since = True, None
             report()

@@ -16,8 +16,9 @@ ResNet-56 (../shared/models/resnet56-4bfd9763.th). Targets: 50% and 30% of the u
   target (a finer schedule when outside 1%; a row outside 1% is flagged in the report).
 * Resumable: one JSON line per finished row in --rows-file, keyed by the row id; a finished row
   is never recomputed (bench_stats.run_pending). Pruned models are cached under
-  --out/t<target>/<family>/, scores under --out/scores/. --shard i/n splits the plan between
-  processes without overlap.
+  --out/t<target>/<family>/, scores under --out/scores/. Processes sharing the rows file split the
+  plan dynamically: each claims the next free row that can run (bench_stats.RowsFile.claim; a killed
+  process's claim is taken over); --shard i/n instead pins every n-th row to one process.
 * Device: --device cpu (default, one thread: the recorded rows' setting) | cuda[:i] | auto, and
   --amp off (default) | bf16. The device takes the prune stage's part (scoring the unpruned model,
   BN re-estimation, evaluation, docs/method.md §10; Torch-Pruning's stepped pruning, selection and
@@ -31,7 +32,7 @@ ResNet-56 (../shared/models/resnet56-4bfd9763.th). Targets: 50% and 30% of the u
   practice; the default plan has none).
 
     python benchmarks/cifar_resnet56.py --list            # planned rows, estimated cost
-    python benchmarks/cifar_resnet56.py --shard 0/2       # one of two background processes
+    python benchmarks/cifar_resnet56.py                   # one of two background processes (start it twice)
     python benchmarks/cifar_resnet56.py --report          # rewrite the markdown from the rows file
     python benchmarks/cifar_resnet56.py --smoke           # a few minutes, end to end, runs/bench-r56-smoke
     python benchmarks/cifar_resnet56.py --device cuda --amp bf16 --extra-long-epochs 100 --rows '*/e100/*'

@@ -18,10 +18,11 @@ of ResNet-20 (the prune target).
 * Rows, budgets and the choice: benchmarks/small_data_plan.py.
 * Resumable: one JSON line per finished row in --rows-file, keyed by the row id (bench_stats.RowsFile);
   a finished row is never recomputed. The pruned model and shared distill stages are cached under
-  --out with a lock; --shard i/n splits the plan between processes without overlap.
+  --out with a lock. Processes sharing the rows file split the plan dynamically: each claims the
+  next free row that can run (bench_stats.RowsFile.claim); --shard i/n pins every n-th row instead.
 
     python benchmarks/small_data.py --list        # planned rows, estimated CPU time
-    python benchmarks/small_data.py --shard 0/2   # one of two background processes
+    python benchmarks/small_data.py               # one of two background processes (start it twice)
     python benchmarks/small_data.py --report      # rewrite the markdown and png from the rows file
     python benchmarks/small_data.py --smoke       # a few minutes, end to end, runs/bench-small-smoke
 """

@@ -11,8 +11,8 @@ never recomputed, so the same commands resume after a stop):
 
     cd <checkout> && mkdir -p runs && export OMP_NUM_THREADS=1 PYTHONPATH=$PWD/src
     python benchmarks/small_data.py --list        # planned rows in order, estimated CPU time, what is done
-    setsid nohup python benchmarks/small_data.py --shard 0/2 > runs/bench-small-shard0.log 2>&1 < /dev/null &
-    setsid nohup python benchmarks/small_data.py --shard 1/2 > runs/bench-small-shard1.log 2>&1 < /dev/null &
+    setsid nohup python benchmarks/small_data.py > runs/bench-small-0.log 2>&1 < /dev/null &
+    setsid nohup python benchmarks/small_data.py > runs/bench-small-1.log 2>&1 < /dev/null &   # a second process takes the next free row
     python benchmarks/small_data.py --report      # rewrite this file and the png from benchmarks/results/small_data.jsonl
 
 Each process rewrites this file after every row it finishes. `--rows '50/*'` restricts to rows whose

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_plan as bp  # noqa: E402
 import cifar_resnet56 as bench  # noqa: E402
 from bench_report import write_markdown  # noqa: E402
-from bench_stats import (RowsFile, mean_std, mixed_devices, nearest_step, paired_difference, pending, run_on,  # noqa: E402
+from bench_stats import (RowsFile, mean_std, mixed_devices, nearest_step, paired_difference, pending, run_on, run_pending,  # noqa: E402
                          shard, verdict, within)
 from curlprune.errors import CurlpruneError  # noqa: E402
 
@@ -175,7 +176,7 @@ def test_report_shows_mean_std_and_the_paired_verdict(tmp_path):
     assert f"{mean:.2f} ± {std:.2f} (3)" in text
     d = paired_difference(A, B)
     assert f"{d['mean']:+.2f} ± {d['se']:.2f}" in text and f"a {verdict(d)}" in text
-    assert "setsid nohup" in text and "--shard 1/2" in text
+    assert "setsid nohup" in text and "a second process takes the next free row" in text
     json.dumps(rows)  # rows are plain JSON
 
 
@@ -227,3 +228,27 @@ def test_the_device_is_checked_before_anything_runs():
     else:
         with pytest.raises(CurlpruneError, match="CUDA is not available"):
             bench.choose_device("cuda", "off")
+
+
+def test_processes_sharing_a_rows_file_split_rows_by_claims_and_take_over_a_killed_ones(tmp_path):
+    store = RowsFile(tmp_path / "rows.jsonl")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert store.claim("a", pid=other.pid)  # another live process computes "a"
+        assert not store.claim("a")
+        ran = []
+
+        def compute(row_id, done):
+            ran.append(row_id)
+            return {"id": row_id, "val_top1": 1.0}
+
+        assert run_pending(["a", "b"], store, compute, report=lambda: None, wait=False, log=lambda m: None) == ["a"]
+        assert ran == ["b"] and "a" not in store.read()
+        other.kill()
+        other.wait()
+        assert run_pending(["a", "b"], store, compute, report=lambda: None, wait=False, log=lambda m: None) == []
+        assert ran == ["b", "a"]  # the killed process's claim was taken over; "b" was not run again
+        assert not store.claim("a")  # finished rows cannot be claimed
+        assert json.loads(store.claims.read_text()) == {}  # every claim released
+    finally:
+        other.kill()

@@ -156,7 +156,7 @@ def test_report_shows_mean_std_paired_differences_and_aliases(tmp_path):
     met = d["mean"] >= 1.0 and d["mean"] > 2 * d["se"]
     assert f"goal a >= b + 1: {'met' if met else 'not met'}" in text
     assert "(= a: already off in a)" in text and "= 50/a/s0" in text
-    assert "setsid nohup" in text and "--shard 1/2" in text and "OMP_NUM_THREADS=1" in text and "PYTHONPATH=$PWD/src" in text
+    assert "setsid nohup" in text and "a second process takes the next free row" in text and "OMP_NUM_THREADS=1" in text and "PYTHONPATH=$PWD/src" in text
     assert path.with_suffix(".png").stat().st_size > 1000
 
 
