@@ -27,6 +27,7 @@ from torch import nn
 import curlprune
 from curlprune.cost.analysis import trace
 from curlprune.criteria import compute_scores
+from curlprune.criteria.kl import kl_scores
 from curlprune.errors import CurlpruneError
 from curlprune.graph.layers import rule_for
 from curlprune.store import checkpoint
@@ -208,6 +209,34 @@ def test_convnextv2_atto_mlp_channels_are_prunable():
     assert len(hidden) == 12 and all(g.prunable for g in hidden)  # the MLP hidden channels of the 2+2+6+2 blocks
     assert sum(g.prunable for g in groups) == len(hidden)  # the LayerNorm2d residual streams stay whole
     check_invariants(model, x, groups, plans=1)
+
+
+def _sharpened_convnextv2(conv_mlp: bool) -> nn.Module:
+    model = randomise(small_convnextv2(conv_mlp))
+    with torch.no_grad():  # timm's init (std 0.02) leaves the logits nearly constant: no KL to compare
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(10)
+    return model
+
+
+@pytest.mark.parametrize("build, size", [(_std_conv_net, 9), (lambda: _sharpened_convnextv2(True), 32),
+                                         (lambda: _sharpened_convnextv2(False), 32)], ids=["std_conv", "grn_first", "grn_last"])
+def test_kl_score_is_the_kl_of_the_sliced_model(build, size):
+    """The KL criterion's cuts (zeroing at every ``"in"`` member, a GRN's input included) remove a
+    channel as ``apply`` does: folded standardised convs and rescaled GRNs score what they prune."""
+    model = build()
+    images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    groups = trace(model, images[:1])
+    scores = kl_scores(model, groups, images)
+    with torch.no_grad():
+        logp = F.log_softmax(model(images).double(), -1)
+        for g in (g for g in groups if g.prunable):
+            for channel in (0, g.width - 1):
+                small = apply(model, groups, {g.name: [c for c in range(g.width) if c != channel]})
+                logq = F.log_softmax(small(images).double(), -1)
+                kl = (logq.exp() * (logq - logp)).sum(1).mean().item()
+                assert scores[g.name][channel] == pytest.approx(kl, rel=1e-4, abs=1e-7), (g.name, channel)
 
 
 # ----------------------------------------------------------------------------------------------
