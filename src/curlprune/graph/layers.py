@@ -225,8 +225,9 @@ class GlobalResponseNormRule(PerChannel):
         super().__init__(["weight", "bias"])
 
     def roles(self, mod: nn.Module, name: str, lay_dim: int, in_shape: Shape, out_shape: Shape) -> Roles | str:
+        where = "its last dim" if mod.channel_dim == -1 else f"dim {mod.channel_dim}"
         if len(in_shape) != 4 or lay_dim != (3 if mod.channel_dim == -1 else mod.channel_dim):
-            return unsupported_module(mod, name)
+            return f"global response norm {name} reads a tensor whose channels are not on {where}"
         return Roles(members=(("channel", 0), ("in", 0)))
 
     def input_dim(self, mod: nn.Module) -> int:
