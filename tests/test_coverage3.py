@@ -211,6 +211,20 @@ def test_convnextv2_atto_mlp_channels_are_prunable():
     check_invariants(model, x, groups, plans=1)
 
 
+@pytest.mark.parametrize("build, size", [(_std_conv_net, 9), (lambda: randomise(small_convnextv2(True)), 32),
+                                         (lambda: randomise(small_convnextv2(False)), 32)], ids=["std_conv", "grn_first", "grn_last"])
+def test_a_pruned_model_prunes_again_exactly(build, size):
+    """Iterative pruning: folded convs are plain convs, a rescaled GRN (weight and eps times C/C')
+    is a GRN over its C' channels, so the pruned model traces and prunes exactly again."""
+    model = build()
+    x = torch.randn(2, 3, size, size)
+    groups = trace(model, x)
+    small = apply(model, groups, {g.name: list(range(0, g.width, 2)) for g in groups if g.prunable})
+    again = trace(small, x)
+    assert sum(g.prunable for g in again) == sum(g.prunable for g in groups)
+    check_invariants(small, x, again, plans=3)
+
+
 def _sharpened_convnextv2(conv_mlp: bool) -> nn.Module:
     model = randomise(small_convnextv2(conv_mlp))
     with torch.no_grad():  # timm's init (std 0.02) leaves the logits nearly constant: no KL to compare
