@@ -1,10 +1,11 @@
 """Issue 23, coverage round two (the second half): layers that were needlessly unprunable, and
 dense-prediction models.
 
-1. weight-standardised convs (timm StdConv2d / StdConv2dSame / ScaledStdConv2d): output channels
-   prunable, input channels kept whole (exactness fails there; the math is checked below);
-2. ConvNeXt-V2's global response norm: its normaliser is a mean over channels, so its channels
-   stay whole, with that reason (checked numerically);
+1. weight-standardised convs (timm StdConv2d / StdConv2dSame / ScaledStdConv2d / ScaledStdConv2dSame):
+   output channels sliced as a conv's; removing input channels folds the standardisation into a plain
+   conv (``Conv2dSame`` for dynamic "same" padding), exact, and a reload gives the same model;
+2. ConvNeXt-V2's global response norm: its hidden channels are prunable (zeroed at its input, its
+   mean over channels kept over the original count by rescaling weight and eps);
 3. fixed per-channel filters (timm BlurPool2d) pass channels through, the filter buffer sliced;
    GCNet's matmul over H*W and CoordAttention's split along H / W do not mix channels;
 4. ``out[:, :oup]`` after a cat (GhostNet's GhostModule with odd ``oup``): a constant channel range;
@@ -14,22 +15,29 @@ Every pruned model is checked with the engine's invariants (masked == sliced, pl
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from test_faults import check_invariants, randomise
+from test_faults import check_invariants, randomise, relative_error
 from torch import nn
 
+import curlprune
 from curlprune.cost.analysis import trace
 from curlprune.criteria import compute_scores
+from curlprune.criteria.kl import kl_scores
 from curlprune.errors import CurlpruneError
-from curlprune.surgery.surgery import apply
+from curlprune.graph.layers import rule_for
+from curlprune.store import checkpoint
+from curlprune.surgery.surgery import apply, mask
 
 timm = pytest.importorskip("timm", reason="timm (optional extra) is not installed")
-from timm.layers import BlurPool2d, GlobalContext, ScaledStdConv2d, StdConv2d, StdConv2dSame  # noqa: E402
+from timm.layers import BlurPool2d, Conv2dSame, GlobalContext, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame  # noqa: E402
 from timm.layers.coord_attn import CoordAttn  # noqa: E402
 from timm.layers.grn import GlobalResponseNorm  # noqa: E402
+from timm.models.convnext import ConvNeXt  # noqa: E402
 
 
 def by_name(groups):
@@ -42,7 +50,8 @@ def by_name(groups):
 
 class StdConvNet(nn.Module):
     """StdConv2d(3->16) -> BN -> ReLU -> depthwise StdConv2dSame(16) -> Conv2d(16->12, 1x1)
-    -> ScaledStdConv2d(12->10) -> mean -> Linear(10->4)."""
+    -> ScaledStdConv2d(12->10) -> StdConv2dSame(10->10, stride 2: dynamic "same" padding)
+    -> ScaledStdConv2dSame(10->8, stride 2) -> mean -> Linear(8->4)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,68 +60,91 @@ class StdConvNet(nn.Module):
         self.dw = StdConv2dSame(16, 16, 3, groups=16)
         self.b = nn.Conv2d(16, 12, 1)
         self.c = ScaledStdConv2d(12, 10, 3, padding=1)
-        self.fc = nn.Linear(10, 4)
+        self.d = StdConv2dSame(10, 10, 3, stride=2)
+        self.e = ScaledStdConv2dSame(10, 8, 3, stride=2)
+        self.fc = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dw(F.relu(self.bn(self.a(x))))
-        return self.fc(F.relu(self.c(F.relu(self.b(y)))).mean((2, 3)))
+        y = F.relu(self.d(F.relu(self.c(F.relu(self.b(y))))))
+        return self.fc(F.relu(self.e(y)).mean((2, 3)))
 
 
-def _std_conv_net() -> StdConvNet:
-    model = randomise(StdConvNet())
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # gain away from its init of ones, so a gain left unsliced is caught
-        model.c.gain.mul_(0.5 + torch.rand(model.c.gain.shape, generator=g))
+def _std_conv_net(seed: int = 1) -> StdConvNet:
+    model = randomise(StdConvNet(), seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():  # gain away from its init of ones, so a gain left unsliced or unfolded is caught
+        for conv in (model.c, model.e):
+            conv.gain.mul_(0.5 + torch.rand(conv.gain.shape, generator=g))
     return model
 
 
-def test_std_conv_outputs_are_pruned_and_its_inputs_kept_whole():
+def test_std_conv_inputs_and_outputs_are_pruned_exactly():
     model = _std_conv_net()
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 3, 9, 9)  # odd size: the stride-2 "same" convs pad unevenly
     groups = by_name(trace(model, x))
-    assert groups["a"].prunable, groups["a"].reason  # read by a depthwise StdConv2dSame and a plain conv
-    assert groups["c"].prunable, groups["c"].reason  # read by the linear head
-    assert not groups["b"].prunable
-    assert groups["b"].reason.startswith("input channels of weight-standardised conv c (ScaledStdConv2d)")
+    assert model.d.same_pad and model.e.same_pad
+    for name in ("a", "b", "c", "d", "e"):  # every group a standardised conv reads is prunable now
+        assert groups[name].prunable, groups[name].reason
     check_invariants(model, x, list(groups.values()), plans=4)
+    # outputs only: still weight-standardised, gain sliced; inputs removed: a plain conv, gain folded
     small = apply(model, list(groups.values()), {"a": [i for i in range(16) if i not in (0, 3, 7)], "c": [0, *range(3, 10)]})
-    assert small.c.gain.shape == (8, 1, 1, 1) and small.c.weight.shape == (8, 12, 3, 3)
-    assert small.dw.weight.shape == (13, 1, 3, 3) and small.dw.groups == 13
-    assert isinstance(small.c, ScaledStdConv2d) and small(x).shape == (2, 4)
+    assert type(small.c) is ScaledStdConv2d and small.c.gain.shape == (8, 1, 1, 1) and small.c.weight.shape == (8, 12, 3, 3)
+    assert type(small.dw) is StdConv2dSame and small.dw.weight.shape == (13, 1, 3, 3) and small.dw.groups == 13
+    assert type(small.d) is Conv2dSame and small.d.weight.shape == (10, 8, 3, 3)  # dynamic padding kept
+    assert type(small.b) is nn.Conv2d and small(x).shape == (2, 4)
+    small = apply(model, list(groups.values()), {"b": list(range(1, 12)), "d": [1, 4, 5, 9]})
+    assert type(small.c) is nn.Conv2d and not hasattr(small.c, "gain") and small.c.weight.shape == (10, 11, 3, 3)
+    assert type(small.e) is Conv2dSame and not hasattr(small.e, "gain") and small.e.weight.shape == (8, 4, 3, 3)
+    for size in (9, 12, 15):  # any input size: the folded "same" convs pad as the standardised ones did
+        z = torch.randn(1, 3, size, size)
+        with torch.no_grad(), mask(model, list(groups.values()), {"b": list(range(1, 12)), "d": [1, 4, 5, 9]}):
+            masked = model(z)
+        assert relative_error(small(z).detach(), masked) < 1e-5
 
 
-def test_removing_an_input_channel_of_a_std_conv_cannot_be_exact():
-    """The reason is true: the standardised kept weights of the full conv do not have mean 0 over
-    the kept inputs, while any standardised conv's weights do; so no sliced StdConv2d equals it."""
-    conv = StdConv2d(6, 4, 3, padding=1)
-    x = torch.randn(1, 6, 5, 5)
-    keep = torch.tensor([0, 1, 2, 4, 5])
-    masked = conv(x * (torch.arange(6) != 3).float().view(1, -1, 1, 1))
-    sliced = StdConv2d(5, 4, 3, padding=1)
-    with torch.no_grad():
-        sliced.weight.copy_(conv.weight[:, keep])
-    assert (sliced(x[:, keep]) - masked).abs().max() > 1e-3
-    full = F.batch_norm(conv.weight.reshape(1, 4, -1), None, None, training=True, eps=conv.eps).reshape_as(conv.weight)
-    assert full[:, keep].mean((1, 2, 3)).abs().max() > 1e-3  # what a sliced conv would have to produce
-
-
-def test_std_conv_input_channels_are_refused_by_apply():
+def test_the_folded_weight_is_the_standardised_full_weight_sliced():
+    """What the folded conv holds, computed here from the definition (Qiao et al. 2019; Brock et al.
+    2021): per output channel ``(W - mean) / sqrt(var + eps) * gain * gamma / sqrt(fan_in)`` over ALL
+    its inputs, then the kept inputs taken."""
     model = _std_conv_net()
     x = torch.randn(1, 3, 8, 8)
     groups = trace(model, x)
-    assert not by_name(groups)["b"].prunable
-    with pytest.raises(CurlpruneError):
-        apply(model, groups, {"b": list(range(1, 12))})
+    keep = [0, 2, 3, 5, 6, 7, 11]
+    small = apply(model, groups, {"b": keep})
+    w = model.c.weight.detach().double()
+    mean, var = w.mean((1, 2, 3), keepdim=True), w.var((1, 2, 3), unbiased=False, keepdim=True)
+    fan_in = w[0].numel()
+    expected = (w - mean) / torch.sqrt(var + model.c.eps) * model.c.gain.detach().double() * fan_in**-0.5
+    assert torch.allclose(small.c.weight.double(), expected[:, keep], rtol=1e-5, atol=1e-6)
+    assert small.c.weight.mean((1, 2, 3)).abs().max() > 1e-3  # not standardised again over the kept inputs
 
 
-def test_resnetv2_bit_traces_with_the_true_reason():
-    """BiT: every group is read by a StdConv2d (the only prunable side is their outputs, and each
-    output is read by another StdConv2d), so nothing is prunable, and each says why."""
-    model = timm.create_model("resnetv2_50x1_bit", pretrained=False).eval()
+def test_a_pruned_std_conv_model_reloads_to_the_same_outputs(tmp_path):
+    model = _std_conv_net()
+    x = torch.randn(2, 3, 9, 9)
+    groups = trace(model, x)
+    plan = {"a": [1, 2, 4, 5, 8, 9, 10, 11, 12, 15], "b": [0, 3, 4, 7, 8, 10], "c": [0, 1, 5, 6, 9], "d": [2, 3, 7]}
+    small = curlprune.apply(model, groups, plan)
+    assert type(small.c) is nn.Conv2d and type(small.d) is Conv2dSame and type(small.e) is Conv2dSame
+    path = tmp_path / "std.safetensors"
+    checkpoint.save(path, StdConvNet, plan, small.state_dict(), input_shape=[2, 3, 9, 9])
+    loaded = curlprune.load(path, model=_std_conv_net(seed=5))  # other weights: all must come from the file
+    assert type(loaded.c) is nn.Conv2d and type(loaded.e) is Conv2dSame
+    with torch.no_grad():
+        for z in (x, torch.randn(1, 3, 13, 13)):
+            assert torch.equal(loaded(z), small(z))
+
+
+@pytest.mark.parametrize("name", ["resnetv2_50x1_bit", "nf_resnet26"])
+def test_bit_and_nfnet_groups_are_prunable(name):
+    """BiT (StdConv2d everywhere) and NF-ResNet (ScaledStdConv2d): every group but the model's input
+    and output is read by a weight-standardised conv; each is prunable, exactly."""
+    model = randomise(timm.create_model(name, pretrained=False))
     x = torch.randn(1, 3, 64, 64)
     groups = trace(model, x)
     inner = [g for g in groups if g.reason not in ("model input", "feeds the model output")]
-    assert inner and all("weight-standardised conv" in g.reason for g in inner), {g.reason for g in inner}
+    assert inner and all(g.prunable for g in inner), {g.reason for g in inner if not g.prunable}
     check_invariants(model, x, groups, plans=1)
 
 
@@ -120,21 +152,38 @@ def test_resnetv2_bit_traces_with_the_true_reason():
 # 2. global response norm
 
 
-def test_grn_channels_stay_whole_because_its_normaliser_is_a_mean_over_channels():
-    model = timm.create_model("convnextv2_atto", pretrained=False).eval()
-    x = torch.randn(1, 3, 64, 64)
+def small_convnextv2(conv_mlp: bool = True) -> nn.Module:
+    """A one-block-per-stage ConvNeXt-V2 (timm's class, GRN in every MLP): 1x1 convs and a channels-first GRN
+    (``conv_mlp``, as convnextv2_atto..nano) or linears and a channels-last GRN (tiny and up)."""
+    return ConvNeXt(num_classes=4, depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), use_grn=True, ls_init_value=None, conv_mlp=conv_mlp)
+
+
+@pytest.mark.parametrize("conv_mlp", [True, False], ids=["channels_first", "channels_last"])
+def test_grn_hidden_channels_are_pruned_exactly_and_reload(conv_mlp, tmp_path):
+    model = randomise(small_convnextv2(conv_mlp))  # GRN's weight and bias away from their zeros
+    x = torch.randn(2, 3, 32, 32)
     groups = trace(model, x)
     hidden = [g for g in groups if g.name.endswith("mlp.fc1")]
-    assert len(hidden) == 12  # the MLP hidden channels of each of the 2+2+6+2 blocks
-    assert all("mean over the channel dim" in g.reason and "GlobalResponseNorm" in g.reason for g in hidden)
-    assert not any("unsupported op norm" in g.reason for g in groups)  # the L2 norm over H, W passes channels
-    check_invariants(model, x, groups, plans=1)
+    assert len(hidden) == 4 and all(g.prunable for g in hidden), [g.reason for g in hidden]
+    assert all(any(m.module.endswith("mlp.grn") and m.role == "in" for m in g.members) for g in hidden)
+    stream = [g for g in groups if not g.prunable and g.reason not in ("model input", "feeds the model output")]
+    assert stream and all("normalised across channels by layer_norm" in g.reason for g in stream)  # the residual stream
+    check_invariants(model, x, groups, plans=3)
+    plan = {hidden[0].name: [0, 5, 9, 17, 30], hidden[2].name: list(range(0, 64, 3))}
+    small = curlprune.apply(model, groups, plan)
+    grn = small.get_submodule(hidden[0].name.replace("fc1", "grn"))
+    assert grn.weight.shape == (5,) and grn.eps == pytest.approx(1e-6 * 32 / 5)
+    path = tmp_path / "grn.safetensors"
+    checkpoint.save(path, {"name": "test_coverage3:small_convnextv2", "kwargs": {"conv_mlp": conv_mlp}}, plan,
+                    small.state_dict(), input_shape=[2, 3, 32, 32])
+    loaded = curlprune.load(path, model=randomise(small_convnextv2(conv_mlp), seed=7))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
 
 
-def test_grn_of_the_kept_channels_differs_from_the_masked_grn():
-    """The math behind the reason: with channel 2 zeroed the mean of the L2 norms is over C channels,
-    sliced it is over C - 1, so the kept channels' outputs change (no per-channel parameter fixes
-    the eps term exactly)."""
+def test_a_sliced_grn_averages_over_the_original_channel_count():
+    """Masked (channel 2 zeroed at the input) == sliced; the plainly sliced GRN (weight and bias of
+    the kept channels, its mean over C - 1) is not, so the rule's rescaling is what makes it exact."""
     grn = GlobalResponseNorm(6, channels_last=False)
     with torch.no_grad():
         grn.weight.copy_(torch.linspace(0.5, 1.5, 6))
@@ -142,11 +191,66 @@ def test_grn_of_the_kept_channels_differs_from_the_masked_grn():
     x = torch.randn(2, 6, 4, 4)
     keep = torch.tensor([0, 1, 3, 4, 5])
     masked = grn(x * (torch.arange(6) != 2).float().view(1, -1, 1, 1))[:, keep]
-    sliced = GlobalResponseNorm(5, channels_last=False)
+    plain = GlobalResponseNorm(5, channels_last=False)
     with torch.no_grad():
-        sliced.weight.copy_(grn.weight[keep])
-        sliced.bias.copy_(grn.bias[keep])
-    assert (sliced(x[:, keep]) - masked).abs().max() > 1e-3
+        plain.weight.copy_(grn.weight[keep])
+        plain.bias.copy_(grn.bias[keep])
+    assert (plain(x[:, keep]) - masked).abs().max() > 1e-3
+    sliced = copy.deepcopy(grn)
+    rule_for(sliced).slice(sliced, {"channel": [2], "in": [2]})
+    assert relative_error(sliced(x[:, keep]).detach(), masked.detach()) < 1e-6
+
+
+def test_convnextv2_atto_mlp_channels_are_prunable():
+    model = randomise(timm.create_model("convnextv2_atto", pretrained=False))
+    x = torch.randn(1, 3, 64, 64)
+    groups = trace(model, x)
+    hidden = [g for g in groups if g.name.endswith("mlp.fc1")]
+    assert len(hidden) == 12 and all(g.prunable for g in hidden)  # the MLP hidden channels of the 2+2+6+2 blocks
+    assert sum(g.prunable for g in groups) == len(hidden)  # the LayerNorm2d residual streams stay whole
+    check_invariants(model, x, groups, plans=1)
+
+
+@pytest.mark.parametrize("build, size", [(_std_conv_net, 9), (lambda: randomise(small_convnextv2(True)), 32),
+                                         (lambda: randomise(small_convnextv2(False)), 32)], ids=["std_conv", "grn_first", "grn_last"])
+def test_a_pruned_model_prunes_again_exactly(build, size):
+    """Iterative pruning: folded convs are plain convs, a rescaled GRN (weight and eps times C/C')
+    is a GRN over its C' channels, so the pruned model traces and prunes exactly again."""
+    model = build()
+    x = torch.randn(2, 3, size, size)
+    groups = trace(model, x)
+    small = apply(model, groups, {g.name: list(range(0, g.width, 2)) for g in groups if g.prunable})
+    again = trace(small, x)
+    assert sum(g.prunable for g in again) == sum(g.prunable for g in groups)
+    check_invariants(small, x, again, plans=3)
+
+
+def _sharpened_convnextv2(conv_mlp: bool) -> nn.Module:
+    model = randomise(small_convnextv2(conv_mlp))
+    with torch.no_grad():  # timm's init (std 0.02) leaves the logits nearly constant: no KL to compare
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(10)
+    return model
+
+
+@pytest.mark.parametrize("build, size", [(_std_conv_net, 9), (lambda: _sharpened_convnextv2(True), 32),
+                                         (lambda: _sharpened_convnextv2(False), 32)], ids=["std_conv", "grn_first", "grn_last"])
+def test_kl_score_is_the_kl_of_the_sliced_model(build, size):
+    """The KL criterion's cuts (zeroing at every ``"in"`` member, a GRN's input included) remove a
+    channel as ``apply`` does: folded standardised convs and rescaled GRNs score what they prune."""
+    model = build()
+    images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    groups = trace(model, images[:1])
+    scores = kl_scores(model, groups, images)
+    with torch.no_grad():
+        logp = F.log_softmax(model(images).double(), -1)
+        for g in (g for g in groups if g.prunable):
+            for channel in (0, g.width - 1):
+                small = apply(model, groups, {g.name: [c for c in range(g.width) if c != channel]})
+                logq = F.log_softmax(small(images).double(), -1)
+                kl = (logq.exp() * (logq - logp)).sum(1).mean().item()
+                assert scores[g.name][channel] == pytest.approx(kl, rel=1e-4, abs=1e-7), (g.name, channel)
 
 
 # ----------------------------------------------------------------------------------------------

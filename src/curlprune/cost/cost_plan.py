@@ -41,7 +41,7 @@ class CostTable:
 
     def __post_init__(self) -> None:
         for i, term in enumerate(self.terms):
-            for _, key in term.sizes:
+            for key in {key for _, key in term.sizes} | ({term.gone_with} if term.gone_with is not None else set()):
                 self.by_key.setdefault(key, []).append(i)
 
     def total(self, removed: Mapping[SliceKey, int]) -> tuple[int, int]:

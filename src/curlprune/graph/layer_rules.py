@@ -49,8 +49,8 @@ class Roles:
                 (a depthwise conv with a channel multiplier).
     unit:       channels go in blocks of ``unit`` (a grouped conv with as many in as out channels).
     unprunable: why the call's input and output channels cannot be pruned; empty when they can.
-    unprunable_in: why only the call's input channels cannot be pruned (a weight-standardised
-                conv: its output channels can go, its input channels cannot); empty when they can.
+    unprunable_in: why only the call's input channels cannot be pruned (a layer whose output
+                channels can go but whose input channels cannot); empty when they can.
     """
 
     fresh: bool = False
@@ -92,6 +92,11 @@ class LayerRule:
 
     consumer_dim: int = 1
     """The dim of the layer's input that holds the channels it consumes (-1: the last dim)."""
+
+    def input_dim(self, mod: nn.Module) -> int:
+        """The dim of ``mod``'s input where a mask zeroes the channels it consumes (its ``"in"``
+        member): ``consumer_dim``, unless the layer says per instance (a channels-last norm)."""
+        return self.consumer_dim
 
     def roles(self, mod: nn.Module, name: str, lay_dim: int, in_shape: Shape, out_shape: Shape) -> Roles | str:
         """What the call does to channels.

@@ -14,10 +14,11 @@ Source: docs/method.md §1 (channel groups and their members), §8 (the MACs con
 """
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import math
 from collections.abc import Mapping, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -36,7 +37,7 @@ from curlprune.graph.layer_rules import (
     unsupported_module,
 )
 from curlprune.graph.op_cost import CostTerm
-from curlprune.graph.ops import BLUR_POOL_CLASSES, STD_CONV_CLASSES, class_key, normalises_channels
+from curlprune.graph.ops import BLUR_POOL_CLASSES, GRN_CLASSES, STD_CONV_CLASSES, class_key, normalises_channels
 
 
 
@@ -103,45 +104,76 @@ class StdConvRule(ConvRule):
     """timm's weight-standardised convs (``StdConv2d``, ``ScaledStdConv2d`` and their ``Same``
     forms; BiT / ResNetV2, NFNet): each call convolves with ``(W[o] - mean(W[o])) / std(W[o])``,
     the statistics taken per output channel over its ``Cin/groups x kh x kw`` weights (times
-    ``gain[o] * fan_in**-0.5`` when scaled).
+    ``gain[o] * scale``, ``scale = gamma * fan_in**-0.5``, when scaled).
 
     Output channels: channel ``o`` is standardised with its own weights only, so removing others
-    leaves it exact: prunable like a conv's. Input channels (``groups == 1``): removing one removes
-    weights from every output channel's statistics; the standardised kept weights have mean 0 over
-    fewer terms, which the full model's (mean over all inputs) generally has not, so no sliced
-    standardised conv equals the masked one: the group it reads stays whole. Depthwise and tied
-    grouped forms lose whole conv groups (a group's statistics go with it): prunable like a conv's.
+    leaves it exact: sliced like a conv's (``gain`` with them); the layer stays weight-standardised.
+    Depthwise and tied grouped forms lose whole conv groups (a group's statistics go with it): the same.
+    Input channels (``groups == 1``): the masked model zeroes them at the layer's input, so they
+    contribute nothing whatever weights they meet, while the kept ones meet the weights standardised
+    over ALL inputs. Removing any folds the standardisation: the standardised weight is computed from
+    the full weight exactly as timm's forward does (``F.batch_norm`` over each output channel's
+    weights, its ``eps``, the scaled form's ``gain * scale``), its kept inputs (and outputs) are
+    sliced, and the layer becomes a plain conv holding it (``nn.Conv2d``; timm's ``Conv2dSame`` for a
+    ``Same`` form with dynamic padding, which keeps the TF "same" padding at every input size). So the
+    pruned layer computes exactly what the masked one does; ``gain`` is folded away (its parameters
+    with it: its cost term is ``gone_with`` the input slice). A reload applies the plan again to the
+    unpruned architecture (``store.checkpoint``), so it folds the same layers, then loads the weights.
     """
-
-    def roles(self, mod: nn.Module, name: str, lay_dim: int, in_shape: Shape, out_shape: Shape) -> Roles | str:
-        roles = super().roles(mod, name, lay_dim, in_shape, out_shape)
-        if isinstance(roles, Roles) and mod.groups == 1:
-            why = (
-                f"input channels of weight-standardised conv {name} ({type(mod).__name__}): removing one changes "
-                "the mean and variance that every output channel's weights are standardised with"
-            )
-            return dataclasses.replace(roles, unprunable_in=why)
-        return roles
 
     def slice(self, mod: nn.Module, removed: Mapping[str, Sequence[int]]) -> None:
         if mod.groups == 1 and removed.get("in"):
-            raise CurlpruneError(f"cannot remove input channels of weight-standardised conv {type(mod).__name__}: the groups were traced from a different model")
+            fold_standardisation(mod)
+            super().slice(mod, removed)  # a plain conv's slice from now on
+            return
         out_keep = keep_index(mod.out_channels, removed.get("out"))
         super().slice(mod, removed)
         if isinstance(getattr(mod, "gain", None), nn.Parameter):  # ScaledStdConv2d: [Cout, 1, 1, 1]
             replace_tensor(mod, "gain", mod.gain.index_select(0, out_keep))
 
     def cost(self, name: str, mod: nn.Module, in_shape: Shape | None, out_shape: Shape | None, batch: int) -> Terms:
-        """A conv's terms, plus ``gain`` (one parameter per output channel) when scaled."""
+        """A conv's terms, plus ``gain`` (one parameter per output channel) when scaled; with
+        ``groups == 1`` it goes when any input channel does (folded into the weight)."""
         macs, params = super().cost(name, mod, in_shape, out_shape, batch)
         gain = getattr(mod, "gain", None)
         if out_shape is not None and isinstance(gain, nn.Parameter):
             sliced = mod.groups == 1 or mod.in_channels == mod.out_channels or mod.groups == mod.in_channels
-            params[id(gain)] = CostTerm(False, 1, ((mod.out_channels, (name, "out")),)) if sliced else CostTerm(False, gain.numel(), ())
+            gone = (name, "in") if mod.groups == 1 else None
+            params[id(gain)] = CostTerm(False, 1, ((mod.out_channels, (name, "out")),), gone) if sliced else CostTerm(False, gain.numel(), ())
         return macs, params
 
     def input_part(self, mod: nn.Module) -> InputPart | None:
         return None  # the standardised weight is no stored tensor; the score runs the layer
+
+
+def standardised_weight(mod: nn.Module) -> torch.Tensor:
+    """The weight a timm weight-standardised conv convolves with, computed by the same ops as its
+    forward (so bit for bit): ``F.batch_norm`` over each output channel's weights with the layer's
+    ``eps``, scaled by ``gain * scale`` for ``ScaledStdConv2d(Same)``. Shape of ``mod.weight``."""
+    gain = getattr(mod, "gain", None)
+    affine = (gain * mod.scale).view(-1) if isinstance(gain, nn.Parameter) else None
+    flat = mod.weight.reshape(1, mod.out_channels, -1)
+    return F.batch_norm(flat, None, None, weight=affine, training=True, momentum=0.0, eps=mod.eps).reshape_as(mod.weight)
+
+
+def fold_standardisation(mod: nn.Module) -> None:
+    """Turn a timm weight-standardised conv into the plain conv that computes the same, in place:
+    its weight becomes :func:`standardised_weight`, ``gain`` and the standardisation attributes go,
+    and its class becomes ``nn.Conv2d``, or timm's ``Conv2dSame`` for a ``Same`` form with dynamic
+    padding (``same_pad``: the TF "same" padding computed from each input's size, as before).
+
+    Source: docs/method.md §1 (what slicing keeps); timm ``layers/std_conv.py``.
+    """
+    with torch.no_grad():
+        weight = standardised_weight(mod)
+    replace_tensor(mod, "weight", weight)
+    if "gain" in mod._parameters:
+        del mod.gain
+    # timm is loaded (``mod`` is its class); it is imported by name so that this module needs no timm
+    same = importlib.import_module("timm.layers.conv2d_same").Conv2dSame if getattr(mod, "same_pad", False) else None
+    for attr in ("eps", "scale", "gain_init", "same_pad"):
+        mod.__dict__.pop(attr, None)
+    mod.__class__ = same or nn.Conv2d
 
 
 class BlurPoolRule(LayerRule):
@@ -167,6 +199,48 @@ class BlurPoolRule(LayerRule):
             return [], {}
         per = mod.filt_size**2 * math.prod(out_shape[2:]) * out_shape[0] // batch
         return [CostTerm(True, per, ((out_shape[1], (name, "channel")),))], {}
+
+
+class GlobalResponseNormRule(PerChannel):
+    """timm's ``GlobalResponseNorm`` (ConvNeXt-V2's MLP: fc1 -> GELU -> GRN -> fc2), channels on
+    dim 1 or last: ``g = ||x||_2`` over H, W per channel, ``n = g / (mean_c(g) + eps)``,
+    ``out = x + weight * (x * n) + bias``. Each channel is normalised on its own except for the one
+    number ``mean_c(g)``, so its channels are prunable exactly:
+
+    * the group's channels are zeroed at the GRN's input too (an ``"in"`` member: ``surgery.mask``
+      zeroes them there, as at a conv's input), so a removed channel has ``g = 0`` and adds nothing
+      to the channel sum; its output (``bias``) is zeroed at the next consumer's input, as a
+      BatchNorm's shift is;
+    * the kept channels of the masked GRN see ``sum_kept(g) / C``; the sliced GRN averages over its
+      ``C'`` kept channels, ``sum_kept(g) / C'``. With ``r = C / C'``,
+      ``w*x*g/(sum/C + eps) = (r*w)*x*g/(sum/C' + r*eps)``: slicing multiplies ``weight`` and
+      ``eps`` by ``r`` (the layer stays a timm ``GlobalResponseNorm``; ``eps`` is no tensor, so a
+      reload, which applies the plan again, sets it the same way).
+
+    Weight and bias are per channel; no MACs (the convention counts convs and linears).
+    Source: docs/method.md §1; timm ``layers/grn.py`` (ConvNeXt-V2, Woo et al. 2023).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(["weight", "bias"])
+
+    def roles(self, mod: nn.Module, name: str, lay_dim: int, in_shape: Shape, out_shape: Shape) -> Roles | str:
+        where = "its last dim" if mod.channel_dim == -1 else f"dim {mod.channel_dim}"
+        if len(in_shape) != 4 or lay_dim != (3 if mod.channel_dim == -1 else mod.channel_dim):
+            return f"global response norm {name} reads a tensor whose channels are not on {where}"
+        return Roles(members=(("channel", 0), ("in", 0)))
+
+    def input_dim(self, mod: nn.Module) -> int:
+        return mod.channel_dim
+
+    def slice(self, mod: nn.Module, removed: Mapping[str, Sequence[int]]) -> None:
+        width, gone = mod.weight.shape[0], len(removed.get("channel", ()))
+        if not gone:
+            return
+        super().slice(mod, removed)
+        ratio = width / (width - gone)
+        replace_tensor(mod, "weight", mod.weight.detach() * ratio)
+        mod.eps = mod.eps * ratio
 
 
 class ConvTransposeRule(LayerRule):
@@ -285,6 +359,7 @@ _VERSION = [0]  # bumped by every registration, so cached analyses of older tabl
 CLASS_RULES: dict[tuple[str, str], LayerRule] = {
     **{key: StdConvRule() for key in STD_CONV_CLASSES},
     **{key: BlurPoolRule() for key in BLUR_POOL_CLASSES},
+    **{key: GlobalResponseNormRule() for key in GRN_CLASSES},
 }
 """Rules of other libraries' layers, keyed by (module, qualname) so no optional library is imported;
 the exact class only (these are tracer leaves: ``ops.LEAF_CLASSES``)."""

@@ -32,14 +32,19 @@ class CostTerm:
     parameters, as a plan that removes ``removed[key]`` positions of member slice ``key`` leaves them.
 
     ``sizes`` holds each factor that a plan shrinks, with the member slice ``(module, role)`` that
-    shrinks it; a term without sizes is a constant.
+    shrinks it; a term without sizes is a constant. ``gone_with``: a member slice whose losing any
+    position removes the whole term (0 then): a weight-standardised conv's ``gain``, folded into its
+    weight once its input channels are pruned (``graph.layers.StdConvRule``).
     """
 
     macs: bool
     factor: int
     sizes: tuple[tuple[int, SliceKey], ...]
+    gone_with: SliceKey | None = None
 
     def value(self, removed: Mapping[SliceKey, int]) -> int:
+        if self.gone_with is not None and removed.get(self.gone_with, 0):
+            return 0
         total = self.factor
         for size, key in self.sizes:
             total *= size - removed.get(key, 0)

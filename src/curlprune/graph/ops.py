@@ -31,7 +31,7 @@ SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 # optional library is imported). fx only stops at torch.nn's own classes; traced through, these become
 # functional ops on get_attr parameters, fail to trace (data-dependent padding), or freeze their
 # train/eval branch into the traced graph. The last ones have their own layer rules keyed by the same
-# (module, qualname) (``layers.CLASS_RULES``): timm's weight-standardised convs and BlurPool2d.
+# (module, qualname) (``layers.CLASS_RULES``): timm's weight-standardised convs, BlurPool2d and GlobalResponseNorm.
 STD_CONV_CLASSES = {
     ("timm.layers.std_conv", "StdConv2d"), ("timm.layers.std_conv", "StdConv2dSame"),
     ("timm.layers.std_conv", "ScaledStdConv2d"), ("timm.layers.std_conv", "ScaledStdConv2dSame"),
@@ -39,12 +39,15 @@ STD_CONV_CLASSES = {
 """Convs whose weight is standardised per output channel before each call (BiT / NFNet)."""
 BLUR_POOL_CLASSES = {("timm.layers.blur_pool", "BlurPool2d")}
 """A depthwise conv with a fixed (buffer) blur filter: per-channel, channels pass through."""
+GRN_CLASSES = {("timm.layers.grn", "GlobalResponseNorm")}
+"""ConvNeXt-V2's global response norm: per channel but for one mean over the channels."""
 LEAF_CLASSES = {
     ("timm.layers.conv2d_same", "Conv2dSame"),  # TF "same" padding (spatial) + F.conv2d(x, weight, bias)
     ("timm.layers.linear", "Linear"),  # F.linear(x, weight, bias)
     ("torchvision.ops.misc", "FrozenBatchNorm2d"),  # x * scale + bias from four buffers: a per-channel norm (layers)
     *STD_CONV_CLASSES,
     *BLUR_POOL_CLASSES,
+    *GRN_CLASSES,
 }
 ELEMENTWISE_CLASSES = {("timm.layers.drop", "DropPath")}  # per-sample drop of a whole residual branch
 NORM_ACT_CLASSES = {

@@ -7,7 +7,8 @@ The invariant that holds the project together: for every supported model and pla
     y_sliced = apply(model, groups, plan)(x)
 
 agree up to float round-off. ``mask`` zeroes the removed channels at the input of every module that
-mixes channels (convs with ``groups == 1``, linears): a removed channel reaches kept channels only
+mixes channels (convs with ``groups == 1``, linears; also a global response norm, whose one mean over
+the channels must not see them: the layers' ``"in"`` members): a removed channel reaches kept channels only
 through such modules, because every other op the groups run through is per channel (BN,
 activations, pooling, residual adds) or ties whole conv groups (depthwise/grouped convs), and
 anything else makes the group unprunable in ``trace``.
@@ -162,8 +163,8 @@ class _ZeroInputChannels:
 def mask_points(groups: Sequence[ChannelGroup], plan: Plan) -> dict[str, list[int]]:
     """Module name -> input positions to zero so that the model computes as if ``plan`` was applied.
 
-    These are the channel-mixing consumers (role ``"in"``: convs with groups == 1, linears); their
-    input dim is 1 for convs and the last dim for linears.
+    These are the channel-mixing consumers (role ``"in"``: convs with groups == 1, linears, global
+    response norms); their input dim is their rule's ``input_dim`` (1 for convs, the last dim for linears).
 
     Args:
         groups: the channel groups.
@@ -181,7 +182,7 @@ def mask_points(groups: Sequence[ChannelGroup], plan: Plan) -> dict[str, list[in
 
 def consumer_input_dim(module: nn.Module | None) -> int:
     """The dim of a channel-mixing consumer's input that holds the channels: its layer rule's
-    ``consumer_dim`` (-1, the last dim, for linears; 1 for convs).
+    ``input_dim`` (-1, the last dim, for linears and channels-last norms; 1 for convs).
 
     Args:
         module: the consumer (None, or a module without a layer rule: treated as a conv).
@@ -190,7 +191,7 @@ def consumer_input_dim(module: nn.Module | None) -> int:
         ``-1`` or ``1``.
     """
     rule = rule_for(module) if module is not None else None
-    return rule.consumer_dim if rule is not None else 1
+    return rule.input_dim(module) if rule is not None else 1
 
 
 @contextmanager
