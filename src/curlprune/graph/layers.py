@@ -36,8 +36,19 @@ from curlprune.graph.layer_rules import (
     replace_tensor,
     unsupported_module,
 )
+from curlprune.graph.norm_rules import RmsNormRule
 from curlprune.graph.op_cost import CostTerm
-from curlprune.graph.ops import BLUR_POOL_CLASSES, GRN_CLASSES, STD_CONV_CLASSES, class_key, normalises_channels
+from curlprune.graph.ops import (
+    BLUR_POOL_CLASSES,
+    GRN_CLASSES,
+    RMS_NORM_2D_CLASSES,
+    RMS_NORM_ACT_2D_CLASSES,
+    RMS_NORM_ACT_CLASSES,
+    RMS_NORM_CLASSES,
+    STD_CONV_CLASSES,
+    class_key,
+    normalises_channels,
+)
 
 
 
@@ -349,6 +360,7 @@ _RULES: dict[type, LayerRule] = {
     nn.PReLU: PReLURule(),
     nn.LayerNorm: LayerNormRule(),
     nn.GroupNorm: GroupNormRule(),
+    nn.RMSNorm: RmsNormRule(dim=-1),
 }
 """The table: layer type -> its rule, looked up through the MRO; ``register_layer`` adds to it."""
 
@@ -360,6 +372,8 @@ CLASS_RULES: dict[tuple[str, str], LayerRule] = {
     **{key: StdConvRule() for key in STD_CONV_CLASSES},
     **{key: BlurPoolRule() for key in BLUR_POOL_CLASSES},
     **{key: GlobalResponseNormRule() for key in GRN_CLASSES},
+    **{key: RmsNormRule(dim=1) for key in RMS_NORM_2D_CLASSES | RMS_NORM_ACT_2D_CLASSES},
+    **{key: RmsNormRule(dim=-1) for key in RMS_NORM_CLASSES | RMS_NORM_ACT_CLASSES},
 }
 """Rules of other libraries' layers, keyed by (module, qualname) so no optional library is imported;
 the exact class only (these are tracer leaves: ``ops.LEAF_CLASSES``)."""

@@ -31,7 +31,8 @@ SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 # optional library is imported). fx only stops at torch.nn's own classes; traced through, these become
 # functional ops on get_attr parameters, fail to trace (data-dependent padding), or freeze their
 # train/eval branch into the traced graph. The last ones have their own layer rules keyed by the same
-# (module, qualname) (``layers.CLASS_RULES``): timm's weight-standardised convs, BlurPool2d and GlobalResponseNorm.
+# (module, qualname) (``layers.CLASS_RULES``): timm's weight-standardised convs, BlurPool2d,
+# GlobalResponseNorm and RMS norms.
 STD_CONV_CLASSES = {
     ("timm.layers.std_conv", "StdConv2d"), ("timm.layers.std_conv", "StdConv2dSame"),
     ("timm.layers.std_conv", "ScaledStdConv2d"), ("timm.layers.std_conv", "ScaledStdConv2dSame"),
@@ -41,6 +42,13 @@ BLUR_POOL_CLASSES = {("timm.layers.blur_pool", "BlurPool2d")}
 """A depthwise conv with a fixed (buffer) blur filter: per-channel, channels pass through."""
 GRN_CLASSES = {("timm.layers.grn", "GlobalResponseNorm")}
 """ConvNeXt-V2's global response norm: per channel but for one mean over the channels."""
+RMS_NORM_2D_CLASSES = {("timm.layers.norm", "RmsNorm2d"), ("timm.layers.norm", "RmsNorm2dFp32")}
+"""timm's channels-first RMS norms (``rms_norm2d``: the mean of squares over dim 1); MobileNet-V5."""
+RMS_NORM_CLASSES = {("timm.layers.norm", "RmsNorm"), ("timm.layers.norm", "RmsNormFp32")}
+"""timm's RMS norms over the trailing ``normalized_shape`` dims (``F.rms_norm``), as ``nn.RMSNorm``."""
+RMS_NORM_ACT_2D_CLASSES = {("timm.layers.norm_act", "RmsNormAct2d"), ("timm.layers.norm_act", "RmsNormAct2dFp32")}
+RMS_NORM_ACT_CLASSES = {("timm.layers.norm_act", "RmsNormAct"), ("timm.layers.norm_act", "RmsNormActFp32")}
+"""The same followed by an activation and dropout (``NORM_ACT_CLASSES``: leaves when both are elementwise)."""
 LEAF_CLASSES = {
     ("timm.layers.conv2d_same", "Conv2dSame"),  # TF "same" padding (spatial) + F.conv2d(x, weight, bias)
     ("timm.layers.linear", "Linear"),  # F.linear(x, weight, bias)
@@ -48,14 +56,17 @@ LEAF_CLASSES = {
     *STD_CONV_CLASSES,
     *BLUR_POOL_CLASSES,
     *GRN_CLASSES,
+    *RMS_NORM_2D_CLASSES,
+    *RMS_NORM_CLASSES,
 }
 ELEMENTWISE_CLASSES = {("timm.layers.drop", "DropPath")}  # per-sample drop of a whole residual branch
 NORM_ACT_CLASSES = {
     ("timm.layers.norm_act", "BatchNormAct2d"), ("timm.layers.norm_act", "SyncBatchNormAct"),
     ("timm.layers.norm_act", "GroupNormAct"), ("timm.layers.norm_act", "GroupNorm1Act"),
+    *RMS_NORM_ACT_2D_CLASSES, *RMS_NORM_ACT_CLASSES,
 }
-"""BatchNorm/GroupNorm subclasses that add an activation and dropout: leaves when both are elementwise
-modules (their norm's layer rule applies)."""
+"""BatchNorm/GroupNorm/RMS norm subclasses that add an activation and dropout: leaves when both are
+elementwise modules (their norm's layer rule applies)."""
 
 
 def class_key(m: nn.Module) -> tuple[str, str]:
@@ -84,9 +95,9 @@ UNARY_OPS = {
 }
 DTYPE_ONLY_OPS = {"to", "type_as"}
 """Unary ops whose tensor argument gives only a dtype/device (``x.to(other)``): not an operand."""
-TENSOR_ARG_OPS = DTYPE_ONLY_OPS | {"expand_as", "view_as", "reshape_as", "layer_norm", "group_norm"}
-"""Ops whose tensor arguments give only a dtype or shape, or whose handler reads them (a layer norm's
-affine parameters span the dims it normalises); any other op with a tensor argument besides its
+TENSOR_ARG_OPS = DTYPE_ONLY_OPS | {"expand_as", "view_as", "reshape_as", "layer_norm", "rms_norm", "group_norm"}
+"""Ops whose tensor arguments give only a dtype or shape, or whose handler reads them (a layer or RMS
+norm's affine parameters span the dims it normalises); any other op with a tensor argument besides its
 input that is no elementwise operand makes the channels unprunable."""
 BINARY_OPS = {
     "add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "mul", "mul_", "imul", "truediv", "div", "div_",
@@ -99,8 +110,9 @@ SPATIAL_OPS = {
     "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "interpolate", "upsample", "upsample_nearest",
     "upsample_bilinear",
 }
-REDUCE_OPS = {"mean", "sum", "amax", "amin", "norm"}
-"""Reductions; ``norm`` (p, dim, keepdim) has its dims one argument later."""
+REDUCE_OPS = {"mean", "sum", "amax", "amin", "norm", "var", "std"}
+"""Reductions; ``norm`` (p, dim, keepdim) has its dims one argument later, ``var``/``std`` (dim,
+unbiased, keepdim) their keepdim."""
 SOFTMAX_OPS = {"softmax", "log_softmax", "softmin", "normalize"}
 SHAPE_QUERIES = {"size", "dim", "numel", "nelement", "get_device", "len"}
 """Reads of a tensor's metadata (``len``: its first dim, in a trace against an example input)."""

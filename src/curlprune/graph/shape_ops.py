@@ -74,16 +74,17 @@ def _plain_range(item: object) -> bool:
 
 
 def reduce(st: PassState, node: fx.Node, x: fx.Node, lay: Layout) -> None:
-    """mean/sum/amax/amin/norm over other dims keep the channels; over the channel dim they mix them."""
+    """mean/sum/amax/amin/norm/var/std over other dims keep the channels; over the channel dim they mix them."""
     ndim = len(st.shape(x))
     at = 2 if op_name(node) == "norm" else 1  # norm(input, p, dim, keepdim)
+    keep_at = 3 if op_name(node) in ("var", "std") else at + 1  # var(input, dim, unbiased, keepdim)
     dims = st.value(arg(node, at, "dim"))
-    if dims is None:
+    if dims is None or isinstance(dims, bool):  # var(input, unbiased): over every dim
         return st.unsupported(node)
     dims = {norm_dim(d, ndim) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
     if lay.dim in dims:
         return st.unsupported(node, f"{op_name(node)} over the channel dim at {where(node)}")
-    keepdim = st.value(arg(node, at + 1, "keepdim", node.kwargs.get("keepdims", False)))  # numpy's spelling too
+    keepdim = st.value(arg(node, keep_at, "keepdim", node.kwargs.get("keepdims", False)))  # numpy's spelling too
     new_dim = lay.dim if keepdim else lay.dim - sum(1 for d in dims if d < lay.dim)
     st.layouts[node] = Layout(new_dim, lay.slots)
     return None

@@ -116,8 +116,8 @@ def call_op(st: PassState, node: fx.Node) -> None:
             st.layouts[node] = lay
             return None
         return st.cross_channel(node, lay, f"{name} at {where(node)}")
-    if name == "layer_norm":
-        return st.layer_norm(node, lay, len(st.value(arg(node, 1, "normalized_shape"))), f"layer_norm at {where(node)}")
+    if name in ("layer_norm", "rms_norm"):  # the functional forms: eps is no module attribute a slice could rescale
+        return st.layer_norm(node, lay, len(st.value(arg(node, 1, "normalized_shape"))), f"{name} at {where(node)}")
     if name in ("group_norm", "local_response_norm"):
         return st.cross_channel(node, lay, f"{name} at {where(node)}")
     return st.unsupported(node)
