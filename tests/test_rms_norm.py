@@ -26,7 +26,7 @@ from curlprune.cost.analysis import trace
 from curlprune.criteria.kl import kl_scores
 from curlprune.graph.layers import rule_for
 from curlprune.store import checkpoint
-from curlprune.surgery.surgery import apply, mask
+from curlprune.surgery.surgery import apply
 
 timm = pytest.importorskip("timm", reason="timm (optional extra) is not installed")
 from timm.layers import LayerNorm2d, RmsNorm, RmsNorm2d, RmsNorm2dFp32, RmsNormAct, RmsNormAct2d, RmsNormFp32, SimpleNorm2d  # noqa: E402

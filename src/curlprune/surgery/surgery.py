@@ -164,7 +164,7 @@ def mask_points(groups: Sequence[ChannelGroup], plan: Plan) -> dict[str, list[in
     """Module name -> input positions to zero so that the model computes as if ``plan`` was applied.
 
     These are the channel-mixing consumers (role ``"in"``: convs with groups == 1, linears, global
-    response norms); their input dim is their rule's ``input_dim`` (1 for convs, the last dim for linears).
+    response norms, RMS norms); their input dim is their rule's ``input_dim`` (1 for convs, the last dim for linears).
 
     Args:
         groups: the channel groups.
