@@ -136,6 +136,18 @@ def test_a_mobilenetv5_block_with_rms_norms_prunes_exactly():
     check_invariants(model, x, groups, plans=4)
 
 
+def test_convnext_atto_rms_residual_streams_are_prunable():
+    """timm's ``convnext_atto_rms`` (RmsNorm2d in place of ConvNeXt's LayerNorm2d): its residual
+    streams, unprunable under a LayerNorm, are prunable now; every group but the model's input and
+    output is (before: 12 prunable groups, the streams blocked by "mean over the channel dim")."""
+    model = randomise(timm.create_model("convnext_atto_rms", pretrained=False))
+    x = torch.randn(1, 3, 32, 32)
+    groups = trace(model, x)
+    inner = [g for g in groups if g.reason not in ("model input", "feeds the model output")]
+    assert len(inner) == 16 and all(g.prunable for g in inner), {g.reason for g in inner if not g.prunable}
+    check_invariants(model, x, groups, plans=1)
+
+
 @pytest.mark.parametrize("kind", ["RmsNorm2d", "nn.RMSNorm"])
 def test_a_pruned_rms_model_prunes_again_exactly(kind):
     """Iterative pruning: a rescaled norm is an RMS norm over its C' channels."""
