@@ -22,7 +22,8 @@ from curlprune.data.digits import train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.report.figures import write_report
 from curlprune.models import input_spec
-from curlprune.run.pipeline import Run, load_splits
+from curlprune.run.pipeline import Run
+from curlprune.run.run_data import load_splits
 from curlprune.store.records import read_run_summary
 from curlprune.report.report import print_summary
 from curlprune.run.run_config import parse_config
@@ -83,7 +84,7 @@ def test_train_per_class_draws_from_what_remains(digits_folder):
 
 SPLIT_IN_A_PROCESS = """
 import json, sys
-from curlprune.run.pipeline import load_splits
+from curlprune.run.run_data import load_splits
 print(json.dumps(load_splits(sys.argv[1], None, int(sys.argv[2]), val_per_class=5)[1]["indices"]))
 """
 
