@@ -3,11 +3,6 @@ bit-identical to an uninterrupted run (weights, label store, metrics)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,14 +11,7 @@ from safetensors.torch import load_file
 
 from curlprune.recover import load_label_store
 
-JOB = Path(__file__).with_name("recover_job.py")
-STAGES = ("finetune", "distill", "refine")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def run_job(run_dir: Path, *args: str) -> None:
-    done = subprocess.run([sys.executable, str(JOB), str(run_dir), *args], env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+from recover_support import STAGES, kill_mid_epoch, run_job
 
 
 def metrics(run_dir: Path, stage: str) -> list[dict]:
@@ -34,26 +22,10 @@ def without_seconds(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    run_job(run_dir)
-    return run_dir
-
-
 @pytest.mark.parametrize("killed", STAGES)
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, reference, killed):
-    process = subprocess.Popen(
-        [sys.executable, str(JOB), str(tmp_path), "--trip", killed], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "tripped").exists():
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the job never reached its second epoch"
-        time.sleep(0.1)
-    os.kill(process.pid, signal.SIGKILL)  # in the middle of the second epoch of `killed`
-    process.communicate()
-    assert process.returncode == -signal.SIGKILL
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, recover_runs, killed):
+    recover_runs.start(())  # the uninterrupted run (shared with tests/test_amp.py), made while this one is killed
+    kill_mid_epoch(tmp_path, "--trip", killed)  # in the middle of the second epoch of `killed`
 
     stage_dir = tmp_path / killed
     assert not (stage_dir / "done.json").exists()
@@ -62,7 +34,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, refer
     earlier = STAGES[: STAGES.index(killed)]
     stamps = {s: (tmp_path / s / "done.json").stat().st_mtime_ns for s in earlier}
 
-    run_job(tmp_path)  # the same command again
+    done = run_job(tmp_path)  # the same command again
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = recover_runs.get()
 
     assert {s: (tmp_path / s / "done.json").stat().st_mtime_ns for s in earlier} == stamps  # finished stages skipped
     assert metrics(tmp_path, killed)[0] == first_epoch[0]  # epoch 1 was not trained again (same seconds)
