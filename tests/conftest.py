@@ -1,14 +1,17 @@
-"""Shared test settings: one intra-op thread, where ../shared (real data and checkpoints) lives, its
-CIFAR-10 splits decoded once per session, and the runs of tests/recover_job.py that several test files
-compare against (made once per session)."""
+"""Shared test settings: one intra-op thread, where ../shared (real data and checkpoints) lives, and
+what several test files use, made once per session: the trained digits model, ../shared's CIFAR-10
+splits decoded, and the runs of tests/recover_job.py that they compare against."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from curlprune.data.data import ImageDataset, load_image_folder
+from curlprune.data.digits import train_digits_model
 
 from recover_support import RecoverRuns
 
@@ -53,5 +56,24 @@ def cifar_split():
         if (zip_name, split) not in decoded:
             decoded[zip_name, split] = load_image_folder(path, splits=[split])[split]
         return decoded[zip_name, split]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def trained_digits():
+    """``get(epochs)``: ``curlprune.data.digits.train_digits_model(seed=0, epochs=epochs)`` (eval mode),
+    trained once per session for each ``epochs``; every call returns a copy of its own and leaves
+    torch's global random state as the training itself leaves it (the training seeds it), so a test
+    sees what it would see had it trained the model itself."""
+    trained: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+
+    def get(epochs: int = 12) -> nn.Module:
+        if epochs not in trained:
+            model = train_digits_model(seed=0, epochs=epochs)
+            trained[epochs] = (model, torch.get_rng_state())
+        model, rng = trained[epochs]
+        torch.set_rng_state(rng)
+        return copy.deepcopy(model).eval()
 
     return get

@@ -15,7 +15,6 @@ import yaml
 from safetensors.torch import load_file
 
 from curlprune.data.data import load_digits_dataset
-from curlprune.data.digits import train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
 from curlprune.recover import DistillConfig, distill, load_label_store
@@ -81,11 +80,11 @@ def test_fp16_label_steps_are_unscaled(runs):
     assert scaler["scale"] >= 1.0 and scaler["_growth_tracker"] >= 0
 
 
-def test_bf16_distill_on_digits_reaches_float32_top1(tmp_path):
+def test_bf16_distill_on_digits_reaches_float32_top1(tmp_path, trained_digits):
     """Mixup-KD of a random student from a trained digits teacher, 4 epochs on the full digits train
     split: bf16 (CPU autocast) ends within 3 points of float32 (measured: 94.4% vs 93.3%)."""
     data, spec = load_digits_dataset(0), input_spec(MODEL)
-    teacher = train_digits_model(0)
+    teacher = trained_digits(12)  # train_digits_model(0), trained once per session
     top1 = {}
     for amp in ("off", "bf16"):
         torch.manual_seed(2)

@@ -13,7 +13,6 @@ import curlprune
 
 from curlprune.cli import main
 from curlprune.data.data import batches, load_digits_dataset
-from curlprune.data.digits import train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
 from curlprune.run.prune_config import PruneConfig
@@ -27,8 +26,8 @@ CIFAR = SHARED / "data" / "cifar10-png.zip"
 
 
 @pytest.fixture(scope="module")
-def teacher() -> nn.Module:
-    return train_digits_model(seed=0, epochs=15).eval()
+def teacher(trained_digits) -> nn.Module:
+    return trained_digits(15)  # train_digits_model(seed=0, epochs=15), trained once per session
 
 
 @pytest.fixture(scope="module")

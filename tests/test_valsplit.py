@@ -18,7 +18,6 @@ from PIL import Image
 from curlprune.store import checkpoint
 from curlprune.data import data as datasets
 from curlprune.cli import main
-from curlprune.data.digits import train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.report.figures import write_report
 from curlprune.models import input_spec
@@ -146,9 +145,9 @@ def test_data_with_its_own_val_split_uses_it(tmp_path):
 
 # ----- a run ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
+def teacher(tmp_path_factory, trained_digits) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(train_digits_model(seed=0).state_dict(), path)
+    torch.save(trained_digits(12).state_dict(), path)  # train_digits_model(seed=0), trained once per session
     return path
 
 
