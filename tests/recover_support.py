@@ -28,10 +28,14 @@ def run_job(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(JOB), str(run_dir), *args], env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def kill_mid_epoch(run_dir: Path, *args: str, deadline_s: float = 240) -> None:
-    """Start ``recover_job.py RUN_DIR ARGS`` (ARGS hold ``--trip STAGE``) and SIGKILL it once it has
-    written RUN_DIR/tripped, in the middle of the tripped epoch; fails when it ends or hangs first."""
-    process = subprocess.Popen([sys.executable, str(JOB), str(run_dir), *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def start_tripped(run_dir: Path, *args: str) -> subprocess.Popen:
+    """Start ``recover_job.py RUN_DIR ARGS`` (ARGS hold ``--trip STAGE``): it writes RUN_DIR/tripped and
+    waits in the middle of the tripped epoch (:func:`kill_when_tripped`)."""
+    return subprocess.Popen([sys.executable, str(JOB), str(run_dir), *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def kill_when_tripped(process: subprocess.Popen, run_dir: Path, deadline_s: float = 240) -> None:
+    """SIGKILL a job of :func:`start_tripped` once it has written RUN_DIR/tripped; fails when it ends or hangs first."""
     deadline = time.monotonic() + deadline_s
     try:
         while not (run_dir / "tripped").exists():
@@ -45,6 +49,11 @@ def kill_mid_epoch(run_dir: Path, *args: str, deadline_s: float = 240) -> None:
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+def kill_mid_epoch(run_dir: Path, *args: str) -> None:
+    """Run ``recover_job.py RUN_DIR ARGS`` (ARGS hold ``--trip STAGE``) and SIGKILL it in the middle of the tripped epoch."""
+    kill_when_tripped(start_tripped(run_dir, *args), run_dir)
 
 
 def state_of(run_dir: Path, stage: str) -> tuple[dict[str, torch.Tensor], dict]:
