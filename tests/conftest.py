@@ -1,10 +1,19 @@
-"""Shared test settings: one intra-op thread, and where ../shared (real data and checkpoints) lives."""
+"""Shared test settings: one intra-op thread, where ../shared (real data and checkpoints) lives, and
+what several test files use, made once per session: the trained digits model, ../shared's CIFAR-10
+splits decoded, and the runs of tests/recover_job.py that they compare against."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+from curlprune.data.data import ImageDataset, load_image_folder
+from curlprune.data.digits import train_digits_model
+
+from recover_support import RecoverRuns
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -21,3 +30,50 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def recover_runs(tmp_path_factory):
+    """:class:`recover_support.RecoverRuns`: finished runs of tests/recover_job.py, one per argument
+    list, made once for the session (tests/test_resume.py and tests/test_amp.py compare against the same
+    uninterrupted float32 run), in the background while the tests go on."""
+    runs = RecoverRuns(tmp_path_factory.mktemp("recover-runs"))
+    yield runs
+    runs.close()
+
+
+@pytest.fixture(scope="session")
+def cifar_split():
+    """``get(zip_name, split)``: a split of ``../shared/data/<zip_name>`` (cifar10-jpeg.zip, cifar10-png.zip)
+    as :func:`curlprune.data.data.load_image_folder` decodes it, decoded once for the session (the
+    tests only read it); skips the test when the zip is absent."""
+    decoded: dict[tuple[str, str], ImageDataset] = {}
+
+    def get(zip_name: str, split: str) -> ImageDataset:
+        path = SHARED / "data" / zip_name
+        if not path.is_file():
+            pytest.skip(f"{path} is absent (../shared not mounted)")
+        if (zip_name, split) not in decoded:
+            decoded[zip_name, split] = load_image_folder(path, splits=[split])[split]
+        return decoded[zip_name, split]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def trained_digits():
+    """``get(epochs)``: ``curlprune.data.digits.train_digits_model(seed=0, epochs=epochs)`` (eval mode),
+    trained once per session for each ``epochs``; every call returns a copy of its own and leaves
+    torch's global random state as the training itself leaves it (the training seeds it), so a test
+    sees what it would see had it trained the model itself."""
+    trained: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+
+    def get(epochs: int = 12) -> nn.Module:
+        if epochs not in trained:
+            model = train_digits_model(seed=0, epochs=epochs)
+            trained[epochs] = (model, torch.get_rng_state())
+        model, rng = trained[epochs]
+        torch.set_rng_state(rng)
+        return copy.deepcopy(model).eval()
+
+    return get

@@ -5,69 +5,38 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from curlprune.data.data import load_digits_dataset
-from curlprune.data.digits import train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.models import build, input_spec
 from curlprune.recover import DistillConfig, distill, load_label_store
 from curlprune.recover.amp import Precision, canonical_amp, check_amp
 from curlprune.recover.dist import init_distributed
 from curlprune.recover.stage import check_config
-from curlprune.recover.state import STATE_KEY
 from curlprune.run.run_config import config_to_dict, load_config
 
+import recover_job
+from recover_support import STAGES, history, kill_mid_epoch, run_job, state_of
 from trust_support import MODEL, assert_one_line_error, cli, one_line  # noqa: F401 (cli is a fixture)
 
-JOB = Path(__file__).with_name("recover_job.py")
-STAGES = ("finetune", "distill", "refine")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def run_job(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(JOB), str(run_dir), *args], env=ENV, capture_output=True, text=True, timeout=300)
-
-
-def state_of(run_dir: Path, stage: str) -> tuple[dict[str, torch.Tensor], dict]:
-    path = run_dir / stage / "state.safetensors"
-    with safe_open(str(path), framework="pt") as handle:
-        meta = json.loads(handle.metadata()[STATE_KEY])
-    return load_file(str(path)), meta
-
-
-def history(run_dir: Path, stage: str) -> list[dict]:
-    lines = (run_dir / stage / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+AMP = {"unset": (), "off": ("--amp", "off"), "bf16": ("--amp", "bf16"), "fp16": ("--amp", "fp16")}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(recover_runs):
     """finetune -> distill -> refine on real digits (tests/recover_job.py), once per amp setting
-    ("unset": no amp key at all)."""
-    made: dict[str, Path] = {}
-
-    def get(mode: str) -> Path:
-        if mode not in made:
-            run_dir = tmp_path_factory.mktemp(f"amp-{mode}")
-            done = run_job(run_dir, *([] if mode == "unset" else ["--amp", mode]))
-            assert done.returncode == 0, done.stderr[-3000:]
-            made[mode] = run_dir
-        return made[mode]
-
-    return get
+    ("unset": no amp key at all; the session's float32 run that tests/test_resume.py compares with too),
+    all started at once and made in the background, one per core."""
+    recover_runs.start(*AMP.values())
+    return lambda mode: recover_runs.get(*AMP[mode])
 
 
 # ----- amp: off is today's float32 run ------------------------------------------------------------
@@ -111,11 +80,11 @@ def test_fp16_label_steps_are_unscaled(runs):
     assert scaler["scale"] >= 1.0 and scaler["_growth_tracker"] >= 0
 
 
-def test_bf16_distill_on_digits_reaches_float32_top1(tmp_path):
+def test_bf16_distill_on_digits_reaches_float32_top1(tmp_path, trained_digits):
     """Mixup-KD of a random student from a trained digits teacher, 4 epochs on the full digits train
     split: bf16 (CPU autocast) ends within 3 points of float32 (measured: 94.4% vs 93.3%)."""
     data, spec = load_digits_dataset(0), input_spec(MODEL)
-    teacher = train_digits_model(0)
+    teacher = trained_digits(12)  # train_digits_model(0), trained once per session
     top1 = {}
     for amp in ("off", "bf16"):
         torch.manual_seed(2)
@@ -130,42 +99,39 @@ def test_bf16_distill_on_digits_reaches_float32_top1(tmp_path):
 
 
 # ----- kill and resume --------------------------------------------------------------------------
-@pytest.mark.parametrize("mode, killed", [("bf16", "distill"), ("fp16", "refine")])
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, runs, mode, killed):
-    """As tests/test_resume.py, under amp: the resumed run ends bit for bit where the uninterrupted
-    one did, the fp16 loss scaler's state (scale, growth tracker) included."""
-    reference = runs(mode)
-    process = subprocess.Popen([sys.executable, str(JOB), str(tmp_path), "--amp", mode, "--trip", killed], env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "tripped").exists():
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the job never reached its second epoch"
-        time.sleep(0.1)
-    os.kill(process.pid, signal.SIGKILL)  # in the middle of the second epoch of `killed`
-    process.communicate()
-    assert not (tmp_path / killed / "done.json").exists()
-    assert [r["epoch"] for r in history(tmp_path, killed)] == [1]
-    if mode == "fp16":  # the scaler's state after epoch 1 is in the state file
-        assert state_of(tmp_path, killed)[1]["amp_scaler"]["_growth_tracker"] > 0
+def test_sigkill_mid_epoch_of_fp16_refine_then_resume_matches_uninterrupted_run(tmp_path, runs):
+    """As tests/test_resume.py (which kills each stage in float32), under amp: the resumed run ends bit
+    for bit where the uninterrupted one did, the fp16 loss scaler's state (scale, growth tracker) and
+    the label store included. fp16 in refine is the combination with the most state (scaler, label
+    store, teacher logits under autocast); bf16 resumes through the same code without a scaler. The
+    run starts from the uninterrupted run's finished finetune and distill folders (finished stages are
+    skipped, tests/test_resume.py), so only refine is trained again."""
+    reference = runs("fp16")
+    for stage in STAGES[:2]:
+        shutil.copytree(reference / stage, tmp_path / stage)
+    kill_mid_epoch(tmp_path, "--amp", "fp16", "--trip", "refine")  # in the middle of refine's second epoch
+    assert not (tmp_path / "refine" / "done.json").exists()
+    assert [r["epoch"] for r in history(tmp_path, "refine")] == [1]
+    assert state_of(tmp_path, "refine")[1]["amp_scaler"]["_growth_tracker"] > 0  # the scaler's state after epoch 1
 
-    done = run_job(tmp_path, "--amp", mode)  # the same command again
+    done = run_job(tmp_path, "--amp", "fp16")  # the same command again
     assert done.returncode == 0, done.stderr[-3000:]
 
-    for stage in STAGES:
-        assert history(tmp_path, stage) == history(reference, stage), stage
-        (ours, our_meta), (theirs, their_meta) = state_of(tmp_path, stage), state_of(reference, stage)
-        different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
-        assert ours.keys() == theirs.keys() and not different, f"{stage}: {different[:5]} differ from the uninterrupted run"
-        assert our_meta.get("amp_scaler") == their_meta.get("amp_scaler"), stage
+    assert history(tmp_path, "refine") == history(reference, "refine")
+    (ours, our_meta), (theirs, their_meta) = state_of(tmp_path, "refine"), state_of(reference, "refine")
+    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert ours.keys() == theirs.keys() and not different, f"{different[:5]} differ from the uninterrupted run"
+    assert our_meta.get("amp_scaler") == their_meta.get("amp_scaler")
+    assert torch.equal(load_label_store(tmp_path), load_label_store(reference))
 
 
-def test_a_stage_does_not_resume_with_another_amp(tmp_path, runs):
+def test_a_stage_does_not_resume_with_another_amp(tmp_path, runs, monkeypatch):
     copy = tmp_path / "run"
     shutil.copytree(runs("bf16"), copy)
-    done = run_job(copy, "--amp", "off")
-    assert done.returncode != 0
-    assert "amp='bf16' (now None)" in done.stderr, done.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", ["recover_job.py", str(copy), "--amp", "off"])  # the job, in this process
+    with pytest.raises(CurlpruneError) as exc:
+        recover_job.main()
+    one_line(exc, "amp='bf16' (now None)")
 
 
 # ----- settings and devices -----------------------------------------------------------------------

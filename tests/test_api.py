@@ -20,7 +20,6 @@ import curlprune
 from curlprune.cli import main
 from curlprune.cost.cost import count
 from curlprune.data.data import batches, load_digits_dataset
-from curlprune.data.digits import train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.models import input_spec
 from curlprune.surgery.surgery import apply, mask
@@ -87,9 +86,9 @@ def _mynet() -> MyNet:
 
 
 @pytest.fixture(scope="module")
-def digits_model() -> nn.Module:
-    """The digits ResNet trained on the real digits for a few seconds."""
-    return train_digits_model(seed=0, epochs=15).eval()
+def digits_model(trained_digits) -> nn.Module:
+    """The digits ResNet trained on the real digits for a few seconds (trained once per session)."""
+    return trained_digits(15)
 
 
 def test_own_model_to_half_the_macs_with_kl_masked_equals_sliced():

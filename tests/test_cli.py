@@ -17,13 +17,30 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "curlprune.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_help_lists_commands_and_defaults():
-    result = run_cli("--help")
-    assert result.returncode == 0
+def help_text(capsys, *args: str) -> str:
+    """What ``curlprune ARGS --help`` prints (in this process: argparse exits 0 after printing)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--help"])
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_commands_and_defaults(capsys):
+    top = help_text(capsys)
     for command in ("groups", "count", "export", "demo", "run"):
-        assert command in result.stdout
-    sub = run_cli("groups", "--help")
-    assert sub.returncode == 0 and "--input-size" in sub.stdout and "default" in sub.stdout
+        assert command in top
+    sub = help_text(capsys, "groups")
+    assert "--input-size" in sub and "default" in sub
+
+
+def test_the_module_is_a_command_whose_bad_input_is_one_line_and_exit_2():
+    """``python -m curlprune.cli`` in a process of its own: exit 2 and one line on stderr, nothing else
+    (no traceback, no warning printed at import); the other cases run in this process, below."""
+    result = run_cli("groups", "--model", "cifar:resnet57")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("curlprune: error:"), result.stderr
+    assert "unknown model" in result.stderr and result.stdout == ""
 
 
 def test_groups_command_prints_the_residual_streams(capsys):
@@ -47,8 +64,7 @@ def test_export_command_writes_onnx(tmp_path):
     plan = {g.name: list(range(0, g.width, 2)) for g in groups if g.prunable}
     ckpt = tmp_path / "model.safetensors"
     save(ckpt, "cifar:resnet20", plan, curlprune.apply(model, groups, plan).state_dict())
-    result = run_cli("export", str(ckpt), str(tmp_path / "model.onnx"))
-    assert result.returncode == 0, result.stderr
+    assert main(["export", str(ckpt), str(tmp_path / "model.onnx")]) == 0
     assert (tmp_path / "model.onnx").stat().st_size > 10_000
 
 
@@ -61,8 +77,9 @@ def test_export_command_writes_onnx(tmp_path):
         (["run", "/nonexistent/config.yaml"], "does not exist"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(args, message):
-    result = run_cli(*args)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("curlprune: error:") and message in lines[0], result.stderr
+def test_bad_input_is_one_line_and_exit_2(capsys, args, message):
+    capsys.readouterr()
+    assert main(args) == 2
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("curlprune: error:") and message in lines[0], stderr

@@ -22,7 +22,6 @@ from curlprune.data.transforms import PadCropFlip, build_transform, normalize_ba
 from curlprune.errors import CurlpruneError
 from curlprune.models import IMAGENET_MEAN, IMAGENET_STD, build, input_spec
 
-from conftest import SHARED  # noqa: E402
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -152,11 +151,8 @@ def test_missing_empty_and_flat_paths(tmp_path):
         load_image_folder(tmp_path / "file.txt")
 
 
-def test_cifar_jpeg_test_split():
-    path = SHARED / "data" / "cifar10-jpeg.zip"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    test = load_image_folder(path, splits=["test"])["test"]
+def test_cifar_jpeg_test_split(cifar_split):
+    test = cifar_split("cifar10-jpeg.zip", "test")  # load_image_folder(zip, splits=["test"]), decoded once for the session
     assert test.classes == CIFAR_CLASSES
     assert test.images.shape == (10_000, 3, 32, 32)
     assert torch.bincount(test.labels).tolist() == [1000] * 10

@@ -6,11 +6,8 @@ so validation top-1 peaks early and collapses after."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,9 +22,8 @@ from curlprune.data.digits import train_digits_model
 from curlprune.recover import DistillConfig, FinetuneConfig, distill, finetune
 from curlprune.run.run_config import parse_config
 from recover_job import MODEL, tiny_data
+from recover_support import ENV, JOB, kill_mid_epoch
 
-JOB = Path(__file__).with_name("recover_job.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PATIENCE = 2
 
 
@@ -81,15 +77,7 @@ def test_killed_after_a_worse_epoch_resumes_with_the_same_best_and_counter(tmp_p
     best_epoch = json.loads((reference / "finetune" / "done.json").read_text())["best_epoch"]
     trip = best_epoch + 2  # after one epoch without improvement: best-so-far and counter (1) are in the state
     assert trip <= len(records)
-    process = subprocess.Popen([sys.executable, str(JOB), str(tmp_path), "--early-stop", "--trip", "finetune",
-                                "--trip-epoch", str(trip)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "tripped").exists():
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the job never reached the epoch to kill"
-        time.sleep(0.1)
-    os.kill(process.pid, signal.SIGKILL)
-    process.communicate()
+    kill_mid_epoch(tmp_path, "--early-stop", "--trip", "finetune", "--trip-epoch", str(trip))
     assert not (tmp_path / "finetune" / "done.json").exists()
     assert len(metrics(tmp_path)) == trip - 1
 

@@ -230,16 +230,15 @@ def test_recipe_paper_is_the_authors_constants_and_sections_override_it():
         parse_config({**base, "recipe": "fast"})
 
 
-def test_the_pipeline_gives_distill_the_students_plan(tmp_path):
+def test_the_pipeline_gives_distill_the_students_plan(tmp_path, trained_digits):
     """prune -> distill with features on a real run: the pruned student's features are compared through
     the plan the prune stage made (without it the shapes would not match: one line, no result)."""
-    from curlprune.data.digits import train_digits_model
     from curlprune.run.pipeline import Run
     from curlprune.run.run_config import parse_config
 
     FEATURES = ["layer1.0.conv1", "layer1.1.relu", "layer1", "layer2"]
     weights = tmp_path / "teacher.pt"
-    torch.save(train_digits_model(seed=0).state_dict(), weights)
+    torch.save(trained_digits(12).state_dict(), weights)  # train_digits_model(seed=0), trained once per session
     cfg = parse_config({"model": "small:resnet-digits", "weights": str(weights), "data": "digits", "train_per_class": 20,
                         "run_dir": str(tmp_path / "run"), "stages": ["prune", "distill"],
                         "prune": {"criterion": "l1", "target_macs": 0.5, "calib": 32},

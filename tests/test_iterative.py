@@ -17,7 +17,6 @@ from torch import nn
 import curlprune
 from curlprune.cli import main
 from curlprune.cost.cost import count
-from curlprune.data.digits import train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.models import input_spec
 from curlprune.run.prune_config import PruneConfig
@@ -29,9 +28,9 @@ X = torch.zeros(1, 1, 8, 8)
 
 
 @pytest.fixture(scope="module")
-def digits_model() -> nn.Module:
-    """The digits ResNet trained on the real digits for a few seconds."""
-    return train_digits_model(seed=0, epochs=15).eval()
+def digits_model(trained_digits) -> nn.Module:
+    """The digits ResNet trained on the real digits for a few seconds (trained once per session)."""
+    return trained_digits(15)
 
 
 def _prune(model: nn.Module, **settings):

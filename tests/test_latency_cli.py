@@ -3,9 +3,6 @@ digits model, the report written at the end (or not), and `curlprune report` on 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,12 +15,9 @@ from curlprune.select.allocation import COST_WEIGHTED, ranking_scores
 from curlprune.select.search import rank_units, walk
 from curlprune.store.scores_io import read_scores
 
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+from trust_support import cli  # noqa: F401 (a fixture: the command in this process, one thread; tests/test_cli.py runs it as a process)
+
 BASE = ["prune", "--model", "small:resnet-digits", "--criterion", "l1", "--eval-limit", "0"]
-
-
-def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "curlprune.cli", *args], env=ONE_THREAD, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -33,23 +27,24 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     (["--target-latency", "0.5", "--latency-batch", "0"], "latency_batch"),
     (["--target-latency", "0.5", "--latency-threads", "-1"], "latency_threads"),
 ])
-def test_bad_latency_options_are_one_line_exit_2(tmp_path, extra, words):
+def test_bad_latency_options_are_one_line_exit_2(cli, tmp_path, extra, words):
     done = cli(*BASE, "--out", str(tmp_path / "out"), *extra)
     assert done.returncode == 2 and words in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-def test_exactly_one_target_and_config_fields():
-    done = cli(*BASE, "--out", "x", "--target-macs", "0.5", "--target-latency", "0.5")
-    assert done.returncode == 2 and "not allowed with" in done.stderr
+def test_exactly_one_target_and_config_fields(cli, capsys):
+    with pytest.raises(SystemExit) as exc:  # argparse: the two targets are mutually exclusive
+        cli(*BASE, "--out", "x", "--target-macs", "0.5", "--target-latency", "0.5")
+    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
     with pytest.raises(CurlpruneError, match="exactly one target"):
         PruneConfig(target_macs=0.5, target_latency="12ms")
     config = PruneConfig(target_latency="12ms", latency_batch=8, latency_threads=1)
     assert config.target() is None and config.latency_target().ms == pytest.approx(12.0)
 
 
-def test_prune_to_a_measured_latency_on_digits_writes_the_report(tmp_path):
+def test_prune_to_a_measured_latency_on_digits_writes_the_report(cli, tmp_path):
     """Real clock on a loaded machine: the tiny digits model is overhead-bound (its fastest plan measures
     ~0.8 of the unpruned latency), so the goal is loose; what matters is the path end to end."""
     out = tmp_path / "fast"
@@ -77,7 +72,7 @@ def test_prune_to_a_measured_latency_on_digits_writes_the_report(tmp_path):
     assert "latency, batch 32" in index and (out / "report" / "widths.png").stat().st_size > 0
 
 
-def test_no_report_skips_it_and_report_command_notes_damage(tmp_path):
+def test_no_report_skips_it_and_report_command_notes_damage(cli, tmp_path):
     out = tmp_path / "half"
     done = cli(*BASE, "--target-macs", "0.5", "--out", str(out), "--no-report")
     assert done.returncode == 0, done.stderr[-2000:]

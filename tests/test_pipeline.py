@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 from curlprune.cli import main
 from curlprune.cost.cost import count
-from curlprune.data.digits import train_digits_model
 from curlprune.models import build, digits_resnet
 from curlprune.run.run_config import config_to_dict, parse_config
 from curlprune.store import checkpoint
@@ -38,10 +37,10 @@ TINY = {  # real digits, 50 training images per class; a budget that runs in sec
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    """Weights of the digits ResNet trained on the real digits, saved as a plain state dict."""
+def teacher(tmp_path_factory, trained_digits) -> Path:
+    """Weights of the digits ResNet trained on the real digits (once per session), saved as a plain state dict."""
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(train_digits_model(seed=0).state_dict(), path)
+    torch.save(trained_digits(12).state_dict(), path)
     return path
 
 
@@ -103,15 +102,15 @@ def test_run_writes_summary_and_a_loadable_model_at_half_the_macs(full_run):
     assert events == ["prune", "distill", "refine"]
 
 
-def test_rerun_skips_every_stage_and_rewrites_nothing(full_run):
+def test_rerun_skips_every_stage_and_rewrites_nothing(full_run, capsys):
     before = snapshot(full_run)
-    done = curlprune("run", str(full_run.parent / "config.yaml"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "epoch" not in done.stderr  # no training epoch ran
+    capsys.readouterr()
+    assert main(["run", str(full_run.parent / "config.yaml")]) == 0  # in this process: nothing to start up for
+    assert "epoch" not in capsys.readouterr().err  # no training epoch ran
     assert snapshot(full_run) == before
 
 
-def test_run_killed_in_distill_resumes_and_ends_bitwise_equal(full_run, tmp_path, teacher):
+def test_run_killed_in_distill_resumes_and_ends_bitwise_equal(full_run, tmp_path, teacher, capsys):
     config = tiny_config(tmp_path, teacher)
     run_dir = tmp_path / "run"
     metrics = run_dir / "distill" / "metrics.jsonl"
@@ -130,9 +129,9 @@ def test_run_killed_in_distill_resumes_and_ends_bitwise_equal(full_run, tmp_path
     pruned = {k: v for k, v in snapshot(run_dir).items() if k.startswith("prune/")}
     assert pruned
 
-    done = curlprune("run", str(config))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "distill: resuming after epoch" in done.stderr
+    capsys.readouterr()
+    assert main(["run", str(config)]) == 0  # the same command again, in this process (one thread, as the killed one)
+    assert "distill: resuming after epoch" in capsys.readouterr().err
     assert {k: v for k, v in snapshot(run_dir).items() if k.startswith("prune/")} == pruned  # prune not redone
     epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
     assert epochs == [1, 2, 3, 4]

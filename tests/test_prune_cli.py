@@ -28,12 +28,10 @@ MODEL = "small:resnet-digits"
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """The digits ResNet trained on the real digits for a few seconds, as a state-dict file."""
-    from curlprune.data.digits import train_digits_model
-
+def weights(tmp_path_factory, trained_digits) -> Path:
+    """The digits ResNet trained on the real digits for a few seconds (once per session), as a state-dict file."""
     path = tmp_path_factory.mktemp("digits") / "digits.pt"
-    torch.save(train_digits_model(seed=0, epochs=15).state_dict(), path)
+    torch.save(trained_digits(15).state_dict(), path)
     return path
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from curlprune.data.data import evaluate, load_image_folder
+from curlprune.data.data import evaluate
 from curlprune.models import build, input_spec
 
 from conftest import SHARED  # noqa: E402
@@ -24,8 +24,8 @@ pytestmark = [
 ]
 
 
-def test_published_resnet56_scores_93_39_on_lossless_test_split():
-    test = load_image_folder(PNG_ZIP, splits=["test"])["test"]
+def test_published_resnet56_scores_93_39_on_lossless_test_split(cifar_split):
+    test = cifar_split("cifar10-png.zip", "test")  # decoded once for the session (tests/test_bn_recalibrate.py too)
     assert len(test) == 10_000 and test.classes[0] == "airplane" and test.classes[-1] == "truck"
     model = build("cifar:resnet56", weights=str(WEIGHTS))
     accuracy = evaluate(model, test, input_spec("cifar:resnet56"))

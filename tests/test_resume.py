@@ -3,11 +3,8 @@ bit-identical to an uninterrupted run (weights, label store, metrics)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,14 +13,7 @@ from safetensors.torch import load_file
 
 from curlprune.recover import load_label_store
 
-JOB = Path(__file__).with_name("recover_job.py")
-STAGES = ("finetune", "distill", "refine")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def run_job(run_dir: Path, *args: str) -> None:
-    done = subprocess.run([sys.executable, str(JOB), str(run_dir), *args], env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+from recover_support import ENV, JOB, STAGES, TIMEOUT, kill_when_tripped, start_tripped
 
 
 def metrics(run_dir: Path, stage: str) -> list[dict]:
@@ -35,36 +25,46 @@ def without_seconds(records: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    run_job(run_dir)
-    return run_dir
+def resumed(tmp_path_factory, recover_runs) -> dict[str, dict]:
+    """Per stage: a run SIGKILLed in the middle of that stage's second epoch, and what it held then
+    (the killed stage's metrics, the done.json times of the stages before it), after the same command
+    ran again. The three runs (and the uninterrupted one, shared with tests/test_amp.py) run side by side."""
+    recover_runs.start(())
+    dirs = {stage: tmp_path_factory.mktemp(f"killed-{stage}") for stage in STAGES}
+    tripped = {stage: start_tripped(dirs[stage], "--trip", stage) for stage in STAGES}
+    killed, again = {}, {}
+    try:
+        for stage in STAGES:
+            kill_when_tripped(tripped[stage], dirs[stage])  # in the middle of the second epoch of `stage`
+            earlier = STAGES[: STAGES.index(stage)]
+            killed[stage] = {"run_dir": dirs[stage], "first_epoch": metrics(dirs[stage], stage),
+                             "done_before": (dirs[stage] / stage / "done.json").exists(),
+                             "stamps": {s: (dirs[stage] / s / "done.json").stat().st_mtime_ns for s in earlier}}
+            again[stage] = subprocess.Popen([sys.executable, str(JOB), str(dirs[stage])], env=ENV, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE, text=True)  # the same command again
+        for stage, process in again.items():
+            _, stderr = process.communicate(timeout=TIMEOUT)
+            killed[stage]["returncode"], killed[stage]["stderr"] = process.returncode, stderr
+    finally:
+        for process in [*tripped.values(), *again.values()]:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return killed
 
 
 @pytest.mark.parametrize("killed", STAGES)
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, reference, killed):
-    process = subprocess.Popen(
-        [sys.executable, str(JOB), str(tmp_path), "--trip", killed], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "tripped").exists():
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the job never reached its second epoch"
-        time.sleep(0.1)
-    os.kill(process.pid, signal.SIGKILL)  # in the middle of the second epoch of `killed`
-    process.communicate()
-    assert process.returncode == -signal.SIGKILL
-
-    stage_dir = tmp_path / killed
-    assert not (stage_dir / "done.json").exists()
-    first_epoch = metrics(tmp_path, killed)
-    assert [r["epoch"] for r in first_epoch] == [1]
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(resumed, recover_runs, killed):
+    run = resumed[killed]
+    tmp_path, first_epoch = run["run_dir"], run["first_epoch"]
+    assert not run["done_before"]  # killed before the stage finished ...
+    assert [r["epoch"] for r in first_epoch] == [1]  # ... after its first epoch
     earlier = STAGES[: STAGES.index(killed)]
-    stamps = {s: (tmp_path / s / "done.json").stat().st_mtime_ns for s in earlier}
 
-    run_job(tmp_path)  # the same command again
+    assert run["returncode"] == 0, run["stderr"][-3000:]
+    reference = recover_runs.get()
 
-    assert {s: (tmp_path / s / "done.json").stat().st_mtime_ns for s in earlier} == stamps  # finished stages skipped
+    assert {s: (tmp_path / s / "done.json").stat().st_mtime_ns for s in earlier} == run["stamps"]  # finished stages skipped
     assert metrics(tmp_path, killed)[0] == first_epoch[0]  # epoch 1 was not trained again (same seconds)
     for stage in STAGES:
         assert without_seconds(metrics(tmp_path, stage)) == without_seconds(metrics(reference, stage)), stage

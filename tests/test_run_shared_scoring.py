@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,11 +17,9 @@ import numpy as np
 import pytest
 import yaml
 
-from curlprune.cli import main
-from curlprune.cost.latency import torch_threads
 from curlprune.store.scores_io import read_scores
 
-from test_shared_scoring import MODEL, ONE_THREAD, _kill_tree, setup  # noqa: F401 (setup: the fixture)
+from scoring_support import MODEL, ONE_THREAD, descendants, kill_tree, one_process, setup, torchrun  # noqa: F401 (setup: the fixture)
 
 TIMEOUT = 240  # a rank left waiting fails the test instead of blocking it
 
@@ -38,41 +35,24 @@ def _config(tmp_path: Path, weights: Path, data: Path, name: str, **prune) -> Pa
 def _torchrun(config: Path) -> tuple[int, str]:
     """(exit status, stdout and stderr) of ``torchrun --nproc_per_node=2 ... run config``; one that has not
     ended after :data:`TIMEOUT` fails the test with each rank's Python stack (faulthandler, on SIGABRT)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "curlprune.cli",
-               "run", str(config), "--no-report"]
+    command = torchrun(["run", str(config), "--no-report"])
     log = config.with_name(f"{config.stem}.{time.time_ns()}.log")
     with log.open("w") as out:
         process = subprocess.Popen(command, env={**ONE_THREAD, "PYTHONFAULTHANDLER": "1"}, stdout=out, stderr=subprocess.STDOUT)
         try:
             code = process.wait(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
-            for rank in _descendants(process.pid):
+            for rank in descendants(process.pid):
                 os.kill(rank, signal.SIGABRT)  # each rank prints where it waits
             time.sleep(3)
-            _kill_tree(process.pid)
+            kill_tree(process.pid)
             process.wait()
             pytest.fail(f"torchrun did not end within {TIMEOUT} s:\n{log.read_text()[-6000:]}")
     return code, log.read_text()
 
 
-def _descendants(pid: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    tree, frontier = [], [pid]
-    while frontier:
-        frontier = [child for child, parent in parents.items() if parent in frontier]
-        tree += frontier
-    return tree
-
-
 def _one_process(config: Path) -> None:
-    with torch_threads(1):  # as each torchrun process: bit-exact needs the same float operations
-        assert main(["run", str(config), "--no-report"]) == 0
+    one_process(["run", str(config), "--no-report"])
 
 
 def _events(prune_dir: Path, kind: str) -> list[dict]:

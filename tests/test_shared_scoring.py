@@ -8,11 +8,8 @@ scores.partial.npz, with 1 or 2 processes, to the same scores. Real computation:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,60 +17,21 @@ import numpy as np
 import pytest
 import torch
 
-from curlprune.cli import main
-from scoring_support import write_resnet20_and_digits
 from curlprune.criteria import Criterion, compute_scores, register_criterion
 from curlprune.criteria.base import BlockShare
 from curlprune.errors import CurlpruneError
 from curlprune.cost.analysis import trace
-from curlprune.cost.latency import torch_threads
 from curlprune.models import build
 from curlprune.run.prune_shard import ablation_costs, assign_groups
 from curlprune.store.scores_io import read_scores
 
-MODEL = "cifar:resnet20"
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Path, Path]:
-    """(weights of a seeded cifar:resnet20, an ImageFolder of 20 RGB digits per class and split)."""
-    return write_resnet20_and_digits(tmp_path_factory.mktemp("shared"))
+from scoring_support import MODEL, ONE_THREAD, kill_tree, one_process, setup, torchrun  # noqa: F401 (setup: the fixture)
 
 
 def _argv(weights: Path, data: Path, out: Path, criterion: str, calib: int, *extra: str) -> list[str]:
     return ["prune", "--model", MODEL, "--weights", str(weights), "--input-size", "16", "--data", str(data),
             "--criterion", criterion, "--calib", str(calib), "--target-macs", "0.5", "--eval-limit", "0",
             "--bn-recalibrate", "0", "--no-report", "--device", "cpu", "--out", str(out), *extra]
-
-
-def _torchrun(argv: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "curlprune.cli", *argv]
-
-
-def _one_process(argv: list[str]) -> None:
-    with torch_threads(1):  # as each torchrun process: bit-exact needs the same float operations
-        assert main(argv) == 0
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every process below it (read from /proc), the children first."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    tree, frontier = [], [pid]
-    while frontier:
-        frontier = [child for child, parent in parents.items() if parent in frontier]
-        tree += frontier
-    for victim in [*reversed(tree), pid]:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _scores_event(out: Path) -> dict:
@@ -135,11 +93,11 @@ def test_a_per_block_criterion_must_take_blocks():
 def test_two_torchrun_processes_share_kl_and_write_the_one_process_scores(setup, tmp_path):
     weights, data = setup
     shared, single = tmp_path / "shared", tmp_path / "single"
-    done = subprocess.run(_torchrun(_argv(weights, data, shared, "kl", 32)), env=ONE_THREAD, capture_output=True,
+    done = subprocess.run(torchrun(_argv(weights, data, shared, "kl", 32)), env=ONE_THREAD, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "scoring split over 2 ranks" in " ".join(done.stdout.split()), done.stdout[-2000:]
-    _one_process(_argv(weights, data, single, "kl", 32))
+    one_process(_argv(weights, data, single, "kl", 32))
     _assert_equal_scores(shared, single)
     event = _scores_event(shared)
     assert event["ranks"] == 2 and event["split"] == "groups"
@@ -155,11 +113,11 @@ def test_two_torchrun_processes_share_kl_and_write_the_one_process_scores(setup,
 def test_two_torchrun_processes_share_kl_approx_image_blocks_bit_for_bit(setup, tmp_path):
     weights, data = setup
     shared, single = tmp_path / "shared", tmp_path / "single"
-    done = subprocess.run(_torchrun(_argv(weights, data, shared, "kl-approx", 32)), env=ONE_THREAD, capture_output=True,
+    done = subprocess.run(torchrun(_argv(weights, data, shared, "kl-approx", 32)), env=ONE_THREAD, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "scoring split over 2 ranks" in " ".join(done.stdout.split()), done.stdout[-2000:]
-    _one_process(_argv(weights, data, single, "kl-approx", 32))
+    one_process(_argv(weights, data, single, "kl-approx", 32))
     _assert_equal_scores(shared, single)  # the block sums are added in block order on rank 0: no tolerance needed
     event = _scores_event(shared)
     assert event["ranks"] == 2 and event["split"] == "image blocks"
@@ -170,21 +128,21 @@ def test_two_torchrun_processes_share_kl_approx_image_blocks_bit_for_bit(setup, 
 def test_a_killed_torchrun_scoring_continues_with_one_or_two_processes(setup, tmp_path):
     weights, data = setup
     whole = tmp_path / "whole"
-    _one_process(_argv(weights, data, whole, "kl", 48))
+    one_process(_argv(weights, data, whole, "kl", 48))
     killed = tmp_path / "killed"
     partial = killed / "scores.partial.npz"
-    process = subprocess.Popen(_torchrun(_argv(weights, data, killed, "kl", 48)), env=ONE_THREAD,
+    process = subprocess.Popen(torchrun(_argv(weights, data, killed, "kl", 48)), env=ONE_THREAD,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
         while not partial.exists() and process.poll() is None and time.time() < deadline:
             time.sleep(0.005)
         assert partial.exists(), "the run ended (or hung) before rank 0 saved a first block of groups"
-        _kill_tree(process.pid)  # both ranks (torchrun starts them in sessions of their own) and torchrun, at once
+        kill_tree(process.pid)  # both ranks (torchrun starts them in sessions of their own) and torchrun, at once
         process.wait(timeout=60)
     finally:
         if process.poll() is None:
-            _kill_tree(process.pid)
+            kill_tree(process.pid)
             process.wait()
     assert not (killed / "scores.npz").exists()
     saved, _ = read_scores(partial)
@@ -196,10 +154,10 @@ def test_a_killed_torchrun_scoring_continues_with_one_or_two_processes(setup, tm
     shutil.copytree(killed, again)
     (again / ".lock").unlink(missing_ok=True)
 
-    done = subprocess.run(_torchrun(_argv(weights, data, killed, "kl", 48, "--resume")), env=ONE_THREAD, capture_output=True,
+    done = subprocess.run(torchrun(_argv(weights, data, killed, "kl", 48, "--resume")), env=ONE_THREAD, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    _one_process(_argv(weights, data, again, "kl", 48, "--resume"))
+    one_process(_argv(weights, data, again, "kl", 48, "--resume"))
     for out in (killed, again):
         _assert_equal_scores(out, whole)
         event = _scores_event(out)

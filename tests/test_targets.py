@@ -8,8 +8,6 @@ the published ResNet-56 when ../shared is there)."""
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest

@@ -18,11 +18,11 @@ from PIL import Image
 from curlprune.store import checkpoint
 from curlprune.data import data as datasets
 from curlprune.cli import main
-from curlprune.data.digits import train_digits_model
 from curlprune.errors import CurlpruneError
 from curlprune.report.figures import write_report
 from curlprune.models import input_spec
-from curlprune.run.pipeline import Run, load_splits
+from curlprune.run.pipeline import Run
+from curlprune.run.run_data import load_splits
 from curlprune.store.records import read_run_summary
 from curlprune.report.report import print_summary
 from curlprune.run.run_config import parse_config
@@ -83,7 +83,7 @@ def test_train_per_class_draws_from_what_remains(digits_folder):
 
 SPLIT_IN_A_PROCESS = """
 import json, sys
-from curlprune.run.pipeline import load_splits
+from curlprune.run.run_data import load_splits
 print(json.dumps(load_splits(sys.argv[1], None, int(sys.argv[2]), val_per_class=5)[1]["indices"]))
 """
 
@@ -145,9 +145,9 @@ def test_data_with_its_own_val_split_uses_it(tmp_path):
 
 # ----- a run ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
+def teacher(tmp_path_factory, trained_digits) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(train_digits_model(seed=0).state_dict(), path)
+    torch.save(trained_digits(12).state_dict(), path)  # train_digits_model(seed=0), trained once per session
     return path
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ import yaml
 from curlprune.store import checkpoint
 from curlprune.store.canonical import canonical_bytes
 from curlprune.cli import main
-from curlprune.data.digits import train_digits_model
 
 
 MODEL = "small:resnet-digits"
@@ -56,9 +54,10 @@ def one_line(exc: pytest.ExceptionInfo, *fragments: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
+def teacher(tmp_path_factory, trained_digits) -> Path:
+    """train_digits_model(seed=0) (trained once per session) as a state-dict file of this module's own."""
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(train_digits_model(seed=0).state_dict(), path)
+    torch.save(trained_digits(12).state_dict(), path)
     return path
 
 
@@ -101,9 +100,7 @@ def pruned_run(tmp_path_factory, teacher) -> Path:
     """A run folder whose prune stage is finished (the digits ResNet at 50% of its MACs)."""
     directory = tmp_path_factory.mktemp("pruned")
     config = write_config(directory / "c.yaml", **TINY, weights=str(teacher), run_dir=str(directory / "run"), stages=["prune"])
-    proc = subprocess.run([sys.executable, "-m", "curlprune.cli", "run", str(config), "--no-report"], env=ONE_THREAD,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(["run", str(config), "--no-report"]) == 0  # in this process (one thread): no interpreter start-up
     return directory / "run"
 
 
@@ -123,8 +120,6 @@ def trained(tmp_path_factory, teacher) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("trained")
     runs = {}
     for stage in ("distill", "refine"):
-        proc = subprocess.run([sys.executable, "-m", "curlprune.cli", *map(str, stage_args(stage, teacher, base / stage))],
-                              env=ONE_THREAD, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert main([str(a) for a in stage_args(stage, teacher, base / stage)]) == 0  # in this process (one thread)
         runs[stage] = base / stage
     return runs

@@ -21,7 +21,8 @@ from curlprune.criteria import CRITERIA, options_by_name
 from curlprune.errors import CurlpruneError
 from curlprune.report import console
 from curlprune.recover.dist import DistContext, init_distributed, shutdown
-from curlprune.run.pipeline import PROCESS_GROUP_TIMEOUT, load_data
+from curlprune.run.pipeline import PROCESS_GROUP_TIMEOUT
+from curlprune.run.run_data import load_data
 from curlprune.run import DEFAULT_CALIB, PruneConfig, run_prune
 from curlprune.select import ALLOCATIONS, DEFAULT_FLOOR
 from curlprune.store import LOG_FILE, PLAN_FILE, REPORT_FILE, SCORES_FILE

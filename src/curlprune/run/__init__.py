@@ -6,6 +6,7 @@
     run_config.py      the YAML run config (RunConfig): parsing and checks
     student_check.py   a --student checked against the run's input and the teacher's classes
     pipeline.py        the resumable run: prune -> distill -> refine (Run)
+    run_data.py        the splits a run uses (train, test, validation; the training subset)
 """
 from curlprune.run.pipeline import Run
 from curlprune.run.prune import run_prune
