@@ -276,3 +276,18 @@ def test_save_refuses_what_load_could_not_rebuild_and_writes_nothing(tmp_path):
     with pytest.raises(CurlpruneError, match="defined in __main__"):
         checkpoint.save(path, Local, {}, state, input_shape=[1, 3, 16, 16])
     assert not path.exists()
+
+
+def test_float64_model_keeps_its_class():
+    """A float64 model is checked against its GraphModule with float64 inputs (the seeded random one
+    too): its class is kept, not refused for comparing it on a float32 input."""
+    model = randomised(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                     nn.Conv2d(8, 4, 3, padding=1))).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    groups = trace(model, x)
+    plan = {g.name: [i for i in range(g.width) if i % 3] for g in groups if g.prunable}
+    sliced = slice_model(model, groups, plan, example_input=x)
+    assert sliced.kept, sliced.reason
+    assert type(sliced.model) is nn.Sequential and sliced.model[0].weight.dtype == torch.float64
+    with torch.no_grad(), mask(model, groups, plan):
+        assert (sliced.model(x) - model(x)).abs().max() < 1e-12

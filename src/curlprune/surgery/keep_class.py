@@ -180,17 +180,22 @@ def _slice_copy(model: nn.Module, groups: Sequence[ChannelGroup], plan: Plan, gr
 
 
 def _inputs(model: nn.Module, groups: Sequence[ChannelGroup], example_input: Any) -> list[tuple]:
-    """The inputs to compare on: the example itself and a seeded random input of each shape."""
+    """The inputs to compare on: the example itself and a seeded random input of each shape, of the
+    example's floating dtype (else the model's: a float64 model is checked in float64)."""
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    dtype = floats[0] if floats else torch.get_default_dtype()
     if example_input is not None:
         given = example_input if isinstance(example_input, tuple) else (example_input,)
-        shapes = [tuple(t.shape) for t in given] if all(isinstance(t, torch.Tensor) for t in given) else None
+        tensors = all(isinstance(t, torch.Tensor) for t in given)
+        specs = [(tuple(t.shape), t.dtype if t.is_floating_point() else dtype) for t in given] if tensors else None
         out = [given]
     else:
         shapes, out = traced_inputs(model, groups), []
-    if shapes is not None:
+        specs = [(s, dtype) for s in shapes] if shapes is not None else None
+    if specs is not None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         g = torch.Generator().manual_seed(0)
-        out.append(tuple(torch.randn(s, generator=g).to(device) for s in shapes))
+        out.append(tuple(torch.randn(s, generator=g).to(device=device, dtype=dt) for s, dt in specs))
     return out
 
 
