@@ -103,6 +103,28 @@ def test_std_conv_inputs_and_outputs_are_pruned_exactly():
         assert relative_error(small(z).detach(), masked) < 1e-5
 
 
+def test_l1_scores_a_std_conv_by_the_filters_it_convolves_with():
+    """l1 reads a weight-standardised conv's standardised filters (times gain * scale when scaled), the
+    filters its forward convolves with: scaling a raw filter, which leaves the output as it was, leaves
+    its score as it was; a ScaledStdConv2d's gain scales its channel's score."""
+    model = _std_conv_net()
+    x = torch.randn(2, 3, 9, 9)
+    groups = trace(model, x)
+    before = compute_scores("l1", model, groups)
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled.a.weight[0].mul_(50.0)   # a stream channel: producers a and the depthwise dw
+        scaled.dw.weight[5].mul_(20.0)
+        scaled.c.weight[1].mul_(50.0)   # ScaledStdConv2d
+        assert relative_error(scaled(x), model(x)) < 1e-4
+        scaled.c.gain[2].mul_(3.0)
+    after = compute_scores("l1", scaled, groups)
+    for name in ("a", "b", "d"):
+        torch.testing.assert_close(torch.from_numpy(after[name]), torch.from_numpy(before[name]), rtol=1e-3, atol=0)
+    torch.testing.assert_close(after["c"][[0, 1, *range(3, 10)]], before["c"][[0, 1, *range(3, 10)]], rtol=1e-3, atol=0)
+    assert abs(after["c"][2] / before["c"][2] - 3.0) < 1e-3
+
+
 def test_the_folded_weight_is_the_standardised_full_weight_sliced():
     """What the folded conv holds, computed here from the definition (Qiao et al. 2019; Brock et al.
     2021): per output channel ``(W - mean) / sqrt(var + eps) * gain * gamma / sqrt(fan_in)`` over ALL

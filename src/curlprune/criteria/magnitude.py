@@ -4,11 +4,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from curlprune.channels import ChannelGroup
 from curlprune.criteria.base import Scores, per_channel, prunable, submodule, unit_broadcast
+from curlprune.graph.layers import StdConvRule, rule_for, standardised_weight
 
 
 def l1_scores(model: nn.Module, groups: Sequence[ChannelGroup]) -> Scores:
@@ -16,7 +18,10 @@ def l1_scores(model: nn.Module, groups: Sequence[ChannelGroup]) -> Scores:
 
     A producer is a member with role ``"out"`` (a conv or linear whose weight's ``dim`` indexes the
     channel); the filter is the weight slice at that index (bias excluded). Summing over producers
-    gives a residual-stream channel the total magnitude of every conv that writes into it.
+    gives a residual-stream channel the total magnitude of every conv that writes into it. A
+    weight-standardised conv (timm ``StdConv2d`` / ``ScaledStdConv2d``, ``graph.layers.StdConvRule``)
+    convolves with its standardised weight (times ``gain * scale`` when scaled), not its stored one,
+    whose per-filter scale has no effect on the output: its filters are read standardised.
     """
     scores: Scores = {}
     for g in prunable(groups):
@@ -25,11 +30,20 @@ def l1_scores(model: nn.Module, groups: Sequence[ChannelGroup]) -> Scores:
             module = submodule(model, member.module)
             if member.role != "out" or module is None or getattr(module, "weight", None) is None:
                 continue
-            weight = module.weight.detach()
+            weight = filters(module)
             dims = [d for d in range(weight.dim()) if d != member.dim]
             total += per_channel(weight.abs().sum(dim=dims) if dims else weight.abs(), g, member.index)
         scores[g.name] = total
     return scores
+
+
+def filters(module: nn.Module) -> torch.Tensor:
+    """The weight ``module``'s forward computes with (detached): the standardised one for a
+    weight-standardised conv (:func:`curlprune.graph.layers.standardised_weight`), else ``weight``."""
+    if isinstance(rule_for(module), StdConvRule):
+        with torch.no_grad():
+            return standardised_weight(module)
+    return module.weight.detach()
 
 
 def bn_scores(model: nn.Module, groups: Sequence[ChannelGroup]) -> Scores:
