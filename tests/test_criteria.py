@@ -238,3 +238,37 @@ def test_criteria_errors(digits):
         compute_scores("kl", model, groups)
     with pytest.raises(CurlpruneError, match="needs labels"):
         compute_scores("taylor", model, groups, images=torch.zeros(2, 1, 8, 8))
+
+
+class _ChannelsLastMlp(torch.nn.Module):
+    """conv -> permute to NHWC -> Linear(8->12) (a producer whose channels are on the last dim, as
+    ConvNeXt's MLP fc1) -> GELU -> Linear(12->8) -> back to NCHW -> mean -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.fc1, self.fc2, self.head = torch.nn.Linear(8, 12), torch.nn.Linear(12, 8), torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(y))).permute(0, 3, 1, 2)
+        return self.head(y.mean((2, 3)))
+
+
+def test_taylor_of_a_channels_last_linear_sums_over_its_positions():
+    """A linear on an NHWC tensor (ConvNeXt's MLP) has its channels on the last dim: its Taylor score
+    is |Σ_{h,w} a·∂L/∂a| per channel there, as per-image autograd gives it."""
+    torch.manual_seed(0)
+    model = _ChannelsLastMlp().eval()
+    images, labels = torch.randn(6, 1, 5, 5), torch.arange(6) % 10
+    groups = trace(model, images[:1])
+    scores = compute_scores("taylor", model, groups, images=images, labels=labels)
+    expected = np.zeros(12)
+    for n in range(len(images)):
+        outputs = []
+        handle = model.fc1.register_forward_hook(lambda m, a, out: outputs.append(out))
+        loss = F.cross_entropy(model(images[n : n + 1]), labels[n : n + 1])
+        handle.remove()
+        (grad,) = torch.autograd.grad(loss, outputs)
+        expected += (outputs[0] * grad).sum((1, 2)).abs()[0].detach().double().numpy()
+    np.testing.assert_allclose(scores["fc1"], expected / len(images), rtol=1e-4, atol=1e-9)

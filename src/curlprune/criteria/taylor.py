@@ -16,6 +16,7 @@ from torch import nn
 
 from curlprune.channels import ChannelGroup
 from curlprune.criteria.base import BLOCK_IMAGES, BlockShare, Scores, add_blocks, per_channel, prunable, submodule
+from curlprune.graph.layers import rule_for
 
 
 def taylor_scores(
@@ -42,11 +43,11 @@ def taylor_scores(
     Source: Molchanov et al., ICLR 2017; docs/method.md §10 (blocks shared by processes).
     """
     producers = _producers(model, groups)
-    totals = {name: np.zeros(module_width, dtype=np.float64) for name, (_, module_width) in producers.items()}
+    totals = {name: np.zeros(module_width, dtype=np.float64) for name, (_, module_width, _) in producers.items()}
     captured: dict[str, torch.Tensor] = {}
     handles = [
         module.register_forward_hook(_capture(name, captured))
-        for name, (module, _) in producers.items()
+        for name, (module, _, _) in producers.items()
     ]
     try:
         for index, start in enumerate(range(0, len(images), batch_size)):
@@ -65,7 +66,7 @@ def taylor_scores(
     return scores
 
 
-def _block_sums(model: nn.Module, producers: dict[str, tuple[nn.Module, int]], captured: dict[str, torch.Tensor],
+def _block_sums(model: nn.Module, producers: dict[str, tuple[nn.Module, int, int]], captured: dict[str, torch.Tensor],
                 images: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
     """One block's Σ_images |Σ_{h,w} a * dL/da| per producer channel (float64; zeros where no gradient)."""
     captured.clear()
@@ -74,25 +75,28 @@ def _block_sums(model: nn.Module, producers: dict[str, tuple[nn.Module, int]], c
         loss = F.cross_entropy(model(x), labels, reduction="sum")  # per-image gradients stay separate
         names = list(captured)
         grads = torch.autograd.grad(loss, [captured[n] for n in names], allow_unused=True)
-    sums = {name: np.zeros(width, dtype=np.float64) for name, (_, width) in producers.items()}
+    sums = {name: np.zeros(width, dtype=np.float64) for name, (_, width, _) in producers.items()}
     for name, grad in zip(names, grads):
         if grad is None:
             continue
         act = captured[name]
+        if act.dim() > 2 and producers[name][2] != 1:  # a linear on [N, H, W, C]: channels last
+            act, grad = act.movedim(producers[name][2], 1), grad.movedim(producers[name][2], 1)
         contribution = (act * grad).flatten(2).sum(2) if act.dim() > 2 else act * grad
         sums[name] += contribution.detach().abs().sum(0).double().cpu().numpy()
     captured.clear()
     return sums
 
 
-def _producers(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, tuple[nn.Module, int]]:
-    """Modules producing channels of a prunable group -> (module, output channels)."""
-    found: dict[str, tuple[nn.Module, int]] = {}
+def _producers(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, tuple[nn.Module, int, int]]:
+    """Modules producing channels of a prunable group -> (module, output channels, the dim of its
+    output that holds them: 1, or -1 for a linear-like layer, ``graph.layers`` rule's ``dim``)."""
+    found: dict[str, tuple[nn.Module, int, int]] = {}
     for g in prunable(groups):
         for member in g.members:
             module = submodule(model, member.module)
             if member.role == "out" and module is not None and getattr(module, "weight", None) is not None:
-                found[member.module] = (module, module.weight.shape[member.dim])
+                found[member.module] = (module, module.weight.shape[member.dim], getattr(rule_for(module), "dim", 1))
     return found
 
 
