@@ -15,6 +15,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.models import build
 
 from conftest import SHARED  # noqa: E402
+from test_faults import assert_kl_scores_are_sliced_kl  # noqa: E402
 
 
 def _randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -83,18 +84,9 @@ def test_fast_kl_variants_agree_with_small_memory_budget(digits):
 
 def test_kl_matches_physically_sliced_model(digits):
     """The score of a channel is the KL of the model with that channel sliced away (apply)."""
-    from curlprune.surgery.surgery import apply
-
     model, groups, images, _ = digits
     scores = kl_scores(model, groups, images)
-    with torch.no_grad():
-        logp = F.log_softmax(model(images).double(), -1)
-        for g in (g for g in groups if g.prunable):
-            for channel in (0, g.width - 1):
-                small = apply(model, groups, {g.name: [c for c in range(g.width) if c != channel]})
-                logq = F.log_softmax(small(images).double(), -1)
-                kl = (logq.exp() * (logq - logp)).sum(1).mean().item()
-                assert scores[g.name][channel] == pytest.approx(kl, abs=1e-6)
+    assert_kl_scores_are_sliced_kl(model, groups, images, scores, abs=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18", "efficientnet_b0", "regnet_x_400mf"])

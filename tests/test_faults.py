@@ -42,6 +42,21 @@ def randomise(model: nn.Module, seed: int = 1) -> nn.Module:
     return model.eval()
 
 
+def assert_kl_scores_are_sliced_kl(model: nn.Module, groups: list[ChannelGroup], images: torch.Tensor,
+                                   scores: dict, **tolerance) -> None:
+    """Each prunable group's first and last channel score (``scores[name][c]``, the KL criterion's)
+    equals the KL(sliced || full) of ``model`` with that one channel removed by ``apply``, on
+    ``images``; ``tolerance``: ``pytest.approx``'s ``rel`` / ``abs``."""
+    with torch.no_grad():
+        logp = F.log_softmax(model(images).double(), -1)
+        for g in (g for g in groups if g.prunable):
+            for channel in (0, g.width - 1):
+                small = apply(model, groups, {g.name: [c for c in range(g.width) if c != channel]})
+                logq = F.log_softmax(small(images).double(), -1)
+                kl = (logq.exp() * (logq - logp)).sum(1).mean().item()
+                assert scores[g.name][channel] == pytest.approx(kl, **tolerance), (g.name, channel)
+
+
 def check_invariants(model: nn.Module, x: torch.Tensor, groups: list[ChannelGroup], plans: int = 3, seed: str = "") -> None:
     """masked == sliced and plan_cost == count(apply) for the empty plan and ``plans`` random plans."""
     assert plan_cost(model, x, groups, {}) == count(model, x), "the analytic cost of the unpruned model is not its count"
