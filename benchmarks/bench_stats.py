@@ -93,9 +93,7 @@ class RowsFile:
                 return False
             claims = {k: v for k, v in claims.items() if _alive(v)}
             claims[row_id] = pid
-            tmp = self.claims.with_name(self.claims.name + ".tmp")
-            tmp.write_text(json.dumps(claims, sort_keys=True))
-            os.replace(tmp, self.claims)
+            self._write_claims(claims)
             return True
 
     def release(self, row_id: str) -> None:
@@ -104,9 +102,13 @@ class RowsFile:
             claims = self._read_claims()
             if claims.get(row_id) == os.getpid():
                 del claims[row_id]
-                tmp = self.claims.with_name(self.claims.name + ".tmp")
-                tmp.write_text(json.dumps(claims, sort_keys=True))
-                os.replace(tmp, self.claims)
+                self._write_claims(claims)
+
+    def _write_claims(self, claims: dict[str, int]) -> None:
+        """Replace the claims file with ``claims`` in one step (the caller holds the lock)."""
+        tmp = self.claims.with_name(self.claims.name + ".tmp")
+        tmp.write_text(json.dumps(claims, sort_keys=True))
+        os.replace(tmp, self.claims)
 
 
 def _alive(pid: int) -> bool:
