@@ -303,6 +303,7 @@ class Bench:
         from curlprune.recover.distill import DistillConfig, distill
 
         cfg = DistillConfig(epochs=row.epochs, batch_size=64, lr=0.02, warmup_epochs=0.2, seed=row.seed, progress=False,
+                            ce_weight=0.0,  # the paper's loss, as in every row so far, whatever the default
                             device=str(self.device), amp=self.amp, num_workers=self.workers,
                             eval_batch_size=self.eval_batch if self.device.type == "cuda" else DistillConfig.eval_batch_size)
         amp_tag = f"-{self.amp}" if self.amp else ""  # a stage resumes only with its own amp (docs/method.md §11)
