@@ -216,9 +216,10 @@ class Bench:
             if choice is None:
                 return None
             a = sp.Recipe.of(choice["recipe"])
-            recipe = sp.ablation(a, row.name)
+            recipe = (sp.switch_on(a, row.name, done, self.loss_grid, self.refine_grid) if row.name in sp.SWITCH_ON
+                      else sp.ablation(a, row.name))
             base["chosen"] = choice
-            if row.name != "a" and recipe == a:  # this ingredient is off in a already: the row is a
+            if row.name != "a" and recipe == a:  # a has this ingredient off (or on) already: the row is a
                 return {**base, "same_as": sp.Row(row.set, "a", row.seed).id, "recipe": recipe.as_dict()}
             config = row.name
         final, fields = self.student_row(row.set, recipe, row.seed)

@@ -12,8 +12,10 @@ whole training split). Names:
   Recipe ``a`` is the best of the loss winner and the refine rows by val top-1 (ties: plan order).
 * ``a`` (the chosen recipe), ``a-paper`` (``recipe: paper``), ``b`` (prune + CE), ``d1`` (ResNet-20
   pretrained + CE for as many epochs as ``t`` ran), and the ablations of ``a``: ``a-nofeat``,
-  ``a-noce``, ``a-norefine``, ``a-noexpand`` (one ingredient off; an ablation equal to ``a`` is
-  recorded as ``same_as`` and not trained).
+  ``a-noce``, ``a-norefine``, ``a-noexpand`` (one ingredient off), and for the ingredients a leaves
+  out the other direction: ``a+feat``, ``a+refine``, ``a+refine-noexp`` (switched on at the value the
+  choice phase measured best, :func:`switch_on`). A variant equal to ``a`` is recorded as
+  ``same_as`` and not trained.
 
 Budgets: every student row (a, its ablations, a-paper, b) trains for B epochs-equivalent of its
 training set: distill E = B - 6 R epochs + refine R epochs of the 6x expanded set (or 6 R epochs
@@ -50,13 +52,19 @@ SMOKE_REFINE_GRID = {"r1": (1, 1.0, True)}
 
 ABLATIONS = {"a-nofeat": "feature distillation off (feature_weight 0)", "a-noce": "CE weight 0 (the paper's loss)",
              "a-norefine": "refine off (distill the whole budget)", "a-noexpand": "refine on the original images (no 6x expansion)"}
+# the other direction, for an ingredient a leaves out: a with it switched on, at the value the choice
+# phase measured best for it on val (:func:`switch_on`); equal to a (not trained) when a has it already
+SWITCH_ON = {"a+feat": "feature distillation on (the loss grid's best feature weight on val)",
+             "a+refine": "refine on, 6x expansion (the refine grid's best on val; distill gets the rest of the budget)",
+             "a+refine-noexp": "refine on, no expansion (as a+refine, on the original images)"}
+VARIANTS = {**ABLATIONS, **SWITCH_ON}  # a with one ingredient changed
 NAMES = {"t": "ResNet-56 fine-tuned, early stopping on val (teacher, unpruned)", "a": "chosen recipe: kl prune t + distill (+ refine)",
          "a-paper": "kl prune t + recipe: paper (distill + refine, the authors' constants)", "b": "kl prune t + CE fine-tune",
-         "d1": "ResNet-20 pretrained + CE fine-tune, as many epochs as t ran", **ABLATIONS}
-REPORT = ("t", "a", "a-paper", "b", "d1", *ABLATIONS)
+         "d1": "ResNet-20 pretrained + CE fine-tune, as many epochs as t ran", **VARIANTS}
+REPORT = ("t", "a", "a-paper", "b", "d1", *VARIANTS)
 COMPARISONS = [("a", "b", "chosen recipe vs prune + CE"), ("a", "d1", "chosen recipe vs ResNet-20 pretrained"),
                ("a", "a-paper", "chosen recipe vs the paper's recipe"),
-               *[("a", name, f"chosen recipe vs {what}") for name, what in ABLATIONS.items()]]
+               *[("a", name, f"chosen recipe vs {what}") for name, what in VARIANTS.items()]]
 GOAL = {"b": 1.0, "d1": 3.0}  # issue 19: a >= b + 1.0 and >= d1 + 3.0 points, beyond 2 SE
 
 
@@ -120,7 +128,7 @@ class Row:
         """t, choose-loss, choose-refine, a (a and its ablations), a-paper, b or d1."""
         if self.name.startswith("choose:"):
             return "choose-refine" if self.name.startswith("choose:+") else "choose-loss"
-        return "a" if self.name in ("a", *ABLATIONS) else self.name
+        return "a" if self.name in ("a", *VARIANTS) else self.name
 
 
 def parse_id(row_id: str) -> Row:
@@ -179,6 +187,35 @@ def ablation(recipe: Recipe, name: str) -> Recipe:
     return Recipe.of(fields)
 
 
+def switch_on(recipe: Recipe, name: str, done: dict, loss_grid: dict = LOSS_GRID, refine_grid: dict = REFINE_GRID) -> Recipe:
+    """Recipe a with one ingredient it leaves out switched on (``name`` in :data:`SWITCH_ON`), at the
+    value the choice phase measured best on val (seed 0): ``a+feat`` the feature weight of the best
+    loss-grid row with features and a's CE weight (any CE weight if none); ``a+refine`` the refine
+    epochs and label step of the best refine-grid row with expansion; ``a+refine-noexp`` the same
+    without expansion. An ingredient a has already gives a unchanged.
+
+    Raises:
+        ValueError: a choice row it needs is not in ``done``.
+    """
+    fields = recipe.as_dict()
+    if name == "a+feat":
+        if recipe.feature_weight:
+            return recipe
+        names = [n for n in loss_grid if loss_grid[n][0] > 0]
+        names = [n for n in names if loss_grid[n][1] == recipe.ce_weight] or names
+        best = _best([done[Row(CHOOSE_SET, f"choose:{n}").id] for n in names])
+        fields["feature_weight"] = Recipe.of(best["recipe"]).feature_weight
+        return Recipe.of(fields)
+    if recipe.refine and (name == "a+refine" or not recipe.expand):
+        return recipe
+    ids = [Row(CHOOSE_SET, f"choose:+{n}").id for n in refine_grid if refine_grid[n][2]]
+    if any(i not in done for i in ids):
+        raise ValueError(f"{name} needs the refine grid's rows on val ({', '.join(i for i in ids if i not in done)} unfinished)")
+    best = Recipe.of(_best([done[i] for i in ids])["recipe"])
+    fields.update(refine=best.refine, label_lr=best.label_lr, expand=name == "a+refine")
+    return Recipe.of(fields)
+
+
 def plan(sets=SETS, seeds=SEEDS, loss_grid: dict = LOSS_GRID, refine_grid: dict = REFINE_GRID) -> list[Row]:
     """Every row, in an order that keeps two shards busy: the teachers; the loss grid and the rows
     that need only the teacher (b, a-paper, d1) at 50 per class; the refine grid; the same rows on the
@@ -195,6 +232,8 @@ def plan(sets=SETS, seeds=SEEDS, loss_grid: dict = LOSS_GRID, refine_grid: dict 
     for s in sets:
         rows += [Row(s, "a", seed) for seed in seeds]
         rows += [Row(s, n, seed) for seed in seeds for n in ABLATIONS]
+    for s in sets:  # added after the first rows had run: last, so the earlier rows keep their places
+        rows += [Row(s, n, seed) for seed in seeds for n in SWITCH_ON]
     return rows
 
 
@@ -204,7 +243,7 @@ def smoke_plan() -> list[Row]:
     rows = [Row(s, "t") for s in SETS]
     rows += [Row("50", f"choose:{n}") for n in SMOKE_LOSS_GRID] + [Row("50", f"choose:+{n}") for n in SMOKE_REFINE_GRID]
     rows += [Row("50", n, s) for s in (0, 1) for n in ("a", "b", "d1")] + [Row("50", "a-paper")]
-    rows += [Row("50", n) for n in ABLATIONS] + [Row("full", n) for n in ("a", "b")]
+    rows += [Row("50", n) for n in VARIANTS] + [Row("full", n) for n in ("a", "b")]
     return rows
 
 
@@ -241,7 +280,7 @@ def estimate(row: Row, settings: dict = SETTINGS, expected_teacher_epochs: dict 
         return COST["prune"] / len(SEEDS) + budget * (n * COST["pruned_ce"] + per_epoch_eval) + final_eval
     if row.kind == "a-paper":
         recipe = Recipe(0.0, 0.0, 1, 1.0, True)
-    else:  # a, its ablations and the choice rows: a typical recipe (features on, refine 1 epoch)
+    else:  # a, its variants and the choice rows: a typical recipe (features on, refine 1 epoch)
         recipe = Recipe(1.0, 0.5, 0 if row.name in ("choose:kd", "a-norefine") else 1, 1.0, True)
     distill = recipe.distill_epochs(budget) * (n * COST["kd_feat" if recipe.feature_weight else "kd"] + per_epoch_eval)
     refine = EXPANSION * recipe.refine * n * COST["refine"] + recipe.refine_epochs() * per_epoch_eval

@@ -96,7 +96,7 @@ def write_report(done: dict, path: Path, *, settings: dict, smoke: bool = False)
                 continue
             same = [r for r in done.values() if r.get("set") == tset and r.get("name") == name and r.get("same_as")]
             per_seed[name] = {r["seed"]: r["test_top1"] for r in found}
-            label = sp.NAMES[name] + (" (= a: already off in a)" if same else "")
+            label = sp.NAMES[name] + (" (= a, not trained)" if same else "")
             aliases |= {name} if same else set()
             lines.append(f"| {name} | {label} | {len(found)} | {fmt_mean_std([r['val_top1'] for r in found])} | "
                          f"{fmt_mean_std([r['test_top1'] for r in found])} | {fmt_mean_std([r['test_per_class'] for r in found])} | "

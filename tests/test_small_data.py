@@ -75,6 +75,43 @@ def test_ablations_switch_one_ingredient_off():
     assert sp.ablation(plain, "a-noce") == plain and sp.ablation(plain, "a-noexpand") == plain
 
 
+def _choice_rows(val: dict) -> dict:
+    """Finished choice rows: the loss grid, then the refine grid on kd+ce0.5; ``val`` overrides val top-1 by config."""
+    done = {}
+    for name in sp.LOSS_GRID:
+        done[sp.Row("50", f"choose:{name}").id] = {"config": name, "val_top1": val.get(name, 60.0),
+                                                   "recipe": sp.loss_recipe(name).as_dict()}
+    for name in sp.REFINE_GRID:
+        done[sp.Row("50", f"choose:+{name}").id] = {"config": f"kd+ce0.5+{name}", "val_top1": val.get(name, 50.0),
+                                                    "recipe": sp.with_refine(sp.loss_recipe("kd+ce0.5"), name).as_dict()}
+    return done
+
+
+def test_switch_on_takes_each_left_out_ingredient_at_its_best_value_on_val():
+    a = sp.Recipe(0.0, 0.5)  # kd+ce0.5: no features, no refine
+    done = _choice_rows({"kd+ce0.5": 68.0, "kd+feat3+ce0.5": 66.0, "kd+feat1+ce0.5": 65.0, "kd+feat1": 67.0,
+                         "r2-lab10": 67.0, "r2-noexp": 69.0, "r1": 66.0})
+    # features: the best feature row with a's CE weight (feat3 at ce 0.5), not the better feat1 at ce 0
+    assert sp.switch_on(a, "a+feat", done) == sp.Recipe(3.0, 0.5)
+    # refine: the best row with expansion (r2-lab10); the better r2-noexp has no expansion and is not eligible
+    assert sp.switch_on(a, "a+refine", done) == sp.Recipe(0.0, 0.5, 2, 10.0, True)
+    assert sp.switch_on(a, "a+refine-noexp", done) == sp.Recipe(0.0, 0.5, 2, 10.0, False)
+    # an ingredient a has already: a itself (recorded as same_as, not trained)
+    refined = sp.Recipe(1.0, 0.5, 1, 1.0, True)
+    assert sp.switch_on(refined, "a+feat", done) == refined and sp.switch_on(refined, "a+refine", done) == refined
+    assert sp.switch_on(refined, "a+refine-noexp", done) == sp.Recipe(1.0, 0.5, 2, 10.0, False)
+    del done[sp.Row("50", "choose:+r1").id]
+    with pytest.raises(ValueError, match="choose:\\+r1"):
+        sp.switch_on(a, "a+refine", done)
+
+
+def test_the_switch_on_rows_come_after_every_earlier_row():
+    rows = sp.plan()
+    first = [r for r in rows if r.name not in sp.SWITCH_ON]
+    assert rows[:len(first)] == first and len(rows) - len(first) == len(sp.SETS) * len(sp.SEEDS) * len(sp.SWITCH_ON)
+    assert all(sp.parse_id(r.id).kind == "a" for r in rows[len(first):])
+
+
 def _bench(tmp_path):
     """The benchmark object without its data and models: only what resolving rows needs."""
     b = bench.Bench.__new__(bench.Bench)
@@ -155,7 +192,7 @@ def test_report_shows_mean_std_paired_differences_and_aliases(tmp_path):
     assert f"{d['mean']:+.2f} ± {d['se']:.2f}" in text and f"a {verdict(d)}" in text
     met = d["mean"] >= 1.0 and d["mean"] > 2 * d["se"]
     assert f"goal a >= b + 1: {'met' if met else 'not met'}" in text
-    assert "(= a: already off in a)" in text and "= 50/a/s0" in text
+    assert "(= a, not trained)" in text and "= 50/a/s0" in text
     assert "setsid nohup" in text and "a second process takes the next free row" in text and "OMP_NUM_THREADS=1" in text and "PYTHONPATH=$PWD/src" in text
     assert path.with_suffix(".png").stat().st_size > 1000
 
