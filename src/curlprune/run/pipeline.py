@@ -1,5 +1,5 @@
-"""The resumable run of a :class:`~curlprune.run.run_config.RunConfig`: prune -> distill -> refine (or finetune;
-or finetune -> prune -> distill -> refine, a transfer to a new dataset).
+"""The resumable run of a :class:`~curlprune.run.run_config.RunConfig`: prune -> distill (the default
+stages), -> refine when listed (or finetune; or finetune -> prune -> distill, a transfer to a new dataset).
 
 Run directory::
 

@@ -11,10 +11,9 @@ a misspelt key is an error, not a silent default::
     data: ../shared/data/cifar10-jpeg.zip   # or "digits"
     train_per_class: 500                     # optional class-balanced subset of the train split
     val_per_class: 100                       # optional validation split held out of train (or val_fraction)
-    stages: [prune, distill, refine]
+    stages: [prune, distill]                 # the default; add refine for the paper's label refinement
     prune:   {criterion: kl, target_macs: 0.33}
-    distill: {epochs: 30}
-    refine:  {epochs: 16}
+    distill: {epochs: 30}                    # ce_weight 0.5 by default; ce_weight: 0 = the paper's loss
 
 It also holds the checks that a run directory belongs to this config (:func:`check_same_run`,
 :func:`check_finished_prune`); the run itself is :mod:`curlprune.run.pipeline`.
@@ -32,7 +31,7 @@ import yaml
 from curlprune.errors import CurlpruneError
 from curlprune.models import by_import_path
 from curlprune.models.import_path import parse_input_shape
-from curlprune.recover.recipes import recipe_settings
+from curlprune.recover.recipes import recipe_settings, recipe_stages
 from curlprune.recover.registry import get_stage, recovery_stages, stage_names
 from curlprune.run import strict_yaml
 from curlprune.run.prune_config import PruneConfig, canonical_settings, stage_identity
@@ -43,7 +42,10 @@ from curlprune.data.valsplit import check_val_settings
 
 IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed", "input_size", "val_per_class", "val_fraction",
                  "model_kwargs", "input_shape")
-DEFAULT_STAGES = ["prune", "distill", "refine"]
+DEFAULT_STAGES = ["prune", "distill"]
+"""The stages of a config that lists none and names no recipe: chosen on the validation split of the
+small-data benchmark, distilling the whole budget beat distill + refine (benchmarks/results/small_data.md,
+docs/method.md §8). A recipe brings its own (:func:`curlprune.recover.recipes.recipe_stages`)."""
 DEFAULT_RUN_DIR = "runs/run"
 
 
@@ -76,6 +78,8 @@ class RunConfig:
                      Where and how the images are read, not which: no part of a run's identity.
     recipe:          a named preset of the recovery stages' settings (:mod:`curlprune.recover.recipes`;
                      ``paper``: the authors' constants); a section's own keys override it. None = the defaults.
+                     Without ``stages`` a recipe also gives the stage list (``paper``: prune, distill, refine).
+    stages:          the stages in order; default :data:`DEFAULT_STAGES` (prune, distill), or the recipe's.
     """
 
     model: str
@@ -256,15 +260,21 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         raise CurlpruneError(f"{where}: unknown key '{unknown[0]}'; valid keys: {', '.join(sorted(top | set(known)))}")
     if not raw.get("model"):
         raise CurlpruneError(f"{where}: 'model' is missing (e.g. model: cifar:resnet56)")
-    stages = _check_stages(raw.get("stages", DEFAULT_STAGES), where)
-    seed = raw.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CurlpruneError(f"{where}: 'seed' must be a whole number (got {seed!r})")
-    check_value("seed", seed, where)  # -1 or 2**32 would crash deep in numpy (issue 18)
     recipe = raw.get("recipe")
     if recipe is not None and not isinstance(recipe, str):
         raise CurlpruneError(f"{where}: 'recipe' must be a name, e.g. recipe: paper (got {recipe!r})")
     recipe_settings(recipe, PRUNE_STAGE, where)  # an unknown name is an error whatever the stages
+    stages = _check_stages(raw.get("stages", recipe_stages(recipe) or DEFAULT_STAGES), where)
+    unused = [s for s in known if s in raw and s not in stages]
+    if "stages" not in raw and unused:  # e.g. a refine section written when refine ran by default: not silently skipped
+        listed = ", ".join(s for s in known if s in stages or s == unused[0])
+        why = " (refine no longer runs by default)" if unused[0] == "refine" else ""
+        raise CurlpruneError(f"{where}: section '{unused[0]}' is given but the config lists no stages, and the default stages "
+                             f"[{', '.join(stages)}] leave it out{why}: add stages: [{listed}] to run it, or remove the section")
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CurlpruneError(f"{where}: 'seed' must be a whole number (got {seed!r})")
+    check_value("seed", seed, where)  # -1 or 2**32 would crash deep in numpy (issue 18)
     data_settings = DataSettings.of(raw.get("streaming"), raw.get("memory_budget_gb"), raw.get("data_workers"), where)
     sections = {s: _build_section(s, raw.get(s), where, {"seed": seed, **recipe_settings(recipe, s, where)})
                 for s in known if s in stages or s in raw}
