@@ -50,6 +50,18 @@ def test_a_config_without_stages_runs_prune_then_distill_with_the_default_loss(t
     assert saved["stages"] == ["prune", "distill"] and saved["distill"]["ce_weight"] == 0.5
     assert json.loads((tmp_path / "run" / "distill" / "done.json").read_text())["config"]["ce_weight"] == 0.5
 
+    # a folder that ran refine when it was a default stage is not cut back to today's default unasked
+    saved["stages"] = ["prune", "distill", "refine"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+    before = files(tmp_path / "run")
+    with pytest.raises(CurlpruneError, match=r"holds a run with stages \[prune, distill, refine\], and this config lists no "
+                                             r"stages: the default is now \[prune, distill\].*add stages: \[prune, distill, refine\] "
+                                             r"to continue it, or stages: \[prune, distill\] to end it after distill"):
+        Run(parse_config(config(teacher, tmp_path / "run"))).run()
+    assert files(tmp_path / "run") == before
+    Run(parse_config({**config(teacher, tmp_path / "run"), "stages": ["prune", "distill"]})).run()  # listed: it may shrink
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["stages"] == ["prune", "distill"]
+
 
 def test_a_refine_section_without_stages_is_an_error_not_a_silent_skip():
     """A config written when refine ran by default would silently lose its refine stage."""

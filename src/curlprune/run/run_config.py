@@ -47,6 +47,7 @@ DEFAULT_STAGES = ["prune", "distill"]
 small-data benchmark, distilling the whole budget beat distill + refine (benchmarks/results/small_data.md,
 docs/method.md §8). A recipe brings its own (:func:`curlprune.recover.recipes.recipe_stages`)."""
 DEFAULT_RUN_DIR = "runs/run"
+NOT_STORED = {"not_stored": True}  # RunConfig field metadata: how the config was written, neither a key nor in config.json
 
 
 @dataclass
@@ -80,6 +81,8 @@ class RunConfig:
                      ``paper``: the authors' constants); a section's own keys override it. None = the defaults.
                      Without ``stages`` a recipe also gives the stage list (``paper``: prune, distill, refine).
     stages:          the stages in order; default :data:`DEFAULT_STAGES` (prune, distill), or the recipe's.
+    stages_listed:   whether the config listed them (not a config key, not stored): a run folder that ran
+                     more stages than a default list is not shrunk silently (:func:`check_same_run`).
     """
 
     model: str
@@ -100,6 +103,7 @@ class RunConfig:
     data_workers: int | None = field(default=None, metadata=LATER)
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     sections: dict[str, Any] = field(default_factory=dict)
+    stages_listed: bool = field(default=True, metadata=NOT_STORED)  # False: the config gave no stages (the default's)
 
 
 def all_stages() -> tuple[str, ...]:
@@ -253,7 +257,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         CurlpruneError: an unknown key (the message lists the valid ones), a missing model, bad
             stages, seed or counts, or a bad value in a stage section.
     """
-    top = {f.name for f in dataclasses.fields(RunConfig)} - {"sections"}
+    top = {f.name for f in dataclasses.fields(RunConfig) if not f.metadata.get("not_stored")} - {"sections"}
     known = all_stages()
     unknown = sorted(set(raw) - top - set(known))
     if unknown:
@@ -297,6 +301,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         data_workers=data_settings.workers,
         stages=stages,
         sections=sections,
+        stages_listed="stages" in raw,
     )
     check_ranges(cfg, where)  # every number in its range (curlprune.validate.RANGES)
     check_val_settings(cfg.val_per_class, cfg.val_fraction, where)  # at most one of the two
@@ -318,18 +323,23 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 def _as_dict(obj: Any) -> dict[str, Any]:
     """``dataclasses.asdict`` without the fields added in a later version (metadata ``LATER``) while they are None."""
     later = {f.name for f in dataclasses.fields(obj) if f.metadata.get("omit_when_none")}
-    return {k: v for k, v in dataclasses.asdict(obj).items() if not (k in later and v is None)}
+    hidden = {f.name for f in dataclasses.fields(obj) if f.metadata.get("not_stored")}
+    return {k: v for k, v in dataclasses.asdict(obj).items() if not (k in later and v is None) and k not in hidden}
 
 
-def check_same_run(previous: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
-    """A run directory belongs to one model, data and seed; its stage list may only grow or shrink at the end.
+def check_same_run(previous: dict[str, Any], current: dict[str, Any], run_dir: Path, stages_listed: bool = True) -> None:
+    """A run directory belongs to one model, data and seed; its stage list may only grow or shrink at the end,
+    and shrink only when the config lists its stages (a folder that ran refine when refine was a default
+    stage is not cut back to today's default ``[prune, distill]`` unasked).
 
     Args:
         previous: the directory's ``config.json``.
         current: :func:`config_to_dict` of the config now.
         run_dir: the directory (for the message).
+        stages_listed: whether the config now lists its stages (:attr:`RunConfig.stages_listed`).
     Raises:
-        CurlpruneError: the identity settings differ, or the stage lists are not prefixes of each other.
+        CurlpruneError: the identity settings differ, the stage lists are not prefixes of each other, or
+            the folder ran more stages than the default list of a config that lists none.
     """
     check_same_settings(previous, {k: current.get(k) for k in IDENTITY_KEYS},
                         f"{run_dir} holds a run with different settings: {{differ}}; use another run_dir (--out) or delete {run_dir}")
@@ -338,6 +348,12 @@ def check_same_run(previous: dict[str, Any], current: dict[str, Any], run_dir: P
     if old[:shared] != new[:shared]:
         raise CurlpruneError(
             f"{run_dir} holds a run with stages {old}, not a prefix or extension of {new}: use another run_dir (--out) or delete {run_dir}"
+        )
+    if not stages_listed and len(old) > len(new):
+        raise CurlpruneError(
+            f"{run_dir} holds a run with stages [{', '.join(old)}], and this config lists no stages: the default is now "
+            f"[{', '.join(new)}] (docs/method.md §8): add stages: [{', '.join(old)}] to continue it, or "
+            f"stages: [{', '.join(new)}] to end it after {new[-1]}"
         )
 
 
