@@ -353,7 +353,7 @@ def check_same_run(previous: dict[str, Any], current: dict[str, Any], run_dir: P
         raise CurlpruneError(
             f"{run_dir} holds a run with stages [{', '.join(old)}], and this config lists no stages: the default is now "
             f"[{', '.join(new)}] (docs/method.md §8): add stages: [{', '.join(old)}] to continue it, or "
-            f"stages: [{', '.join(new)}] to end it after {new[-1]}"
+            f"stages: [{', '.join(new)}] to end it after {new[-1]}; or use another run_dir (--out)"
         )
 
 
