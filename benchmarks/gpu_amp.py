@@ -49,7 +49,9 @@ def sync() -> None:
 def one_epoch(student: torch.nn.Module, teacher: torch.nn.Module, data: dict, spec, plan, amp: str, folder: Path) -> dict:
     """One distill epoch of a copy of ``student``; its record (metrics.jsonl) with the train-only time."""
     cfg = DistillConfig(epochs=1, batch_size=BATCH, lr=LR, warmup_epochs=0.0, seed=0, device=DEVICE, amp=amp,
-                        num_workers=WORKERS, progress=False)
+                        num_workers=WORKERS, progress=False,
+                        # ce_weight 0: the paper's loss, as every committed row used, whatever the default (0.5 since issue 19)
+                        ce_weight=0.0)
     model = copy.deepcopy(student)
     sync()
     started = time.perf_counter()

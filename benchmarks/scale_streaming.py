@@ -163,7 +163,8 @@ def run_mode(mode: str, data: Path, side: int, workers: int, batch: int) -> dict
         teacher = tiny_cnn().eval()
         student = copy.deepcopy(teacher)
         cfg = DistillConfig(epochs=1, batch_size=batch, lr=0.01, warmup_epochs=0.0, seed=0, progress=False, device="cpu",
-                            channels_last=False)
+                            # ce_weight 0: the paper's loss, as every committed row used, whatever the default (0.5 since issue 19)
+                            channels_last=False, ce_weight=0.0)
         with tempfile.TemporaryDirectory() as run_dir:
             start = time.perf_counter()
             distill(student, teacher, splits, spec, cfg, run_dir)

@@ -126,7 +126,9 @@ def main() -> None:
                                                  "prune": {"target_macs": float(target_macs), "calib": 256, "criterion": "kl"}})
     pruned = Path(summary["stages"]["prune"]["checkpoint"])
     kd = {"model": "cifar:resnet56", "weights": str(teacher2), "stages": ["distill", "refine"],
-          "distill": {"epochs": E, "warmup_epochs": 1.0, "progress": False}, "refine": {"epochs": R, "progress": False}}
+          # ce_weight 0: the paper's loss, as every committed row used, whatever the default (0.5 since issue 19)
+          "distill": {"epochs": E, "warmup_epochs": 1.0, "progress": False, "ce_weight": 0.0},
+          "refine": {"epochs": R, "progress": False}}
     for seed in (0, 1, 2):
         if not done("a2", seed) or (seed == 0 and not done("e2", 0)):
             summary, seconds = run(f"a2-s{seed}", {**kd, "seed": seed}, pruned)

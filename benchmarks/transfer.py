@@ -169,7 +169,8 @@ def main() -> None:
         root = out_root / tset
         stage_cfgs = {
             "finetune": {"epochs": ce_epochs, "warmup_epochs": 1.0, "progress": False},
-            "distill": {"epochs": E, "warmup_epochs": 1.0, "progress": False},
+            # ce_weight 0: the paper's loss, as every committed row used, whatever the default (0.5 since issue 19)
+            "distill": {"epochs": E, "warmup_epochs": 1.0, "progress": False, "ce_weight": 0.0},
             "refine": {"epochs": R, "progress": False},
         }
 

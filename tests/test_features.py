@@ -219,12 +219,15 @@ def test_recipe_paper_is_the_authors_constants_and_sections_override_it():
     distill_cfg, refine_cfg = paper.sections["distill"], paper.sections["refine"]
     assert (distill_cfg.epochs, distill_cfg.batch_size, distill_cfg.lr, distill_cfg.warmup_epochs) == (30, 32, 0.01, 5.0)
     assert (distill_cfg.temperature, distill_cfg.alpha, distill_cfg.mixup_alpha, distill_cfg.ce_weight, distill_cfg.feature_weight) \
-        == (2.0, 0.7, 1.0, None, None)
+        == (2.0, 0.7, 1.0, 0.0, None)  # the paper's loss: no CE term, whatever the default (0.5)
+    assert config_to_dict(paper)["distill"]["ce_weight"] == 0.0 and paper.stages == ["prune", "distill", "refine"]
+    assert parse_config({k: v for k, v in base.items() if k != "stages"} | {"recipe": "paper"}).stages == ["prune", "distill", "refine"]
     assert (refine_cfg.epochs, refine_cfg.lr, refine_cfg.warmup_epochs, refine_cfg.temperature, refine_cfg.label_lr,
             refine_cfg.expand, refine_cfg.bn) == (16, 2e-4, 0.0, 1.0, 1.0, True, "update")
     assert config_to_dict(paper)["recipe"] == "paper"
     plain = parse_config(base)
     assert plain.recipe is None and "recipe" not in config_to_dict(plain)  # old run folders compare unchanged
+    assert plain.sections["distill"].ce_weight == 0.5  # without the preset: the measured default
     assert plain.sections["refine"].bn is None  # refine's own defaults are untouched without the preset
     with pytest.raises(CurlpruneError, match="unknown recipe 'fast': use one of paper"):
         parse_config({**base, "recipe": "fast"})

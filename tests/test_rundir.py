@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from curlprune.errors import CurlpruneError
 from curlprune.recover import load_label_store
@@ -90,13 +91,29 @@ def test_a_run_folder_from_an_earlier_version_resumes_without_work(old_run, tmp_
     work = tmp_path / "old"
     shutil.copytree(old_run, work)
     before = snapshot(work / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # its config as it was: the distill loss now defaults to ce_weight 0.5, and the folder was trained
+    # with the paper's loss (no ce_weight then): refused in one line that says what to set, nothing written
+    refused = subprocess.run([sys.executable, "-m", "curlprune.cli", "run", "config.yaml"], cwd=work, capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-3000:]
+    assert "ce_weight=0.0 (now 0.5); to continue it set ce_weight: 0 in section 'distill'" in refused.stderr
+    assert snapshot(work / "run") == before
+    config = yaml.safe_load((work / "config.yaml").read_text())
+    config["distill"]["ce_weight"] = 0  # what the message says
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
     done = subprocess.run([sys.executable, "-m", "curlprune.cli", "run", "config.yaml"], cwd=work, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     after = snapshot(work / "run")
-    # no file of the earlier version rewritten, not even touched; the one addition is the report
-    # (report/, written at the end of every run since reports exist)
-    assert {k: v for k, v in after.items() if not k.startswith("report/")} == before
+    # no file of the earlier version rewritten, not even touched, but config.json, which now records the
+    # loss explicitly (ce_weight 0: the value the folder was trained with, stored once set); the one
+    # addition is the report (report/, written at the end of every run since reports exist)
+    old_config = json.loads(before["config.json"][1])
+    old_config["distill"]["ce_weight"] = 0.0
+    assert json.loads(after["config.json"][1]) == old_config
+    assert {k: v for k, v in after.items() if not k.startswith("report/") and k != "config.json"} == \
+        {k: v for k, v in before.items() if k != "config.json"}
     assert {k for k in after if k.startswith("report/")} >= {"report/index.md", "report/widths.png"}
     again = subprocess.run([sys.executable, "-m", "curlprune.cli", "run", "config.yaml"], cwd=work, capture_output=True, text=True,
                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

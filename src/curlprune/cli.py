@@ -28,7 +28,7 @@ typical use:
                   --target-macs 0.5 --out runs/r56        score, select, slice, save
   curlprune prune ... --target-latency 0.5 --latency-batch 64 --out runs/r56-fast
                                                            stop where it runs twice as fast here
-  curlprune run config.yaml                                prune -> distill -> refine, resumable
+  curlprune run config.yaml                                prune -> distill (the default stages), resumable
   curlprune report runs/r56                                figures + index.md in runs/r56/report/
   curlprune export runs/r56/model.safetensors model.onnx   deploy
 """

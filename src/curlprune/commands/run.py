@@ -61,10 +61,10 @@ example config (every key of a stage section is a field of that stage's settings
   streaming: auto                             # optional: decode on the fly above memory_budget_gb (true/false: always/never)
   run_dir: runs/r56-small
   seed: 0
-  stages: [prune, distill, refine]
+  stages: [prune, distill]                    # the default; [prune, distill, refine] adds label refinement
   prune:   {criterion: kl, target_macs: 0.33, calib: 256}
-  distill: {epochs: 30, lr: 0.01, batch_size: 32}
-  refine:  {epochs: 16, lr: 0.0001}
+  distill: {epochs: 30, lr: 0.01, batch_size: 32}   # loss: ce_weight 0.5 (default); ce_weight: 0 = the paper's
+  # recipe: paper                             # the authors' constants; without stages: [prune, distill, refine]
 
 Your own model by import path (no registration): model: mypkg.nets:MyNet (on PYTHONPATH) or
 model: path/to/file.py:build_fn, with model_kwargs: {width: 32} and input_shape: [3, 32, 32].
@@ -100,7 +100,7 @@ def _single_stage(stage: str) -> Callable[[argparse.Namespace], int]:
 
 def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
     """Add ``run`` and one command per registered recovery stage (``finetune``, ``distill``, ``refine``) to the parser."""
-    p = subparsers.add_parser("run", help="run a whole pipeline from a YAML config (prune -> distill -> refine)",
+    p = subparsers.add_parser("run", help="run a whole pipeline from a YAML config (default stages: prune -> distill)",
                               formatter_class=formatter, epilog=EXAMPLE,
                               description="Run the stages named in the config in order. Each stage writes into "
                                           "<run_dir>/<stage>/ and is skipped when complete; an interrupted run resumes.")

@@ -33,7 +33,9 @@ from curlprune.store import (
     MODEL_FILE,
     STATE_FILE,
     check_same_settings as check_settings_match,
+    old_default_hint,
     read_stage_summary,
+    saved_with_old_defaults,
 )
 
 RUNTIME = {"runtime": True}  # field metadata: may change between a run and its resume
@@ -265,10 +267,21 @@ def load_stage_model(model: nn.Module, run_dir: str | Path, stage: str) -> nn.Mo
 def check_same_settings(cfg: TrainConfig, saved: Mapping[str, Any], where: Path) -> None:
     """A resumed or skipped stage must have been run with the same result-defining settings.
 
+    A setting whose default changed (field metadata :func:`curlprune.store.default_was`, e.g. the
+    distill stage's ``ce_weight``) and that ``saved`` lacks or holds as None is compared as its old
+    default, and the message then says what to set to continue the folder.
+
+    Args:
+        cfg: the stage's settings now.
+        saved: the settings of ``where`` (``done.json``'s or a state header's ``config``).
+        where: the file they were read from; its folder is named after the stage.
     Raises:
         CurlpruneError: a setting of ``cfg`` differs from ``saved`` (read from ``where``).
     """
-    check_settings_match(saved, settings(cfg), f"{where} was written with different settings: {{differ}}; "
+    fields = dataclasses.fields(cfg)
+    saved, now = saved_with_old_defaults(fields, saved), settings(cfg)
+    hint = old_default_hint(fields, saved, now, where.parent.name)
+    check_settings_match(saved, now, f"{where} was written with different settings: {{differ}}{hint}; "
                          f"use the same settings to resume/skip, or delete {where.parent} to run the stage again")
 
 

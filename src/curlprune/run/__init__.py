@@ -5,7 +5,7 @@
     strict_yaml.py     YAML with duplicate keys refused
     run_config.py      the YAML run config (RunConfig): parsing and checks
     student_check.py   a --student checked against the run's input and the teacher's classes
-    pipeline.py        the resumable run: prune -> distill -> refine (Run)
+    pipeline.py        the resumable run: prune -> distill (-> refine) (Run)
     run_data.py        the splits a run uses (train, test, validation; the training subset)
 """
 from curlprune.run.pipeline import Run

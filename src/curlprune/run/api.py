@@ -165,7 +165,9 @@ def distill(
         plan: the plan ``student`` was sliced from ``teacher`` by (``pruned.plan``): the channel map of
             feature distillation (``feature_weight``, ``features``); None = the student is unpruned.
         settings: any other :class:`curlprune.recover.distill.DistillConfig` field (``lr``,
-            ``batch_size``, ``temperature``, ``alpha``, ``mixup_alpha``, ``feature_weight``, ...).
+            ``batch_size``, ``temperature``, ``alpha``, ``mixup_alpha``, ``feature_weight``, ...);
+            ``ce_weight`` defaults to 0.5 (half the paper's loss, half mixed CE on the true labels,
+            docs/method.md §8); ``ce_weight=0`` is the paper's loss.
     Returns:
         The trained student (the same object, when it was trained in this call).
     Raises:

@@ -1,5 +1,5 @@
-"""The resumable run of a :class:`~curlprune.run.run_config.RunConfig`: prune -> distill -> refine (or finetune;
-or finetune -> prune -> distill -> refine, a transfer to a new dataset).
+"""The resumable run of a :class:`~curlprune.run.run_config.RunConfig`: prune -> distill (the default
+stages), -> refine when listed (or finetune; or finetune -> prune -> distill, a transfer to a new dataset).
 
 Run directory::
 
@@ -284,7 +284,7 @@ class Run:
                 previous = json.loads(config_file.read_text())
             except json.JSONDecodeError:
                 raise CurlpruneError(f"{config_file} is damaged: delete it (the stages check their own settings)") from None
-            check_same_run(previous, config_to_dict(self.cfg), self.run_dir)
+            check_same_run(previous, config_to_dict(self.cfg), self.run_dir, self.cfg.stages_listed)
         if PRUNE_STAGE in self.cfg.stages:
             check_finished_prune(self.run_dir / PRUNE_STAGE, self.cfg.sections[PRUNE_STAGE])
 

@@ -11,10 +11,9 @@ a misspelt key is an error, not a silent default::
     data: ../shared/data/cifar10-jpeg.zip   # or "digits"
     train_per_class: 500                     # optional class-balanced subset of the train split
     val_per_class: 100                       # optional validation split held out of train (or val_fraction)
-    stages: [prune, distill, refine]
+    stages: [prune, distill]                 # the default; add refine for the paper's label refinement
     prune:   {criterion: kl, target_macs: 0.33}
-    distill: {epochs: 30}
-    refine:  {epochs: 16}
+    distill: {epochs: 30}                    # ce_weight 0.5 by default; ce_weight: 0 = the paper's loss
 
 It also holds the checks that a run directory belongs to this config (:func:`check_same_run`,
 :func:`check_finished_prune`); the run itself is :mod:`curlprune.run.pipeline`.
@@ -32,7 +31,7 @@ import yaml
 from curlprune.errors import CurlpruneError
 from curlprune.models import by_import_path
 from curlprune.models.import_path import parse_input_shape
-from curlprune.recover.recipes import recipe_settings
+from curlprune.recover.recipes import recipe_settings, recipe_stages
 from curlprune.recover.registry import get_stage, recovery_stages, stage_names
 from curlprune.run import strict_yaml
 from curlprune.run.prune_config import PruneConfig, canonical_settings, stage_identity
@@ -43,8 +42,12 @@ from curlprune.data.valsplit import check_val_settings
 
 IDENTITY_KEYS = ("model", "weights", "num_classes", "data", "train_per_class", "seed", "input_size", "val_per_class", "val_fraction",
                  "model_kwargs", "input_shape")
-DEFAULT_STAGES = ["prune", "distill", "refine"]
+DEFAULT_STAGES = ["prune", "distill"]
+"""The stages of a config that lists none and names no recipe: chosen on the validation split of the
+small-data benchmark, distilling the whole budget beat distill + refine (benchmarks/results/small_data.md,
+docs/method.md §8). A recipe brings its own (:func:`curlprune.recover.recipes.recipe_stages`)."""
 DEFAULT_RUN_DIR = "runs/run"
+NOT_STORED = {"not_stored": True}  # RunConfig field metadata: how the config was written, neither a key nor in config.json
 
 
 @dataclass
@@ -76,6 +79,10 @@ class RunConfig:
                      Where and how the images are read, not which: no part of a run's identity.
     recipe:          a named preset of the recovery stages' settings (:mod:`curlprune.recover.recipes`;
                      ``paper``: the authors' constants); a section's own keys override it. None = the defaults.
+                     Without ``stages`` a recipe also gives the stage list (``paper``: prune, distill, refine).
+    stages:          the stages in order; default :data:`DEFAULT_STAGES` (prune, distill), or the recipe's.
+    stages_listed:   whether the config listed them (not a config key, not stored): a run folder that ran
+                     more stages than a default list is not shrunk silently (:func:`check_same_run`).
     """
 
     model: str
@@ -96,6 +103,7 @@ class RunConfig:
     data_workers: int | None = field(default=None, metadata=LATER)
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     sections: dict[str, Any] = field(default_factory=dict)
+    stages_listed: bool = field(default=True, metadata=NOT_STORED)  # False: the config gave no stages (the default's)
 
 
 def all_stages() -> tuple[str, ...]:
@@ -249,22 +257,28 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         CurlpruneError: an unknown key (the message lists the valid ones), a missing model, bad
             stages, seed or counts, or a bad value in a stage section.
     """
-    top = {f.name for f in dataclasses.fields(RunConfig)} - {"sections"}
+    top = {f.name for f in dataclasses.fields(RunConfig) if not f.metadata.get("not_stored")} - {"sections"}
     known = all_stages()
     unknown = sorted(set(raw) - top - set(known))
     if unknown:
         raise CurlpruneError(f"{where}: unknown key '{unknown[0]}'; valid keys: {', '.join(sorted(top | set(known)))}")
     if not raw.get("model"):
         raise CurlpruneError(f"{where}: 'model' is missing (e.g. model: cifar:resnet56)")
-    stages = _check_stages(raw.get("stages", DEFAULT_STAGES), where)
-    seed = raw.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CurlpruneError(f"{where}: 'seed' must be a whole number (got {seed!r})")
-    check_value("seed", seed, where)  # -1 or 2**32 would crash deep in numpy (issue 18)
     recipe = raw.get("recipe")
     if recipe is not None and not isinstance(recipe, str):
         raise CurlpruneError(f"{where}: 'recipe' must be a name, e.g. recipe: paper (got {recipe!r})")
     recipe_settings(recipe, PRUNE_STAGE, where)  # an unknown name is an error whatever the stages
+    stages = _check_stages(raw.get("stages", recipe_stages(recipe) or DEFAULT_STAGES), where)
+    unused = [s for s in known if s in raw and s not in stages]
+    if "stages" not in raw and unused:  # e.g. a refine section written when refine ran by default: not silently skipped
+        listed = ", ".join(s for s in known if s in stages or s == unused[0])
+        why = " (refine no longer runs by default)" if unused[0] == "refine" else ""
+        raise CurlpruneError(f"{where}: section '{unused[0]}' is given but the config lists no stages, and the default stages "
+                             f"[{', '.join(stages)}] leave it out{why}: add stages: [{listed}] to run it, or remove the section")
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CurlpruneError(f"{where}: 'seed' must be a whole number (got {seed!r})")
+    check_value("seed", seed, where)  # -1 or 2**32 would crash deep in numpy (issue 18)
     data_settings = DataSettings.of(raw.get("streaming"), raw.get("memory_budget_gb"), raw.get("data_workers"), where)
     sections = {s: _build_section(s, raw.get(s), where, {"seed": seed, **recipe_settings(recipe, s, where)})
                 for s in known if s in stages or s in raw}
@@ -287,6 +301,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         data_workers=data_settings.workers,
         stages=stages,
         sections=sections,
+        stages_listed="stages" in raw,
     )
     check_ranges(cfg, where)  # every number in its range (curlprune.validate.RANGES)
     check_val_settings(cfg.val_per_class, cfg.val_fraction, where)  # at most one of the two
@@ -308,18 +323,23 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 def _as_dict(obj: Any) -> dict[str, Any]:
     """``dataclasses.asdict`` without the fields added in a later version (metadata ``LATER``) while they are None."""
     later = {f.name for f in dataclasses.fields(obj) if f.metadata.get("omit_when_none")}
-    return {k: v for k, v in dataclasses.asdict(obj).items() if not (k in later and v is None)}
+    hidden = {f.name for f in dataclasses.fields(obj) if f.metadata.get("not_stored")}
+    return {k: v for k, v in dataclasses.asdict(obj).items() if not (k in later and v is None) and k not in hidden}
 
 
-def check_same_run(previous: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
-    """A run directory belongs to one model, data and seed; its stage list may only grow or shrink at the end.
+def check_same_run(previous: dict[str, Any], current: dict[str, Any], run_dir: Path, stages_listed: bool = True) -> None:
+    """A run directory belongs to one model, data and seed; its stage list may only grow or shrink at the end,
+    and shrink only when the config lists its stages (a folder that ran refine when refine was a default
+    stage is not cut back to today's default ``[prune, distill]`` unasked).
 
     Args:
         previous: the directory's ``config.json``.
         current: :func:`config_to_dict` of the config now.
         run_dir: the directory (for the message).
+        stages_listed: whether the config now lists its stages (:attr:`RunConfig.stages_listed`).
     Raises:
-        CurlpruneError: the identity settings differ, or the stage lists are not prefixes of each other.
+        CurlpruneError: the identity settings differ, the stage lists are not prefixes of each other, or
+            the folder ran more stages than the default list of a config that lists none.
     """
     check_same_settings(previous, {k: current.get(k) for k in IDENTITY_KEYS},
                         f"{run_dir} holds a run with different settings: {{differ}}; use another run_dir (--out) or delete {run_dir}")
@@ -328,6 +348,12 @@ def check_same_run(previous: dict[str, Any], current: dict[str, Any], run_dir: P
     if old[:shared] != new[:shared]:
         raise CurlpruneError(
             f"{run_dir} holds a run with stages {old}, not a prefix or extension of {new}: use another run_dir (--out) or delete {run_dir}"
+        )
+    if not stages_listed and len(old) > len(new):
+        raise CurlpruneError(
+            f"{run_dir} holds a run with stages [{', '.join(old)}], and this config lists no stages: the default is now "
+            f"[{', '.join(new)}] (docs/method.md §8): add stages: [{', '.join(old)}] to continue it, or "
+            f"stages: [{', '.join(new)}] to end it after {new[-1]}; or use another run_dir (--out)"
         )
 
 

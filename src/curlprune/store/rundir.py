@@ -40,8 +40,8 @@ __all__ = [
     "CHECKPOINT_FILE", "CONFIG_FILE", "DONE_FILE", "LOG_FILE", "METRICS_FILE", "MODEL_FILE", "PLAN_FILE",
     "PARTIAL_SCORES_FILE", "PRUNE_STAGE", "REPORT_FILE", "SCORES_FILE", "STAGE_CHECKPOINT_FILE", "STATE_FILE", "STUDENT_FILE", "SUMMARY_FILE",
     "append_jsonl", "atomic_write", "atomic_write_text", "changed_settings", "check_same_settings",
-    "copy_if_changed", "file_digest", "holds_run", "is_done", "jsonl_text", "optional_file_digest", "read_done", "read_metrics",
-    "read_json", "write_done", "write_json",
+    "copy_if_changed", "default_was", "file_digest", "holds_run", "is_done", "jsonl_text", "optional_file_digest", "read_done", "read_metrics",
+    "read_json", "old_default_hint", "saved_with_old_defaults", "write_done", "write_json",
 ]
 
 # ----- file names (every stage and the run root) ---------------------------------------------
@@ -263,6 +263,42 @@ def write_done(stage_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
 # while it is None, so resuming a folder from an earlier version rewrites nothing
 # (curlprune.run.run_config.config_to_dict).
 LATER = {"omit_when_none": True}
+
+
+def default_was(value: Any) -> dict[str, Any]:
+    """Dataclass field metadata of a setting whose default changed (e.g. ``ce_weight``, 0 -> 0.5, issue 19).
+
+    A settings record written before the change holds the old value as missing or None (the old
+    default was stored so); a resume compares it as ``value`` (:func:`saved_with_old_defaults`), so
+    such a folder resumes with the old value set explicitly and is refused, with what to set, under
+    the new default. The field's value is always stored (never None), so ``value`` stays expressible.
+    """
+    return {"default_was": value}
+
+
+def saved_with_old_defaults(fields: Any, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """``saved`` with every missing or None setting of a field marked :func:`default_was` set to its old value.
+
+    Args:
+        fields: ``dataclasses.fields`` of the settings' dataclass.
+        saved: settings read back from a JSON file (``done.json``, a state header).
+    """
+    out = dict(saved)
+    for f in fields:
+        if "default_was" in f.metadata and out.get(f.name) is None:
+            out[f.name] = f.metadata["default_was"]
+    return out
+
+
+def old_default_hint(fields: Any, saved: Mapping[str, Any], current: Mapping[str, Any], section: str) -> str:
+    """What to set to continue a folder written before a default changed: ``"; it was written with
+    ce_weight 0 (the default before): set ce_weight: 0 in section 'distill' to continue it"``, or ""
+    when no such setting differs. ``saved`` as :func:`saved_with_old_defaults` returns it."""
+    keys = [f.name for f in fields if "default_was" in f.metadata and saved.get(f.name) != current.get(f.name)]
+    if not keys:
+        return ""
+    values = ", ".join(f"{k}: {saved[k]:g}" if isinstance(saved[k], float) else f"{k}: {saved[k]!r}" for k in keys)
+    return f"; to continue it set {values} in section '{section}' (the value it was trained with)"
 
 
 def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
