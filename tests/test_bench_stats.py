@@ -118,14 +118,16 @@ def test_shards_split_the_plan_without_overlap():
     assert len(set(plan)) == len(plan)
     halves = [shard(plan, "0/2"), shard(plan, "1/2")]
     assert not set(halves[0]) & set(halves[1]) and sorted(halves[0] + halves[1]) == sorted(plan)
-    assert halves[0][0] == "timing" and halves[1][0] == "kl-best@0.5/e2/s0"  # both start on the headline
+    assert halves[0][0] == "timing" and halves[1][0].startswith("alloc:")  # both start on the cheap rows that check the default
     with pytest.raises(ValueError):
         shard(plan, "2/2")
 
 
 def test_plan_order_and_ids():
     plan = bp.plan()
-    assert [r.id for r in plan[1:4]] == [f"kl-best@0.5/e2/s{s}" for s in (0, 1, 2)]
+    n_alloc = len(bp.TARGETS) * len(bp.EXPLORE)
+    assert all(r.family.startswith("alloc:") and r.epochs == 0 for r in plan[1:1 + n_alloc])  # the allocation check first
+    assert [r.id for r in plan[1 + n_alloc:4 + n_alloc]] == [f"kl-best@0.5/e2/s{s}" for s in (0, 1, 2)]
     assert all(bp.parse_id(r.id) == r for r in plan)
     ids = {r.id for r in plan}
     for target in bp.TARGETS:
