@@ -138,6 +138,8 @@ def _build_section(stage: str, values: Any, where: str, defaults: dict[str, Any]
     values = check_types(cls, values, f"{where}: section '{stage}'")  # 2.5 epochs, "1e-4" (issue 12)
     try:
         return cls(**values)
+    except CurlpruneError as exc:  # a range or consistency check of the settings class: say where it is
+        raise CurlpruneError(f"{where}: section '{stage}': {exc}") from None
     except (TypeError, ValueError) as exc:
         raise CurlpruneError(f"{where}: bad value in section '{stage}': {exc}") from None
 
