@@ -34,6 +34,16 @@ def test_help_lists_commands_and_defaults(capsys):
     assert "--input-size" in sub and "default" in sub
 
 
+def test_no_help_text_shows_a_doubled_percent_sign(capsys):
+    """argparse %-formats an argument's help but not a command's description: "50%%" there is printed
+    as is. `curlprune demo --help` states what the demo does (prune to 50% of the MACs, then distill)."""
+    commands = ["demo", "groups", "count", "export", "prune", "run", "finetune", "distill", "refine", "report"]
+    for text in [help_text(capsys)] + [help_text(capsys, command) for command in commands]:
+        assert "%%" not in text, text
+    demo = " ".join(help_text(capsys, "demo").split())
+    assert "prune it to 50% of its MACs" in demo and "(the default stages: prune, distill)" in demo, demo
+
+
 def test_the_module_is_a_command_whose_bad_input_is_one_line_and_exit_2():
     """``python -m curlprune.cli`` in a process of its own: exit 2 and one line on stderr, nothing else
     (no traceback, no warning printed at import); the other cases run in this process, below."""

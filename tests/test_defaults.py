@@ -71,6 +71,25 @@ def test_a_refine_section_without_stages_is_an_error_not_a_silent_skip():
     assert parse_config({**BASE, "stages": ["prune", "distill", "refine"], "refine": {"epochs": 2}}).stages[-1] == "refine"
 
 
+def test_a_section_left_out_by_a_recipe_or_a_transfer_stage_is_named_as_it_is():
+    """The stage list a config without ``stages`` gets from ``recipe: paper`` is the recipe's, not "the
+    default stages"; a ``finetune`` section is offered the orders the docs use (a transfer first, or
+    prune + CE fine-tuning), not fine-tuning squeezed between prune and distill."""
+    with pytest.raises(CurlpruneError, match=r"the stages of recipe 'paper' \[prune, distill, refine\] leave it out"):
+        parse_config({**BASE, "recipe": "paper", "finetune": {"epochs": 1}}, "c.yaml")
+    for raw, first in (({**BASE, "finetune": {"epochs": 1}}, "[finetune, prune, distill]"),
+                       ({**BASE, "recipe": "paper", "finetune": {"epochs": 1}}, "[finetune, prune, distill, refine]")):
+        with pytest.raises(CurlpruneError) as err:
+            parse_config(raw, "c.yaml")
+        message = str(err.value)
+        assert f"add stages: {first} (fine-tune before pruning: a transfer) or [prune, finetune] (fine-tune the pruned model)" \
+            in message and "[prune, finetune, distill" not in message, message
+        assert len(message.splitlines()) == 1
+        for suggested in (first, "[prune, finetune]"):  # each suggestion is a config that parses
+            stages = suggested.strip("[]").split(", ")
+            assert parse_config({**raw, "stages": stages}, "c.yaml").stages == stages
+
+
 def test_ce_weight_zero_round_trips_and_a_folder_from_before_resumes_only_with_it(tmp_path, teacher):
     run_dir = tmp_path / "run"
     Run(parse_config(config(teacher, run_dir, ce_weight=0))).run()

@@ -137,6 +137,9 @@ def test_every_numeric_setting_has_a_range(cls):
     ("finetune", "body_lr_mult", -0.5, ">= 0"),
     ("prune", "approx_classes", 0, "positive"),
     ("prune", "budget_mb", float("nan"), "> 0"),
+    ("distill", "ce_weight", -1, "[0, 1]"),
+    ("distill", "ce_weight", 1.5, "[0, 1]"),
+    ("distill", "lr", -1, "non-negative"),
 ])
 def test_out_of_range_settings_are_one_line_errors(where, key, value, words):
     raw = {"model": MODEL, "stages": ["prune", "distill", "refine"], "prune": {"target_macs": 0.5}}
@@ -150,6 +153,8 @@ def test_out_of_range_settings_are_one_line_errors(where, key, value, words):
         parse_config(raw, "c.yaml")
     message = str(info.value)
     assert key in message and words in message and str(value) in message and "\n" not in message
+    # it says where: the file, and the section of a stage's setting (was: "ce_weight must be ... (got -1.0)" alone)
+    assert message.startswith("c.yaml: ") and (where is None or f"section '{where}'" in message), message
 
 
 @pytest.mark.parametrize("argv", [

@@ -66,7 +66,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
     """Add ``demo`` to the parser."""
     p = subparsers.add_parser("demo", help="run the whole pipeline on an embedded example (no downloads)", formatter_class=formatter,
-                              description="Train a small residual CNN on scikit-learn's real 8x8 digits, prune it to 50%% of its "
+                              description="Train a small residual CNN on scikit-learn's real 8x8 digits, prune it to 50% of its "
                                           "MACs with the KL criterion, recover accuracy by distillation (the default stages: prune, distill), "
                                           "and print the per-group table and accuracy before/after; ends with the report (figures + index.md in <out>/report/). Resumable.")
     p.add_argument("--out", default="runs/demo", help="run directory")

@@ -1,7 +1,7 @@
 """Accuracy recovery after pruning, as resumable training stages (docs/method.md §4-§7).
 
     finetune(student, data, spec, FinetuneConfig(), run_dir)          # CE on hard labels
-    distill(student, teacher, data, spec, DistillConfig(), run_dir)   # mixup + KD (stage 2)
+    distill(student, teacher, data, spec, DistillConfig(), run_dir)   # mixup KD + CE (ce_weight 0.5; 0 = the paper's loss; stage 2)
     refine(student, teacher, data, spec, RefineConfig(), run_dir)     # 6x data + label refinement (stage 3)
 
 Each returns a :class:`Result` and writes ``<run_dir>/<stage>/`` (metrics.jsonl,

@@ -171,7 +171,7 @@ register_stage(RecoveryStage(
          "a new dataset (a new classifier for its classes: finetune.new_head)"))
 register_stage(RecoveryStage(
     "distill", DistillConfig, lambda cfg, teacher, head: DistillStage(cfg, teacher), needs_teacher=True,
-    help="recover accuracy by mixup knowledge distillation from the unpruned model (+ CE on the true labels, ce_weight 0.5)"))
+    help="recover accuracy by mixup knowledge distillation from the unpruned model (+ CE on the true labels: ce_weight, default 0.5; 0 = the paper's loss)"))
 register_stage(RecoveryStage(
     "refine", RefineConfig, lambda cfg, teacher, head: RefineStage(cfg, teacher), needs_teacher=True,
     help="label refinement on the 6x expanded data (CURL stage 3)"))

@@ -138,6 +138,8 @@ def _build_section(stage: str, values: Any, where: str, defaults: dict[str, Any]
     values = check_types(cls, values, f"{where}: section '{stage}'")  # 2.5 epochs, "1e-4" (issue 12)
     try:
         return cls(**values)
+    except CurlpruneError as exc:  # a range or consistency check of the settings class: say where it is
+        raise CurlpruneError(f"{where}: section '{stage}': {exc}") from None
     except (TypeError, ValueError) as exc:
         raise CurlpruneError(f"{where}: bad value in section '{stage}': {exc}") from None
 
@@ -245,6 +247,22 @@ def _input_shape(raw: dict[str, Any], where: str) -> list[int] | None:
         raise CurlpruneError(f"{where}: 'input_shape': {exc}") from None
 
 
+def _unused_section_error(stage: str, stages: list[str], recipe: str | None, where: str) -> CurlpruneError:
+    """The one line for a config that lists no ``stages`` but has a section for ``stage``, which the
+    stage list it gets (``stages``: the default, or ``recipe``'s) leaves out: which list that is, and
+    the lists that would run the stage. A transfer stage (``finetune``) is offered first (fine-tune,
+    then prune: a transfer) or after prune alone (prune + CE fine-tuning), the orders the README uses."""
+    whose = f"the stages of recipe '{recipe}'" if recipe is not None else "the default stages"
+    why = " (refine no longer runs by default)" if stage == "refine" and recipe is None else ""
+    if get_stage(stage).transfer:
+        add = (f"[{', '.join([stage, *stages])}] (fine-tune before pruning: a transfer) or "
+               f"[{PRUNE_STAGE}, {stage}] (fine-tune the pruned model)")
+    else:
+        add = f"[{', '.join(s for s in all_stages() if s in stages or s == stage)}]"
+    return CurlpruneError(f"{where}: section '{stage}' is given but the config lists no stages, and {whose} "
+                          f"[{', '.join(stages)}] leave it out{why}: add stages: {add} to run it, or remove the section")
+
+
 def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     """Check a config mapping and turn it into a :class:`RunConfig` with typed stage sections.
 
@@ -271,10 +289,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     stages = _check_stages(raw.get("stages", recipe_stages(recipe) or DEFAULT_STAGES), where)
     unused = [s for s in known if s in raw and s not in stages]
     if "stages" not in raw and unused:  # e.g. a refine section written when refine ran by default: not silently skipped
-        listed = ", ".join(s for s in known if s in stages or s == unused[0])
-        why = " (refine no longer runs by default)" if unused[0] == "refine" else ""
-        raise CurlpruneError(f"{where}: section '{unused[0]}' is given but the config lists no stages, and the default stages "
-                             f"[{', '.join(stages)}] leave it out{why}: add stages: [{listed}] to run it, or remove the section")
+        raise _unused_section_error(unused[0], stages, recipe, where)
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise CurlpruneError(f"{where}: 'seed' must be a whole number (got {seed!r})")
