@@ -261,10 +261,29 @@ def test_four_stage_config_prunes_and_distills_from_the_finetuned_model(tmp_path
     assert again["last_top1"] == summary["last_top1"]
 
 
-def test_readme_small_dataset_config_is_a_valid_four_stage_config():
+def _readme_small_dataset_config() -> dict:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Small dataset of your own", 1)[1]
-    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
-    cfg = parse_config(yaml.safe_load(block), "README")
-    assert cfg.stages == ["finetune", "prune", "distill", "refine"] and cfg.input_size == 32
-    assert cfg.sections["finetune"].new_head is True
+    return yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+
+
+def test_readme_small_dataset_config_is_the_default_recipe_and_runs(tmp_path, trained_digits):
+    raw = _readme_small_dataset_config()
+    cfg = parse_config(raw, "README")
+    assert cfg.stages == ["finetune", "prune", "distill"] and cfg.input_size == 32 and cfg.val_per_class == 20
+    assert cfg.sections["finetune"].new_head is True and cfg.sections["finetune"].early_stop["patience"] == 8
+    assert cfg.sections["distill"].ce_weight == 0.5 and cfg.sections["distill"].feature_weight is None  # the defaults
+    # the same config on the digits, smaller: the model, data and sizes swapped, every other key as written
+    weights = tmp_path / "teacher.pt"
+    torch.save(trained_digits(4).state_dict(), weights)
+    small = {**{k: v for k, v in raw.items() if k != "input_size"}, "model": DIGITS, "weights": str(weights), "data": "digits",
+             "train_per_class": 40, "val_per_class": 10, "run_dir": str(tmp_path / "run"),
+             "finetune": {**raw["finetune"], "epochs": 4, "batch_size": 32, "early_stop": {"patience": 1}, "progress": False},
+             "prune": {**raw["prune"], "target_macs": 0.5, "calib": 64},
+             "distill": {**raw["distill"], "epochs": 2, "batch_size": 32, "progress": False}}
+    summary = Run(parse_config(small)).run()
+    assert list(summary["stages"]) == ["finetune", "prune", "distill"] and summary["macs_ratio"] <= 0.5
+    finetune = json.loads((tmp_path / "run" / "finetune" / "done.json").read_text())
+    assert finetune["best_epoch"] is not None and 1 <= finetune["best_epoch"] <= 4
+    distill = json.loads((tmp_path / "run" / "distill" / "done.json").read_text())
+    assert distill["config"]["ce_weight"] == 0.5 and summary["stages"]["distill"]["val_top1"] is not None
