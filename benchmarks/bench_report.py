@@ -39,7 +39,10 @@ alpha=0.7, batch 64, lr 0.02, warm-up 0.2 epoch + cosine, SGD momentum 0.9) from
 pruned model; the seed sets the data order and mixup; top-1 of the last epoch. Mean ± std over seeds
 (n in brackets); paired difference a - b over the same seeds with its standard error
 std(d)/sqrt(n); "ahead"/"behind" only beyond 2 SE, else "on par". MACs ratio: achieved MACs / unpruned;
-a row outside 1% of its target is flagged.
+a row outside 1% of its target is flagged. A row whose pruned model is bit-identical (sha256 of its
+widths and weights) to a finished row's with the same target, epochs, seed and device is not trained
+again: it is marked "= <that row> (identical pruned model)" and carries that row's numbers (the
+recovery is deterministic given the pruned model, seed and epochs; e.g. a width cap that never binds).
 
 Devices. Every row records where it ran: `device` (cpu | cuda) and `amp` (off | bf16) of its
 scoring, BN re-estimation, evaluation and recovery (Torch-Pruning's stepped pruning always runs on
@@ -68,6 +71,11 @@ def _pct(value) -> str:
 def _mixed(rows) -> str:
     labels = mixed_devices(rows)
     return f" **mixed devices: {' / '.join(labels)}**" if labels else ""
+
+
+def _same(r: dict) -> str:
+    """The marker of a row recorded as ``same_as`` another (bench_alias): its numbers are that row's."""
+    return f" = {r['same_as']} (identical pruned model)" if r.get("same_as") else ""
 
 
 def _diff(d) -> str:
@@ -111,6 +119,7 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
             label = bp.CURL.get(family, ("", "", "Torch-Pruning's best by val"))[2]
             if family == "tp-best":
                 label += f" ({found[0]['family']})"
+            label += "".join(f"; seed {r['seed']}{_same(r)}" for r in found if r.get("same_as"))
             ratios = sorted({r["macs_ratio"] for r in found})
             flag = "" if all(r["within_1pct"] for r in found) else " **outside 1%**"
             lines.append(f"| {family} | {label}{_mixed(found)} | {'/'.join(f'{x:.3f}' for x in ratios)}{flag} | "
@@ -133,7 +142,7 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
             short = rows.get(bp.Row(r["family"], r["target"], epochs_seeded, r["seed"]).id)
             if short is None and r["family"] == "tp-best" and r["seed"] == 0:
                 short = rows.get(bp.Row(r.get("resolved_to", ""), r["target"], epochs_seeded, 0).id)
-            lines.append(f"| {family} | {r['target']:.0%} | {r['epochs']} | {r['seed']} | {run_on(r)} | {r['macs_ratio']:.3f} | "
+            lines.append(f"| {family}{_same(r)} | {r['target']:.0%} | {r['epochs']} | {r['seed']} | {run_on(r)} | {r['macs_ratio']:.3f} | "
                          f"{_pct(r['val_top1'])} | {_pct(r['test_top1'])} | {_pct(short['test_top1'] if short else None)} |")
         lines.append("")
     for target in targets:
@@ -147,7 +156,7 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
         for r in found:
             p = r["prune"]
             ratio = f"{r['macs_ratio']:.3f}" + ("" if r["within_1pct"] else " **outside 1%**")
-            name = f"**{r['family']}** (TP best)" if best is r else r["family"]
+            name = (f"**{r['family']}** (TP best)" if best is r else r["family"]) + _same(r)
             lines.append(f"| {name} | {p['importance']} | {p['max_pruning_ratio']:g} | {'yes' if p['shortcuts_in'] else 'no'} | {ratio} | "
                          f"{p['tp']['steps']}/{p['tp']['of_steps']} | {_pct(r['val_bn'])} | {_pct(r['val_top1'])} | {_pct(r['test_top1'])} |")
         lines.append("")
@@ -156,7 +165,7 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
         lines += ["## Other curlprune criteria (seed 0)", "", "| row | target | MACs ratio | val BN | val top-1 | test top-1 |",
                   "|---|---|---|---|---|---|"]
         for r in sorted(others, key=lambda r: (-r["target"], r["family"])):
-            lines.append(f"| {r['family']} | {r['target']:.0%} | {r['macs_ratio']:.3f} | {_pct(r['val_bn'])} | {_pct(r['val_top1'])} | "
+            lines.append(f"| {r['family']}{_same(r)} | {r['target']:.0%} | {r['macs_ratio']:.3f} | {_pct(r['val_bn'])} | {_pct(r['val_top1'])} | "
                          f"{_pct(r['test_top1'])} |")
         lines.append("")
     for target in targets:
@@ -168,7 +177,7 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
                   f"Best by val: **{best['family'][6:]}**; curlprune's default is kl / MACs, floor 0.3.", "",
                   "| allocation | MACs ratio | stream widths | val raw | val BN | test BN |", "|---|---|---|---|---|---|"]
         for r in sorted(study, key=lambda r: -r["val_bn"]):
-            lines.append(f"| {r['family'][6:]} | {r['macs_ratio']:.3f} | {'/'.join(map(str, r['stream_widths']))} | "
+            lines.append(f"| {r['family'][6:]}{_same(r)} | {r['macs_ratio']:.3f} | {'/'.join(map(str, r['stream_widths']))} | "
                          f"{_pct(r['val_raw'])} | {_pct(r['val_bn'])} | {_pct(r['test_bn'])} |")
         lines.append("")
     flagged = sorted(r["id"] for r in rows.values() if r.get("within_1pct") is False)
@@ -180,7 +189,7 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
                                       "| id | device | MACs ratio | val raw | val BN | val top-1 | test top-1 | CPU s: prune | evaluation | recovery |",
                                       "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(finished, key=lambda r: r["id"]):
-        lines.append(f"| {r['id']}{' -> ' + r['resolved_to'] if r.get('resolved_to') else ''} | {run_on(r)} | {r['macs_ratio']:.3f} | "
+        lines.append(f"| {r['id']}{' -> ' + r['resolved_to'] if r.get('resolved_to') else ''}{_same(r)} | {run_on(r)} | {r['macs_ratio']:.3f} | "
                      f"{_pct(r['val_raw'])} | {_pct(r['val_bn'])} | {_pct(r['val_top1'])} | {_pct(r['test_top1'])} | "
                      f"{r.get('prune_cpu_seconds', 0):.0f} | {r.get('eval_cpu_seconds', 0):.0f} | {r.get('recovery_cpu_seconds', 0):.0f} |")
     if not rows:

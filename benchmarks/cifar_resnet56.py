@@ -15,7 +15,8 @@ ResNet-56 (../shared/models/resnet56-4bfd9763.th). Targets: 50% and 30% of the u
 * Torch-Pruning: 12 variants per target (bench_plan.py), each stopped at the step nearest the
   target (a finer schedule when outside 1%; a row outside 1% is flagged in the report).
 * Resumable: one JSON line per finished row in --rows-file, keyed by the row id; a finished row
-  is never recomputed (bench_stats.run_pending). Pruned models are cached under
+  is never recomputed (bench_stats.run_pending); one whose pruned model is bit-identical to a finished
+  row's is recorded `same_as` it, untrained (bench_alias.py). Pruned models are cached under
   --out/t<target>/<family>/, scores under --out/scores/. Processes sharing the rows file split the
   plan dynamically: each claims the next free row that can run (bench_stats.RowsFile.claim; a killed
   process's claim is taken over); --shard i/n instead pins every n-th row to one process.
@@ -57,6 +58,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_plan as bp  # noqa: E402
+from bench_alias import alias_record, find_same, pruned_digest  # noqa: E402
 from bench_report import write_markdown  # noqa: E402
 from bench_stats import RowsFile, run_pending, shard, within  # noqa: E402
 from curlprune.errors import CurlpruneError  # noqa: E402
@@ -134,6 +136,7 @@ class Bench:
         self.monitor = data.calibration_subset(self.val, settings["monitor"], SPLIT_SEED)
         self.score_cpu: dict[str, float] = {}
         self.score_device: dict[str, str] = {}
+        self.digests: dict[tuple[float, str], str] = {}  # (target, family) -> pruned_digest of its cached model
 
     # ------------------------------------------------------------------ measurements
 
@@ -203,23 +206,40 @@ class Bench:
 
     # ------------------------------------------------------------------ pruned models (cached per family and target)
 
+    def cache_paths(self, family: str, target: float) -> tuple[Path, Path, Path]:
+        """The cache folder of a pruned model, its weights file and its prune.json (written last)."""
+        folder = self.out / f"t{target:g}" / family
+        return folder, folder / ("pruned-gather.safetensors" if family.startswith("tp-") else "pruned.safetensors"), folder / "prune.json"
+
+    def load_cached(self, family: str, path: Path) -> nn.Module:
+        import curlprune
+        from safetensors.torch import load_file
+        from tp_equivalent import load_gather_model
+        return (load_gather_model(self.teacher, load_file(str(path))) if family.startswith("tp-") else curlprune.load(path)).eval()
+
+    def cached_digest(self, target: float, family: str) -> str | None:
+        """bench_alias.pruned_digest of the cached pruned model of ``family`` at ``target`` (the
+        cache is written once, so the digest is kept), None when the cache has no such model."""
+        if (target, family) not in self.digests:
+            _, path, info_path = self.cache_paths(family, target)
+            if not info_path.is_file() or not path.is_file():  # prune.json is written after the weights
+                return None
+            self.digests[target, family] = pruned_digest(self.load_cached(family, path))
+        return self.digests[target, family]
+
     def pruned(self, family: str, target: float) -> tuple[nn.Module, dict]:
         import curlprune
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         from curlprune.store.rundir import atomic_write_text
-        from tp_equivalent import load_gather_model
 
-        folder = self.out / f"t{target:g}" / family
+        folder, path, info_path = self.cache_paths(family, target)
         folder.mkdir(parents=True, exist_ok=True)
         tp = family.startswith("tp-")
-        path = folder / ("pruned-gather.safetensors" if tp else "pruned.safetensors")
-        info_path = folder / "prune.json"
         with open(folder / "prune.lock", "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             if path.is_file() and info_path.is_file():
-                model = load_gather_model(self.teacher, load_file(str(path))) if tp else curlprune.load(path)
-                return model.eval(), json.loads(info_path.read_text())
+                return self.load_cached(family, path), json.loads(info_path.read_text())
             model, info = self.tp_prune(family, target) if tp else self.curl_prune(family, target)
             if tp:
                 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
@@ -285,6 +305,11 @@ class Bench:
         record.update(id=row.id, family=row.family, target=row.target, epochs=row.epochs, seed=row.seed, kind=row.kind,
                       **self.shape(model, row.target), prune=info, **self.device_fields())
         record["prune_cpu_seconds"] = round(time.process_time() - cpu, 1)  # ~0 when the pruned model was cached
+        record["pruned_sha256"] = pruned_digest(model)
+        same = find_same(row.id, row.kind, (row.target, row.epochs, row.seed), record["pruned_sha256"], record, done,
+                         lambda r: r.get("pruned_sha256") or self.cached_digest(r["target"], r.get("resolved_to") or r["family"]))
+        if same is not None:  # the same pruned model, seed and epochs: the same numbers (bench_alias)
+            return {**alias_record(record, done[same]), "wall_seconds": round(time.time() - started, 1)}
         wall, cpu = time.time(), time.process_time()
         bn_model = self.bn_reestimated(model)
         record.update(val_raw=self.top1(model, "val"), test_raw=self.top1(model, "test"),
