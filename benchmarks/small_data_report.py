@@ -135,7 +135,9 @@ def write_report(done: dict, path: Path, *, settings: dict, smoke: bool = False)
 
 
 def plot(done: dict, path: Path) -> None:
-    """Bar chart: test top-1 per report row and set, std over seeds as error bars."""
+    """Per set (a column): test top-1 of every trained report row (mean ± std over seeds; rows equal
+    to a are left out), and below it the paired difference a - row with ± 2 SE bars, the goal's
+    margins dashed: "ahead" is a bar clear of zero."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,19 +148,34 @@ def plot(done: dict, path: Path) -> None:
     sets = [s for s in sp.SETS if any(r.get("set") == s and "test_top1" in r for r in done.values())]
     if not sets:
         return
-    fig, ax = plt.subplots(figsize=(10, 4))
-    width = 0.8 / len(sets)
-    for i, tset in enumerate(sets):
-        names = [n for n in sp.REPORT if _rows(done, tset, n)]
+    fig, axes = plt.subplots(2, len(sets), figsize=(6 * len(sets), 7), squeeze=False)
+    for col, tset in enumerate(sets):
+        aliases = {r.get("name") for r in done.values() if r.get("set") == tset and r.get("same_as")}
+        names = [n for n in sp.REPORT if _rows(done, tset, n) and n not in aliases]
         stats = [mean_std([r["test_top1"] for r in _rows(done, tset, n)]) for n in names]
-        positions = [sp.REPORT.index(n) + (i - (len(sets) - 1) / 2) * width for n in names]
-        ax.bar(positions, [m for m, _ in stats], width, yerr=[sd or 0 for _, sd in stats], capsize=3,
-               label="50 per class" if tset == "50" else "full split")
-    ax.set_xticks(range(len(sp.REPORT)), sp.REPORT, rotation=20)
-    ax.set_ylabel("top-1 on the test split (%)")
-    ax.set_title("clothing10, 32 px: students at ResNet-20's MACs (t: ResNet-56); mean ± std over seeds")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
+        top = axes[0][col]
+        top.errorbar([m for m, _ in stats], range(len(names)), xerr=[sd or 0 for _, sd in stats], fmt="o", capsize=3)
+        top.set_yticks(range(len(names)), names)
+        top.invert_yaxis()
+        top.set_xlabel("test top-1 (%), mean ± std over seeds")
+        top.set_title(("50 images per class" if tset == "50" else "full training split") + ": top-1")
+        top.grid(axis="x", alpha=0.3)
+        per_seed = {n: {r["seed"]: r["test_top1"] for r in _rows(done, tset, n)} for n in names}
+        diffs = [(b, paired_difference(per_seed["a"], per_seed[b])) for a, b, _ in sp.COMPARISONS
+                 if a in per_seed and b in per_seed]
+        diffs = [(b, d) for b, d in diffs if d is not None and d["se"] is not None]
+        low = axes[1][col]
+        low.errorbar([d["mean"] for _, d in diffs], range(len(diffs)), xerr=[2 * d["se"] for _, d in diffs], fmt="o", capsize=3,
+                     color="C1")
+        low.axvline(0, color="black", lw=0.8)
+        for other, margin in sp.GOAL.items():
+            low.axvline(margin, color="grey", ls="--", lw=0.8)
+            low.annotate(f"goal vs {other}", (margin, 1.0), xycoords=("data", "axes fraction"), fontsize=7, va="bottom", ha="center")
+        low.set_yticks(range(len(diffs)), [f"a - {b}" for b, _ in diffs])
+        low.invert_yaxis()
+        low.set_xlabel("paired difference on test (points), ± 2 SE")
+        low.grid(axis="x", alpha=0.3)
+    fig.suptitle("clothing10, 32 px: students at ResNet-20's MACs (t: ResNet-56), 3 seeds")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
