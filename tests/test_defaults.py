@@ -21,7 +21,7 @@ BASE = {  # real digits, 20 training images per class, l1 pruning, one distill e
     "prune": {"criterion": "l1", "target_macs": 0.5, "calib": 32},
     "distill": {"epochs": 1, "batch_size": 32, "progress": False, "device": "cpu"},
 }
-OLD_DEFAULT = r"ce_weight=0\.0 \(now 0\.5\); to continue it set ce_weight: 0 in section 'distill'"
+OLD_DEFAULT = r"ce_weight=0\.0 \(now 0\.5\); to continue it set ce_weight: 0 in section 'distill' \(ce_weight=0 in Python\)"
 
 
 @pytest.fixture(scope="module")

@@ -291,14 +291,17 @@ def saved_with_old_defaults(fields: Any, saved: Mapping[str, Any]) -> dict[str, 
 
 
 def old_default_hint(fields: Any, saved: Mapping[str, Any], current: Mapping[str, Any], section: str) -> str:
-    """What to set to continue a folder written before a default changed: ``"; it was written with
-    ce_weight 0 (the default before): set ce_weight: 0 in section 'distill' to continue it"``, or ""
-    when no such setting differs. ``saved`` as :func:`saved_with_old_defaults` returns it."""
+    """What to set to continue a folder written before a default changed, for a config and for the
+    Python API: ``"; to continue it set ce_weight: 0 in section 'distill' (ce_weight=0 in Python), the
+    value it was trained with"``, or "" when no such setting differs. ``saved`` as
+    :func:`saved_with_old_defaults` returns it."""
     keys = [f.name for f in fields if "default_was" in f.metadata and saved.get(f.name) != current.get(f.name)]
     if not keys:
         return ""
-    values = ", ".join(f"{k}: {saved[k]:g}" if isinstance(saved[k], float) else f"{k}: {saved[k]!r}" for k in keys)
-    return f"; to continue it set {values} in section '{section}' (the value it was trained with)"
+    shown = {k: f"{saved[k]:g}" if isinstance(saved[k], float) else repr(saved[k]) for k in keys}
+    yaml_form = ", ".join(f"{k}: {v}" for k, v in shown.items())
+    python_form = ", ".join(f"{k}={v}" for k, v in shown.items())
+    return f"; to continue it set {yaml_form} in section '{section}' ({python_form} in Python), the value it was trained with"
 
 
 def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
