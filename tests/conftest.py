@@ -1,6 +1,7 @@
 """Shared test settings: one intra-op thread, where ../shared (real data and checkpoints) lives, and
-what several test files use, made once per session: the trained digits model, ../shared's CIFAR-10
-splits decoded, and the runs of tests/recover_job.py that they compare against."""
+what several test files use, made once per session: the trained digits model (and, once per module,
+its weights file), ../shared's CIFAR-10 splits decoded, and the runs of tests/recover_job.py that
+they compare against."""
 from __future__ import annotations
 
 import copy
@@ -77,3 +78,12 @@ def trained_digits():
         return copy.deepcopy(model).eval()
 
     return get
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, trained_digits) -> Path:
+    """``train_digits_model(seed=0)`` (12 epochs, trained once per session) saved as a plain state
+    dict, a file of each test module's own."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(trained_digits(12).state_dict(), path)
+    return path

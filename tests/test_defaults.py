@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from curlprune.errors import CurlpruneError
 from curlprune.recover import DistillConfig
@@ -22,13 +21,6 @@ BASE = {  # real digits, 20 training images per class, l1 pruning, one distill e
     "distill": {"epochs": 1, "batch_size": 32, "progress": False, "device": "cpu"},
 }
 OLD_DEFAULT = r"ce_weight=0\.0 \(now 0\.5\); to continue it set ce_weight: 0 in section 'distill' \(ce_weight=0 in Python\)"
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, trained_digits) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(trained_digits(12).state_dict(), path)  # train_digits_model(seed=0), trained once per session
-    return path
 
 
 def config(teacher: Path, run_dir: Path, **distill) -> dict:

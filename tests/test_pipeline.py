@@ -36,14 +36,6 @@ TINY = {  # real digits, 50 training images per class; a budget that runs in sec
 }
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, trained_digits) -> Path:
-    """Weights of the digits ResNet trained on the real digits (once per session), saved as a plain state dict."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(trained_digits(12).state_dict(), path)
-    return path
-
-
 def write_config(path: Path, **changes) -> Path:
     path.write_text(yaml.safe_dump(changes))
     return path

@@ -33,7 +33,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.report.figures import write_report
 from curlprune.models import build
 
-from trust_support import MODEL, ONE_THREAD, assert_one_line_error, cli, poisoned, raw_checkpoint, teacher  # noqa: F401 (cli, teacher: fixtures)
+from trust_support import MODEL, ONE_THREAD, assert_one_line_error, cli, poisoned, raw_checkpoint  # noqa: F401 (cli: a fixture; teacher comes from conftest)
 
 BASE = {"model": MODEL, "data": "digits", "train_per_class": 20, "seed": 0, "stages": ["prune"],
         "prune": {"criterion": "kl", "target_macs": 0.5, "calib": 64, "eval_limit": 0}}

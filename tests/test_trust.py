@@ -29,7 +29,7 @@ from curlprune.errors import CurlpruneError
 from curlprune.models import build
 from curlprune.store import checkpoint
 
-from trust_support import MODEL, ONE_THREAD, assert_one_line_error, cli, files_under, teacher  # noqa: F401 (cli, teacher: fixtures)
+from trust_support import MODEL, ONE_THREAD, assert_one_line_error, cli, files_under  # noqa: F401 (cli: a fixture; teacher comes from conftest)
 
 TINY = {  # real digits, 50 training images per class; runs in seconds
     "model": MODEL,

@@ -28,8 +28,8 @@ from curlprune.run.run_config import load_config, read_config_file
 from curlprune.store import checkpoint
 from curlprune.store.canonical import canonical_bytes
 
-from trust_support import (  # noqa: F401 (cli, teacher, trained: fixtures)
-    MODEL, TINY, assert_one_line_error, cli, files_under, one_line, poisoned, raw_checkpoint, teacher, trained, write_config,
+from trust_support import (  # noqa: F401 (cli, trained: fixtures; teacher comes from conftest)
+    MODEL, TINY, assert_one_line_error, cli, files_under, one_line, poisoned, raw_checkpoint, trained, write_config,
 )
 
 

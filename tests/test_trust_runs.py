@@ -26,8 +26,8 @@ from curlprune.recover.divergence import check_not_diverged
 from curlprune.store import checkpoint
 from curlprune.store.runlock import RunLock
 
-from trust_support import (  # noqa: F401 (cli, pruned_run, teacher, trained: fixtures)
-    MODEL, ONE_THREAD, TINY, assert_one_line_error, cli, one_line, pruned_run, stage_args, teacher, trained,
+from trust_support import (  # noqa: F401 (cli, pruned_run, trained: fixtures; teacher comes from conftest)
+    MODEL, ONE_THREAD, TINY, assert_one_line_error, cli, one_line, pruned_run, stage_args, trained,
     unfinish, write_config,
 )
 

@@ -144,13 +144,6 @@ def test_data_with_its_own_val_split_uses_it(tmp_path):
 
 
 # ----- a run ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, trained_digits) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(trained_digits(12).state_dict(), path)  # train_digits_model(seed=0), trained once per session
-    return path
-
-
 def run_config(run_dir: Path, teacher: Path, **changes) -> dict:
     return {"model": MODEL, "weights": str(teacher), "data": "digits", "seed": 0, "train_per_class": 30, "val_per_class": 10,
             "run_dir": str(run_dir), "stages": ["prune", "finetune"],

@@ -53,14 +53,6 @@ def one_line(exc: pytest.ExceptionInfo, *fragments: str) -> str:
     return text
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, trained_digits) -> Path:
-    """train_digits_model(seed=0) (trained once per session) as a state-dict file of this module's own."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(trained_digits(12).state_dict(), path)
-    return path
-
-
 def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
 
