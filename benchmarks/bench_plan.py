@@ -151,6 +151,17 @@ def smoke_plan() -> list[Row]:
 COST = {"eval": 85.0, "epoch": 610.0, "tp_taylor": 700.0, "tp_magnitude": 40.0, "timing": 300.0}
 
 
+def listing(rows: list[Row], done) -> list[str]:
+    """The lines of ``--list``: position, id, "done" or the estimated cost of each row, and a total
+    (``done``: the ids of finished rows)."""
+    lines, total = [], 0.0
+    for position, row in enumerate(rows):
+        cost = estimate(row)
+        total += 0 if row.id in done else cost
+        lines.append(f"{position:3d}  {row.id:38s}  {'done' if row.id in done else f'~{cost / 3600:.2f} h'}")
+    return lines + [f"{len(rows)} rows, {sum(r.id in done for r in rows)} done; ~{total / 3600:.1f} h of one-thread CPU left"]
+
+
 def estimate(row: Row) -> float:
     """Estimated one-thread CPU seconds of ``row`` (scores and pruned models are cached and shared:
     the kl scores are counted in the timing row, a TP variant's pruning in its seed-0 row)."""

@@ -1,10 +1,15 @@
 """The markdown of the ResNet-56 benchmark (issue 21), regenerated from the rows file alone."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import bench_plan as bp
+from bench_images import combined_difference, image_difference, record_for, unpack
 from bench_stats import fmt_mean_std, mixed_devices, paired_difference, run_on, verdict
+from curlprune.store.rundir import atomic_write_text
+
+DEFAULT_ALLOC = "alloc:kl / MACs"  # the allocation study's row of curlprune's default (kl-best's allocation)
 
 RUN = """How to run (two background processes, one thread each, sharing the rows file; a finished row is
 never recomputed, so the same commands resume after a stop):
@@ -38,7 +43,13 @@ images) only reports. Recovery: curlprune's distill stage (mixup KD from the unp
 alpha=0.7, batch 64, lr 0.02, warm-up 0.2 epoch + cosine, SGD momentum 0.9) from the BN-re-estimated
 pruned model; the seed sets the data order and mixup; top-1 of the last epoch. Mean ± std over seeds
 (n in brackets); paired difference a - b over the same seeds with its standard error
-std(d)/sqrt(n); "ahead"/"behind" only beyond 2 SE, else "on par". MACs ratio: achieved MACs / unpruned;
+std(d)/sqrt(n) (the seed SE); "ahead"/"behind" only beyond 2 SE, else "on par". The seed SE sees
+training noise only: every row is scored on the same 10,000 test (5,000 val) images, so each row also
+keeps which images it gets right, and the images SE is std/sqrt(N) of the per-image differences
+(averaged over the paired seeds). The verdict uses the combined SE, sqrt(seed SE^2 + images SE^2)
+(slightly conservative: the seed x image interaction is in both), when both rows have per-image
+records for every paired seed; a single-run comparison (allocation study, Torch-Pruning variants)
+has the images SE alone. MACs ratio: achieved MACs / unpruned;
 a row outside 1% of its target is flagged. A row whose pruned model is bit-identical (sha256 of its
 widths and weights) to a finished row's with the same target, epochs, seed and device is not trained
 again: it is marked "= <that row> (identical pruned model)" and carries that row's numbers (the
@@ -84,10 +95,61 @@ def _diff(d) -> str:
     return f"{d['mean']:+.2f}" + ("" if d["se"] is None else f" ± {d['se']:.2f}")
 
 
-def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, settings: dict, smoke: bool = False) -> None:
-    """Write the report of the finished ``rows`` (id -> row) to ``path`` (atomically)."""
-    from curlprune.store.rundir import atomic_write_text
+def _se(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
+
+def _records(rows: dict, images, found: Mapping[int, dict], seeds, split: str) -> dict | None:
+    """seed -> the correctness record (bool [N]) on ``split`` of ``found[seed]``; None unless every seed has one."""
+    records = {s: record_for(rows, images, found[s]["id"]) for s in seeds}
+    return None if any(r is None for r in records.values()) else {s: unpack(r[split]) for s, r in records.items()}
+
+
+def _vs(rows: dict, images, a: dict, b: dict, split: str = "val") -> dict | None:
+    """bench_images.image_difference of rows ``a`` and ``b`` on ``split``; None without both records."""
+    ra, rb = record_for(rows, images, a["id"]), record_for(rows, images, b["id"])
+    return None if ra is None or rb is None else image_difference(unpack(ra[split]), unpack(rb[split]))
+
+
+def _comparison(rows: dict, images, what: str, a: Mapping[int, dict], b: Mapping[int, dict]) -> tuple[str, str]:
+    """The table line of a paired comparison a - b (seed -> row each) and what its verdict rests on."""
+    dv = paired_difference({s: r["val_top1"] for s, r in a.items()}, {s: r["val_top1"] for s, r in b.items()})
+    dt = paired_difference({s: r["test_top1"] for s, r in a.items()}, {s: r["test_top1"] for s, r in b.items()})
+    seeds = dt["seeds"] if dt else []
+    ra, rb = _records(rows, images, a, seeds, "test"), _records(rows, images, b, seeds, "test")
+    dc = combined_difference(dt, {s: (ra[s], rb[s]) for s in seeds}) if dt and ra and rb else None
+    if dc is not None and dc["se"] is not None:
+        decided, basis = dc, "combined SE"
+    else:
+        decided = dt
+        basis = ("seed SE only: one seed" if dc is not None else
+                 "seed SE only: no per-image records for every paired seed of both rows")
+    paired = [f[s] for f in (a, b) for s in seeds]
+    line = (f"| {what}{_mixed(paired)} | {len(seeds)} | {_diff(dv)} | {_diff(dt)} | {_se(dc and dc['se_images'])} | "
+            f"{_se(dc and dc['se'])} | a {verdict(decided)} |")
+    return line, f"{what}: {basis}"
+
+
+def _best_vs_default(rows: dict, images, best: dict, default: dict | None) -> str:
+    """The sentence on the allocation study's best-by-val row against curlprune's default row."""
+    if default is None:
+        return "The default's row has not finished."
+    if best is default or best["val_bn"] == default["val_bn"]:
+        return "The default is best by val." if best is default else "The default ties it on val."
+    d = _vs(rows, images, best, default)
+    if d is None:
+        return "Best minus default on val: no per-image records for both rows yet (`--backfill-images`)."
+    return (f"Best minus default on val: {_diff(d)} (paired images SE, {d['n']:,} val images, one run each): "
+            f"{verdict(d)}.")
+
+
+def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, settings: dict, smoke: bool = False,
+                   images: Mapping[str, dict] | None = None) -> None:
+    """Write the report of the finished ``rows`` (id -> row) to ``path`` (atomically).
+
+    ``images``: id -> per-image record (the sidecar, bench_images); None or {} (an older checkout
+    without one): every standard error is the seed SE alone and the image columns show "-".
+    """
     lines = ["# ResNet-56 on lossless CIFAR-10: curlprune vs Torch-Pruning at equal MACs (issues 9, 21)", ""]
     if smoke:
         lines += ["**SMOKE RUN**: a tiny subset, 1 epoch: proves the script, the numbers mean nothing.", ""]
@@ -125,13 +187,16 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
             lines.append(f"| {family} | {label}{_mixed(found)} | {'/'.join(f'{x:.3f}' for x in ratios)}{flag} | "
                          f"{fmt_mean_std([r['val_top1'] for r in found])} | {fmt_mean_std([r['test_top1'] for r in found])} | "
                          f"{fmt_mean_std([r['test_bn'] for r in found])} |")
-        lines += ["", "| comparison (a - b, same seeds) | n | val diff ± SE | test diff ± SE | verdict (test) |", "|---|---|---|---|---|"]
+        lines += ["", "| comparison (a - b, same seeds) | n | val diff ± SE | test diff ± SE | test SE: images | test SE: combined | "
+                  "verdict (test) |", "|---|---|---|---|---|---|---|"]
+        bases = []
         for a, b, what in bp.COMPARISONS:
             if a in per_seed and b in per_seed:
-                dv = paired_difference({s: r["val_top1"] for s, r in per_seed[a].items()}, {s: r["val_top1"] for s, r in per_seed[b].items()})
-                dt = paired_difference({s: r["test_top1"] for s, r in per_seed[a].items()}, {s: r["test_top1"] for s, r in per_seed[b].items()})
-                paired = [per_seed[f][s] for f in (a, b) for s in (dt["seeds"] if dt else [])]
-                lines.append(f"| {what}{_mixed(paired)} | {dt['n'] if dt else 0} | {_diff(dv)} | {_diff(dt)} | a {verdict(dt)} |")
+                line, basis = _comparison(rows, images, what, per_seed[a], per_seed[b])
+                lines.append(line)
+                bases.append(basis)
+        if bases:
+            lines += ["", "Verdict on: " + "; ".join(bases) + "."]
         lines.append("")
     long_rows = [r for r in rows.values() if r.get("family") in ("kl-best", "tp-best") and r.get("epochs", 0) > epochs_seeded]
     if long_rows:
@@ -151,14 +216,16 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
             continue
         best = max(found, key=lambda r: r["val_top1"]) if len(found) == len(variants) else None
         lines += [f"## Torch-Pruning 1.6.1 variants at {target:.0%} (seed 0, {variant_epochs} epochs; best chosen on val){_mixed(found)}", "",
-                  "| variant | importance | max_pruning_ratio | shortcuts in importance | MACs ratio | steps | val BN | val top-1 | test top-1 |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| variant | importance | max_pruning_ratio | shortcuts in importance | MACs ratio | steps | val BN | val top-1 | test top-1 | "
+                  "val - TP best ± images SE |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in found:
             p = r["prune"]
             ratio = f"{r['macs_ratio']:.3f}" + ("" if r["within_1pct"] else " **outside 1%**")
             name = (f"**{r['family']}** (TP best)" if best is r else r["family"]) + _same(r)
+            vs_best = "best" if best is r else ("-" if best is None else _diff(_vs(rows, images, r, best)))
             lines.append(f"| {name} | {p['importance']} | {p['max_pruning_ratio']:g} | {'yes' if p['shortcuts_in'] else 'no'} | {ratio} | "
-                         f"{p['tp']['steps']}/{p['tp']['of_steps']} | {_pct(r['val_bn'])} | {_pct(r['val_top1'])} | {_pct(r['test_top1'])} |")
+                         f"{p['tp']['steps']}/{p['tp']['of_steps']} | {_pct(r['val_bn'])} | {_pct(r['val_top1'])} | {_pct(r['test_top1'])} | "
+                         f"{vs_best} |")
         lines.append("")
     others = [r for r in rows.values() if r.get("family") in ("kla-best", "taylor", "random")]
     if others:
@@ -173,19 +240,23 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
         if not study:
             continue
         best = max(study, key=lambda r: r["val_bn"])
+        default = next((r for r in study if r["family"] == DEFAULT_ALLOC), None)
         lines += [f"## Allocation study at {target:.0%}, no training (chosen on val top-1 after BN re-estimation)", "",
-                  f"Best by val: **{best['family'][6:]}**; curlprune's default is kl / MACs, floor 0.3.", "",
-                  "| allocation | MACs ratio | stream widths | val raw | val BN | test BN |", "|---|---|---|---|---|---|"]
+                  f"Best by val: **{best['family'][6:]}**; curlprune's default is kl / MACs, floor 0.3. {_best_vs_default(rows, images, best, default)}", "",
+                  "| allocation | MACs ratio | stream widths | val raw | val BN | test BN | val BN - default ± images SE |", "|---|---|---|---|---|---|---|"]
         for r in sorted(study, key=lambda r: -r["val_bn"]):
+            vs = "default" if r is default else ("-" if default is None else _diff(_vs(rows, images, r, default)))
             lines.append(f"| {r['family'][6:]}{_same(r)} | {r['macs_ratio']:.3f} | {'/'.join(map(str, r['stream_widths']))} | "
-                         f"{_pct(r['val_raw'])} | {_pct(r['val_bn'])} | {_pct(r['test_bn'])} |")
+                         f"{_pct(r['val_raw'])} | {_pct(r['val_bn'])} | {_pct(r['test_bn'])} | {vs} |")
         lines.append("")
     flagged = sorted(r["id"] for r in rows.values() if r.get("within_1pct") is False)
     if flagged:
         lines += ["## Flagged: achieved MACs outside 1% of the target", "", *[f"- {i}" for i in flagged], ""]
     finished = [r for r in rows.values() if r["kind"] != "timing"]
     devices = {label: sum(run_on(r) == label for r in finished) for label in sorted({run_on(r) for r in finished})}
-    lines += [] if not finished else ["## Every finished row", "", "Rows by device: " + ", ".join(f"{k} {n}" for k, n in devices.items()) + ".", "",
+    recorded = sum(record_for(rows, images, r["id"]) is not None for r in finished)
+    lines += [] if not finished else ["## Every finished row", "", "Rows by device: " + ", ".join(f"{k} {n}" for k, n in devices.items()) + ". "
+                                      f"Rows with per-image records: {recorded} of {len(finished)}.", "",
                                       "| id | device | MACs ratio | val raw | val BN | val top-1 | test top-1 | CPU s: prune | evaluation | recovery |",
                                       "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(finished, key=lambda r: r["id"]):

@@ -31,21 +31,24 @@ ResNet-56 (../shared/models/resnet56-4bfd9763.th). Targets: 50% and 30% of the u
   differences over rows from more than one device. --extra-long-epochs 100 adds the literature's
   100-epoch recovery of kl-best and TP best at 50% (seed 0) after every other row (GPU only, in
   practice; the default plan has none).
+* Per-image records (bench_images.py): the final model's correctness on every val and test image
+  of each row, appended to the sidecar <rows-file>_images.jsonl when it is evaluated; the report's
+  image and combined standard errors use them. --backfill-images writes them for rows finished
+  before (bench_backfill.py: rebuilt from --out, checked against the stored top-1).
 
     python benchmarks/cifar_resnet56.py --list            # planned rows, estimated cost
     python benchmarks/cifar_resnet56.py                   # one of two background processes (start it twice)
     python benchmarks/cifar_resnet56.py --report          # rewrite the markdown from the rows file
     python benchmarks/cifar_resnet56.py --smoke           # a few minutes, end to end, runs/bench-r56-smoke
     python benchmarks/cifar_resnet56.py --device cuda --amp bf16 --extra-long-epochs 100 --rows '*/e100/*'
+    python benchmarks/cifar_resnet56.py --backfill-images  # per-image records of the rows finished without them
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import fcntl
-import fnmatch
 import json
-import re
 import sys
 import time
 from importlib.metadata import version
@@ -59,11 +62,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_plan as bp  # noqa: E402
 from bench_alias import alias_record, find_same, pruned_digest  # noqa: E402
+from bench_backfill import backfill, distill_folder, selected  # noqa: E402
+from bench_device import EVAL_BATCH, GPU_WORKERS, choose_device  # noqa: E402
+from bench_images import correct_mask, image_record, sidecar_path, top1_of  # noqa: E402
 from bench_report import write_markdown  # noqa: E402
 from bench_stats import RowsFile, run_pending, shard, within  # noqa: E402
 from curlprune.errors import CurlpruneError  # noqa: E402
-from curlprune.recover.amp import canonical_amp, check_amp  # noqa: E402
-from curlprune.recover.dist import resolve_device  # noqa: E402
 from curlprune.run.prune_core import full_float32, on_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,31 +82,11 @@ FULL = {"val_per_class": 500, "calib": 256, "bn_images": 2048, "monitor": 1000, 
         "tp_steps": 400}
 SMOKE = {"val_per_class": 20, "calib": 32, "bn_images": 128, "monitor": 100, "train": 1500, "test": 500,
          "tp_steps": 100}
-EVAL_BATCH = {"cpu": 256, "cuda": 1024}  # evaluation batch (images) by device type
-GPU_WORKERS = 4  # DataLoader workers of the recovery on a GPU (--workers); the CPU rows use none
-DEVICE_FORMAT = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def choose_device(device: str, amp: str) -> tuple[torch.device, str | None]:
-    """The torch device of ``--device`` (auto | cpu | cuda | cuda:<i>) and the canonical ``--amp``
-    (None = off), checked before anything is loaded.
-
-    Raises:
-        CurlpruneError: a malformed device, CUDA (or that GPU) absent here, or an amp the device
-            cannot run (one line each; docs/method.md §10, §11).
-    """
-    if not DEVICE_FORMAT.fullmatch(device):
-        raise CurlpruneError(f"--device {device!r}: give auto, cpu, cuda or cuda:<index>")
-    resolved = resolve_device(device)
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise CurlpruneError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s): "
-                             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    canonical = canonical_amp(amp)
-    check_amp(canonical, resolved)
-    return resolved, canonical
 
 
 class Bench:
+    images: RowsFile | None = None  # the per-image records' sidecar (bench_images); None: not kept
+
     def __init__(self, out: Path, settings: dict, device: torch.device = torch.device("cpu"), amp: str | None = None,
                  workers: int = 0) -> None:
         import curlprune
@@ -140,12 +124,23 @@ class Bench:
 
     # ------------------------------------------------------------------ measurements
 
-    def top1(self, model: nn.Module, split: str) -> float:
-        """Top-1 (%) on val or test, on the bench's device (a copy of ``model`` moved there when it is elsewhere)."""
-        from curlprune.data.data import evaluate
-
+    def correct(self, model: nn.Module, split: str) -> torch.Tensor:
+        """Bool [images]: which val or test images ``model`` classifies correctly, on the bench's
+        device (a copy of ``model`` moved there when it is elsewhere; bench_images.correct_mask)."""
         ds = self.val if split == "val" else self.test
-        return round(100.0 * evaluate(on_device(model, self.device), ds, self.spec, batch_size=self.eval_batch), 2)
+        return correct_mask(on_device(model, self.device), ds, self.spec, self.eval_batch)
+
+    def top1(self, model: nn.Module, split: str) -> float:
+        """Top-1 (%) on val or test, rounded to 0.01 (bench_images.top1_of of :meth:`correct`)."""
+        return top1_of(self.correct(model, split))
+
+    def final_top1(self, model: nn.Module, row_id: str) -> dict:
+        """``{"val_top1", "test_top1"}`` of a row's final model; its per-image record goes to the
+        sidecar (:attr:`images`) at once (bench_images.image_record; first line of an id wins)."""
+        record = image_record(row_id, self.correct(model, "val"), self.correct(model, "test"))
+        if self.images is not None:
+            self.images.append(record)
+        return {"val_top1": record["val_top1"], "test_top1": record["test_top1"]}
 
     def bn_reestimated(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` on the bench's device with its BN statistics re-estimated."""
@@ -312,8 +307,12 @@ class Bench:
             return {**alias_record(record, done[same]), "wall_seconds": round(time.time() - started, 1)}
         wall, cpu = time.time(), time.process_time()
         bn_model = self.bn_reestimated(model)
-        record.update(val_raw=self.top1(model, "val"), test_raw=self.top1(model, "test"),
-                      val_bn=self.top1(bn_model, "val"), test_bn=self.top1(bn_model, "test"))
+        record.update(val_raw=self.top1(model, "val"), test_raw=self.top1(model, "test"))
+        if row.epochs:
+            record.update(val_bn=self.top1(bn_model, "val"), test_bn=self.top1(bn_model, "test"))
+        else:  # the BN-re-estimated model is the row's final model: its record is kept
+            bn = self.final_top1(bn_model, row.id)
+            record.update(val_bn=bn["val_top1"], test_bn=bn["test_top1"])
         record.update(eval_seconds=round(time.time() - wall, 1), eval_cpu_seconds=round(time.process_time() - cpu, 1))
         if row.epochs:
             wall, cpu = time.time(), time.process_time()
@@ -331,13 +330,11 @@ class Bench:
                             ce_weight=0.0,  # the paper's loss, as in every row so far, whatever the default
                             device=str(self.device), amp=self.amp, num_workers=self.workers,
                             eval_batch_size=self.eval_batch if self.device.type == "cuda" else DistillConfig.eval_batch_size)
-        amp_tag = f"-{self.amp}" if self.amp else ""  # a stage resumes only with its own amp (docs/method.md §11)
-        folder = self.out / f"t{row.target:g}" / row.family / f"distill-e{row.epochs}-s{row.seed}{amp_tag}"
+        folder = distill_folder(self.out, row.target, row.family, row.epochs, row.seed, self.amp)
         result = distill(student, copy.deepcopy(self.teacher), {"train": self.train, "test": self.monitor}, self.spec, cfg,
                          run_dir=folder)
         model = result.model.eval()  # top1 evaluates it on the bench's device
-        return {"val_top1": self.top1(model, "val"), "test_top1": self.top1(model, "test"),
-                "recovery_seconds": round(result.seconds, 1), "monitor_val_top1_last": result.last_top1,
+        return {**self.final_top1(model, row.id), "recovery_seconds": round(result.seconds, 1), "monitor_val_top1_last": result.last_top1,
                 "train_images": len(self.train),
                 "config": {"batch_size": cfg.batch_size, "lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs,
                            "temperature": cfg.temperature, "alpha": cfg.alpha, "mixup_alpha": cfg.mixup_alpha}}
@@ -360,9 +357,7 @@ class Bench:
 
 
 def select(rows: list[bp.Row], pattern: str | None, shard_spec: str | None) -> list[bp.Row]:
-    if pattern:
-        rows = [r for r in rows if any(fnmatch.fnmatchcase(r.id, p) for p in pattern.split(","))]
-    return shard(rows, shard_spec)
+    return shard([r for r in rows if selected(r.id, pattern)], shard_spec)
 
 
 SUMMARY = ("macs_ratio", "val_top1", "test_top1", "resolved_to", "score_seconds")
@@ -397,6 +392,8 @@ def main() -> None:
                         "recovery of every row (default cpu, one thread: the setting of the recorded rows)")
     parser.add_argument("--amp", default="off", choices=["off", "bf16"], help="mixed precision of the recovery (distill stage)")
     parser.add_argument("--workers", type=int, default=None, help=f"DataLoader workers of the recovery (default {GPU_WORKERS} on a GPU, 0 on the CPU)")
+    parser.add_argument("--backfill-images", action="store_true", help="write the per-image records of finished rows that "
+                        "have none (bench_backfill.py; --rows restricts, --out and --rows-file say where)")
     parser.add_argument("--extra-long-epochs", type=int, default=0, help="also plan kl-best and TP best at the first target, "
                         "seed 0, with this many recovery epochs (100: the literature's setting, for a GPU), after every other row")
     args = parser.parse_args()
@@ -409,16 +406,11 @@ def main() -> None:
     rows = select(plan, args.rows, args.shard)
     variants = bp.variants_of(plan)
     variant_epochs = next((r.epochs for r in plan if r.family in bp.TP_VARIANTS), args.epochs)
+    images = RowsFile(sidecar_path(store.path))  # the per-image records (bench_images)
     report = lambda: write_markdown(store.read(), md, variants=variants, variant_epochs=variant_epochs,  # noqa: E731
-                                    settings=settings, smoke=args.smoke)
+                                    settings=settings, smoke=args.smoke, images=images.read())
     if args.list:
-        done = store.read()
-        total = 0.0
-        for position, row in enumerate(rows):
-            cost = bp.estimate(row)
-            total += 0 if row.id in done else cost
-            print(f"{position:3d}  {row.id:38s}  {'done' if row.id in done else f'~{cost / 3600:.2f} h'}")
-        print(f"{len(rows)} rows, {sum(r.id in done for r in rows)} done; ~{total / 3600:.1f} h of one-thread CPU left")
+        print("\n".join(bp.listing(rows, store.read())))
         return
     if args.report:
         report()
@@ -439,6 +431,11 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True  # batch shapes repeat: cuDNN's fastest kernels for them
     bench = Bench(out, settings, device, amp, workers)
     bench.variants, bench.variant_epochs = variants, variant_epochs
+    bench.images = images
+    if args.backfill_images:
+        outcome = backfill(bench, store.read(), images, args.rows, log=lambda m: print(m, flush=True))
+        print(", ".join(f"{len(v)} {k}" for k, v in outcome.items()) + f" ({images.path})")
+        return
     print(f"decoded and split the data in {bench.decode_seconds:.0f} s: train {len(bench.train)}, val {len(bench.val)}, "
           f"test {len(bench.test)}; {len(rows)} rows selected", flush=True)
     if device.type != "cpu" or amp:
