@@ -49,7 +49,7 @@ keeps which images it gets right, and the images SE is std/sqrt(N) of the per-im
 (averaged over the paired seeds). The verdict uses the combined SE, sqrt(seed SE^2 + images SE^2)
 (slightly conservative: the seed x image interaction is in both), when both rows have per-image
 records for every paired seed; a single-run comparison (allocation study, Torch-Pruning variants)
-has the images SE alone. MACs ratio: achieved MACs / unpruned;
+has the images SE alone (for trained rows a lower bound: one seed has no training noise in it). MACs ratio: achieved MACs / unpruned;
 a row outside 1% of its target is flagged. A row whose pruned model is bit-identical (sha256 of its
 widths and weights) to a finished row's with the same target, epochs, seed and device is not trained
 again: it is marked "= <that row> (identical pruned model)" and carries that row's numbers (the
