@@ -269,8 +269,12 @@ def verdict(diff: Mapping | None) -> str:
 
 
 def fmt_mean_std(values: Sequence[float]) -> str:
-    """"91.52 ± 0.11 (3)" (n in brackets); one value: "91.52 (1)"."""
+    """"91.52 ± 0.11 (3)" (n in brackets); one value: "91.52 (1)"; values all identical (e.g. a
+    number of the model before training, the same for every seed): "85.93 (all 3 identical)", no
+    spread shown for what is one number."""
     if not values:
         return "-"
+    if len(values) > 1 and len(set(values)) == 1:
+        return f"{values[0]:.2f} (all {len(values)} identical)"
     mean, std = mean_std(values)
     return f"{mean:.2f} ({len(values)})" if std is None else f"{mean:.2f} ± {std:.2f} ({len(values)})"

@@ -337,7 +337,7 @@ class Bench:
         return {**self.final_top1(model, row.id), "recovery_seconds": round(result.seconds, 1), "monitor_val_top1_last": result.last_top1,
                 "train_images": len(self.train),
                 "config": {"batch_size": cfg.batch_size, "lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs,
-                           "temperature": cfg.temperature, "alpha": cfg.alpha, "mixup_alpha": cfg.mixup_alpha}}
+                           "temperature": cfg.temperature, "alpha": cfg.alpha, "mixup_alpha": cfg.mixup_alpha, "ce_weight": cfg.ce_weight}}
 
     def timing_row(self) -> dict:
         """Exact KL and kl-approx scoring of the unpruned model, side by side in this process (one thread)."""

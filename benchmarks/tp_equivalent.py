@@ -160,7 +160,9 @@ def tp_prune(
 ) -> tuple[nn.Module, dict]:
     """Torch-Pruning's global pruning, stopped at the step whose MACs are nearest ``target_macs``.
 
-    Torch-Pruning's own CIFAR recipe (its benchmarks/main.py, ``progressive_pruning``): MetaPruner,
+    Torch-Pruning's own CIFAR recipe (``reproduce/main.py`` of its 1.6.1 release, not in the pip
+    package; ``progressive_pruning`` with ``--method group_norm`` and ``--global-pruning``, without
+    group_sl's sparse-learning epochs; its GroupNormPruner adds only their regulariser): MetaPruner,
     global_pruning=True, pruning_ratio=1.0 reached over ``iterative_steps`` = 400 steps,
     max_pruning_ratio=1.0, the classifier ignored, the model in eval mode; Taylor importance from a
     fresh backward pass of the cross-entropy on ``calib`` before every step. The run keeps the

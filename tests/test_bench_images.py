@@ -265,6 +265,7 @@ def test_a_row_writes_its_record_when_evaluated_and_backfill_rebuilds_the_same(s
     for row_id, row in done.items():
         record = written[row_id]
         assert mismatch(row, record) is None and len(unpack(record["val"])) == 51 and len(unpack(record["test"])) == 37
+    assert done["kl-best@0.5/e1/s0"]["config"]["ce_weight"] == 0.0  # the paper's loss, recorded (not the product default)
     alloc = done["alloc:kl / MACs@0.5/e0/s0"]
     assert alloc["val_top1"] == alloc["val_bn"] and written[alloc["id"]]["test_top1"] == alloc["test_bn"]
     trained = b.load_cached("kl-best", b.cache_paths("kl-best", 0.5)[1])
