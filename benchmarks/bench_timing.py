@@ -156,7 +156,8 @@ def timing_lines(rows: Mapping[str, dict]) -> list[str]:
                   f"scoring on {r['calib']} calibration images, selection and slicing. Torch-Pruning: its stepped global "
                   f"pruning as the rows run it ({r['tp_steps']}-step schedule stopped at the step nearest the target; "
                   "taylor: a backward pass on the calibration images before each step; the benchmark's copy of the model "
-                  "before each step and the gather conversion included). Data loading is not timed.", "",
+                  "before each step and the gather conversion included). Data loading is not timed. Last column: the pruned "
+                  "model's sha256 against the method's finished rows at this target (-: none records one).", "",
                   "| method | parts (wall s) | seconds wall | CPU seconds | CPU ratio to curlprune kl-approx | MACs ratio | "
                   "same pruned model as its rows |", "|---|---|---|---|---|---|---|"]
         for family, m in r["methods"].items():
