@@ -3,6 +3,9 @@
 A row id is ``<family>@<target>/e<epochs>/s<seed>`` (``timing`` for the scoring-time row): the
 key of the rows file, so a finished row is never recomputed. Families:
 
+* timing (kind ``timing``, bench_timing.py): ``timing`` (exact kl vs kl-approx scoring of the
+  unpruned model) and ``timing-prune`` (``timing-prune@0.5/e0/s0``: every method's time from the
+  unpruned model to its pruned model at the target, side by side in one process, one thread).
 * curlprune: ``kl-best`` (curlprune's default: kl, its default cost-weighted allocation, floor
   0.3), ``kl-paper`` (kl as published: raw global ranking, floor 0.3), ``l1``, ``kla-best``,
   ``taylor``, ``random``; ``alloc:<name>`` the tier-0 allocation study (epochs 0).
@@ -47,6 +50,7 @@ EXPLORE = {  # tier-0 allocation study: name -> (criterion, Allocation fields); 
     "l1 / MACs": ("l1", {"cost_power": 1.0}),
     "taylor / MACs": ("taylor", {"cost_power": 1.0}),
 }
+TIMING = ("timing", "timing-prune")  # the timing rows' families (kind "timing", no model of their own)
 TP_IMPORTANCE = ("taylor", "l1", "l2")
 TP_WIDTH = {"cap": 1.0 - FLOOR, "free": 1.0}
 TP_VARIANTS = [f"tp-{imp}-{width}-{sc}" for imp in TP_IMPORTANCE for width in TP_WIDTH for sc in ("out", "in")]
@@ -72,7 +76,7 @@ class Row:
 
     @property
     def kind(self) -> str:
-        if self.family == "timing":
+        if self.family in TIMING:
             return "timing"
         if self.family.startswith("alloc:"):
             return "alloc"
@@ -99,7 +103,8 @@ def plan(targets=TARGETS, seeds=SEEDS, epochs=EPOCHS, long_epochs=LONG_EPOCHS, t
     """Every row, in the order that decides the claim.
 
     The timing row; the tier-0 allocation study at every target (no training, about a minute a row:
-    it checks on val the allocation that curlprune's default rows use before hours go into them).
+    it checks on val the allocation that curlprune's default rows use before hours go into them);
+    the side-by-side time to a pruned model at the first target (``timing-prune``, no training).
     Then per target (50% first): curlprune's default with every seed; the Torch-Pruning variants
     (seed 0, they choose "TP best" on val); TP best with the other seeds; curlprune l1 and kl as
     published with every seed. Then the long-recovery rows (curlprune default and TP best at the
@@ -112,6 +117,7 @@ def plan(targets=TARGETS, seeds=SEEDS, epochs=EPOCHS, long_epochs=LONG_EPOCHS, t
     rows = [Row("timing")]
     for target in targets:
         rows += [Row(f"alloc:{name}", target, 0, seeds[0]) for name in explore]
+    rows.append(Row("timing-prune", targets[0], 0, seeds[0]))
     for target in targets:
         rows += [Row("kl-best", target, epochs, s) for s in seeds]
         rows += [Row(v, target, epochs, seeds[0]) for v in tp_variants]
@@ -135,10 +141,10 @@ def variants_of(rows: list[Row]) -> list[str]:
 
 def smoke_plan() -> list[Row]:
     """A few rows that exercise every path: timing, curlprune with two seeds, two TP variants, TP
-    best resolved for seed 1, one allocation row; one target, 1 epoch."""
+    best resolved for seed 1, one allocation row, the side-by-side pruning times; one target, 1 epoch."""
     variants = ["tp-l2-cap-out", "tp-taylor-free-in"]
     return [Row("timing"), *[Row("kl-best", 0.5, 1, s) for s in (0, 1)], *[Row(v, 0.5, 1, 0) for v in variants],
-            Row("tp-best", 0.5, 1, 1), Row("alloc:kl / MACs", 0.5, 0, 0)]
+            Row("tp-best", 0.5, 1, 1), Row("alloc:kl / MACs", 0.5, 0, 0), Row("timing-prune", 0.5, 0, 0)]
 
 
 # Estimated one-thread CPU seconds, scaled from the smoke run (1,300 training, 200 val, 500 test
@@ -147,8 +153,11 @@ def smoke_plan() -> list[Row]:
 # epoch, 17.5 s for 1,300 images -> 45,000 images (+ 1,000 monitor images): ~610 s; Torch-Pruning's
 # stepped pruning, taylor 23 s for 100 steps with a backward pass on 32 images -> 400 steps on 256
 # images: ~700 s, l1 / l2 9.5 s for 300 steps -> ~40 s; the timing row (exact kl 33 s CPU on 32
-# images -> 256 images, plus kl-approx): ~300 s. Wall time on shared cores is 2-3x longer.
-COST = {"eval": 85.0, "epoch": 610.0, "tp_taylor": 700.0, "tp_magnitude": 40.0, "timing": 300.0}
+# images -> 256 images, plus kl-approx): ~300 s. The timing-prune row, from the finished rows (CPU s
+# at 50%, 256 images): exact kl 265 + kl-approx 6 + taylor 3 + l1 0 + 4 selections and slicings
+# ~1, Torch-Pruning taylor (140 of 400 steps) ~445 + l1 ~10 + l2 ~10: ~780 s. Wall time on shared
+# cores is 2-3x longer.
+COST = {"eval": 85.0, "epoch": 610.0, "tp_taylor": 700.0, "tp_magnitude": 40.0, "timing": 300.0, "timing-prune": 780.0}
 
 
 def listing(rows: list[Row], done) -> list[str]:
@@ -166,7 +175,7 @@ def estimate(row: Row) -> float:
     """Estimated one-thread CPU seconds of ``row`` (scores and pruned models are cached and shared:
     the kl scores are counted in the timing row, a TP variant's pruning in its seed-0 row)."""
     if row.kind == "timing":
-        return COST["timing"]
+        return COST[row.family]
     seconds = COST["eval"] + row.epochs * COST["epoch"]
     if row.family in TP_VARIANTS:
         seconds += COST["tp_taylor"] if tp_settings(row.family)["importance"] == "taylor" else COST["tp_magnitude"]

@@ -10,8 +10,10 @@ from bench_claims import by, claim_difference, claim_rows, vs
 from bench_figure import plot
 from bench_images import record_for
 from bench_stats import fmt_mean_std, mean_std, mixed_devices, paired_difference, run_on, verdict
+from bench_timing import timing_lines
 from curlprune.store.rundir import atomic_write_text
 
+CPU_NOTE = "not comparable across rows (measured under different load)"  # the per-row CPU seconds
 DEFAULT_ALLOC = "alloc:kl / MACs"  # the allocation study's row of curlprune's default (kl-best's allocation)
 
 RUN = """How to run (two background processes, one thread each, sharing the rows file; a finished row is
@@ -254,8 +256,9 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
                   f"in one process, {timing['threads']} thread: exact kl {timing['score_seconds']['kl']:.1f} s, kl-approx "
                   f"{timing['score_seconds']['kl-approx']:.1f} s (wall; CPU {timing['score_cpu_seconds']['kl']:.1f} s and "
                   f"{timing['score_cpu_seconds']['kl-approx']:.1f} s).", ""]
+    lines += timing_lines(rows)  # the side-by-side times to a pruned model (bench_timing)
     epochs_seeded = variant_epochs
-    targets = sorted({r["target"] for r in rows.values() if r.get("target")}, reverse=True)
+    targets = sorted({r["target"] for r in rows.values() if r.get("target") and r.get("kind") != "timing"}, reverse=True)
     figure = path.with_suffix(".png")
     loss = _loss_line(rows)
     lines += ([loss, ""] if loss else []) + [
@@ -342,6 +345,7 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
     recorded = sum(record_for(rows, images, r["id"]) is not None for r in finished)
     lines += [] if not finished else ["## Every finished row", "", "Rows by device: " + ", ".join(f"{k} {n}" for k, n in devices.items()) + ". "
                                       f"Rows with per-image records: {recorded} of {len(finished)}.", "",
+                                      f"The CPU-seconds columns are {CPU_NOTE}.", "",
                                       "| id | device | MACs ratio | val raw | val BN | val top-1 | test top-1 | CPU s: prune | evaluation | recovery |",
                                       "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(finished, key=lambda r: r["id"]):

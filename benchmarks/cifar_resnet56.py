@@ -31,6 +31,10 @@ ResNet-56 (../shared/models/resnet56-4bfd9763.th). Targets: 50% and 30% of the u
   differences over rows from more than one device. --extra-long-epochs 100 adds the literature's
   100-epoch recovery of kl-best and TP best at 50% (seed 0) after every other row (GPU only, in
   practice; the default plan has none).
+* Timing rows (bench_timing.py), side by side in one process, one thread: ``timing`` (exact kl vs
+  kl-approx scoring) and ``timing-prune@0.5/e0/s0`` (each method's time from the unpruned model to
+  its pruned model at 50%, computed afresh: no cache read or written). The other rows' CPU seconds
+  are not comparable across rows (measured under different load).
 * Per-image records (bench_images.py): the final model's correctness on every val and test image
   of each row, appended to the sidecar <rows-file>_images.jsonl when it is evaluated; the report's
   image and combined standard errors use them. --backfill-images writes them for rows finished
@@ -51,7 +55,6 @@ import fcntl
 import json
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +70,7 @@ from bench_device import EVAL_BATCH, GPU_WORKERS, choose_device  # noqa: E402
 from bench_images import correct_mask, image_record, sidecar_path, top1_of  # noqa: E402
 from bench_report import write_markdown  # noqa: E402
 from bench_stats import RowsFile, run_pending, shard, within  # noqa: E402
+from bench_timing import run_timing  # noqa: E402
 from curlprune.errors import CurlpruneError  # noqa: E402
 from curlprune.run.prune_core import full_float32, on_device  # noqa: E402
 
@@ -288,7 +292,7 @@ class Bench:
 
     def run_row(self, row: bp.Row, done: dict) -> dict | None:
         if row.kind == "timing":
-            return self.timing_row()
+            return run_timing(self, row, SPLIT_SEED)  # bench_timing
         family, record = row.family, {}
         if family == "tp-best":
             family = self.resolve(row, done)
@@ -338,22 +342,6 @@ class Bench:
                 "train_images": len(self.train),
                 "config": {"batch_size": cfg.batch_size, "lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs,
                            "temperature": cfg.temperature, "alpha": cfg.alpha, "mixup_alpha": cfg.mixup_alpha, "ce_weight": cfg.ce_weight}}
-
-    def timing_row(self) -> dict:
-        """Exact KL and kl-approx scoring of the unpruned model, side by side in this process (one thread)."""
-        seconds = {}
-        for criterion in ("kl-approx", "kl"):
-            _, seconds[criterion] = self.scores(criterion, fresh=True)
-        import curlprune
-
-        return {"id": "timing", "family": "timing", "kind": "timing", "calib": self.s["calib"], **self.device_fields(),
-                "threads": torch.get_num_threads(), "score_seconds": {k: round(v, 1) for k, v in seconds.items()},
-                "score_cpu_seconds": {k: round(self.score_cpu[k], 1) for k in seconds},
-                "teacher": {"val_top1": self.top1(self.teacher, "val"), "test_top1": self.top1(self.teacher, "test"),
-                            "macs": self.full_macs, "params": self.full_params},
-                "versions": {"torch": torch.__version__, "torch_pruning": version("torch-pruning"),
-                             "curlprune": curlprune.__version__},
-                "images": {"train": len(self.train), "val": len(self.val), "test": len(self.test)}}
 
 
 def select(rows: list[bp.Row], pattern: str | None, shard_spec: str | None) -> list[bp.Row]:

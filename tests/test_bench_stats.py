@@ -127,7 +127,8 @@ def test_plan_order_and_ids():
     plan = bp.plan()
     n_alloc = len(bp.TARGETS) * len(bp.EXPLORE)
     assert all(r.family.startswith("alloc:") and r.epochs == 0 for r in plan[1:1 + n_alloc])  # the allocation check first
-    assert [r.id for r in plan[1 + n_alloc:4 + n_alloc]] == [f"kl-best@0.5/e2/s{s}" for s in (0, 1, 2)]
+    assert plan[1 + n_alloc].id == "timing-prune@0.5/e0/s0"  # then the side-by-side pruning times
+    assert [r.id for r in plan[2 + n_alloc:5 + n_alloc]] == [f"kl-best@0.5/e2/s{s}" for s in (0, 1, 2)]
     assert all(bp.parse_id(r.id) == r for r in plan)
     ids = {r.id for r in plan}
     for target in bp.TARGETS:
