@@ -66,3 +66,43 @@ def claim_difference(rows: Mapping[str, dict], images, a: Mapping[int, dict], b:
     basis = ("seed SE only: one seed" if dc is not None else
              "seed SE only: no per-image records for every paired seed of both rows")
     return {"seed": dt, "combined": dc, "decided": dt, "basis": basis}
+
+
+def allocation_decision(rows: Mapping[str, dict], images, default_family: str) -> str | None:
+    """The allocation study's decision, as one sentence (issue 21: every choice on val).
+
+    The rule: curlprune's one default serves every target, so it changes only to an allocation that
+    is ahead of it on val (after BN re-estimation, paired images SE, beyond 2 SE) at every target
+    of the study; an allocation ahead at some targets only, or on par, leaves it. Candidates are
+    the study's rows other than ``default_family``; an allocation whose rows are all identical in
+    val to the default's counts as on par. Returns None until every target has the default's row
+    and every candidate's record; the sentence names each candidate ahead somewhere with its
+    differences.
+    """
+    study = [r for r in rows.values() if r.get("kind") == "alloc"]
+    targets = sorted({r["target"] for r in study}, reverse=True)
+    default = {t: next((r for r in study if r["target"] == t and r["family"] == default_family), None) for t in targets}
+    if not targets or any(d is None for d in default.values()):
+        return None
+    diffs: dict[str, dict[float, dict]] = {}
+    for r in study:
+        if r["family"] == default_family:
+            continue
+        d = vs(rows, images, r, default[r["target"]])
+        if d is None:
+            return None
+        diffs.setdefault(r["family"], {})[r["target"]] = d
+    ahead = {f: d for f, d in diffs.items() if any(x["se"] and x["mean"] > 2 * x["se"] for x in d.values())}
+    everywhere = [f for f, d in ahead.items() if len(d) == len(targets) and all(x["se"] and x["mean"] > 2 * x["se"] for x in d.values())]
+    name = default_family.removeprefix("alloc:")
+    if everywhere:
+        best = max(everywhere, key=lambda f: min(x["mean"] for x in diffs[f].values()))
+        return f"Decision: **{best.removeprefix('alloc:')}** is ahead of the default ({name}) on val at every target; the default should switch to it."
+    if not ahead:
+        return f"Decision: no allocation is ahead of the default ({name}) on val beyond 2 SE at any target; the default stays."
+    parts = []
+    for f, d in sorted(ahead.items()):
+        parts.append(f"{f.removeprefix('alloc:')} (" + ", ".join(
+            f"{t:.0%}: {x['mean']:+.2f} ± {x['se']:.2f}" for t, x in sorted(d.items(), reverse=True)) + ")")
+    return (f"Decision: the default ({name}) stays. One default serves every target, so it changes only to an allocation "
+            f"ahead of it on val beyond 2 SE at every target; ahead at some targets only: {'; '.join(parts)}.")

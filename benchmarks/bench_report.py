@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import bench_plan as bp
-from bench_claims import by, claim_difference, claim_rows, vs
+from bench_claims import allocation_decision, by, claim_difference, claim_rows, vs
 from bench_figure import plot
 from bench_images import record_for
 from bench_stats import fmt_mean_std, mean_std, mixed_devices, paired_difference, run_on, verdict
@@ -337,6 +337,8 @@ def write_markdown(rows: dict, path: Path, *, variants, variant_epochs: int, set
             lines.append(f"| {r['family'][6:]}{_same(r)} | {r['macs_ratio']:.3f} | {'/'.join(map(str, r['stream_widths']))} | "
                          f"{_pct(r['val_raw'])} | {_pct(r['val_bn'])} | {_pct(r['test_bn'])} | {against} |")
         lines.append("")
+    decision = allocation_decision(rows, images, DEFAULT_ALLOC)
+    lines += [decision, ""] if decision else []
     flagged = sorted(r["id"] for r in rows.values() if r.get("within_1pct") is False)
     if flagged:
         lines += ["## Flagged: achieved MACs outside 1% of the target", "", *[f"- {i}" for i in flagged], ""]

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_plan as bp  # noqa: E402
 import cifar_resnet56 as bench  # noqa: E402
+from bench_claims import allocation_decision  # noqa: E402
 from bench_figure import figure_data  # noqa: E402
 from bench_images import combined_difference, image_difference, image_record, top1_of, unpack  # noqa: E402
 from bench_report import write_markdown  # noqa: E402
@@ -216,3 +217,43 @@ def test_the_protocol_states_the_seed_ses_confidence_tps_recipe_the_loss_and_the
     assert ("Achieved MACs ratio at 50% (mean, range): curlprune 0.4990 (0.499-0.499, 3 pruned models), Torch-Pruning "
             "0.5005 (0.500-0.501, 2 pruned models). Torch-Pruning's models keep 0.0015 of the unpruned MACs more on "
             "average: a slight bias in Torch-Pruning's favour.") in text
+
+
+def _alloc(rows, images, family, target, val_bits):
+    row = {"id": bp.Row(family, target, 0, 0).id, "family": family, "target": target, "epochs": 0, "seed": 0,
+           "kind": "alloc", "macs_ratio": target, "within_1pct": True, "stream_widths": [16, 32, 64], "val_raw": 10.0,
+           "test_raw": 10.0, "prune": {}}
+    test = _bits(400, 0.8, 99)
+    row.update(val_bn=top1_of(val_bits), test_bn=top1_of(test), val_top1=top1_of(val_bits), test_top1=top1_of(test))
+    rows[row["id"]] = row
+    images[row["id"]] = image_record(row["id"], val_bits, test)
+
+
+def test_the_allocation_default_switches_only_to_a_row_ahead_beyond_2_se_at_every_target(tmp_path):
+    """One default serves both targets: a candidate ahead beyond 2 SE on val at 50% but on par at 30%
+    leaves it (the sentence names the candidate and both differences); ahead at both switches it;
+    a missing record gives no decision."""
+    n = 4000
+    base = {t: _bits(n, 0.7, int(t * 10)) for t in (0.5, 0.3)}
+    gain = _bits(n, 0.08, 7)  # images the candidate gets right on top of the default's
+    rows, images = {}, {}
+    for t in (0.5, 0.3):
+        _alloc(rows, images, "alloc:kl / MACs", t, base[t])
+    _alloc(rows, images, "alloc:kl / MACs, floor 0.1", 0.5, base[0.5] | gain)
+    _alloc(rows, images, "alloc:kl / MACs, floor 0.1", 0.3, base[0.3])  # identical at 30%: on par
+    d50 = image_difference(base[0.5] | gain, base[0.5])
+    assert d50["mean"] > 2 * d50["se"]
+    said = allocation_decision(rows, images, "alloc:kl / MACs")
+    assert said.startswith("Decision: the default (kl / MACs) stays.")
+    assert f"kl / MACs, floor 0.1 (50%: {d50['mean']:+.2f} ± {d50['se']:.2f}, 30%: +0.00 ± 0.00)" in said
+    _alloc(rows, images, "alloc:kl / MACs, floor 0.1", 0.3, base[0.3] | gain)
+    assert "**kl / MACs, floor 0.1** is ahead of the default" in allocation_decision(rows, images, "alloc:kl / MACs")
+    _write(rows, tmp_path / "r.md", images)
+    assert "the default should switch to it" in (tmp_path / "r.md").read_text()
+    del images["alloc:kl / MACs@0.3/e0/s0"]
+    assert allocation_decision(rows, images, "alloc:kl / MACs") is None
+    rows2, images2 = {}, {}
+    for t in (0.5, 0.3):
+        _alloc(rows2, images2, "alloc:kl / MACs", t, base[t])
+        _alloc(rows2, images2, "alloc:kl paper", t, base[t] & ~gain)  # behind everywhere
+    assert "no allocation is ahead" in allocation_decision(rows2, images2, "alloc:kl / MACs")
