@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from bench_alias import pruned_digest
-from bench_images import image_record, mismatch
+from bench_images import mismatch
 from bench_stats import RowsFile
 from curlprune.errors import CurlpruneError
 from curlprune.recover.stage import load_stage_model
@@ -77,8 +77,8 @@ def backfill(bench, rows: Mapping[str, dict], images: RowsFile, pattern: str | N
     """Write the missing per-image records of the finished ``rows`` (one thread, in file order).
 
     Args:
-        bench: a ``cifar_resnet56.Bench`` (see :func:`final_model`; ``correct(model, split)``
-            gives a correctness record, ``device`` where it evaluates).
+        bench: a ``cifar_resnet56.Bench`` (see :func:`final_model`; ``record(model, row_id)``
+            gives the row's per-image record, ``device`` where it evaluates).
         rows: id -> finished row (the rows file's ``read()``).
         images: the sidecar (bench_images.sidecar_path of the rows file).
         pattern: ``--rows`` globs; None: every row.
@@ -104,7 +104,7 @@ def backfill(bench, rows: Mapping[str, dict], images: RowsFile, pattern: str | N
             log(f"{row['id']}: {exc}")
             outcome["skipped"].append(row["id"])
             continue
-        record = image_record(row["id"], bench.correct(model, "val"), bench.correct(model, "test"))
+        record = bench.record(model, row["id"])
         problem = mismatch(row, record)
         if problem:
             log(problem)

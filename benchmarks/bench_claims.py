@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import bench_plan as bp
 from bench_images import combined_difference, image_difference, record_for, unpack
-from bench_stats import paired_difference
+from bench_stats import paired_difference, verdict
 
 
 def by(rows: Mapping[str, dict], family: str, target: float, epochs: int) -> list[dict]:
@@ -92,8 +92,8 @@ def allocation_decision(rows: Mapping[str, dict], images, default_family: str) -
         if d is None:
             return None
         diffs.setdefault(r["family"], {})[r["target"]] = d
-    ahead = {f: d for f, d in diffs.items() if any(x["se"] and x["mean"] > 2 * x["se"] for x in d.values())}
-    everywhere = [f for f, d in ahead.items() if len(d) == len(targets) and all(x["se"] and x["mean"] > 2 * x["se"] for x in d.values())]
+    ahead = {f: d for f, d in diffs.items() if any(verdict(x) == "ahead" for x in d.values())}
+    everywhere = [f for f, d in ahead.items() if len(d) == len(targets) and all(verdict(x) == "ahead" for x in d.values())]
     name = default_family.removeprefix("alloc:")
     if everywhere:
         best = max(everywhere, key=lambda f: min(x["mean"] for x in diffs[f].values()))

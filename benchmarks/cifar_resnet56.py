@@ -138,10 +138,14 @@ class Bench:
         """Top-1 (%) on val or test, rounded to 0.01 (bench_images.top1_of of :meth:`correct`)."""
         return top1_of(self.correct(model, split))
 
+    def record(self, model: nn.Module, row_id: str) -> dict:
+        """The per-image record of ``model`` as row ``row_id``'s final model (bench_images.image_record)."""
+        return image_record(row_id, self.correct(model, "val"), self.correct(model, "test"))
+
     def final_top1(self, model: nn.Module, row_id: str) -> dict:
         """``{"val_top1", "test_top1"}`` of a row's final model; its per-image record goes to the
-        sidecar (:attr:`images`) at once (bench_images.image_record; first line of an id wins)."""
-        record = image_record(row_id, self.correct(model, "val"), self.correct(model, "test"))
+        sidecar (:attr:`images`) at once (:meth:`record`; first line of an id wins)."""
+        record = self.record(model, row_id)
         if self.images is not None:
             self.images.append(record)
         return {"val_top1": record["val_top1"], "test_top1": record["test_top1"]}
