@@ -133,6 +133,22 @@ def test_data_free_criterion_and_random_weights(tmp_path):
     assert all(len(v) >= 1 for v in kept.values())
 
 
+def test_random_weights_are_the_same_model_in_every_run(tmp_path):
+    # Without --weights the model is randomly initialised. Each command used to draw it from torch's
+    # unseeded generator, so a rerun pruned another model and `--resume` after a kill mixed the kept
+    # scores of one model with the new scores of another (and a run's teacher changed on resume).
+    torch.manual_seed(1)
+    assert main(["prune", "--model", MODEL, "--target-macs", "0.5", "--criterion", "l1", "--out", str(tmp_path / "a")]) == 0
+    torch.manual_seed(2)  # whatever the caller's generator holds
+    assert main(["prune", "--model", MODEL, "--target-macs", "0.5", "--criterion", "l1", "--out", str(tmp_path / "b")]) == 0
+    (a, _), (b, _) = read_scores(tmp_path / "a" / "scores.npz"), read_scores(tmp_path / "b" / "scores.npz")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    before = torch.random.get_rng_state()
+    assert main(["prune", "--model", MODEL, "--target-macs", "0.5", "--criterion", "l1", "--out", str(tmp_path / "c")]) == 0
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's generator is left as it was
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

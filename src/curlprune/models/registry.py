@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from curlprune.channels import ChannelGroup
@@ -217,6 +218,26 @@ def build(name: str, weights: str | None = None, num_classes: int | None = None,
         return import_build(name, weights, num_classes, kwargs)
     family, arch = _split_name(name)
     return family.build(arch, weights, num_classes, kwargs)
+
+
+RANDOM_INIT_SEED = 0
+"""The seed of a model built without weights by the commands and the run (:func:`build_reproducible`)."""
+
+
+def build_reproducible(name: str, weights: str | None = None, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+    """:func:`build`, its random initialisation drawn from a generator seeded with
+    :data:`RANDOM_INIT_SEED`: a model without ``weights`` is the same in every process (a rerun, a
+    resumed run, a teacher rebuilt after a kill, every torchrun rank). Torch's global generator is
+    left as it was.
+
+    Args and Returns: as :func:`build`.
+
+    Raises:
+        CurlpruneError: as :func:`build`.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return build(name, weights, num_classes, **kwargs)
 
 
 def input_spec(name: str, weights: str | None = None, num_classes: int | None = None, *,

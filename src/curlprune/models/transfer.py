@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from curlprune.errors import CurlpruneError
-from curlprune.models.registry import build, input_spec, looks_like_path
+from curlprune.models.registry import build, build_reproducible, input_spec, looks_like_path
 from curlprune.models.spec import InputSpec
 from curlprune.models.weights import read_state_dict
 
@@ -160,5 +160,5 @@ def build_with_new_head(name: str, weights: str | None, num_classes: int, exampl
     Source: docs/method.md §4 (transfer to a new dataset).
     """
     source = weights_classes(name, weights)
-    model = build(name, weights=weights, num_classes=source).eval()
+    model = build_reproducible(name, weights=weights, num_classes=source).eval()
     return model, replace_classifier(model, num_classes, example, seed=seed)

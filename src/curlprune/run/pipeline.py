@@ -39,7 +39,7 @@ from torch import nn
 
 from curlprune.cost import count
 from curlprune.errors import CurlpruneError
-from curlprune.models import ModelRef, build, input_spec
+from curlprune.models import ModelRef, build_reproducible, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size, build_with_new_head, weights_classes
 from curlprune.run.prune_check import preflight_prune
@@ -172,7 +172,8 @@ class Run:
             model, self.head_name = build_with_new_head(self.cfg.model, self.cfg.weights, self.task_classes,
                                                         self.example_input, seed=self.cfg.seed)
             return model
-        return build(self.cfg.model, weights=self.cfg.weights, num_classes=self.cfg.num_classes, **(self.cfg.model_kwargs or {})).eval()
+        return build_reproducible(self.cfg.model, weights=self.cfg.weights, num_classes=self.cfg.num_classes,
+                                  **(self.cfg.model_kwargs or {})).eval()  # no weights: the prune stage's random init
 
     @property
     def teacher(self) -> nn.Module:

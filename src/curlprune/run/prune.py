@@ -44,7 +44,7 @@ from curlprune.channels import ChannelGroup, Plan
 from curlprune.criteria import get
 from curlprune.data.streaming import DataSettings, StreamingDataset
 from curlprune.errors import CurlpruneError
-from curlprune.models import ModelRef, build, by_import_path, default_protect, input_spec
+from curlprune.models import ModelRef, build_reproducible, by_import_path, default_protect, input_spec
 from curlprune.models.spec import InputSpec
 from curlprune.models.transfer import at_input_size
 from curlprune.recover.dist import DistContext, on_main, resolve_device
@@ -287,7 +287,7 @@ def _splits_digest(splits: dict) -> str:
 def _build(model_name: str, weights: str | None, num_classes: int | None, input_size: int | None,
            model_kwargs: dict[str, Any], input_shape: list[int] | None) -> tuple[nn.Module, InputSpec, torch.Tensor]:
     spec = at_input_size(input_spec(model_name, weights, num_classes, input_shape=input_shape, model_kwargs=model_kwargs), input_size)
-    model = build(model_name, weights=weights, num_classes=num_classes, **model_kwargs).eval()
+    model = build_reproducible(model_name, weights=weights, num_classes=num_classes, **model_kwargs).eval()  # no weights: one random init
     return model, spec, torch.zeros(1, spec.channels, spec.size, spec.size)
 
 
