@@ -130,6 +130,36 @@ def test_own_model_with_labelled_data_evaluates_and_re_estimates_bn(digits_model
     assert acc.top1_after_bn >= acc.top1_after
 
 
+class WithFeatures(nn.Module):
+    """A model that returns its logits and a feature map (several outputs, as a detector does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = MyNet()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.body
+        features = b.stage2(torch.relu(b.bn_down(b.down(b.stage1(torch.relu(b.bn(b.stem(x))))))))
+        return b.head(features.mean((2, 3))), features
+
+
+def test_several_outputs_with_a_weight_criterion_and_labelled_data_skips_top1():
+    # README: the KL criteria refuse a model with several outputs; use a weight criterion there. With
+    # labelled evaluation data (--data with a test split) the top-1 evaluation then crashed on the
+    # tuple ("'tuple' object has no attribute 'argmax'") after the scores were written; it is skipped.
+    model = WithFeatures().eval()
+    model.body.load_state_dict(_mynet().state_dict())
+    g = torch.Generator().manual_seed(3)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g))
+    pruned = curlprune.prune(model, torch.zeros(1, 1, 8, 8), data=data, eval_data=data, target_macs=0.5, criterion="l1",
+                             bn_recalibrate=32)
+    acc = pruned.report.accuracy
+    assert acc.test_images == 0 and acc.top1_before is None and acc.top1_after_bn is None
+    assert acc.bn_images == 32  # the BN statistics are still re-estimated
+    x = torch.zeros(1, 1, 8, 8)
+    assert 0.99 * 0.5 <= count(pruned.model, x)[0] / count(model, x)[0] <= 0.5
+
+
 def test_cli_and_api_give_the_same_plan(tmp_path, digits_model):
     weights = tmp_path / "digits.pt"
     torch.save(digits_model.state_dict(), weights)

@@ -182,7 +182,7 @@ def _finish(model: nn.Module, example: torch.Tensor, config: PruneConfig, images
     sliced = slice_model(model, groups, selection.plan, keep_class=keep_class, example_input=example)
     pruned = sliced.model.eval()  # the model's own class where its forward allows (docs/method.md §1)
     check_pruned_cost(pruned, example, (selection.macs, selection.params))  # the numbers reported are the model's
-    accuracy = _accuracies(scorer, pruned, images, config, show, device)
+    accuracy = _accuracies(scorer, pruned, images, config, show, device, example)
     widths = {g.name: GroupWidth(g.kind, g.width, len(selection.plan.get(g.name, range(g.width)))) for g in groups if g.prunable}
     report = PruneReport(model=name, weights=weights, criterion=config.criterion, allocation=config.resolved_allocation(),
                          selection=chosen.as_dict(), accuracy=PruneAccuracy(**accuracy), groups=widths,
@@ -248,26 +248,47 @@ def on_device(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _accuracies(model: nn.Module, pruned: nn.Module, images: PruneImages, config: PruneConfig, show: bool,
-                device: torch.device) -> dict[str, Any]:
+                device: torch.device, example: torch.Tensor) -> dict[str, Any]:
     """Re-estimate ``pruned``'s BN statistics (in place) and measure test top-1 (%) of the unpruned
-    model, the sliced one before and after the re-estimation, when there are test images; on
-    ``device`` (``model`` is there already; ``pruned`` is moved there and back to the CPU).
+    model, the sliced one before and after the re-estimation, when there are test images and the
+    model gives one ``[N, classes]`` logits tensor on ``example`` (a model with several or dense
+    outputs is not evaluated); on ``device`` (``model`` is there already; ``pruned`` is moved there
+    and back to the CPU).
 
     The BN images are a seeded draw (seed + 1: not the calibration draw) of ``bn_recalibrate``
     training images, all when there are fewer.
     """
     pruned.to(device)
     try:
-        return _measure(model, pruned, images, config, show)
+        evaluated = images.test is not None and config.eval_limit != 0
+        return _measure(model, pruned, images, config, show, not evaluated or _gives_logits(model, example.to(device)))
     finally:
         pruned.to("cpu")
 
 
-def _measure(model: nn.Module, pruned: nn.Module, images: PruneImages, config: PruneConfig, show: bool) -> dict[str, Any]:
-    """:func:`_accuracies` with both models on the device."""
+def _gives_logits(model: nn.Module, example: torch.Tensor) -> bool:
+    """Whether ``model`` (in eval mode, no gradients) returns one ``[N, classes]`` tensor on ``example``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        model.train(was_training)
+    return isinstance(out, torch.Tensor) and out.dim() == 2
+
+
+def _measure(model: nn.Module, pruned: nn.Module, images: PruneImages, config: PruneConfig, show: bool,
+             classifier: bool = True) -> dict[str, Any]:
+    """:func:`_accuracies` with both models on the device; ``classifier``: the model gives one logits tensor."""
     test = images.test
+    if test is not None and config.eval_limit != 0 and not classifier:
+        if show:
+            console.print("the model does not return one [N, classes] logits tensor (several or dense outputs): "
+                          "top-1 is not evaluated")
+        test = None
     evaluate = test is not None and config.eval_limit != 0
-    if test is None and images.train is not None and config.eval_limit != 0 and show:
+    if images.test is None and images.train is not None and config.eval_limit != 0 and show:
         console.print(f"{images.source} has no test split: top-1 is not evaluated (add test/<class>/<image> to evaluate)")
     if evaluate and config.eval_limit is not None and config.eval_limit < len(test):
         test = test.subset(config.eval_limit, config.seed)
