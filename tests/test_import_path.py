@@ -28,7 +28,7 @@ from curlprune.models import build, input_spec
 from curlprune.run.run_config import parse_config
 
 import test_keep_class
-from trust_support import cli  # noqa: F401 (fixture)
+from trust_support import assert_one_line_error, cli  # noqa: F401 (fixture)
 
 HEADER = "import torch\nimport torch.nn.functional as F\nfrom torch import nn\n\n\n"
 
@@ -146,6 +146,32 @@ def test_prune_command_on_real_digits_with_a_model_by_file_path(cli, tmp_path):
     assert not (tmp_path / "q" / "model.safetensors").exists()
     proc = cli("groups", "--model", f"{file}:MyNet", "--input-shape", "3,8,8", "--model-kwargs", '{"width": 8}')
     assert proc.returncode == 0 and "blocks.0.conv1" in proc.stdout
+
+
+def test_groups_and_count_of_a_model_with_several_outputs(cli, tmp_path):
+    # A model of your own that returns logits and features (or a detector's maps) has no class count
+    # to read from its output; groups and count need none, but were refused with "give num_classes",
+    # an option neither command has.
+    file = tmp_path / "two_out.py"
+    file.write_text(HEADER + (
+        "class TwoOut(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)\n"
+        "        self.head = nn.Linear(8, 10)\n"
+        "    def forward(self, x):\n"
+        "        f = F.relu(self.stem(x))\n"
+        "        f = F.relu(f + self.conv(f))\n"
+        "        return self.head(f.mean((2, 3))), f\n"))
+    proc = cli("groups", "--model", f"{file}:TwoOut", "--input-shape", "3,8,8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stem" in proc.stdout
+    proc = cli("count", "--model", f"{file}:TwoOut", "--input-shape", "3,8,8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    macs = 8 * 3 * 9 * 64 + 8 * 8 * 9 * 64 + 8 * 10  # the two convs at 8x8 and the linear
+    assert f"({macs:,} /" in proc.stdout
+    proc = cli("groups", "--model", f"{file}:TwoOut", "--input-shape", "1,8,8")  # a shape it cannot take: still one line
+    assert_one_line_error(proc, "--input-shape")
 
 
 def test_run_config_by_import_path_runs_prune_distill_refine(cli, tmp_path):

@@ -13,7 +13,8 @@ from curlprune.cost import count, trace
 from curlprune.cost.analysis import analyse
 from curlprune.graph.capture import SpecialisedTraceWarning
 from curlprune.errors import CurlpruneError
-from curlprune.models import build, input_spec
+from curlprune.models import build, by_import_path, input_spec
+from curlprune.models.import_path import output_classes
 from curlprune.report import console, groups_table, groups_text, human
 from curlprune.store import check_writable_file, export_onnx
 from curlprune.store import checkpoint as ckpt
@@ -33,7 +34,10 @@ def example_input_for(model_name: str, input_size: int | None = None, batch: int
     Returns:
         float32 zeros ``[batch, C, size, size]``.
     """
-    spec = input_spec(model_name, weights, input_shape=input_shape, model_kwargs=model_kwargs)
+    own = by_import_path(model_name)
+    if own:  # it must run on its input, but its classes do not matter here (a model with several outputs has none)
+        output_classes(model_name, weights, input_shape, model_kwargs)
+    spec = input_spec(model_name, weights, 1 if own else None, input_shape=input_shape, model_kwargs=model_kwargs)
     size = input_size or spec.size
     return torch.zeros(batch, spec.channels, size, size)
 

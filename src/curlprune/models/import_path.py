@@ -34,7 +34,7 @@ from curlprune.errors import CurlpruneError, exception_summary
 from curlprune.models.spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 from curlprune.models.weights import load_weights_file
 
-__all__ = ["canonical", "import_build", "import_input_spec", "is_import_path", "reference_to", "resolve", "split"]
+__all__ = ["canonical", "import_build", "import_input_spec", "is_import_path", "output_classes", "reference_to", "resolve", "split"]
 
 _FORM = re.compile(r"^(?P<module>[^:]+):(?P<attr>[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -172,20 +172,34 @@ def import_input_spec(name: str, weights: str | None, num_classes: int | None, i
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
     classes = num_classes
     if classes is None:
-        key = (canonical(name), repr(sorted((kwargs or {}).items())), weights, tuple(shape))
-        if key not in _CLASSES:
-            model = import_build(name, weights, None, dict(kwargs or {})).eval()
-            try:
-                with torch.no_grad():
-                    out = model(torch.zeros(1, *shape))
-            except Exception as exc:
-                raise CurlpruneError(f"model {name!r} fails on an input of shape [1, {', '.join(map(str, shape))}] "
-                                     f"({exception_summary(exc)}): check input_shape / --input-shape") from None
-            _CLASSES[key] = int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else 0
-        classes = _CLASSES[key]
+        classes = output_classes(name, weights, shape, kwargs)
         if classes < 1:
             raise CurlpruneError(f"model {name!r} does not return [batch, classes] logits: give num_classes")
     return InputSpec(size, channels, mean, std, None, classes, flip=True, crop_padding=max(1, size // 8))
+
+
+def output_classes(name: str, weights: str | None, input_shape: Sequence[int], kwargs: dict[str, Any] | None = None) -> int:
+    """The width of an import-path model's output on a zero input (built once per model, weights and shape).
+
+    Args:
+        name: the import path; weights: its weights or None; input_shape: ``[C, S, S]``; kwargs: its keyword arguments.
+    Returns:
+        The number of classes; 0 when the output is not one ``[N, classes]`` tensor (several or dense outputs).
+    Raises:
+        CurlpruneError: the model cannot be built, or fails on that input (says to check the input shape).
+    """
+    shape = check_input_shape(input_shape, name)
+    key = (canonical(name), repr(sorted((kwargs or {}).items())), weights, tuple(shape))
+    if key not in _CLASSES:
+        model = import_build(name, weights, None, dict(kwargs or {})).eval()
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(1, *shape))
+        except Exception as exc:
+            raise CurlpruneError(f"model {name!r} fails on an input of shape [1, {', '.join(map(str, shape))}] "
+                                 f"({exception_summary(exc)}): check input_shape / --input-shape") from None
+        _CLASSES[key] = int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else 0
+    return _CLASSES[key]
 
 
 def check_input_shape(input_shape: Sequence[int] | None, name: str) -> list[int]:
