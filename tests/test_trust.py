@@ -100,6 +100,26 @@ def test_out_under_a_file_is_one_line(cli, tmp_path, teacher, command):
     assert_one_line_error(proc, str(blocker))
 
 
+@pytest.mark.parametrize("command", ["run", "prune", "run_dir"])
+def test_empty_out_is_one_line_and_writes_nothing_into_the_working_folder(cli, tmp_path, teacher, command, monkeypatch):
+    # `--out "$OUT"` with OUT unset: an empty --out (or run_dir: "") was taken as the current folder
+    # and the run's files were written there ("wrote model.safetensors ... in ").
+    work = tmp_path / "work"
+    work.mkdir()
+    config = tiny_config(tmp_path, teacher, run_dir=Path("x"))
+    if command == "run_dir":
+        config.write_text(config.read_text().replace("run_dir: x", "run_dir: ''"))
+    monkeypatch.chdir(work)
+    if command == "run":
+        proc = cli("run", config, "--out", "")
+    elif command == "prune":
+        proc = cli(*PRUNE_L1, "--weights", teacher, "--out", "")
+    else:
+        proc = cli("run", config)
+    assert_one_line_error(proc, "empty")
+    assert files_under(work) == []
+
+
 def test_check_writable_dir_accepts_new_folders_and_leaves_nothing(tmp_path):
     from curlprune.store.runlock import check_writable_dir
 

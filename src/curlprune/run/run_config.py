@@ -36,6 +36,7 @@ from curlprune.recover.registry import get_stage, recovery_stages, stage_names
 from curlprune.run import strict_yaml
 from curlprune.run.prune_config import PruneConfig, canonical_settings, stage_identity
 from curlprune.store import DONE_FILE, LATER, PRUNE_STAGE, check_same_settings
+from curlprune.store.runlock import check_named
 from curlprune.validate import check_ranges, check_types, check_value
 from curlprune.data.streaming import DataSettings
 from curlprune.data.valsplit import check_val_settings
@@ -181,6 +182,13 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     return parse_config(raw, str(path))
 
 
+def _run_dir(raw: dict[str, Any], where: str) -> str:
+    """The run folder (``run_dir``, or ``--out``): an empty one would be the current folder."""
+    run_dir = raw.get("run_dir", DEFAULT_RUN_DIR)
+    check_named(str(run_dir), f"{where}: run_dir (--out)")
+    return str(run_dir)
+
+
 def _check_stages(stages: Any, where: str) -> list[str]:
     if isinstance(stages, str) or not isinstance(stages, list) or not stages:
         raise CurlpruneError(f"{where}: 'stages' must be a non-empty list, e.g. stages: [prune, distill, refine]")
@@ -302,7 +310,7 @@ def parse_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
         weights=None if raw.get("weights") is None else str(raw["weights"]),
         num_classes=_optional_int(raw, "num_classes", where),
         data=str(raw.get("data", "digits")),
-        run_dir=str(raw.get("run_dir", DEFAULT_RUN_DIR)),
+        run_dir=_run_dir(raw, where),
         seed=seed,
         train_per_class=_optional_int(raw, "train_per_class", where),
         input_size=_optional_int(raw, "input_size", where),

@@ -76,6 +76,17 @@ def os_error_message(exc: OSError) -> str | None:
     return f"cannot write {path}: {advice}"
 
 
+def check_named(path: str | os.PathLike, what: str = "--out") -> None:
+    """Refuse an output folder given as an empty string (``--out "$OUT"`` with OUT unset), which
+    ``Path`` would take as the current folder.
+
+    Raises:
+        CurlpruneError: ``path`` is empty or blank.
+    """
+    if isinstance(path, str) and not path.strip():
+        raise CurlpruneError(f"{what} is empty: name the output folder, e.g. runs/p ('.' for the current folder)")
+
+
 def check_writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     """Check that ``path`` is (or can be created as) a folder this process can write into.
 
@@ -154,6 +165,7 @@ class RunLock:
     """
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
+        check_named(run_dir)
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self._fd: int | None = None
