@@ -174,6 +174,27 @@ def test_groups_and_count_of_a_model_with_several_outputs(cli, tmp_path):
     assert_one_line_error(proc, "--input-shape")
 
 
+@pytest.mark.parametrize("classes", [10, 4])
+def test_finetune_command_on_a_model_by_file_path_with_weights(cli, tmp_path, classes):
+    # README: `curlprune groups --model path/to/nets.py:MyNet --input-shape 3,32,32   # also count, finetune, ...`.
+    # finetune with --weights looked up the weights' classes without the input shape and the model's
+    # keyword arguments: "its input shape is not known: give ... --input-shape" although it was given.
+    # With weights of 4 classes and the digits' 10 it is a transfer: a new classifier.
+    file = write_module(tmp_path / "nets_file.py")
+    data = digits_folder(tmp_path / "digits", per_class=4)
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    torch.save(build(f"{file}:MyNet", num_classes=classes, width=8).state_dict(), weights)
+    out = tmp_path / "ft"
+    proc = cli("finetune", "--model", f"{file}:MyNet", "--model-kwargs", '{"width": 8}', "--input-shape", "3,8,8",
+               "--weights", weights, "--data", data, "--epochs", "1", "--batch-size", "16", "--out", out, "--no-report")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = curlprune.load(out / "model.safetensors")
+    assert type(final).__name__ == "MyNet" and final.head.out_features == 10 and final.head.in_features == 32
+    meta = checkpoint.read_metadata(out / "model.safetensors")
+    assert meta["model_ref"]["kwargs"]["width"] == 8
+
+
 def test_run_config_by_import_path_runs_prune_distill_refine(cli, tmp_path):
     file = write_module(tmp_path / "nets_file.py")
     data = digits_folder(tmp_path / "digits", per_class=8)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from curlprune.errors import CurlpruneError
-from curlprune.models.registry import build, build_reproducible, input_spec, looks_like_path
+from curlprune.models.registry import build, build_reproducible, by_import_path, input_spec, looks_like_path
 from curlprune.models.spec import InputSpec
 from curlprune.models.weights import read_state_dict
 
@@ -115,7 +115,8 @@ def at_input_size(spec: InputSpec, size: int | None) -> InputSpec:
     return dataclasses.replace(spec, size=size, resize=resize, crop_padding=max(1, round(spec.crop_padding * scale)))
 
 
-def weights_classes(name: str, weights: str | None, num_classes: int | None = None) -> int:
+def weights_classes(name: str, weights: str | None, num_classes: int | None = None, *,
+                    input_shape: list[int] | None = None, model_kwargs: dict | None = None) -> int:
     """Number of classes the pretrained ``weights`` of model ``name`` hold (their classifier's width).
 
     The model is built once without weights to find the classifier's name; the width is read
@@ -125,24 +126,31 @@ def weights_classes(name: str, weights: str | None, num_classes: int | None = No
         name: registry name, e.g. ``cifar:resnet56``.
         weights: a state-dict file, a torchvision weight name, or None (an untrained model).
         num_classes: the classes of an untrained model (None: the model's default).
+        input_shape, model_kwargs: an import-path model's input ``[C, S, S]`` (required for one) and
+            keyword arguments.
     Returns:
         The number of classes; a file without that key gives the model's default (loading it
         then fails with the loader's own message).
     Raises:
         CurlpruneError: an unknown model name or an unreadable weights file.
     """
+    kwargs = dict(model_kwargs or {})
     if weights is None:
-        return num_classes or input_spec(name).num_classes
-    spec = input_spec(name, weights)
-    if not looks_like_path(weights):  # a torchvision weight name: its published categories
+        return num_classes or input_spec(name, input_shape=input_shape, model_kwargs=kwargs).num_classes
+    own = by_import_path(name)  # its spec's classes come from its output with the weights loaded: not asked for here
+    spec = input_spec(name, None if own else weights, 1 if own else None, input_shape=input_shape, model_kwargs=kwargs)
+    if not own and not looks_like_path(weights):  # a torchvision weight name: its published categories
         return spec.num_classes
-    model = build(name)
+    model = build(name, **kwargs)
     key = find_classifier(model, torch.zeros(1, spec.channels, spec.size, spec.size)) + ".weight"
     state = read_state_dict(weights)
-    return int(state[key].shape[0]) if key in state else spec.num_classes
+    if key in state:
+        return int(state[key].shape[0])
+    return input_spec(name, input_shape=input_shape, model_kwargs=kwargs).num_classes if own else spec.num_classes
 
 
-def build_with_new_head(name: str, weights: str | None, num_classes: int, example: torch.Tensor, *, seed: int = 0) -> tuple[nn.Module, str]:
+def build_with_new_head(name: str, weights: str | None, num_classes: int, example: torch.Tensor, *, seed: int = 0,
+                        input_shape: list[int] | None = None, model_kwargs: dict | None = None) -> tuple[nn.Module, str]:
     """The pretrained model ``name`` + ``weights`` with a new classifier of ``num_classes`` outputs.
 
     The model is built with the classes its weights hold (:func:`weights_classes`), loaded
@@ -152,6 +160,7 @@ def build_with_new_head(name: str, weights: str | None, num_classes: int, exampl
         name: registry name; weights: its pretrained weights (file or torchvision weight name).
         num_classes: outputs of the new classifier; example: one input batch ``[1, C, S, S]``.
         seed: seed of the new classifier's initialisation.
+        input_shape, model_kwargs: an import-path model's input ``[C, S, S]`` and keyword arguments.
     Returns:
         ``(model in eval mode, the classifier's qualified name)``.
     Raises:
@@ -159,6 +168,6 @@ def build_with_new_head(name: str, weights: str | None, num_classes: int, exampl
 
     Source: docs/method.md §4 (transfer to a new dataset).
     """
-    source = weights_classes(name, weights)
-    model = build_reproducible(name, weights=weights, num_classes=source).eval()
+    source = weights_classes(name, weights, input_shape=input_shape, model_kwargs=model_kwargs)
+    model = build_reproducible(name, weights=weights, num_classes=source, **(model_kwargs or {})).eval()
     return model, replace_classifier(model, num_classes, example, seed=seed)

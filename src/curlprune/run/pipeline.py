@@ -131,7 +131,9 @@ class Run:
     @property
     def spec(self) -> InputSpec:
         """The model's input recipe at the run's ``input_size``, with the task's classes in a transfer."""
-        spec = at_input_size(input_spec(self.cfg.model, self.cfg.weights, self.cfg.num_classes, input_shape=self.cfg.input_shape,
+        classes = self.task_classes if self.new_head else self.cfg.num_classes  # a transfer: not the weights' (an
+        # import-path model would be built with them to read its classes, and refuse weights of other classes)
+        spec = at_input_size(input_spec(self.cfg.model, self.cfg.weights, classes, input_shape=self.cfg.input_shape,
                                         model_kwargs=self.cfg.model_kwargs), self.cfg.input_size)
         return dataclasses.replace(spec, num_classes=self.task_classes) if self.new_head else spec
 
@@ -156,7 +158,8 @@ class Run:
         if self._new_head is None:
             flag = self.cfg.sections[self.cfg.stages[0]].new_head if self.transfer_first else False
             if flag is None:
-                flag = weights_classes(self.cfg.model, self.cfg.weights, self.cfg.num_classes) != self.task_classes
+                flag = weights_classes(self.cfg.model, self.cfg.weights, self.cfg.num_classes, input_shape=self.cfg.input_shape,
+                                       model_kwargs=self.cfg.model_kwargs) != self.task_classes
             self._new_head = bool(flag)
         return self._new_head
 
@@ -170,7 +173,8 @@ class Run:
         """The unpruned model in eval mode; in a transfer, with a new classifier for the task's classes."""
         if self.new_head:
             model, self.head_name = build_with_new_head(self.cfg.model, self.cfg.weights, self.task_classes,
-                                                        self.example_input, seed=self.cfg.seed)
+                                                        self.example_input, seed=self.cfg.seed, input_shape=self.cfg.input_shape,
+                                                        model_kwargs=self.cfg.model_kwargs)
             return model
         return build_reproducible(self.cfg.model, weights=self.cfg.weights, num_classes=self.cfg.num_classes,
                                   **(self.cfg.model_kwargs or {})).eval()  # no weights: the prune stage's random init
