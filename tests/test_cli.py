@@ -1,6 +1,7 @@
 """The `curlprune` command: help, inspection commands, export, and one-line errors."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,17 @@ def test_no_help_text_shows_a_doubled_percent_sign(capsys):
         assert "%%" not in text, text
     demo = " ".join(help_text(capsys, "demo").split())
     assert "prune it to 50% of its MACs" in demo and "(the default stages: prune, distill)" in demo, demo
+
+
+def test_no_help_text_shows_a_default_of_none_or_two_defaults(capsys):
+    """`curlprune groups --help` said "(default: the model's own) (default: None)" for --input-size and
+    "(default: None)" for --model and --weights: argparse's default added to help that says it already,
+    or to options whose absence means something else than None."""
+    commands = ["demo", "groups", "count", "export", "prune", "run", "finetune", "distill", "refine", "report"]
+    for command in commands:
+        text = " ".join(help_text(capsys, command).split())
+        assert "(default: None)" not in text, (command, text)
+        assert not re.search(r"\(default:[^)]*\) \(default:", text), (command, text)
 
 
 def test_the_module_is_a_command_whose_bad_input_is_one_line_and_exit_2():

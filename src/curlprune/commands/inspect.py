@@ -111,21 +111,21 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
     p = subparsers.add_parser("groups", help="list the channel groups of a model (what is pruned together)", formatter_class=formatter,
                               description="Trace a model and print its channel groups: channels that must be removed together "
                                           "(inside a block, or along a residual stream), with width and MACs per channel.")
-    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--model", required=True, help=MODEL_HELP + NO_DEFAULT)
     p.add_argument("--model-kwargs", default=None, metavar="JSON", help=MODEL_KWARGS_HELP + NO_DEFAULT)
     p.add_argument("--input-shape", default=None, metavar="C,S,S", help=INPUT_SHAPE_HELP + NO_DEFAULT)
-    p.add_argument("--weights", default=None, help="weights file or torchvision weight name (not needed to see the groups)")
-    p.add_argument("--input-size", type=int, default=None, help="input resolution used for tracing (default: the model's own)")
+    p.add_argument("--weights", default=None, help="weights file or torchvision weight name (not needed to see the groups)" + NO_DEFAULT)
+    p.add_argument("--input-size", type=int, default=None, help="input resolution used for tracing (default: the model's own)" + NO_DEFAULT)
     p.set_defaults(func=cmd_groups)
 
     p = subparsers.add_parser("count", help="count MACs and parameters (paper convention)", formatter_class=formatter,
                               description="MACs: conv and linear multiply-accumulates for one image; params: conv, linear and norm layers.")
-    p.add_argument("checkpoint", nargs="?", default=None, help="a curlprune checkpoint (.safetensors); or use --model")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("checkpoint", nargs="?", default=None, help="a curlprune checkpoint (.safetensors); or use --model" + NO_DEFAULT)
+    p.add_argument("--model", default=None, help=MODEL_HELP + NO_DEFAULT)
     p.add_argument("--model-kwargs", default=None, metavar="JSON", help=MODEL_KWARGS_HELP + NO_DEFAULT)
     p.add_argument("--input-shape", default=None, metavar="C,S,S", help=INPUT_SHAPE_HELP + NO_DEFAULT)
-    p.add_argument("--weights", default=None, help="weights for --model (optional: counting needs no weights)")
-    p.add_argument("--input-size", type=int, default=None, help="input resolution (default: the model's own)")
+    p.add_argument("--weights", default=None, help="weights for --model (optional: counting needs no weights)" + NO_DEFAULT)
+    p.add_argument("--input-size", type=int, default=None, help="input resolution (default: the model's own)" + NO_DEFAULT)
     p.set_defaults(func=cmd_count)
 
     p = subparsers.add_parser("export", help="export a checkpoint to ONNX", formatter_class=formatter,
