@@ -158,6 +158,15 @@ def test_target_parse():
             Target.parse("macs", bad)
 
 
+def test_a_negative_target_is_named_as_negative_not_as_not_a_number():
+    # `--target-macs -0.5` said "'-0.5' is not a number"; it is a number, and not a positive one.
+    for text in ("-0.5", "-62.5M", "-1e6"):
+        with pytest.raises(CurlpruneError, match="must be a positive number") as exc:
+            Target.parse("macs", text)
+        assert "not a number" not in str(exc.value)
+    assert Target.parse("macs", "+0.5").value == 0.5
+
+
 def test_default_protect_is_the_classifier_stream_of_torchvision_resnets():
     from torchvision.models import resnet18
 

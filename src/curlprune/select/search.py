@@ -80,7 +80,7 @@ class Target:
             raise CurlpruneError(f"target {metric} {text!r} is not a number: write a fraction (0.5) or a count (62.5M, 1.11G)")
         if isinstance(text, (int, float)):
             return cls._unambiguous(metric, float(text))
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]?)\s*", str(text))
+        match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]?)\s*", str(text))  # a sign: refused by value, below
         if not match:
             raise CurlpruneError(f"target {metric} {text!r} is not a number: write a fraction (0.5) or a count (62.5M, 1.11G)")
         return cls._unambiguous(metric, float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
