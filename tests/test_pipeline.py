@@ -235,6 +235,16 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, content, message):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+@pytest.mark.parametrize("command", ["run", "distill"])
+def test_config_that_is_not_text_is_one_line_and_exit_2(tmp_path, capsys, command):
+    # A binary or otherwise non-UTF-8 file given as the config ended in a UnicodeDecodeError traceback.
+    config = tmp_path / "config.yaml"
+    config.write_bytes(b"\xff\xfe\xfa model: x\n" + bytes(range(128, 256)))
+    argv = ["run", str(config)] if command == "run" else ["distill", "--config", str(config)]
+    assert "is not a text file" in one_line_error(capsys, [*argv, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_allocation_key_of_the_prune_section():
     """Unset, it stays out of config.json (folders from before the key resume) and means cost-weighted."""
     unset = parse_config({"model": MODEL, "data": "digits", "stages": ["prune"], "prune": {"target_macs": 0.5}})

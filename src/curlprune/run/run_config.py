@@ -151,14 +151,19 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     Returns:
         The raw mapping (unchecked; see :func:`parse_config`).
     Raises:
-        CurlpruneError: the file is missing, not YAML, holds a key twice in one mapping (naming the
+        CurlpruneError: the file is missing, not text (UTF-8), not YAML, holds a key twice in one mapping (naming the
             key and both lines), or is not a mapping.
     """
     path = Path(path)
     if not path.is_file():
         raise CurlpruneError(f"config {path} does not exist: write one (see `curlprune run --help` for an example)")
     try:
-        raw = strict_yaml.safe_load(path.read_text()) or {}  # a key given twice is an error (issue 18)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CurlpruneError(f"config {path} is not a text file (not UTF-8: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                             "give a YAML config (see `curlprune run --help` for an example)") from None
+    try:
+        raw = strict_yaml.safe_load(text) or {}  # a key given twice is an error (issue 18)
     except yaml.YAMLError as exc:
         raise CurlpruneError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
