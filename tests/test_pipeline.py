@@ -245,6 +245,15 @@ def test_config_that_is_not_text_is_one_line_and_exit_2(tmp_path, capsys, comman
     assert not (tmp_path / "run").exists()
 
 
+def test_a_folder_given_as_the_config_is_named_as_a_folder(tmp_path, capsys):
+    # `curlprune run runs/r1` (a run folder, not its config) said "config runs/r1 does not exist".
+    folder = tmp_path / "somewhere"
+    folder.mkdir()
+    line = one_line_error(capsys, ["run", str(folder), "--out", str(tmp_path / "run")])
+    assert "is a folder" in line and "does not exist" not in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_allocation_key_of_the_prune_section():
     """Unset, it stays out of config.json (folders from before the key resume) and means cost-weighted."""
     unset = parse_config({"model": MODEL, "data": "digits", "stages": ["prune"], "prune": {"target_macs": 0.5}})

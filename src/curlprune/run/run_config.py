@@ -155,6 +155,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             key and both lines), or is not a mapping.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CurlpruneError(f"config {path} is a folder, not a YAML file: name the config file (a run folder's "
+                             "config.json, its resolved settings, runs it again)")
     if not path.is_file():
         raise CurlpruneError(f"config {path} does not exist: write one (see `curlprune run --help` for an example)")
     try:
