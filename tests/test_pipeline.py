@@ -254,6 +254,16 @@ def test_a_folder_given_as_the_config_is_named_as_a_folder(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_section_that_is_no_mapping_shows_an_example_of_its_own_keys(tmp_path, capsys):
+    # `prune: 5` answered "e.g. prune: {epochs: 10}", and prune has no key 'epochs'.
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": MODEL, "data": "digits", "stages": ["prune"], "prune": 5}))
+    line = one_line_error(capsys, ["run", str(config), "--out", str(tmp_path / "run")])
+    assert "prune: {target_macs: 0.5}" in line and "epochs" not in line
+    config.write_text(yaml.safe_dump({"model": MODEL, "data": "digits", "stages": ["distill"], "distill": 5}))
+    assert "distill: {epochs: 10}" in one_line_error(capsys, ["run", str(config), "--out", str(tmp_path / "run")])
+
+
 def test_allocation_key_of_the_prune_section():
     """Unset, it stays out of config.json (folders from before the key resume) and means cost-weighted."""
     unset = parse_config({"model": MODEL, "data": "digits", "stages": ["prune"], "prune": {"target_macs": 0.5}})

@@ -127,7 +127,8 @@ def _build_section(stage: str, values: Any, where: str, defaults: dict[str, Any]
     ones, and every value is checked against its field's type (:func:`curlprune.validate.check_types`)."""
     cls = stage_config(stage)
     if values is not None and not isinstance(values, dict):
-        raise CurlpruneError(f"{where}: section '{stage}' must be a mapping of settings, e.g. {stage}: {{epochs: 10}}")
+        example = "{target_macs: 0.5}" if stage == PRUNE_STAGE else "{epochs: 10}"
+        raise CurlpruneError(f"{where}: section '{stage}' must be a mapping of settings, e.g. {stage}: {example}")
     values = dict(values or {})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
