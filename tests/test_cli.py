@@ -65,6 +65,18 @@ def test_the_module_is_a_command_whose_bad_input_is_one_line_and_exit_2():
     assert "unknown model" in result.stderr and result.stdout == ""
 
 
+def test_python_dash_m_curlprune_is_the_command():
+    # `python -m curlprune ...` said "No module named curlprune.__main__; 'curlprune' is a package and
+    # cannot be directly executed" (only `python -m curlprune.cli` worked).
+    result = subprocess.run([sys.executable, "-m", "curlprune", "groups", "--model", "cifar:resnet20"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "layer1.0.conv1" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "curlprune", "groups", "--model", "cifar:resnet57"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.startswith("curlprune: error: unknown model")
+
+
 def test_groups_command_prints_the_residual_streams(capsys):
     assert main(["groups", "--model", "cifar:resnet20"]) == 0
     out = capsys.readouterr().out
