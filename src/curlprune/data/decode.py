@@ -125,5 +125,7 @@ def _decode_pil(data: bytes, where: str) -> torch.Tensor:
                     )
                 array = torch.from_numpy(np.array(img.convert("RGB")))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise CurlpruneError(f"cannot decode image {where} ({exc}): the file is damaged or not an image; replace or remove it") from None
+        # Pillow's own text for an unknown format names its in-memory buffer object, which says nothing to a user
+        why = "no image format Pillow knows" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise CurlpruneError(f"cannot decode image {where} ({why}): the file is damaged or not an image; replace or remove it") from None
     return array.permute(2, 0, 1).contiguous()
