@@ -91,6 +91,18 @@ def test_count_command_reports_resnet56_macs(capsys):
     assert abs(macs - 125e6) / 125e6 < 0.01
 
 
+def test_count_of_a_checkpoint_refuses_model_options_it_would_ignore(tmp_path, capsys):
+    model = build("cifar:resnet20").eval()
+    ckpt = tmp_path / "model.safetensors"
+    save(ckpt, "cifar:resnet20", {}, model.state_dict())
+    assert main(["count", str(ckpt)]) == 0
+    assert "cifar:resnet20" in capsys.readouterr().out
+    # --model next to a checkpoint used to be dropped silently (the count was the checkpoint's, not resnet56's)
+    assert main(["count", str(ckpt), "--model", "cifar:resnet56"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not both" in err[0]
+
+
 def test_export_command_writes_onnx(tmp_path):
     torch.manual_seed(0)
     model = build("cifar:resnet20").eval()

@@ -86,6 +86,9 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 
 def cmd_count(args: argparse.Namespace) -> int:
+    if args.checkpoint and (args.model or args.weights or args.model_kwargs):
+        raise CurlpruneError("give a checkpoint or --model/--weights/--model-kwargs, not both: a curlprune checkpoint "
+                             "carries its own model; drop the model options to count the checkpoint")
     model, name, shape = load_model_arg(args.model, args.weights, args.checkpoint, input_shape_arg(args.input_shape),
                                         model_kwargs_arg(args.model_kwargs))
     if args.input_size:
