@@ -37,7 +37,7 @@ from curlprune.graph import eval_mode
 
 __all__ = [
     "CRITERIA", "DEFAULT_APPROX_CLASSES", "DEFAULT_BUDGET_MB", "BlockShare", "Criterion", "Option", "Progress", "Scores",
-    "compute_scores", "get", "options_by_name", "register_criterion", "work_items",
+    "compute_scores", "get", "gives_logits", "options_by_name", "register_criterion", "work_items",
 ]
 
 CRITERIA: dict[str, Criterion] = {}
@@ -144,6 +144,24 @@ def get(name: str) -> Criterion:
     return CRITERIA[name]
 
 
+def _first_output(model: nn.Module, images: torch.Tensor):
+    """The model's output on the first image of ``images`` ``[N, C, H, W]``, in eval mode, without gradients."""
+    with torch.no_grad(), eval_mode(model):
+        return model(images[:1])
+
+
+def _is_logits(out) -> bool:
+    return isinstance(out, torch.Tensor) and out.dim() == 2
+
+
+def gives_logits(model: nn.Module, images: torch.Tensor) -> bool:
+    """Whether ``model`` returns one ``[N, classes]`` logits tensor (not a dict, a tuple or a dense
+    ``[N, K, H, W]`` map) on the first image of ``images`` ``[N, C, H, W]`` (run in eval mode, without
+    gradients; the model's mode is restored). The test :func:`check_logits` applies.
+    """
+    return _is_logits(_first_output(model, images))
+
+
 def check_logits(name: str, model: nn.Module, images: torch.Tensor) -> None:
     """Refuse a criterion that reads class probabilities on a model without a single logits output.
 
@@ -155,9 +173,8 @@ def check_logits(name: str, model: nn.Module, images: torch.Tensor) -> None:
         CurlpruneError: the model's output is not one ``[N, classes]`` tensor (a dict, tuple, or a
             dense ``[N, K, H, W]`` map); the message names the criteria that read only weights.
     """
-    with torch.no_grad(), eval_mode(model):
-        out = model(images[:1])
-    if isinstance(out, torch.Tensor) and out.dim() == 2:
+    out = _first_output(model, images)
+    if _is_logits(out):
         return
     if isinstance(out, torch.Tensor):
         got = f"a tensor of shape {list(out.shape)}"

@@ -19,7 +19,7 @@ from torch import nn
 
 from curlprune.channels import ChannelGroup, Plan
 from curlprune.cost import check_pruned_cost, model_cost_fn, trace
-from curlprune.criteria import get
+from curlprune.criteria import get, gives_logits
 from curlprune.recover.bn import bn_layers, recalibrate_bn
 from curlprune.recover.dist import DistContext, resolve_device
 from curlprune.report import console, print_prune_summary
@@ -261,28 +261,17 @@ def _accuracies(model: nn.Module, pruned: nn.Module, images: PruneImages, config
     pruned.to(device)
     try:
         evaluated = images.test is not None and config.eval_limit != 0
-        return _measure(model, pruned, images, config, show, not evaluated or _gives_logits(model, example.to(device)))
+        return _measure(model, pruned, images, config, show, not evaluated or gives_logits(model, example.to(device)))
     finally:
         pruned.to("cpu")
 
 
-def _gives_logits(model: nn.Module, example: torch.Tensor) -> bool:
-    """Whether ``model`` (in eval mode, no gradients) returns one ``[N, classes]`` tensor on ``example``."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(example)
-    finally:
-        model.train(was_training)
-    return isinstance(out, torch.Tensor) and out.dim() == 2
-
-
 def _measure(model: nn.Module, pruned: nn.Module, images: PruneImages, config: PruneConfig, show: bool,
              classifier: bool = True) -> dict[str, Any]:
-    """:func:`_accuracies` with both models on the device; ``classifier``: the model gives one logits tensor."""
+    """:func:`_accuracies` with both models on the device; ``classifier`` False: test images were given,
+    but the model gives no single logits tensor to evaluate."""
     test = images.test
-    if test is not None and config.eval_limit != 0 and not classifier:
+    if not classifier:
         if show:
             console.print("the model does not return one [N, classes] logits tensor (several or dense outputs): "
                           "top-1 is not evaluated")
