@@ -103,7 +103,7 @@ def test_count_of_a_checkpoint_refuses_model_options_it_would_ignore(tmp_path, c
     assert len(err) == 1 and "not both" in err[0]
 
 
-def test_export_command_writes_onnx(tmp_path):
+def test_export_command_writes_onnx(tmp_path, capsys):
     torch.manual_seed(0)
     model = build("cifar:resnet20").eval()
     groups = curlprune.trace(model, torch.zeros(1, 3, 32, 32))
@@ -112,6 +112,8 @@ def test_export_command_writes_onnx(tmp_path):
     save(ckpt, "cifar:resnet20", plan, curlprune.apply(model, groups, plan).state_dict())
     assert main(["export", str(ckpt), str(tmp_path / "model.onnx")]) == 0
     assert (tmp_path / "model.onnx").stat().st_size > 10_000
+    # the input shape prints as written: rich markup used to eat "[batch, 3, 32, 32]" as a style tag
+    assert "input 'input' [batch, 3, 32, 32], output 'logits'" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize(

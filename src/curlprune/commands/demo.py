@@ -54,12 +54,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.cifar and not (DEMO_SHARED / "data" / "cifar10-jpeg.zip").is_file():
         raise CurlpruneError(f"--cifar needs the CIFAR-10 copy at {DEMO_SHARED}/data/cifar10-jpeg.zip; run without --cifar")
     if not args.cifar and not (out / "teacher.pt").is_file():
-        console.print("[bold]1/3[/] training the small residual CNN on the 1,797 real 8x8 digits (sklearn) ...")
+        console.print("[bold]1/3[/] training the small residual CNN on the 1,797 real 8x8 digits (sklearn) ...", markup=True)
         model = train_digits_model(seed=0)
         top1 = 100 * evaluate(model, load_digits_dataset(0)["test"], input_spec("small:resnet-digits"))
         console.print(f"    unpruned model: {top1:.2f}% test top-1")
         atomic_write(out / "teacher.pt", lambda tmp: torch.save(model.state_dict(), tmp))
-    console.print("[bold]2/3[/] prune to 50% of the MACs with the KL criterion, then [bold]3/3[/] distill from the unpruned model")
+    console.print("[bold]2/3[/] prune to 50% of the MACs with the KL criterion, then [bold]3/3[/] distill from the unpruned model", markup=True)
     return run_and_print(parse_config(demo_config(out, args.cifar), "demo"))
 
 

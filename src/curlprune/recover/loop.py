@@ -147,7 +147,7 @@ class Trainer:
         self.ctx = dist.init_distributed(self.cfg.device)
         check_config(self.cfg, self.ctx)
         self.precision = Precision(self.cfg.amp, self.ctx.device)  # autocast, fp16 loss scaler (off: neither)
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, markup=False)  # paths and names print as written: no [..] eaten as markup
         self.early: EarlyStopper | None = None  # set by run() when the stage has early_stop
 
     # ---- the whole stage -------------------------------------------------------------------
@@ -338,8 +338,8 @@ class Trainer:
             self.stage.seed(rank_seed(self.cfg.seed, self.ctx.rank, 10_000 + progress.epoch))
             if self.ctx.is_main:
                 self.console.print(
-                    f"[yellow]{path} was written by {meta['world_size']} process(es), this run has {self.ctx.world_size}: "
-                    "resuming with fresh augmentation seeds (not bit-identical to an uninterrupted run)[/yellow]"
+                    f"{path} was written by {meta['world_size']} process(es), this run has {self.ctx.world_size}: "
+                    "resuming with fresh augmentation seeds (not bit-identical to an uninterrupted run)", style="yellow"
                 )
         if self.ctx.is_main:
             atomic_write_text(self.stage_dir / METRICS_FILE, jsonl_text(progress.history))

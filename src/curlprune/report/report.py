@@ -9,7 +9,7 @@ from rich.table import Table
 from curlprune.channels import ChannelGroup
 from curlprune.store import PruneStep, RunSummary, TrainStep
 
-console = Console(stderr=False)
+console = Console(stderr=False, markup=False)  # user text (paths, layer names, shapes like [1, 3, 32, 32]) is never markup
 
 
 def human(n: float) -> str:
