@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 import torch
 import yaml
@@ -131,6 +132,17 @@ def test_check_writable_dir_accepts_new_folders_and_leaves_nothing(tmp_path):
     with pytest.raises(CurlpruneError, match="which is a file"):
         check_writable_dir(tmp_path / "f" / "g")
 
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux procfs")
+def test_check_writable_dir_names_a_virtual_filesystem():
+    """procfs refuses new files with ENOENT although the folder exists; the message used to be the
+    misleading "No such file or directory"."""
+    from curlprune.store.runlock import check_writable_dir
+
+    with pytest.raises(CurlpruneError, match="virtual filesystem") as info:
+        check_writable_dir("/proc/curlprune-out")
+    assert "No such file" not in str(info.value)
 
 @needs_mount
 def test_read_only_filesystem_is_one_line_for_prune_and_export(tmp_path, teacher):

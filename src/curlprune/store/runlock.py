@@ -149,6 +149,8 @@ def _probe(folder: Path) -> str | None:
         with tempfile.TemporaryFile(dir=folder, prefix=".curlprune-probe-"):
             pass
     except OSError as exc:
+        if exc.errno == errno.ENOENT and folder.is_dir():  # procfs, sysfs: the folder exists, new files do not
+            return "a virtual filesystem (like /proc or /sys) that takes no new files: choose a folder on a disk"
         return OUTPUT_ERRNOS.get(exc.errno, exc.strerror or type(exc).__name__)
     return None
 
