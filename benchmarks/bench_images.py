@@ -46,7 +46,7 @@ def pack(correct: torch.Tensor | np.ndarray) -> str:
     """``"<N>:<base64>"``: a 1-D bool vector (image i classified correctly) as packed bits (numpy
     ``packbits``, big-endian bit order, the last byte zero-padded) in base64; N keeps the length,
     so any length round-trips (:func:`unpack`). 10,000 images: ~1,700 characters."""
-    bits = np.asarray(correct.cpu() if isinstance(correct, torch.Tensor) else correct, dtype=bool).reshape(-1)
+    bits = _vector(correct, bool)
     return f"{bits.size}:{base64.b64encode(np.packbits(bits).tobytes()).decode('ascii')}"
 
 
@@ -130,8 +130,13 @@ def _se(values: np.ndarray) -> float | None:
     return float(values.std(ddof=1) / math.sqrt(values.size))
 
 
+def _vector(correct, dtype) -> np.ndarray:
+    """A correctness vector (tensor, array or list; any shape) as a flat numpy array of ``dtype``."""
+    return np.asarray(correct.cpu() if isinstance(correct, torch.Tensor) else correct, dtype=dtype).reshape(-1)
+
+
 def _as_float(correct) -> np.ndarray:
-    return np.asarray(correct.cpu() if isinstance(correct, torch.Tensor) else correct, dtype=np.float64).reshape(-1)
+    return _vector(correct, np.float64)
 
 
 def image_difference(a, b) -> dict:

@@ -74,11 +74,7 @@ from bench_timing import run_timing  # noqa: E402
 from curlprune.errors import CurlpruneError  # noqa: E402
 from curlprune.run.prune_core import full_float32, on_device  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "benchmarks" / "results"
-DATA = SHARED / "data" / "cifar10-png.zip"
-WEIGHTS = SHARED / "models" / "resnet56-4bfd9763.th"
+from bench_paths import CIFAR10_PNG as DATA, RESNET56 as WEIGHTS, RESULTS  # noqa: E402
 MODEL = "cifar:resnet56"
 SPLIT_SEED = 0  # the validation split, calibration and BN draws (fixed: every row sees the same data)
 

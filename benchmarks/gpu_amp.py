@@ -28,11 +28,10 @@ from curlprune.recover import DistillConfig, distill
 from curlprune.recover.evaluate import top1_accuracy
 from curlprune.recover.dist import init_distributed
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CURLPRUNE_SHARED", REPO.parent / "shared"))
+from bench_paths import CIFAR10_JPEG, RESNET56_JPEG, ROOT as REPO
 DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
 DRY = not DEVICE.startswith("cuda")
-MODEL, WEIGHTS, DATA = "cifar:resnet56", SHARED / "models" / "resnet56-cifar10jpeg.pt", SHARED / "data" / "cifar10-jpeg.zip"
+MODEL, WEIGHTS, DATA = "cifar:resnet56", RESNET56_JPEG, CIFAR10_JPEG
 BATCH, LR = 128, 0.02  # one epoch from a pruned student: no warm-up, cosine to 0 within the epoch
 WORKERS = 0 if DRY else min(8, max(1, (os.cpu_count() or 2) - 2))  # transforms in worker processes, pinned batches
 

@@ -27,11 +27,10 @@ from curlprune.run.prune_data import load_images
 from curlprune.select.allocation import COST_WEIGHTED, allocate
 from curlprune.select.search import Target
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CURLPRUNE_SHARED", REPO.parent / "shared"))
+from bench_paths import CIFAR10_PNG, RESNET56, ROOT as REPO
 DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")  # "cpu": a dry run of this script on a machine without a GPU (CPU vs CPU)
 CALIB = int(os.environ.get("GPU_CHECK_CALIB", "256"))
-MODEL, WEIGHTS, DATA = "cifar:resnet56", SHARED / "models" / "resnet56-4bfd9763.th", SHARED / "data" / "cifar10-png.zip"
+MODEL, WEIGHTS, DATA = "cifar:resnet56", RESNET56, CIFAR10_PNG
 
 
 def ranks(values: np.ndarray) -> np.ndarray:

@@ -39,12 +39,8 @@ import torch
 
 from curlprune.errors import CurlpruneError
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "benchmarks" / "results"
+from bench_paths import CIFAR10_PNG as CIFAR_DATA, RESNET56 as CIFAR_WEIGHTS, RESULTS
 
-CIFAR_WEIGHTS = SHARED / "models" / "resnet56-4bfd9763.th"
-CIFAR_DATA = SHARED / "data" / "cifar10-png.zip"
 # name: (registry model, weights, MACs target, criterion, input size, big batch)
 MODELS = {
     "r56-50": ("cifar:resnet56", CIFAR_WEIGHTS, 0.5, "kl", 32, 64),

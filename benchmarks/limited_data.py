@@ -31,9 +31,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "benchmarks" / "results"
+from bench_paths import CIFAR10_JPEG, RESNET20_JPEG, RESNET56_JPEG, RESULTS
 
 # (distill/finetune epochs E, refine epochs R on the 6x set) per images-per-class.
 BUDGETS = {500: (8, 1), 100: (20, 2)}
@@ -59,9 +57,9 @@ def main() -> None:
     args = parser.parse_args()
     rows_wanted = args.rows.split(",")
 
-    zip_path = SHARED / "data" / "cifar10-jpeg.zip"
-    teacher_w = SHARED / "models" / "resnet56-cifar10jpeg.pt"
-    small_w = SHARED / "models" / "resnet20-cifar10jpeg.pt"
+    zip_path = CIFAR10_JPEG
+    teacher_w = RESNET56_JPEG
+    small_w = RESNET20_JPEG
     if not zip_path.is_file():
         raise SystemExit(f"needs {zip_path}")
     torch.manual_seed(args.seed)

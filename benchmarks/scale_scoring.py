@@ -36,11 +36,7 @@ import numpy as np
 
 from curlprune.store.scores_io import read_scores
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "benchmarks" / "results"
-WEIGHTS = SHARED / "models" / "resnet56-4bfd9763.th"
-DATA = SHARED / "data" / "cifar10-jpeg.zip"
+from bench_paths import CIFAR10_JPEG as DATA, RESNET56 as WEIGHTS, RESULTS, ROOT
 TARGET_RATIO = 0.6
 
 

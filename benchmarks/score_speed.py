@@ -34,9 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "benchmarks" / "results"
+from bench_paths import CIFAR10_JPEG, RESNET56, RESULTS, SHARED
 
 
 def calibration(model_name: str, n: int, seed: int, train):
@@ -187,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.r56_images, args.r56_naive_per_group, args.r50_images, args.r50_per_group = 32, 1, 4, 1
-    if not (SHARED / "data" / "cifar10-jpeg.zip").is_file():
+    if not CIFAR10_JPEG.is_file():
         print(f"needs {SHARED}/data/cifar10-jpeg.zip and the published checkpoints", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
@@ -197,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     from curlprune.models import build
 
     started = time.time()
-    train = load_image_folder(SHARED / "data" / "cifar10-jpeg.zip", splits=["train"])["train"]
+    train = load_image_folder(CIFAR10_JPEG, splits=["train"])["train"]
     results: dict = {"command": "python benchmarks/score_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                      "threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                      "cpus": __import__("os").cpu_count()}
 
     # ---- CIFAR ResNet-56, published weights, every unit with the fast path --------------------
-    r56 = build("cifar:resnet56", weights=str(SHARED / "models" / "resnet56-4bfd9763.th")).eval()
+    r56 = build("cifar:resnet56", weights=str(RESNET56)).eval()
     groups56 = trace(r56, torch.zeros(1, 3, 32, 32))
     images56 = calibration("cifar:resnet56", args.r56_images, args.seed, train)
     only56 = sample_units(groups56, args.r56_naive_per_group, args.seed)

@@ -46,12 +46,7 @@ from bench_stats import RowsFile, run_pending, shard  # noqa: E402
 from small_data_report import write_report  # noqa: E402
 from transfer import evaluate_all  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "benchmarks" / "results"
-ZIP = SHARED / "data" / "clothing10-96.zip"
-BIG = SHARED / "models" / "resnet56-4bfd9763.th"
-SMALL = SHARED / "models" / "resnet20-12fca82f.th"
+from bench_paths import CLOTHING10 as ZIP, RESNET20 as SMALL, RESNET56 as BIG, RESULTS  # noqa: E402
 SPLIT_SEED = 0  # the validation split and the training subset: the same images for every row
 SIZE = 32
 WARMUP = 1.0  # warm-up epochs of every stage but a-paper's (the paper's 5)

@@ -44,12 +44,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "benchmarks" / "results"
-ZIP = SHARED / "data" / "clothing10-96.zip"
-BIG = SHARED / "models" / "resnet56-4bfd9763.th"
-SMALL = SHARED / "models" / "resnet20-12fca82f.th"
+from bench_paths import CLOTHING10 as ZIP, RESNET20 as SMALL, RESNET56 as BIG, RESULTS, ROOT
 
 # (distill epochs E, refine epochs R on the 6x set) per training set; CE rows get E + 6 R epochs.
 BUDGETS = {"500": (12, 1), "full": (4, 1)}

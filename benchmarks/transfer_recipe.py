@@ -26,9 +26,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "benchmarks" / "results"
+from bench_paths import CLOTHING10, RESNET20, RESULTS
 RECIPES = {"plain": {"body_lr_mult": 1.0, "head_epochs": 0.0}, "mult": {"body_lr_mult": 0.1, "head_epochs": 0.0},
            "warmup": {"body_lr_mult": 1.0, "head_epochs": 2.0}}
 
@@ -56,7 +54,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="cifar:resnet20")
-    parser.add_argument("--weights", default=str(SHARED / "models" / "resnet20-12fca82f.th"))
+    parser.add_argument("--weights", default=str(RESNET20))
     parser.add_argument("--sizes", type=int, nargs="+", default=[32])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--recipes", default="plain,mult,warmup")
@@ -66,7 +64,7 @@ def main() -> None:
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
 
-    zip_path = SHARED / "data" / "clothing10-96.zip"
+    zip_path = CLOTHING10
     splits = data.load_image_folder(zip_path)
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
