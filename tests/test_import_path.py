@@ -75,6 +75,25 @@ def test_file_and_module_paths_build_the_class_and_give_an_input_spec(tmp_path, 
         build("nowhere/nets.py:MyNet")
 
 
+
+def test_a_file_the_caller_imported_is_the_same_module(tmp_path, monkeypatch):
+    """`import mynets` in the user's script, then the model named as ``mynets.py:MyNet``: the built
+    model is an instance of the user's class (a second copy of the module used to break isinstance)."""
+    file = write_module(tmp_path / "mynets_q7.py")
+    other = write_module(tmp_path / "other" / "mynets_q7.py")  # same name, another file: not confused with it
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mynets_q7", raising=False)
+    import mynets_q7
+
+    model = build(f"{file}:MyNet", num_classes=4, width=8)
+    assert isinstance(model, mynets_q7.MyNet)
+    groups = curlprune.trace(model.eval(), torch.zeros(1, 3, 16, 16))
+    pruned = curlprune.apply(model, groups, {g.name: list(range(0, g.width, 2)) for g in groups if g.prunable})
+    assert isinstance(pruned, mynets_q7.MyNet)  # the pruned model keeps the user's class too
+    separate = build(f"{other}:MyNet", num_classes=4, width=8)
+    assert not isinstance(separate, mynets_q7.MyNet) and type(separate).__name__ == "MyNet"
+    monkeypatch.delitem(sys.modules, "mynets_q7")
+
 LOAD_SCRIPT = """
 import sys, torch, curlprune
 model = curlprune.load(sys.argv[1])

@@ -13,6 +13,10 @@ a run config, ``--input-shape C,S,S`` on the command line (square inputs). Its n
 ImageNet's mean and std for 3 channels, mean 0.5 and std 0.5 per channel otherwise; its number of
 classes is ``num_classes`` when given, else the width of its output on a zero input.
 
+A ``.py`` file your script has already imported by name (``import mymodel``) is that module, so
+the model is an instance of your own classes; any other file is imported once, under a private
+module name.
+
 Nothing here is unpickled: a checkpoint stores the reference and the build keywords, and
 :func:`curlprune.store.checkpoint.load` imports and calls it again.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -79,6 +84,9 @@ def _file_module(path: str, name: str) -> Any:
     key = f"curlprune_user_{file.stem}_{hashlib.sha256(str(file).encode()).hexdigest()[:10]}"
     if key in sys.modules:
         return sys.modules[key]
+    imported = _imported_as(file)
+    if imported is not None:  # the caller's own `import mymodel`: the same classes, so isinstance() holds
+        return imported
     spec = importlib.util.spec_from_file_location(key, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[key] = module  # before running it: classes defined there find their module (deepcopy, dataclasses)
@@ -88,6 +96,16 @@ def _file_module(path: str, name: str) -> Any:
         del sys.modules[key]
         raise CurlpruneError(f"model {name!r}: importing {file} fails ({exception_summary(exc)}): fix the file") from None
     return module
+
+
+def _imported_as(file: Path) -> Any:
+    """The module already imported from ``file`` (an absolute, resolved path) under its own name, or None."""
+    target = str(file)
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and path.endswith(file.name) and os.path.realpath(path) == target:
+            return module
+    return None
 
 
 def resolve(name: str) -> Callable[..., nn.Module]:
