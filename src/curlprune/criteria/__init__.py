@@ -34,6 +34,7 @@ from curlprune.criteria.magnitude import bn_scores, l1_scores, random_scores
 from curlprune.criteria.taylor import taylor_scores
 from curlprune.errors import CurlpruneError
 from curlprune.graph import eval_mode
+from curlprune.models.spec import is_logits
 
 __all__ = [
     "CRITERIA", "DEFAULT_APPROX_CLASSES", "DEFAULT_BUDGET_MB", "BlockShare", "Criterion", "Option", "Progress", "Scores",
@@ -150,16 +151,12 @@ def _first_output(model: nn.Module, images: torch.Tensor):
         return model(images[:1])
 
 
-def _is_logits(out) -> bool:
-    return isinstance(out, torch.Tensor) and out.dim() == 2
-
-
 def gives_logits(model: nn.Module, images: torch.Tensor) -> bool:
     """Whether ``model`` returns one ``[N, classes]`` logits tensor (not a dict, a tuple or a dense
     ``[N, K, H, W]`` map) on the first image of ``images`` ``[N, C, H, W]`` (run in eval mode, without
     gradients; the model's mode is restored). The test :func:`check_logits` applies.
     """
-    return _is_logits(_first_output(model, images))
+    return is_logits(_first_output(model, images))
 
 
 def check_logits(name: str, model: nn.Module, images: torch.Tensor) -> None:
@@ -174,7 +171,7 @@ def check_logits(name: str, model: nn.Module, images: torch.Tensor) -> None:
             dense ``[N, K, H, W]`` map); the message names the criteria that read only weights.
     """
     out = _first_output(model, images)
-    if _is_logits(out):
+    if is_logits(out):
         return
     if isinstance(out, torch.Tensor):
         got = f"a tensor of shape {list(out.shape)}"

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from curlprune.errors import CurlpruneError, exception_summary
-from curlprune.models.spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from curlprune.models.spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec, is_logits
 from curlprune.models.weights import load_weights_file
 
 __all__ = ["canonical", "import_build", "import_input_spec", "is_import_path", "output_classes", "reference_to", "resolve", "split"]
@@ -216,7 +216,7 @@ def output_classes(name: str, weights: str | None, input_shape: Sequence[int], k
         except Exception as exc:
             raise CurlpruneError(f"model {name!r} fails on an input of shape [1, {', '.join(map(str, shape))}] "
                                  f"({exception_summary(exc)}): check input_shape / --input-shape") from None
-        _CLASSES[key] = int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else 0
+        _CLASSES[key] = int(out.shape[-1]) if is_logits(out) else 0
     return _CLASSES[key]
 
 

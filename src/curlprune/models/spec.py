@@ -1,4 +1,5 @@
-"""The input recipe of a model: size, channels, normalisation and train-time augmentation.
+"""The input recipe of a model (size, channels, normalisation, train-time augmentation) and the
+output contract of a classifier (:func:`is_logits`).
 
 A leaf module: it imports nothing of the package, so data loading and transforms can type their
 arguments with :class:`InputSpec` without importing the model registry.
@@ -6,6 +7,9 @@ arguments with :class:`InputSpec` without importing the model registry.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,3 +36,10 @@ class InputSpec:
     num_classes: int
     flip: bool = True
     crop_padding: int = 4
+
+
+def is_logits(output: Any) -> bool:
+    """Whether a model's output is one ``[N, classes]`` logits tensor: what the top-1 evaluation,
+    the class count of a model by import path and the criteria that read class probabilities
+    (KL, Taylor) need. A dict, a tuple, or a dense ``[N, K, H, W]`` map is not."""
+    return isinstance(output, torch.Tensor) and output.dim() == 2
